@@ -1,0 +1,223 @@
+//! An MQTT connection that keeps itself alive.
+//!
+//! [`Connection::start`] runs rumqttc's event loop in a task of its own that is never
+//! blocked by the service: it reconnects with capped exponential backoff (logging
+//! every attempt), gives up only when the broker refuses the credentials (retrying a
+//! wrong password forever helps nobody), and hands the service the few events it
+//! cares about through a channel.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, EventLoop, MqttOptions, Outgoing, Packet,
+    Publish, QoS, SubscribeReasonCode,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::backoff::Backoff;
+use crate::config::BrokerSettings;
+
+/// Capacity of rumqttc's request channel. Every unacknowledged QoS 1/2 message has its
+/// own packet id, so at most 65 535 acknowledgements can ever wait here: a service that
+/// acknowledges by hand can never block on a full channel.
+const REQUEST_CAPACITY: usize = u16::MAX as usize;
+/// Events buffered between the event loop and the service.
+const EVENT_CAPACITY: usize = 1024;
+
+/// What the service hears from its connection.
+#[derive(Debug)]
+pub enum Event {
+    /// A connection (or reconnection) was accepted.
+    Connected { session_present: bool },
+    /// The broker answered a subscription; one code per topic filter.
+    Subscribed(Vec<SubscribeReasonCode>),
+    /// A message arrived.
+    Message(Publish),
+    /// The broker acknowledged one of our QoS 1 or 2 publishes.
+    Acked,
+}
+
+/// A running connection: the client to send with, and its events.
+#[derive(Debug)]
+pub struct Connection {
+    pub client: AsyncClient,
+    events: mpsc::Receiver<Event>,
+    driver: JoinHandle<anyhow::Result<()>>,
+    /// QoS 1/2 publishes sent through [`Connection::publish`] and not yet acknowledged.
+    unacked: u64,
+}
+
+impl Connection {
+    /// Starts connecting to `broker` with `options` in the background.
+    pub fn start(broker: &BrokerSettings, options: MqttOptions) -> Self {
+        let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+        let (tx, events) = mpsc::channel(EVENT_CAPACITY);
+        let driver = tokio::spawn(drive(eventloop, tx, broker.clone()));
+        Self {
+            client,
+            events,
+            driver,
+            unacked: 0,
+        }
+    }
+
+    /// Queues a publish; waits only while rumqttc's request channel is full. QoS 1 and 2
+    /// publishes are counted until the broker acknowledges them.
+    pub async fn publish(&mut self, topic: &str, qos: QoS, retain: bool, payload: Vec<u8>) -> anyhow::Result<()> {
+        self.client
+            .publish(topic, qos, retain, payload)
+            .await
+            .context("the MQTT event loop has stopped")?;
+        if qos != QoS::AtMostOnce {
+            self.unacked += 1;
+        }
+        Ok(())
+    }
+
+    /// Publishes sent at QoS 1 or 2 that the broker has not acknowledged yet.
+    pub fn unacked(&self) -> u64 {
+        self.unacked
+    }
+
+    /// The next event. An error means the connection ended for good: the broker refused
+    /// the credentials, or the connection was closed.
+    pub async fn recv(&mut self) -> anyhow::Result<Event> {
+        match self.events.recv().await {
+            Some(event) => {
+                if let Event::Acked = event {
+                    self.unacked = self.unacked.saturating_sub(1);
+                }
+                Ok(event)
+            }
+            None => Err(self.outcome().await.err().unwrap_or_else(|| anyhow!("connection closed"))),
+        }
+    }
+
+    /// How many events wait to be read: zero means the service is caught up.
+    pub fn backlog(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Waits up to `timeout` until the broker acknowledged every QoS 1/2 publish, then
+    /// disconnects cleanly and waits for the event loop to end. A broker that is down is
+    /// reported and given up on, not waited for forever.
+    pub async fn close(mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.unacked > 0 {
+            match tokio::time::timeout_at(deadline, self.recv()).await {
+                Ok(event) => {
+                    event?;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "the broker did not acknowledge {} message(s) within {timeout:?}; they may be lost",
+                        self.unacked
+                    );
+                    break;
+                }
+            }
+        }
+        // Fails only when the event loop is already gone, which `outcome` reports.
+        let _ = self.client.try_disconnect();
+        // Keep draining events so the event loop is never stuck on a full channel.
+        let drain = async {
+            while self.events.recv().await.is_some() {}
+        };
+        match tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + Duration::from_secs(1)), drain).await {
+            Ok(()) => self.outcome().await,
+            Err(_) => {
+                self.driver.abort();
+                tracing::warn!("broker did not confirm the disconnect within {timeout:?}; closed anyway");
+                Ok(())
+            }
+        }
+    }
+
+    async fn outcome(&mut self) -> anyhow::Result<()> {
+        match (&mut self.driver).await {
+            Ok(result) => result,
+            Err(join) if join.is_cancelled() => Ok(()),
+            Err(join) => Err(anyhow!("MQTT event loop failed: {join}")),
+        }
+    }
+}
+
+/// Polls the event loop forever: reconnects with backoff, stops on a clean disconnect,
+/// on refused credentials, or when the service stopped listening.
+async fn drive(
+    mut eventloop: EventLoop,
+    events: mpsc::Sender<Event>,
+    broker: BrokerSettings,
+) -> anyhow::Result<()> {
+    let address = broker.address();
+    let mut backoff = Backoff::default();
+    let mut ever_connected = false;
+    loop {
+        let event = match eventloop.poll().await {
+            Ok(rumqttc::Event::Incoming(Packet::ConnAck(ack))) => {
+                if ever_connected {
+                    tracing::info!(broker = %address, "reconnected");
+                } else {
+                    tracing::info!(broker = %address, "connected");
+                }
+                ever_connected = true;
+                backoff.reset();
+                Event::Connected {
+                    session_present: ack.session_present,
+                }
+            }
+            Ok(rumqttc::Event::Incoming(Packet::Publish(publish))) => Event::Message(publish),
+            Ok(rumqttc::Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => Event::Acked,
+            Ok(rumqttc::Event::Incoming(Packet::SubAck(ack))) => Event::Subscribed(ack.return_codes),
+            Ok(rumqttc::Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
+            Ok(_) => continue,
+            Err(ConnectionError::RequestsDone) => return Ok(()),
+            Err(ConnectionError::ConnectionRefused(code)) if is_final(code) => {
+                return Err(refused(&broker, code));
+            }
+            Err(error) => {
+                let delay = backoff.next_delay();
+                let attempt = backoff.attempt();
+                if attempt == 1 && ever_connected {
+                    tracing::warn!(broker = %address, "connection lost: {error}; reconnecting in {delay:?}");
+                } else {
+                    tracing::warn!(broker = %address, attempt, "cannot connect: {error}; retrying in {delay:?}");
+                }
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        };
+        if events.send(event).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Refusals that no retry can fix.
+fn is_final(code: ConnectReturnCode) -> bool {
+    matches!(
+        code,
+        ConnectReturnCode::BadUserNamePassword
+            | ConnectReturnCode::NotAuthorized
+            | ConnectReturnCode::BadClientId
+            | ConnectReturnCode::RefusedProtocolVersion
+    )
+}
+
+fn refused(broker: &BrokerSettings, code: ConnectReturnCode) -> anyhow::Error {
+    let prefix = broker.env_prefix;
+    let reason = match code {
+        ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized => {
+            let user = match &broker.username {
+                Some(user) => format!("user {user:?}"),
+                None => "an anonymous client (no user name set)".to_string(),
+            };
+            format!("not authorized: wrong user name or password for {user}; check {prefix}_USERNAME and {prefix}_PASSWORD")
+        }
+        ConnectReturnCode::BadClientId => "the client id was rejected; choose another --client-id".to_string(),
+        _ => "the broker does not speak MQTT 3.1.1".to_string(),
+    };
+    anyhow!("broker {} refused the connection: {reason}", broker.address())
+}

@@ -1,0 +1,239 @@
+//! The payload codec: the seed-compatible `plain` form (`"23.41"`) and the `json` form
+//! that names a reading uniquely by `device`, `boot` and `seq`.
+
+use base64::Engine;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+/// How a reading is written on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// The value alone with two decimals, e.g. `23.41` (what the seed scripts sent).
+    Plain,
+    /// A JSON object with device, boot, seq, ts, value and unit.
+    Json,
+}
+
+/// One reading of one device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reading {
+    /// Device id, e.g. `temp-0001`.
+    pub device: String,
+    /// Identifies one run of the publishing process.
+    pub boot: String,
+    /// Counts from 1 per device within a boot.
+    pub seq: u64,
+    /// The device's clock, RFC 3339 with milliseconds.
+    #[serde(with = "rfc3339_millis")]
+    pub ts: DateTime<Utc>,
+    pub value: f64,
+    pub unit: String,
+}
+
+impl Reading {
+    /// The payload bytes in `format`. Values are rounded to two decimals in both forms,
+    /// so the two forms of one reading carry the same number.
+    pub fn encode(&self, format: Format) -> Vec<u8> {
+        let value = round2(self.value);
+        match format {
+            Format::Plain => format!("{value:.2}").into_bytes(),
+            Format::Json => {
+                let rounded = Reading {
+                    value,
+                    ..self.clone()
+                };
+                // A struct of strings and finite numbers always serializes.
+                serde_json::to_vec(&rounded).unwrap_or_default()
+            }
+        }
+    }
+}
+
+fn round2(value: f64) -> f64 {
+    (value * 100.0).round() / 100.0
+}
+
+/// A payload understood as a reading.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded {
+    /// A plain number (the seed's form).
+    Number(f64),
+    /// The JSON form.
+    Reading(Reading),
+}
+
+/// Why a payload is not a reading.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("payload is not UTF-8")]
+    NotUtf8,
+    #[error("payload is neither a finite number nor a JSON reading: {0}")]
+    Unrecognised(String),
+}
+
+/// Reads either form. Anything else is an error that says why, so a caller can keep
+/// the raw payload instead of dropping it.
+pub fn decode(payload: &[u8]) -> Result<Decoded, DecodeError> {
+    let text = std::str::from_utf8(payload).map_err(|_| DecodeError::NotUtf8)?;
+    let trimmed = text.trim();
+    if trimmed.starts_with('{') {
+        let reading: Reading = serde_json::from_str(trimmed)
+            .map_err(|error| DecodeError::Unrecognised(error.to_string()))?;
+        if !reading.value.is_finite() {
+            return Err(DecodeError::Unrecognised("value is not finite".into()));
+        }
+        return Ok(Decoded::Reading(reading));
+    }
+    match trimmed.parse::<f64>() {
+        Ok(value) if value.is_finite() && !trimmed.is_empty() => Ok(Decoded::Number(value)),
+        _ => Err(DecodeError::Unrecognised(format!("{:?}", preview(trimmed)))),
+    }
+}
+
+fn preview(text: &str) -> &str {
+    match text.char_indices().nth(40) {
+        Some((end, _)) => &text[..end],
+        None => text,
+    }
+}
+
+/// A payload as text for people and JSON: the UTF-8 text itself, or base64 when the
+/// bytes are not UTF-8.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PayloadText<'a> {
+    Utf8(&'a str),
+    Base64(String),
+}
+
+impl<'a> PayloadText<'a> {
+    pub fn of(payload: &'a [u8]) -> Self {
+        match std::str::from_utf8(payload) {
+            Ok(text) => Self::Utf8(text),
+            Err(_) => Self::Base64(base64::engine::general_purpose::STANDARD.encode(payload)),
+        }
+    }
+}
+
+/// `payload` on one line for a terminal: control characters and bytes that are not
+/// UTF-8 are escaped (`\n`, `\x1b`, `\xff`); everything else, quotes included, is kept.
+pub fn escape_for_line(payload: &[u8]) -> String {
+    let mut out = String::with_capacity(payload.len());
+    for chunk in payload.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\\' => out.push_str("\\\\"),
+                c if c.is_control() => out.extend(c.escape_unicode()),
+                c => out.push(c),
+            }
+        }
+        for byte in chunk.invalid() {
+            out.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+    out
+}
+
+/// Formats a time as RFC 3339 in UTC with milliseconds: `2026-11-24T10:00:00.123Z`.
+pub fn format_time(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+mod rfc3339_millis {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(time: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&super::format_time(*time))
+    }
+
+    /// Accepts any RFC 3339 offset and converts it to UTC.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DateTime<Utc>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        DateTime::parse_from_rfc3339(&text)
+            .map(|time| time.with_timezone(&Utc))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn reading(value: f64) -> Reading {
+        Reading {
+            device: "temp-0001".into(),
+            boot: "k3x9q2".into(),
+            seq: 42,
+            ts: Utc
+                .with_ymd_and_hms(2026, 11, 24, 10, 0, 0)
+                .single()
+                .expect("valid date")
+                + chrono::Duration::milliseconds(123),
+            value,
+            unit: "°C".into(),
+        }
+    }
+
+    #[test]
+    fn plain_is_two_decimals() {
+        assert_eq!(reading(23.4149).encode(Format::Plain), b"23.41");
+        assert_eq!(reading(20.0).encode(Format::Plain), b"20.00");
+        assert_eq!(reading(1019.999).encode(Format::Plain), b"1020.00");
+    }
+
+    #[test]
+    fn json_matches_the_product_example() {
+        let json = String::from_utf8(reading(23.4100001).encode(Format::Json)).expect("utf-8");
+        assert_eq!(
+            json,
+            r#"{"device":"temp-0001","boot":"k3x9q2","seq":42,"ts":"2026-11-24T10:00:00.123Z","value":23.41,"unit":"°C"}"#
+        );
+    }
+
+    #[test]
+    fn both_forms_round_trip() {
+        let original = reading(23.41);
+        assert_eq!(decode(&original.encode(Format::Json)), Ok(Decoded::Reading(original.clone())));
+        assert_eq!(decode(&original.encode(Format::Plain)), Ok(Decoded::Number(23.41)));
+        assert_eq!(decode(b" 990.5\n"), Ok(Decoded::Number(990.5)));
+    }
+
+    #[test]
+    fn device_time_with_an_offset_is_read_as_utc() {
+        let json = r#"{"device":"d","boot":"b","seq":1,"ts":"2026-11-24T11:00:00.123+01:00","value":1,"unit":"hPa"}"#;
+        let Ok(Decoded::Reading(decoded)) = decode(json.as_bytes()) else {
+            panic!("not decoded");
+        };
+        assert_eq!(decoded.ts, reading(0.0).ts);
+    }
+
+    #[test]
+    fn anything_else_is_an_error_not_a_panic() {
+        assert_eq!(decode(&[0xff, 0xfe]), Err(DecodeError::NotUtf8));
+        for bad in ["", "abc", "NaN", "inf", "-infinity", "{", r#"{"value":1}"#, "[1,2]"] {
+            assert!(
+                matches!(decode(bad.as_bytes()), Err(DecodeError::Unrecognised(_))),
+                "{bad:?} should not decode"
+            );
+        }
+    }
+
+    #[test]
+    fn payload_text_falls_back_to_base64() {
+        assert_eq!(PayloadText::of(b"23.41"), PayloadText::Utf8("23.41"));
+        assert_eq!(PayloadText::of(&[0xff, 0x00]), PayloadText::Base64("/wA=".into()));
+    }
+
+    #[test]
+    fn escaping_keeps_one_message_on_one_line() {
+        assert_eq!(escape_for_line(b"23.41"), "23.41");
+        assert_eq!(escape_for_line(br#"{"a":"b"}"#), r#"{"a":"b"}"#);
+        assert_eq!(escape_for_line(b"a\nb\tc\\"), "a\\nb\\tc\\\\");
+        assert_eq!(escape_for_line(&[b'o', b'k', 0xff, 0x1b]), "ok\\xff\\u{1b}");
+        assert_eq!(escape_for_line("°C".as_bytes()), "°C");
+    }
+}

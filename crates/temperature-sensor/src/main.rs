@@ -1,0 +1,15 @@
+//! `temperature-sensor`: publishes simulated temperature readings to the edge broker.
+//!
+//! All of the work is in [`iot_core::sensor`], shared with the other sensor binary.
+
+use std::process::ExitCode;
+
+use iot_core::sensor::{self, SensorConfig};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = SensorConfig::load(&sensor::TEMPERATURE);
+    iot_core::logging::init();
+    let shutdown = iot_core::shutdown::on_signal();
+    iot_core::exit_code(sensor::run(&sensor::TEMPERATURE, config, shutdown).await)
+}

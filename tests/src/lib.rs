@@ -1,0 +1,539 @@
+//! Test harness for the end-to-end tests: every test gets its own pair of real
+//! Mosquitto brokers, configured from the project's `mosquitto/` folder by
+//! `mosquitto/setup.sh` on free ports with the bridge between them, and drives the
+//! real binaries of the workspace as child processes.
+//!
+//! Everything that waits, waits for a condition with a deadline ([`WAIT`]), never for
+//! a fixed time.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, Notify};
+
+/// The longest any single condition is waited for before the test fails.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// The password of each broker user in the tests (the brokers never allow anonymous clients).
+pub fn password(user: &str) -> String {
+    format!("{user}-test-secret")
+}
+
+/// Environment variable of a user's password, as in `.env`: `temperature-sensor` ->
+/// `TEMPERATURE_SENSOR_PASSWORD`.
+fn password_variable(user: &str) -> String {
+    format!("{}_PASSWORD", user.to_uppercase().replace('-', "_"))
+}
+
+const USERS: [&str; 5] = [
+    "temperature-sensor",
+    "pressure-sensor",
+    "device-status",
+    "mqtt-subscriber",
+    "bridge",
+];
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the repository")
+        .to_path_buf()
+}
+
+/// A free TCP port on the loopback interface, as the OS hands it out.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("no free port on 127.0.0.1")
+}
+
+/// Waits until `condition` holds, polling every 20 ms; panics with `what` after [`WAIT`].
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One real Mosquitto process with its rendered configuration folder.
+#[derive(Debug)]
+pub struct Broker {
+    pub name: &'static str,
+    pub port: u16,
+    conf_dir: PathBuf,
+    process: Option<Child>,
+    log: Output,
+}
+
+impl Broker {
+    /// Renders the configuration with `mosquitto/setup.sh` and starts the broker,
+    /// trying other ports if the chosen one was taken meanwhile.
+    async fn spawn(name: &'static str, root: &Path, extra_env: &[(&str, String)]) -> Broker {
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let conf_dir = root.join(name);
+            let mut setup = std::process::Command::new(repo_root().join("mosquitto/setup.sh"));
+            setup
+                .arg(name)
+                .arg(&conf_dir)
+                .env("MQTT_LISTEN_PORT", port.to_string())
+                .env("MQTT_LISTEN_ADDRESS", "127.0.0.1");
+            for user in USERS {
+                setup.env(password_variable(user), password(user));
+            }
+            for (key, value) in extra_env {
+                setup.env(key, value);
+            }
+            let status = setup.status().expect("cannot run mosquitto/setup.sh");
+            assert!(status.success(), "mosquitto/setup.sh {name} failed: {status}");
+            let mut broker = Broker {
+                name,
+                port,
+                conf_dir,
+                process: None,
+                log: Output::default(),
+            };
+            if broker.start().await {
+                return broker;
+            }
+            last_log = broker.log.text();
+        }
+        panic!("the {name} broker did not start:\n{last_log}");
+    }
+
+    /// Starts (or restarts) the broker on its port; false if it exited instead.
+    pub async fn start(&mut self) -> bool {
+        assert!(self.process.is_none(), "{} broker already running", self.name);
+        let mut command = Command::new("mosquitto");
+        command
+            .arg("-c")
+            .arg(self.conf_dir.join("mosquitto.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command
+            .spawn()
+            .expect("cannot start mosquitto: is it installed? (scripts/test installs it)");
+        self.log.capture(child.stdout.take());
+        self.log.capture(child.stderr.take());
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                self.process = Some(child);
+                return true;
+            }
+            if child.try_wait().ok().flatten().is_some() || tokio::time::Instant::now() > deadline {
+                let _ = child.kill().await;
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the broker abruptly (SIGKILL), as a crash or power loss would.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            child.kill().await.expect("cannot kill mosquitto");
+        }
+    }
+
+    /// Stops the broker cleanly (SIGTERM): it saves its persistence first.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            signal(&child, "TERM");
+            tokio::time::timeout(WAIT, child.wait())
+                .await
+                .expect("mosquitto did not stop on SIGTERM")
+                .expect("cannot wait for mosquitto");
+        }
+    }
+
+    /// What the broker logged so far.
+    pub fn log(&self) -> String {
+        self.log.text()
+    }
+}
+
+/// The edge and cloud brokers of one test, bridged, in a folder of their own.
+#[derive(Debug)]
+pub struct Brokers {
+    pub local: Broker,
+    pub cloud: Broker,
+    dir: TempDir,
+}
+
+impl Brokers {
+    /// A folder for the test's own files (working directory of the binaries).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Starts a cloud broker, then an edge broker bridged to it, and waits until the
+/// bridge is connected.
+pub async fn spawn_brokers() -> Brokers {
+    let dir = tempfile::Builder::new()
+        .prefix("iot-e2e-")
+        .tempdir()
+        .expect("cannot create a temporary folder");
+    // Mosquitto started as root drops to the `mosquitto` user, who must reach the files.
+    set_mode(dir.path(), 0o755);
+    let cloud = Broker::spawn("cloud", dir.path(), &[]).await;
+    let local = Broker::spawn(
+        "local",
+        dir.path(),
+        &[
+            ("CLOUD_BRIDGE_HOST", "127.0.0.1".to_string()),
+            ("CLOUD_BRIDGE_PORT", cloud.port.to_string()),
+        ],
+    )
+    .await;
+    let brokers = Brokers { local, cloud, dir };
+    brokers.wait_for_bridge().await;
+    brokers
+}
+
+impl Brokers {
+    /// Waits until the edge broker reports its bridge to the cloud connected.
+    pub async fn wait_for_bridge(&self) {
+        let mut watcher = TestClient::connect(self.local.port, "mqtt-subscriber").await;
+        watcher.subscribe("$SYS/broker/connection/+/state").await;
+        loop {
+            let message = watcher.next_message().await;
+            if message.payload.as_ref() == b"1" {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// Sends a signal by name (`TERM`, `KILL`, `INT`) to a child process.
+fn signal(child: &Child, name: &str) {
+    let Some(pid) = child.id() else { return };
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("cannot run kill");
+    assert!(status.success(), "kill -{name} {pid} failed");
+}
+
+/// Lines a process wrote, collected as they come.
+#[derive(Debug, Clone, Default)]
+struct Output {
+    lines: Arc<Mutex<Vec<String>>>,
+    changed: Arc<Notify>,
+}
+
+impl Output {
+    fn capture(&self, stream: Option<impl AsyncRead + Unpin + Send + 'static>) {
+        let Some(stream) = stream else { return };
+        let output = self.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                output.lines.lock().expect("output lock").push(line);
+                output.changed.notify_waiters();
+            }
+        });
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("output lock").clone()
+    }
+
+    fn text(&self) -> String {
+        self.lines().join("\n")
+    }
+}
+
+/// The path of a workspace binary. Builds the binaries once per test process, so the
+/// tests run the code as it is now.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        // target/<profile>/deps/<test binary> -> target/<profile>
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary inside target/<profile>/deps")
+            .to_path_buf();
+        let mut build = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build
+            .args(["build", "--workspace", "--bins"])
+            .current_dir(repo_root());
+        if profile_dir.file_name().is_some_and(|name| name == "release") {
+            build.arg("--release");
+        }
+        // Cargo's per-package variables of this test process would make the nested build
+        // think its inputs changed and rebuild everything.
+        for (key, _) in std::env::vars() {
+            if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_", "CARGO_TARGET_TMPDIR", "CARGO_RUSTC_"]
+                .iter()
+                .any(|prefix| key.starts_with(prefix))
+            {
+                build.env_remove(key);
+            }
+        }
+        let status = build.status().expect("cannot run cargo build");
+        assert!(status.success(), "cargo build --workspace --bins failed");
+        profile_dir
+    });
+    dir.join(name)
+}
+
+/// A running binary of the workspace.
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    child: Option<Child>,
+    stdout: Output,
+    stderr: Output,
+    status: Option<ExitStatus>,
+}
+
+/// Starts binary `name` with `args`, logged in to `port` as `user` (None: no
+/// credentials), in `dir` with a clean environment (no `.env`, no stray settings).
+pub fn spawn_service(name: &str, dir: &Path, port: u16, user: Option<&str>, args: &[&str]) -> Service {
+    let mut command = Command::new(binary(name));
+    command
+        .args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .env("LOCAL_BROKER", "127.0.0.1")
+        .env("LOCAL_PORT", port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(user) = user {
+        command
+            .env("LOCAL_USERNAME", user)
+            .env("LOCAL_PASSWORD", password(user));
+    }
+    let mut child = command.spawn().unwrap_or_else(|error| panic!("cannot start {name}: {error}"));
+    let service = Service {
+        name: name.to_string(),
+        stdout: Output::default(),
+        stderr: Output::default(),
+        child: None,
+        status: None,
+    };
+    service.stdout.capture(child.stdout.take());
+    service.stderr.capture(child.stderr.take());
+    Service {
+        child: Some(child),
+        ..service
+    }
+}
+
+impl Service {
+    /// Lines written to stdout so far.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lines()
+    }
+
+    /// What was logged to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.text()
+    }
+
+    /// Waits until a stderr line contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str) {
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                let changed = self.stderr.changed.notified();
+                if self.stderr.lines().iter().any(|line| line.contains(needle)) {
+                    return;
+                }
+                // Re-check at least every 100 ms in case a notification slipped by.
+                let _ = tokio::time::timeout(Duration::from_millis(100), changed).await;
+            }
+        })
+        .await;
+        assert!(found.is_ok(), "{} never logged {needle:?}; it logged:\n{}", self.name, self.stderr());
+    }
+
+    /// Waits for the process to exit by itself and returns its status.
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        if let Some(status) = self.status {
+            return status;
+        }
+        let mut child = self.child.take().expect("process handle");
+        let status = match tokio::time::timeout(WAIT, child.wait()).await {
+            Ok(status) => status.expect("cannot wait for the process"),
+            Err(_) => {
+                let _ = child.kill().await;
+                panic!("{} did not exit; it logged:\n{}", self.name, self.stderr());
+            }
+        };
+        // Let the output readers reach the end of the pipes.
+        self.status = Some(status);
+        tokio::task::yield_now().await;
+        status
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => child.try_wait().ok().flatten().is_none(),
+            None => false,
+        }
+    }
+
+    /// Sends SIGTERM (what `docker stop` sends) and waits for the exit.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        signal(self.child.as_ref().expect("process handle"), "TERM");
+        self.wait_exit().await
+    }
+
+    /// Kills the process with SIGKILL: no clean-up runs.
+    pub async fn kill(&mut self) {
+        let mut child = self.child.take().expect("process handle");
+        child.kill().await.expect("cannot kill");
+    }
+}
+
+/// An independent MQTT client for the test itself: it connects once (no reconnects)
+/// and hands over every packet it receives.
+#[derive(Debug)]
+pub struct TestClient {
+    pub client: AsyncClient,
+    packets: mpsc::UnboundedReceiver<Packet>,
+    /// Messages that arrived while the test waited for another packet.
+    early: std::collections::VecDeque<Publish>,
+}
+
+impl TestClient {
+    /// Connects to `port` as `user` with a clean session; panics if refused.
+    pub async fn connect(port: u16, user: &str) -> TestClient {
+        Self::try_connect(port, Some(user), &format!("test-{user}-{}", free_port()), true)
+            .await
+            .unwrap_or_else(|error| panic!("{user} could not connect: {error}"))
+    }
+
+    /// Connects with the given identity; the broker's refusal comes back as an error.
+    pub async fn try_connect(port: u16, user: Option<&str>, client_id: &str, clean: bool) -> Result<TestClient, String> {
+        let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+        options.set_clean_session(clean);
+        options.set_keep_alive(Duration::from_secs(30));
+        if let Some(user) = user {
+            options.set_credentials(user, password(user));
+        }
+        let (client, mut eventloop) = AsyncClient::new(options, 1000);
+        let (tx, mut packets) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(packet)) => {
+                        if tx.send(packet).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Outgoing(_)) => {}
+                    Err(error) => {
+                        // Closing the channel tells the test; say why first.
+                        let _ = tx.send(Packet::Disconnect);
+                        eprintln!("test client: {error}");
+                        return;
+                    }
+                }
+            }
+        });
+        match tokio::time::timeout(WAIT, packets.recv()).await {
+            Ok(Some(Packet::ConnAck(_))) => Ok(TestClient {
+                client,
+                packets,
+                early: Default::default(),
+            }),
+            Ok(other) => Err(format!("connection refused or closed ({other:?})")),
+            Err(_) => Err("no answer from the broker".into()),
+        }
+    }
+
+    /// Subscribes at QoS 1 and waits for the broker's answer; panics if refused.
+    pub async fn subscribe(&mut self, filter: &str) {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe request");
+        loop {
+            match self.next_packet().await {
+                Packet::SubAck(ack) => {
+                    assert!(
+                        ack.return_codes.iter().all(|code| matches!(code, rumqttc::SubscribeReasonCode::Success(_))),
+                        "subscription to {filter} refused"
+                    );
+                    return;
+                }
+                Packet::Publish(publish) => self.early.push_back(publish),
+                _ => {}
+            }
+        }
+    }
+
+    /// Publishes and, at QoS 1, waits for the broker's acknowledgement.
+    pub async fn publish(&mut self, topic: &str, qos: QoS, retain: bool, payload: &[u8]) {
+        self.client
+            .publish(topic, qos, retain, payload.to_vec())
+            .await
+            .expect("publish request");
+        if qos == QoS::AtLeastOnce {
+            loop {
+                match self.next_packet().await {
+                    Packet::PubAck(_) => break,
+                    Packet::Publish(publish) => self.early.push_back(publish),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// The next message; panics after [`WAIT`].
+    pub async fn next_message(&mut self) -> Publish {
+        if let Some(publish) = self.early.pop_front() {
+            return publish;
+        }
+        loop {
+            if let Packet::Publish(publish) = self.next_packet().await {
+                return publish;
+            }
+        }
+    }
+
+    async fn next_packet(&mut self) -> Packet {
+        match tokio::time::timeout(WAIT, self.packets.recv()).await {
+            Ok(Some(Packet::Disconnect)) | Ok(None) => panic!("the test client's connection closed"),
+            Ok(Some(packet)) => packet,
+            Err(_) => panic!("no packet within {WAIT:?}"),
+        }
+    }
+
+    /// The retained message of `topic`, as a new subscriber gets it.
+    pub async fn retained(port: u16, topic: &str) -> Publish {
+        let mut client = TestClient::connect(port, "mqtt-subscriber").await;
+        client.subscribe(topic).await;
+        let message = client.next_message().await;
+        assert!(message.retain, "{topic}: expected the retained message, got a live one");
+        message
+    }
+}
