@@ -79,7 +79,12 @@ done
 mosquitto_passwd -U "$out/passwd"
 umask "$old_umask"
 
+# Mosquitto started as root drops to the `mosquitto` user: hand it the files, and check
+# that it can reach them (a parent folder such as /root, mode 0700, would stop it).
 if [ "$(id -u)" = 0 ] && id mosquitto >/dev/null 2>&1; then
   chown -R mosquitto: "$out" "$data"
+  if ! su -s /bin/sh mosquitto -c "test -r '$out/passwd' && test -r '$out/acl' && test -w '$data'" 2>/dev/null; then
+    die "the mosquitto user cannot read $out or write $data: every parent folder needs o+x (chmod o+x DIR), or choose an OUT_DIR it can reach"
+  fi
 fi
 echo "mosquitto/setup.sh: $broker broker configured in $out ($listener)" >&2

@@ -58,7 +58,10 @@ pub fn free_port() -> u16 {
 pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !condition() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -94,7 +97,10 @@ impl Broker {
                 setup.env(key, value);
             }
             let status = setup.status().expect("cannot run mosquitto/setup.sh");
-            assert!(status.success(), "mosquitto/setup.sh {name} failed: {status}");
+            assert!(
+                status.success(),
+                "mosquitto/setup.sh {name} failed: {status}"
+            );
             let mut broker = Broker {
                 name,
                 port,
@@ -112,7 +118,11 @@ impl Broker {
 
     /// Starts (or restarts) the broker on its port; false if it exited instead.
     pub async fn start(&mut self) -> bool {
-        assert!(self.process.is_none(), "{} broker already running", self.name);
+        assert!(
+            self.process.is_none(),
+            "{} broker already running",
+            self.name
+        );
         let mut command = Command::new("mosquitto");
         command
             .arg("-c")
@@ -128,7 +138,10 @@ impl Broker {
         self.log.capture(child.stderr.take());
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
                 self.process = Some(child);
                 return true;
             }
@@ -275,19 +288,31 @@ pub fn binary(name: &str) -> PathBuf {
             .and_then(Path::parent)
             .expect("test binary inside target/<profile>/deps")
             .to_path_buf();
-        let mut build = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        let mut build =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         build
             .args(["build", "--workspace", "--bins"])
             .current_dir(repo_root());
-        if profile_dir.file_name().is_some_and(|name| name == "release") {
+        if profile_dir
+            .file_name()
+            .is_some_and(|name| name == "release")
+        {
             build.arg("--release");
         }
         // Cargo's per-package variables of this test process would make the nested build
         // think its inputs changed and rebuild everything.
         for (key, _) in std::env::vars() {
-            if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_", "CARGO_TARGET_TMPDIR", "CARGO_RUSTC_"]
-                .iter()
-                .any(|prefix| key.starts_with(prefix))
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_",
+            ]
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
             {
                 build.env_remove(key);
             }
@@ -311,7 +336,13 @@ pub struct Service {
 
 /// Starts binary `name` with `args`, logged in to `port` as `user` (None: no
 /// credentials), in `dir` with a clean environment (no `.env`, no stray settings).
-pub fn spawn_service(name: &str, dir: &Path, port: u16, user: Option<&str>, args: &[&str]) -> Service {
+pub fn spawn_service(
+    name: &str,
+    dir: &Path,
+    port: u16,
+    user: Option<&str>,
+    args: &[&str],
+) -> Service {
     let mut command = Command::new(binary(name));
     command
         .args(args)
@@ -330,7 +361,9 @@ pub fn spawn_service(name: &str, dir: &Path, port: u16, user: Option<&str>, args
             .env("LOCAL_USERNAME", user)
             .env("LOCAL_PASSWORD", password(user));
     }
-    let mut child = command.spawn().unwrap_or_else(|error| panic!("cannot start {name}: {error}"));
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|error| panic!("cannot start {name}: {error}"));
     let service = Service {
         name: name.to_string(),
         stdout: Output::default(),
@@ -370,7 +403,12 @@ impl Service {
             }
         })
         .await;
-        assert!(found.is_ok(), "{} never logged {needle:?}; it logged:\n{}", self.name, self.stderr());
+        assert!(
+            found.is_ok(),
+            "{} never logged {needle:?}; it logged:\n{}",
+            self.name,
+            self.stderr()
+        );
     }
 
     /// Waits for the process to exit by itself and returns its status.
@@ -426,13 +464,23 @@ pub struct TestClient {
 impl TestClient {
     /// Connects to `port` as `user` with a clean session; panics if refused.
     pub async fn connect(port: u16, user: &str) -> TestClient {
-        Self::try_connect(port, Some(user), &format!("test-{user}-{}", free_port()), true)
-            .await
-            .unwrap_or_else(|error| panic!("{user} could not connect: {error}"))
+        Self::try_connect(
+            port,
+            Some(user),
+            &format!("test-{user}-{}", free_port()),
+            true,
+        )
+        .await
+        .unwrap_or_else(|error| panic!("{user} could not connect: {error}"))
     }
 
     /// Connects with the given identity; the broker's refusal comes back as an error.
-    pub async fn try_connect(port: u16, user: Option<&str>, client_id: &str, clean: bool) -> Result<TestClient, String> {
+    pub async fn try_connect(
+        port: u16,
+        user: Option<&str>,
+        client_id: &str,
+        clean: bool,
+    ) -> Result<TestClient, String> {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
         options.set_clean_session(clean);
         options.set_keep_alive(Duration::from_secs(30));
@@ -480,7 +528,9 @@ impl TestClient {
             match self.next_packet().await {
                 Packet::SubAck(ack) => {
                     assert!(
-                        ack.return_codes.iter().all(|code| matches!(code, rumqttc::SubscribeReasonCode::Success(_))),
+                        ack.return_codes
+                            .iter()
+                            .all(|code| matches!(code, rumqttc::SubscribeReasonCode::Success(_))),
                         "subscription to {filter} refused"
                     );
                     return;
@@ -522,7 +572,9 @@ impl TestClient {
 
     async fn next_packet(&mut self) -> Packet {
         match tokio::time::timeout(WAIT, self.packets.recv()).await {
-            Ok(Some(Packet::Disconnect)) | Ok(None) => panic!("the test client's connection closed"),
+            Ok(Some(Packet::Disconnect)) | Ok(None) => {
+                panic!("the test client's connection closed")
+            }
             Ok(Some(packet)) => packet,
             Err(_) => panic!("no packet within {WAIT:?}"),
         }
@@ -533,7 +585,10 @@ impl TestClient {
         let mut client = TestClient::connect(port, "mqtt-subscriber").await;
         client.subscribe(topic).await;
         let message = client.next_message().await;
-        assert!(message.retain, "{topic}: expected the retained message, got a live one");
+        assert!(
+            message.retain,
+            "{topic}: expected the retained message, got a live one"
+        );
         message
     }
 }

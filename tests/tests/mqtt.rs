@@ -14,7 +14,9 @@ fn text(message: &Publish) -> String {
 /// A plain payload as the seed sent it: a number with exactly two decimals.
 fn plain_value(message: &Publish) -> f64 {
     let payload = text(message);
-    let (_, decimals) = payload.split_once('.').unwrap_or_else(|| panic!("{payload:?} has no decimals"));
+    let (_, decimals) = payload
+        .split_once('.')
+        .unwrap_or_else(|| panic!("{payload:?} has no decimals"));
     assert_eq!(decimals.len(), 2, "{payload:?} should have two decimals");
     match decode(payload.as_bytes()) {
         Ok(Decoded::Number(value)) => value,
@@ -29,10 +31,30 @@ async fn sensor_readings_cross_the_bridge_on_the_seed_topics_retained() {
     cloud.subscribe("/sensor/#").await;
 
     let args = ["--count", "3", "--interval", "0.05"];
-    let mut temperature = spawn_service("temperature-sensor", brokers.dir(), brokers.local.port, Some("temperature-sensor"), &args);
-    let mut pressure = spawn_service("pressure-sensor", brokers.dir(), brokers.local.port, Some("pressure-sensor"), &args);
-    assert!(temperature.wait_exit().await.success(), "{}", temperature.stderr());
-    assert!(pressure.wait_exit().await.success(), "{}", pressure.stderr());
+    let mut temperature = spawn_service(
+        "temperature-sensor",
+        brokers.dir(),
+        brokers.local.port,
+        Some("temperature-sensor"),
+        &args,
+    );
+    let mut pressure = spawn_service(
+        "pressure-sensor",
+        brokers.dir(),
+        brokers.local.port,
+        Some("pressure-sensor"),
+        &args,
+    );
+    assert!(
+        temperature.wait_exit().await.success(),
+        "{}",
+        temperature.stderr()
+    );
+    assert!(
+        pressure.wait_exit().await.success(),
+        "{}",
+        pressure.stderr()
+    );
 
     let (mut temperatures, mut pressures) = (Vec::new(), Vec::new());
     while temperatures.len() < 3 || pressures.len() < 3 {
@@ -44,8 +66,14 @@ async fn sensor_readings_cross_the_bridge_on_the_seed_topics_retained() {
         }
     }
     assert_eq!((temperatures.len(), pressures.len()), (3, 3));
-    assert!(temperatures.iter().all(|t| (20.0..=30.0).contains(t)), "{temperatures:?}");
-    assert!(pressures.iter().all(|p| (990.0..=1020.0).contains(p)), "{pressures:?}");
+    assert!(
+        temperatures.iter().all(|t| (20.0..=30.0).contains(t)),
+        "{temperatures:?}"
+    );
+    assert!(
+        pressures.iter().all(|p| (990.0..=1020.0).contains(p)),
+        "{pressures:?}"
+    );
 
     // The last reading of each is retained on the cloud broker for new subscribers.
     let retained = TestClient::retained(brokers.cloud.port, "/sensor/temperature").await;
@@ -59,8 +87,25 @@ async fn json_readings_count_seq_from_one_within_one_boot() {
     let brokers = spawn_brokers().await;
     let mut cloud = TestClient::connect(brokers.cloud.port, "mqtt-subscriber").await;
     cloud.subscribe("/sensor/pressure").await;
-    let args = ["--count", "4", "--interval", "0", "--format", "json", "--qos", "1", "--device", "pres-0042"];
-    let mut sensor = spawn_service("pressure-sensor", brokers.dir(), brokers.local.port, Some("pressure-sensor"), &args);
+    let args = [
+        "--count",
+        "4",
+        "--interval",
+        "0",
+        "--format",
+        "json",
+        "--qos",
+        "1",
+        "--device",
+        "pres-0042",
+    ];
+    let mut sensor = spawn_service(
+        "pressure-sensor",
+        brokers.dir(),
+        brokers.local.port,
+        Some("pressure-sensor"),
+        &args,
+    );
     assert!(sensor.wait_exit().await.success(), "{}", sensor.stderr());
 
     let mut readings = Vec::new();
@@ -70,34 +115,65 @@ async fn json_readings_count_seq_from_one_within_one_boot() {
             other => panic!("not a JSON reading: {other:?}"),
         }
     }
-    assert_eq!(readings.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
-    assert!(readings.iter().all(|r| r.device == "pres-0042" && r.unit == "hPa" && r.boot == readings[0].boot));
+    assert_eq!(
+        readings.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    assert!(readings
+        .iter()
+        .all(|r| r.device == "pres-0042" && r.unit == "hPa" && r.boot == readings[0].boot));
     assert!(readings.iter().all(|r| (990.0..=1020.0).contains(&r.value)));
 }
 
 /// Payloads that must come out as they went in, a non-UTF-8 one among them.
-const PAYLOADS: [&[u8]; 5] = [b"23.41", br#"{"a":"b"}"#, b"two\nlines", &[0xff, 0xfe, b'x'], b"last"];
+const PAYLOADS: [&[u8]; 5] = [
+    b"23.41",
+    br#"{"a":"b"}"#,
+    b"two\nlines",
+    &[0xff, 0xfe, b'x'],
+    b"last",
+];
 
 async fn publish_all(port: u16) {
     let mut publisher = TestClient::connect(port, "temperature-sensor").await;
     for payload in PAYLOADS {
-        publisher.publish("/sensor/temperature", QoS::AtLeastOnce, false, payload).await;
+        publisher
+            .publish("/sensor/temperature", QoS::AtLeastOnce, false, payload)
+            .await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriber_prints_exactly_the_published_messages_in_order_as_json() {
     let brokers = spawn_brokers().await;
-    let args = ["--format", "json", "--count", "5", "--client-id", "json-printer"];
-    let mut subscriber = spawn_service("mqtt-subscriber", brokers.dir(), brokers.local.port, Some("mqtt-subscriber"), &args);
+    let args = [
+        "--format",
+        "json",
+        "--count",
+        "5",
+        "--client-id",
+        "json-printer",
+    ];
+    let mut subscriber = spawn_service(
+        "mqtt-subscriber",
+        brokers.dir(),
+        brokers.local.port,
+        Some("mqtt-subscriber"),
+        &args,
+    );
     subscriber.wait_for_log("subscribed").await;
     publish_all(brokers.local.port).await;
-    assert!(subscriber.wait_exit().await.success(), "{}", subscriber.stderr());
+    assert!(
+        subscriber.wait_exit().await.success(),
+        "{}",
+        subscriber.stderr()
+    );
 
     let lines = subscriber.stdout_lines();
     assert_eq!(lines.len(), PAYLOADS.len(), "{lines:?}");
     for (line, expected) in lines.iter().zip(PAYLOADS) {
-        let value: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
         assert_eq!(value["topic"], "/sensor/temperature");
         assert_eq!(value["qos"], 1);
         assert_eq!(value["retain"], false);
@@ -112,13 +188,29 @@ async fn subscriber_prints_exactly_the_published_messages_in_order_as_json() {
 async fn subscriber_prints_exactly_the_published_messages_in_order_as_text() {
     let brokers = spawn_brokers().await;
     let args = ["--count", "5", "--client-id", "text-printer"];
-    let mut subscriber = spawn_service("mqtt-subscriber", brokers.dir(), brokers.local.port, Some("mqtt-subscriber"), &args);
+    let mut subscriber = spawn_service(
+        "mqtt-subscriber",
+        brokers.dir(),
+        brokers.local.port,
+        Some("mqtt-subscriber"),
+        &args,
+    );
     subscriber.wait_for_log("subscribed").await;
     publish_all(brokers.local.port).await;
-    assert!(subscriber.wait_exit().await.success(), "{}", subscriber.stderr());
+    assert!(
+        subscriber.wait_exit().await.success(),
+        "{}",
+        subscriber.stderr()
+    );
 
     let lines = subscriber.stdout_lines();
-    let expected = [r#"23.41"#, r#"{"a":"b"}"#, r"two\nlines", r"\xff\xfex", "last"];
+    let expected = [
+        r#"23.41"#,
+        r#"{"a":"b"}"#,
+        r"two\nlines",
+        r"\xff\xfex",
+        "last",
+    ];
     assert_eq!(lines.len(), expected.len(), "{lines:?}");
     for (line, payload) in lines.iter().zip(expected) {
         let (time, rest) = line.split_once(' ').expect("time first");
@@ -138,35 +230,80 @@ async fn device_status_leaves_offline_on_the_cloud_when_killed_or_stopped() {
     cloud.subscribe("/device/status").await;
 
     // Killed: the broker publishes the will.
-    let mut device = spawn_service("device-status", brokers.dir(), brokers.local.port, Some("device-status"), &[]);
+    let mut device = spawn_service(
+        "device-status",
+        brokers.dir(),
+        brokers.local.port,
+        Some("device-status"),
+        &[],
+    );
     assert_eq!(next_status(&mut cloud).await, "online");
     device.kill().await;
     assert_eq!(next_status(&mut cloud).await, "offline");
-    assert_eq!(text(&TestClient::retained(brokers.cloud.port, "/device/status").await), "offline");
+    assert_eq!(
+        text(&TestClient::retained(brokers.cloud.port, "/device/status").await),
+        "offline"
+    );
 
     // Stopped with SIGTERM: the device says it itself (a will would not fire).
-    let mut device = spawn_service("device-status", brokers.dir(), brokers.local.port, Some("device-status"), &[]);
+    let mut device = spawn_service(
+        "device-status",
+        brokers.dir(),
+        brokers.local.port,
+        Some("device-status"),
+        &[],
+    );
     assert_eq!(next_status(&mut cloud).await, "online");
-    assert_eq!(text(&TestClient::retained(brokers.cloud.port, "/device/status").await), "online");
+    assert_eq!(
+        text(&TestClient::retained(brokers.cloud.port, "/device/status").await),
+        "online"
+    );
     let status = device.terminate().await;
     assert!(status.success(), "{status}: {}", device.stderr());
     assert_eq!(next_status(&mut cloud).await, "offline");
-    assert_eq!(text(&TestClient::retained(brokers.cloud.port, "/device/status").await), "offline");
+    assert_eq!(
+        text(&TestClient::retained(brokers.cloud.port, "/device/status").await),
+        "offline"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriber_session_keeps_what_was_published_while_it_was_stopped() {
     let brokers = spawn_brokers().await;
     let (dir, port) = (brokers.dir(), brokers.local.port);
-    let session = ["--client-id", "night-shift", "--topic", "/sensor/#", "--format", "json"];
+    let session = [
+        "--client-id",
+        "night-shift",
+        "--topic",
+        "/sensor/#",
+        "--format",
+        "json",
+    ];
 
-    let mut subscriber = spawn_service("mqtt-subscriber", dir, port, Some("mqtt-subscriber"), &session);
+    let mut subscriber = spawn_service(
+        "mqtt-subscriber",
+        dir,
+        port,
+        Some("mqtt-subscriber"),
+        &session,
+    );
     subscriber.wait_for_log("subscribed").await;
-    assert!(subscriber.terminate().await.success(), "{}", subscriber.stderr());
+    assert!(
+        subscriber.terminate().await.success(),
+        "{}",
+        subscriber.stderr()
+    );
 
     let mut publisher = TestClient::connect(port, "temperature-sensor").await;
     for n in 1..=5 {
-        publisher.publish("/sensor/temperature", QoS::AtLeastOnce, false, n.to_string().as_bytes()).await;
+        publisher
+            .publish(
+                "/sensor/temperature",
+                QoS::AtLeastOnce,
+                false,
+                n.to_string().as_bytes(),
+            )
+            .await;
     }
 
     // Back with the same client id: it gets what it missed. --count 2 leaves the rest
@@ -175,13 +312,30 @@ async fn subscriber_session_keeps_what_was_published_while_it_was_stopped() {
         subscriber
             .stdout_lines()
             .iter()
-            .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("json")["payload"].as_str().expect("text").to_string())
+            .map(|line| {
+                serde_json::from_str::<serde_json::Value>(line).expect("json")["payload"]
+                    .as_str()
+                    .expect("text")
+                    .to_string()
+            })
             .collect()
     };
-    let mut first = spawn_service("mqtt-subscriber", dir, port, Some("mqtt-subscriber"), &[&session[..], &["--count", "2"]].concat());
+    let mut first = spawn_service(
+        "mqtt-subscriber",
+        dir,
+        port,
+        Some("mqtt-subscriber"),
+        &[&session[..], &["--count", "2"]].concat(),
+    );
     assert!(first.wait_exit().await.success(), "{}", first.stderr());
     assert_eq!(payloads(&first), ["1", "2"]);
-    let mut second = spawn_service("mqtt-subscriber", dir, port, Some("mqtt-subscriber"), &[&session[..], &["--count", "3"]].concat());
+    let mut second = spawn_service(
+        "mqtt-subscriber",
+        dir,
+        port,
+        Some("mqtt-subscriber"),
+        &[&session[..], &["--count", "3"]].concat(),
+    );
     assert!(second.wait_exit().await.success(), "{}", second.stderr());
     assert_eq!(payloads(&second), ["3", "4", "5"]);
 }
@@ -192,16 +346,29 @@ async fn brokers_refuse_wrong_passwords_anonymous_clients_and_foreign_topics() {
     let (dir, port) = (brokers.dir(), brokers.local.port);
 
     // A wrong password: a clear message and a non-zero exit, no endless retries.
-    let mut sensor = spawn_service("temperature-sensor", dir, port, Some("temperature-sensor"), &["--password", "wrong"]);
+    let mut sensor = spawn_service(
+        "temperature-sensor",
+        dir,
+        port,
+        Some("temperature-sensor"),
+        &["--password", "wrong"],
+    );
     let status = sensor.wait_exit().await;
     assert!(!status.success());
     let log = sensor.stderr();
-    assert!(log.contains("refused the connection") && log.contains("LOCAL_PASSWORD"), "{log}");
+    assert!(
+        log.contains("refused the connection") && log.contains("LOCAL_PASSWORD"),
+        "{log}"
+    );
 
     // Anonymous clients: refused by both brokers.
     for broker in [&brokers.local, &brokers.cloud] {
         let anonymous = TestClient::try_connect(broker.port, None, "anonymous", true).await;
-        assert!(anonymous.is_err(), "the {} broker accepted an anonymous client", broker.name);
+        assert!(
+            anonymous.is_err(),
+            "the {} broker accepted an anonymous client",
+            broker.name
+        );
     }
 
     // Topic rights: the temperature sensor may not publish pressure, and the subscriber
@@ -209,25 +376,77 @@ async fn brokers_refuse_wrong_passwords_anonymous_clients_and_foreign_topics() {
     // observer must see only the allowed one.
     let mut observer = TestClient::connect(port, "mqtt-subscriber").await;
     observer.subscribe("/sensor/#").await;
-    let forbidden = ["--topic", "/sensor/pressure", "--count", "1", "--qos", "1", "--no-retain"];
-    let mut intruder = spawn_service("temperature-sensor", dir, port, Some("temperature-sensor"), &forbidden);
-    assert!(intruder.wait_exit().await.success(), "{}", intruder.stderr());
+    let forbidden = [
+        "--topic",
+        "/sensor/pressure",
+        "--count",
+        "1",
+        "--qos",
+        "1",
+        "--no-retain",
+    ];
+    let mut intruder = spawn_service(
+        "temperature-sensor",
+        dir,
+        port,
+        Some("temperature-sensor"),
+        &forbidden,
+    );
+    assert!(
+        intruder.wait_exit().await.success(),
+        "{}",
+        intruder.stderr()
+    );
     let mut reader = TestClient::connect(port, "mqtt-subscriber").await;
-    reader.publish("/sensor/temperature", QoS::AtLeastOnce, false, b"forged").await;
-    let allowed = ["--count", "1", "--qos", "1", "--no-retain", "--format", "json"];
-    let mut sensor = spawn_service("temperature-sensor", dir, port, Some("temperature-sensor"), &allowed);
+    reader
+        .publish("/sensor/temperature", QoS::AtLeastOnce, false, b"forged")
+        .await;
+    let allowed = [
+        "--count",
+        "1",
+        "--qos",
+        "1",
+        "--no-retain",
+        "--format",
+        "json",
+    ];
+    let mut sensor = spawn_service(
+        "temperature-sensor",
+        dir,
+        port,
+        Some("temperature-sensor"),
+        &allowed,
+    );
     assert!(sensor.wait_exit().await.success(), "{}", sensor.stderr());
     let message = observer.next_message().await;
     assert_eq!(message.topic, "/sensor/temperature");
-    assert!(matches!(decode(&message.payload), Ok(Decoded::Reading(_))), "got {:?}", message.payload);
+    assert!(
+        matches!(decode(&message.payload), Ok(Decoded::Reading(_))),
+        "got {:?}",
+        message.payload
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sensor_reconnects_when_its_broker_comes_back() {
     let mut brokers = spawn_brokers().await;
     let port = brokers.local.port;
-    let args = ["--interval", "0.1", "--format", "json", "--qos", "1", "--no-retain"];
-    let mut sensor = spawn_service("temperature-sensor", brokers.dir(), port, Some("temperature-sensor"), &args);
+    let args = [
+        "--interval",
+        "0.1",
+        "--format",
+        "json",
+        "--qos",
+        "1",
+        "--no-retain",
+    ];
+    let mut sensor = spawn_service(
+        "temperature-sensor",
+        brokers.dir(),
+        port,
+        Some("temperature-sensor"),
+        &args,
+    );
     let seq = |message: Publish| match decode(&message.payload) {
         Ok(Decoded::Reading(reading)) => reading.seq,
         other => panic!("not a JSON reading: {other:?}"),
@@ -239,7 +458,11 @@ async fn a_sensor_reconnects_when_its_broker_comes_back() {
 
     brokers.local.kill().await;
     sensor.wait_for_log("connection lost").await;
-    assert!(brokers.local.start().await, "the broker did not come back:\n{}", brokers.local.log());
+    assert!(
+        brokers.local.start().await,
+        "the broker did not come back:\n{}",
+        brokers.local.log()
+    );
 
     let mut after = TestClient::connect(port, "mqtt-subscriber").await;
     after.subscribe("/sensor/temperature").await;
@@ -249,28 +472,59 @@ async fn a_sensor_reconnects_when_its_broker_comes_back() {
     assert!(sensor.terminate().await.success(), "{}", sensor.stderr());
 }
 
+/// A binary run with a bad setting, and what its error line must name.
+struct BadSetting {
+    binary: &'static str,
+    args: &'static [&'static str],
+    env: Option<(&'static str, &'static str)>,
+    names: [&'static str; 2],
+}
+
 #[test]
 fn bad_settings_are_one_line_naming_the_setting_with_exit_code_2() {
-    let cases: [(&str, &[&str], &[(&str, &str)], &[&str]); 4] = [
-        ("temperature-sensor", &["--qos", "3"], &[], &["--qos", "TEMPERATURE_QOS"]),
-        ("pressure-sensor", &["--interval", "soon"], &[], &["--interval", "PRESSURE_INTERVAL"]),
-        ("mqtt-subscriber", &[], &[("LOCAL_PORT", "abc")], &["--port", "LOCAL_PORT"]),
-        ("device-status", &["--password", "secret"], &[], &["--username", "LOCAL_USERNAME"]),
+    let cases = [
+        BadSetting {
+            binary: "temperature-sensor",
+            args: &["--qos", "3"],
+            env: None,
+            names: ["--qos", "TEMPERATURE_QOS"],
+        },
+        BadSetting {
+            binary: "pressure-sensor",
+            args: &["--interval", "soon"],
+            env: None,
+            names: ["--interval", "PRESSURE_INTERVAL"],
+        },
+        BadSetting {
+            binary: "mqtt-subscriber",
+            args: &[],
+            env: Some(("LOCAL_PORT", "abc")),
+            names: ["--port", "LOCAL_PORT"],
+        },
+        BadSetting {
+            binary: "device-status",
+            args: &["--password", "secret"],
+            env: None,
+            names: ["--username", "LOCAL_USERNAME"],
+        },
     ];
     let dir = tempfile::tempdir().expect("tempdir");
-    for (name, args, env, needles) in cases {
-        let output = Command::new(binary(name))
-            .args(args)
-            .envs(env.iter().copied())
+    for case in cases {
+        let mut command = Command::new(binary(case.binary));
+        command
+            .args(case.args)
             .env_remove("LOCAL_USERNAME")
-            .current_dir(dir.path())
-            .output()
-            .expect("runs");
+            .current_dir(dir.path());
+        if let Some((key, value)) = case.env {
+            command.env(key, value);
+        }
+        let output = command.output().expect("runs");
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{name} {args:?}: {stderr}");
-        assert_eq!(stderr.trim_end().lines().count(), 1, "{name} {args:?}: {stderr}");
-        for needle in needles {
-            assert!(stderr.contains(needle), "{name} {args:?}: {stderr:?} lacks {needle}");
+        let what = format!("{} {:?}: {stderr:?}", case.binary, case.args);
+        assert_eq!(output.status.code(), Some(2), "{what}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{what}");
+        for name in case.names {
+            assert!(stderr.contains(name), "{what} does not name {name}");
         }
     }
 }

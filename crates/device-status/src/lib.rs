@@ -54,7 +54,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut options = broker
         .mqtt_options(&client_id, true)
         .context("cannot set up the broker connection")?;
-    options.set_last_will(LastWill::new(&config.topic, OFFLINE, QoS::AtLeastOnce, true));
+    options.set_last_will(LastWill::new(
+        &config.topic,
+        OFFLINE,
+        QoS::AtLeastOnce,
+        true,
+    ));
     tracing::info!(broker = %broker.address(), client_id, topic = config.topic, interval = ?config.interval, "reporting device status");
 
     let mut connection = Connection::start(&broker, options);
@@ -105,7 +110,14 @@ mod tests {
     #[test]
     fn help_names_the_variables() {
         let help = Config::command().render_long_help().to_string();
-        for variable in ["STATUS_TOPIC", "STATUS_INTERVAL", "STATUS_QOS", "STATUS_CLIENT_ID", "LOCAL_BROKER", "LOCAL_PASSWORD"] {
+        for variable in [
+            "STATUS_TOPIC",
+            "STATUS_INTERVAL",
+            "STATUS_QOS",
+            "STATUS_CLIENT_ID",
+            "LOCAL_BROKER",
+            "LOCAL_PASSWORD",
+        ] {
             assert!(help.contains(variable), "--help lacks {variable}");
         }
     }

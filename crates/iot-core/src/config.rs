@@ -242,7 +242,11 @@ impl BrokerSettings {
     }
 
     /// Client options for this broker: credentials, keep-alive and TLS applied.
-    pub fn mqtt_options(&self, client_id: &str, clean_session: bool) -> anyhow::Result<MqttOptions> {
+    pub fn mqtt_options(
+        &self,
+        client_id: &str,
+        clean_session: bool,
+    ) -> anyhow::Result<MqttOptions> {
         let mut options = MqttOptions::new(client_id, &self.host, self.port);
         options
             .set_keep_alive(self.keep_alive)
@@ -327,7 +331,10 @@ mod tests {
         assert!(error.contains("LOCAL_PORT"), "{error}");
 
         let error = parse(&["--qos", "3"]).expect_err("qos 3 does not exist");
-        assert!(error.contains("--qos") && error.contains("PROBE_QOS"), "{error}");
+        assert!(
+            error.contains("--qos") && error.contains("PROBE_QOS"),
+            "{error}"
+        );
         assert!(error.contains("expected 0, 1 or 2"), "{error}");
 
         let error = parse(&["--interval=-1"]).expect_err("negative interval");
@@ -356,7 +363,9 @@ mod tests {
         let broker = BrokerSettings::from(probe.broker);
         assert_eq!(broker.port, 8883);
         assert!(broker.address().starts_with("tls://"));
-        let error = broker.mqtt_options("probe", true).expect_err("no certificate");
+        let error = broker
+            .mqtt_options("probe", true)
+            .expect_err("no certificate");
         let message = format!("{error:#}");
         assert!(message.contains("LOCAL_TLS_CA"), "{message}");
         assert!(message.contains("no PEM certificate"), "{message}");

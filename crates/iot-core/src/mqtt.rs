@@ -65,7 +65,13 @@ impl Connection {
 
     /// Queues a publish; waits only while rumqttc's request channel is full. QoS 1 and 2
     /// publishes are counted until the broker acknowledges them.
-    pub async fn publish(&mut self, topic: &str, qos: QoS, retain: bool, payload: Vec<u8>) -> anyhow::Result<()> {
+    pub async fn publish(
+        &mut self,
+        topic: &str,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+    ) -> anyhow::Result<()> {
         self.client
             .publish(topic, qos, retain, payload)
             .await
@@ -91,7 +97,11 @@ impl Connection {
                 }
                 Ok(event)
             }
-            None => Err(self.outcome().await.err().unwrap_or_else(|| anyhow!("connection closed"))),
+            None => Err(self
+                .outcome()
+                .await
+                .err()
+                .unwrap_or_else(|| anyhow!("connection closed"))),
         }
     }
 
@@ -122,14 +132,19 @@ impl Connection {
         // Fails only when the event loop is already gone, which `outcome` reports.
         let _ = self.client.try_disconnect();
         // Keep draining events so the event loop is never stuck on a full channel.
-        let drain = async {
-            while self.events.recv().await.is_some() {}
-        };
-        match tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + Duration::from_secs(1)), drain).await {
+        let drain = async { while self.events.recv().await.is_some() {} };
+        match tokio::time::timeout_at(
+            deadline.max(tokio::time::Instant::now() + Duration::from_secs(1)),
+            drain,
+        )
+        .await
+        {
             Ok(()) => self.outcome().await,
             Err(_) => {
                 self.driver.abort();
-                tracing::warn!("broker did not confirm the disconnect within {timeout:?}; closed anyway");
+                tracing::warn!(
+                    "broker did not confirm the disconnect within {timeout:?}; closed anyway"
+                );
                 Ok(())
             }
         }
@@ -170,7 +185,9 @@ async fn drive(
             }
             Ok(rumqttc::Event::Incoming(Packet::Publish(publish))) => Event::Message(publish),
             Ok(rumqttc::Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => Event::Acked,
-            Ok(rumqttc::Event::Incoming(Packet::SubAck(ack))) => Event::Subscribed(ack.return_codes),
+            Ok(rumqttc::Event::Incoming(Packet::SubAck(ack))) => {
+                Event::Subscribed(ack.return_codes)
+            }
             Ok(rumqttc::Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
             Ok(_) => continue,
             Err(ConnectionError::RequestsDone) => return Ok(()),
@@ -216,8 +233,13 @@ fn refused(broker: &BrokerSettings, code: ConnectReturnCode) -> anyhow::Error {
             };
             format!("not authorized: wrong user name or password for {user}; check {prefix}_USERNAME and {prefix}_PASSWORD")
         }
-        ConnectReturnCode::BadClientId => "the client id was rejected; choose another --client-id".to_string(),
+        ConnectReturnCode::BadClientId => {
+            "the client id was rejected; choose another --client-id".to_string()
+        }
         _ => "the broker does not speak MQTT 3.1.1".to_string(),
     };
-    anyhow!("broker {} refused the connection: {reason}", broker.address())
+    anyhow!(
+        "broker {} refused the connection: {reason}",
+        broker.address()
+    )
 }

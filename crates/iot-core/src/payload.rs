@@ -145,12 +145,17 @@ mod rfc3339_millis {
     use chrono::{DateTime, Utc};
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(time: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(
+        time: &DateTime<Utc>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&super::format_time(*time))
     }
 
     /// Accepts any RFC 3339 offset and converts it to UTC.
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DateTime<Utc>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<DateTime<Utc>, D::Error> {
         let text = String::deserialize(deserializer)?;
         DateTime::parse_from_rfc3339(&text)
             .map(|time| time.with_timezone(&Utc))
@@ -197,8 +202,14 @@ mod tests {
     #[test]
     fn both_forms_round_trip() {
         let original = reading(23.41);
-        assert_eq!(decode(&original.encode(Format::Json)), Ok(Decoded::Reading(original.clone())));
-        assert_eq!(decode(&original.encode(Format::Plain)), Ok(Decoded::Number(23.41)));
+        assert_eq!(
+            decode(&original.encode(Format::Json)),
+            Ok(Decoded::Reading(original.clone()))
+        );
+        assert_eq!(
+            decode(&original.encode(Format::Plain)),
+            Ok(Decoded::Number(23.41))
+        );
         assert_eq!(decode(b" 990.5\n"), Ok(Decoded::Number(990.5)));
     }
 
@@ -214,7 +225,16 @@ mod tests {
     #[test]
     fn anything_else_is_an_error_not_a_panic() {
         assert_eq!(decode(&[0xff, 0xfe]), Err(DecodeError::NotUtf8));
-        for bad in ["", "abc", "NaN", "inf", "-infinity", "{", r#"{"value":1}"#, "[1,2]"] {
+        for bad in [
+            "",
+            "abc",
+            "NaN",
+            "inf",
+            "-infinity",
+            "{",
+            r#"{"value":1}"#,
+            "[1,2]",
+        ] {
             assert!(
                 matches!(decode(bad.as_bytes()), Err(DecodeError::Unrecognised(_))),
                 "{bad:?} should not decode"
@@ -225,7 +245,10 @@ mod tests {
     #[test]
     fn payload_text_falls_back_to_base64() {
         assert_eq!(PayloadText::of(b"23.41"), PayloadText::Utf8("23.41"));
-        assert_eq!(PayloadText::of(&[0xff, 0x00]), PayloadText::Base64("/wA=".into()));
+        assert_eq!(
+            PayloadText::of(&[0xff, 0x00]),
+            PayloadText::Base64("/wA=".into())
+        );
     }
 
     #[test]

@@ -105,7 +105,14 @@ pub struct SensorConfig {
 
 /// The flags that read `<PREFIX>_<FLAG>` from the environment.
 const OWN_FLAGS: [&str; 8] = [
-    "topic", "qos", "interval", "retain", "format", "count", "client_id", "device",
+    "topic",
+    "qos",
+    "interval",
+    "retain",
+    "format",
+    "count",
+    "client_id",
+    "device",
 ];
 
 impl SensorConfig {
@@ -129,8 +136,12 @@ impl SensorConfig {
         }
         command
             .mut_arg("topic", |arg| arg.default_value(kind.topic).required(false))
-            .mut_arg("interval", |arg| arg.default_value(kind.interval).required(false))
-            .mut_arg("device", |arg| arg.default_value(kind.device).required(false))
+            .mut_arg("interval", |arg| {
+                arg.default_value(kind.interval).required(false)
+            })
+            .mut_arg("device", |arg| {
+                arg.default_value(kind.device).required(false)
+            })
     }
 
     /// Loads `.env`, the environment and the command line; exits 2 on a bad setting.
@@ -193,7 +204,11 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Publishes readings until `shutdown`, or until `--count` readings were sent and
 /// (at QoS 1 and 2) acknowledged.
-pub async fn run(kind: &SensorKind, config: SensorConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    kind: &SensorKind,
+    config: SensorConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let boot = new_boot_id();
     let client_id = config
         .client_id
@@ -310,11 +325,23 @@ mod tests {
 
     #[test]
     fn help_names_every_variable_with_the_kind_prefix() {
-        let help = SensorConfig::command(&PRESSURE).render_long_help().to_string();
+        let help = SensorConfig::command(&PRESSURE)
+            .render_long_help()
+            .to_string();
         for variable in [
-            "PRESSURE_TOPIC", "PRESSURE_QOS", "PRESSURE_INTERVAL", "PRESSURE_RETAIN",
-            "PRESSURE_FORMAT", "PRESSURE_COUNT", "PRESSURE_CLIENT_ID", "PRESSURE_DEVICE",
-            "PRESSURE_SEED", "LOCAL_BROKER", "LOCAL_PORT", "LOCAL_USERNAME", "LOCAL_PASSWORD",
+            "PRESSURE_TOPIC",
+            "PRESSURE_QOS",
+            "PRESSURE_INTERVAL",
+            "PRESSURE_RETAIN",
+            "PRESSURE_FORMAT",
+            "PRESSURE_COUNT",
+            "PRESSURE_CLIENT_ID",
+            "PRESSURE_DEVICE",
+            "PRESSURE_SEED",
+            "LOCAL_BROKER",
+            "LOCAL_PORT",
+            "LOCAL_USERNAME",
+            "LOCAL_PASSWORD",
             "LOCAL_TLS_CA",
         ] {
             assert!(help.contains(variable), "--help lacks {variable}:\n{help}");
@@ -330,7 +357,10 @@ mod tests {
         for _ in 0..100_000 {
             let value = walk.next_value(&mut rng);
             assert!((990.0..=1020.0).contains(&value), "{value} out of range");
-            assert!((value - previous).abs() <= 0.6 + 1e-9, "{previous} -> {value}");
+            assert!(
+                (value - previous).abs() <= 0.6 + 1e-9,
+                "{previous} -> {value}"
+            );
             previous = value;
         }
     }
@@ -340,7 +370,9 @@ mod tests {
         let series = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
             let mut walk = RandomWalk::new(20.0..=30.0, &mut rng);
-            (0..5).map(|_| walk.next_value(&mut rng)).collect::<Vec<_>>()
+            (0..5)
+                .map(|_| walk.next_value(&mut rng))
+                .collect::<Vec<_>>()
         };
         assert_eq!(series(1), series(1));
         assert_ne!(series(1), series(2));

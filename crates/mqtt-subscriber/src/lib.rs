@@ -45,7 +45,11 @@ pub struct Config {
     #[arg(long, env = "SUBSCRIBER_COUNT", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
     /// MQTT client id; the broker keeps the session under it while the subscriber is stopped
-    #[arg(long, env = "SUBSCRIBER_CLIENT_ID", default_value = "mqtt_subscriber_1")]
+    #[arg(
+        long,
+        env = "SUBSCRIBER_CLIENT_ID",
+        default_value = "mqtt_subscriber_1"
+    )]
     pub client_id: String,
     #[command(flatten)]
     pub broker: LocalBroker,
@@ -104,7 +108,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                         break 'messages;
                     }
                     for publish in unflushed.drain(..) {
-                        connection.client.ack(&publish).await.context("the MQTT event loop has stopped")?;
+                        connection
+                            .client
+                            .ack(&publish)
+                            .await
+                            .context("the MQTT event loop has stopped")?;
                     }
                 }
                 if finished {
@@ -118,7 +126,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // Whatever was written but not flushed is flushed now, then acknowledged.
     if out.flush().is_ok() {
         for publish in unflushed.drain(..) {
-            connection.client.ack(&publish).await.context("the MQTT event loop has stopped")?;
+            connection
+                .client
+                .ack(&publish)
+                .await
+                .context("the MQTT event loop has stopped")?;
         }
     }
     tracing::info!(printed, "stopping");
@@ -138,9 +150,14 @@ fn stdout_closed(error: io::Error) -> anyhow::Result<()> {
 fn report_subscription(topics: &[String], codes: &[SubscribeReasonCode]) {
     for (topic, code) in topics.iter().zip(codes) {
         match code {
-            SubscribeReasonCode::Success(qos) => tracing::info!(topic, qos = *qos as u8, "subscribed"),
+            SubscribeReasonCode::Success(qos) => {
+                tracing::info!(topic, qos = *qos as u8, "subscribed")
+            }
             SubscribeReasonCode::Failure => {
-                tracing::error!(topic, "the broker refused the subscription (check the ACL for this user)")
+                tracing::error!(
+                    topic,
+                    "the broker refused the subscription (check the ACL for this user)"
+                )
             }
         }
     }
@@ -207,28 +224,41 @@ mod tests {
 
     #[test]
     fn topic_repeats() {
-        let config = Config::try_parse_from(["mqtt-subscriber", "--topic", "/sensor/#", "--topic", "/device/status"])
-            .expect("parses");
+        let config = Config::try_parse_from([
+            "mqtt-subscriber",
+            "--topic",
+            "/sensor/#",
+            "--topic",
+            "/device/status",
+        ])
+        .expect("parses");
         assert_eq!(config.topics, ["/sensor/#", "/device/status"]);
     }
 
     #[test]
     fn text_line_shows_topic_payload_and_retained_flag() {
         let line = text_line(&publish(b"23.41", true));
-        assert!(line.ends_with(" /sensor/temperature 23.41 (retained)"), "{line}");
+        assert!(
+            line.ends_with(" /sensor/temperature 23.41 (retained)"),
+            "{line}"
+        );
         let line = text_line(&publish(b"a\nb\xff", false));
         assert!(line.ends_with(" /sensor/temperature a\\nb\\xff"), "{line}");
     }
 
     #[test]
     fn json_line_is_valid_json_even_for_binary_payloads() {
-        let value: serde_json::Value = serde_json::from_str(&json_line(&publish(b"23.41", true))).expect("json");
+        let value: serde_json::Value =
+            serde_json::from_str(&json_line(&publish(b"23.41", true))).expect("json");
         assert_eq!(value["payload"], "23.41");
         assert_eq!(value["qos"], 1);
         assert_eq!(value["retain"], true);
-        assert!(value["received_at"].as_str().is_some_and(|t| t.ends_with('Z')));
+        assert!(value["received_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')));
 
-        let value: serde_json::Value = serde_json::from_str(&json_line(&publish(&[0xff, 0x00], false))).expect("json");
+        let value: serde_json::Value =
+            serde_json::from_str(&json_line(&publish(&[0xff, 0x00], false))).expect("json");
         assert_eq!(value["payload_base64"], "/wA=");
         assert!(value.get("payload").is_none());
     }
