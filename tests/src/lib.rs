@@ -190,6 +190,12 @@ impl Brokers {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Starts binary `name` against the edge broker, logged in as its own user (every
+    /// edge binary has a broker user of the same name).
+    pub fn start_edge(&self, name: &str, args: &[&str]) -> Service {
+        spawn_service(name, self.dir(), self.local.port, Some(name), args)
+    }
 }
 
 /// Starts a cloud broker, then an edge broker bridged to it, and waits until the

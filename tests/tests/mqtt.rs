@@ -5,7 +5,7 @@ use std::process::Command;
 
 use iot_core::payload::{decode, Decoded};
 use rumqttc::{Publish, QoS};
-use tests::{binary, spawn_brokers, spawn_service, TestClient};
+use tests::{binary, spawn_brokers, Brokers, TestClient};
 
 fn text(message: &Publish) -> String {
     String::from_utf8(message.payload.to_vec()).expect("UTF-8 payload")
@@ -31,20 +31,8 @@ async fn sensor_readings_cross_the_bridge_on_the_seed_topics_retained() {
     cloud.subscribe("/sensor/#").await;
 
     let args = ["--count", "3", "--interval", "0.05"];
-    let mut temperature = spawn_service(
-        "temperature-sensor",
-        brokers.dir(),
-        brokers.local.port,
-        Some("temperature-sensor"),
-        &args,
-    );
-    let mut pressure = spawn_service(
-        "pressure-sensor",
-        brokers.dir(),
-        brokers.local.port,
-        Some("pressure-sensor"),
-        &args,
-    );
+    let mut temperature = brokers.start_edge("temperature-sensor", &args);
+    let mut pressure = brokers.start_edge("pressure-sensor", &args);
     assert!(
         temperature.wait_exit().await.success(),
         "{}",
@@ -99,13 +87,7 @@ async fn json_readings_count_seq_from_one_within_one_boot() {
         "--device",
         "pres-0042",
     ];
-    let mut sensor = spawn_service(
-        "pressure-sensor",
-        brokers.dir(),
-        brokers.local.port,
-        Some("pressure-sensor"),
-        &args,
-    );
+    let mut sensor = brokers.start_edge("pressure-sensor", &args);
     assert!(sensor.wait_exit().await.success(), "{}", sensor.stderr());
 
     let mut readings = Vec::new();
@@ -134,42 +116,31 @@ const PAYLOADS: [&[u8]; 5] = [
     b"last",
 ];
 
-async fn publish_all(port: u16) {
-    let mut publisher = TestClient::connect(port, "temperature-sensor").await;
+/// Starts `mqtt-subscriber --count 5` with `args`, publishes [`PAYLOADS`] once it has
+/// subscribed, and returns what it printed after it exited successfully.
+async fn print_published(brokers: &Brokers, args: &[&str]) -> Vec<String> {
+    let args = [args, &["--count", "5"]].concat();
+    let mut subscriber = brokers.start_edge("mqtt-subscriber", &args);
+    subscriber.wait_for_log("subscribed").await;
+    let mut publisher = TestClient::connect(brokers.local.port, "temperature-sensor").await;
     for payload in PAYLOADS {
         publisher
             .publish("/sensor/temperature", QoS::AtLeastOnce, false, payload)
             .await;
     }
+    let status = subscriber.wait_exit().await;
+    assert!(status.success(), "{status}: {}", subscriber.stderr());
+    subscriber.stdout_lines()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriber_prints_exactly_the_published_messages_in_order_as_json() {
     let brokers = spawn_brokers().await;
-    let args = [
-        "--format",
-        "json",
-        "--count",
-        "5",
-        "--client-id",
-        "json-printer",
-    ];
-    let mut subscriber = spawn_service(
-        "mqtt-subscriber",
-        brokers.dir(),
-        brokers.local.port,
-        Some("mqtt-subscriber"),
-        &args,
-    );
-    subscriber.wait_for_log("subscribed").await;
-    publish_all(brokers.local.port).await;
-    assert!(
-        subscriber.wait_exit().await.success(),
-        "{}",
-        subscriber.stderr()
-    );
-
-    let lines = subscriber.stdout_lines();
+    let lines = print_published(
+        &brokers,
+        &["--format", "json", "--client-id", "json-printer"],
+    )
+    .await;
     assert_eq!(lines.len(), PAYLOADS.len(), "{lines:?}");
     for (line, expected) in lines.iter().zip(PAYLOADS) {
         let value: serde_json::Value =
@@ -187,23 +158,7 @@ async fn subscriber_prints_exactly_the_published_messages_in_order_as_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriber_prints_exactly_the_published_messages_in_order_as_text() {
     let brokers = spawn_brokers().await;
-    let args = ["--count", "5", "--client-id", "text-printer"];
-    let mut subscriber = spawn_service(
-        "mqtt-subscriber",
-        brokers.dir(),
-        brokers.local.port,
-        Some("mqtt-subscriber"),
-        &args,
-    );
-    subscriber.wait_for_log("subscribed").await;
-    publish_all(brokers.local.port).await;
-    assert!(
-        subscriber.wait_exit().await.success(),
-        "{}",
-        subscriber.stderr()
-    );
-
-    let lines = subscriber.stdout_lines();
+    let lines = print_published(&brokers, &["--client-id", "text-printer"]).await;
     let expected = [
         r#"23.41"#,
         r#"{"a":"b"}"#,
@@ -230,13 +185,7 @@ async fn device_status_leaves_offline_on_the_cloud_when_killed_or_stopped() {
     cloud.subscribe("/device/status").await;
 
     // Killed: the broker publishes the will.
-    let mut device = spawn_service(
-        "device-status",
-        brokers.dir(),
-        brokers.local.port,
-        Some("device-status"),
-        &[],
-    );
+    let mut device = brokers.start_edge("device-status", &[]);
     assert_eq!(next_status(&mut cloud).await, "online");
     device.kill().await;
     assert_eq!(next_status(&mut cloud).await, "offline");
@@ -246,13 +195,7 @@ async fn device_status_leaves_offline_on_the_cloud_when_killed_or_stopped() {
     );
 
     // Stopped with SIGTERM: the device says it itself (a will would not fire).
-    let mut device = spawn_service(
-        "device-status",
-        brokers.dir(),
-        brokers.local.port,
-        Some("device-status"),
-        &[],
-    );
+    let mut device = brokers.start_edge("device-status", &[]);
     assert_eq!(next_status(&mut cloud).await, "online");
     assert_eq!(
         text(&TestClient::retained(brokers.cloud.port, "/device/status").await),
@@ -270,7 +213,7 @@ async fn device_status_leaves_offline_on_the_cloud_when_killed_or_stopped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriber_session_keeps_what_was_published_while_it_was_stopped() {
     let brokers = spawn_brokers().await;
-    let (dir, port) = (brokers.dir(), brokers.local.port);
+    let port = brokers.local.port;
     let session = [
         "--client-id",
         "night-shift",
@@ -280,13 +223,7 @@ async fn subscriber_session_keeps_what_was_published_while_it_was_stopped() {
         "json",
     ];
 
-    let mut subscriber = spawn_service(
-        "mqtt-subscriber",
-        dir,
-        port,
-        Some("mqtt-subscriber"),
-        &session,
-    );
+    let mut subscriber = brokers.start_edge("mqtt-subscriber", &session);
     subscriber.wait_for_log("subscribed").await;
     assert!(
         subscriber.terminate().await.success(),
@@ -320,20 +257,14 @@ async fn subscriber_session_keeps_what_was_published_while_it_was_stopped() {
             })
             .collect()
     };
-    let mut first = spawn_service(
+    let mut first = brokers.start_edge(
         "mqtt-subscriber",
-        dir,
-        port,
-        Some("mqtt-subscriber"),
         &[&session[..], &["--count", "2"]].concat(),
     );
     assert!(first.wait_exit().await.success(), "{}", first.stderr());
     assert_eq!(payloads(&first), ["1", "2"]);
-    let mut second = spawn_service(
+    let mut second = brokers.start_edge(
         "mqtt-subscriber",
-        dir,
-        port,
-        Some("mqtt-subscriber"),
         &[&session[..], &["--count", "3"]].concat(),
     );
     assert!(second.wait_exit().await.success(), "{}", second.stderr());
@@ -343,16 +274,10 @@ async fn subscriber_session_keeps_what_was_published_while_it_was_stopped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn brokers_refuse_wrong_passwords_anonymous_clients_and_foreign_topics() {
     let brokers = spawn_brokers().await;
-    let (dir, port) = (brokers.dir(), brokers.local.port);
+    let port = brokers.local.port;
 
     // A wrong password: a clear message and a non-zero exit, no endless retries.
-    let mut sensor = spawn_service(
-        "temperature-sensor",
-        dir,
-        port,
-        Some("temperature-sensor"),
-        &["--password", "wrong"],
-    );
+    let mut sensor = brokers.start_edge("temperature-sensor", &["--password", "wrong"]);
     let status = sensor.wait_exit().await;
     assert!(!status.success());
     let log = sensor.stderr();
@@ -385,13 +310,7 @@ async fn brokers_refuse_wrong_passwords_anonymous_clients_and_foreign_topics() {
         "1",
         "--no-retain",
     ];
-    let mut intruder = spawn_service(
-        "temperature-sensor",
-        dir,
-        port,
-        Some("temperature-sensor"),
-        &forbidden,
-    );
+    let mut intruder = brokers.start_edge("temperature-sensor", &forbidden);
     assert!(
         intruder.wait_exit().await.success(),
         "{}",
@@ -410,13 +329,7 @@ async fn brokers_refuse_wrong_passwords_anonymous_clients_and_foreign_topics() {
         "--format",
         "json",
     ];
-    let mut sensor = spawn_service(
-        "temperature-sensor",
-        dir,
-        port,
-        Some("temperature-sensor"),
-        &allowed,
-    );
+    let mut sensor = brokers.start_edge("temperature-sensor", &allowed);
     assert!(sensor.wait_exit().await.success(), "{}", sensor.stderr());
     let message = observer.next_message().await;
     assert_eq!(message.topic, "/sensor/temperature");
@@ -440,13 +353,7 @@ async fn a_sensor_reconnects_when_its_broker_comes_back() {
         "1",
         "--no-retain",
     ];
-    let mut sensor = spawn_service(
-        "temperature-sensor",
-        brokers.dir(),
-        port,
-        Some("temperature-sensor"),
-        &args,
-    );
+    let mut sensor = brokers.start_edge("temperature-sensor", &args);
     let seq = |message: Publish| match decode(&message.payload) {
         Ok(Decoded::Reading(reading)) => reading.seq,
         other => panic!("not a JSON reading: {other:?}"),

@@ -55,7 +55,7 @@ pub struct Config {
     pub broker: LocalBroker,
 }
 
-/// Lines written but not yet flushed (and so not yet acknowledged) before a flush is forced.
+/// Lines written but not yet flushed (so not yet acknowledged) before a flush is forced.
 const FLUSH_EVERY: usize = 256;
 
 /// Prints messages until `shutdown`, `--count` messages, or a closed stdout.
@@ -73,11 +73,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .map(|topic| SubscribeFilter::new(topic.clone(), config.qos))
         .collect();
     let mut connection = Connection::start(&broker, options);
-    let mut out = io::BufWriter::new(io::stdout().lock());
+    let mut printer = Printer::new();
     let mut printed: u64 = 0;
-    let mut unflushed: Vec<Publish> = Vec::new();
 
-    'messages: loop {
+    loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => break,
             event = connection.recv() => event?,
@@ -95,25 +94,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     OutputFormat::Text => text_line(&publish),
                     OutputFormat::Json => json_line(&publish),
                 };
-                if let Err(error) = writeln!(out, "{line}") {
-                    stdout_closed(error)?;
-                    break 'messages;
+                if !printer.write(&line, publish)? {
+                    break;
                 }
                 printed += 1;
-                unflushed.push(publish);
                 let finished = config.count.is_some_and(|count| printed >= count);
-                if finished || unflushed.len() >= FLUSH_EVERY || connection.backlog() == 0 {
-                    if let Err(error) = out.flush() {
-                        stdout_closed(error)?;
-                        break 'messages;
-                    }
-                    for publish in unflushed.drain(..) {
-                        connection
-                            .client
-                            .ack(&publish)
-                            .await
-                            .context("the MQTT event loop has stopped")?;
-                    }
+                // Flush when caught up, so lines appear at once and acknowledgements follow.
+                if (finished || printer.is_full() || connection.backlog() == 0)
+                    && !printer.flush_and_ack(&connection).await?
+                {
+                    break;
                 }
                 if finished {
                     break;
@@ -123,18 +113,54 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
 
-    // Whatever was written but not flushed is flushed now, then acknowledged.
-    if out.flush().is_ok() {
-        for publish in unflushed.drain(..) {
+    printer.flush_and_ack(&connection).await?;
+    tracing::info!(printed, "stopping");
+    connection.close(Duration::from_secs(5)).await
+}
+
+/// Buffered stdout that acknowledges each message only once its line is flushed.
+struct Printer {
+    out: io::BufWriter<io::StdoutLock<'static>>,
+    unflushed: Vec<Publish>,
+}
+
+impl Printer {
+    fn new() -> Self {
+        Self {
+            out: io::BufWriter::new(io::stdout().lock()),
+            unflushed: Vec::new(),
+        }
+    }
+
+    /// Writes one line; false when stdout is closed.
+    fn write(&mut self, line: &str, publish: Publish) -> anyhow::Result<bool> {
+        if let Err(error) = writeln!(self.out, "{line}") {
+            return stdout_closed(error).map(|()| false);
+        }
+        self.unflushed.push(publish);
+        Ok(true)
+    }
+
+    fn is_full(&self) -> bool {
+        self.unflushed.len() >= FLUSH_EVERY
+    }
+
+    /// Flushes stdout, then acknowledges what it held; false when stdout is closed
+    /// (nothing unflushed is acknowledged then: the broker delivers it again).
+    async fn flush_and_ack(&mut self, connection: &Connection) -> anyhow::Result<bool> {
+        if let Err(error) = self.out.flush() {
+            self.unflushed.clear();
+            return stdout_closed(error).map(|()| false);
+        }
+        for publish in self.unflushed.drain(..) {
             connection
                 .client
                 .ack(&publish)
                 .await
                 .context("the MQTT event loop has stopped")?;
         }
+        Ok(true)
     }
-    tracing::info!(printed, "stopping");
-    connection.close(Duration::from_secs(5)).await
 }
 
 /// A closed stdout (`| head`) ends the subscriber quietly; other write errors are errors.
