@@ -398,10 +398,21 @@ impl Service {
 
     /// Waits until a stderr line contains `needle`.
     pub async fn wait_for_log(&self, needle: &str) {
+        self.wait_for_logs(needle, 1).await;
+    }
+
+    /// Waits until `times` stderr lines contain `needle`.
+    pub async fn wait_for_logs(&self, needle: &str, times: usize) {
         let found = tokio::time::timeout(WAIT, async {
             loop {
                 let changed = self.stderr.changed.notified();
-                if self.stderr.lines().iter().any(|line| line.contains(needle)) {
+                let seen = self
+                    .stderr
+                    .lines()
+                    .iter()
+                    .filter(|line| line.contains(needle))
+                    .count();
+                if seen >= times {
                     return;
                 }
                 // Re-check at least every 100 ms in case a notification slipped by.
@@ -411,7 +422,7 @@ impl Service {
         .await;
         assert!(
             found.is_ok(),
-            "{} never logged {needle:?}; it logged:\n{}",
+            "{} did not log {needle:?} {times} time(s); it logged:\n{}",
             self.name,
             self.stderr()
         );

@@ -379,6 +379,32 @@ async fn a_sensor_reconnects_when_its_broker_comes_back() {
     assert!(sensor.terminate().await.success(), "{}", sensor.stderr());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscriber_subscribes_again_when_the_broker_lost_its_session() {
+    let mut brokers = spawn_brokers().await;
+    let args = ["--topic", "/sensor/temperature", "--count", "1"];
+    let mut subscriber = brokers.start_edge("mqtt-subscriber", &args);
+    subscriber.wait_for_log("subscribed").await;
+
+    // Killed within its autosave interval, the broker comes back without the session.
+    brokers.local.kill().await;
+    assert!(brokers.local.start().await, "{}", brokers.local.log());
+    subscriber.wait_for_logs("subscribed", 2).await;
+
+    let mut publisher = TestClient::connect(brokers.local.port, "temperature-sensor").await;
+    publisher
+        .publish("/sensor/temperature", QoS::AtLeastOnce, false, b"21.50")
+        .await;
+    let status = subscriber.wait_exit().await;
+    assert!(status.success(), "{status}: {}", subscriber.stderr());
+    let lines = subscriber.stdout_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].ends_with(" /sensor/temperature 21.50"),
+        "{lines:?}"
+    );
+}
+
 /// A binary run with a bad setting, and what its error line must name.
 struct BadSetting {
     binary: &'static str,
