@@ -134,8 +134,9 @@ impl Broker {
         let mut child = command
             .spawn()
             .expect("cannot start mosquitto: is it installed? (scripts/test installs it)");
-        self.log.capture(child.stdout.take());
-        self.log.capture(child.stderr.take());
+        // The broker's log is read for as long as it runs; nothing waits for its end.
+        let _ = self.log.capture(child.stdout.take());
+        let _ = self.log.capture(child.stderr.take());
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
@@ -261,16 +262,20 @@ struct Output {
 }
 
 impl Output {
-    fn capture(&self, stream: Option<impl AsyncRead + Unpin + Send + 'static>) {
-        let Some(stream) = stream else { return };
+    /// Reads `stream` line by line until it ends; the task ends with it.
+    fn capture(
+        &self,
+        stream: Option<impl AsyncRead + Unpin + Send + 'static>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         let output = self.clone();
-        tokio::spawn(async move {
+        let stream = stream?;
+        Some(tokio::spawn(async move {
             let mut lines = BufReader::new(stream).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 output.lines.lock().expect("output lock").push(line);
                 output.changed.notify_waiters();
             }
-        });
+        }))
     }
 
     fn lines(&self) -> Vec<String> {
@@ -337,6 +342,8 @@ pub struct Service {
     child: Option<Child>,
     stdout: Output,
     stderr: Output,
+    /// The tasks reading stdout and stderr: done once the process closed them.
+    readers: Vec<tokio::task::JoinHandle<()>>,
     status: Option<ExitStatus>,
 }
 
@@ -370,18 +377,18 @@ pub fn spawn_service(
     let mut child = command
         .spawn()
         .unwrap_or_else(|error| panic!("cannot start {name}: {error}"));
-    let service = Service {
-        name: name.to_string(),
-        stdout: Output::default(),
-        stderr: Output::default(),
-        child: None,
-        status: None,
-    };
-    service.stdout.capture(child.stdout.take());
-    service.stderr.capture(child.stderr.take());
+    let (stdout, stderr) = (Output::default(), Output::default());
+    let readers = [
+        stdout.capture(child.stdout.take()),
+        stderr.capture(child.stderr.take()),
+    ];
     Service {
+        name: name.to_string(),
         child: Some(child),
-        ..service
+        stdout,
+        stderr,
+        readers: readers.into_iter().flatten().collect(),
+        status: None,
     }
 }
 
@@ -441,9 +448,11 @@ impl Service {
                 panic!("{} did not exit; it logged:\n{}", self.name, self.stderr());
             }
         };
-        // Let the output readers reach the end of the pipes.
+        // Everything it wrote is read once the readers reach the end of the pipes.
+        for reader in self.readers.drain(..) {
+            let _ = tokio::time::timeout(WAIT, reader).await;
+        }
         self.status = Some(status);
-        tokio::task::yield_now().await;
         status
     }
 
