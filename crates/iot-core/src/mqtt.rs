@@ -8,10 +8,10 @@
 
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, EventLoop, MqttOptions, Outgoing, Packet,
-    Publish, QoS, SubscribeReasonCode,
+    Publish, QoS, SubscribeFilter, SubscribeReasonCode,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -37,6 +37,8 @@ pub enum Event {
     Message(Publish),
     /// The broker acknowledged one of our QoS 1 or 2 publishes.
     Acked,
+    /// The broker answered an unsubscribe.
+    Unsubscribed,
 }
 
 /// A running connection: the client to send with, and its events.
@@ -44,10 +46,16 @@ pub enum Event {
 pub struct Connection {
     pub client: AsyncClient,
     events: mpsc::Receiver<Event>,
-    driver: JoinHandle<anyhow::Result<()>>,
+    /// The event loop task; taken once its outcome was collected.
+    driver: Option<JoinHandle<anyhow::Result<()>>>,
     /// QoS 1/2 publishes sent through [`Connection::publish`] and not yet acknowledged.
     unacked: u64,
+    /// Whether [`Connection::ack`] sent acknowledgements the broker may not have read yet.
+    acks_sent: bool,
 }
+
+/// A topic filter nobody subscribes to: unsubscribing from it is a harmless round trip.
+const BARRIER_FILTER: &str = "$iot-pipeline/barrier/never-subscribed";
 
 impl Connection {
     /// Starts connecting to `broker` with `options` in the background.
@@ -58,9 +66,27 @@ impl Connection {
         Self {
             client,
             events,
-            driver,
+            driver: Some(driver),
             unacked: 0,
+            acks_sent: false,
         }
+    }
+
+    /// Subscribes to `filters` (the answer comes as [`Event::Subscribed`]).
+    pub async fn subscribe(&mut self, filters: Vec<SubscribeFilter>) -> anyhow::Result<()> {
+        if self.client.subscribe_many(filters).await.is_err() {
+            return Err(self.why_stopped().await);
+        }
+        Ok(())
+    }
+
+    /// Acknowledges a message received with manual acknowledgements on.
+    pub async fn ack(&mut self, publish: &Publish) -> anyhow::Result<()> {
+        if self.client.ack(publish).await.is_err() {
+            return Err(self.why_stopped().await);
+        }
+        self.acks_sent = true;
+        Ok(())
     }
 
     /// Queues a publish; waits only while rumqttc's request channel is full. QoS 1 and 2
@@ -72,19 +98,18 @@ impl Connection {
         retain: bool,
         payload: Vec<u8>,
     ) -> anyhow::Result<()> {
-        self.client
+        if self
+            .client
             .publish(topic, qos, retain, payload)
             .await
-            .context("the MQTT event loop has stopped")?;
+            .is_err()
+        {
+            return Err(self.why_stopped().await);
+        }
         if qos != QoS::AtMostOnce {
             self.unacked += 1;
         }
         Ok(())
-    }
-
-    /// Publishes sent at QoS 1 or 2 that the broker has not acknowledged yet.
-    pub fn unacked(&self) -> u64 {
-        self.unacked
     }
 
     /// The next event. An error means the connection ended for good: the broker refused
@@ -97,11 +122,7 @@ impl Connection {
                 }
                 Ok(event)
             }
-            None => Err(self
-                .outcome()
-                .await
-                .err()
-                .unwrap_or_else(|| anyhow!("connection closed"))),
+            None => Err(self.why_stopped().await),
         }
     }
 
@@ -110,20 +131,27 @@ impl Connection {
         self.events.len()
     }
 
-    /// Waits up to `timeout` until the broker acknowledged every QoS 1/2 publish, then
-    /// disconnects cleanly and waits for the event loop to end. A broker that is down is
-    /// reported and given up on, not waited for forever.
+    /// Waits up to `timeout` until the broker acknowledged every QoS 1/2 publish and read
+    /// every acknowledgement we sent, then disconnects cleanly and waits for the event
+    /// loop to end. A broker that is down is reported and given up on, not waited for.
     pub async fn close(mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
-        while self.unacked > 0 {
+        // The broker answers in order, so the answer to an unsubscribe proves it read the
+        // acknowledgements sent before it. Without that, a restart under the same client
+        // id can take the session over while they still sit unread in the old socket,
+        // and the broker delivers those messages again.
+        let mut barrier = self.acks_sent && self.client.try_unsubscribe(BARRIER_FILTER).is_ok();
+        while self.unacked > 0 || barrier {
             match tokio::time::timeout_at(deadline, self.recv()).await {
                 Ok(event) => {
-                    event?;
+                    if let Event::Unsubscribed = event? {
+                        barrier = false;
+                    }
                 }
                 Err(_) => {
                     tracing::warn!(
-                        "the broker did not acknowledge {} message(s) within {timeout:?}; they may be lost",
-                        self.unacked
+                        unacknowledged = self.unacked,
+                        "the broker did not confirm what was sent within {timeout:?}; it may be lost or delivered again"
                     );
                     break;
                 }
@@ -141,7 +169,9 @@ impl Connection {
         {
             Ok(()) => self.outcome().await,
             Err(_) => {
-                self.driver.abort();
+                if let Some(driver) = self.driver.take() {
+                    driver.abort();
+                }
                 tracing::warn!(
                     "broker did not confirm the disconnect within {timeout:?}; closed anyway"
                 );
@@ -150,8 +180,20 @@ impl Connection {
         }
     }
 
+    /// Why the event loop is gone (a refused login, say), for whichever call noticed it.
+    async fn why_stopped(&mut self) -> anyhow::Error {
+        match self.outcome().await {
+            Err(error) => error,
+            Ok(()) => anyhow!("the MQTT connection was closed"),
+        }
+    }
+
+    /// How the event loop ended; `Ok` once it was already collected.
     async fn outcome(&mut self) -> anyhow::Result<()> {
-        match (&mut self.driver).await {
+        let Some(driver) = self.driver.take() else {
+            return Ok(());
+        };
+        match driver.await {
             Ok(result) => result,
             Err(join) if join.is_cancelled() => Ok(()),
             Err(join) => Err(anyhow!("MQTT event loop failed: {join}")),
@@ -188,6 +230,7 @@ async fn drive(
             Ok(rumqttc::Event::Incoming(Packet::SubAck(ack))) => {
                 Event::Subscribed(ack.return_codes)
             }
+            Ok(rumqttc::Event::Incoming(Packet::UnsubAck(_))) => Event::Unsubscribed,
             Ok(rumqttc::Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
             Ok(_) => continue,
             Err(ConnectionError::RequestsDone) => return Ok(()),

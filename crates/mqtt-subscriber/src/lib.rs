@@ -83,11 +83,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         };
         match event {
             // Subscribe on every connection: a broker that lost the session forgot them.
-            Event::Connected { .. } => connection
-                .client
-                .subscribe_many(filters.clone())
-                .await
-                .context("the MQTT event loop has stopped")?,
+            Event::Connected { .. } => connection.subscribe(filters.clone()).await?,
             Event::Subscribed(codes) => report_subscription(&config.topics, &codes),
             Event::Message(publish) => {
                 let line = match config.format {
@@ -101,7 +97,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 let finished = config.count.is_some_and(|count| printed >= count);
                 // Flush when caught up, so lines appear at once and acknowledgements follow.
                 if (finished || printer.is_full() || connection.backlog() == 0)
-                    && !printer.flush_and_ack(&connection).await?
+                    && !printer.flush_and_ack(&mut connection).await?
                 {
                     break;
                 }
@@ -109,11 +105,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     break;
                 }
             }
-            Event::Acked => {}
+            Event::Acked | Event::Unsubscribed => {}
         }
     }
 
-    printer.flush_and_ack(&connection).await?;
+    printer.flush_and_ack(&mut connection).await?;
     tracing::info!(printed, "stopping");
     connection.close(Duration::from_secs(5)).await
 }
@@ -147,17 +143,13 @@ impl Printer {
 
     /// Flushes stdout, then acknowledges what it held; false when stdout is closed
     /// (nothing unflushed is acknowledged then: the broker delivers it again).
-    async fn flush_and_ack(&mut self, connection: &Connection) -> anyhow::Result<bool> {
+    async fn flush_and_ack(&mut self, connection: &mut Connection) -> anyhow::Result<bool> {
         if let Err(error) = self.out.flush() {
             self.unflushed.clear();
             return stdout_closed(error).map(|()| false);
         }
         for publish in self.unflushed.drain(..) {
-            connection
-                .client
-                .ack(&publish)
-                .await
-                .context("the MQTT event loop has stopped")?;
+            connection.ack(&publish).await?;
         }
         Ok(true)
     }
