@@ -234,11 +234,7 @@ pub async fn run(
     let mut connection = Connection::start(&broker, options);
     let mut sent: u64 = 0;
 
-    loop {
-        let done = config.count.is_some_and(|count| sent >= count);
-        if done {
-            break;
-        }
+    while config.count.is_none_or(|count| sent < count) {
         tokio::select! {
             () = shutdown.cancelled() => break,
             event = connection.recv() => {
