@@ -20,7 +20,7 @@
 #                         (default edge-bridge)
 #   passwords, local:  TEMPERATURE_SENSOR_PASSWORD PRESSURE_SENSOR_PASSWORD
 #                      DEVICE_STATUS_PASSWORD MQTT_SUBSCRIBER_PASSWORD BRIDGE_PASSWORD
-#   passwords, cloud:  BRIDGE_PASSWORD MQTT_SUBSCRIBER_PASSWORD
+#   passwords, cloud:  BRIDGE_PASSWORD MQTT_SUBSCRIBER_PASSWORD MONGO_PERSISTER_PASSWORD
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -31,7 +31,7 @@ broker=$1
 out=$2
 case $broker in
   local) users="temperature-sensor pressure-sensor device-status mqtt-subscriber" ;;
-  cloud) users="bridge mqtt-subscriber" ;;
+  cloud) users="bridge mqtt-subscriber mongo-persister" ;;
   *) die "unknown broker '$broker': expected local or cloud" ;;
 esac
 command -v mosquitto_passwd >/dev/null 2>&1 || die "mosquitto_passwd not found: install mosquitto"

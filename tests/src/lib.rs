@@ -31,12 +31,13 @@ fn password_variable(user: &str) -> String {
     format!("{}_PASSWORD", user.to_uppercase().replace('-', "_"))
 }
 
-const USERS: [&str; 5] = [
+const USERS: [&str; 6] = [
     "temperature-sensor",
     "pressure-sensor",
     "device-status",
     "mqtt-subscriber",
     "bridge",
+    "mongo-persister",
 ];
 
 fn repo_root() -> PathBuf {
@@ -197,6 +198,22 @@ impl Brokers {
     pub fn start_edge(&self, name: &str, args: &[&str]) -> Service {
         spawn_service(name, self.dir(), self.local.port, Some(name), args)
     }
+
+    /// Starts `mongo-persister` against the cloud broker and `mongo`'s database `database`.
+    pub fn start_persister(&self, mongo: &MongoServer, database: &str, args: &[&str]) -> Service {
+        let env = [
+            ("MONGODB_URI", mongo.uri()),
+            ("MONGODB_DATABASE", database.to_string()),
+        ];
+        spawn_service_with_env(
+            "mongo-persister",
+            self.dir(),
+            self.cloud.port,
+            Some("mongo-persister"),
+            args,
+            &env,
+        )
+    }
 }
 
 /// Starts a cloud broker, then an edge broker bridged to it, and waits until the
@@ -356,6 +373,24 @@ pub fn spawn_service(
     user: Option<&str>,
     args: &[&str],
 ) -> Service {
+    spawn_service_with_env(name, dir, port, user, args, &[])
+}
+
+/// As [`spawn_service`], with more environment variables. For the cloud-side
+/// `mongo-persister`, `port` and `user` become `CLOUD_PORT` and `CLOUD_USERNAME`.
+pub fn spawn_service_with_env(
+    name: &str,
+    dir: &Path,
+    port: u16,
+    user: Option<&str>,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> Service {
+    let side = if name == "mongo-persister" {
+        "CLOUD"
+    } else {
+        "LOCAL"
+    };
     let mut command = Command::new(binary(name));
     command
         .args(args)
@@ -363,17 +398,18 @@ pub fn spawn_service(
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("RUST_LOG", "info")
-        .env("LOCAL_BROKER", "127.0.0.1")
-        .env("LOCAL_PORT", port.to_string())
+        .env(format!("{side}_BROKER"), "127.0.0.1")
+        .env(format!("{side}_PORT"), port.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     if let Some(user) = user {
         command
-            .env("LOCAL_USERNAME", user)
-            .env("LOCAL_PASSWORD", password(user));
+            .env(format!("{side}_USERNAME"), user)
+            .env(format!("{side}_PASSWORD"), password(user));
     }
+    command.envs(env.iter().map(|(key, value)| (key, value)));
     let mut child = command
         .spawn()
         .unwrap_or_else(|error| panic!("cannot start {name}: {error}"));
@@ -474,6 +510,154 @@ impl Service {
     pub async fn kill(&mut self) {
         let mut child = self.child.take().expect("process handle");
         child.kill().await.expect("cannot kill");
+    }
+}
+
+/// A MongoDB-compatible server of the test's own: `mongod` when it is on the PATH,
+/// else `nx-27017` (from `.venv/`, where `scripts/test` installs it, or the PATH).
+#[derive(Debug)]
+pub struct MongoServer {
+    pub port: u16,
+    program: PathBuf,
+    data_dir: TempDir,
+    process: Option<Child>,
+    log: Output,
+}
+
+impl MongoServer {
+    /// The connection string of the server.
+    pub fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}", self.port)
+    }
+
+    /// A client for the test's own checks.
+    pub async fn database(&self, name: &str) -> mongodb::Database {
+        let mut options = mongodb::options::ClientOptions::parse(self.uri())
+            .await
+            .expect("valid uri");
+        options.server_selection_timeout = Some(WAIT);
+        mongodb::Client::with_options(options)
+            .expect("client")
+            .database(name)
+    }
+
+    /// Starts the server on its port with its data; false if it exited instead.
+    pub async fn start(&mut self) -> bool {
+        assert!(self.process.is_none(), "MongoDB already running");
+        let dir = self.data_dir.path();
+        let mut command = Command::new(&self.program);
+        if self.program.ends_with("mongod") {
+            command
+                .arg("--dbpath")
+                .arg(dir)
+                .args(["--bind_ip", "127.0.0.1", "--quiet", "--port"]);
+        } else {
+            command
+                .arg("--data-dir")
+                .arg(dir.join("data"))
+                .arg("--log-file")
+                .arg(dir.join("server.log"))
+                .arg("--pid-file")
+                .arg(dir.join("server.pid"))
+                .args(["--host", "127.0.0.1", "--port"]);
+        }
+        command
+            .arg(self.port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {}: {error}", self.program.display()));
+        let _ = self.log.capture(child.stdout.take());
+        let _ = self.log.capture(child.stderr.take());
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                self.process = Some(child);
+                return true;
+            }
+            if child.try_wait().ok().flatten().is_some() || tokio::time::Instant::now() > deadline {
+                let _ = child.kill().await;
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the server (SIGTERM, then SIGKILL if it lingers); its data stays.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            signal(&child, "TERM");
+            if tokio::time::timeout(WAIT, child.wait()).await.is_err() {
+                let _ = child.kill().await;
+            }
+        }
+    }
+
+    /// What the server printed.
+    pub fn log(&self) -> String {
+        self.log.text()
+    }
+}
+
+fn mongo_program() -> PathBuf {
+    let on_path = |name: &str| {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .find(|candidate| candidate.is_file())
+        })
+    };
+    on_path("mongod")
+        .or_else(|| Some(repo_root().join(".venv/bin/nx-27017")).filter(|path| path.is_file()))
+        .or_else(|| on_path("nx-27017"))
+        .expect("no MongoDB-compatible server: run scripts/test (installs nx-27017 into .venv) or put mongod on the PATH")
+}
+
+/// Starts a MongoDB-compatible server of the test's own on a free port.
+pub async fn spawn_mongo() -> MongoServer {
+    let program = mongo_program();
+    for _ in 0..5 {
+        let mut server = MongoServer {
+            port: free_port(),
+            program: program.clone(),
+            data_dir: tempfile::Builder::new()
+                .prefix("iot-e2e-db-")
+                .tempdir()
+                .expect("temporary folder"),
+            process: None,
+            log: Output::default(),
+        };
+        if server.start().await {
+            return server;
+        }
+    }
+    panic!("{} did not start", program.display());
+}
+
+/// Waits until `check` returns true, asking again every 50 ms; panics with `what` and
+/// the last answer after [`WAIT`].
+pub async fn wait_for<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
+    what: &str,
+    mut ask: impl FnMut() -> F,
+    check: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let answer = ask().await;
+        if check(&answer) {
+            return answer;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}; last: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -208,6 +208,13 @@ broker_args!(
     "Local broker"
 );
 
+broker_args!(
+    /// The cloud broker `mongo-persister` reads from.
+    CloudBroker,
+    "CLOUD",
+    "Cloud broker"
+);
+
 /// Where and how to connect to one broker; builds the client options itself.
 #[derive(Clone)]
 pub struct BrokerSettings {

@@ -4,7 +4,8 @@
 //! MQTT connection that keeps itself alive ([`config`], [`mqtt`]), the payload codec
 //! ([`payload`]), topic names ([`topics`]), the shutdown signal ([`shutdown`]),
 //! tracing set-up ([`logging`]), and the simulated sensor service that the
-//! `temperature-sensor` and `pressure-sensor` binaries run ([`sensor`]).
+//! `temperature-sensor` and `pressure-sensor` binaries run ([`sensor`]); with the
+//! `store` feature, the MongoDB schema and settings (`store`).
 
 pub mod backoff;
 pub mod config;
@@ -13,6 +14,8 @@ pub mod mqtt;
 pub mod payload;
 pub mod sensor;
 pub mod shutdown;
+#[cfg(feature = "store")]
+pub mod store;
 pub mod topics;
 
 use std::process::ExitCode;

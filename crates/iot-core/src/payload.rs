@@ -58,8 +58,21 @@ fn round2(value: f64) -> f64 {
 pub enum Decoded {
     /// A plain number (the seed's form).
     Number(f64),
-    /// The JSON form.
-    Reading(Reading),
+    /// A JSON object with a numeric `value` (the JSON form, or a subset of it).
+    Json(JsonReading),
+}
+
+/// A reading in JSON as a device may send it: `value` is required, the rest optional.
+/// A reading that carries `device`, `boot` and `seq` is named uniquely by them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct JsonReading {
+    pub device: Option<String>,
+    pub boot: Option<String>,
+    pub seq: Option<u64>,
+    #[serde(default, deserialize_with = "rfc3339_millis::deserialize_option")]
+    pub ts: Option<DateTime<Utc>>,
+    pub value: f64,
+    pub unit: Option<String>,
 }
 
 /// Why a payload is not a reading.
@@ -77,12 +90,12 @@ pub fn decode(payload: &[u8]) -> Result<Decoded, DecodeError> {
     let text = std::str::from_utf8(payload).map_err(|_| DecodeError::NotUtf8)?;
     let trimmed = text.trim();
     if trimmed.starts_with('{') {
-        let reading: Reading = serde_json::from_str(trimmed)
+        let reading: JsonReading = serde_json::from_str(trimmed)
             .map_err(|error| DecodeError::Unrecognised(error.to_string()))?;
         if !reading.value.is_finite() {
             return Err(DecodeError::Unrecognised("value is not finite".into()));
         }
-        return Ok(Decoded::Reading(reading));
+        return Ok(Decoded::Json(reading));
     }
     match trimmed.parse::<f64>() {
         Ok(value) if value.is_finite() && !trimmed.is_empty() => Ok(Decoded::Number(value)),
@@ -152,6 +165,13 @@ mod rfc3339_millis {
         serializer.serialize_str(&super::format_time(*time))
     }
 
+    /// As [`deserialize`], for an optional field.
+    pub fn deserialize_option<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<DateTime<Utc>>, D::Error> {
+        deserialize(deserializer).map(Some)
+    }
+
     /// Accepts any RFC 3339 offset and converts it to UTC.
     pub fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
@@ -202,10 +222,16 @@ mod tests {
     #[test]
     fn both_forms_round_trip() {
         let original = reading(23.41);
+        let Ok(Decoded::Json(json)) = decode(&original.encode(Format::Json)) else {
+            panic!("the JSON form does not decode");
+        };
+        assert_eq!(json.device.as_deref(), Some("temp-0001"));
+        assert_eq!(json.boot.as_deref(), Some("k3x9q2"));
         assert_eq!(
-            decode(&original.encode(Format::Json)),
-            Ok(Decoded::Reading(original.clone()))
+            (json.seq, json.ts, json.value),
+            (Some(42), Some(original.ts), 23.41)
         );
+        assert_eq!(json.unit.as_deref(), Some("°C"));
         assert_eq!(
             decode(&original.encode(Format::Plain)),
             Ok(Decoded::Number(23.41))
@@ -216,10 +242,10 @@ mod tests {
     #[test]
     fn device_time_with_an_offset_is_read_as_utc() {
         let json = r#"{"device":"d","boot":"b","seq":1,"ts":"2026-11-24T11:00:00.123+01:00","value":1,"unit":"hPa"}"#;
-        let Ok(Decoded::Reading(decoded)) = decode(json.as_bytes()) else {
+        let Ok(Decoded::Json(decoded)) = decode(json.as_bytes()) else {
             panic!("not decoded");
         };
-        assert_eq!(decoded.ts, reading(0.0).ts);
+        assert_eq!(decoded.ts, Some(reading(0.0).ts));
     }
 
     #[test]
@@ -232,7 +258,10 @@ mod tests {
             "inf",
             "-infinity",
             "{",
-            r#"{"value":1}"#,
+            r#"{"device":"d"}"#,
+            r#"{"value":"1"}"#,
+            r#"{"value":1,"seq":-1}"#,
+            r#"{"value":1e999}"#,
             "[1,2]",
         ] {
             assert!(
@@ -240,6 +269,17 @@ mod tests {
                 "{bad:?} should not decode"
             );
         }
+    }
+
+    #[test]
+    fn a_json_reading_needs_only_a_value() {
+        let Ok(Decoded::Json(json)) = decode(br#"{"value":21.5}"#) else {
+            panic!("a bare value is a reading");
+        };
+        assert_eq!(
+            (json.value, json.device, json.seq, json.ts),
+            (21.5, None, None, None)
+        );
     }
 
     #[test]

@@ -6,5 +6,8 @@ pub const TEMPERATURE: &str = "/sensor/temperature";
 pub const PRESSURE: &str = "/sensor/pressure";
 /// Device presence (`online` / `offline`), published by `device-status` and its will.
 pub const DEVICE_STATUS: &str = "/device/status";
+/// Every sensor topic, as the persister stores them (the seed's cloud script said
+/// `sensors/#`, which matches none of them).
+pub const SENSORS: &str = "/sensor/#";
 /// Everything, as the catch-all subscriber reads it.
 pub const ALL: &str = "#";

@@ -1,0 +1,402 @@
+//! MongoDB storage, shared by `mongo-persister` and `readings`: the settings that build
+//! the client, the collections and their indexes, and the documents stored for each
+//! MQTT message.
+//!
+//! Collections of the database (`iot` by default):
+//! - `readings`: one document per reading: `topic`, `value` (double), `ts` (device time
+//!   when the payload has one, else receive time), `received_at`, and when known
+//!   `device`, `boot`, `seq`, `unit`. A reading with `device`, `boot` and `seq` has the
+//!   `_id` `{device, boot, seq}`, so a redelivered copy is refused as a duplicate. A
+//!   payload that is not a reading is kept here too, flagged `unparsed: true` with its
+//!   `raw` text (or `raw_base64`), cut at [`MAX_RAW`] bytes.
+//! - `status`: one document per change of a device's status (`online` / `offline`).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use base64::Engine;
+use bson::{doc, oid::ObjectId, Bson, Document};
+use chrono::{DateTime, Utc};
+use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::{Client, Database, IndexModel};
+
+use crate::config::parse_positive_seconds;
+use crate::payload::{decode, Decoded};
+
+/// Readings, parsed or flagged.
+pub const READINGS: &str = "readings";
+/// Device status changes.
+pub const STATUS: &str = "status";
+/// The most of a payload kept in a flagged document, in bytes.
+pub const MAX_RAW: usize = 64 * 1024;
+
+/// Where the data lives; builds its own client.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "MongoDB")]
+pub struct MongoSettings {
+    /// Connection string; credentials in it are never logged
+    #[arg(
+        long = "mongodb-uri",
+        env = "MONGODB_URI",
+        default_value = "mongodb://localhost:27017",
+        hide_env_values = true
+    )]
+    pub uri: String,
+    /// Database name
+    #[arg(
+        long = "mongodb-database",
+        env = "MONGODB_DATABASE",
+        default_value = "iot"
+    )]
+    pub database: String,
+    /// Seconds to wait for a reachable server before an operation fails
+    #[arg(long = "mongodb-timeout", value_name = "SECONDS", env = "MONGODB_TIMEOUT", default_value = "5", value_parser = parse_positive_seconds)]
+    pub timeout: Duration,
+}
+
+impl MongoSettings {
+    /// A handle on the database. Connecting is lazy: a server that is down shows up as
+    /// an error of the first operation, after [`MongoSettings::timeout`].
+    pub async fn database(&self, app_name: &str) -> anyhow::Result<Database> {
+        let mut options = ClientOptions::parse(&self.uri).await.with_context(|| {
+            format!(
+                "MONGODB_URI {} is not a valid connection string",
+                self.redacted_uri()
+            )
+        })?;
+        options.app_name = Some(app_name.to_string());
+        options.server_selection_timeout = Some(self.timeout);
+        options.connect_timeout = Some(self.timeout);
+        let client = Client::with_options(options).context("cannot set up the MongoDB client")?;
+        Ok(client.database(&self.database))
+    }
+
+    /// The connection string without its password, for logs and errors.
+    pub fn redacted_uri(&self) -> String {
+        redact(&self.uri)
+    }
+}
+
+/// `mongodb://user:secret@host/` -> `mongodb://user:***@host/`.
+pub fn redact(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***{}", &rest[at..])
+        }
+        None => uri.to_string(),
+    }
+}
+
+/// Creates the collections and the indexes the queries need, when missing.
+pub async fn ensure_schema(db: &Database) -> anyhow::Result<()> {
+    let existing = db
+        .list_collection_names()
+        .await
+        .context("cannot list the collections")?;
+    for name in [READINGS, STATUS] {
+        if !existing.iter().any(|collection| collection == name) {
+            db.create_collection(name)
+                .await
+                .with_context(|| format!("cannot create the collection {name}"))?;
+        }
+    }
+    let index = |keys: Document, name: &str| {
+        IndexModel::builder()
+            .keys(keys)
+            .options(IndexOptions::builder().name(name.to_string()).build())
+            .build()
+    };
+    let readings = db.collection::<Document>(READINGS);
+    // latest, range and stats: by topic, newest first.
+    readings
+        .create_index(index(doc! { "topic": 1, "ts": -1 }, "topic_ts"))
+        .await
+        .context("cannot create the index readings.topic_ts")?;
+    // gap checks: a device's readings in sequence.
+    readings
+        .create_index(index(
+            doc! { "device": 1, "boot": 1, "seq": 1 },
+            "device_boot_seq",
+        ))
+        .await
+        .context("cannot create the index readings.device_boot_seq")?;
+    db.collection::<Document>(STATUS)
+        .create_index(index(doc! { "device": 1, "ts": -1 }, "device_ts"))
+        .await
+        .context("cannot create the index status.device_ts")?;
+    Ok(())
+}
+
+/// What one MQTT message becomes in the database.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    /// A reading for `readings`; `keyed` when `device`, `boot` and `seq` name it.
+    Reading { document: Document, keyed: bool },
+    /// A payload that is not a reading, flagged, for `readings`.
+    Unparsed { document: Document },
+    /// A device status for `status`.
+    Status {
+        device: String,
+        online: bool,
+        document: Document,
+    },
+}
+
+impl Record {
+    /// Builds the document of a message received at `received_at`.
+    pub fn from_message(topic: &str, payload: &[u8], received_at: DateTime<Utc>) -> Record {
+        let received = bson::DateTime::from_chrono(received_at);
+        if topic.starts_with("/device/") {
+            if let Some((device, online, ts)) = status_of(topic, payload) {
+                let document = doc! {
+                    "_id": ObjectId::new(),
+                    "topic": topic,
+                    "device": &device,
+                    "status": if online { "online" } else { "offline" },
+                    "ts": ts.map(bson::DateTime::from_chrono).unwrap_or(received),
+                    "received_at": received,
+                };
+                return Record::Status {
+                    device,
+                    online,
+                    document,
+                };
+            }
+        }
+        match decode(payload) {
+            Ok(Decoded::Number(value)) => Record::Reading {
+                document: doc! {
+                    "_id": ObjectId::new(),
+                    "topic": topic,
+                    "value": value,
+                    "ts": received,
+                    "received_at": received,
+                },
+                keyed: false,
+            },
+            Ok(Decoded::Json(reading)) => {
+                let mut document = doc! {
+                    "topic": topic,
+                    "value": reading.value,
+                    "ts": reading.ts.map(bson::DateTime::from_chrono).unwrap_or(received),
+                    "received_at": received,
+                };
+                let key = match (&reading.device, &reading.boot, reading.seq) {
+                    (Some(device), Some(boot), Some(seq)) => {
+                        Some(doc! { "device": device, "boot": boot, "seq": seq as i64 })
+                    }
+                    _ => None,
+                };
+                let keyed = key.is_some();
+                document.insert(
+                    "_id",
+                    key.map(Bson::Document)
+                        .unwrap_or_else(|| ObjectId::new().into()),
+                );
+                if let Some(device) = reading.device {
+                    document.insert("device", device);
+                }
+                if let Some(boot) = reading.boot {
+                    document.insert("boot", boot);
+                }
+                if let Some(seq) = reading.seq {
+                    document.insert("seq", seq as i64);
+                }
+                if let Some(unit) = reading.unit {
+                    document.insert("unit", unit);
+                }
+                Record::Reading { document, keyed }
+            }
+            Err(error) => Record::Unparsed {
+                document: unparsed(topic, payload, received, &error.to_string()),
+            },
+        }
+    }
+
+    pub fn document(&self) -> &Document {
+        match self {
+            Record::Reading { document, .. }
+            | Record::Unparsed { document }
+            | Record::Status { document, .. } => document,
+        }
+    }
+}
+
+/// `online`/`offline`, plain or as JSON `{"status": ..., "device": ..., "ts": ...}`. The
+/// device is the JSON `device`, else the topic itself.
+fn status_of(topic: &str, payload: &[u8]) -> Option<(String, bool, Option<DateTime<Utc>>)> {
+    let parse = |word: &str| match word {
+        "online" => Some(true),
+        "offline" => Some(false),
+        _ => None,
+    };
+    let text = std::str::from_utf8(payload).ok()?.trim();
+    if let Some(online) = parse(text) {
+        return Some((topic.to_string(), online, None));
+    }
+    let json: serde_json::Value = serde_json::from_str(text).ok()?;
+    let online = parse(json.get("status")?.as_str()?)?;
+    let device = json
+        .get("device")
+        .and_then(|d| d.as_str())
+        .unwrap_or(topic)
+        .to_string();
+    let ts = json
+        .get("ts")
+        .and_then(|t| t.as_str())
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc));
+    Some((device, online, ts))
+}
+
+fn unparsed(topic: &str, payload: &[u8], received: bson::DateTime, error: &str) -> Document {
+    let mut document = doc! {
+        "_id": ObjectId::new(),
+        "topic": topic,
+        "ts": received,
+        "received_at": received,
+        "unparsed": true,
+        "error": error,
+        "raw_size": payload.len() as i64,
+    };
+    let kept = &payload[..payload.len().min(MAX_RAW)];
+    match std::str::from_utf8(payload) {
+        Ok(text) => {
+            // Cut on a character boundary at or below MAX_RAW bytes.
+            let mut end = kept.len();
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            document.insert("raw", &text[..end]);
+        }
+        Err(_) => {
+            document.insert(
+                "raw_base64",
+                base64::engine::general_purpose::STANDARD.encode(kept),
+            );
+        }
+    }
+    if payload.len() > MAX_RAW {
+        document.insert("raw_truncated", true);
+    }
+    document
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-11-24T10:00:00.5Z")
+            .expect("valid")
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn a_plain_number_is_a_reading_at_receive_time() {
+        let Record::Reading { document, keyed } =
+            Record::from_message("/sensor/temperature", b"23.41", at())
+        else {
+            panic!("not a reading");
+        };
+        assert!(!keyed);
+        assert_eq!(document.get_f64("value"), Ok(23.41));
+        assert_eq!(document.get_str("topic"), Ok("/sensor/temperature"));
+        assert_eq!(
+            document.get_datetime("ts"),
+            Ok(&bson::DateTime::from_chrono(at()))
+        );
+        assert!(document.get_object_id("_id").is_ok());
+    }
+
+    #[test]
+    fn a_json_reading_is_keyed_by_device_boot_and_seq_with_device_time() {
+        let payload = br#"{"device":"temp-0001","boot":"k3x9q2","seq":42,"ts":"2026-11-24T09:59:59.000Z","value":23.41,"unit":"C"}"#;
+        let Record::Reading { document, keyed } =
+            Record::from_message("/sensor/temperature", payload, at())
+        else {
+            panic!("not a reading");
+        };
+        assert!(keyed);
+        assert_eq!(
+            document.get_document("_id"),
+            Ok(&doc! { "device": "temp-0001", "boot": "k3x9q2", "seq": 42_i64 })
+        );
+        assert_eq!(document.get_i64("seq"), Ok(42));
+        assert_eq!(document.get_str("unit"), Ok("C"));
+        assert_eq!(
+            document.get_datetime("ts").map(|t| t.timestamp_millis()),
+            Ok(at().timestamp_millis() - 1500)
+        );
+        assert_eq!(
+            document.get_datetime("received_at"),
+            Ok(&bson::DateTime::from_chrono(at()))
+        );
+    }
+
+    #[test]
+    fn anything_else_is_kept_flagged_and_bounded() {
+        let Record::Unparsed { document } = Record::from_message("/sensor/x", b"{broken", at())
+        else {
+            panic!("not flagged");
+        };
+        assert_eq!(document.get_bool("unparsed"), Ok(true));
+        assert_eq!(document.get_str("raw"), Ok("{broken"));
+        assert!(document.get("value").is_none());
+
+        let Record::Unparsed { document } = Record::from_message("/sensor/x", &[0xff, 0x00], at())
+        else {
+            panic!("not flagged");
+        };
+        assert_eq!(document.get_str("raw_base64"), Ok("/wA="));
+
+        let big = "é".repeat(MAX_RAW);
+        let Record::Unparsed { document } = Record::from_message("/sensor/x", big.as_bytes(), at())
+        else {
+            panic!("not flagged");
+        };
+        assert!(document
+            .get_str("raw")
+            .is_ok_and(|raw| raw.len() <= MAX_RAW));
+        assert_eq!(document.get_bool("raw_truncated"), Ok(true));
+        assert_eq!(document.get_i64("raw_size"), Ok(big.len() as i64));
+    }
+
+    #[test]
+    fn status_messages_name_their_device() {
+        let Record::Status { device, online, .. } =
+            Record::from_message("/device/status", b"offline", at())
+        else {
+            panic!("not a status");
+        };
+        assert_eq!((device.as_str(), online), ("/device/status", false));
+        let payload = br#"{"device":"dev-7","status":"online"}"#;
+        let Record::Status { device, online, .. } =
+            Record::from_message("/device/status", payload, at())
+        else {
+            panic!("not a status");
+        };
+        assert_eq!((device.as_str(), online), ("dev-7", true));
+        assert!(matches!(
+            Record::from_message("/device/status", b"rebooting", at()),
+            Record::Unparsed { .. }
+        ));
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("mongodb://app:s3cret@db:27017/iot?authSource=admin"),
+            "mongodb://app:***@db:27017/iot?authSource=admin"
+        );
+        assert_eq!(
+            redact("mongodb://localhost:27017"),
+            "mongodb://localhost:27017"
+        );
+    }
+}

@@ -1,0 +1,11 @@
+//! `mongo-persister` binary: loads the configuration and runs [`mongo_persister::run`].
+
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config: mongo_persister::Config = iot_core::config::load();
+    iot_core::logging::init();
+    let shutdown = iot_core::shutdown::on_signal();
+    iot_core::exit_code(mongo_persister::run(config, shutdown).await)
+}

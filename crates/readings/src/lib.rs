@@ -1,0 +1,529 @@
+//! `readings`: command-line queries over the stored readings.
+//!
+//! `latest`, `range`, `stats` and `status`, printed as an aligned table, JSON or CSV.
+//! Only standard MongoDB query and aggregation stages are used (`$dateTrunc` needs
+//! MongoDB 5 or newer), so it runs against any MongoDB 6+ server.
+
+use std::io::Write;
+
+use anyhow::Context;
+use bson::{doc, Bson, Document};
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use futures_util::TryStreamExt;
+use iot_core::payload::format_time;
+use iot_core::store::{MongoSettings, READINGS, STATUS};
+use mongodb::Database;
+use serde_json::Value;
+
+/// Queries over the readings stored by mongo-persister.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "readings", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub query: Query,
+    /// Output form
+    #[arg(
+        long,
+        global = true,
+        env = "READINGS_FORMAT",
+        value_enum,
+        default_value = "table"
+    )]
+    pub format: OutputFormat,
+    #[command(flatten)]
+    pub mongo: MongoSettings,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns for people
+    Table,
+    /// A JSON array of objects
+    Json,
+    /// Comma-separated values with a header line
+    Csv,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Query {
+    /// The last value of every topic
+    Latest,
+    /// One topic's readings in a time range, oldest first
+    Range {
+        /// Topic, e.g. /sensor/temperature
+        #[arg(long)]
+        topic: String,
+        /// Start: a duration back from now (30s, 10m, 2h, 7d) or an RFC 3339 time
+        #[arg(long, default_value = "1h", value_parser = parse_time)]
+        since: DateTime<Utc>,
+        /// End (exclusive), in the same forms [default: now]
+        #[arg(long, value_parser = parse_time)]
+        until: Option<DateTime<Utc>>,
+        /// Most readings printed
+        #[arg(long, default_value = "1000")]
+        limit: u32,
+    },
+    /// Count, min, average and max of one topic per time bucket
+    Stats {
+        /// Topic, e.g. /sensor/pressure
+        #[arg(long)]
+        topic: String,
+        /// Start: a duration back from now (30s, 10m, 2h, 7d) or an RFC 3339 time
+        #[arg(long, default_value = "1h", value_parser = parse_time)]
+        since: DateTime<Utc>,
+        /// End (exclusive), in the same forms [default: now]
+        #[arg(long, value_parser = parse_time)]
+        until: Option<DateTime<Utc>>,
+        /// Bucket width: a whole number of seconds, minutes, hours or days (30s, 1m, 1h, 1d)
+        #[arg(long, default_value = "1m", value_parser = parse_bucket)]
+        every: Bucket,
+    },
+    /// Every device's status and since when
+    Status,
+}
+
+impl Cli {
+    /// The command line, with the MongoDB flags accepted after the query too
+    /// (`readings latest --mongodb-uri …`).
+    pub fn command() -> clap::Command {
+        <Self as clap::CommandFactory>::command()
+            .mut_arg("uri", |arg| arg.global(true))
+            .mut_arg("database", |arg| arg.global(true))
+            .mut_arg("timeout", |arg| arg.global(true))
+    }
+}
+
+/// Parses `10m`-style durations back from now, or RFC 3339 times.
+pub fn parse_time(value: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(time) = DateTime::parse_from_rfc3339(value) {
+        return Ok(time.with_timezone(&Utc));
+    }
+    let ago = humantime::parse_duration(value).map_err(|_| {
+        format!("expected a duration such as 10m or 2h, or an RFC 3339 time, not {value:?}")
+    })?;
+    let ago = chrono::Duration::from_std(ago).map_err(|_| "duration too long".to_string())?;
+    Utc::now()
+        .checked_sub_signed(ago)
+        .ok_or_else(|| "duration too long".to_string())
+}
+
+/// A bucket width as `$dateTrunc` takes it: a unit and a whole number of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bucket {
+    pub unit: &'static str,
+    pub size: i64,
+}
+
+/// Parses `30s`, `1m`, `90m`, `1h`, `1d` into the largest unit that divides it.
+pub fn parse_bucket(value: &str) -> Result<Bucket, String> {
+    let duration = humantime::parse_duration(value)
+        .map_err(|_| format!("expected a duration such as 30s, 1m or 1h, not {value:?}"))?;
+    if duration.subsec_nanos() != 0 || duration.is_zero() {
+        return Err("expected a whole number of seconds, at least 1s".into());
+    }
+    let seconds = duration.as_secs() as i64;
+    let unit = [
+        ("day", 86_400),
+        ("hour", 3_600),
+        ("minute", 60),
+        ("second", 1),
+    ]
+    .into_iter()
+    .find(|(_, length)| seconds % length == 0)
+    .unwrap_or(("second", 1));
+    Ok(Bucket {
+        unit: unit.0,
+        size: seconds / unit.1,
+    })
+}
+
+/// Rows of named columns, printable in every [`OutputFormat`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rows {
+    pub columns: Vec<&'static str>,
+    pub rows: Vec<Vec<Value>>,
+    /// What an empty result says in a table.
+    pub empty: String,
+}
+
+/// Runs the query and prints the result to stdout.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let db = cli.mongo.database("readings").await?;
+    let rows = query(&db, &cli.query)
+        .await
+        .with_context(|| format!("query on {} failed", cli.mongo.redacted_uri()))?;
+    let mut out = std::io::stdout().lock();
+    print(&rows, cli.format, &mut out)?;
+    out.flush().context("cannot write to stdout")
+}
+
+/// Runs one query.
+pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
+    let readings = db.collection::<Document>(READINGS);
+    match query {
+        Query::Latest => {
+            let pipeline = [
+                doc! { "$match": { "value": { "$exists": true } } },
+                doc! { "$sort": { "topic": 1, "ts": -1 } },
+                doc! { "$group": {
+                    "_id": "$topic",
+                    "value": { "$first": "$value" },
+                    "unit": { "$first": "$unit" },
+                    "ts": { "$first": "$ts" },
+                    "device": { "$first": "$device" },
+                } },
+                doc! { "$sort": { "_id": 1 } },
+            ];
+            let documents: Vec<Document> =
+                readings.aggregate(pipeline).await?.try_collect().await?;
+            Ok(Rows {
+                columns: vec!["topic", "value", "unit", "ts", "device"],
+                rows: documents
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            json(d.get("_id")),
+                            json(d.get("value")),
+                            json(d.get("unit")),
+                            json(d.get("ts")),
+                            json(d.get("device")),
+                        ]
+                    })
+                    .collect(),
+                empty: "no readings stored yet".into(),
+            })
+        }
+        Query::Range {
+            topic,
+            since,
+            until,
+            limit,
+        } => {
+            let until = until.unwrap_or_else(Utc::now);
+            let filter = doc! { "topic": topic, "ts": time_range(*since, until) };
+            let documents: Vec<Document> = readings
+                .find(filter)
+                .sort(doc! { "ts": 1 })
+                .limit(i64::from(*limit))
+                .await?
+                .try_collect()
+                .await?;
+            Ok(Rows {
+                columns: vec!["ts", "value", "unit", "device", "seq", "raw"],
+                rows: documents
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            json(d.get("ts")),
+                            json(d.get("value")),
+                            json(d.get("unit")),
+                            json(d.get("device")),
+                            json(d.get("seq")),
+                            raw(d),
+                        ]
+                    })
+                    .collect(),
+                empty: format!(
+                    "no readings on {topic} from {} to {}",
+                    format_time(*since),
+                    format_time(until)
+                ),
+            })
+        }
+        Query::Stats {
+            topic,
+            since,
+            until,
+            every,
+        } => {
+            let until = until.unwrap_or_else(Utc::now);
+            let pipeline = [
+                doc! { "$match": { "topic": topic, "ts": time_range(*since, until), "value": { "$exists": true } } },
+                doc! { "$group": {
+                    "_id": { "$dateTrunc": { "date": "$ts", "unit": every.unit, "binSize": every.size } },
+                    "count": { "$sum": 1 },
+                    "min": { "$min": "$value" },
+                    "avg": { "$avg": "$value" },
+                    "max": { "$max": "$value" },
+                } },
+                doc! { "$sort": { "_id": 1 } },
+            ];
+            let documents: Vec<Document> =
+                readings.aggregate(pipeline).await?.try_collect().await?;
+            Ok(Rows {
+                columns: vec!["bucket", "count", "min", "avg", "max"],
+                rows: documents
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            json(d.get("_id")),
+                            json(d.get("count")),
+                            json(d.get("min")),
+                            rounded(d.get("avg")),
+                            json(d.get("max")),
+                        ]
+                    })
+                    .collect(),
+                empty: format!(
+                    "no readings on {topic} from {} to {}",
+                    format_time(*since),
+                    format_time(until)
+                ),
+            })
+        }
+        Query::Status => {
+            let pipeline = [
+                doc! { "$sort": { "device": 1, "ts": -1 } },
+                doc! { "$group": {
+                    "_id": "$device",
+                    "status": { "$first": "$status" },
+                    "since": { "$first": "$ts" },
+                } },
+                doc! { "$sort": { "_id": 1 } },
+            ];
+            let documents: Vec<Document> = db
+                .collection::<Document>(STATUS)
+                .aggregate(pipeline)
+                .await?
+                .try_collect()
+                .await?;
+            Ok(Rows {
+                columns: vec!["device", "status", "since"],
+                rows: documents
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            json(d.get("_id")),
+                            json(d.get("status")),
+                            json(d.get("since")),
+                        ]
+                    })
+                    .collect(),
+                empty: "no device status stored yet".into(),
+            })
+        }
+    }
+}
+
+fn time_range(since: DateTime<Utc>, until: DateTime<Utc>) -> Document {
+    doc! { "$gte": bson::DateTime::from_chrono(since), "$lt": bson::DateTime::from_chrono(until) }
+}
+
+/// A stored value as JSON: dates as RFC 3339 text, numbers as numbers, absent as null.
+fn json(value: Option<&Bson>) -> Value {
+    match value {
+        None | Some(Bson::Null) => Value::Null,
+        Some(Bson::DateTime(time)) => Value::String(format_time(time.to_chrono())),
+        Some(Bson::Double(number)) => {
+            serde_json::Number::from_f64(*number).map_or(Value::Null, Value::Number)
+        }
+        Some(Bson::Int32(number)) => Value::from(*number),
+        Some(Bson::Int64(number)) => Value::from(*number),
+        Some(Bson::String(text)) => date_text(text).unwrap_or_else(|| Value::String(text.clone())),
+        Some(other) => Value::String(other.to_string()),
+    }
+}
+
+/// Some MongoDB-compatible servers return `$dateTrunc` as extended-JSON text
+/// (`{"$date":"…"}`) instead of a date; read it as the date it names.
+fn date_text(text: &str) -> Option<Value> {
+    let inner = text.strip_prefix("{\"$date\":\"")?.strip_suffix("\"}")?;
+    let time = DateTime::parse_from_rfc3339(inner).ok()?;
+    Some(Value::String(format_time(time.with_timezone(&Utc))))
+}
+
+/// An average, rounded to the two decimals of the readings.
+fn rounded(value: Option<&Bson>) -> Value {
+    match value {
+        Some(Bson::Double(number)) => json(Some(&Bson::Double((number * 100.0).round() / 100.0))),
+        other => json(other),
+    }
+}
+
+/// The raw payload of a flagged document.
+fn raw(document: &Document) -> Value {
+    json(document.get("raw").or_else(|| document.get("raw_base64")))
+}
+
+/// Prints `rows` in `format`.
+pub fn print(rows: &Rows, format: OutputFormat, out: &mut impl Write) -> anyhow::Result<()> {
+    match format {
+        OutputFormat::Json => {
+            let objects: Vec<serde_json::Map<String, Value>> = rows
+                .rows
+                .iter()
+                .map(|row| {
+                    rows.columns
+                        .iter()
+                        .map(|c| c.to_string())
+                        .zip(row.iter().cloned())
+                        .collect()
+                })
+                .collect();
+            serde_json::to_writer_pretty(&mut *out, &objects)?;
+            writeln!(out)?;
+        }
+        OutputFormat::Csv => {
+            let mut writer = csv::Writer::from_writer(&mut *out);
+            writer.write_record(&rows.columns)?;
+            for row in &rows.rows {
+                writer.write_record(row.iter().map(cell))?;
+            }
+            writer.flush()?;
+        }
+        OutputFormat::Table if rows.rows.is_empty() => writeln!(out, "{}", rows.empty)?,
+        OutputFormat::Table => {
+            let mut table = comfy_table::Table::new();
+            table.load_preset(comfy_table::presets::NOTHING);
+            table.set_header(&rows.columns);
+            for row in &rows.rows {
+                table.add_row(row.iter().map(cell));
+            }
+            for (index, column) in table.column_iter_mut().enumerate() {
+                if rows
+                    .rows
+                    .iter()
+                    .all(|row| row[index].is_number() || row[index].is_null())
+                {
+                    column.set_cell_alignment(comfy_table::CellAlignment::Right);
+                }
+            }
+            writeln!(
+                out,
+                "{}",
+                table
+                    .to_string()
+                    .lines()
+                    .map(str::trim_end)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// A value as a table or CSV cell: text without quotes, null as empty.
+fn cell(value: &Value) -> String {
+    match value {
+        Value::Null => String::new(),
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_times_parse() {
+        let before = Utc::now();
+        let since = parse_time("10m").expect("10m");
+        assert!((before - since).num_seconds() >= 599 && (before - since).num_seconds() <= 601);
+        assert!(parse_time("7d").is_ok());
+        assert_eq!(
+            parse_time("2026-11-24T10:00:00+01:00").map(format_time),
+            Ok("2026-11-24T09:00:00.000Z".to_string())
+        );
+        assert!(parse_time("yesterday").is_err());
+    }
+
+    #[test]
+    fn buckets_use_the_largest_whole_unit() {
+        assert_eq!(
+            parse_bucket("1m"),
+            Ok(Bucket {
+                unit: "minute",
+                size: 1
+            })
+        );
+        assert_eq!(
+            parse_bucket("90s"),
+            Ok(Bucket {
+                unit: "second",
+                size: 90
+            })
+        );
+        assert_eq!(
+            parse_bucket("2h"),
+            Ok(Bucket {
+                unit: "hour",
+                size: 2
+            })
+        );
+        assert_eq!(
+            parse_bucket("1d"),
+            Ok(Bucket {
+                unit: "day",
+                size: 1
+            })
+        );
+        assert!(parse_bucket("1500ms").is_err());
+        assert!(parse_bucket("0s").is_err());
+    }
+
+    fn sample() -> Rows {
+        Rows {
+            columns: vec!["topic", "value"],
+            rows: vec![
+                vec![Value::from("/sensor/pressure"), Value::from(1001.5)],
+                vec![Value::from("/sensor/temperature"), Value::Null],
+            ],
+            empty: "nothing".into(),
+        }
+    }
+
+    fn printed(rows: &Rows, format: OutputFormat) -> String {
+        let mut out = Vec::new();
+        print(rows, format, &mut out).expect("prints");
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    #[test]
+    fn the_three_formats() {
+        let table = printed(&sample(), OutputFormat::Table);
+        assert!(
+            table
+                .lines()
+                .next()
+                .is_some_and(|header| header.contains("topic") && header.contains("value")),
+            "{table}"
+        );
+        assert!(
+            table.contains("/sensor/pressure") && table.contains("1001.5"),
+            "{table}"
+        );
+        assert_eq!(
+            printed(&sample(), OutputFormat::Csv),
+            "topic,value\n/sensor/pressure,1001.5\n/sensor/temperature,\n"
+        );
+        let json: Value =
+            serde_json::from_str(&printed(&sample(), OutputFormat::Json)).expect("json");
+        assert_eq!(json[0]["value"], 1001.5);
+        assert_eq!(json[1]["value"], Value::Null);
+    }
+
+    #[test]
+    fn an_empty_result_says_so() {
+        let empty = Rows {
+            rows: vec![],
+            ..sample()
+        };
+        assert_eq!(printed(&empty, OutputFormat::Table), "nothing\n");
+        assert_eq!(printed(&empty, OutputFormat::Json).trim(), "[]");
+        assert_eq!(printed(&empty, OutputFormat::Csv), "topic,value\n");
+    }
+
+    #[test]
+    fn extended_json_dates_are_read_as_dates() {
+        assert_eq!(
+            json(Some(&Bson::String(
+                r#"{"$date":"2026-11-25T03:50:00Z"}"#.into()
+            ))),
+            Value::from("2026-11-25T03:50:00.000Z")
+        );
+    }
+}

@@ -1,0 +1,489 @@
+//! End-to-end tests of the storage half: sensors on the edge broker, the bridge, the
+//! cloud broker, the real `mongo-persister` and `readings` binaries, and a real
+//! MongoDB-wire-protocol server.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use bson::{doc, Document};
+use futures_util::TryStreamExt;
+use iot_core::payload::format_time;
+use mongodb::Database;
+use rumqttc::QoS;
+use tests::{
+    binary, free_port, spawn_brokers, spawn_mongo, wait_for, Brokers, MongoServer, Service,
+    TestClient,
+};
+
+const DB: &str = "iot";
+
+async fn count(db: &Database, filter: Document) -> u64 {
+    db.collection::<Document>("readings")
+        .count_documents(filter)
+        .await
+        .unwrap_or(0)
+}
+
+/// Waits until `readings` holds `expected` documents matching `filter`.
+async fn wait_for_readings(db: &Database, filter: Document, expected: u64) {
+    wait_for(
+        &format!("{expected} readings matching {filter}"),
+        || count(db, filter.clone()),
+        |n| *n == expected,
+    )
+    .await;
+}
+
+/// (boot, seq) of every stored reading of `device`.
+async fn stored_seqs(db: &Database, device: &str) -> Vec<(String, i64)> {
+    let documents: Vec<Document> = db
+        .collection::<Document>("readings")
+        .find(doc! { "device": device })
+        .await
+        .expect("find")
+        .try_collect()
+        .await
+        .expect("documents");
+    documents
+        .iter()
+        .map(|d| {
+            (
+                d.get_str("boot").expect("boot").to_string(),
+                integer(d, "seq"),
+            )
+        })
+        .collect()
+}
+
+/// An integer field, stored as 64 bits (MongoDB) or 32 (nx-27017 narrows small ones).
+fn integer(document: &Document, field: &str) -> i64 {
+    document
+        .get_i64(field)
+        .or_else(|_| document.get_i32(field).map(i64::from))
+        .unwrap_or_else(|_| panic!("{field} is not an integer in {document}"))
+}
+
+/// Asserts every seq from 1 to `count` is stored exactly once, in one boot.
+fn assert_exactly_once(seqs: &[(String, i64)], count: i64) {
+    let unique: BTreeSet<_> = seqs.iter().collect();
+    assert_eq!(unique.len(), seqs.len(), "duplicates stored");
+    let boots: BTreeSet<_> = seqs.iter().map(|(boot, _)| boot).collect();
+    assert_eq!(boots.len(), 1, "{boots:?}");
+    let numbers: BTreeSet<i64> = seqs.iter().map(|(_, seq)| *seq).collect();
+    assert_eq!(numbers, (1..=count).collect(), "missing or extra seqs");
+}
+
+fn sensor_args(device: &str, count: &'static str) -> Vec<String> {
+    [
+        "--format",
+        "json",
+        "--qos",
+        "1",
+        "--interval",
+        "0",
+        "--no-retain",
+        "--count",
+        count,
+        "--device",
+        device,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn start_sensor(brokers: &Brokers, device: &str, count: &'static str) -> Service {
+    let args = sensor_args(device, count);
+    brokers.start_edge(
+        "temperature-sensor",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+}
+
+/// Starts a persister with a new session and waits until both its subscriptions stand.
+async fn persister_ready(brokers: &Brokers, mongo: &MongoServer, args: &[&str]) -> Service {
+    let persister = brokers.start_persister(mongo, DB, args);
+    persister.wait_for_logs("subscribed", 2).await;
+    persister
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sensor_readings_are_stored_exactly_once_across_a_sensor_restart() {
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database(DB).await;
+    let mut persister = persister_ready(&brokers, &mongo, &[]).await;
+
+    // Two runs of one device: the second starts again at seq 1 under a new boot.
+    for _ in 0..2 {
+        let mut sensor = start_sensor(&brokers, "t-1", "200");
+        assert!(sensor.wait_exit().await.success(), "{}", sensor.stderr());
+    }
+    wait_for_readings(&db, doc! { "device": "t-1" }, 400).await;
+    let seqs = stored_seqs(&db, "t-1").await;
+    let boots: BTreeSet<&String> = seqs.iter().map(|(boot, _)| boot).collect();
+    assert_eq!(boots.len(), 2);
+    for boot in boots {
+        let of_boot: Vec<_> = seqs.iter().filter(|(b, _)| b == boot).cloned().collect();
+        assert_exactly_once(&of_boot, 200);
+    }
+    let reading = db
+        .collection::<Document>("readings")
+        .find_one(doc! { "device": "t-1", "seq": 1_i64 })
+        .await
+        .expect("find")
+        .expect("stored");
+    assert_eq!(reading.get_str("topic"), Ok("/sensor/temperature"));
+    assert_eq!(reading.get_str("unit"), Ok("°C"));
+    assert!(reading
+        .get_f64("value")
+        .is_ok_and(|v| (20.0..=30.0).contains(&v)));
+    assert!(reading.get_datetime("ts").is_ok() && reading.get_datetime("received_at").is_ok());
+    assert!(
+        persister.terminate().await.success(),
+        "{}",
+        persister.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persister_killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database(DB).await;
+    let mut persister = persister_ready(&brokers, &mongo, &[]).await;
+    let mut sensor = start_sensor(&brokers, "t-2", "3000");
+
+    wait_for(
+        "some readings stored",
+        || count(&db, doc! {}),
+        |n| *n >= 300,
+    )
+    .await;
+    persister.kill().await;
+    // Back under the same client id: the broker kept the session and its subscriptions.
+    let mut persister = brokers.start_persister(&mongo, DB, &[]);
+    persister.wait_for_log("connected").await;
+
+    assert!(sensor.wait_exit().await.success(), "{}", sensor.stderr());
+    wait_for_readings(&db, doc! { "device": "t-2" }, 3000).await;
+    assert_exactly_once(&stored_seqs(&db, "t-2").await, 3000);
+    assert!(
+        persister.terminate().await.success(),
+        "{}",
+        persister.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_loses_nothing_and_the_persister_keeps_running() {
+    let brokers = spawn_brokers().await;
+    let mut mongo = spawn_mongo().await;
+    let db = mongo.database(DB).await;
+    let mut persister = persister_ready(&brokers, &mongo, &[]).await;
+    let args = [
+        "--format",
+        "json",
+        "--qos",
+        "1",
+        "--interval",
+        "0.005",
+        "--no-retain",
+        "--count",
+        "1500",
+        "--device",
+        "t-3",
+    ];
+    let mut sensor = brokers.start_edge("temperature-sensor", &args);
+
+    wait_for(
+        "some readings stored",
+        || count(&db, doc! {}),
+        |n| *n >= 100,
+    )
+    .await;
+    mongo.stop().await;
+    // Held while the database is away: retried, never acknowledged, never dropped.
+    persister.wait_for_logs("cannot write to MongoDB", 3).await;
+    assert!(
+        mongo.start().await,
+        "MongoDB did not come back: {}",
+        mongo.log()
+    );
+
+    assert!(sensor.wait_exit().await.success(), "{}", sensor.stderr());
+    wait_for_readings(&db, doc! { "device": "t-3" }, 1500).await;
+    assert_exactly_once(&stored_seqs(&db, "t-3").await, 1500);
+    assert!(persister.is_running(), "{}", persister.stderr());
+    assert!(
+        persister.terminate().await.success(),
+        "{}",
+        persister.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_payload_is_stored_as_a_reading_or_flagged_raw() {
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database(DB).await;
+    let mut persister = persister_ready(&brokers, &mongo, &[]).await;
+
+    let mut sensor = TestClient::connect(brokers.local.port, "temperature-sensor").await;
+    let json = br#"{"device":"t-4","boot":"b1","seq":1,"ts":"2026-11-24T10:00:00.000Z","value":21.5,"unit":"C"}"#;
+    let payloads: [&[u8]; 4] = [b"23.41", json, br#"{"value": "#, &[0xff, 0xfe, 0x00]];
+    for payload in payloads {
+        sensor
+            .publish("/sensor/temperature", QoS::AtLeastOnce, false, payload)
+            .await;
+    }
+    wait_for_readings(&db, doc! {}, 4).await;
+
+    assert_eq!(count(&db, doc! { "value": 23.41 }).await, 1);
+    let stored = db
+        .collection::<Document>("readings")
+        .find_one(doc! { "device": "t-4" })
+        .await
+        .expect("find")
+        .expect("the JSON reading");
+    assert_eq!(integer(&stored, "seq"), 1);
+    assert_eq!(
+        stored
+            .get_datetime("ts")
+            .map(|t| t.try_to_rfc3339_string().unwrap_or_default()),
+        Ok("2026-11-24T10:00:00Z".to_string())
+    );
+    assert_eq!(
+        count(&db, doc! { "unparsed": true, "raw": "{\"value\": " }).await,
+        1
+    );
+    assert_eq!(
+        count(&db, doc! { "unparsed": true, "raw_base64": "//4A" }).await,
+        1
+    );
+    assert!(persister.is_running(), "{}", persister.stderr());
+    assert!(
+        persister.terminate().await.success(),
+        "{}",
+        persister.stderr()
+    );
+    assert!(
+        persister.stderr().contains("unparsed=2"),
+        "{}",
+        persister.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_reading_is_stored_once_however_often_it_is_replayed() {
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database(DB).await;
+    // Retained before any persister ever ran: the first one stores it.
+    let mut sensor = TestClient::connect(brokers.local.port, "temperature-sensor").await;
+    sensor
+        .publish("/sensor/temperature", QoS::AtLeastOnce, true, b"24.00")
+        .await;
+    TestClient::retained(brokers.cloud.port, "/sensor/temperature").await;
+
+    let mut first = persister_ready(&brokers, &mongo, &["--client-id", "first"]).await;
+    wait_for_readings(&db, doc! { "value": 24.0 }, 1).await;
+    assert!(first.terminate().await.success(), "{}", first.stderr());
+
+    // A new session gets the retained reading replayed: it is not stored again.
+    let mut second = persister_ready(
+        &brokers,
+        &mongo,
+        &["--client-id", "second", "--stats-interval", "0.1"],
+    )
+    .await;
+    second.wait_for_log("skipped=1").await;
+    assert_eq!(count(&db, doc! {}).await, 1);
+    assert!(second.terminate().await.success(), "{}", second.stderr());
+}
+
+/// The number after `in=` in the last statistics line of a persister's log.
+fn messages_in(log: &str) -> u64 {
+    log.lines()
+        .rev()
+        .find_map(|line| line.split("in=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no statistics line in:\n{log}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_the_stream_and_store_each_reading_once() {
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database(DB).await;
+    let mut a = persister_ready(
+        &brokers,
+        &mongo,
+        &["--share", "store", "--client-id", "replica-a"],
+    )
+    .await;
+    let mut b = persister_ready(
+        &brokers,
+        &mongo,
+        &["--share", "store", "--client-id", "replica-b"],
+    )
+    .await;
+
+    let mut sensor = start_sensor(&brokers, "t-5", "1000");
+    assert!(sensor.wait_exit().await.success(), "{}", sensor.stderr());
+    wait_for_readings(&db, doc! { "device": "t-5" }, 1000).await;
+    assert_exactly_once(&stored_seqs(&db, "t-5").await, 1000);
+
+    assert!(a.terminate().await.success(), "{}", a.stderr());
+    assert!(b.terminate().await.success(), "{}", b.stderr());
+    let (from_a, from_b) = (messages_in(&a.stderr()), messages_in(&b.stderr()));
+    assert!(
+        from_a > 0 && from_b > 0,
+        "one replica got everything: {from_a} / {from_b}"
+    );
+    assert_eq!(from_a + from_b, 1000, "each reading goes to one replica");
+}
+
+/// Runs `readings` with `args` against `uri`; returns (success, stdout, stderr).
+fn readings(uri: &str, args: &[&str]) -> (bool, String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = Command::new(binary("readings"))
+        .args(args)
+        .env_clear()
+        .env("MONGODB_URI", uri)
+        .env("MONGODB_DATABASE", DB)
+        .current_dir(dir.path())
+        .output()
+        .expect("runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_answers_latest_range_stats_and_status_in_every_format() {
+    let mongo = spawn_mongo().await;
+    let db = mongo.database(DB).await;
+    // Readings in two whole minutes, starting two minutes ago.
+    let now = chrono::Utc::now().timestamp();
+    let minute_start =
+        chrono::DateTime::from_timestamp(now - now % 60 - 120, 0).expect("valid time");
+    let at = |seconds: i64| {
+        bson::DateTime::from_chrono(minute_start + chrono::Duration::seconds(seconds))
+    };
+    let readings_of = |topic: &str, values: &[(i64, f64)]| -> Vec<Document> {
+        values
+            .iter()
+            .map(|(second, value)| doc! { "topic": topic, "value": value, "ts": at(*second), "received_at": at(*second), "unit": "hPa" })
+            .collect()
+    };
+    let collection = db.collection::<Document>("readings");
+    collection
+        .insert_many(readings_of(
+            "/sensor/pressure",
+            &[(0, 1000.0), (10, 1002.0), (70, 1010.0)],
+        ))
+        .await
+        .expect("insert");
+    collection
+        .insert_many(readings_of("/sensor/temperature", &[(5, 21.0)]))
+        .await
+        .expect("insert");
+    db.collection::<Document>("status")
+        .insert_many([
+            doc! { "topic": "/device/status", "device": "dev-1", "status": "online", "ts": at(0), "received_at": at(0) },
+            doc! { "topic": "/device/status", "device": "dev-1", "status": "offline", "ts": at(30), "received_at": at(30) },
+        ])
+        .await
+        .expect("insert");
+    let uri = mongo.uri();
+
+    let (ok, out, err) = readings(&uri, &["latest"]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].contains("topic") && lines[0].contains("value"),
+        "{out}"
+    );
+    assert!(
+        lines[1].contains("/sensor/pressure") && lines[1].contains("1010"),
+        "{out}"
+    );
+    assert!(
+        lines[2].contains("/sensor/temperature") && lines[2].contains("21"),
+        "{out}"
+    );
+
+    let (ok, out, err) = readings(
+        &uri,
+        &[
+            "range",
+            "--topic",
+            "/sensor/pressure",
+            "--since",
+            "1h",
+            "--format",
+            "json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let values: Vec<f64> = rows
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|r| r["value"].as_f64().expect("value"))
+        .collect();
+    assert_eq!(values, [1000.0, 1002.0, 1010.0]);
+
+    let (ok, out, err) = readings(
+        &uri,
+        &[
+            "stats",
+            "--topic",
+            "/sensor/pressure",
+            "--since",
+            "1h",
+            "--every",
+            "1m",
+            "--format",
+            "csv",
+        ],
+    );
+    assert!(ok, "{err}");
+    let first_bucket = format_time(minute_start);
+    let second_bucket = format_time(minute_start + chrono::Duration::minutes(1));
+    assert_eq!(
+        out,
+        format!("bucket,count,min,avg,max\n{first_bucket},2,1000.0,1001.0,1002.0\n{second_bucket},1,1010.0,1010.0,1010.0\n")
+    );
+
+    let (ok, out, err) = readings(&uri, &["status", "--format", "csv"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        format!(
+            "device,status,since\ndev-1,offline,{}\n",
+            format_time(minute_start + chrono::Duration::seconds(30))
+        )
+    );
+
+    let (ok, out, _) = readings(&uri, &["range", "--topic", "/sensor/none"]);
+    assert!(ok);
+    assert!(out.starts_with("no readings on /sensor/none"), "{out}");
+}
+
+#[test]
+fn readings_says_when_the_database_is_unreachable() {
+    let started = std::time::Instant::now();
+    let uri = format!("mongodb://127.0.0.1:{}", free_port());
+    let (ok, out, err) = readings(&uri, &["latest", "--mongodb-timeout", "1"]);
+    assert!(!ok, "{out}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("127.0.0.1"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < tests::WAIT,
+        "took {:?}",
+        started.elapsed()
+    );
+}
