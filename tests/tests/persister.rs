@@ -220,20 +220,24 @@ async fn a_database_outage_loses_nothing_and_the_persister_keeps_running() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_payload_is_stored_as_a_reading_or_flagged_raw() {
+async fn every_payload_is_stored_once_as_a_reading_or_flagged_raw() {
     let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
     let db = mongo.database(DB).await;
-    let mut persister = persister_ready(&brokers, &mongo, &[]).await;
+    let mut persister = persister_ready(&brokers, &mongo, &["--stats-interval", "0.1"]).await;
 
     let mut sensor = TestClient::connect(brokers.local.port, "temperature-sensor").await;
     let json = br#"{"device":"t-4","boot":"b1","seq":1,"ts":"2026-11-24T10:00:00.000Z","value":21.5,"unit":"C"}"#;
-    let payloads: [&[u8]; 4] = [b"23.41", json, br#"{"value": "#, &[0xff, 0xfe, 0x00]];
+    // The JSON reading comes twice, as a redelivery would: it is stored once.
+    let payloads: [&[u8]; 5] = [b"23.41", json, br#"{"value": "#, &[0xff, 0xfe, 0x00], json];
     for payload in payloads {
         sensor
             .publish("/sensor/temperature", QoS::AtLeastOnce, false, payload)
             .await;
     }
-    wait_for_readings(&db, doc! {}, 4).await;
+    persister
+        .wait_for_log("in=5 written=4 duplicates=1 unparsed=2")
+        .await;
+    assert_eq!(count(&db, doc! {}).await, 4);
 
     assert_eq!(count(&db, doc! { "value": 23.41 }).await, 1);
     let stored = db
