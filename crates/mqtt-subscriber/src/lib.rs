@@ -33,7 +33,7 @@ pub enum OutputFormat {
 #[command(name = "mqtt-subscriber", version)]
 pub struct Config {
     /// Topic filter to subscribe to; repeat for several
-    #[arg(long = "topic", env = "SUBSCRIBER_TOPIC", value_delimiter = ',', default_value = topics::ALL)]
+    #[arg(long = "topic", value_name = "FILTER", env = "SUBSCRIBER_TOPIC", value_delimiter = ',', default_value = topics::ALL)]
     pub topics: Vec<String>,
     /// Quality of service of the subscription: 0, 1 or 2 (QoS 0 messages are not kept while stopped)
     #[arg(long, env = "SUBSCRIBER_QOS", value_parser = parse_qos, default_value = "1")]
