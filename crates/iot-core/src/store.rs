@@ -92,6 +92,35 @@ pub fn redact(uri: &str) -> String {
     }
 }
 
+/// An error on one line for a log or a terminal. When no server answered, the driver's
+/// topology dump is replaced by a short sentence.
+pub fn describe(error: &anyhow::Error) -> String {
+    let unreachable = error.chain().any(|cause| {
+        cause
+            .downcast_ref::<mongodb::error::Error>()
+            .is_some_and(|error| {
+                matches!(
+                    error.kind.as_ref(),
+                    mongodb::error::ErrorKind::ServerSelection { .. }
+                )
+            })
+    });
+    if !unreachable {
+        return format!("{error:#}");
+    }
+    let contexts: Vec<String> = error
+        .chain()
+        .take_while(|cause| cause.downcast_ref::<mongodb::error::Error>().is_none())
+        .map(ToString::to_string)
+        .collect();
+    let reason = "no MongoDB server answered in time (is it running, and is MONGODB_URI right?)";
+    if contexts.is_empty() {
+        reason.to_string()
+    } else {
+        format!("{}: {reason}", contexts.join(": "))
+    }
+}
+
 /// Creates the collections and the indexes the queries need, when missing.
 pub async fn ensure_schema(db: &Database) -> anyhow::Result<()> {
     let existing = db

@@ -19,7 +19,7 @@ use clap::Parser;
 use iot_core::backoff::Backoff;
 use iot_core::config::{parse_positive_seconds, BrokerSettings, CloudBroker};
 use iot_core::mqtt::{Connection, Event};
-use iot_core::store::{ensure_schema, MongoSettings, Record};
+use iot_core::store::{describe, ensure_schema, MongoSettings, Record};
 use iot_core::topics;
 use rumqttc::{QoS, SubscribeFilter};
 use tokio::sync::mpsc;
@@ -103,7 +103,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 let delay = backoff.next_delay();
                 tracing::warn!(
                     attempt = backoff.attempt(),
-                    "MongoDB not ready: {error:#}; retrying in {delay:?}"
+                    "MongoDB at {} not ready: {}; retrying in {delay:?}",
+                    config.mongo.redacted_uri(),
+                    describe(&error)
                 );
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),

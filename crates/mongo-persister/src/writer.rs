@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bson::{doc, Document};
 use iot_core::backoff::Backoff;
-use iot_core::store::{Record, READINGS, STATUS};
+use iot_core::store::{describe, Record, READINGS, STATUS};
 use mongodb::error::{ErrorKind, InsertManyError};
 use mongodb::options::FindOneOptions;
 use mongodb::{Collection, Database};
@@ -137,7 +137,8 @@ impl Writer {
                     let delay = backoff.next_delay();
                     tracing::warn!(
                         attempt = backoff.attempt(), held = batch.len(),
-                        "cannot write to MongoDB: {error:#}; retrying in {delay:?} (nothing is acknowledged meanwhile)"
+                        "cannot write to MongoDB: {}; retrying in {delay:?} (nothing is acknowledged meanwhile)",
+                        describe(&error)
                     );
                     tokio::select! {
                         () = stop.cancelled() => return false,

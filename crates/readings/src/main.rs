@@ -10,7 +10,7 @@ async fn main() -> ExitCode {
     match readings::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", iot_core::store::describe(&error));
             ExitCode::FAILURE
         }
     }
