@@ -485,6 +485,7 @@ fn readings_says_when_the_database_is_unreachable() {
         err.starts_with("error: ") && err.contains("127.0.0.1"),
         "{err}"
     );
+    assert!(err.contains("no MongoDB server answered"), "{err}");
     assert!(
         started.elapsed() < tests::WAIT,
         "took {:?}",
