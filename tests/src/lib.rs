@@ -199,11 +199,11 @@ impl Brokers {
         spawn_service(name, self.dir(), self.local.port, Some(name), args)
     }
 
-    /// Starts `mongo-persister` against the cloud broker and `mongo`'s database `database`.
-    pub fn start_persister(&self, mongo: &MongoServer, database: &str, args: &[&str]) -> Service {
+    /// Starts `mongo-persister` against the cloud broker and the test's database.
+    pub fn start_persister(&self, mongo: &MongoServer, args: &[&str]) -> Service {
         let env = [
-            ("MONGODB_URI", mongo.uri()),
-            ("MONGODB_DATABASE", database.to_string()),
+            ("MONGODB_URI", mongo.uri().to_string()),
+            ("MONGODB_DATABASE", mongo.database_name().to_string()),
         ];
         spawn_service_with_env(
             "mongo-persister",
@@ -513,11 +513,21 @@ impl Service {
     }
 }
 
-/// A MongoDB-compatible server of the test's own: `mongod` when it is on the PATH,
-/// else `nx-27017` (from `.venv/`, where `scripts/test` installs it, or the PATH).
+/// The MongoDB of one test, with a database of the test's own. With `MONGODB_URI`
+/// set, that server (a real MongoDB); else a server the test starts itself: `mongod`
+/// when it is on the PATH, else `nx-27017` (from `.venv/`, where `scripts/test`
+/// installs it, or the PATH).
 #[derive(Debug)]
 pub struct MongoServer {
-    pub port: u16,
+    uri: String,
+    database: String,
+    own: Option<OwnServer>,
+}
+
+/// A server process the test started, and can stop and start again.
+#[derive(Debug)]
+struct OwnServer {
+    port: u16,
     program: PathBuf,
     data_dir: TempDir,
     process: Option<Child>,
@@ -526,27 +536,42 @@ pub struct MongoServer {
 
 impl MongoServer {
     /// The connection string of the server.
-    pub fn uri(&self) -> String {
-        format!("mongodb://127.0.0.1:{}", self.port)
+    pub fn uri(&self) -> &str {
+        &self.uri
     }
 
-    /// A client for the test's own checks.
-    pub async fn database(&self, name: &str) -> mongodb::Database {
-        let mut options = mongodb::options::ClientOptions::parse(self.uri())
+    /// The name of the test's database.
+    pub fn database_name(&self) -> &str {
+        &self.database
+    }
+
+    /// A client on the test's database, for the test's own checks.
+    pub async fn database(&self) -> mongodb::Database {
+        let mut options = mongodb::options::ClientOptions::parse(&self.uri)
             .await
             .expect("valid uri");
         options.server_selection_timeout = Some(WAIT);
         mongodb::Client::with_options(options)
             .expect("client")
-            .database(name)
+            .database(&self.database)
     }
 
-    /// Starts the server on its port with its data; false if it exited instead.
+    /// Whether the test started the server itself (and so can stop it).
+    pub fn is_own(&self) -> bool {
+        self.own.is_some()
+    }
+
+    /// Starts the test's own server again on its port with its data; false if it
+    /// exited instead.
     pub async fn start(&mut self) -> bool {
-        assert!(self.process.is_none(), "MongoDB already running");
-        let dir = self.data_dir.path();
-        let mut command = Command::new(&self.program);
-        if self.program.ends_with("mongod") {
+        let own = self
+            .own
+            .as_mut()
+            .expect("an external MongoDB cannot be started by a test");
+        assert!(own.process.is_none(), "MongoDB already running");
+        let dir = own.data_dir.path();
+        let mut command = Command::new(&own.program);
+        if own.program.ends_with("mongod") {
             command
                 .arg("--dbpath")
                 .arg(dir)
@@ -562,23 +587,23 @@ impl MongoServer {
                 .args(["--host", "127.0.0.1", "--port"]);
         }
         command
-            .arg(self.port.to_string())
+            .arg(own.port.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = command
             .spawn()
-            .unwrap_or_else(|error| panic!("cannot start {}: {error}", self.program.display()));
-        let _ = self.log.capture(child.stdout.take());
-        let _ = self.log.capture(child.stderr.take());
+            .unwrap_or_else(|error| panic!("cannot start {}: {error}", own.program.display()));
+        let _ = own.log.capture(child.stdout.take());
+        let _ = own.log.capture(child.stderr.take());
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            if tokio::net::TcpStream::connect(("127.0.0.1", own.port))
                 .await
                 .is_ok()
             {
-                self.process = Some(child);
+                own.process = Some(child);
                 return true;
             }
             if child.try_wait().ok().flatten().is_some() || tokio::time::Instant::now() > deadline {
@@ -589,9 +614,13 @@ impl MongoServer {
         }
     }
 
-    /// Stops the server (SIGTERM, then SIGKILL if it lingers); its data stays.
+    /// Stops the test's own server (SIGTERM, then SIGKILL if it lingers); its data stays.
     pub async fn stop(&mut self) {
-        if let Some(mut child) = self.process.take() {
+        let own = self
+            .own
+            .as_mut()
+            .expect("an external MongoDB cannot be stopped by a test");
+        if let Some(mut child) = own.process.take() {
             signal(&child, "TERM");
             if tokio::time::timeout(WAIT, child.wait()).await.is_err() {
                 let _ = child.kill().await;
@@ -599,9 +628,12 @@ impl MongoServer {
         }
     }
 
-    /// What the server printed.
+    /// What the test's own server printed.
     pub fn log(&self) -> String {
-        self.log.text()
+        self.own
+            .as_ref()
+            .map(|own| own.log.text())
+            .unwrap_or_default()
     }
 }
 
@@ -619,19 +651,41 @@ fn mongo_program() -> PathBuf {
         .expect("no MongoDB-compatible server: run scripts/test (installs nx-27017 into .venv) or put mongod on the PATH")
 }
 
-/// Starts a MongoDB-compatible server of the test's own on a free port.
+/// The MongoDB of a test: `MONGODB_URI` when set, else a server of the test's own on a
+/// free port. Either way the test gets a database nobody else uses.
 pub async fn spawn_mongo() -> MongoServer {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let database = format!(
+        "iot_test_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    if let Some(uri) = std::env::var("MONGODB_URI")
+        .ok()
+        .filter(|uri| !uri.is_empty())
+    {
+        return MongoServer {
+            uri,
+            database,
+            own: None,
+        };
+    }
     let program = mongo_program();
     for _ in 0..5 {
+        let port = free_port();
         let mut server = MongoServer {
-            port: free_port(),
-            program: program.clone(),
-            data_dir: tempfile::Builder::new()
-                .prefix("iot-e2e-db-")
-                .tempdir()
-                .expect("temporary folder"),
-            process: None,
-            log: Output::default(),
+            uri: format!("mongodb://127.0.0.1:{port}"),
+            database: database.clone(),
+            own: Some(OwnServer {
+                port,
+                program: program.clone(),
+                data_dir: tempfile::Builder::new()
+                    .prefix("iot-e2e-db-")
+                    .tempdir()
+                    .expect("temporary folder"),
+                process: None,
+                log: Output::default(),
+            }),
         };
         if server.start().await {
             return server;
