@@ -161,6 +161,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Runs one query.
 pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
+    use Field::{Plain, Raw, Rounded};
     let readings = db.collection::<Document>(READINGS);
     match query {
         Query::Latest => {
@@ -178,22 +179,18 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
             ];
             let documents: Vec<Document> =
                 readings.aggregate(pipeline).await?.try_collect().await?;
-            Ok(Rows {
-                columns: vec!["topic", "value", "unit", "ts", "device"],
-                rows: documents
-                    .iter()
-                    .map(|d| {
-                        vec![
-                            json(d.get("_id")),
-                            json(d.get("value")),
-                            json(d.get("unit")),
-                            json(d.get("ts")),
-                            json(d.get("device")),
-                        ]
-                    })
-                    .collect(),
-                empty: "no readings stored yet".into(),
-            })
+            let columns = [
+                ("topic", Plain("_id")),
+                ("value", Plain("value")),
+                ("unit", Plain("unit")),
+                ("ts", Plain("ts")),
+                ("device", Plain("device")),
+            ];
+            Ok(Rows::from_documents(
+                &columns,
+                &documents,
+                "no readings stored yet".into(),
+            ))
         }
         Query::Range {
             topic,
@@ -210,27 +207,19 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
                 .await?
                 .try_collect()
                 .await?;
-            Ok(Rows {
-                columns: vec!["ts", "value", "unit", "device", "seq", "raw"],
-                rows: documents
-                    .iter()
-                    .map(|d| {
-                        vec![
-                            json(d.get("ts")),
-                            json(d.get("value")),
-                            json(d.get("unit")),
-                            json(d.get("device")),
-                            json(d.get("seq")),
-                            raw(d),
-                        ]
-                    })
-                    .collect(),
-                empty: format!(
-                    "no readings on {topic} from {} to {}",
-                    format_time(*since),
-                    format_time(until)
-                ),
-            })
+            let columns = [
+                ("ts", Plain("ts")),
+                ("value", Plain("value")),
+                ("unit", Plain("unit")),
+                ("device", Plain("device")),
+                ("seq", Plain("seq")),
+                ("raw", Raw),
+            ];
+            Ok(Rows::from_documents(
+                &columns,
+                &documents,
+                nothing_on(topic, *since, until),
+            ))
         }
         Query::Stats {
             topic,
@@ -252,26 +241,18 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
             ];
             let documents: Vec<Document> =
                 readings.aggregate(pipeline).await?.try_collect().await?;
-            Ok(Rows {
-                columns: vec!["bucket", "count", "min", "avg", "max"],
-                rows: documents
-                    .iter()
-                    .map(|d| {
-                        vec![
-                            json(d.get("_id")),
-                            json(d.get("count")),
-                            json(d.get("min")),
-                            rounded(d.get("avg")),
-                            json(d.get("max")),
-                        ]
-                    })
-                    .collect(),
-                empty: format!(
-                    "no readings on {topic} from {} to {}",
-                    format_time(*since),
-                    format_time(until)
-                ),
-            })
+            let columns = [
+                ("bucket", Plain("_id")),
+                ("count", Plain("count")),
+                ("min", Plain("min")),
+                ("avg", Rounded("avg")),
+                ("max", Plain("max")),
+            ];
+            Ok(Rows::from_documents(
+                &columns,
+                &documents,
+                nothing_on(topic, *since, until),
+            ))
         }
         Query::Status => {
             let pipeline = [
@@ -283,28 +264,70 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
                 } },
                 doc! { "$sort": { "_id": 1 } },
             ];
-            let documents: Vec<Document> = db
-                .collection::<Document>(STATUS)
-                .aggregate(pipeline)
-                .await?
-                .try_collect()
-                .await?;
-            Ok(Rows {
-                columns: vec!["device", "status", "since"],
-                rows: documents
-                    .iter()
-                    .map(|d| {
-                        vec![
-                            json(d.get("_id")),
-                            json(d.get("status")),
-                            json(d.get("since")),
-                        ]
-                    })
-                    .collect(),
-                empty: "no device status stored yet".into(),
-            })
+            let status = db.collection::<Document>(STATUS);
+            let documents: Vec<Document> = status.aggregate(pipeline).await?.try_collect().await?;
+            let columns = [
+                ("device", Plain("_id")),
+                ("status", Plain("status")),
+                ("since", Plain("since")),
+            ];
+            Ok(Rows::from_documents(
+                &columns,
+                &documents,
+                "no device status stored yet".into(),
+            ))
         }
     }
+}
+
+/// How a column is read from a result document.
+enum Field {
+    /// The field as it is.
+    Plain(&'static str),
+    /// A number rounded to the two decimals of the readings.
+    Rounded(&'static str),
+    /// The raw payload of a flagged document (`raw` or `raw_base64`).
+    Raw,
+}
+
+impl Rows {
+    fn from_documents(
+        columns: &[(&'static str, Field)],
+        documents: &[Document],
+        empty: String,
+    ) -> Rows {
+        let value = |document: &Document, field: &Field| match field {
+            Field::Plain(name) => json(document.get(name)),
+            Field::Rounded(name) => match document.get(name) {
+                Some(Bson::Double(number)) => {
+                    json(Some(&Bson::Double((number * 100.0).round() / 100.0)))
+                }
+                other => json(other),
+            },
+            Field::Raw => json(document.get("raw").or_else(|| document.get("raw_base64"))),
+        };
+        Rows {
+            columns: columns.iter().map(|(name, _)| *name).collect(),
+            rows: documents
+                .iter()
+                .map(|document| {
+                    columns
+                        .iter()
+                        .map(|(_, field)| value(document, field))
+                        .collect()
+                })
+                .collect(),
+            empty,
+        }
+    }
+}
+
+fn nothing_on(topic: &str, since: DateTime<Utc>, until: DateTime<Utc>) -> String {
+    format!(
+        "no readings on {topic} from {} to {}",
+        format_time(since),
+        format_time(until)
+    )
 }
 
 fn time_range(since: DateTime<Utc>, until: DateTime<Utc>) -> Document {
@@ -332,19 +355,6 @@ fn date_text(text: &str) -> Option<Value> {
     let inner = text.strip_prefix("{\"$date\":\"")?.strip_suffix("\"}")?;
     let time = DateTime::parse_from_rfc3339(inner).ok()?;
     Some(Value::String(format_time(time.with_timezone(&Utc))))
-}
-
-/// An average, rounded to the two decimals of the readings.
-fn rounded(value: Option<&Bson>) -> Value {
-    match value {
-        Some(Bson::Double(number)) => json(Some(&Bson::Double((number * 100.0).round() / 100.0))),
-        other => json(other),
-    }
-}
-
-/// The raw payload of a flagged document.
-fn raw(document: &Document) -> Value {
-    json(document.get("raw").or_else(|| document.get("raw_base64")))
 }
 
 /// Prints `rows` in `format`.
