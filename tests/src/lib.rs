@@ -125,34 +125,9 @@ impl Broker {
             self.name
         );
         let mut command = Command::new("mosquitto");
-        command
-            .arg("-c")
-            .arg(self.conf_dir.join("mosquitto.conf"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = command
-            .spawn()
-            .expect("cannot start mosquitto: is it installed? (scripts/test installs it)");
-        // The broker's log is read for as long as it runs; nothing waits for its end.
-        let _ = self.log.capture(child.stdout.take());
-        let _ = self.log.capture(child.stderr.take());
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                self.process = Some(child);
-                return true;
-            }
-            if child.try_wait().ok().flatten().is_some() || tokio::time::Instant::now() > deadline {
-                let _ = child.kill().await;
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        command.arg("-c").arg(self.conf_dir.join("mosquitto.conf"));
+        self.process = start_server(command, self.port, &self.log).await;
+        self.process.is_some()
     }
 
     /// Stops the broker abruptly (SIGKILL), as a crash or power loss would.
@@ -176,6 +151,41 @@ impl Broker {
     /// What the broker logged so far.
     pub fn log(&self) -> String {
         self.log.text()
+    }
+}
+
+/// Starts a server process and waits until it accepts connections on `port`; None if it
+/// exited (a port taken meanwhile, say) or did not listen within [`WAIT`]. Its output is
+/// read into `log` for as long as it runs.
+async fn start_server(mut command: Command, port: u16, log: &Output) -> Option<Child> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let program = command
+        .as_std()
+        .get_program()
+        .to_string_lossy()
+        .into_owned();
+    let mut child = command.spawn().unwrap_or_else(|error| {
+        panic!("cannot start {program}: {error} (scripts/test installs what the tests need)")
+    });
+    let _ = log.capture(child.stdout.take());
+    let _ = log.capture(child.stderr.take());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Some(child);
+        }
+        if child.try_wait().ok().flatten().is_some() || tokio::time::Instant::now() > deadline {
+            let _ = child.kill().await;
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -586,32 +596,9 @@ impl MongoServer {
                 .arg(dir.join("server.pid"))
                 .args(["--host", "127.0.0.1", "--port"]);
         }
-        command
-            .arg(own.port.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|error| panic!("cannot start {}: {error}", own.program.display()));
-        let _ = own.log.capture(child.stdout.take());
-        let _ = own.log.capture(child.stderr.take());
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", own.port))
-                .await
-                .is_ok()
-            {
-                own.process = Some(child);
-                return true;
-            }
-            if child.try_wait().ok().flatten().is_some() || tokio::time::Instant::now() > deadline {
-                let _ = child.kill().await;
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        command.arg(own.port.to_string());
+        own.process = start_server(command, own.port, &own.log).await;
+        own.process.is_some()
     }
 
     /// Stops the test's own server (SIGTERM, then SIGKILL if it lingers); its data stays.
