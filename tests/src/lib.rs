@@ -510,6 +510,28 @@ impl Service {
         }
     }
 
+    /// Waits for the process to exit by itself and asserts it succeeded.
+    pub async fn expect_success(&mut self) {
+        let status = self.wait_exit().await;
+        assert!(
+            status.success(),
+            "{} exited with {status}:\n{}",
+            self.name,
+            self.stderr()
+        );
+    }
+
+    /// Stops the process with SIGTERM and asserts it exited cleanly (status 0).
+    pub async fn stop_cleanly(&mut self) {
+        let status = self.terminate().await;
+        assert!(
+            status.success(),
+            "{} stopped with {status}:\n{}",
+            self.name,
+            self.stderr()
+        );
+    }
+
     /// Sends SIGTERM (what `docker stop` sends) and waits for the exit.
     pub async fn terminate(&mut self) -> ExitStatus {
         signal(self.child.as_ref().expect("process handle"), "TERM");

@@ -33,16 +33,8 @@ async fn sensor_readings_cross_the_bridge_on_the_seed_topics_retained() {
     let args = ["--count", "3", "--interval", "0.05"];
     let mut temperature = brokers.start_edge("temperature-sensor", &args);
     let mut pressure = brokers.start_edge("pressure-sensor", &args);
-    assert!(
-        temperature.wait_exit().await.success(),
-        "{}",
-        temperature.stderr()
-    );
-    assert!(
-        pressure.wait_exit().await.success(),
-        "{}",
-        pressure.stderr()
-    );
+    temperature.expect_success().await;
+    pressure.expect_success().await;
 
     let (mut temperatures, mut pressures) = (Vec::new(), Vec::new());
     while temperatures.len() < 3 || pressures.len() < 3 {
@@ -88,7 +80,7 @@ async fn json_readings_count_seq_from_one_within_one_boot() {
         "pres-0042",
     ];
     let mut sensor = brokers.start_edge("pressure-sensor", &args);
-    assert!(sensor.wait_exit().await.success(), "{}", sensor.stderr());
+    sensor.expect_success().await;
 
     let mut readings = Vec::new();
     for _ in 0..4 {
@@ -134,8 +126,7 @@ async fn print_published(brokers: &Brokers, args: &[&str]) -> Vec<String> {
             .publish("/sensor/temperature", QoS::AtLeastOnce, false, payload)
             .await;
     }
-    let status = subscriber.wait_exit().await;
-    assert!(status.success(), "{status}: {}", subscriber.stderr());
+    subscriber.expect_success().await;
     subscriber.stdout_lines()
 }
 
@@ -207,8 +198,7 @@ async fn device_status_leaves_offline_on_the_cloud_when_killed_or_stopped() {
         text(&TestClient::retained(brokers.cloud.port, "/device/status").await),
         "online"
     );
-    let status = device.terminate().await;
-    assert!(status.success(), "{status}: {}", device.stderr());
+    device.stop_cleanly().await;
     assert_eq!(next_status(&mut cloud).await, "offline");
     assert_eq!(
         text(&TestClient::retained(brokers.cloud.port, "/device/status").await),
@@ -231,11 +221,7 @@ async fn subscriber_session_keeps_what_was_published_while_it_was_stopped() {
 
     let mut subscriber = brokers.start_edge("mqtt-subscriber", &session);
     subscriber.wait_for_log("subscribed").await;
-    assert!(
-        subscriber.terminate().await.success(),
-        "{}",
-        subscriber.stderr()
-    );
+    subscriber.stop_cleanly().await;
 
     let mut publisher = TestClient::connect(port, "temperature-sensor").await;
     for n in 1..=5 {
@@ -267,13 +253,13 @@ async fn subscriber_session_keeps_what_was_published_while_it_was_stopped() {
         "mqtt-subscriber",
         &[&session[..], &["--count", "2"]].concat(),
     );
-    assert!(first.wait_exit().await.success(), "{}", first.stderr());
+    first.expect_success().await;
     assert_eq!(payloads(&first), ["1", "2"]);
     let mut second = brokers.start_edge(
         "mqtt-subscriber",
         &[&session[..], &["--count", "3"]].concat(),
     );
-    assert!(second.wait_exit().await.success(), "{}", second.stderr());
+    second.expect_success().await;
     assert_eq!(payloads(&second), ["3", "4", "5"]);
 }
 
@@ -317,11 +303,7 @@ async fn brokers_refuse_wrong_passwords_anonymous_clients_and_foreign_topics() {
         "--no-retain",
     ];
     let mut intruder = brokers.start_edge("temperature-sensor", &forbidden);
-    assert!(
-        intruder.wait_exit().await.success(),
-        "{}",
-        intruder.stderr()
-    );
+    intruder.expect_success().await;
     let mut reader = TestClient::connect(port, "mqtt-subscriber").await;
     reader
         .publish("/sensor/temperature", QoS::AtLeastOnce, false, b"forged")
@@ -336,7 +318,7 @@ async fn brokers_refuse_wrong_passwords_anonymous_clients_and_foreign_topics() {
         "json",
     ];
     let mut sensor = brokers.start_edge("temperature-sensor", &allowed);
-    assert!(sensor.wait_exit().await.success(), "{}", sensor.stderr());
+    sensor.expect_success().await;
     let message = observer.next_message().await;
     assert_eq!(message.topic, "/sensor/temperature");
     assert!(
@@ -382,7 +364,7 @@ async fn a_sensor_reconnects_when_its_broker_comes_back() {
     assert!(seq(after.next_message().await) > last_before);
     sensor.wait_for_log("reconnected").await;
     assert!(sensor.is_running(), "{}", sensor.stderr());
-    assert!(sensor.terminate().await.success(), "{}", sensor.stderr());
+    sensor.stop_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -401,8 +383,7 @@ async fn the_subscriber_subscribes_again_when_the_broker_lost_its_session() {
     publisher
         .publish("/sensor/temperature", QoS::AtLeastOnce, false, b"21.50")
         .await;
-    let status = subscriber.wait_exit().await;
-    assert!(status.success(), "{status}: {}", subscriber.stderr());
+    subscriber.expect_success().await;
     let lines = subscriber.stdout_lines();
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(

@@ -113,7 +113,7 @@ async fn sensor_readings_are_stored_exactly_once_across_a_sensor_restart() {
     // Two runs of one device: the second starts again at seq 1 under a new boot.
     for _ in 0..2 {
         let mut sensor = start_sensor(&brokers, "t-1", "200");
-        assert!(sensor.wait_exit().await.success(), "{}", sensor.stderr());
+        sensor.expect_success().await;
     }
     wait_for_readings(&db, doc! { "device": "t-1" }, 400).await;
     let seqs = stored_seqs(&db, "t-1").await;
@@ -135,11 +135,7 @@ async fn sensor_readings_are_stored_exactly_once_across_a_sensor_restart() {
         .get_f64("value")
         .is_ok_and(|v| (20.0..=30.0).contains(&v)));
     assert!(reading.get_datetime("ts").is_ok() && reading.get_datetime("received_at").is_ok());
-    assert!(
-        persister.terminate().await.success(),
-        "{}",
-        persister.stderr()
-    );
+    persister.stop_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,14 +156,10 @@ async fn a_persister_killed_mid_stream_loses_nothing_and_stores_nothing_twice() 
     let mut persister = brokers.start_persister(&mongo, &[]);
     persister.wait_for_log("connected").await;
 
-    assert!(sensor.wait_exit().await.success(), "{}", sensor.stderr());
+    sensor.expect_success().await;
     wait_for_readings(&db, doc! { "device": "t-2" }, 3000).await;
     assert_exactly_once(&stored_seqs(&db, "t-2").await, 3000);
-    assert!(
-        persister.terminate().await.success(),
-        "{}",
-        persister.stderr()
-    );
+    persister.stop_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,15 +202,11 @@ async fn a_database_outage_loses_nothing_and_the_persister_keeps_running() {
         mongo.log()
     );
 
-    assert!(sensor.wait_exit().await.success(), "{}", sensor.stderr());
+    sensor.expect_success().await;
     wait_for_readings(&db, doc! { "device": "t-3" }, 1500).await;
     assert_exactly_once(&stored_seqs(&db, "t-3").await, 1500);
     assert!(persister.is_running(), "{}", persister.stderr());
-    assert!(
-        persister.terminate().await.success(),
-        "{}",
-        persister.stderr()
-    );
+    persister.stop_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,11 +252,7 @@ async fn every_payload_is_stored_once_as_a_reading_or_flagged_raw() {
         1
     );
     assert!(persister.is_running(), "{}", persister.stderr());
-    assert!(
-        persister.terminate().await.success(),
-        "{}",
-        persister.stderr()
-    );
+    persister.stop_cleanly().await;
     assert!(
         persister.stderr().contains("unparsed=2"),
         "{}",
@@ -289,7 +273,7 @@ async fn a_retained_reading_is_stored_once_however_often_it_is_replayed() {
 
     let mut first = persister_ready(&brokers, &mongo, &["--client-id", "first"]).await;
     wait_for_readings(&db, doc! { "value": 24.0 }, 1).await;
-    assert!(first.terminate().await.success(), "{}", first.stderr());
+    first.stop_cleanly().await;
 
     // A new session gets the retained reading replayed: it is not stored again.
     let mut second = persister_ready(
@@ -300,7 +284,7 @@ async fn a_retained_reading_is_stored_once_however_often_it_is_replayed() {
     .await;
     second.wait_for_log("skipped=1").await;
     assert_eq!(count(&db, doc! {}).await, 1);
-    assert!(second.terminate().await.success(), "{}", second.stderr());
+    second.stop_cleanly().await;
 }
 
 /// The number after `in=` in the last statistics line of a persister's log.
@@ -331,12 +315,12 @@ async fn two_replicas_share_the_stream_and_store_each_reading_once() {
     .await;
 
     let mut sensor = start_sensor(&brokers, "t-5", "1000");
-    assert!(sensor.wait_exit().await.success(), "{}", sensor.stderr());
+    sensor.expect_success().await;
     wait_for_readings(&db, doc! { "device": "t-5" }, 1000).await;
     assert_exactly_once(&stored_seqs(&db, "t-5").await, 1000);
 
-    assert!(a.terminate().await.success(), "{}", a.stderr());
-    assert!(b.terminate().await.success(), "{}", b.stderr());
+    a.stop_cleanly().await;
+    b.stop_cleanly().await;
     let (from_a, from_b) = (messages_in(&a.stderr()), messages_in(&b.stderr()));
     assert!(
         from_a > 0 && from_b > 0,
