@@ -4,7 +4,9 @@
 #   mosquitto/setup.sh local|cloud OUT_DIR
 #
 # Writes OUT_DIR/mosquitto.conf, OUT_DIR/acl and OUT_DIR/passwd (hashed with
-# mosquitto_passwd), and creates the persistence folder. Passwords come from the
+# mosquitto_passwd), and creates the persistence folder. The cloud broker gets a TLS
+# listener for the bridge; its certificates are made by mosquitto/certs.sh when the
+# certificates folder has none. Passwords come from the
 # environment (export them from .env); a missing one is an error, never an empty
 # password. Run as root, it hands the files to the `mosquitto` user, which the broker
 # drops to and which must be able to read them.
@@ -13,9 +15,15 @@
 #   MQTT_LISTEN_PORT      listener port (default 1883)
 #   MQTT_LISTEN_ADDRESS   address to bind (default: all interfaces)
 #   MQTT_DATA_DIR         persistence folder (default OUT_DIR/data)
+#   MQTT_CERTS_DIR        TLS certificates, shared by both brokers (default OUT_DIR/../certs):
+#                         ca.crt for both, server.crt and server.key for the cloud broker
+#   cloud broker only:
+#     MQTT_TLS_PORT       the TLS listener's port (default 8883), on MQTT_LISTEN_ADDRESS
+#     CLOUD_TLS_NAMES     names in a generated certificate (default: mosquitto-cloud
+#                         localhost 127.0.0.1); the bridge must use one of them
 #   local broker only:
 #     CLOUD_BRIDGE_HOST   cloud broker host for the bridge (default localhost)
-#     CLOUD_BRIDGE_PORT   its port (default 1883)
+#     CLOUD_BRIDGE_PORT   its TLS port (default 8883)
 #     BRIDGE_CLIENT_ID    the bridge's client id on the cloud broker, unique per edge site
 #                         (default edge-bridge)
 #   passwords, local:  TEMPERATURE_SENSOR_PASSWORD PRESSURE_SENSOR_PASSWORD
@@ -55,17 +63,26 @@ data=${MQTT_DATA_DIR:-$out/data}
 mkdir -p "$data"
 
 listener="listener ${MQTT_LISTEN_PORT:-1883}${MQTT_LISTEN_ADDRESS:+ $MQTT_LISTEN_ADDRESS}"
+tls_listener="listener ${MQTT_TLS_PORT:-8883}${MQTT_LISTEN_ADDRESS:+ $MQTT_LISTEN_ADDRESS}"
+certs=${MQTT_CERTS_DIR:-$out/../certs}
 bridge_password=""
 if [ "$broker" = local ]; then
   bridge_password=$(password_of bridge)
+  [ -f "$certs/ca.crt" ] || die "no $certs/ca.crt: set up the cloud broker first (it makes the certificates) or put the cloud's CA there"
+else
+  # shellcheck disable=SC2086 # the names are words on purpose
+  "$here/certs.sh" "$certs" ${CLOUD_TLS_NAMES:-}
 fi
+certs=$(cd "$certs" && pwd)
 
 old_umask=$(umask)
 umask 077
 sed -e "s|@LISTENER@|$(sed_escape "$listener")|" \
+    -e "s|@TLS_LISTENER@|$(sed_escape "$tls_listener")|" \
+    -e "s|@CERTS_DIR@|$(sed_escape "$certs")|g" \
     -e "s|@CONF_DIR@|$(sed_escape "$out")|g" \
     -e "s|@DATA_DIR@|$(sed_escape "$data")|g" \
-    -e "s|@CLOUD_ADDRESS@|$(sed_escape "${CLOUD_BRIDGE_HOST:-localhost}:${CLOUD_BRIDGE_PORT:-1883}")|g" \
+    -e "s|@CLOUD_ADDRESS@|$(sed_escape "${CLOUD_BRIDGE_HOST:-localhost}:${CLOUD_BRIDGE_PORT:-8883}")|g" \
     -e "s|@BRIDGE_CLIENT_ID@|$(sed_escape "${BRIDGE_CLIENT_ID:-edge-bridge}")|g" \
     -e "s|@BRIDGE_PASSWORD@|$(sed_escape "$bridge_password")|g" \
     "$here/$broker.conf.template" > "$out/mosquitto.conf"
@@ -83,8 +100,13 @@ umask "$old_umask"
 # that it can reach them (a parent folder such as /root, mode 0700, would stop it).
 if [ "$(id -u)" = 0 ] && id mosquitto >/dev/null 2>&1; then
   chown -R mosquitto: "$out" "$data"
-  if ! su -s /bin/sh mosquitto -c "test -r '$out/passwd' && test -r '$out/acl' && test -w '$data'" 2>/dev/null; then
+  [ "$broker" = local ] || chown mosquitto: "$certs/server.key"
+  if ! su -s /bin/sh mosquitto -c "test -r '$out/passwd' && test -r '$out/acl' && test -w '$data' && test -r '$certs/ca.crt'" 2>/dev/null; then
     die "the mosquitto user cannot read $out or write $data: every parent folder needs o+x (chmod o+x DIR), or choose an OUT_DIR it can reach"
   fi
 fi
-echo "mosquitto/setup.sh: $broker broker configured in $out ($listener)" >&2
+if [ "$broker" = cloud ]; then
+  echo "mosquitto/setup.sh: cloud broker configured in $out ($listener; TLS $tls_listener)" >&2
+else
+  echo "mosquitto/setup.sh: local broker configured in $out ($listener; bridge to ${CLOUD_BRIDGE_HOST:-localhost}:${CLOUD_BRIDGE_PORT:-8883} over TLS)" >&2
+fi

@@ -72,6 +72,8 @@ pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
 pub struct Broker {
     pub name: &'static str,
     pub port: u16,
+    /// The TLS listener's port (the cloud broker's, for the bridge).
+    pub tls_port: Option<u16>,
     conf_dir: PathBuf,
     process: Option<Child>,
     log: Output,
@@ -84,6 +86,8 @@ impl Broker {
         let mut last_log = String::new();
         for _ in 0..5 {
             let port = free_port();
+            // The cloud broker has a TLS listener for the bridge too.
+            let tls_port = (name == "cloud").then(free_port);
             let conf_dir = root.join(name);
             let mut setup = std::process::Command::new(repo_root().join("mosquitto/setup.sh"));
             setup
@@ -91,6 +95,9 @@ impl Broker {
                 .arg(&conf_dir)
                 .env("MQTT_LISTEN_PORT", port.to_string())
                 .env("MQTT_LISTEN_ADDRESS", "127.0.0.1");
+            if let Some(tls_port) = tls_port {
+                setup.env("MQTT_TLS_PORT", tls_port.to_string());
+            }
             for user in USERS {
                 setup.env(password_variable(user), password(user));
             }
@@ -105,6 +112,7 @@ impl Broker {
             let mut broker = Broker {
                 name,
                 port,
+                tls_port,
                 conf_dir,
                 process: None,
                 log: Output::default(),
@@ -151,6 +159,13 @@ impl Broker {
     /// What the broker logged so far.
     pub fn log(&self) -> String {
         self.log.text()
+    }
+
+    /// Waits until a line of the broker's log contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str) {
+        self.log
+            .wait_for(needle, 1, &format!("the {} broker", self.name))
+            .await;
     }
 }
 
@@ -226,9 +241,17 @@ impl Brokers {
     }
 }
 
-/// Starts a cloud broker, then an edge broker bridged to it, and waits until the
-/// bridge is connected.
+/// Starts a cloud broker, then an edge broker bridged to it over TLS, and waits until
+/// the bridge is connected.
 pub async fn spawn_brokers() -> Brokers {
+    let brokers = start_brokers(&[]).await;
+    brokers.wait_for_bridge().await;
+    brokers
+}
+
+/// Starts a cloud broker, then an edge broker bridged to it with `local_env` added to
+/// its set-up, without waiting for the bridge.
+pub async fn start_brokers(local_env: &[(&str, String)]) -> Brokers {
     let dir = tempfile::Builder::new()
         .prefix("iot-e2e-")
         .tempdir()
@@ -236,18 +259,24 @@ pub async fn spawn_brokers() -> Brokers {
     // Mosquitto started as root drops to the `mosquitto` user, who must reach the files.
     set_mode(dir.path(), 0o755);
     let cloud = Broker::spawn("cloud", dir.path(), &[]).await;
-    let local = Broker::spawn(
-        "local",
-        dir.path(),
-        &[
-            ("CLOUD_BRIDGE_HOST", "127.0.0.1".to_string()),
-            ("CLOUD_BRIDGE_PORT", cloud.port.to_string()),
-        ],
-    )
-    .await;
-    let brokers = Brokers { local, cloud, dir };
-    brokers.wait_for_bridge().await;
-    brokers
+    let bridge_port = cloud.tls_port.expect("the cloud broker's TLS port");
+    let mut env = vec![
+        ("CLOUD_BRIDGE_HOST", "127.0.0.1".to_string()),
+        ("CLOUD_BRIDGE_PORT", bridge_port.to_string()),
+    ];
+    env.extend(local_env.iter().cloned());
+    let local = Broker::spawn("local", dir.path(), &env).await;
+    Brokers { local, cloud, dir }
+}
+
+/// Makes a development CA and server certificate in `dir` with `mosquitto/certs.sh`.
+pub fn make_certificates(dir: &Path) {
+    let status = std::process::Command::new(repo_root().join("mosquitto/certs.sh"))
+        .arg(dir)
+        .status()
+        .expect("cannot run mosquitto/certs.sh");
+    assert!(status.success(), "mosquitto/certs.sh failed: {status}");
+    set_mode(dir, 0o755);
 }
 
 impl Brokers {
@@ -307,6 +336,31 @@ impl Output {
 
     fn lines(&self) -> Vec<String> {
         self.lines.lock().expect("output lock").clone()
+    }
+
+    /// Waits until `times` lines contain `needle`; panics naming `who` after [`WAIT`].
+    async fn wait_for(&self, needle: &str, times: usize, who: &str) {
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                let changed = self.changed.notified();
+                let seen = self
+                    .lines()
+                    .iter()
+                    .filter(|line| line.contains(needle))
+                    .count();
+                if seen >= times {
+                    return;
+                }
+                // Re-check at least every 100 ms in case a notification slipped by.
+                let _ = tokio::time::timeout(Duration::from_millis(100), changed).await;
+            }
+        })
+        .await;
+        assert!(
+            found.is_ok(),
+            "{who} did not log {needle:?} {times} time(s); it logged:\n{}",
+            self.text()
+        );
     }
 
     fn text(&self) -> String {
@@ -456,29 +510,7 @@ impl Service {
 
     /// Waits until `times` stderr lines contain `needle`.
     pub async fn wait_for_logs(&self, needle: &str, times: usize) {
-        let found = tokio::time::timeout(WAIT, async {
-            loop {
-                let changed = self.stderr.changed.notified();
-                let seen = self
-                    .stderr
-                    .lines()
-                    .iter()
-                    .filter(|line| line.contains(needle))
-                    .count();
-                if seen >= times {
-                    return;
-                }
-                // Re-check at least every 100 ms in case a notification slipped by.
-                let _ = tokio::time::timeout(Duration::from_millis(100), changed).await;
-            }
-        })
-        .await;
-        assert!(
-            found.is_ok(),
-            "{} did not log {needle:?} {times} time(s); it logged:\n{}",
-            self.name,
-            self.stderr()
-        );
+        self.stderr.wait_for(needle, times, &self.name).await;
     }
 
     /// Waits for the process to exit by itself and returns its status.

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use iot_core::payload::{decode, Decoded};
 use rumqttc::{Publish, QoS};
-use tests::{binary, spawn_brokers, Brokers, TestClient};
+use tests::{binary, make_certificates, spawn_brokers, start_brokers, Brokers, TestClient};
 
 fn text(message: &Publish) -> String {
     String::from_utf8(message.payload.to_vec()).expect("UTF-8 payload")
@@ -389,6 +389,36 @@ async fn the_subscriber_subscribes_again_when_the_broker_lost_its_session() {
     assert!(
         lines[0].ends_with(" /sensor/temperature 21.50"),
         "{lines:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_runs_over_tls_and_refuses_a_certificate_from_another_ca() {
+    // The usual pair: the bridge reaches the cloud broker on its TLS listener.
+    let brokers = spawn_brokers().await;
+    let tls_port = brokers.cloud.tls_port.expect("TLS port");
+    brokers
+        .cloud
+        .wait_for_log(&format!("on port {tls_port}"))
+        .await;
+    brokers.cloud.wait_for_log("New bridge connected").await;
+
+    // An edge broker that trusts another CA refuses the cloud's certificate.
+    let other_ca = tempfile::tempdir().expect("tempdir");
+    make_certificates(other_ca.path());
+    let env = [("MQTT_CERTS_DIR", other_ca.path().display().to_string())];
+    let brokers = start_brokers(&env).await;
+    brokers
+        .local
+        .wait_for_log("certificate verify failed")
+        .await;
+    let mut watcher = TestClient::connect(brokers.local.port, "mqtt-subscriber").await;
+    watcher.subscribe("$SYS/broker/connection/+/state").await;
+    assert_eq!(watcher.next_message().await.payload.as_ref(), b"0");
+    assert!(
+        !brokers.cloud.log().contains("New bridge connected"),
+        "{}",
+        brokers.cloud.log()
     );
 }
 

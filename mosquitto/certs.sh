@@ -1,0 +1,45 @@
+#!/bin/sh
+# Generates a development CA and the cloud broker's TLS certificate, once.
+#
+#   mosquitto/certs.sh CERTS_DIR [NAME ...]
+#
+# NAMEs are the host names and IP addresses the edge bridge reaches the cloud broker by
+# (default: mosquitto-cloud localhost 127.0.0.1); the certificate names them all, and
+# the bridge verifies it against the CA. Existing files are kept: to use real
+# certificates, put ca.crt, server.crt and server.key in CERTS_DIR instead.
+set -eu
+die() { echo "mosquitto/certs.sh: $*" >&2; exit 2; }
+
+[ $# -ge 1 ] || die "usage: certs.sh CERTS_DIR [NAME ...]"
+dir=$1
+shift
+[ $# -gt 0 ] || set -- mosquitto-cloud localhost 127.0.0.1
+command -v openssl >/dev/null 2>&1 || die "openssl not found: install it (apt-get install openssl)"
+
+mkdir -p "$dir"
+if [ -f "$dir/ca.crt" ] && [ -f "$dir/server.crt" ] && [ -f "$dir/server.key" ]; then
+  exit 0
+fi
+
+san=""
+for name in "$@"; do
+  case $name in
+    *[!0-9.]*) entry="DNS:$name" ;;
+    *) entry="IP:$name" ;;
+  esac
+  san="${san:+$san,}$entry"
+done
+
+old_umask=$(umask)
+umask 077
+openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=IoT pipeline development CA" \
+  -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj "/CN=$1" \
+  -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
+printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth\n' "$san" > "$dir/server.ext"
+openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+  -days 825 -extfile "$dir/server.ext" -out "$dir/server.crt" 2>/dev/null
+rm -f "$dir/server.csr" "$dir/server.ext" "$dir/ca.srl"
+umask "$old_umask"
+chmod 644 "$dir/ca.crt" "$dir/server.crt"
+echo "mosquitto/certs.sh: development certificates for $* in $dir" >&2
