@@ -885,6 +885,23 @@ impl TestClient {
         }
     }
 
+    /// Every message the broker sent this client before it answered one more request:
+    /// the broker answers in order, so what it had queued for the client comes first.
+    pub async fn messages_so_far(&mut self) -> Vec<Publish> {
+        self.client
+            .unsubscribe("$test/barrier/never-subscribed")
+            .await
+            .expect("unsubscribe request");
+        let mut messages: Vec<Publish> = self.early.drain(..).collect();
+        loop {
+            match self.next_packet().await {
+                Packet::UnsubAck(_) => return messages,
+                Packet::Publish(publish) => messages.push(publish),
+                _ => {}
+            }
+        }
+    }
+
     /// The retained message of `topic`, as a new subscriber gets it.
     pub async fn retained(port: u16, topic: &str) -> Publish {
         let mut client = TestClient::connect(port, "mqtt-subscriber").await;

@@ -321,11 +321,31 @@ async fn brokers_refuse_wrong_passwords_anonymous_clients_and_foreign_topics() {
     sensor.expect_success().await;
     let message = observer.next_message().await;
     assert_eq!(message.topic, "/sensor/temperature");
+    assert!(observer.messages_so_far().await.is_empty());
     assert!(
         matches!(decode(&message.payload), Ok(Decoded::Json(_))),
         "got {:?}",
         message.payload
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sensor_user_reads_nothing_even_subscribed_to_everything() {
+    let brokers = spawn_brokers().await;
+    let port = brokers.local.port;
+    // Mosquitto grants the subscription and filters every message by the ACL.
+    let mut snoop = TestClient::connect(port, "temperature-sensor").await;
+    snoop.subscribe("#").await;
+    let mut reader = TestClient::connect(port, "mqtt-subscriber").await;
+    reader.subscribe("#").await;
+
+    let mut pressure = TestClient::connect(port, "pressure-sensor").await;
+    pressure
+        .publish("/sensor/pressure", QoS::AtLeastOnce, false, b"1001.00")
+        .await;
+    assert_eq!(reader.next_message().await.payload.as_ref(), b"1001.00");
+    let seen = snoop.messages_so_far().await;
+    assert!(seen.is_empty(), "the sensor user read {seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

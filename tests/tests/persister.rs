@@ -287,6 +287,34 @@ async fn a_retained_reading_is_stored_once_however_often_it_is_replayed() {
     second.stop_cleanly().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_password_never_reaches_the_log() {
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let port = mongo.uri().rsplit(':').next().expect("port").to_string();
+    let uri = format!("mongodb://app:s3cret-pw@127.0.0.1:{port}/?authSource=admin");
+    let env = [
+        ("MONGODB_URI", uri),
+        ("MONGODB_DATABASE", mongo.database_name().to_string()),
+        ("MONGODB_TIMEOUT", "1".to_string()),
+    ];
+    let mut persister = tests::spawn_service_with_env(
+        "mongo-persister",
+        brokers.dir(),
+        brokers.cloud.port,
+        Some("mongo-persister"),
+        &[],
+        &env,
+    );
+    // Whether the server takes the credentials or not, the address is logged redacted.
+    persister.wait_for_log("mongodb://app:***@127.0.0.1").await;
+    persister.stop_cleanly().await;
+    assert!(
+        !persister.stderr().contains("s3cret-pw"),
+        "{}",
+        persister.stderr()
+    );
+}
+
 /// The number after `in=` in the last statistics line of a persister's log.
 fn messages_in(log: &str) -> u64 {
     log.lines()
