@@ -14,12 +14,12 @@ die() { echo "mosquitto/certs.sh: $*" >&2; exit 2; }
 dir=$1
 shift
 [ $# -gt 0 ] || set -- mosquitto-cloud localhost 127.0.0.1
-command -v openssl >/dev/null 2>&1 || die "openssl not found: install it (apt-get install openssl)"
 
 mkdir -p "$dir"
 if [ -f "$dir/ca.crt" ] && [ -f "$dir/server.crt" ] && [ -f "$dir/server.key" ]; then
   exit 0
 fi
+command -v openssl >/dev/null 2>&1 || die "openssl not found: install it (apt-get install openssl)"
 
 san=""
 for name in "$@"; do

@@ -1,0 +1,203 @@
+//! What can be checked of the docker compose stack without a Docker engine: the file
+//! resolves with `.env.example`, every built service runs a binary the image has, every
+//! mounted file exists, the brokers run the same `mosquitto/` set-up as the native
+//! tests, and only the ports a user needs are published.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use yaml_rust2::{Yaml, YamlLoader};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository")
+        .to_path_buf()
+}
+
+/// `docker compose` when the plugin is there, else Debian's `docker-compose`.
+fn compose() -> Command {
+    let plugin = Command::new("docker")
+        .args(["compose", "version"])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    let mut command = if plugin {
+        let mut command = Command::new("docker");
+        command.arg("compose");
+        command
+    } else {
+        Command::new("docker-compose")
+    };
+    command
+        .current_dir(repo())
+        .args(["--env-file", ".env.example", "-f", "compose.yaml"]);
+    command
+}
+
+/// The configuration as compose resolves it (anchors merged, variables filled in).
+fn resolved() -> Yaml {
+    let output = compose()
+        .arg("config")
+        .output()
+        .expect("no docker compose: install docker-compose (scripts/test does)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "compose.yaml does not resolve: {stderr}"
+    );
+    assert!(!stderr.contains("WARN"), "compose warns: {stderr}");
+    let text = String::from_utf8(output.stdout).expect("utf-8");
+    YamlLoader::load_from_str(&text)
+        .expect("compose prints YAML")
+        .remove(0)
+}
+
+fn services(config: &Yaml) -> Vec<(String, Yaml)> {
+    config["services"]
+        .as_hash()
+        .expect("services")
+        .iter()
+        .map(|(name, service)| (name.as_str().expect("name").to_string(), service.clone()))
+        .collect()
+}
+
+fn strings(value: &Yaml) -> Vec<String> {
+    match value {
+        Yaml::Array(items) => items
+            .iter()
+            .filter_map(|item| item.as_str().map(String::from))
+            .collect(),
+        Yaml::String(text) => vec![text.clone()],
+        _ => Vec::new(),
+    }
+}
+
+#[test]
+fn every_built_service_runs_a_binary_of_the_workspace_that_the_image_has() {
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
+    let mut binaries = BTreeSet::new();
+    for (name, service) in services(&resolved()) {
+        if service["build"].is_badvalue() {
+            continue;
+        }
+        let program = strings(&service["entrypoint"])
+            .into_iter()
+            .chain(strings(&service["command"]))
+            .next()
+            .unwrap_or_else(|| panic!("{name} names no program"));
+        if program == "certs.sh" {
+            assert!(dockerfile.contains("COPY mosquitto/certs.sh /usr/local/bin/certs.sh"));
+            continue;
+        }
+        assert!(
+            repo()
+                .join("crates")
+                .join(&program)
+                .join("src/main.rs")
+                .is_file(),
+            "{name} runs {program}, which is no binary of the workspace"
+        );
+        assert!(
+            dockerfile.contains(&format!("/src/target/release/{program}")),
+            "the image lacks {program}"
+        );
+        binaries.insert(program);
+    }
+    let expected = [
+        "device-status",
+        "mongo-persister",
+        "mqtt-subscriber",
+        "pressure-sensor",
+        "readings",
+        "temperature-sensor",
+    ];
+    assert_eq!(binaries, expected.iter().map(|b| b.to_string()).collect());
+}
+
+#[test]
+fn every_mounted_file_exists_and_the_brokers_run_the_native_set_up() {
+    let config = resolved();
+    for (name, service) in services(&config) {
+        for volume in strings(&service["volumes"]) {
+            let source = volume.split(':').next().expect("source");
+            if source.starts_with('/') {
+                assert!(
+                    Path::new(source).exists(),
+                    "{name} mounts {source}, which does not exist"
+                );
+            }
+        }
+    }
+    for (name, side) in [("mosquitto-local", "local"), ("mosquitto-cloud", "cloud")] {
+        let service = &config["services"][name];
+        assert_eq!(service["image"].as_str(), Some("eclipse-mosquitto:2"));
+        let volumes = strings(&service["volumes"]);
+        let templates = repo().join("mosquitto").display().to_string();
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v.starts_with(&format!("{templates}:/templates"))),
+            "{name} does not mount mosquitto/: {volumes:?}"
+        );
+        let entrypoint = strings(&service["entrypoint"]).join(" ");
+        assert!(
+            entrypoint.contains(&format!("/templates/setup.sh {side} ")),
+            "{name} does not render its configuration with mosquitto/setup.sh: {entrypoint}"
+        );
+    }
+}
+
+#[test]
+fn only_the_ports_a_user_needs_are_published() {
+    let mut published = BTreeSet::new();
+    for (name, service) in services(&resolved()) {
+        for port in service["ports"].as_vec().into_iter().flatten() {
+            let described = match port {
+                Yaml::Hash(_) => format!(
+                    "{}{}:{}",
+                    port["host_ip"]
+                        .as_str()
+                        .map(|ip| format!("{ip}:"))
+                        .unwrap_or_default(),
+                    port["published"]
+                        .as_i64()
+                        .map(|p| p.to_string())
+                        .or_else(|| port["published"].as_str().map(String::from))
+                        .unwrap_or_default(),
+                    port["target"].as_i64().unwrap_or_default()
+                ),
+                other => other.as_str().unwrap_or_default().to_string(),
+            };
+            published.insert(format!("{name} {}", described.trim_end_matches("/tcp")));
+        }
+    }
+    let expected = [
+        "mongo 127.0.0.1:27017:27017",
+        "mosquitto-cloud 8883:8883",
+        "mosquitto-local 1883:1883",
+    ];
+    assert_eq!(published, expected.iter().map(|p| p.to_string()).collect());
+}
+
+#[test]
+fn every_variable_compose_needs_is_in_env_example() {
+    let compose_file = std::fs::read_to_string(repo().join("compose.yaml")).expect("compose.yaml");
+    let example = std::fs::read_to_string(repo().join(".env.example")).expect(".env.example");
+    let defined: BTreeSet<&str> = example
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .filter_map(|line| line.split_once('=').map(|(key, _)| key.trim()))
+        .collect();
+    for part in compose_file.split("${").skip(1) {
+        let name: String = part
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let has_default = part[name.len()..].starts_with(":-");
+        assert!(
+            has_default || defined.contains(name.as_str()),
+            "compose.yaml needs {name}, which .env.example lacks"
+        );
+    }
+}
