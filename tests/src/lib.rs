@@ -40,7 +40,8 @@ const USERS: [&str; 6] = [
     "mongo-persister",
 ];
 
-fn repo_root() -> PathBuf {
+/// The repository's top folder.
+pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ sits in the repository")
@@ -368,6 +369,25 @@ impl Output {
     }
 }
 
+/// Cargo's per-package variables of this test process: a nested `cargo build` that sees
+/// them thinks its inputs changed and rebuilds everything, so remove them from its
+/// environment.
+pub fn cargo_package_variables() -> Vec<String> {
+    let prefixes = [
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "CARGO_CRATE_",
+        "CARGO_BIN_",
+        "CARGO_PRIMARY_",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_",
+    ];
+    std::env::vars()
+        .map(|(key, _)| key)
+        .filter(|key| prefixes.iter().any(|prefix| key.starts_with(prefix)))
+        .collect()
+}
+
 /// The path of a workspace binary. Builds the binaries once per test process, so the
 /// tests run the code as it is now.
 pub fn binary(name: &str) -> PathBuf {
@@ -391,23 +411,8 @@ pub fn binary(name: &str) -> PathBuf {
         {
             build.arg("--release");
         }
-        // Cargo's per-package variables of this test process would make the nested build
-        // think its inputs changed and rebuild everything.
-        for (key, _) in std::env::vars() {
-            if [
-                "CARGO_PKG_",
-                "CARGO_MANIFEST_",
-                "CARGO_CRATE_",
-                "CARGO_BIN_",
-                "CARGO_PRIMARY_",
-                "CARGO_TARGET_TMPDIR",
-                "CARGO_RUSTC_",
-            ]
-            .iter()
-            .any(|prefix| key.starts_with(prefix))
-            {
-                build.env_remove(key);
-            }
+        for key in cargo_package_variables() {
+            build.env_remove(key);
         }
         let status = build.status().expect("cannot run cargo build");
         assert!(status.success(), "cargo build --workspace --bins failed");
@@ -463,36 +468,42 @@ pub fn spawn_service_with_env(
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("RUST_LOG", "info")
         .env(format!("{side}_BROKER"), "127.0.0.1")
-        .env(format!("{side}_PORT"), port.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .env(format!("{side}_PORT"), port.to_string());
     if let Some(user) = user {
         command
             .env(format!("{side}_USERNAME"), user)
             .env(format!("{side}_PASSWORD"), password(user));
     }
     command.envs(env.iter().map(|(key, value)| (key, value)));
-    let mut child = command
-        .spawn()
-        .unwrap_or_else(|error| panic!("cannot start {name}: {error}"));
-    let (stdout, stderr) = (Output::default(), Output::default());
-    let readers = [
-        stdout.capture(child.stdout.take()),
-        stderr.capture(child.stderr.take()),
-    ];
-    Service {
-        name: name.to_string(),
-        child: Some(child),
-        stdout,
-        stderr,
-        readers: readers.into_iter().flatten().collect(),
-        status: None,
-    }
+    Service::spawn(name, command)
 }
 
 impl Service {
+    /// Starts `command` with its output captured; `name` names it in failures.
+    pub fn spawn(name: &str, mut command: Command) -> Service {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {name}: {error}"));
+        let (stdout, stderr) = (Output::default(), Output::default());
+        let readers = [
+            stdout.capture(child.stdout.take()),
+            stderr.capture(child.stderr.take()),
+        ];
+        Service {
+            name: name.to_string(),
+            child: Some(child),
+            stdout,
+            stderr,
+            readers: readers.into_iter().flatten().collect(),
+            status: None,
+        }
+    }
+
     /// Lines written to stdout so far.
     pub fn stdout_lines(&self) -> Vec<String> {
         self.stdout.lines()
@@ -562,6 +573,12 @@ impl Service {
             self.name,
             self.stderr()
         );
+    }
+
+    /// Sends SIGINT (Ctrl-C) and waits for the exit.
+    pub async fn interrupt(&mut self) -> ExitStatus {
+        signal(self.child.as_ref().expect("process handle"), "INT");
+        self.wait_exit().await
     }
 
     /// Sends SIGTERM (what `docker stop` sends) and waits for the exit.
