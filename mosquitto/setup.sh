@@ -99,8 +99,8 @@ umask "$old_umask"
 # Mosquitto started as root drops to the `mosquitto` user: hand it the files, and check
 # that it can reach them (a parent folder such as /root, mode 0700, would stop it).
 if [ "$(id -u)" = 0 ] && id mosquitto >/dev/null 2>&1; then
-  chown -R mosquitto: "$out" "$data"
-  [ "$broker" = local ] || chown mosquitto: "$certs/server.key"
+  chown -R mosquitto:mosquitto "$out" "$data"
+  [ "$broker" = local ] || chown mosquitto:mosquitto "$certs/server.key"
   if ! su -s /bin/sh mosquitto -c "test -r '$out/passwd' && test -r '$out/acl' && test -w '$data' && test -r '$certs/ca.crt'" 2>/dev/null; then
     die "the mosquitto user cannot read $out or write $data: every parent folder needs o+x (chmod o+x DIR), or choose an OUT_DIR it can reach"
   fi
