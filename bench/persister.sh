@@ -14,7 +14,7 @@ N=${1:-3000}
 R=${2:-3}
 
 cargo build --release --quiet --bin mongo-persister --bin temperature-sensor
-bin=target/release
+bin=${CARGO_TARGET_DIR:-target}/release
 work=$(mktemp -d /tmp/iot-bench-XXXXXX)
 chmod 755 "$work"
 pids=()
