@@ -147,6 +147,17 @@ pub fn parse_positive_seconds(value: &str) -> Result<Duration, String> {
     }
 }
 
+/// Parses a positive duration: seconds (`90`, `0.5`) or with a unit (`30s`, `10m`, `2h`).
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let duration = parse_seconds(value)
+        .or_else(|_| humantime::parse_duration(value.trim()).map_err(|_| ()))
+        .map_err(|()| "expected a duration such as 90, 30s, 10m or 2h".to_string())?;
+    if duration.is_zero() {
+        return Err("expected a duration longer than 0".into());
+    }
+    Ok(duration)
+}
+
 /// Parses a path that must name a readable file.
 pub fn parse_existing_file(value: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(value);
@@ -346,6 +357,16 @@ mod tests {
 
         let error = parse(&["--interval=-1"]).expect_err("negative interval");
         assert!(error.contains("--interval"), "{error}");
+    }
+
+    #[test]
+    fn durations_take_seconds_or_units() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("soon").is_err());
     }
 
     #[test]

@@ -4,11 +4,13 @@
 //! MQTT connection that keeps itself alive ([`config`], [`mqtt`]), the payload codec
 //! ([`payload`]), topic names ([`topics`]), the shutdown signal ([`shutdown`]),
 //! tracing set-up ([`logging`]), and the simulated sensor service that the
-//! `temperature-sensor` and `pressure-sensor` binaries run ([`sensor`]); with the
+//! `temperature-sensor` and `pressure-sensor` binaries run ([`sensor`]) with its
+//! fleets of devices ([`fleet`]); with the
 //! `store` feature, the MongoDB schema and settings (`store`).
 
 pub mod backoff;
 pub mod config;
+pub mod fleet;
 pub mod logging;
 pub mod mqtt;
 pub mod payload;

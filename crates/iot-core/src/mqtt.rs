@@ -50,6 +50,8 @@ pub struct Connection {
     driver: Option<JoinHandle<anyhow::Result<()>>>,
     /// QoS 1/2 publishes sent through [`Connection::publish`] and not yet acknowledged.
     unacked: u64,
+    /// QoS 1/2 publishes the broker acknowledged so far.
+    acknowledged: u64,
     /// Whether [`Connection::ack`] sent acknowledgements the broker may not have read yet.
     acks_sent: bool,
 }
@@ -60,7 +62,12 @@ const BARRIER_FILTER: &str = "$iot-pipeline/barrier/never-subscribed";
 impl Connection {
     /// Starts connecting to `broker` with `options` in the background.
     pub fn start(broker: &BrokerSettings, options: MqttOptions) -> Self {
-        let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+        let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+        // rumqttc writes whole batches of packets at once, so Nagle's algorithm only adds
+        // delay: up to 40 ms on the last packets before a pause, against delayed ACKs.
+        let mut network = eventloop.network_options();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         let (tx, events) = mpsc::channel(EVENT_CAPACITY);
         let driver = tokio::spawn(drive(eventloop, tx, broker.clone()));
         Self {
@@ -68,6 +75,7 @@ impl Connection {
             events,
             driver: Some(driver),
             unacked: 0,
+            acknowledged: 0,
             acks_sent: false,
         }
     }
@@ -119,11 +127,30 @@ impl Connection {
             Some(event) => {
                 if let Event::Acked = event {
                     self.unacked = self.unacked.saturating_sub(1);
+                    self.acknowledged += 1;
                 }
                 Ok(event)
             }
             None => Err(self.why_stopped().await),
         }
+    }
+
+    /// How many QoS 1/2 publishes the broker acknowledged so far.
+    pub fn acknowledged(&self) -> u64 {
+        self.acknowledged
+    }
+
+    /// Waits up to `timeout` until the broker acknowledged every QoS 1/2 publish; `false`
+    /// when some are still unacknowledged then. Other events are read and dropped.
+    pub async fn wait_acknowledged(&mut self, timeout: Duration) -> anyhow::Result<bool> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.unacked > 0 {
+            match tokio::time::timeout_at(deadline, self.recv()).await {
+                Ok(event) => drop(event?),
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(true)
     }
 
     /// How many events wait to be read: zero means the service is caught up.

@@ -14,10 +14,11 @@ use clap::{ArgAction, Command, CommandFactory, Parser};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rumqttc::QoS;
-use tokio::time::MissedTickBehavior;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, parse_qos, parse_seconds, BrokerSettings, LocalBroker};
+use crate::config::{self, parse_duration, parse_qos, parse_seconds, BrokerSettings, LocalBroker};
+use crate::fleet::{self, Pacer};
 use crate::mqtt::Connection;
 use crate::payload::{Format, Reading};
 use crate::topics;
@@ -68,15 +69,21 @@ pub const PRESSURE: SensorKind = SensorKind {
 /// [`SensorConfig::command`].
 #[derive(Debug, Clone, Parser)]
 pub struct SensorConfig {
-    /// Topic to publish to
+    /// Topic to publish to; `{device}` in it gives every device its own topic
+    /// (e.g. /sensor/{device}/temperature)
     #[arg(long)]
     pub topic: String,
     /// Quality of service: 0, 1 or 2
     #[arg(long, value_parser = parse_qos, default_value = "0")]
     pub qos: QoS,
-    /// Seconds between readings; fractions allowed, 0 publishes as fast as possible
+    /// Seconds between two readings of one device; fractions allowed, 0 publishes as
+    /// fast as possible
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
     pub interval: Duration,
+    /// Readings per second for the whole process, spread over its devices (instead of
+    /// --interval)
+    #[arg(long, value_name = "PER_SECOND", value_parser = parse_rate, conflicts_with = "interval")]
+    pub rate: Option<f64>,
     /// Publish retained, so a new subscriber gets the last reading at once (default)
     #[arg(long, num_args = 0..=1, default_value = "true", default_missing_value = "true",
           action = ArgAction::Set, overrides_with = "no_retain")]
@@ -87,13 +94,20 @@ pub struct SensorConfig {
     /// Payload form: plain (the value, e.g. 23.41) or json (device, boot, seq, ts, value, unit)
     #[arg(long, value_enum, default_value = "plain")]
     pub format: Format,
-    /// Stop after this many readings (default: run until stopped)
+    /// Stop after this many readings in all (default: run until stopped)
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
+    /// Stop after this long: seconds, or 30s, 10m, 2h
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
     /// MQTT client id [default: <binary>-<boot id>]
     #[arg(long)]
     pub client_id: Option<String>,
-    /// Device id in the JSON form
+    /// Number of simulated devices, each with its own id, seq and random walk
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000), default_value = "1")]
+    pub devices: u32,
+    /// Device id in the JSON form; with --devices N, the first id, and the others count
+    /// up its number
     #[arg(long)]
     pub device: String,
     /// Seed of the random walk, for a reproducible series of values
@@ -104,17 +118,28 @@ pub struct SensorConfig {
 }
 
 /// The flags that read `<PREFIX>_<FLAG>` from the environment.
-const OWN_FLAGS: [&str; 8] = [
+const OWN_FLAGS: [&str; 12] = [
     "topic",
     "qos",
     "interval",
+    "rate",
     "retain",
     "format",
     "count",
+    "duration",
     "client_id",
+    "devices",
     "device",
+    "seed",
 ];
 
+/// Parses a positive number of readings per second (`10000`, `0.5`).
+fn parse_rate(value: &str) -> Result<f64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= 10_000_000.0 => Ok(rate),
+        _ => Err("expected readings per second, more than 0 (e.g. 1000 or 0.5)".into()),
+    }
+}
 impl SensorConfig {
     /// The command line of `kind`'s binary: its name, defaults and variable names.
     pub fn command(kind: &SensorKind) -> Command {
@@ -130,7 +155,7 @@ impl SensorConfig {
                 kind.interval,
                 kind.topic
             ));
-        for id in OWN_FLAGS.into_iter().chain(["seed"]) {
+        for id in OWN_FLAGS {
             let env = format!("{}_{}", kind.env_prefix, id.to_uppercase());
             command = command.mut_arg(id, |arg| arg.env(env));
         }
@@ -151,6 +176,21 @@ impl SensorConfig {
 
     fn retained(&self) -> bool {
         self.retain && !self.no_retain
+    }
+
+    /// Time between two publishes of the process: the interval shared among the devices,
+    /// or one over the rate; zero means as fast as possible.
+    pub fn period(&self) -> Duration {
+        match self.rate {
+            Some(rate) => Duration::from_secs_f64(1.0 / rate),
+            None => self.interval / self.devices,
+        }
+    }
+
+    /// Readings per second the process was asked for; `None` for as fast as possible.
+    fn asked_rate(&self) -> Option<f64> {
+        let period = self.period();
+        (!period.is_zero()).then(|| 1.0 / period.as_secs_f64())
     }
 }
 
@@ -201,9 +241,20 @@ pub fn new_boot_id() -> String {
 
 /// How long a stopping sensor waits for the broker to acknowledge what it sent.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a sensor that cannot keep its rate says so.
+const RATE_REPORT: Duration = Duration::from_secs(5);
 
-/// Publishes readings until `shutdown`, or until `--count` readings were sent and
-/// (at QoS 1 and 2) acknowledged.
+/// One simulated device of the process.
+#[derive(Debug)]
+struct Device {
+    id: String,
+    topic: String,
+    seq: u64,
+    walk: RandomWalk,
+}
+
+/// Publishes readings until `shutdown`, `--count` readings or `--duration`, waits for
+/// the broker to acknowledge them (QoS 1 and 2), and logs a one-line summary.
 pub async fn run(
     kind: &SensorKind,
     config: SensorConfig,
@@ -219,71 +270,113 @@ pub async fn run(
         .mqtt_options(&client_id, true)
         .context("cannot set up the broker connection")?;
     let retain = config.retained();
-    tracing::info!(
-        broker = %broker.address(), client_id, topic = config.topic, qos = config.qos as u8, retain,
-        interval = ?config.interval, format = ?config.format, boot,
-        "publishing {} readings", kind.quantity
-    );
 
     let mut rng = match config.seed {
         Some(seed) => StdRng::seed_from_u64(seed),
         None => StdRng::from_rng(&mut rand::rng()),
     };
-    let mut walk = RandomWalk::new(kind.range.clone(), &mut rng);
-    let mut ticks = Ticks::new(config.interval);
+    let mut devices: Vec<Device> = fleet::device_ids(&config.device, config.devices as usize)
+        .into_iter()
+        .map(|id| Device {
+            topic: fleet::device_topic(&config.topic, &id),
+            id,
+            seq: 0,
+            walk: RandomWalk::new(kind.range.clone(), &mut rng),
+        })
+        .collect();
+    if devices.len() > 1 && !fleet::has_placeholder(&config.topic) && config.format == Format::Plain
+    {
+        tracing::warn!(
+            "{} devices share {} with plain payloads, so nobody can tell them apart: use --format json, or {{device}} in --topic",
+            devices.len(), config.topic
+        );
+    }
+    let asked = config.asked_rate();
+    tracing::info!(
+        broker = %broker.address(), client_id, topic = config.topic, qos = config.qos as u8, retain,
+        devices = devices.len(), rate = asked.map_or("as fast as possible".into(), |rate| format!("{rate:.1}/s")),
+        format = ?config.format, boot,
+        "publishing {} readings", kind.quantity
+    );
+
     let mut connection = Connection::start(&broker, options);
+    let mut pacer = Pacer::new(config.period());
+    let started = Instant::now();
+    let stop_at = tokio::time::sleep(config.duration.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(stop_at);
+    let mut report = tokio::time::interval_at(started + RATE_REPORT, RATE_REPORT);
+    let mut skipped_reported = 0;
     let mut sent: u64 = 0;
+    let mut next = 0;
 
     while config.count.is_none_or(|count| sent < count) {
         tokio::select! {
             () = shutdown.cancelled() => break,
+            () = &mut stop_at => break,
             event = connection.recv() => {
                 event?;
             }
-            () = ticks.next() => {
+            _ = report.tick() => {
+                let skipped = pacer.skipped();
+                if let (Some(rate), true) = (asked, skipped > skipped_reported) {
+                    tracing::warn!(
+                        "cannot keep {rate:.0} readings/s: fell more than a second behind and skipped {} readings in the last {RATE_REPORT:?} ({} in all)",
+                        skipped - skipped_reported, skipped
+                    );
+                    skipped_reported = skipped;
+                }
+            }
+            () = pacer.next() => {
+                let count = devices.len();
+                let device = &mut devices[next];
+                next = (next + 1) % count;
+                device.seq += 1;
                 sent += 1;
                 let reading = Reading {
-                    device: config.device.clone(),
+                    device: device.id.clone(),
                     boot: boot.clone(),
-                    seq: sent,
+                    seq: device.seq,
                     ts: Utc::now(),
-                    value: walk.next_value(&mut rng),
+                    value: device.walk.next_value(&mut rng),
                     unit: kind.unit.to_string(),
                 };
                 let payload = reading.encode(config.format);
-                tracing::debug!(seq = sent, payload = %String::from_utf8_lossy(&payload), "publish");
+                tracing::trace!(device = device.id, seq = device.seq, "publish");
                 tokio::select! {
-                    published = connection.publish(&config.topic, config.qos, retain, payload) => published?,
+                    published = connection.publish(&device.topic, config.qos, retain, payload) => published?,
                     () = shutdown.cancelled() => break,
                 }
             }
         }
     }
 
-    tracing::info!(sent, "stopping");
+    let publishing = started.elapsed();
+    let settled = connection.wait_acknowledged(DRAIN_TIMEOUT).await?;
+    let settling = started.elapsed() - publishing;
+    let achieved = sent as f64 / publishing.as_secs_f64().max(1e-9);
+    let asked = asked.map_or("as fast as possible".into(), |rate| format!("{rate:.0}/s"));
+    let acknowledged = match config.qos {
+        QoS::AtMostOnce => "no acknowledgements at QoS 0".to_string(),
+        _ => format!(
+            "{} acknowledged {:.3} s after the last",
+            connection.acknowledged(),
+            settling.as_secs_f64()
+        ),
+    };
+    let skipped = match pacer.skipped() {
+        0 => String::new(),
+        skipped => format!("; {skipped} skipped for falling behind"),
+    };
+    tracing::info!(
+        "summary: {sent} readings sent in {:.2} s ({achieved:.0}/s, asked {asked}), {acknowledged}{skipped}",
+        publishing.as_secs_f64()
+    );
+    if !settled {
+        tracing::warn!(
+            "the broker did not acknowledge every reading within {DRAIN_TIMEOUT:?}; they may be lost or delivered again"
+        );
+    }
     connection.close(DRAIN_TIMEOUT).await
-}
-
-/// A timer for readings; an interval of zero means "as fast as possible".
-struct Ticks(Option<tokio::time::Interval>);
-
-impl Ticks {
-    fn new(period: Duration) -> Self {
-        Self((!period.is_zero()).then(|| {
-            let mut interval = tokio::time::interval(period);
-            interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            interval
-        }))
-    }
-
-    async fn next(&mut self) {
-        match &mut self.0 {
-            Some(interval) => {
-                interval.tick().await;
-            }
-            None => tokio::task::yield_now().await,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -334,6 +427,9 @@ mod tests {
             "PRESSURE_CLIENT_ID",
             "PRESSURE_DEVICE",
             "PRESSURE_SEED",
+            "PRESSURE_DEVICES",
+            "PRESSURE_RATE",
+            "PRESSURE_DURATION",
             "LOCAL_BROKER",
             "LOCAL_PORT",
             "LOCAL_USERNAME",
@@ -343,6 +439,35 @@ mod tests {
             assert!(help.contains(variable), "--help lacks {variable}:\n{help}");
         }
         assert!(help.contains("[default: /sensor/pressure]"), "{help}");
+    }
+
+    #[test]
+    fn devices_share_the_interval_and_a_rate_replaces_it() {
+        let fleet = parse(&TEMPERATURE, &["--devices", "300"]);
+        assert_eq!(fleet.period(), Duration::from_millis(10));
+        assert_eq!(fleet.asked_rate(), Some(100.0));
+
+        let rated = parse(&PRESSURE, &["--rate", "10000", "--devices", "50"]);
+        assert_eq!(rated.period(), Duration::from_micros(100));
+
+        let flat_out = parse(&PRESSURE, &["--interval", "0"]);
+        assert_eq!(flat_out.period(), Duration::ZERO);
+        assert_eq!(flat_out.asked_rate(), None);
+    }
+
+    #[test]
+    fn bad_fleet_settings_are_refused() {
+        let refused = |args: &[&str]| {
+            let line = std::iter::once(PRESSURE.name).chain(args.iter().copied());
+            match config::try_parse::<SensorConfig>(SensorConfig::command(&PRESSURE), line) {
+                Err(config::ParseOutcome::Bad(line)) => line,
+                other => panic!("{args:?} accepted: {other:?}"),
+            }
+        };
+        assert!(refused(&["--devices", "0"]).contains("PRESSURE_DEVICES"));
+        assert!(refused(&["--rate", "0"]).contains("readings per second"));
+        assert!(refused(&["--rate", "5", "--interval", "1"]).contains("--interval"));
+        assert!(refused(&["--duration", "later"]).contains("PRESSURE_DURATION"));
     }
 
     #[test]
