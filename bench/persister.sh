@@ -50,7 +50,7 @@ drain() { # batch-size run-number -> seconds
   local batch=$1 db="bench_${1}_$2" log="$work/persister-$1-$2.log"
   MONGODB_DATABASE=$db "$bin/mongo-persister" --client-id "bench-$1-$2" --batch-size "$batch" >"$log" 2>&1 &
   local pid=$!
-  until grep -q 'subscribed filter="/device/status"' "$log"; do sleep 0.05; done
+  until grep -q 'subscribed filter="/device/#"' "$log"; do sleep 0.05; done
   kill -TERM "$pid"; wait "$pid"
   LOCAL_BROKER=127.0.0.1 LOCAL_PORT=$mqtt_port LOCAL_USERNAME=bridge LOCAL_PASSWORD=bench RUST_LOG=warn \
     "$bin/temperature-sensor" --format json --qos 1 --interval 0 --no-retain --count "$N" --device "bench-$2"

@@ -4,6 +4,9 @@
 //! (retained) on every connection and every `--interval`, and on Ctrl-C or SIGTERM
 //! publishes `offline` itself before disconnecting: a will fires only when a client
 //! vanishes, so without that a cleanly stopped device would read `online` forever.
+//!
+//! `--devices N` keeps N presences, each on a connection of its own (a will belongs to
+//! a connection) and on its own topic (`{device}` in `--topic`).
 
 use std::time::Duration;
 
@@ -11,7 +14,7 @@ use anyhow::Context;
 use clap::Parser;
 use iot_core::config::{parse_positive_seconds, parse_qos, BrokerSettings, LocalBroker};
 use iot_core::mqtt::{Connection, Event};
-use iot_core::topics;
+use iot_core::{fleet, topics};
 use rumqttc::{LastWill, QoS};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -25,7 +28,8 @@ pub const OFFLINE: &str = "offline";
 #[derive(Debug, Clone, Parser)]
 #[command(name = "device-status", version)]
 pub struct Config {
-    /// Topic of the status messages and of the last will
+    /// Topic of the status messages and of the last will; `{device}` in it gives every
+    /// device its own (needed with --devices, e.g. /device/{device}/status)
     #[arg(long, env = "STATUS_TOPIC", default_value = topics::DEVICE_STATUS)]
     pub topic: String,
     /// Quality of service of `online` (the will and the final `offline` are always QoS 1)
@@ -34,9 +38,17 @@ pub struct Config {
     /// Seconds between repeated `online` messages; fractions allowed
     #[arg(long, env = "STATUS_INTERVAL", value_name = "SECONDS", value_parser = parse_positive_seconds, default_value = "30")]
     pub interval: Duration,
-    /// MQTT client id [default: device-status-<random>]
+    /// MQTT client id [default: device-status-<random>]; with --devices, each device's
+    /// connection adds -<device id> to it
     #[arg(long, env = "STATUS_CLIENT_ID")]
     pub client_id: Option<String>,
+    /// Number of devices, each with its own connection, last will and topic
+    #[arg(long, env = "STATUS_DEVICES", default_value = "1",
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub devices: u32,
+    /// Id of the (first) device, for `{device}` in --topic; the others count up its number
+    #[arg(long, env = "STATUS_DEVICE", default_value = "device-0001")]
+    pub device: String,
     #[command(flatten)]
     pub broker: LocalBroker,
 }
@@ -44,26 +56,89 @@ pub struct Config {
 /// How long a stopping device waits for the broker to take its `offline`.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Keeps the status `online` until `shutdown`, then leaves it `offline`.
+impl Config {
+    /// Refuses settings that parse but cannot work together; the message names them.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.devices > 1 && !fleet::has_placeholder(&self.topic) {
+            return Err(format!(
+                "--devices {} needs {{device}} in --topic (STATUS_TOPIC), e.g. /device/{{device}}/status: on one topic their retained statuses would overwrite each other",
+                self.devices
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Keeps every device's status `online` until `shutdown`, then leaves them `offline`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let client_id = config
+    let base_id = config
         .client_id
         .clone()
         .unwrap_or_else(|| format!("device-status-{}", iot_core::sensor::new_boot_id()));
     let broker = BrokerSettings::from(config.broker.clone());
+    let ids = fleet::device_ids(&config.device, config.devices as usize);
+    if ids.len() == 1 {
+        return presence(
+            &config,
+            &broker,
+            base_id,
+            &config.topic,
+            config.interval,
+            shutdown,
+        )
+        .await;
+    }
+    tracing::info!(
+        broker = %broker.address(), devices = ids.len(), topic = config.topic,
+        "reporting the status of {} devices, one connection each", ids.len()
+    );
+    let mut devices = tokio::task::JoinSet::new();
+    for (index, id) in ids.iter().enumerate() {
+        // Spread the refreshes over the interval instead of all devices at once.
+        let first = config
+            .interval
+            .mul_f64((index + 1) as f64 / ids.len() as f64);
+        let (config, broker, shutdown) = (config.clone(), broker.clone(), shutdown.clone());
+        let client_id = format!("{base_id}-{id}");
+        let topic = fleet::device_topic(&config.topic, id);
+        devices.spawn(async move {
+            presence(&config, &broker, client_id, &topic, first, shutdown).await
+        });
+    }
+    let mut outcome = Ok(());
+    while let Some(ended) = devices.join_next().await {
+        let ended = ended.map_err(anyhow::Error::from).and_then(|result| result);
+        if let Err(error) = ended {
+            // One device failing (a refused password, say) stops the others cleanly.
+            shutdown.cancel();
+            if outcome.is_ok() {
+                outcome = Err(error);
+            }
+        }
+    }
+    outcome
+}
+
+/// One device: `online` on every connection and every `--interval` (the first refresh
+/// after `first`), `offline` on `shutdown`.
+async fn presence(
+    config: &Config,
+    broker: &BrokerSettings,
+    client_id: String,
+    topic: &str,
+    first: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut options = broker
         .mqtt_options(&client_id, true)
         .context("cannot set up the broker connection")?;
-    options.set_last_will(LastWill::new(
-        &config.topic,
-        OFFLINE,
-        QoS::AtLeastOnce,
-        true,
-    ));
-    tracing::info!(broker = %broker.address(), client_id, topic = config.topic, interval = ?config.interval, "reporting device status");
+    options.set_last_will(LastWill::new(topic, OFFLINE, QoS::AtLeastOnce, true));
+    if config.devices == 1 {
+        tracing::info!(broker = %broker.address(), client_id, topic, interval = ?config.interval, "reporting device status");
+    }
 
-    let mut connection = Connection::start(&broker, options);
-    let mut ticks = tokio::time::interval_at(Instant::now() + config.interval, config.interval);
+    let mut connection = Connection::start(broker, options);
+    let mut ticks = tokio::time::interval_at(Instant::now() + first, config.interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -71,21 +146,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             event = connection.recv() => {
                 // After a reconnect the will may have fired meanwhile: say `online` again.
                 if let Event::Connected { .. } = event? {
-                    connection.publish(&config.topic, config.qos, true, ONLINE.into()).await?;
-                    tracing::info!(topic = config.topic, "status online");
+                    connection.publish(topic, config.qos, true, ONLINE.into()).await?;
+                    if config.devices == 1 {
+                        tracing::info!(topic, "status online");
+                    } else {
+                        tracing::debug!(topic, "status online");
+                    }
                 }
             }
             _ = ticks.tick() => {
-                connection.publish(&config.topic, config.qos, true, ONLINE.into()).await?;
-                tracing::debug!(topic = config.topic, "status online (refresh)");
+                connection.publish(topic, config.qos, true, ONLINE.into()).await?;
+                tracing::debug!(topic, "status online (refresh)");
             }
         }
     }
 
     connection
-        .publish(&config.topic, QoS::AtLeastOnce, true, OFFLINE.into())
+        .publish(topic, QoS::AtLeastOnce, true, OFFLINE.into())
         .await?;
-    tracing::info!(topic = config.topic, "status offline, disconnecting");
+    tracing::info!(topic, "status offline, disconnecting");
     connection.close(STOP_TIMEOUT).await
 }
 
@@ -108,6 +187,22 @@ mod tests {
     }
 
     #[test]
+    fn a_fleet_needs_a_topic_per_device() {
+        let shared = Config::try_parse_from(["device-status", "--devices", "3"]).expect("parses");
+        let error = shared.validate().expect_err("one topic for three wills");
+        assert!(error.contains("{device}"), "{error}");
+        let own = Config::try_parse_from([
+            "device-status",
+            "--devices",
+            "3",
+            "--topic",
+            "/device/{device}/status",
+        ])
+        .expect("parses");
+        assert_eq!(own.validate(), Ok(()));
+    }
+
+    #[test]
     fn help_names_the_variables() {
         let help = Config::command().render_long_help().to_string();
         for variable in [
@@ -115,6 +210,8 @@ mod tests {
             "STATUS_INTERVAL",
             "STATUS_QOS",
             "STATUS_CLIENT_ID",
+            "STATUS_DEVICES",
+            "STATUS_DEVICE",
             "LOCAL_BROKER",
             "LOCAL_PASSWORD",
         ] {

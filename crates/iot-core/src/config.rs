@@ -37,7 +37,9 @@ pub fn load_with<T: FromArgMatches>(
     }
 }
 
-fn exit_bad_setting(message: &str) -> ! {
+/// Prints `error: <message>` and exits with [`EXIT_BAD_SETTING`], for settings that
+/// parse but do not fit together.
+pub fn exit_bad_setting(message: &str) -> ! {
     eprintln!("error: {message}");
     std::process::exit(EXIT_BAD_SETTING)
 }

@@ -9,5 +9,8 @@ pub const DEVICE_STATUS: &str = "/device/status";
 /// Every sensor topic, as the persister stores them (the seed's cloud script said
 /// `sensors/#`, which matches none of them).
 pub const SENSORS: &str = "/sensor/#";
+/// Every device status: the seed's `/device/status` and a fleet's
+/// `/device/<device>/status`, as the persister stores them.
+pub const DEVICES: &str = "/device/#";
 /// Everything, as the catch-all subscriber reads it.
 pub const ALL: &str = "#";

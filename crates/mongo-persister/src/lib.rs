@@ -33,7 +33,7 @@ use writer::{Pending, Stats, Writer};
 pub struct Config {
     /// Topic filter to store; repeat for several
     #[arg(long = "topic", value_name = "FILTER", env = "PERSISTER_TOPIC", value_delimiter = ',',
-          default_values_t = [topics::SENSORS.to_string(), topics::DEVICE_STATUS.to_string()])]
+          default_values_t = [topics::SENSORS.to_string(), topics::DEVICES.to_string()])]
     pub topics: Vec<String>,
     /// Share the stream with other replicas through the shared subscription $share/GROUP/...
     #[arg(long, env = "PERSISTER_SHARE", value_name = "GROUP")]
