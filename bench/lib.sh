@@ -1,0 +1,115 @@
+# Shared helpers of the benchmark scripts (sourced, not run): a scratch folder cleaned
+# up on exit, free ports, the project's brokers and database on them, medians.
+#
+# Before sourcing, a script may set BENCH_PROFILE (release, the default, or debug for
+# a quick smoke run with the binaries the tests build).
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+BENCH_PROFILE=${BENCH_PROFILE:-release}
+bin=${CARGO_TARGET_DIR:-target}/$BENCH_PROFILE
+work=$(mktemp -d /tmp/iot-bench-XXXXXX)
+chmod 755 "$work"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+say() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; }
+
+# Builds the named binaries in the chosen profile.
+build() {
+  local args=()
+  for name in "$@"; do args+=(--bin "$name"); done
+  case $BENCH_PROFILE in
+    release) cargo build --release --quiet "${args[@]}" ;;
+    debug) cargo build --quiet "${args[@]}" ;;
+    *) say "BENCH_PROFILE must be release or debug"; exit 2 ;;
+  esac
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 400); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
+  say "nothing listens on port $1"; exit 1
+}
+# Waits until FILE has a line matching the extended regular expression.
+wait_line() { # file regex [seconds]
+  local tries=$(( ${3:-60} * 20 ))
+  for _ in $(seq "$tries"); do grep -Eq "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done
+  say "timed out waiting for /$2/ in $1:"; tail -n 5 "$1" >&2; exit 1
+}
+
+# One password for every broker user of the benchmark.
+export TEMPERATURE_SENSOR_PASSWORD=bench PRESSURE_SENSOR_PASSWORD=bench DEVICE_STATUS_PASSWORD=bench \
+  MQTT_SUBSCRIBER_PASSWORD=bench BRIDGE_PASSWORD=bench MONGO_PERSISTER_PASSWORD=bench
+
+# The cloud broker alone from mosquitto/ (plain listener on $cloud_port, TLS on
+# $cloud_tls_port): the benchmarks of one client against one broker use it.
+start_cloud() {
+  cloud_port=$(free_port) cloud_tls_port=$(free_port)
+  MQTT_LISTEN_PORT=$cloud_port MQTT_TLS_PORT=$cloud_tls_port MQTT_LISTEN_ADDRESS=127.0.0.1 \
+    MQTT_CERTS_DIR="$work/certs" mosquitto/setup.sh cloud "$work/cloud" 2>/dev/null
+  mosquitto -c "$work/cloud/mosquitto.conf" 2>"$work/cloud.log" & pids+=($!)
+  cloud_pid=$!
+  wait_port "$cloud_port"
+}
+
+# The edge broker from mosquitto/ on $local_port, bridged over TLS to the cloud broker.
+start_local() {
+  local_port=$(free_port)
+  MQTT_LISTEN_PORT=$local_port MQTT_LISTEN_ADDRESS=127.0.0.1 MQTT_CERTS_DIR="$work/certs" \
+    CLOUD_BRIDGE_HOST=127.0.0.1 CLOUD_BRIDGE_PORT=$cloud_tls_port \
+    mosquitto/setup.sh local "$work/local" 2>/dev/null
+  mosquitto -c "$work/local/mosquitto.conf" 2>"$work/local.log" & pids+=($!)
+  wait_port "$local_port"
+  wait_line "$work/cloud.log" "connected from .* as edge-bridge"
+}
+
+# The database as $db_uri: the server MONGODB_URI names when set, else one of our own
+# on a free port (mongod when on the PATH, else nx-27017 from .venv).
+start_database() {
+  if [ -n "${MONGODB_URI:-}" ]; then
+    server="the MONGODB_URI server"
+    db_uri=$MONGODB_URI
+    return
+  fi
+  local db_port
+  db_port=$(free_port)
+  if command -v mongod >/dev/null 2>&1; then
+    server="mongod $(mongod --version | head -n 1)"
+    mkdir -p "$work/db"
+    mongod --dbpath "$work/db" --bind_ip 127.0.0.1 --port "$db_port" --quiet >"$work/db.log" 2>&1 & pids+=($!)
+  elif [ -x .venv/bin/nx-27017 ]; then
+    server="nx-27017 $(.venv/bin/pip show nx-27017 | sed -n 's/^Version: //p')"
+    .venv/bin/nx-27017 --data-dir "$work/db" --host 127.0.0.1 --port "$db_port" \
+      --log-file "$work/db.log" --pid-file "$work/db.pid" >/dev/null 2>&1 & pids+=($!)
+  else
+    say "no database: set MONGODB_URI, put mongod on the PATH, or run scripts/test once (it installs nx-27017 into .venv)"
+    exit 1
+  fi
+  wait_port "$db_port"
+  db_uri="mongodb://127.0.0.1:$db_port"
+}
+
+# The median of the numbers on standard input, one per line.
+median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+# Prints a Python expression's value: calc 'f"{3/2:.1f}"'.
+calc() { python3 -c "print($1)"; }
+
+# Runs a command (standard input and output passed through) and writes
+# "wall_seconds cpu_seconds peak_rss_kib" of it to OUT.
+cat > "$work/measure.py" <<'PY'
+import resource, subprocess, sys, time
+out, command = sys.argv[1], sys.argv[2:]
+start = time.monotonic()
+code = subprocess.call(command)
+wall = time.monotonic() - start
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(out, "w") as f:
+    f.write(f"{wall:.3f} {usage.ru_utime + usage.ru_stime:.3f} {usage.ru_maxrss}\n")
+sys.exit(code)
+PY
+measure=(python3 "$work/measure.py") # usage: [env VAR=...] "${measure[@]}" OUT command...

@@ -1,0 +1,314 @@
+#!/usr/bin/env bash
+# The benchmark suite: every stage of the pipeline beside a reference measured in the
+# same run on the same machine, each figure the median of several runs, written as a
+# ratio. Prints Markdown tables (the README's Benchmarks section is one such output).
+#
+#   bench/suite.sh [SECTION ...]     sections: subscriber publisher bridge persister
+#                                    resources (default: all, in that order)
+#
+# Environment (defaults):
+#   BENCH_N=100000        messages per run of the subscriber, publisher and resources runs
+#   BENCH_RUNS=3          runs per figure; the median is reported
+#   BENCH_SECONDS=5       length of one bridge latency run
+#   BENCH_RATES="1000 5000"   publish rates of the latency runs, messages per second
+#   BENCH_PERSISTER_N=5000    readings per persister run
+#   BENCH_DEVICES=1000    device-status connections for the per-connection cost
+#   BENCH_PROFILE=release (debug: the test build, for a quick smoke run)
+#   MONGODB_URI           the persister's database server (default: one of our own,
+#                         mongod when on the PATH, else nx-27017 from .venv)
+#
+# Needs what scripts/test installs (mosquitto, mosquitto-clients, and nx-27017 in .venv
+# unless a mongod is on the PATH). Benchmarks are not tests: nothing here fails on a
+# slow figure; the targets are in the README.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+N=${BENCH_N:-100000}
+RUNS=${BENCH_RUNS:-3}
+SECONDS_PER_RUN=${BENCH_SECONDS:-5}
+RATES=${BENCH_RATES:-1000 5000}
+PERSISTER_N=${BENCH_PERSISTER_N:-5000}
+DEVICES=${BENCH_DEVICES:-1000}
+sections=("$@")
+((${#sections[@]})) || sections=(subscriber publisher bridge persister resources)
+for section in "${sections[@]}"; do
+  case $section in
+    subscriber | publisher | bridge | persister | resources) ;;
+    *) say "unknown section '$section': expected subscriber, publisher, bridge, persister or resources"; exit 2 ;;
+  esac
+done
+wants() { [[ " ${sections[*]} " == *" $1 "* ]]; }
+
+build pressure-sensor temperature-sensor mqtt-subscriber mongo-persister device-status
+start_cloud
+# Publishing and reading on the cloud broker: the bridge user may write /sensor/#.
+pub_env=(LOCAL_BROKER=127.0.0.1 LOCAL_PORT="$cloud_port" LOCAL_USERNAME=bridge LOCAL_PASSWORD=bench RUST_LOG=warn)
+sub_env=(LOCAL_BROKER=127.0.0.1 LOCAL_PORT="$cloud_port" LOCAL_USERNAME=mqtt-subscriber LOCAL_PASSWORD=bench RUST_LOG=warn)
+c_pub=(mosquitto_pub -h 127.0.0.1 -p "$cloud_port" -u bridge -P bench)
+c_sub=(mosquitto_sub -h 127.0.0.1 -p "$cloud_port" -u mqtt-subscriber -P bench)
+seq "$N" | awk '{ printf "%.2f\n", 990 + ($1 % 3000) / 100 }' > "$work/lines"
+# A new persistent session subscribed to the sensor topics, with client id $id.
+new_session() { next_id "$1"; "${c_sub[@]}" -c -i "$id" -q 1 -t /sensor/# -E; }
+# How many messages wait in session $id (reads them; gives up 10 s after the last).
+queued() { "${c_sub[@]}" -c -i "$id" -q 1 -t /sensor/# -C "$N" -W 10 2>/dev/null | wc -l; }
+# Queues N QoS 1 readings for session $id, with our sensor (mosquitto_pub -l loses some).
+fill() { env "${pub_env[@]}" "$bin/pressure-sensor" --count "$N" --interval 0 --qos 1 --no-retain; }
+
+# Resources of our runs, per binary: "cpu_seconds peak_rss_kib messages" of the median run.
+declare -A resources
+# Sets $med to the median wall time of the runs measured into FILE... and $best to
+# that run's file; keeps the resources of that run under LABEL (none when empty).
+median_run() { # label files...
+  local label=$1
+  shift
+  best=$(for f in "$@"; do echo "$(head -n 1 "$f" | cut -d' ' -f1) $f"; done | sort -g | awk '{ v[NR] = $2 } END { print v[int((NR + 1) / 2)] }')
+  [ -z "$label" ] || resources[$label]="$(head -n 1 "$best" | cut -d' ' -f2,3)"
+  med=$(head -n 1 "$best" | cut -d' ' -f1)
+}
+
+table_header() {
+  echo
+  echo "$1"
+  echo
+}
+
+# A client id never used before in this run, in $id (a persistent session each).
+run_id=0
+next_id() { run_id=$((run_id + 1)); id="bench-$1-$run_id"; }
+
+if wants subscriber; then
+  say "subscriber ingest: $N queued QoS 1 messages, $RUNS runs each"
+  ours=() theirs=()
+  for run in $(seq "$RUNS"); do
+    for client in ours theirs; do
+      new_session sub
+      fill
+      out="$work/sub-$client-$run"
+      if [ "$client" = ours ]; then
+        env "${sub_env[@]}" "${measure[@]}" "$out" timeout 300 "$bin/mqtt-subscriber" --client-id "$id" --topic /sensor/# --qos 1 \
+          --count "$N" --format json > /dev/null
+        ours+=("$out")
+      else
+        "${measure[@]}" "$out" timeout 300 "${c_sub[@]}" -c -i "$id" -q 1 -t /sensor/# -C "$N" > /dev/null
+        theirs+=("$out")
+      fi
+    done
+  done
+  median_run mqtt-subscriber "${ours[@]}"; sub_ours=$med
+  median_run "" "${theirs[@]}"; sub_theirs=$med
+  resources[mqtt-subscriber]+=" $N"
+fi
+
+if wants publisher; then
+  say "publisher: $N QoS 1 messages as fast as possible, $RUNS runs each"
+  # Each run publishes into a new session, which then counts what arrived.
+  ours=() theirs=() lines=()
+  for run in $(seq "$RUNS"); do
+    new_session pub
+    out="$work/pub-ours-$run"
+    env "${pub_env[@]}" "${measure[@]}" "$out" "$bin/pressure-sensor" --count "$N" --interval 0 --qos 1 --no-retain
+    echo " $(queued)" >> "$out"
+    ours+=("$out")
+    new_session pub
+    out="$work/pub-theirs-$run"
+    "${measure[@]}" "$out" "${c_pub[@]}" -t /sensor/pressure -q 1 -m 1001.23 --repeat "$N"
+    echo " $(queued)" >> "$out"
+    theirs+=("$out")
+    new_session pub
+    out="$work/pub-lines-$run"
+    "${measure[@]}" "$out" "${c_pub[@]}" -t /sensor/pressure -q 1 -l < "$work/lines"
+    echo " $(queued)" >> "$out"
+    lines+=("$out")
+  done
+  # Messages delivered of the median run: field 4 (after wall, cpu, rss).
+  delivered() { tr '\n' ' ' < "$1" | awk '{ print $4 }'; }
+  median_run pressure-sensor "${ours[@]}"; pub_ours=$med pub_ours_n=$(delivered "$best")
+  median_run "" "${theirs[@]}"; pub_theirs=$med pub_theirs_n=$(delivered "$best")
+  median_run "" "${lines[@]}"; pub_lines=$med pub_lines_n=$(delivered "$best")
+  resources[pressure-sensor]+=" $N"
+
+  say "publisher: holding 10 000 readings/s for $SECONDS_PER_RUN s at QoS 0 and 1"
+  paced=()
+  for qos in 0 1; do
+    env "${pub_env[@]}" RUST_LOG=info "$bin/pressure-sensor" --rate 10000 --duration "$SECONDS_PER_RUN" --qos "$qos" \
+      --no-retain 2> "$work/paced-$qos.log"
+    paced+=("$(grep -o 'summary: .*' "$work/paced-$qos.log" | sed -E 's/summary: ([0-9]+) readings sent in ([0-9.]+) s \(([0-9]+)\/s.*/\3/')")
+  done
+fi
+
+# Latency of JSON readings at RATE for BENCH_SECONDS from a sensor on broker port
+# SENSOR_PORT (user SENSOR_USER) to a subscriber on the cloud broker with client id
+# $id; prints "p50 p99 max" in ms.
+latency_run() { # rate sensor_port sensor_user
+  local rate=$1 count out
+  count=$(calc "max(1, int($rate * $SECONDS_PER_RUN))")
+  out="$work/$id"
+  env "${sub_env[@]}" RUST_LOG=info "$bin/mqtt-subscriber" --client-id "$id" --topic /sensor/# --qos 1 \
+    --count "$count" --format json > "$out.jsonl" 2> "$out.log" &
+  local sub=$!
+  wait_line "$out.log" 'subscribed'
+  env LOCAL_BROKER=127.0.0.1 LOCAL_PORT="$2" LOCAL_USERNAME="$3" LOCAL_PASSWORD=bench RUST_LOG=warn \
+    "$bin/pressure-sensor" --rate "$rate" --count "$count" --format json --qos 1 --no-retain
+  wait "$sub"
+  python3 - "$out.jsonl" <<'PY'
+import json, sys
+from datetime import datetime
+def t(text):
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+lat = sorted((t(m["received_at"]) - t(json.loads(m["payload"])["ts"])) * 1000
+             for m in map(json.loads, open(sys.argv[1])))
+pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
+print(f"{pick(0.5):.0f} {pick(0.99):.0f} {lat[-1]:.0f}")
+PY
+}
+
+if wants bridge; then
+  start_local
+  declare -A lat_bridge lat_direct
+  for rate in $RATES; do
+    say "bridge latency at $rate readings/s, $SECONDS_PER_RUN s per run, $RUNS runs each"
+    b=() d=()
+    for run in $(seq "$RUNS"); do
+      next_id lat
+      b+=("$(latency_run "$rate" "$local_port" pressure-sensor)")
+      next_id lat
+      d+=("$(latency_run "$rate" "$cloud_port" bridge)")
+    done
+    # Median per column over the runs.
+    col_median() { for row in "${@:2}"; do echo "$row" | cut -d' ' -f"$1"; done | median; }
+    lat_bridge[$rate]="$(col_median 1 "${b[@]}") $(col_median 2 "${b[@]}") $(col_median 3 "${b[@]}")"
+    lat_direct[$rate]="$(col_median 1 "${d[@]}") $(col_median 2 "${d[@]}") $(col_median 3 "${d[@]}")"
+  done
+fi
+
+if wants persister; then
+  start_database
+  export CLOUD_BROKER=127.0.0.1 CLOUD_PORT=$cloud_port CLOUD_USERNAME=mongo-persister CLOUD_PASSWORD=bench \
+    MONGODB_URI="$db_uri"
+  # One drain: queue PERSISTER_N readings for a new persistent session, then time the
+  # persister storing them all. Writes its measure to OUT.
+  drain() { # batch-size out
+    local batch=$1 out=$2 db log
+    next_id persister
+    db=${id//-/_}
+    log="$work/$id.log"
+    MONGODB_DATABASE=$db RUST_LOG=info "$bin/mongo-persister" --client-id "$id" --batch-size "$batch" >"$log" 2>&1 &
+    local pid=$!
+    wait_line "$log" 'subscribed filter="/device/#"'
+    kill -TERM "$pid"; wait "$pid"
+    env "${pub_env[@]}" "$bin/temperature-sensor" --format json --qos 1 --interval 0 --no-retain \
+      --count "$PERSISTER_N" --device "$id"
+    # Stopped by a watcher once every reading is written; the stats line says when.
+    (wait_line "$log.2" "written=$PERSISTER_N " 600 && pkill -TERM -f -- "^$bin/mongo-persister --client-id $id ") &
+    local watcher=$!
+    env MONGODB_DATABASE="$db" RUST_LOG=info "${measure[@]}" "$out" "$bin/mongo-persister" --client-id "$id" --batch-size "$batch" \
+      --stats-interval 0.05 >"$log.2" 2>&1
+    wait "$watcher"
+    # Wall time from the persister's first log line to the stats line that counts every
+    # reading written: neither its start-up nor its shutdown is ingest.
+    python3 - "$log.2" "written=$PERSISTER_N " "$out" <<'PY'
+import re, sys
+from datetime import datetime
+log, needle, out = sys.argv[1:]
+stamps = [(line, re.match(r"\S+", line).group()) for line in open(log) if re.match(r"\d{4}-", line)]
+at = lambda stamp: datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+start = at(stamps[0][1])
+end = next(at(stamp) for line, stamp in stamps if needle in line)
+fields = open(out).read().split()
+open(out, "w").write(" ".join([f"{end - start:.3f}"] + fields[1:]) + "\n")
+PY
+  }
+  say "persister: $PERSISTER_N queued readings into $server, $RUNS runs each"
+  one=() many=()
+  for run in $(seq "$RUNS"); do
+    drain 1 "$work/persist-1-$run"; one+=("$work/persist-1-$run")
+    drain 500 "$work/persist-500-$run"; many+=("$work/persist-500-$run")
+  done
+  median_run "" "${one[@]}"; persist_one=$med
+  median_run mongo-persister "${many[@]}"; persist_many=$med
+  resources[mongo-persister]+=" $PERSISTER_N"
+fi
+
+if wants resources; then
+  say "resources: temperature-sensor, and device-status with 1 and $DEVICES devices"
+  env "${pub_env[@]}" "${measure[@]}" "$work/res-temp" "$bin/temperature-sensor" --count "$N" --interval 0 --qos 1 --no-retain
+  resources[temperature-sensor]="$(cut -d' ' -f2,3 "$work/res-temp") $N"
+  [ -n "${local_port:-}" ] || start_local
+  # Per connection: RSS of device-status and of the edge broker with 1 and with DEVICES
+  # devices connected and online.
+  status_rss() { # devices -> "status_kib broker_kib"
+    local log="$work/status-$1.log"
+    LOCAL_BROKER=127.0.0.1 LOCAL_PORT=$local_port LOCAL_USERNAME=device-status LOCAL_PASSWORD=bench RUST_LOG=debug \
+      "$bin/device-status" --devices "$1" --topic '/device/{device}/status' --device "bench-$1-0001" 2>"$log" &
+    local pid=$!
+    for _ in $(seq 1200); do
+      [ "$(grep -c 'status online' "$log")" -ge "$1" ] && break
+      sleep 0.05
+    done
+    local broker_pid
+    broker_pid=$(pgrep -f -- "mosquitto -c $work/local/mosquitto.conf")
+    echo "$(awk '/VmRSS/ { print $2 }' "/proc/$pid/status") $(awk '/VmRSS/ { print $2 }' "/proc/$broker_pid/status")"
+    kill -TERM "$pid"; wait "$pid"
+  }
+  read -r status_1 broker_1 <<< "$(status_rss 1)"
+  read -r status_n broker_n <<< "$(status_rss "$DEVICES")"
+fi
+
+# The report.
+cores=$(nproc)
+mosquitto_version=$(mosquitto -h 2>/dev/null | head -n 1 | grep -o 'version [0-9.]*' || true)
+echo
+echo "Benchmarks of $(date -u +%F) on $cores cores ($(uname -m)), Mosquitto ${mosquitto_version#version }, profile $BENCH_PROFILE; medians of $RUNS runs. Ratio: reference time / ours (above 1: ours is faster)."
+ratio() { calc "f'{$1 / $2:.2f}'"; }
+rate() { calc "f'{$1 / $2:,.0f}'"; }
+if wants subscriber || wants publisher || wants persister; then
+  table_header "Throughput"
+  echo "| stage | ours | reference | ours, msg/s | reference, msg/s | ratio |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+  if wants subscriber; then
+    echo "| subscriber: drain $N queued QoS 1 | \`mqtt-subscriber --format json\` ${sub_ours} s | \`mosquitto_sub -c -q 1 -C N\` ${sub_theirs} s | $(rate "$N" "$sub_ours") | $(rate "$N" "$sub_theirs") | $(ratio "$sub_theirs" "$sub_ours") |"
+  fi
+  if wants publisher; then
+    echo "| publisher: $N at QoS 1 | \`pressure-sensor --interval 0\` ${pub_ours} s, $pub_ours_n delivered | \`mosquitto_pub -q 1 --repeat N\` ${pub_theirs} s, $pub_theirs_n delivered | $(rate "$N" "$pub_ours") | $(rate "$N" "$pub_theirs") | $(ratio "$pub_theirs" "$pub_ours") |"
+    if [ "$pub_lines_n" = "$N" ]; then lines_ratio=$(ratio "$pub_lines" "$pub_ours"); else lines_ratio="none: it lost messages"; fi
+    echo "| publisher: $N lines at QoS 1 | (as above) | \`mosquitto_pub -l -q 1\` ${pub_lines} s, $pub_lines_n delivered | — | $(rate "$pub_lines_n" "$pub_lines") | $lines_ratio |"
+  fi
+  if wants persister; then
+    echo "| persister: $PERSISTER_N queued readings into $server | \`--batch-size 500\` ${persist_many} s | one insert per message ${persist_one} s | $(rate "$PERSISTER_N" "$persist_many") | $(rate "$PERSISTER_N" "$persist_one") | $(ratio "$persist_one" "$persist_many") |"
+  fi
+fi
+if wants publisher; then
+  table_header "Paced publishing, one process (\`pressure-sensor --rate 10000\`, $SECONDS_PER_RUN s)"
+  echo "| QoS | asked, msg/s | achieved, msg/s | ratio |"
+  echo "| ---: | ---: | ---: | ---: |"
+  echo "| 0 | 10,000 | $(calc "f'{${paced[0]}:,}'") | $(ratio "${paced[0]}" 10000) |"
+  echo "| 1 | 10,000 | $(calc "f'{${paced[1]}:,}'") | $(ratio "${paced[1]}" 10000) |"
+fi
+if wants bridge; then
+  table_header "Latency, sensor to subscriber on the cloud broker, QoS 1 JSON, ms (1 ms resolution)"
+  echo "| msg/s | path | p50 | p99 | max | p99 ratio to direct |"
+  echo "| ---: | --- | ---: | ---: | ---: | ---: |"
+  for rate in $RATES; do
+    read -r b50 b99 bmax <<< "${lat_bridge[$rate]}"
+    read -r d50 d99 dmax <<< "${lat_direct[$rate]}"
+    echo "| $rate | edge broker, TLS bridge, cloud broker | $b50 | $b99 | $bmax | $(calc "f'{max($b99, 1) / max($d99, 1):.1f}'") |"
+    echo "| $rate | reference: cloud broker alone | $d50 | $d99 | $dmax | 1.0 |"
+  done
+fi
+if ((${#resources[@]})); then
+  table_header "Resources per 100 000 messages (CPU seconds scaled from the run's count; peak RSS as measured)"
+  echo "| binary | messages in the run | CPU s per 100 000 | peak RSS, MiB |"
+  echo "| --- | ---: | ---: | ---: |"
+  for name in temperature-sensor pressure-sensor mqtt-subscriber mongo-persister; do
+    [ -n "${resources[$name]:-}" ] || continue
+    read -r cpu rss count <<< "${resources[$name]}"
+    echo "| $name | $count | $(calc "f'{$cpu * 100000 / $count:.2f}'") | $(calc "f'{$rss / 1024:.1f}'") |"
+  done
+fi
+if wants resources; then
+  table_header "device-status: cost of one device (one MQTT connection each)"
+  echo "| process | RSS with 1 device, MiB | with $DEVICES, MiB | per device, KiB |"
+  echo "| --- | ---: | ---: | ---: |"
+  echo "| device-status | $(calc "f'{$status_1 / 1024:.1f}'") | $(calc "f'{$status_n / 1024:.1f}'") | $(calc "f'{($status_n - $status_1) / max($DEVICES - 1, 1):.1f}'") |"
+  echo "| edge broker (mosquitto) | $(calc "f'{$broker_1 / 1024:.1f}'") | $(calc "f'{$broker_n / 1024:.1f}'") | $(calc "f'{($broker_n - $broker_1) / max($DEVICES - 1, 1):.1f}'") |"
+fi

@@ -1,0 +1,53 @@
+//! The benchmark suite stays runnable: a smoke run with tiny numbers and the debug
+//! binaries must finish and print every table with a figure in every cell. (The figures
+//! themselves are not checked: speed is measured by `bench/suite.sh`, not by tests.)
+
+use std::process::Command;
+
+use tests::{binary, cargo_package_variables, repo_root};
+
+#[test]
+fn the_benchmark_suite_runs_and_prints_every_table() {
+    binary("mongo-persister"); // builds the debug binaries the smoke run uses
+    let mut command = Command::new(repo_root().join("bench/suite.sh"));
+    command.current_dir(repo_root()).envs([
+        ("BENCH_PROFILE", "debug"),
+        ("BENCH_N", "300"),
+        ("BENCH_RUNS", "1"),
+        ("BENCH_SECONDS", "0.3"),
+        ("BENCH_RATES", "1000"),
+        ("BENCH_PERSISTER_N", "100"),
+        ("BENCH_DEVICES", "5"),
+    ]);
+    for key in cargo_package_variables() {
+        command.env_remove(key);
+    }
+    let output = command.output().expect("bench/suite.sh runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+
+    for row in [
+        "| subscriber: drain 300 queued QoS 1 |",
+        "| publisher: 300 at QoS 1 |",
+        "| persister: 100 queued readings into ",
+        "| 1 | 10,000 | ",
+        "| 1000 | edge broker, TLS bridge, cloud broker |",
+        "| 1000 | reference: cloud broker alone |",
+        "| mqtt-subscriber | 300 |",
+        "| mongo-persister | 100 |",
+        "| device-status | ",
+        "| edge broker (mosquitto) | ",
+    ] {
+        assert!(stdout.contains(row), "no row {row:?} in:\n{stdout}");
+    }
+    // Every cell of every row holds something: no figure went missing.
+    for line in stdout.lines().filter(|line| line.starts_with('|')) {
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        assert!(
+            cells.iter().all(|cell| !cell.is_empty()),
+            "empty cell in {line:?}"
+        );
+    }
+    assert!(!stderr.contains("Traceback"), "{stderr}");
+}
