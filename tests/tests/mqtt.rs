@@ -5,7 +5,9 @@ use std::process::Command;
 
 use iot_core::payload::{decode, Decoded};
 use rumqttc::{Publish, QoS};
-use tests::{binary, make_certificates, spawn_brokers, start_brokers, Brokers, TestClient};
+use tests::{
+    binary, make_certificates, spawn_brokers, spawn_service, start_brokers, Brokers, TestClient,
+};
 
 fn text(message: &Publish) -> String {
     String::from_utf8(message.payload.to_vec()).expect("UTF-8 payload")
@@ -203,6 +205,81 @@ async fn device_status_leaves_offline_on_the_cloud_when_killed_or_stopped() {
     assert_eq!(
         text(&TestClient::retained(brokers.cloud.port, "/device/status").await),
         "offline"
+    );
+}
+
+/// A session that comes back to more queued messages than MQTT has packet ids is
+/// drained to the end, every message once and in order: the acknowledgements keep up
+/// (they used to fall behind until the subscriber stalled for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_drains_a_queue_longer_than_the_packet_ids() {
+    const QUEUED: u64 = 100_000;
+    let queued = QUEUED.to_string();
+    let brokers = spawn_brokers().await;
+    let session = [
+        "--client-id",
+        "back-from-holiday",
+        "--topic",
+        "/sensor/pressure",
+        "--format",
+        "json",
+    ];
+    // On the cloud broker, whose larger in-flight window let the acknowledgements fall
+    // furthest behind.
+    let on_cloud = |args: &[&str]| {
+        spawn_service(
+            "mqtt-subscriber",
+            brokers.dir(),
+            brokers.cloud.port,
+            Some("mqtt-subscriber"),
+            args,
+        )
+    };
+    let mut subscriber = on_cloud(&session);
+    subscriber.wait_for_log("subscribed").await;
+    subscriber.stop_cleanly().await;
+
+    let sensor_flags = [
+        "--count",
+        &queued,
+        "--interval",
+        "0",
+        "--qos",
+        "1",
+        "--no-retain",
+        "--format",
+        "json",
+    ];
+    let mut sensor = spawn_service(
+        "pressure-sensor",
+        brokers.dir(),
+        brokers.cloud.port,
+        Some("bridge"),
+        &sensor_flags,
+    );
+    sensor.expect_success().await;
+    assert!(
+        sensor.stderr().contains(&format!("{QUEUED} acknowledged")),
+        "{}",
+        sensor.stderr()
+    );
+
+    let mut drain = on_cloud(&[&session[..], &["--count", &queued]].concat());
+    drain.expect_success().await;
+    let seqs: Vec<u64> = drain
+        .stdout_lines()
+        .iter()
+        .map(|line| {
+            let message: serde_json::Value = serde_json::from_str(line).expect("json line");
+            let payload = message["payload"].as_str().expect("text payload");
+            let reading: serde_json::Value = serde_json::from_str(payload).expect("json reading");
+            reading["seq"].as_u64().expect("seq")
+        })
+        .collect();
+    assert_eq!(seqs.len() as u64, QUEUED);
+    assert!(
+        seqs.iter().copied().eq(1..=QUEUED),
+        "not every seq once, in order"
     );
 }
 

@@ -5,13 +5,21 @@
 //! every attempt), gives up only when the broker refuses the credentials (retrying a
 //! wrong password forever helps nobody), and hands the service the few events it
 //! cares about through a channel.
+//!
+//! Acknowledgements of received messages do not go through rumqttc's request channel:
+//! its event loop takes one request per turn, behind a batch of up to ten incoming
+//! packets, so a subscriber draining a long queue fell ever further behind with its
+//! acknowledgements, and once 65 535 of them waited, the service blocked on the full
+//! request channel while the event loop blocked on the full event channel: a deadlock.
+//! Acknowledgements go to the driver task instead, which writes all that wait in one
+//! go, also while it waits for the service to take an event.
 
 use std::time::Duration;
 
 use anyhow::anyhow;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, EventLoop, MqttOptions, Outgoing, Packet,
-    Publish, QoS, SubscribeFilter, SubscribeReasonCode,
+    PubAck, PubRec, Publish, QoS, Request, SubscribeFilter, SubscribeReasonCode, Unsubscribe,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -25,6 +33,8 @@ use crate::config::BrokerSettings;
 const REQUEST_CAPACITY: usize = u16::MAX as usize;
 /// Events buffered between the event loop and the service.
 const EVENT_CAPACITY: usize = 1024;
+/// Most acknowledgements written in one go.
+const ACK_BATCH: usize = 4096;
 
 /// What the service hears from its connection.
 #[derive(Debug)]
@@ -46,6 +56,8 @@ pub enum Event {
 pub struct Connection {
     pub client: AsyncClient,
     events: mpsc::Receiver<Event>,
+    /// Acknowledgements (and the barrier behind them) for the driver to write, in order.
+    acks: mpsc::UnboundedSender<Request>,
     /// The event loop task; taken once its outcome was collected.
     driver: Option<JoinHandle<anyhow::Result<()>>>,
     /// QoS 1/2 publishes sent through [`Connection::publish`] and not yet acknowledged.
@@ -69,10 +81,12 @@ impl Connection {
         network.set_tcp_nodelay(true);
         eventloop.set_network_options(network);
         let (tx, events) = mpsc::channel(EVENT_CAPACITY);
-        let driver = tokio::spawn(drive(eventloop, tx, broker.clone()));
+        let (acks, acks_rx) = mpsc::unbounded_channel();
+        let driver = tokio::spawn(drive(eventloop, tx, acks_rx, broker.clone()));
         Self {
             client,
             events,
+            acks,
             driver: Some(driver),
             unacked: 0,
             acknowledged: 0,
@@ -88,9 +102,16 @@ impl Connection {
         Ok(())
     }
 
-    /// Acknowledges a message received with manual acknowledgements on.
+    /// Acknowledges a message received with manual acknowledgements on. Never waits:
+    /// the driver writes it with the others that wait, at the latest once the event
+    /// loop's current step is done.
     pub async fn ack(&mut self, publish: &Publish) -> anyhow::Result<()> {
-        if self.client.ack(publish).await.is_err() {
+        let request = match publish.qos {
+            QoS::AtMostOnce => return Ok(()),
+            QoS::AtLeastOnce => Request::PubAck(PubAck::new(publish.pkid)),
+            QoS::ExactlyOnce => Request::PubRec(PubRec::new(publish.pkid)),
+        };
+        if self.acks.send(request).is_err() {
             return Err(self.why_stopped().await);
         }
         self.acks_sent = true;
@@ -167,7 +188,11 @@ impl Connection {
         // acknowledgements sent before it. Without that, a restart under the same client
         // id can take the session over while they still sit unread in the old socket,
         // and the broker delivers those messages again.
-        let mut barrier = self.acks_sent && self.client.try_unsubscribe(BARRIER_FILTER).is_ok();
+        let mut barrier = self.acks_sent
+            && self
+                .acks
+                .send(Request::Unsubscribe(Unsubscribe::new(BARRIER_FILTER)))
+                .is_ok();
         while self.unacked > 0 || barrier {
             match tokio::time::timeout_at(deadline, self.recv()).await {
                 Ok(event) => {
@@ -229,17 +254,37 @@ impl Connection {
 }
 
 /// Polls the event loop forever: reconnects with backoff, stops on a clean disconnect,
-/// on refused credentials, or when the service stopped listening.
+/// on refused credentials, or when the service stopped listening. Writes the service's
+/// acknowledgements as they come.
 async fn drive(
     mut eventloop: EventLoop,
     events: mpsc::Sender<Event>,
+    mut acks: mpsc::UnboundedReceiver<Request>,
     broker: BrokerSettings,
 ) -> anyhow::Result<()> {
     let address = broker.address();
     let mut backoff = Backoff::default();
     let mut ever_connected = false;
+    let mut batch = Vec::with_capacity(ACK_BATCH);
     loop {
-        let event = match eventloop.poll().await {
+        let polled = tokio::select! {
+            biased;
+            // Acknowledgements first, all that wait. One that comes while poll() waits
+            // ends that wait (what poll() had read stays buffered in rumqttc), so it is
+            // written at once, not after the next incoming packet.
+            taken = acks.recv_many(&mut batch, ACK_BATCH) => {
+                if taken == 0 {
+                    return Ok(()); // the service is gone
+                }
+                match write_requests(&mut eventloop, &mut batch).await {
+                    Ok(()) => continue,
+                    Err(error) => Err(error),
+                }
+            }
+            polled = eventloop.poll() => polled,
+        };
+        let mut lost = None;
+        let event = match polled {
             Ok(rumqttc::Event::Incoming(Packet::ConnAck(ack))) => {
                 if ever_connected {
                     tracing::info!(broker = %address, "reconnected");
@@ -248,6 +293,7 @@ async fn drive(
                 }
                 ever_connected = true;
                 backoff.reset();
+                drop_stale_acks(&mut eventloop, &mut acks);
                 Event::Connected {
                     session_present: ack.session_present,
                 }
@@ -265,21 +311,102 @@ async fn drive(
                 return Err(refused(&broker, code));
             }
             Err(error) => {
-                let delay = backoff.next_delay();
-                let attempt = backoff.attempt();
-                if attempt == 1 && ever_connected {
-                    tracing::warn!(broker = %address, "connection lost: {error}; reconnecting in {delay:?}");
-                } else {
-                    tracing::warn!(broker = %address, attempt, "cannot connect: {error}; retrying in {delay:?}");
-                }
-                tokio::time::sleep(delay).await;
+                back_off(&mut backoff, ever_connected, &address, &error).await;
                 continue;
             }
         };
-        if events.send(event).await.is_err() {
-            return Ok(());
+        // Hand the event over, writing the acknowledgements that come meanwhile: the
+        // service may be waiting for room to send them while this waits for room in its
+        // event channel.
+        let mut event = Some(event);
+        while let Some(next) = event.take() {
+            tokio::select! {
+                biased;
+                permit = events.reserve() => match permit {
+                    Ok(permit) => permit.send(next),
+                    Err(_) => return Ok(()), // the service stopped listening
+                },
+                taken = acks.recv_many(&mut batch, ACK_BATCH) => {
+                    if taken == 0 {
+                        return Ok(());
+                    }
+                    if let Err(error) = write_requests(&mut eventloop, &mut batch).await {
+                        lost = Some(error);
+                    }
+                    event = Some(next);
+                }
+            }
+        }
+        if let Some(error) = lost {
+            back_off(&mut backoff, ever_connected, &address, &error).await;
         }
     }
+}
+
+/// Logs a lost or refused connection and waits before the next attempt.
+async fn back_off(
+    backoff: &mut Backoff,
+    ever_connected: bool,
+    address: &str,
+    error: &ConnectionError,
+) {
+    let delay = backoff.next_delay();
+    let attempt = backoff.attempt();
+    if attempt == 1 && ever_connected {
+        tracing::warn!(broker = %address, "connection lost: {error}; reconnecting in {delay:?}");
+    } else {
+        tracing::warn!(broker = %address, attempt, "cannot connect: {error}; retrying in {delay:?}");
+    }
+    tokio::time::sleep(delay).await;
+}
+
+/// Writes the service's acknowledgements (and the barrier behind them) in one go, with
+/// one flush. On failure the connection is dropped, to be made again by the next poll.
+/// Without a connection, acknowledgements are dropped as rumqttc drops its own: the
+/// broker sends those messages again, and an acknowledgement on a new connection could
+/// confirm another message that got the same packet id.
+async fn write_requests(
+    eventloop: &mut EventLoop,
+    batch: &mut Vec<Request>,
+) -> Result<(), ConnectionError> {
+    let Some(network) = eventloop.network.as_mut() else {
+        keep_all_but_acks(&mut eventloop.pending, batch.drain(..));
+        return Ok(());
+    };
+    let state = &mut eventloop.state;
+    let timeout = Duration::from_secs(eventloop.network_options.connection_timeout());
+    let write = async {
+        for request in batch.drain(..) {
+            if let Some(packet) = state.handle_outgoing_packet(request)? {
+                network.write(packet).await?;
+            }
+        }
+        network.flush().await
+    };
+    let result = match tokio::time::timeout(timeout, write).await {
+        Ok(written) => written.map_err(ConnectionError::from),
+        Err(_) => Err(ConnectionError::FlushTimeout),
+    };
+    if result.is_err() {
+        batch.clear();
+        eventloop.clean();
+    }
+    result
+}
+
+/// On a new connection, acknowledgements of the previous one's messages are dropped.
+fn drop_stale_acks(eventloop: &mut EventLoop, acks: &mut mpsc::UnboundedReceiver<Request>) {
+    let waiting = std::iter::from_fn(|| acks.try_recv().ok());
+    keep_all_but_acks(&mut eventloop.pending, waiting);
+}
+
+fn keep_all_but_acks(
+    pending: &mut std::collections::VecDeque<Request>,
+    requests: impl Iterator<Item = Request>,
+) {
+    pending.extend(
+        requests.filter(|request| !matches!(request, Request::PubAck(_) | Request::PubRec(_))),
+    );
 }
 
 /// Refusals that no retry can fix.

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let config: mqtt_subscriber::Config = iot_core::config::load();
     iot_core::logging::init();
