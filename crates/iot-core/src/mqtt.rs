@@ -27,9 +27,8 @@ use tokio::task::JoinHandle;
 use crate::backoff::Backoff;
 use crate::config::BrokerSettings;
 
-/// Capacity of rumqttc's request channel. Every unacknowledged QoS 1/2 message has its
-/// own packet id, so at most 65 535 acknowledgements can ever wait here: a service that
-/// acknowledges by hand can never block on a full channel.
+/// Capacity of rumqttc's request channel: publishes, subscriptions, the disconnect.
+/// Acknowledgements of received messages take their own path (see the module header).
 const REQUEST_CAPACITY: usize = u16::MAX as usize;
 /// Events buffered between the event loop and the service.
 const EVENT_CAPACITY: usize = 1024;
@@ -315,9 +314,8 @@ async fn drive(
                 continue;
             }
         };
-        // Hand the event over, writing the acknowledgements that come meanwhile: the
-        // service may be waiting for room to send them while this waits for room in its
-        // event channel.
+        // Hand the event over, writing the acknowledgements that come meanwhile: while
+        // the service catches up, the broker hears of what it has done.
         let mut event = Some(event);
         while let Some(next) = event.take() {
             tokio::select! {
