@@ -360,6 +360,12 @@ async fn two_replicas_share_the_stream_and_store_each_reading_once() {
 /// Runs `readings` with `args` against database `database` at `uri`; returns
 /// (success, stdout, stderr).
 fn readings(uri: &str, database: &str, args: &[&str]) -> (bool, String, String) {
+    let (code, out, err) = readings_with_code(uri, database, args);
+    (code == Some(0), out, err)
+}
+
+/// Runs `readings` against the database; its exit code, stdout and stderr.
+fn readings_with_code(uri: &str, database: &str, args: &[&str]) -> (Option<i32>, String, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let output = Command::new(binary("readings"))
         .args(args)
@@ -370,7 +376,7 @@ fn readings(uri: &str, database: &str, args: &[&str]) -> (bool, String, String) 
         .output()
         .expect("runs");
     (
-        output.status.success(),
+        output.status.code(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
@@ -508,4 +514,56 @@ fn readings_says_when_the_database_is_unreachable() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_gaps_finds_missing_and_duplicate_seqs_per_boot() {
+    let mongo = spawn_mongo().await;
+    let (uri, name) = (mongo.uri(), mongo.database_name());
+    let collection = mongo.database().await.collection::<Document>("readings");
+    let now = bson::DateTime::now();
+    let reading = |device: &str, boot: &str, seq: i64| {
+        doc! { "topic": "/sensor/pressure", "value": 1000.0, "ts": now, "received_at": now,
+        "device": device, "boot": boot, "seq": seq }
+    };
+    // Two boots of one device (the second starts again at 1), nothing missing.
+    let clean: Vec<Document> = (1..=5)
+        .map(|seq| reading("pres-0001", "boot-a", seq))
+        .chain((1..=3).map(|seq| reading("pres-0001", "boot-b", seq)))
+        .collect();
+    collection.insert_many(clean).await.expect("insert");
+    let (code, out, err) = readings_with_code(uri, name, &["gaps"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(
+        out.lines().count(),
+        3,
+        "a header and one line per boot:\n{out}"
+    );
+
+    // Another device with seq 3 and 4 missing and 6 stored twice.
+    collection
+        .insert_many([1, 2, 5, 6, 6, 7].map(|seq| reading("temp-0001", "boot-c", seq)))
+        .await
+        .expect("insert");
+    let (code, out, err) = readings_with_code(uri, name, &["gaps", "--format", "json"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let temp = rows
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|row| row["device"] == "temp-0001")
+        .expect("a row for temp-0001");
+    assert_eq!(temp["missing"], 2);
+    assert_eq!(temp["duplicates"], 1);
+    assert_eq!(temp["missing seq"], "3-4");
+
+    // --device narrows it to the clean one.
+    let (code, out, err) = readings_with_code(uri, name, &["gaps", "--device", "pres-0001"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+
+    // A database that does not answer is exit code 2, not a verdict.
+    let down = format!("mongodb://127.0.0.1:{}", free_port());
+    let (code, _, err) = readings_with_code(&down, "iot", &["gaps", "--mongodb-timeout", "1"]);
+    assert_eq!(code, Some(2), "{err}");
 }

@@ -1,6 +1,7 @@
 //! `readings`: command-line queries over the stored readings.
 //!
-//! `latest`, `range`, `stats` and `status`, printed as an aligned table, JSON or CSV.
+//! `latest`, `range`, `stats`, `status` and `gaps`, printed as an aligned table, JSON or
+//! CSV.
 //! Only standard MongoDB query and aggregation stages are used (`$dateTrunc` needs
 //! MongoDB 5 or newer), so it runs against any MongoDB 6+ server.
 
@@ -82,6 +83,17 @@ pub enum Query {
     },
     /// Every device's status and since when
     Status,
+    /// Missing and duplicate sequence numbers per device and boot; exits 1 when there
+    /// are any, 0 when there are none, 2 when the query fails (like diff)
+    Gaps {
+        /// Only readings since: a duration back from now (30s, 10m, 2h, 7d) or an RFC
+        /// 3339 time [default: every stored reading, and each boot must start at seq 1]
+        #[arg(long, value_parser = parse_time)]
+        since: Option<DateTime<Utc>>,
+        /// Only this device
+        #[arg(long)]
+        device: Option<String>,
+    },
 }
 
 impl Cli {
@@ -146,17 +158,20 @@ pub struct Rows {
     pub rows: Vec<Vec<Value>>,
     /// What an empty result says in a table.
     pub empty: String,
+    /// Whether the answer is bad news (`gaps` found missing or duplicate readings).
+    pub trouble: bool,
 }
 
-/// Runs the query and prints the result to stdout.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the query and prints the result to stdout. `Ok(false)`: `gaps` found some.
+pub async fn run(cli: Cli) -> anyhow::Result<bool> {
     let db = cli.mongo.database("readings").await?;
     let rows = query(&db, &cli.query)
         .await
         .with_context(|| format!("query on {} failed", cli.mongo.redacted_uri()))?;
     let mut out = std::io::stdout().lock();
     print(&rows, cli.format, &mut out)?;
-    out.flush().context("cannot write to stdout")
+    out.flush().context("cannot write to stdout")?;
+    Ok(!rows.trouble)
 }
 
 /// Runs one query.
@@ -254,6 +269,32 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
                 nothing_on(topic, *since, until),
             ))
         }
+        Query::Gaps { since, device } => {
+            let mut filter = doc! { "device": { "$exists": true }, "seq": { "$exists": true } };
+            if let Some(since) = since {
+                filter.insert("ts", doc! { "$gte": bson::DateTime::from_chrono(*since) });
+            }
+            if let Some(device) = device {
+                filter.insert("device", device);
+            }
+            let mut cursor = readings
+                .find(filter)
+                .projection(doc! { "_id": 0, "device": 1, "boot": 1, "seq": 1 })
+                .sort(doc! { "device": 1, "boot": 1, "seq": 1 })
+                .await?;
+            let mut seqs = Vec::new();
+            while let Some(document) = cursor.try_next().await? {
+                let text = |key: &str| document.get_str(key).unwrap_or_default().to_string();
+                let seq = match document.get("seq") {
+                    Some(Bson::Int64(seq)) => *seq,
+                    Some(Bson::Int32(seq)) => i64::from(*seq),
+                    Some(Bson::Double(seq)) if seq.fract() == 0.0 => *seq as i64,
+                    _ => continue,
+                };
+                seqs.push((text("device"), text("boot"), seq));
+            }
+            Ok(gap_rows(&find_gaps(seqs, since.is_none())))
+        }
         Query::Status => {
             let pipeline = [
                 doc! { "$sort": { "device": 1, "ts": -1 } },
@@ -277,6 +318,120 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
                 "no device status stored yet".into(),
             ))
         }
+    }
+}
+
+/// What `gaps` found for one boot of one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootGaps {
+    pub device: String,
+    pub boot: String,
+    pub first: i64,
+    pub last: i64,
+    pub stored: u64,
+    /// Missing sequence numbers, as inclusive ranges.
+    pub missing: Vec<(i64, i64)>,
+    pub duplicates: u64,
+}
+
+impl BootGaps {
+    pub fn missing_count(&self) -> i64 {
+        self.missing.iter().map(|(from, to)| to - from + 1).sum()
+    }
+}
+
+/// Gaps and duplicates in `(device, boot, seq)` triples sorted by all three. Within a
+/// boot, every number between the first and the last stored must be there, and with
+/// `from_one` the boot must start at 1 (a sensor counts from 1 on every start); what
+/// comes after a boot's last stored number cannot be seen.
+pub fn find_gaps(sorted: Vec<(String, String, i64)>, from_one: bool) -> Vec<BootGaps> {
+    let mut found: Vec<BootGaps> = Vec::new();
+    for (device, boot, seq) in sorted {
+        match found.last_mut() {
+            Some(current) if current.device == device && current.boot == boot => {
+                current.stored += 1;
+                if seq == current.last {
+                    current.duplicates += 1;
+                } else {
+                    if seq > current.last + 1 {
+                        current.missing.push((current.last + 1, seq - 1));
+                    }
+                    current.last = seq;
+                }
+            }
+            _ => {
+                let missing = if from_one && seq > 1 {
+                    vec![(1, seq - 1)]
+                } else {
+                    Vec::new()
+                };
+                found.push(BootGaps {
+                    device,
+                    boot,
+                    first: seq,
+                    last: seq,
+                    stored: 1,
+                    missing,
+                    duplicates: 0,
+                });
+            }
+        }
+    }
+    found
+}
+
+/// Ranges listed at most in one cell; the count column has them all.
+const RANGES_SHOWN: usize = 10;
+
+fn gap_rows(found: &[BootGaps]) -> Rows {
+    let ranges = |gaps: &BootGaps| {
+        let mut shown: Vec<String> = gaps
+            .missing
+            .iter()
+            .take(RANGES_SHOWN)
+            .map(|&(from, to)| {
+                if from == to {
+                    from.to_string()
+                } else {
+                    format!("{from}-{to}")
+                }
+            })
+            .collect();
+        if gaps.missing.len() > RANGES_SHOWN {
+            shown.push(format!("and {} more", gaps.missing.len() - RANGES_SHOWN));
+        }
+        shown.join(", ")
+    };
+    Rows {
+        columns: vec![
+            "device",
+            "boot",
+            "first",
+            "last",
+            "stored",
+            "missing",
+            "duplicates",
+            "missing seq",
+        ],
+        rows: found
+            .iter()
+            .map(|gaps| {
+                vec![
+                    Value::from(gaps.device.clone()),
+                    Value::from(gaps.boot.clone()),
+                    Value::from(gaps.first),
+                    Value::from(gaps.last),
+                    Value::from(gaps.stored),
+                    Value::from(gaps.missing_count()),
+                    Value::from(gaps.duplicates),
+                    Value::from(ranges(gaps)),
+                ]
+            })
+            .collect(),
+        empty: "no readings with device and seq stored".into(),
+        trouble: found
+            .iter()
+            .any(|gaps| !gaps.missing.is_empty() || gaps.duplicates > 0),
     }
 }
 
@@ -318,6 +473,7 @@ impl Rows {
                 })
                 .collect(),
             empty,
+            trouble: false,
         }
     }
 }
@@ -483,6 +639,7 @@ mod tests {
                 vec![Value::from("/sensor/temperature"), Value::Null],
             ],
             empty: "nothing".into(),
+            trouble: false,
         }
     }
 
@@ -525,6 +682,48 @@ mod tests {
         assert_eq!(printed(&empty, OutputFormat::Table), "nothing\n");
         assert_eq!(printed(&empty, OutputFormat::Json).trim(), "[]");
         assert_eq!(printed(&empty, OutputFormat::Csv), "topic,value\n");
+    }
+
+    fn triples(device: &str, boot: &str, seqs: &[i64]) -> Vec<(String, String, i64)> {
+        seqs.iter()
+            .map(|&seq| (device.to_string(), boot.to_string(), seq))
+            .collect()
+    }
+
+    #[test]
+    fn gaps_are_counted_within_each_boot() {
+        let sorted = [
+            triples("pres-0001", "a", &[1, 2, 3, 3, 6, 7, 9]),
+            triples("pres-0001", "b", &[1, 2]), // a restart: seq back to 1 under a new boot
+            triples("temp-0001", "a", &[4, 5]),
+        ]
+        .concat();
+        let found = find_gaps(sorted.clone(), true);
+        assert_eq!(found.len(), 3);
+        assert_eq!(found[0].missing, [(4, 5), (8, 8)]);
+        assert_eq!((found[0].stored, found[0].duplicates), (7, 1));
+        assert_eq!(found[0].missing_count(), 3);
+        assert!(found[1].missing.is_empty() && found[1].duplicates == 0);
+        assert_eq!(found[2].missing, [(1, 3)], "a boot starts at 1");
+        // With --since the readings before the window are not seen: no leading gap.
+        assert!(find_gaps(sorted, false)[2].missing.is_empty());
+    }
+
+    #[test]
+    fn gap_rows_are_trouble_only_with_gaps_or_duplicates() {
+        let clean = gap_rows(&find_gaps(triples("d", "a", &[1, 2, 3]), true));
+        assert!(!clean.trouble);
+        assert_eq!(clean.rows[0][5], 0);
+        let holes: Vec<i64> = (1..=40).filter(|n| n % 3 != 0).collect();
+        let gappy = gap_rows(&find_gaps(triples("d", "a", &holes), true));
+        assert!(gappy.trouble);
+        assert_eq!(gappy.rows[0][5], 13);
+        let ranges = gappy.rows[0][7].as_str().expect("text");
+        assert!(
+            ranges.starts_with("3, 6, 9") && ranges.ends_with("and 3 more"),
+            "{ranges}"
+        );
+        assert!(!gap_rows(&[]).trouble);
     }
 
     #[test]

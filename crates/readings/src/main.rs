@@ -7,11 +7,14 @@ async fn main() -> ExitCode {
     let cli: readings::Cli =
         iot_core::config::load_with(readings::Cli::command(), std::env::args_os());
     iot_core::logging::init();
+    // `gaps` answers like diff: 1 when it found some, 2 when it could not look.
+    let is_gaps = matches!(cli.query, readings::Query::Gaps { .. });
     match readings::run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
         Err(error) => {
             eprintln!("error: {}", iot_core::store::describe(&error));
-            ExitCode::FAILURE
+            ExitCode::from(if is_gaps { 2 } else { 1 })
         }
     }
 }
