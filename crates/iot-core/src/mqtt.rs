@@ -265,6 +265,8 @@ async fn drive(
     let mut backoff = Backoff::default();
     let mut ever_connected = false;
     let mut batch = Vec::with_capacity(ACK_BATCH);
+    // Our publishes the broker had not acknowledged when the connection dropped.
+    let mut unconfirmed: Vec<Request> = Vec::new();
     loop {
         let polled = tokio::select! {
             biased;
@@ -293,6 +295,9 @@ async fn drive(
                 ever_connected = true;
                 backoff.reset();
                 drop_stale_acks(&mut eventloop, &mut acks);
+                // Sent again whatever the broker remembers: rumqttc would forget them
+                // when it comes back without our session (after a crash, say).
+                eventloop.pending.extend(unconfirmed.drain(..));
                 Event::Connected {
                     session_present: ack.session_present,
                 }
@@ -310,6 +315,7 @@ async fn drive(
                 return Err(refused(&broker, code));
             }
             Err(error) => {
+                keep_unconfirmed(&mut eventloop, &mut unconfirmed);
                 back_off(&mut backoff, ever_connected, &address, &error).await;
                 continue;
             }
@@ -336,6 +342,7 @@ async fn drive(
             }
         }
         if let Some(error) = lost {
+            keep_unconfirmed(&mut eventloop, &mut unconfirmed);
             back_off(&mut backoff, ever_connected, &address, &error).await;
         }
     }
@@ -392,6 +399,19 @@ async fn write_requests(
     result
 }
 
+/// Takes the publishes rumqttc set aside to send again after a lost connection: it
+/// drops them when the broker answers the reconnect without our session, which would
+/// lose QoS 1 readings a broker crash had not confirmed. Sent again, they arrive at
+/// least once.
+fn keep_unconfirmed(eventloop: &mut EventLoop, unconfirmed: &mut Vec<Request>) {
+    let pending = std::mem::take(&mut eventloop.pending);
+    let (publishes, others): (Vec<Request>, Vec<Request>) = pending
+        .into_iter()
+        .partition(|request| matches!(request, Request::Publish(_)));
+    unconfirmed.extend(publishes);
+    eventloop.pending.extend(others);
+}
+
 /// On a new connection, acknowledgements of the previous one's messages are dropped.
 fn drop_stale_acks(eventloop: &mut EventLoop, acks: &mut mpsc::UnboundedReceiver<Request>) {
     let waiting = std::iter::from_fn(|| acks.try_recv().ok());
@@ -437,4 +457,89 @@ fn refused(broker: &BrokerSettings, code: ConnectReturnCode) -> anyhow::Error {
         "broker {} refused the connection: {reason}",
         broker.address()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    //! A broker that loses a publish before confirming it cannot be made from a real
+    //! Mosquitto on demand; this one speaks just enough MQTT over a socket to do it.
+
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Reads one MQTT packet: its type (high nibble of the first byte) and its body.
+    async fn read_packet(stream: &mut TcpStream) -> (u8, Vec<u8>) {
+        let first = stream.read_u8().await.expect("a packet");
+        let (mut length, mut shift) = (0usize, 0);
+        loop {
+            let byte = stream.read_u8().await.expect("its length");
+            length |= usize::from(byte & 0x7f) << shift;
+            shift += 7;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0; length];
+        stream.read_exact(&mut body).await.expect("its body");
+        (first >> 4, body)
+    }
+
+    /// Accepts a connection and answers CONNECT with "accepted, no session".
+    async fn accept(listener: &TcpListener) -> TcpStream {
+        let (mut stream, _) = listener.accept().await.expect("a connection");
+        assert_eq!(read_packet(&mut stream).await.0, 1, "CONNECT first");
+        stream
+            .write_all(&[0x20, 0x02, 0x00, 0x00])
+            .await
+            .expect("CONNACK");
+        stream
+    }
+
+    #[tokio::test]
+    async fn a_publish_never_confirmed_is_sent_again_to_a_broker_that_forgot_the_session() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let broker = BrokerSettings {
+            host: "127.0.0.1".into(),
+            port: listener.local_addr().expect("address").port(),
+            username: None,
+            password: None,
+            tls_ca: None,
+            keep_alive: Duration::from_secs(30),
+            env_prefix: "LOCAL",
+        };
+        let options = broker.mqtt_options("resend-test", true).expect("options");
+        let mut connection = Connection::start(&broker, options);
+        connection
+            .publish("/sensor/t", QoS::AtLeastOnce, false, b"21.50".to_vec())
+            .await
+            .expect("queued");
+
+        // The broker reads the publish and dies before confirming it.
+        let mut stream = accept(&listener).await;
+        let (kind, body) = read_packet(&mut stream).await;
+        assert_eq!(kind, 3, "PUBLISH");
+        assert!(body.ends_with(b"21.50"));
+        drop(stream);
+
+        // Back without our session: the reading comes again, and once confirmed the
+        // connection counts it acknowledged.
+        let events = tokio::spawn(async move {
+            connection
+                .wait_acknowledged(Duration::from_secs(20))
+                .await
+                .map(|all| (all, connection.acknowledged()))
+        });
+        let mut stream = accept(&listener).await;
+        let (kind, body) = read_packet(&mut stream).await;
+        assert_eq!(kind, 3, "the same PUBLISH again");
+        assert!(body.ends_with(b"21.50"));
+        let packet_id = &body[2 + "/sensor/t".len()..][..2];
+        stream
+            .write_all(&[0x40, 0x02, packet_id[0], packet_id[1]])
+            .await
+            .expect("PUBACK");
+        let (all, acknowledged) = events.await.expect("task").expect("connection");
+        assert!(all && acknowledged == 1);
+    }
 }
