@@ -146,6 +146,24 @@ impl Broker {
         }
     }
 
+    /// Makes the broker write its persistence now (SIGUSR1), as its periodic autosave
+    /// does, and waits until it says so.
+    pub async fn save(&self) {
+        let child = self.process.as_ref().expect("broker running");
+        let saves = self.log().matches("Saving in-memory database").count();
+        signal(child, "USR1");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.log().matches("Saving in-memory database").count() <= saves {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the {} broker did not save on SIGUSR1:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Stops the broker cleanly (SIGTERM): it saves its persistence first.
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.process.take() {
