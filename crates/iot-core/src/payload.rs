@@ -300,3 +300,75 @@ mod tests {
         assert_eq!(escape_for_line("°C".as_bytes()), "°C");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! The codec on any input: round trips hold and nothing panics.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn reading() -> impl Strategy<Value = Reading> {
+        (
+            ".{0,40}",
+            "[a-z0-9]{0,12}",
+            any::<u64>(),
+            // 1970 to 2100, to the millisecond, as the wire form carries it.
+            0i64..4_102_444_800_000,
+            -1e12f64..1e12,
+            ".{0,8}",
+        )
+            .prop_map(|(device, boot, seq, millis, value, unit)| Reading {
+                device,
+                boot,
+                seq,
+                ts: DateTime::from_timestamp_millis(millis).expect("in range"),
+                value,
+                unit,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn json_readings_decode_to_what_was_encoded(reading in reading()) {
+            let Ok(Decoded::Json(decoded)) = decode(&reading.encode(Format::Json)) else {
+                panic!("not decoded as JSON");
+            };
+            prop_assert_eq!(decoded.device.as_deref(), Some(reading.device.as_str()));
+            prop_assert_eq!(decoded.boot.as_deref(), Some(reading.boot.as_str()));
+            prop_assert_eq!(decoded.seq, Some(reading.seq));
+            prop_assert_eq!(decoded.ts, Some(reading.ts));
+            prop_assert_eq!(decoded.value, round2(reading.value));
+            prop_assert_eq!(decoded.unit.as_deref(), Some(reading.unit.as_str()));
+        }
+
+        #[test]
+        fn plain_readings_decode_to_the_rounded_value(reading in reading()) {
+            let decoded = decode(&reading.encode(Format::Plain));
+            prop_assert_eq!(decoded, Ok(Decoded::Number(round2(reading.value))));
+        }
+
+        #[test]
+        fn any_bytes_decode_or_say_why_and_print_on_one_line(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(Decoded::Number(value)) = decode(&bytes) {
+                prop_assert!(value.is_finite());
+            }
+            let line = escape_for_line(&bytes);
+            prop_assert!(!line.chars().any(char::is_control), "{:?}", line);
+            match PayloadText::of(&bytes) {
+                PayloadText::Utf8(text) => prop_assert_eq!(text.as_bytes(), &bytes[..]),
+                PayloadText::Base64(text) => prop_assert_eq!(
+                    base64::engine::general_purpose::STANDARD.decode(text).expect("base64"),
+                    bytes.clone()
+                ),
+            }
+        }
+
+        #[test]
+        fn json_that_is_almost_a_reading_never_panics(text in r#"\{("[a-z]{1,6}":(-?[0-9]{1,400}(\.[0-9]*)?(e-?[0-9]{1,4})?|"[^"]{0,8}"|null|true|\[|\{)[,}]?){0,6}"#) {
+            if let Ok(Decoded::Json(reading)) = decode(text.as_bytes()) {
+                prop_assert!(reading.value.is_finite());
+            }
+        }
+    }
+}
