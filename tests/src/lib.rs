@@ -822,6 +822,10 @@ impl TestClient {
         clean: bool,
     ) -> Result<TestClient, String> {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+        options.set_max_packet_size(
+            iot_core::config::MAX_PACKET_SIZE,
+            iot_core::config::MAX_PACKET_SIZE,
+        );
         options.set_clean_session(clean);
         options.set_keep_alive(Duration::from_secs(30));
         if let Some(user) = user {

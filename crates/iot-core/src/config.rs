@@ -228,6 +228,12 @@ broker_args!(
     "Cloud broker"
 );
 
+/// Largest MQTT packet our clients send or accept: above the brokers' `max_packet_size`
+/// (2 MiB), so a message a broker accepted always reaches them. rumqttc's default of
+/// 10 KiB broke the connection on every delivery of a larger message, which the broker
+/// then delivered again, for ever.
+pub const MAX_PACKET_SIZE: usize = 4 * 1024 * 1024;
+
 /// Where and how to connect to one broker; builds the client options itself.
 #[derive(Clone)]
 pub struct BrokerSettings {
@@ -270,7 +276,8 @@ impl BrokerSettings {
         let mut options = MqttOptions::new(client_id, &self.host, self.port);
         options
             .set_keep_alive(self.keep_alive)
-            .set_clean_session(clean_session);
+            .set_clean_session(clean_session)
+            .set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE);
         if let Some(username) = &self.username {
             options.set_credentials(username, self.password.as_deref().unwrap_or_default());
         }
