@@ -20,12 +20,18 @@ pub const DEVICE_PLACEHOLDER: &str = "{device}";
 pub fn device_ids(first: &str, count: usize) -> Vec<String> {
     let digits = first.len() - first.trim_end_matches(|c: char| c.is_ascii_digit()).len();
     let (stem, number) = first.split_at(first.len() - digits);
-    match number.parse::<u64>() {
-        Ok(start) => (0..count as u64)
+    // Counting on from the number, unless there is none or it would pass u64::MAX.
+    match number
+        .parse::<u64>()
+        .ok()
+        .filter(|start| start.checked_add(count as u64).is_some())
+    {
+        Some(start) => (0..count as u64)
             .map(|offset| format!("{stem}{:0digits$}", start + offset))
             .collect(),
-        Err(_) => std::iter::once(first.to_string())
+        None => std::iter::once(first.to_string())
             .chain((2..=count).map(|n| format!("{first}-{n}")))
+            .take(count)
             .collect(),
     }
 }
@@ -124,6 +130,17 @@ mod tests {
         let ids = device_ids("d-99999999999999999999999", 2);
         assert_eq!(ids.len(), 2);
         assert_ne!(ids[0], ids[1]);
+    }
+
+    #[test]
+    fn ids_near_the_largest_u64_do_not_overflow() {
+        let first = format!("d{}", u64::MAX - 1);
+        let ids = device_ids(&first, 3);
+        assert_eq!(
+            ids,
+            [first.clone(), format!("{first}-2"), format!("{first}-3")]
+        );
+        assert!(device_ids("boiler", 0).is_empty());
     }
 
     #[test]
