@@ -1,4 +1,4 @@
-//! The benchmark suite stays runnable: a smoke run with tiny numbers and the debug
+//! The benchmark scripts stay runnable: smoke runs with tiny numbers and the debug
 //! binaries must finish and print every table with a figure in every cell. (The figures
 //! themselves are not checked: speed is measured by `bench/suite.sh`, not by tests.)
 
@@ -50,4 +50,41 @@ fn the_benchmark_suite_runs_and_prints_every_table() {
         );
     }
     assert!(!stderr.contains("Traceback"), "{stderr}");
+}
+
+#[test]
+fn the_soak_run_samples_every_process_and_finds_no_gap() {
+    binary("readings"); // builds the debug binaries the smoke run uses
+    let mut command = Command::new(repo_root().join("bench/soak.sh"));
+    command.current_dir(repo_root()).envs([
+        ("BENCH_PROFILE", "debug"),
+        ("BENCH_SOAK_DURATION", "3s"),
+        ("BENCH_SOAK_RATE", "200"),
+        ("BENCH_SOAK_SAMPLE", "1"),
+    ]);
+    for key in cargo_package_variables() {
+        command.env_remove(key);
+    }
+    let output = command.output().expect("bench/soak.sh runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("readings gaps exit code 0 (nothing missing, nothing twice)"),
+        "{stdout}\n{stderr}"
+    );
+    for process in [
+        "edge-broker",
+        "cloud-broker",
+        "mongo-persister",
+        "mqtt-subscriber",
+        "device-status",
+        "temperature-sensor",
+        "pressure-sensor",
+    ] {
+        assert!(
+            stdout.contains(&format!("| {process} | ")),
+            "no row for {process}:\n{stdout}"
+        );
+    }
 }
