@@ -282,18 +282,19 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
                 .projection(doc! { "_id": 0, "device": 1, "boot": 1, "seq": 1 })
                 .sort(doc! { "device": 1, "boot": 1, "seq": 1 })
                 .await?;
-            let mut seqs = Vec::new();
+            // One pass over the sorted readings, keeping only a summary per boot.
+            let mut gaps = GapFinder::new(since.is_none());
             while let Some(document) = cursor.try_next().await? {
-                let text = |key: &str| document.get_str(key).unwrap_or_default().to_string();
+                let text = |key: &str| document.get_str(key).unwrap_or_default();
                 let seq = match document.get("seq") {
                     Some(Bson::Int64(seq)) => *seq,
                     Some(Bson::Int32(seq)) => i64::from(*seq),
                     Some(Bson::Double(seq)) if seq.fract() == 0.0 => *seq as i64,
                     _ => continue,
                 };
-                seqs.push((text("device"), text("boot"), seq));
+                gaps.push(text("device"), text("boot"), seq);
             }
-            Ok(gap_rows(&find_gaps(seqs, since.is_none())))
+            Ok(gap_rows(&gaps.found))
         }
         Query::Status => {
             let pipeline = [
@@ -340,14 +341,26 @@ impl BootGaps {
     }
 }
 
-/// Gaps and duplicates in `(device, boot, seq)` triples sorted by all three. Within a
-/// boot, every number between the first and the last stored must be there, and with
-/// `from_one` the boot must start at 1 (a sensor counts from 1 on every start); what
-/// comes after a boot's last stored number cannot be seen.
-pub fn find_gaps(sorted: Vec<(String, String, i64)>, from_one: bool) -> Vec<BootGaps> {
-    let mut found: Vec<BootGaps> = Vec::new();
-    for (device, boot, seq) in sorted {
-        match found.last_mut() {
+/// Gaps and duplicates in `(device, boot, seq)` triples sorted by all three, fed one at
+/// a time. Within a boot, every number between the first and the last stored must be
+/// there, and with `from_one` the boot must start at 1 (a sensor counts from 1 on every
+/// start); what comes after a boot's last stored number cannot be seen.
+#[derive(Debug)]
+pub struct GapFinder {
+    pub found: Vec<BootGaps>,
+    from_one: bool,
+}
+
+impl GapFinder {
+    pub fn new(from_one: bool) -> Self {
+        Self {
+            found: Vec::new(),
+            from_one,
+        }
+    }
+
+    pub fn push(&mut self, device: &str, boot: &str, seq: i64) {
+        match self.found.last_mut() {
             Some(current) if current.device == device && current.boot == boot => {
                 current.stored += 1;
                 if seq == current.last {
@@ -360,14 +373,14 @@ pub fn find_gaps(sorted: Vec<(String, String, i64)>, from_one: bool) -> Vec<Boot
                 }
             }
             _ => {
-                let missing = if from_one && seq > 1 {
+                let missing = if self.from_one && seq > 1 {
                     vec![(1, seq - 1)]
                 } else {
                     Vec::new()
                 };
-                found.push(BootGaps {
-                    device,
-                    boot,
+                self.found.push(BootGaps {
+                    device: device.to_string(),
+                    boot: boot.to_string(),
                     first: seq,
                     last: seq,
                     stored: 1,
@@ -377,7 +390,15 @@ pub fn find_gaps(sorted: Vec<(String, String, i64)>, from_one: bool) -> Vec<Boot
             }
         }
     }
-    found
+}
+
+/// [`GapFinder`] over a whole sorted list.
+pub fn find_gaps(sorted: Vec<(String, String, i64)>, from_one: bool) -> Vec<BootGaps> {
+    let mut gaps = GapFinder::new(from_one);
+    for (device, boot, seq) in &sorted {
+        gaps.push(device, boot, *seq);
+    }
+    gaps.found
 }
 
 /// Ranges listed at most in one cell; the count column has them all.
