@@ -94,6 +94,8 @@ start_database() {
   db_uri="mongodb://127.0.0.1:$db_port"
 }
 
+# Resident memory of process PID in KiB (0 once it is gone).
+rss() { awk '/VmRSS/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 # The median of the numbers on standard input, one per line.
 median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 # Prints a Python expression's value: calc 'f"{3/2:.1f}"'.

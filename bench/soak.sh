@@ -43,7 +43,6 @@ done
 sensors=("${watched[temperature-sensor]}" "${watched[pressure-sensor]}")
 
 say "soak: $RATE readings/s for $DURATION, sampling every $SAMPLE s"
-rss() { awk '/VmRSS/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 echo "seconds $(printf '%s ' "${!watched[@]}")" > "$work/samples"
 start=$(date +%s)
 while kill -0 "${sensors[0]}" 2>/dev/null || kill -0 "${sensors[1]}" 2>/dev/null; do

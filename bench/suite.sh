@@ -247,7 +247,7 @@ if wants resources; then
     done
     local broker_pid
     broker_pid=$(pgrep -f -- "mosquitto -c $work/local/mosquitto.conf")
-    echo "$(awk '/VmRSS/ { print $2 }' "/proc/$pid/status") $(awk '/VmRSS/ { print $2 }' "/proc/$broker_pid/status")"
+    echo "$(rss "$pid") $(rss "$broker_pid")"
     kill -TERM "$pid"; wait "$pid"
   }
   read -r status_1 broker_1 <<< "$(status_rss 1)"

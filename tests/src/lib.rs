@@ -258,6 +258,14 @@ impl Brokers {
             &env,
         )
     }
+
+    /// Starts `mongo-persister` with a new session and waits until both its
+    /// subscriptions stand.
+    pub async fn persister_ready(&self, mongo: &MongoServer, args: &[&str]) -> Service {
+        let persister = self.start_persister(mongo, args);
+        persister.wait_for_logs("subscribed", 2).await;
+        persister
+    }
 }
 
 /// Starts a cloud broker, then an edge broker bridged to it over TLS, and waits until
@@ -770,14 +778,49 @@ pub async fn spawn_mongo() -> MongoServer {
     panic!("{} did not start", program.display());
 }
 
+/// A database server of the test's own, which it may stop and start; `None` (and a
+/// line saying the test is skipped) when `MONGODB_URI` names a server instead.
+pub async fn spawn_stoppable_mongo() -> Option<MongoServer> {
+    let mongo = spawn_mongo().await;
+    if !mongo.is_own() {
+        eprintln!("skipped: MONGODB_URI names a server this test cannot stop");
+        return None;
+    }
+    Some(mongo)
+}
+
+/// Runs the `readings` binary against `database` on `uri`, in an empty folder with a
+/// clean environment.
+pub fn run_readings(uri: &str, database: &str, args: &[&str]) -> std::process::Output {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::process::Command::new(binary("readings"))
+        .args(args)
+        .env_clear()
+        .env("MONGODB_URI", uri)
+        .env("MONGODB_DATABASE", database)
+        .current_dir(dir.path())
+        .output()
+        .expect("readings runs")
+}
+
 /// Waits until `check` returns true, asking again every 50 ms; panics with `what` and
 /// the last answer after [`WAIT`].
 pub async fn wait_for<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
     what: &str,
+    ask: impl FnMut() -> F,
+    check: impl Fn(&T) -> bool,
+) -> T {
+    wait_for_within(WAIT, what, ask, check).await
+}
+
+/// [`wait_for`] with a deadline of `within`.
+pub async fn wait_for_within<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
+    within: Duration,
+    what: &str,
     mut ask: impl FnMut() -> F,
     check: impl Fn(&T) -> bool,
 ) -> T {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         let answer = ask().await;
         if check(&answer) {

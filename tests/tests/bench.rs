@@ -6,26 +6,41 @@ use std::process::Command;
 
 use tests::{binary, cargo_package_variables, repo_root};
 
-#[test]
-fn the_benchmark_suite_runs_and_prints_every_table() {
-    binary("mongo-persister"); // builds the debug binaries the smoke run uses
-    let mut command = Command::new(repo_root().join("bench/suite.sh"));
-    command.current_dir(repo_root()).envs([
-        ("BENCH_PROFILE", "debug"),
-        ("BENCH_N", "300"),
-        ("BENCH_RUNS", "1"),
-        ("BENCH_SECONDS", "0.3"),
-        ("BENCH_RATES", "1000"),
-        ("BENCH_PERSISTER_N", "100"),
-        ("BENCH_DEVICES", "5"),
-    ]);
+/// Runs `bench/<script>` with `env` and the debug binaries, asserts it succeeded, and
+/// returns its stdout and stderr.
+fn run_script(script: &str, env: &[(&str, &str)]) -> (String, String) {
+    binary("mongo-persister"); // builds the debug binaries the smoke runs use
+    let mut command = Command::new(repo_root().join("bench").join(script));
+    command
+        .current_dir(repo_root())
+        .env("BENCH_PROFILE", "debug")
+        .envs(env.iter().copied());
     for key in cargo_package_variables() {
         command.env_remove(key);
     }
-    let output = command.output().expect("bench/suite.sh runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let output = command.output().expect("the script runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        output.status.success(),
+        "bench/{script}:\n{stdout}\n{stderr}"
+    );
+    (stdout, stderr)
+}
+
+#[test]
+fn the_benchmark_suite_runs_and_prints_every_table() {
+    let (stdout, stderr) = run_script(
+        "suite.sh",
+        &[
+            ("BENCH_N", "300"),
+            ("BENCH_RUNS", "1"),
+            ("BENCH_SECONDS", "0.3"),
+            ("BENCH_RATES", "1000"),
+            ("BENCH_PERSISTER_N", "100"),
+            ("BENCH_DEVICES", "5"),
+        ],
+    );
 
     for row in [
         "| subscriber: drain 300 queued QoS 1 |",
@@ -54,21 +69,14 @@ fn the_benchmark_suite_runs_and_prints_every_table() {
 
 #[test]
 fn the_soak_run_samples_every_process_and_finds_no_gap() {
-    binary("readings"); // builds the debug binaries the smoke run uses
-    let mut command = Command::new(repo_root().join("bench/soak.sh"));
-    command.current_dir(repo_root()).envs([
-        ("BENCH_PROFILE", "debug"),
-        ("BENCH_SOAK_DURATION", "3s"),
-        ("BENCH_SOAK_RATE", "200"),
-        ("BENCH_SOAK_SAMPLE", "1"),
-    ]);
-    for key in cargo_package_variables() {
-        command.env_remove(key);
-    }
-    let output = command.output().expect("bench/soak.sh runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let (stdout, stderr) = run_script(
+        "soak.sh",
+        &[
+            ("BENCH_SOAK_DURATION", "3s"),
+            ("BENCH_SOAK_RATE", "200"),
+            ("BENCH_SOAK_SAMPLE", "1"),
+        ],
+    );
     assert!(
         stdout.contains("readings gaps exit code 0 (nothing missing, nothing twice)"),
         "{stdout}\n{stderr}"

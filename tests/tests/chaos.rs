@@ -6,7 +6,10 @@
 use std::time::Duration;
 
 use bson::{doc, Document};
-use tests::{binary, spawn_brokers, spawn_mongo, Brokers, MongoServer, Service};
+use tests::{
+    run_readings, spawn_brokers, spawn_mongo, spawn_stoppable_mongo, wait_for_within, Brokers,
+    MongoServer, Service,
+};
 
 /// Time allowed for the pipeline to catch up after an outage: the services' reconnect
 /// backoff grows during it (up to 15 s), and the bridge's too.
@@ -44,31 +47,22 @@ async fn stored(mongo: &MongoServer, device: &str) -> u64 {
 
 /// Waits until `device` has at least `count` readings stored.
 async fn wait_stored(mongo: &MongoServer, device: &str, count: u64, within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let n = stored(mongo, device).await;
-        if n >= count {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{n} of {count} readings of {device} stored after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_within(
+        within,
+        &format!("{count} readings of {device} stored"),
+        || stored(mongo, device),
+        |n| *n >= count,
+    )
+    .await;
 }
 
 /// `readings gaps --device D` must exit 0 and count `count` readings in one boot.
 fn assert_no_gaps(mongo: &MongoServer, device: &str, count: u32) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let output = std::process::Command::new(binary("readings"))
-        .args(["gaps", "--device", device, "--format", "json"])
-        .env_clear()
-        .env("MONGODB_URI", mongo.uri())
-        .env("MONGODB_DATABASE", mongo.database_name())
-        .current_dir(dir.path())
-        .output()
-        .expect("readings runs");
+    let output = run_readings(
+        mongo.uri(),
+        mongo.database_name(),
+        &["gaps", "--device", device, "--format", "json"],
+    );
     let out = String::from_utf8_lossy(&output.stdout);
     let err = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "readings gaps:\n{out}{err}");
@@ -80,12 +74,6 @@ fn assert_no_gaps(mongo: &MongoServer, device: &str, count: u32) {
     assert_eq!(rows[0]["stored"], count, "{out}");
 }
 
-async fn persister(brokers: &Brokers, mongo: &MongoServer) -> Service {
-    let persister = brokers.start_persister(mongo, &[]);
-    persister.wait_for_logs("subscribed", 2).await;
-    persister
-}
-
 /// A crash of the cloud broker (SIGKILL) loses only what it had accepted since its
 /// last save and not yet handed to the persister (see the README's Reliability
 /// section). Here nothing is in flight at the crash: everything published before it is
@@ -93,7 +81,7 @@ async fn persister(brokers: &Brokers, mongo: &MongoServer) -> Service {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cloud_broker_killed_for_10_s_loses_nothing_it_had_saved() {
     let (mut brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
-    let mut persister = persister(&brokers, &mongo).await;
+    let mut persister = brokers.persister_ready(&mongo, &[]).await;
     let mut before = sensor(&brokers, "chaos-1", 1000, "0.002");
     before.expect_success().await;
     wait_stored(&mongo, "chaos-1", 1000, CATCH_UP).await;
@@ -116,7 +104,7 @@ async fn the_cloud_broker_killed_for_10_s_loses_nothing_it_had_saved() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bridge_outage_longer_than_mosquittos_default_queue_loses_nothing() {
     let (mut brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
-    let mut persister = persister(&brokers, &mongo).await;
+    let mut persister = brokers.persister_ready(&mongo, &[]).await;
     brokers.cloud.stop().await;
     // 5000 readings queue on the edge for the bridge, five times Mosquitto's default.
     let mut sensor = sensor(&brokers, "chaos-4", 5000, "0");
@@ -131,7 +119,7 @@ async fn a_bridge_outage_longer_than_mosquittos_default_queue_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edge_broker_restarted_under_a_sensor_loses_nothing() {
     let (mut brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
-    let mut persister = persister(&brokers, &mongo).await;
+    let mut persister = brokers.persister_ready(&mongo, &[]).await;
     let mut sensor = sensor(&brokers, "chaos-2", 2000, "0.005");
 
     wait_stored(&mongo, "chaos-2", 300, CATCH_UP).await;
@@ -148,12 +136,10 @@ async fn the_edge_broker_restarted_under_a_sensor_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_persister_killed_while_the_database_is_down_loses_nothing() {
     let brokers = spawn_brokers().await;
-    let mut mongo = spawn_mongo().await;
-    if !mongo.is_own() {
-        eprintln!("skipped: MONGODB_URI names a server this test cannot stop");
+    let Some(mut mongo) = spawn_stoppable_mongo().await else {
         return;
-    }
-    let mut persister = persister(&brokers, &mongo).await;
+    };
+    let mut persister = brokers.persister_ready(&mongo, &[]).await;
     let mut sensor = sensor(&brokers, "chaos-3", 2000, "0.005");
 
     wait_stored(&mongo, "chaos-3", 300, CATCH_UP).await;

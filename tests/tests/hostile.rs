@@ -12,8 +12,7 @@ use tests::{spawn_brokers, spawn_mongo, wait_for, TestClient};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_payloads_are_stored_or_flagged_and_printed_as_valid_json() {
     let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
-    let persister = brokers.start_persister(&mongo, &[]);
-    persister.wait_for_logs("subscribed", 2).await;
+    let persister = brokers.persister_ready(&mongo, &[]).await;
     let odd_topic = "/sensor/wärme 1 (ü)/temperature";
     let deep = format!("{{\"value\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
     let big = vec![b'x'; 1024 * 1024];

@@ -3,7 +3,6 @@
 //! MongoDB-wire-protocol server.
 
 use std::collections::BTreeSet;
-use std::process::Command;
 
 use bson::{doc, Document};
 use futures_util::TryStreamExt;
@@ -11,8 +10,8 @@ use iot_core::payload::format_time;
 use mongodb::Database;
 use rumqttc::QoS;
 use tests::{
-    binary, free_port, spawn_brokers, spawn_mongo, wait_for, Brokers, MongoServer, Service,
-    TestClient,
+    free_port, run_readings, spawn_brokers, spawn_mongo, spawn_stoppable_mongo, wait_for, Brokers,
+    Service, TestClient,
 };
 
 async fn count(db: &Database, filter: Document) -> u64 {
@@ -97,18 +96,11 @@ fn start_sensor(brokers: &Brokers, device: &str, count: &'static str) -> Service
     )
 }
 
-/// Starts a persister with a new session and waits until both its subscriptions stand.
-async fn persister_ready(brokers: &Brokers, mongo: &MongoServer, args: &[&str]) -> Service {
-    let persister = brokers.start_persister(mongo, args);
-    persister.wait_for_logs("subscribed", 2).await;
-    persister
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sensor_readings_are_stored_exactly_once_across_a_sensor_restart() {
     let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
     let db = mongo.database().await;
-    let mut persister = persister_ready(&brokers, &mongo, &[]).await;
+    let mut persister = brokers.persister_ready(&mongo, &[]).await;
 
     // Two runs of one device: the second starts again at seq 1 under a new boot.
     for _ in 0..2 {
@@ -142,7 +134,7 @@ async fn sensor_readings_are_stored_exactly_once_across_a_sensor_restart() {
 async fn a_persister_killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
     let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
     let db = mongo.database().await;
-    let mut persister = persister_ready(&brokers, &mongo, &[]).await;
+    let mut persister = brokers.persister_ready(&mongo, &[]).await;
     let mut sensor = start_sensor(&brokers, "t-2", "3000");
 
     wait_for(
@@ -165,13 +157,11 @@ async fn a_persister_killed_mid_stream_loses_nothing_and_stores_nothing_twice() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_loses_nothing_and_the_persister_keeps_running() {
     let brokers = spawn_brokers().await;
-    let mut mongo = spawn_mongo().await;
-    if !mongo.is_own() {
-        eprintln!("skipped: MONGODB_URI names a server this test cannot stop");
+    let Some(mut mongo) = spawn_stoppable_mongo().await else {
         return;
-    }
+    };
     let db = mongo.database().await;
-    let mut persister = persister_ready(&brokers, &mongo, &[]).await;
+    let mut persister = brokers.persister_ready(&mongo, &[]).await;
     let args = [
         "--format",
         "json",
@@ -213,7 +203,9 @@ async fn a_database_outage_loses_nothing_and_the_persister_keeps_running() {
 async fn every_payload_is_stored_once_as_a_reading_or_flagged_raw() {
     let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
     let db = mongo.database().await;
-    let mut persister = persister_ready(&brokers, &mongo, &["--stats-interval", "0.1"]).await;
+    let mut persister = brokers
+        .persister_ready(&mongo, &["--stats-interval", "0.1"])
+        .await;
 
     let mut sensor = TestClient::connect(brokers.local.port, "temperature-sensor").await;
     let json = br#"{"device":"t-4","boot":"b1","seq":1,"ts":"2026-11-24T10:00:00.000Z","value":21.5,"unit":"C"}"#;
@@ -271,17 +263,19 @@ async fn a_retained_reading_is_stored_once_however_often_it_is_replayed() {
         .await;
     TestClient::retained(brokers.cloud.port, "/sensor/temperature").await;
 
-    let mut first = persister_ready(&brokers, &mongo, &["--client-id", "first"]).await;
+    let mut first = brokers
+        .persister_ready(&mongo, &["--client-id", "first"])
+        .await;
     wait_for_readings(&db, doc! { "value": 24.0 }, 1).await;
     first.stop_cleanly().await;
 
     // A new session gets the retained reading replayed: it is not stored again.
-    let mut second = persister_ready(
-        &brokers,
-        &mongo,
-        &["--client-id", "second", "--stats-interval", "0.1"],
-    )
-    .await;
+    let mut second = brokers
+        .persister_ready(
+            &mongo,
+            &["--client-id", "second", "--stats-interval", "0.1"],
+        )
+        .await;
     second.wait_for_log("skipped=1").await;
     assert_eq!(count(&db, doc! {}).await, 1);
     second.stop_cleanly().await;
@@ -329,18 +323,12 @@ fn messages_in(log: &str) -> u64 {
 async fn two_replicas_share_the_stream_and_store_each_reading_once() {
     let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
     let db = mongo.database().await;
-    let mut a = persister_ready(
-        &brokers,
-        &mongo,
-        &["--share", "store", "--client-id", "replica-a"],
-    )
-    .await;
-    let mut b = persister_ready(
-        &brokers,
-        &mongo,
-        &["--share", "store", "--client-id", "replica-b"],
-    )
-    .await;
+    let mut a = brokers
+        .persister_ready(&mongo, &["--share", "store", "--client-id", "replica-a"])
+        .await;
+    let mut b = brokers
+        .persister_ready(&mongo, &["--share", "store", "--client-id", "replica-b"])
+        .await;
 
     let mut sensor = start_sensor(&brokers, "t-5", "1000");
     sensor.expect_success().await;
@@ -366,15 +354,7 @@ fn readings(uri: &str, database: &str, args: &[&str]) -> (bool, String, String) 
 
 /// Runs `readings` against the database; its exit code, stdout and stderr.
 fn readings_with_code(uri: &str, database: &str, args: &[&str]) -> (Option<i32>, String, String) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let output = Command::new(binary("readings"))
-        .args(args)
-        .env_clear()
-        .env("MONGODB_URI", uri)
-        .env("MONGODB_DATABASE", database)
-        .current_dir(dir.path())
-        .output()
-        .expect("runs");
+    let output = run_readings(uri, database, args);
     (
         output.status.code(),
         String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -392,15 +392,6 @@ impl GapFinder {
     }
 }
 
-/// [`GapFinder`] over a whole sorted list.
-pub fn find_gaps(sorted: Vec<(String, String, i64)>, from_one: bool) -> Vec<BootGaps> {
-    let mut gaps = GapFinder::new(from_one);
-    for (device, boot, seq) in &sorted {
-        gaps.push(device, boot, *seq);
-    }
-    gaps.found
-}
-
 /// Ranges listed at most in one cell; the count column has them all.
 const RANGES_SHOWN: usize = 10;
 
@@ -703,6 +694,15 @@ mod tests {
         assert_eq!(printed(&empty, OutputFormat::Table), "nothing\n");
         assert_eq!(printed(&empty, OutputFormat::Json).trim(), "[]");
         assert_eq!(printed(&empty, OutputFormat::Csv), "topic,value\n");
+    }
+
+    /// [`GapFinder`] over a whole sorted list.
+    fn find_gaps(sorted: Vec<(String, String, i64)>, from_one: bool) -> Vec<BootGaps> {
+        let mut gaps = GapFinder::new(from_one);
+        for (device, boot, seq) in &sorted {
+            gaps.push(device, boot, *seq);
+        }
+        gaps.found
     }
 
     fn triples(device: &str, boot: &str, seqs: &[i64]) -> Vec<(String, String, i64)> {
