@@ -67,6 +67,18 @@ impl Config {
         }
         Ok(())
     }
+
+    /// Each device's id and status topic (`{device}` in --topic replaced by its id,
+    /// for a single device too).
+    pub fn device_topics(&self) -> Vec<(String, String)> {
+        fleet::device_ids(&self.device, self.devices as usize)
+            .into_iter()
+            .map(|id| {
+                let topic = fleet::device_topic(&self.topic, &id);
+                (id, topic)
+            })
+            .collect()
+    }
 }
 
 /// Keeps every device's status `online` until `shutdown`, then leaves them `offline`.
@@ -76,37 +88,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .clone()
         .unwrap_or_else(|| format!("device-status-{}", iot_core::sensor::new_boot_id()));
     let broker = BrokerSettings::from(config.broker.clone());
-    let ids = fleet::device_ids(&config.device, config.devices as usize);
-    if ids.len() == 1 {
-        return presence(
-            &config,
-            &broker,
-            base_id,
-            &config.topic,
-            config.interval,
-            shutdown,
-        )
-        .await;
+    let devices = config.device_topics();
+    if let [(_, topic)] = devices.as_slice() {
+        return presence(&config, &broker, base_id, topic, config.interval, shutdown).await;
     }
     tracing::info!(
-        broker = %broker.address(), devices = ids.len(), topic = config.topic,
-        "reporting the status of {} devices, one connection each", ids.len()
+        broker = %broker.address(), devices = devices.len(), topic = config.topic,
+        "reporting the status of {} devices, one connection each", devices.len()
     );
-    let mut devices = tokio::task::JoinSet::new();
-    for (index, id) in ids.iter().enumerate() {
+    let count = devices.len();
+    let mut running = tokio::task::JoinSet::new();
+    for (index, (id, topic)) in devices.into_iter().enumerate() {
         // Spread the refreshes over the interval instead of all devices at once.
-        let first = config
-            .interval
-            .mul_f64((index + 1) as f64 / ids.len() as f64);
+        let first = config.interval.mul_f64((index + 1) as f64 / count as f64);
         let (config, broker, shutdown) = (config.clone(), broker.clone(), shutdown.clone());
         let client_id = format!("{base_id}-{id}");
-        let topic = fleet::device_topic(&config.topic, id);
-        devices.spawn(async move {
+        running.spawn(async move {
             presence(&config, &broker, client_id, &topic, first, shutdown).await
         });
     }
     let mut outcome = Ok(());
-    while let Some(ended) = devices.join_next().await {
+    while let Some(ended) = running.join_next().await {
         let ended = ended.map_err(anyhow::Error::from).and_then(|result| result);
         if let Err(error) = ended {
             // One device failing (a refused password, say) stops the others cleanly.
@@ -200,6 +202,40 @@ mod tests {
         ])
         .expect("parses");
         assert_eq!(own.validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_single_device_gets_its_id_in_the_topic_too() {
+        let config = Config::try_parse_from([
+            "device-status",
+            "--topic",
+            "/device/{device}/status",
+            "--device",
+            "gateway-02",
+        ])
+        .expect("parses");
+        assert_eq!(
+            config.device_topics(),
+            [(
+                "gateway-02".to_string(),
+                "/device/gateway-02/status".to_string()
+            )]
+        );
+        let fleet = Config::try_parse_from([
+            "device-status",
+            "--devices",
+            "2",
+            "--topic",
+            "/device/{device}/status",
+        ])
+        .expect("parses");
+        let topics: Vec<String> = fleet.device_topics().into_iter().map(|(_, t)| t).collect();
+        assert_eq!(
+            topics,
+            ["/device/device-0001/status", "/device/device-0002/status"]
+        );
+        let seed = Config::try_parse_from(["device-status"]).expect("parses");
+        assert_eq!(seed.device_topics()[0].1, "/device/status");
     }
 
     #[test]
