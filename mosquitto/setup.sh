@@ -29,6 +29,7 @@
 #   passwords, local:  TEMPERATURE_SENSOR_PASSWORD PRESSURE_SENSOR_PASSWORD
 #                      DEVICE_STATUS_PASSWORD MQTT_SUBSCRIBER_PASSWORD BRIDGE_PASSWORD
 #   passwords, cloud:  BRIDGE_PASSWORD MQTT_SUBSCRIBER_PASSWORD MONGO_PERSISTER_PASSWORD
+#                      DASHBOARD_PASSWORD (optional: without it there is no dashboard user)
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -39,7 +40,10 @@ broker=$1
 out=$2
 case $broker in
   local) users="temperature-sensor pressure-sensor device-status mqtt-subscriber" ;;
-  cloud) users="bridge mqtt-subscriber mongo-persister" ;;
+  cloud) users="bridge mqtt-subscriber mongo-persister"
+         # The Node-RED dashboard's user, only when its password is set: a .env from
+         # before the dashboard existed keeps working.
+         [ -z "${DASHBOARD_PASSWORD:-}" ] || users="$users dashboard" ;;
   *) die "unknown broker '$broker': expected local or cloud" ;;
 esac
 command -v mosquitto_passwd >/dev/null 2>&1 || die "mosquitto_passwd not found: install mosquitto"
