@@ -1,7 +1,8 @@
 //! What can be checked of the docker compose stack without a Docker engine: the file
 //! resolves with `.env.example`, every built service runs a binary the image has, every
 //! mounted file exists, the brokers run the same `mosquitto/` set-up as the native
-//! tests, and only the ports a user needs are published.
+//! tests, the dashboard runs the pinned Node-RED with the project's flows, and only the
+//! ports a user needs are published.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -31,7 +32,9 @@ fn compose() -> Command {
     };
     command
         .current_dir(repo())
-        .args(["--env-file", ".env.example", "-f", "compose.yaml"]);
+        .args(["--env-file", ".env.example", "-f", "compose.yaml"])
+        // Every service, those under a profile included.
+        .args(["--profile", "dashboard", "--profile", "tools"]);
     command
 }
 
@@ -78,7 +81,8 @@ fn every_built_service_runs_a_binary_of_the_workspace_that_the_image_has() {
     let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
     let mut binaries = BTreeSet::new();
     for (name, service) in services(&resolved()) {
-        if service["build"].is_badvalue() {
+        // Node-RED's image is built from nodered/ (checked below).
+        if service["build"].is_badvalue() || name == "nodered" {
             continue;
         }
         let program = strings(&service["entrypoint"])
@@ -176,6 +180,7 @@ fn only_the_ports_a_user_needs_are_published() {
         "mongo 127.0.0.1:27017:27017",
         "mosquitto-cloud 8883:8883",
         "mosquitto-local 1883:1883",
+        "nodered 127.0.0.1:1880:1880",
     ];
     assert_eq!(published, expected.iter().map(|p| p.to_string()).collect());
 }
@@ -200,4 +205,60 @@ fn every_variable_compose_needs_is_in_env_example() {
             "compose.yaml needs {name}, which .env.example lacks"
         );
     }
+}
+
+#[test]
+fn the_dashboard_runs_the_pinned_node_red_with_the_projects_flows() {
+    let config = resolved();
+    let nodered = &config["services"]["nodered"];
+    assert_eq!(strings(&nodered["profiles"]), ["dashboard"]);
+
+    // The image: the official one, at the node-red version nodered/package.json pins.
+    let package: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("nodered/package.json")).expect("package.json"),
+    )
+    .expect("package.json is JSON");
+    let pinned = package["dependencies"]["node-red"]
+        .as_str()
+        .expect("node-red pinned");
+    let dockerfile =
+        std::fs::read_to_string(repo().join("nodered/Dockerfile")).expect("nodered/Dockerfile");
+    assert!(
+        dockerfile.contains(&format!("ARG NODE_RED_VERSION={pinned}\n")),
+        "nodered/Dockerfile does not build Node-RED {pinned}"
+    );
+    assert!(dockerfile.contains("FROM nodered/node-red:${NODE_RED_VERSION}"));
+    assert!(
+        strings(&nodered["build"]["context"])
+            .iter()
+            .any(|context| Path::new(context) == repo().join("nodered")),
+        "nodered is not built from nodered/"
+    );
+
+    // The project's settings and flows, from the mounted nodered/ folder.
+    let mount = format!("{}:/nodered", repo().join("nodered").display());
+    assert!(
+        strings(&nodered["volumes"])
+            .iter()
+            .any(|v| v.starts_with(&mount)),
+        "nodered/ is not mounted at /nodered"
+    );
+    assert_eq!(
+        strings(&nodered["command"]),
+        ["--settings", "/nodered/settings.js"]
+    );
+    let environment = &nodered["environment"];
+    assert_eq!(environment["FLOWS"].as_str(), Some("/nodered/flows.json"));
+    assert_eq!(
+        environment["CLOUD_BROKER"].as_str(),
+        Some("mosquitto-cloud")
+    );
+    // The cloud broker creates the dashboard's user from the same password.
+    assert_eq!(
+        config["services"]["mosquitto-cloud"]["environment"]["DASHBOARD_PASSWORD"],
+        environment["DASHBOARD_PASSWORD"]
+    );
+    assert!(environment["DASHBOARD_PASSWORD"]
+        .as_str()
+        .is_some_and(|password| !password.is_empty()));
 }
