@@ -6,6 +6,8 @@
 //! Everything that waits, waits for a condition with a deadline ([`WAIT`]), never for
 //! a fixed time.
 
+pub mod dashboard;
+
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -31,13 +33,14 @@ fn password_variable(user: &str) -> String {
     format!("{}_PASSWORD", user.to_uppercase().replace('-', "_"))
 }
 
-const USERS: [&str; 6] = [
+const USERS: [&str; 7] = [
     "temperature-sensor",
     "pressure-sensor",
     "device-status",
     "mqtt-subscriber",
     "bridge",
     "mongo-persister",
+    "dashboard",
 ];
 
 /// The repository's top folder.
@@ -543,6 +546,11 @@ impl Service {
     /// Waits until a stderr line contains `needle`.
     pub async fn wait_for_log(&self, needle: &str) {
         self.wait_for_logs(needle, 1).await;
+    }
+
+    /// Waits until a stdout line contains `needle`.
+    pub async fn wait_for_stdout(&self, needle: &str) {
+        self.stdout.wait_for(needle, 1, &self.name).await;
     }
 
     /// Waits until `times` stderr lines contain `needle`.
