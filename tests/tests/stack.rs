@@ -1,6 +1,6 @@
-//! The native stack (`scripts/dev-stack`): from a fresh state to readings in the
-//! database that `readings latest` shows, a second start refused while it runs, and a
-//! clean stop on Ctrl-C.
+//! The native stack (`scripts/dev-stack --dashboard`): from a fresh state to readings
+//! in the database that `readings latest` shows and a dashboard connected to the cloud
+//! broker, a second start refused while it runs, and a clean stop on Ctrl-C.
 
 use tests::{binary, cargo_package_variables, free_port, repo_root, wait_for, Service};
 
@@ -20,6 +20,7 @@ fn latest(uri: &str) -> String {
 fn stack(dir: &std::path::Path, ports: &[(&str, u16)]) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(repo_root().join("scripts/dev-stack"));
     command
+        .arg("--dashboard")
         .current_dir(repo_root())
         .env_remove("MONGODB_URI")
         .env("STACK_DIR", dir.join("stack"))
@@ -33,6 +34,19 @@ fn stack(dir: &std::path::Path, ports: &[(&str, u16)]) -> tokio::process::Comman
     command
 }
 
+/// The answer to a plain HTTP GET on 127.0.0.1:`port`.
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("the dashboard's port accepts connections");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("answer");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_native_stack_stores_readings_and_stops_cleanly() {
     binary("readings"); // builds the debug binaries the stack runs
@@ -42,6 +56,7 @@ async fn the_native_stack_stores_readings_and_stops_cleanly() {
         ("CLOUD_PORT", free_port()),
         ("CLOUD_TLS_PORT", free_port()),
         ("MONGO_PORT", free_port()),
+        ("NODERED_PORT", free_port()),
     ];
     let uri = format!("mongodb://127.0.0.1:{}", ports[3].1);
     let mut running = Service::spawn("dev-stack", stack(dir.path(), &ports));
@@ -53,6 +68,11 @@ async fn the_native_stack_stores_readings_and_stops_cleanly() {
     )
     .await;
     assert!(stored.contains("temp-0001"), "{stored}");
+    // The dashboard logged in to the cloud broker with the password from the env file,
+    // and serves its page.
+    running.wait_for_stdout("Connected to broker").await;
+    let page = http_get(ports[4].1, "/dashboard/").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert!(
         dir.path().join("env").is_file(),
         "no env file made from .env.example"
