@@ -23,6 +23,10 @@ if ! node -e 'const [a, b] = process.versions.node.split(".").map(Number); proce
   exit 1
 fi
 
+# One install at a time (tests run in parallel): hold a lock on this script.
+exec 9<"$(basename "$0")"
+flock 9
+
 # The lock file's digest, remembered beside what it installed.
 stamp=node_modules/.installed-lock
 digest=$(sha256sum package-lock.json | cut -d' ' -f1)
