@@ -8,7 +8,8 @@
 //   DASHBOARD_USERNAME         its read-only broker user (dashboard)
 //   DASHBOARD_PASSWORD         that user's password (required)
 //   NODERED_ADMIN_PASSWORD     password of the editor's user `admin`; without it the
-//                              editor is switched off and only the dashboard is served
+//                              editor and the admin API are off and only the
+//                              dashboard is served
 //   NODERED_HOST, NODERED_PORT where Node-RED listens (127.0.0.1, 1880)
 //   NODERED_FLOWS              the flows file (flows.json beside this file)
 //
@@ -96,6 +97,9 @@ module.exports = {
   credentialSecret: false,
   uiHost: process.env.NODERED_HOST || "127.0.0.1",
   uiPort: port("NODERED_PORT", 1880),
+  // Without an admin password there is no editor and no admin API at all (turning
+  // off only the editor would leave the API that deploys flows open).
+  httpAdminRoot: adminPassword ? "/" : false,
   disableEditor: !adminPassword,
   adminAuth: adminPassword
     ? {

@@ -46,8 +46,9 @@ impl NodeRed {
 }
 
 /// Starts Node-RED with `nodered/settings.js` and `nodered/flows.json`, logged in to
-/// the cloud broker as the `dashboard` user, and waits until its flows are connected.
-pub async fn spawn_node_red(brokers: &Brokers) -> NodeRed {
+/// the cloud broker as the `dashboard` user, with the editor's `admin` password when
+/// given, and waits until it listens and its flows are connected.
+pub async fn spawn_node_red(brokers: &Brokers, admin_password: Option<&str>) -> NodeRed {
     install_node_red();
     let mut last_log = String::new();
     for _ in 0..5 {
@@ -68,30 +69,35 @@ pub async fn spawn_node_red(brokers: &Brokers) -> NodeRed {
             .env("CLOUD_PORT", brokers.cloud.port.to_string())
             .env("DASHBOARD_PASSWORD", password("dashboard"))
             .env("NODERED_PORT", port.to_string());
+        if let Some(admin_password) = admin_password {
+            command.env("NODERED_ADMIN_PASSWORD", admin_password);
+        }
         let mut service = Service::spawn("node-red", command);
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             // Node-RED logs to stdout.
-            if service
-                .stdout_lines()
-                .iter()
-                .any(|line| line.contains("Connected to broker"))
-            {
+            let log = service.stdout_lines();
+            let logged = |needle: &str| log.iter().any(|line| line.contains(needle));
+            if logged("Unable to listen on") {
+                // The port was taken meanwhile (Node-RED then runs on without a
+                // server): try another.
+                last_log = log.join("\n");
+                service.kill().await;
+                break;
+            }
+            if logged("Server now running at") && logged("Connected to broker") {
                 return NodeRed {
                     port,
                     service,
                     _user_dir: user_dir,
                 };
             }
-            if !service.is_running() {
-                // The port was taken meanwhile, say: try another.
-                last_log = format!(
-                    "{}\n{}",
-                    service.stdout_lines().join("\n"),
-                    service.stderr()
-                );
-                break;
-            }
+            assert!(
+                service.is_running(),
+                "Node-RED exited; it logged:\n{}\n{}",
+                log.join("\n"),
+                service.stderr()
+            );
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "Node-RED did not connect to the cloud broker; it logged:\n{}\n{}",
@@ -102,6 +108,51 @@ pub async fn spawn_node_red(brokers: &Brokers) -> NodeRed {
         }
     }
     panic!("Node-RED did not start:\n{last_log}");
+}
+
+/// Sends one HTTP/1.1 request to 127.0.0.1:`port`, with `headers` (`Name: value`
+/// lines) and a form `body` when given, and returns the status code and the body.
+pub async fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: Option<&str>,
+) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap_or_else(|error| panic!("nothing listens on port {port}: {error}"));
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for header in headers {
+        request.push_str(&format!("{header}\r\n"));
+    }
+    if let Some(body) = body {
+        request.push_str(&format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    } else {
+        request.push_str("\r\n");
+    }
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut answer))
+        .await
+        .expect("no answer")
+        .expect("answer");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not HTTP: {answer}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// A headless Chromium showing one page at a time.

@@ -2,19 +2,19 @@
 //! settings and flows reads the cloud broker as its read-only user; readings published
 //! on the edge cross the bridge and show on the gauges, the chart and the table of a
 //! headless Chromium; a device killed without a word turns `offline` there through its
-//! last will.
+//! last will. The editor and its API answer only to the admin password.
 //!
 //! `DASHBOARD_SCREENSHOT=PATH` saves the page as a PNG at the end (the README's picture
 //! is made so: `DASHBOARD_SCREENSHOT=$PWD/docs/dashboard.png cargo test --test dashboard`).
 
 use rumqttc::QoS;
-use tests::dashboard::{spawn_node_red, Browser};
+use tests::dashboard::{http, spawn_node_red, Browser};
 use tests::{spawn_brokers, TestClient};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_readings_and_device_presence() {
     let brokers = spawn_brokers().await;
-    let node_red = spawn_node_red(&brokers).await;
+    let node_red = spawn_node_red(&brokers, None).await;
 
     // Two devices: the seed's single /device/status and one of a fleet.
     let mut gateway = brokers.start_edge("device-status", &[]);
@@ -117,4 +117,52 @@ async fn the_dashboard_shows_readings_and_device_presence() {
         "Node-RED logged errors:\n{}",
         node_red.service.stdout_lines().join("\n")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_editor_and_its_api_answer_only_to_the_admin_password() {
+    let brokers = spawn_brokers().await;
+
+    // No admin password: no editor and no API that could deploy a flow.
+    let node_red = spawn_node_red(&brokers, None).await;
+    for path in ["/", "/flows", "/settings"] {
+        let (status, _) = http(node_red.port, "GET", path, &[], None).await;
+        assert_eq!(status, 404, "GET {path} without an admin password");
+    }
+    let (status, _) = http(node_red.port, "GET", "/dashboard/", &[], None).await;
+    assert_eq!(status, 200, "the dashboard is served all the same");
+    drop(node_red);
+
+    let node_red = spawn_node_red(&brokers, Some("editor-test-secret")).await;
+    let (status, _) = http(node_red.port, "GET", "/flows", &[], None).await;
+    assert_eq!(status, 401, "the flows without logging in");
+    let login = |password: &str| {
+        format!("client_id=node-red-editor&grant_type=password&scope=*&username=admin&password={password}")
+    };
+    let (status, _) = http(
+        node_red.port,
+        "POST",
+        "/auth/token",
+        &[],
+        Some(&login("guess")),
+    )
+    .await;
+    assert_eq!(status, 403, "a wrong password");
+    let (status, body) = http(
+        node_red.port,
+        "POST",
+        "/auth/token",
+        &[],
+        Some(&login("editor-test-secret")),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let token: serde_json::Value = serde_json::from_str(&body).expect("a JSON token");
+    let bearer = format!(
+        "Authorization: Bearer {}",
+        token["access_token"].as_str().expect("access_token")
+    );
+    let (status, flows) = http(node_red.port, "GET", "/flows", &[&bearer], None).await;
+    assert_eq!(status, 200);
+    assert!(flows.contains("cloud-broker"), "{flows}");
 }

@@ -2,6 +2,7 @@
 //! in the database that `readings latest` shows and a dashboard connected to the cloud
 //! broker, a second start refused while it runs, and a clean stop on Ctrl-C.
 
+use tests::dashboard::http;
 use tests::{binary, cargo_package_variables, free_port, repo_root, wait_for, Service};
 
 /// `readings latest --format json` against `uri`, or an empty answer while the database
@@ -34,19 +35,6 @@ fn stack(dir: &std::path::Path, ports: &[(&str, u16)]) -> tokio::process::Comman
     command
 }
 
-/// The answer to a plain HTTP GET on 127.0.0.1:`port`.
-async fn http_get(port: u16, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("the dashboard's port accepts connections");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("request");
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.expect("answer");
-    String::from_utf8_lossy(&answer).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_native_stack_stores_readings_and_stops_cleanly() {
     binary("readings"); // builds the debug binaries the stack runs
@@ -71,8 +59,8 @@ async fn the_native_stack_stores_readings_and_stops_cleanly() {
     // The dashboard logged in to the cloud broker with the password from the env file,
     // and serves its page.
     running.wait_for_stdout("Connected to broker").await;
-    let page = http_get(ports[4].1, "/dashboard/").await;
-    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let (status, page) = http(ports[4].1, "GET", "/dashboard/", &[], None).await;
+    assert_eq!(status, 200, "{page}");
     assert!(
         dir.path().join("env").is_file(),
         "no env file made from .env.example"
