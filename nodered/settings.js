@@ -45,8 +45,8 @@ function required(name) {
 function port(name, fallback) {
   const text = process.env[name] || String(fallback);
   const value = Number(text);
-  if (!Number.isInteger(value) || value < 0 || value > 65535) {
-    fail(`${name} must be a port number (0-65535), not '${text}'`);
+  if (!Number.isInteger(value) || value < 1 || value > 65535) {
+    fail(`${name} must be a port number (1-65535), not '${text}'`);
   }
   return value;
 }
@@ -55,9 +55,12 @@ function port(name, fallback) {
 // credentials land where Node-RED looks for them.
 function userDirFromArguments() {
   const args = process.argv;
-  for (let i = 0; i < args.length - 1; i++) {
-    if (args[i] === "--userDir" || args[i] === "-u") {
+  for (let i = 0; i < args.length; i++) {
+    if ((args[i] === "--userDir" || args[i] === "-u") && i + 1 < args.length) {
       return path.resolve(args[i + 1]);
+    }
+    if (args[i].startsWith("--userDir=")) {
+      return path.resolve(args[i].slice("--userDir=".length));
     }
   }
   return path.join(os.homedir(), ".node-red");
