@@ -1,11 +1,12 @@
 //! The Node-RED dashboard (`nodered/`) in a real browser: Node-RED with the project's
 //! settings and flows reads the cloud broker as its read-only user; readings published
-//! on the edge cross the bridge and show on the gauges, the chart and the table of a
-//! headless Chromium; a device killed without a word turns `offline` there through its
-//! last will. The editor and its API answer only to the admin password.
+//! on the edge cross the bridge and show on the gauges and in the table of a headless
+//! Chromium (the charts draw on a canvas, whose lines the page's text does not hold); a
+//! device killed without a word turns `offline` there through its last will. The
+//! editor and its API answer only to the admin password.
 //!
-//! `DASHBOARD_SCREENSHOT=PATH` saves the page as a PNG at the end (the README's picture
-//! is made so: `DASHBOARD_SCREENSHOT=$PWD/docs/dashboard.png cargo test --test dashboard`).
+//! `DASHBOARD_SCREENSHOT=PATH` saves the page as a PNG at the end: the README's picture
+//! (its Dashboard section says how).
 
 use rumqttc::QoS;
 use tests::dashboard::{http, spawn_node_red, Browser};
