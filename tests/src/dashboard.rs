@@ -158,7 +158,8 @@ pub async fn http(
 /// A headless Chromium showing one page at a time.
 #[derive(Debug)]
 pub struct Browser {
-    child: Child,
+    /// Held so the browser lives as long as this (killed on drop).
+    _child: Child,
     stdin: ChildStdin,
     answers: Lines<BufReader<ChildStdout>>,
 }
@@ -182,7 +183,7 @@ impl Browser {
         let stdin = child.stdin.take().expect("browser stdin");
         let answers = BufReader::new(child.stdout.take().expect("browser stdout")).lines();
         Browser {
-            child,
+            _child: child,
             stdin,
             answers,
         }
@@ -232,11 +233,5 @@ impl Browser {
     /// Writes a PNG of the whole page to `path`.
     pub async fn screenshot(&mut self, path: &Path) {
         self.ask(json!({ "screenshot": path })).await;
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
     }
 }

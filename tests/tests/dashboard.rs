@@ -120,6 +120,14 @@ async fn the_dashboard_shows_readings_and_device_presence() {
     );
 }
 
+/// Asks Node-RED's admin API for the editor user `admin`'s token with `password`.
+async fn ask_token(port: u16, password: &str) -> (u16, String) {
+    let form = format!(
+        "client_id=node-red-editor&grant_type=password&scope=*&username=admin&password={password}"
+    );
+    http(port, "POST", "/auth/token", &[], Some(&form)).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_editor_and_its_api_answer_only_to_the_admin_password() {
     let brokers = spawn_brokers().await;
@@ -137,26 +145,9 @@ async fn the_editor_and_its_api_answer_only_to_the_admin_password() {
     let node_red = spawn_node_red(&brokers, Some("editor-test-secret")).await;
     let (status, _) = http(node_red.port, "GET", "/flows", &[], None).await;
     assert_eq!(status, 401, "the flows without logging in");
-    let login = |password: &str| {
-        format!("client_id=node-red-editor&grant_type=password&scope=*&username=admin&password={password}")
-    };
-    let (status, _) = http(
-        node_red.port,
-        "POST",
-        "/auth/token",
-        &[],
-        Some(&login("guess")),
-    )
-    .await;
+    let (status, _) = ask_token(node_red.port, "guess").await;
     assert_eq!(status, 403, "a wrong password");
-    let (status, body) = http(
-        node_red.port,
-        "POST",
-        "/auth/token",
-        &[],
-        Some(&login("editor-test-secret")),
-    )
-    .await;
+    let (status, body) = ask_token(node_red.port, "editor-test-secret").await;
     assert_eq!(status, 200, "{body}");
     let token: serde_json::Value = serde_json::from_str(&body).expect("a JSON token");
     let bearer = format!(
