@@ -1,19 +1,34 @@
 //! An MQTT connection that keeps itself alive.
 //!
-//! [`Connection::start`] runs rumqttc's event loop in a task of its own that is never
-//! blocked by the service: it reconnects with capped exponential backoff (logging
-//! every attempt), gives up only when the broker refuses the credentials (retrying a
-//! wrong password forever helps nobody), and hands the service the few events it
-//! cares about through a channel.
+//! [`Connection::start`] runs rumqttc's event loop in a task of its own (the driver)
+//! that the service never blocks: it reconnects with capped, jittered exponential
+//! backoff (logging every attempt), gives up only when the broker refuses the
+//! credentials (retrying a wrong password forever helps nobody), and hands the service
+//! the few events it cares about.
 //!
-//! Acknowledgements of received messages do not go through rumqttc's request channel:
-//! its event loop takes one request per turn, behind a batch of up to ten incoming
-//! packets, so a subscriber draining a long queue fell ever further behind with its
-//! acknowledgements, and once 65 535 of them waited, the service blocked on the full
-//! request channel while the event loop blocked on the full event channel: a deadlock.
-//! Acknowledgements go to the driver task instead, which writes all that wait in one
-//! go, also while it waits for the service to take an event.
+//! Three rules keep a slow service from losing data or its connection:
+//! - The driver never waits for the service. Events go into an unbounded queue, so the
+//!   event loop keeps reading and sending keep-alive pings however long the service
+//!   takes. QoS 1 and 2 messages are bounded by the broker's in-flight window, since the
+//!   service acknowledges them only once it is done with them: back-pressure comes from
+//!   not acknowledging. QoS 0 messages have no such bound; beyond [`QOS0_BACKLOG`] of
+//!   them waiting, new ones are dropped and counted, as a broker drops QoS 0 for a slow
+//!   client.
+//! - An acknowledgement belongs to the connection its message came on ([`Ack`]). After
+//!   a reconnect the broker delivers unacknowledged messages again, and only those
+//!   copies are acknowledged: a packet id of the old connection may name another
+//!   message on the new one.
+//! - Acknowledgements do not go through rumqttc's request channel: its event loop takes
+//!   one request per turn, behind a batch of up to ten incoming packets, so a consumer
+//!   draining a long queue fell ever further behind. The driver writes all that wait in
+//!   one go instead, but only while connected: a connection attempt is never cancelled.
+//!
+//! The driver relies on rumqttc internals (its pending queue, its state's leftover
+//! events, packet writing through `MqttState`); the version is pinned exactly in the
+//! workspace's `Cargo.toml` and each of those behaviours has a test below.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -30,10 +45,10 @@ use crate::config::BrokerSettings;
 /// Capacity of rumqttc's request channel: publishes, subscriptions, the disconnect.
 /// Acknowledgements of received messages take their own path (see the module header).
 const REQUEST_CAPACITY: usize = u16::MAX as usize;
-/// Events buffered between the event loop and the service.
-const EVENT_CAPACITY: usize = 1024;
 /// Most acknowledgements written in one go.
 const ACK_BATCH: usize = 4096;
+/// Most QoS 0 messages waiting for the service; more are dropped (see the header).
+pub const QOS0_BACKLOG: usize = 100_000;
 
 /// What the service hears from its connection.
 #[derive(Debug)]
@@ -42,21 +57,53 @@ pub enum Event {
     Connected { session_present: bool },
     /// The broker answered a subscription; one code per topic filter.
     Subscribed(Vec<SubscribeReasonCode>),
-    /// A message arrived.
-    Message(Publish),
+    /// A message arrived; `ack` acknowledges it (with manual acknowledgements on).
+    Message { publish: Publish, ack: Ack },
     /// The broker acknowledged one of our QoS 1 or 2 publishes.
     Acked,
     /// The broker answered an unsubscribe.
     Unsubscribed,
 }
 
+/// How to acknowledge one received message: its packet id on the connection it came
+/// on. Small and `Copy`, so a service can keep it instead of the whole message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// Which connection of this [`Connection`] the message came on, counted from 1.
+    connection: u64,
+    pkid: u16,
+    qos: QoS,
+}
+
+impl Ack {
+    /// The acknowledgement of `publish`, received on connection number `connection`.
+    pub fn of(publish: &Publish, connection: u64) -> Self {
+        Self {
+            connection,
+            pkid: publish.pkid,
+            qos: publish.qos,
+        }
+    }
+}
+
+/// What the service asks the driver to write, in order.
+#[derive(Debug)]
+enum Outbound {
+    Ack(Ack),
+    /// An unsubscribe from a filter nobody uses: its answer proves the broker read
+    /// everything written before it.
+    Barrier,
+}
+
 /// A running connection: the client to send with, and its events.
 #[derive(Debug)]
 pub struct Connection {
     pub client: AsyncClient,
-    events: mpsc::Receiver<Event>,
-    /// Acknowledgements (and the barrier behind them) for the driver to write, in order.
-    acks: mpsc::UnboundedSender<Request>,
+    events: mpsc::UnboundedReceiver<Event>,
+    /// QoS 0 messages queued in `events` (the driver drops new ones past the bound).
+    queued_qos0: Arc<AtomicUsize>,
+    /// Acknowledgements (and barriers) for the driver to write, in order.
+    outbound: mpsc::UnboundedSender<Outbound>,
     /// The event loop task; taken once its outcome was collected.
     driver: Option<JoinHandle<anyhow::Result<()>>>,
     /// QoS 1/2 publishes sent through [`Connection::publish`] and not yet acknowledged.
@@ -79,14 +126,29 @@ impl Connection {
         let mut network = eventloop.network_options();
         network.set_tcp_nodelay(true);
         eventloop.set_network_options(network);
-        let (tx, events) = mpsc::channel(EVENT_CAPACITY);
-        let (acks, acks_rx) = mpsc::unbounded_channel();
-        let driver = tokio::spawn(drive(eventloop, tx, acks_rx, broker.clone()));
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (outbound, outbound_rx) = mpsc::unbounded_channel();
+        let queued_qos0 = Arc::new(AtomicUsize::new(0));
+        let driver = Driver {
+            eventloop,
+            events: events_tx,
+            queued_qos0: Arc::clone(&queued_qos0),
+            outbound: outbound_rx,
+            batch: Vec::with_capacity(ACK_BATCH),
+            address: broker.address(),
+            broker: broker.clone(),
+            backoff: Backoff::default(),
+            connection: 0,
+            unconfirmed: Vec::new(),
+            dropped_qos0: 0,
+            stale_acks: 0,
+        };
         Self {
             client,
             events,
-            acks,
-            driver: Some(driver),
+            queued_qos0,
+            outbound,
+            driver: Some(tokio::spawn(driver.run())),
             unacked: 0,
             acknowledged: 0,
             acks_sent: false,
@@ -101,19 +163,39 @@ impl Connection {
         Ok(())
     }
 
+    /// Unsubscribes from `filters`, one request each (each answer comes as
+    /// [`Event::Unsubscribed`]).
+    pub async fn unsubscribe(&mut self, filters: &[String]) -> anyhow::Result<()> {
+        for filter in filters {
+            if self.client.unsubscribe(filter.clone()).await.is_err() {
+                return Err(self.why_stopped().await);
+            }
+        }
+        Ok(())
+    }
+
     /// Acknowledges a message received with manual acknowledgements on. Never waits:
-    /// the driver writes it with the others that wait, at the latest once the event
-    /// loop's current step is done.
-    pub async fn ack(&mut self, publish: &Publish) -> anyhow::Result<()> {
-        let request = match publish.qos {
-            QoS::AtMostOnce => return Ok(()),
-            QoS::AtLeastOnce => Request::PubAck(PubAck::new(publish.pkid)),
-            QoS::ExactlyOnce => Request::PubRec(PubRec::new(publish.pkid)),
-        };
-        if self.acks.send(request).is_err() {
+    /// the driver writes it with the others that wait, on the connection the message
+    /// came on, or not at all when that connection is gone (the broker sends the
+    /// message again on the new one).
+    pub async fn ack(&mut self, ack: Ack) -> anyhow::Result<()> {
+        if ack.qos == QoS::AtMostOnce {
+            return Ok(());
+        }
+        if self.outbound.send(Outbound::Ack(ack)).is_err() {
             return Err(self.why_stopped().await);
         }
         self.acks_sent = true;
+        Ok(())
+    }
+
+    /// Asks the broker for a round trip behind everything sent so far; its answer comes
+    /// as [`Event::Unsubscribed`] once the broker has read it all (and has sent us what
+    /// it sends in answer to it: the broker answers in order).
+    pub async fn barrier(&mut self) -> anyhow::Result<()> {
+        if self.outbound.send(Outbound::Barrier).is_err() {
+            return Err(self.why_stopped().await);
+        }
         Ok(())
     }
 
@@ -145,9 +227,15 @@ impl Connection {
     pub async fn recv(&mut self) -> anyhow::Result<Event> {
         match self.events.recv().await {
             Some(event) => {
-                if let Event::Acked = event {
-                    self.unacked = self.unacked.saturating_sub(1);
-                    self.acknowledged += 1;
+                match &event {
+                    Event::Acked => {
+                        self.unacked = self.unacked.saturating_sub(1);
+                        self.acknowledged += 1;
+                    }
+                    Event::Message { publish, .. } if publish.qos == QoS::AtMostOnce => {
+                        self.queued_qos0.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    _ => {}
                 }
                 Ok(event)
             }
@@ -187,11 +275,7 @@ impl Connection {
         // acknowledgements sent before it. Without that, a restart under the same client
         // id can take the session over while they still sit unread in the old socket,
         // and the broker delivers those messages again.
-        let mut barrier = self.acks_sent
-            && self
-                .acks
-                .send(Request::Unsubscribe(Unsubscribe::new(BARRIER_FILTER)))
-                .is_ok();
+        let mut barrier = self.acks_sent && self.outbound.send(Outbound::Barrier).is_ok();
         while self.unacked > 0 || barrier {
             match tokio::time::timeout_at(deadline, self.recv()).await {
                 Ok(event) => {
@@ -210,7 +294,6 @@ impl Connection {
         }
         // Fails only when the event loop is already gone, which `outcome` reports.
         let _ = self.client.try_disconnect();
-        // Keep draining events so the event loop is never stuck on a full channel.
         let drain = async { while self.events.recv().await.is_some() {} };
         match tokio::time::timeout_at(
             deadline.max(tokio::time::Instant::now() + Duration::from_secs(1)),
@@ -252,179 +335,208 @@ impl Connection {
     }
 }
 
-/// Polls the event loop forever: reconnects with backoff, stops on a clean disconnect,
-/// on refused credentials, or when the service stopped listening. Writes the service's
-/// acknowledgements as they come.
-async fn drive(
-    mut eventloop: EventLoop,
-    events: mpsc::Sender<Event>,
-    mut acks: mpsc::UnboundedReceiver<Request>,
+/// The task that owns rumqttc's event loop; see the module header.
+struct Driver {
+    eventloop: EventLoop,
+    events: mpsc::UnboundedSender<Event>,
+    queued_qos0: Arc<AtomicUsize>,
+    outbound: mpsc::UnboundedReceiver<Outbound>,
+    batch: Vec<Outbound>,
+    address: String,
     broker: BrokerSettings,
-) -> anyhow::Result<()> {
-    let address = broker.address();
-    let mut backoff = Backoff::default();
-    let mut ever_connected = false;
-    let mut batch = Vec::with_capacity(ACK_BATCH);
-    // Our publishes the broker had not acknowledged when the connection dropped.
-    let mut unconfirmed: Vec<Request> = Vec::new();
-    loop {
-        let polled = tokio::select! {
-            biased;
-            // Acknowledgements first, all that wait. One that comes while poll() waits
-            // ends that wait (what poll() had read stays buffered in rumqttc), so it is
-            // written at once, not after the next incoming packet.
-            taken = acks.recv_many(&mut batch, ACK_BATCH) => {
-                if taken == 0 {
-                    return Ok(()); // the service is gone
+    backoff: Backoff,
+    /// Number of the current (or last) connection, counted from 1; 0 before the first.
+    connection: u64,
+    /// Our publishes the broker had not acknowledged when the connection dropped.
+    unconfirmed: Vec<Request>,
+    /// QoS 0 messages dropped since the last warning, because the service lagged.
+    dropped_qos0: u64,
+    /// Acknowledgements of an earlier connection's messages, not written.
+    stale_acks: u64,
+}
+
+/// Why the driver stops: the service is gone, or the broker said no for good.
+type Stop = anyhow::Result<()>;
+
+impl Driver {
+    /// Polls the event loop until the service is gone, a clean disconnect, or refused
+    /// credentials; reconnects with backoff in between.
+    async fn run(mut self) -> anyhow::Result<()> {
+        loop {
+            let polled = tokio::select! {
+                biased;
+                // Acknowledgements first, all that wait, but only on a live connection: one
+                // that came while poll() was connecting would cancel the attempt. While
+                // poll() waits for a packet, cancelling it loses nothing (rumqttc's framed
+                // reader keeps what it read; see the tests).
+                taken = self.outbound.recv_many(&mut self.batch, ACK_BATCH),
+                    if self.eventloop.network.is_some() =>
+                {
+                    if taken == 0 {
+                        return Ok(()); // the service is gone
+                    }
+                    match self.write_outbound().await {
+                        Ok(()) => continue,
+                        Err(error) => Err(error),
+                    }
                 }
-                match write_requests(&mut eventloop, &mut batch).await {
-                    Ok(()) => continue,
-                    Err(error) => Err(error),
+                polled = self.eventloop.poll() => polled,
+            };
+            let result = match polled {
+                Ok(event) => self.handle(event),
+                Err(ConnectionError::RequestsDone) => return Ok(()),
+                Err(ConnectionError::ConnectionRefused(code)) if is_final(code) => {
+                    return Err(refused(&self.broker, code));
                 }
+                Err(error) => self.lost(&error).await,
+            };
+            if let Some(stop) = result {
+                return stop;
             }
-            polled = eventloop.poll() => polled,
-        };
-        let mut lost = None;
-        let event = match polled {
-            Ok(rumqttc::Event::Incoming(Packet::ConnAck(ack))) => {
-                if ever_connected {
-                    tracing::info!(broker = %address, "reconnected");
+        }
+    }
+
+    /// Turns one of rumqttc's events into the service's, if it cares.
+    fn handle(&mut self, event: rumqttc::Event) -> Option<Stop> {
+        let event = match event {
+            rumqttc::Event::Incoming(Packet::ConnAck(ack)) => {
+                if self.connection == 0 {
+                    tracing::info!(broker = %self.address, "connected");
                 } else {
-                    tracing::info!(broker = %address, "connected");
+                    tracing::info!(broker = %self.address, "reconnected");
                 }
-                ever_connected = true;
-                backoff.reset();
-                drop_stale_acks(&mut eventloop, &mut acks);
+                self.connection += 1;
+                self.backoff.reset();
+                if self.stale_acks > 0 {
+                    tracing::debug!(
+                        count = self.stale_acks,
+                        "acknowledgements of the previous connection's messages not sent: the broker delivers those again"
+                    );
+                    self.stale_acks = 0;
+                }
                 // Sent again whatever the broker remembers: rumqttc would forget them
                 // when it comes back without our session (after a crash, say).
-                eventloop.pending.extend(unconfirmed.drain(..));
+                self.eventloop.pending.extend(self.unconfirmed.drain(..));
                 Event::Connected {
                     session_present: ack.session_present,
                 }
             }
-            Ok(rumqttc::Event::Incoming(Packet::Publish(publish))) => Event::Message(publish),
-            Ok(rumqttc::Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => Event::Acked,
-            Ok(rumqttc::Event::Incoming(Packet::SubAck(ack))) => {
-                Event::Subscribed(ack.return_codes)
+            rumqttc::Event::Incoming(Packet::Publish(publish)) => {
+                if publish.qos == QoS::AtMostOnce {
+                    if self.queued_qos0.load(Ordering::Relaxed) >= QOS0_BACKLOG {
+                        self.drop_qos0();
+                        return None;
+                    }
+                    self.queued_qos0.fetch_add(1, Ordering::Relaxed);
+                }
+                let ack = Ack::of(&publish, self.connection);
+                Event::Message { publish, ack }
             }
-            Ok(rumqttc::Event::Incoming(Packet::UnsubAck(_))) => Event::Unsubscribed,
-            Ok(rumqttc::Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
-            Ok(_) => continue,
-            Err(ConnectionError::RequestsDone) => return Ok(()),
-            Err(ConnectionError::ConnectionRefused(code)) if is_final(code) => {
-                return Err(refused(&broker, code));
-            }
-            Err(error) => {
-                keep_unconfirmed(&mut eventloop, &mut unconfirmed);
-                back_off(&mut backoff, ever_connected, &address, &error).await;
-                continue;
-            }
+            rumqttc::Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_)) => Event::Acked,
+            rumqttc::Event::Incoming(Packet::SubAck(ack)) => Event::Subscribed(ack.return_codes),
+            rumqttc::Event::Incoming(Packet::UnsubAck(_)) => Event::Unsubscribed,
+            rumqttc::Event::Outgoing(Outgoing::Disconnect) => return Some(Ok(())),
+            _ => return None,
         };
-        // Hand the event over, writing the acknowledgements that come meanwhile: while
-        // the service catches up, the broker hears of what it has done.
-        let mut event = Some(event);
-        while let Some(next) = event.take() {
-            tokio::select! {
-                biased;
-                permit = events.reserve() => match permit {
-                    Ok(permit) => permit.send(next),
-                    Err(_) => return Ok(()), // the service stopped listening
-                },
-                taken = acks.recv_many(&mut batch, ACK_BATCH) => {
-                    if taken == 0 {
-                        return Ok(());
+        if self.events.send(event).is_err() {
+            return Some(Ok(())); // the service stopped listening
+        }
+        None
+    }
+
+    fn drop_qos0(&mut self) {
+        if self.dropped_qos0 == 0 {
+            tracing::warn!(
+                "the service is {QOS0_BACKLOG} QoS 0 messages behind: dropping new ones until it catches up (use QoS 1 to have the broker hold them)"
+            );
+        }
+        self.dropped_qos0 += 1;
+        if self.dropped_qos0.is_power_of_two() && self.dropped_qos0 >= 1024 {
+            tracing::warn!(dropped = self.dropped_qos0, "QoS 0 messages dropped so far");
+        }
+    }
+
+    /// After a lost connection: hands over what rumqttc had read but not yet returned
+    /// (it keeps such events across a reconnect, and they belong to the old connection),
+    /// keeps our unconfirmed publishes, and waits before the next attempt.
+    async fn lost(&mut self, error: &ConnectionError) -> Option<Stop> {
+        let leftovers: Vec<rumqttc::Event> = self.eventloop.state.events.drain(..).collect();
+        for event in leftovers {
+            if let Some(stop) = self.handle(event) {
+                return Some(stop);
+            }
+        }
+        keep_unconfirmed(&mut self.eventloop, &mut self.unconfirmed);
+        let delay = self.backoff.next_delay();
+        let attempt = self.backoff.attempt();
+        if attempt == 1 && self.connection > 0 {
+            tracing::warn!(broker = %self.address, "connection lost: {error}; reconnecting in {delay:?}");
+        } else {
+            tracing::warn!(broker = %self.address, attempt, "cannot connect: {error}; retrying in {delay:?}");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => None,
+            () = self.events.closed() => Some(Ok(())),
+        }
+    }
+
+    /// Writes the waiting acknowledgements of the current connection (and the barriers
+    /// among them) in one go, with one flush. On failure the connection is dropped, to be
+    /// made again by the next poll.
+    async fn write_outbound(&mut self) -> Result<(), ConnectionError> {
+        let Some(network) = self.eventloop.network.as_mut() else {
+            return Ok(()); // not reached: only called while connected
+        };
+        let state = &mut self.eventloop.state;
+        let timeout = Duration::from_secs(self.eventloop.network_options.connection_timeout());
+        let (current, batch, stale) = (self.connection, &mut self.batch, &mut self.stale_acks);
+        let write = async {
+            for outbound in batch.drain(..) {
+                let request = match outbound {
+                    Outbound::Ack(ack) if ack.connection != current => {
+                        *stale += 1;
+                        continue;
                     }
-                    if let Err(error) = write_requests(&mut eventloop, &mut batch).await {
-                        lost = Some(error);
-                    }
-                    event = Some(next);
+                    Outbound::Ack(Ack {
+                        pkid,
+                        qos: QoS::ExactlyOnce,
+                        ..
+                    }) => Request::PubRec(PubRec::new(pkid)),
+                    Outbound::Ack(Ack { pkid, .. }) => Request::PubAck(PubAck::new(pkid)),
+                    Outbound::Barrier => Request::Unsubscribe(Unsubscribe::new(BARRIER_FILTER)),
+                };
+                if let Some(packet) = state.handle_outgoing_packet(request)? {
+                    network.write(packet).await?;
                 }
             }
+            network.flush().await
+        };
+        let result = match tokio::time::timeout(timeout, write).await {
+            Ok(written) => written.map_err(ConnectionError::from),
+            Err(_) => Err(ConnectionError::FlushTimeout),
+        };
+        if result.is_err() {
+            self.batch.clear();
+            self.eventloop.clean();
         }
-        if let Some(error) = lost {
-            keep_unconfirmed(&mut eventloop, &mut unconfirmed);
-            back_off(&mut backoff, ever_connected, &address, &error).await;
-        }
+        result
     }
-}
-
-/// Logs a lost or refused connection and waits before the next attempt.
-async fn back_off(
-    backoff: &mut Backoff,
-    ever_connected: bool,
-    address: &str,
-    error: &ConnectionError,
-) {
-    let delay = backoff.next_delay();
-    let attempt = backoff.attempt();
-    if attempt == 1 && ever_connected {
-        tracing::warn!(broker = %address, "connection lost: {error}; reconnecting in {delay:?}");
-    } else {
-        tracing::warn!(broker = %address, attempt, "cannot connect: {error}; retrying in {delay:?}");
-    }
-    tokio::time::sleep(delay).await;
-}
-
-/// Writes the service's acknowledgements (and the barrier behind them) in one go, with
-/// one flush. On failure the connection is dropped, to be made again by the next poll.
-/// Without a connection, acknowledgements are dropped as rumqttc drops its own: the
-/// broker sends those messages again, and an acknowledgement on a new connection could
-/// confirm another message that got the same packet id.
-async fn write_requests(
-    eventloop: &mut EventLoop,
-    batch: &mut Vec<Request>,
-) -> Result<(), ConnectionError> {
-    let Some(network) = eventloop.network.as_mut() else {
-        keep_all_but_acks(&mut eventloop.pending, batch.drain(..));
-        return Ok(());
-    };
-    let state = &mut eventloop.state;
-    let timeout = Duration::from_secs(eventloop.network_options.connection_timeout());
-    let write = async {
-        for request in batch.drain(..) {
-            if let Some(packet) = state.handle_outgoing_packet(request)? {
-                network.write(packet).await?;
-            }
-        }
-        network.flush().await
-    };
-    let result = match tokio::time::timeout(timeout, write).await {
-        Ok(written) => written.map_err(ConnectionError::from),
-        Err(_) => Err(ConnectionError::FlushTimeout),
-    };
-    if result.is_err() {
-        batch.clear();
-        eventloop.clean();
-    }
-    result
 }
 
 /// Takes the publishes rumqttc set aside to send again after a lost connection: it
 /// drops them when the broker answers the reconnect without our session, which would
 /// lose QoS 1 readings a broker crash had not confirmed. Sent again, they arrive at
-/// least once.
+/// least once. Acknowledgements rumqttc kept are dropped: they belong to the old
+/// connection.
 fn keep_unconfirmed(eventloop: &mut EventLoop, unconfirmed: &mut Vec<Request>) {
     let pending = std::mem::take(&mut eventloop.pending);
-    let (publishes, others): (Vec<Request>, Vec<Request>) = pending
-        .into_iter()
-        .partition(|request| matches!(request, Request::Publish(_)));
-    unconfirmed.extend(publishes);
-    eventloop.pending.extend(others);
-}
-
-/// On a new connection, acknowledgements of the previous one's messages are dropped.
-fn drop_stale_acks(eventloop: &mut EventLoop, acks: &mut mpsc::UnboundedReceiver<Request>) {
-    let waiting = std::iter::from_fn(|| acks.try_recv().ok());
-    keep_all_but_acks(&mut eventloop.pending, waiting);
-}
-
-fn keep_all_but_acks(
-    pending: &mut std::collections::VecDeque<Request>,
-    requests: impl Iterator<Item = Request>,
-) {
-    pending.extend(
-        requests.filter(|request| !matches!(request, Request::PubAck(_) | Request::PubRec(_))),
-    );
+    for request in pending {
+        match request {
+            Request::Publish(_) => unconfirmed.push(request),
+            Request::PubAck(_) | Request::PubRec(_) => {}
+            other => eventloop.pending.push_back(other),
+        }
+    }
 }
 
 /// Refusals that no retry can fix.
@@ -460,86 +572,4 @@ fn refused(broker: &BrokerSettings, code: ConnectReturnCode) -> anyhow::Error {
 }
 
 #[cfg(test)]
-mod tests {
-    //! A broker that loses a publish before confirming it cannot be made from a real
-    //! Mosquitto on demand; this one speaks just enough MQTT over a socket to do it.
-
-    use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
-
-    /// Reads one MQTT packet: its type (high nibble of the first byte) and its body.
-    async fn read_packet(stream: &mut TcpStream) -> (u8, Vec<u8>) {
-        let first = stream.read_u8().await.expect("a packet");
-        let (mut length, mut shift) = (0usize, 0);
-        loop {
-            let byte = stream.read_u8().await.expect("its length");
-            length |= usize::from(byte & 0x7f) << shift;
-            shift += 7;
-            if byte & 0x80 == 0 {
-                break;
-            }
-        }
-        let mut body = vec![0; length];
-        stream.read_exact(&mut body).await.expect("its body");
-        (first >> 4, body)
-    }
-
-    /// Accepts a connection and answers CONNECT with "accepted, no session".
-    async fn accept(listener: &TcpListener) -> TcpStream {
-        let (mut stream, _) = listener.accept().await.expect("a connection");
-        assert_eq!(read_packet(&mut stream).await.0, 1, "CONNECT first");
-        stream
-            .write_all(&[0x20, 0x02, 0x00, 0x00])
-            .await
-            .expect("CONNACK");
-        stream
-    }
-
-    #[tokio::test]
-    async fn a_publish_never_confirmed_is_sent_again_to_a_broker_that_forgot_the_session() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
-        let broker = BrokerSettings {
-            host: "127.0.0.1".into(),
-            port: listener.local_addr().expect("address").port(),
-            username: None,
-            password: None,
-            tls_ca: None,
-            keep_alive: Duration::from_secs(30),
-            env_prefix: "LOCAL",
-        };
-        let options = broker.mqtt_options("resend-test", true).expect("options");
-        let mut connection = Connection::start(&broker, options);
-        connection
-            .publish("/sensor/t", QoS::AtLeastOnce, false, b"21.50".to_vec())
-            .await
-            .expect("queued");
-
-        // The broker reads the publish and dies before confirming it.
-        let mut stream = accept(&listener).await;
-        let (kind, body) = read_packet(&mut stream).await;
-        assert_eq!(kind, 3, "PUBLISH");
-        assert!(body.ends_with(b"21.50"));
-        drop(stream);
-
-        // Back without our session: the reading comes again, and once confirmed the
-        // connection counts it acknowledged.
-        let events = tokio::spawn(async move {
-            connection
-                .wait_acknowledged(Duration::from_secs(20))
-                .await
-                .map(|all| (all, connection.acknowledged()))
-        });
-        let mut stream = accept(&listener).await;
-        let (kind, body) = read_packet(&mut stream).await;
-        assert_eq!(kind, 3, "the same PUBLISH again");
-        assert!(body.ends_with(b"21.50"));
-        let packet_id = &body[2 + "/sensor/t".len()..][..2];
-        stream
-            .write_all(&[0x40, 0x02, packet_id[0], packet_id[1]])
-            .await
-            .expect("PUBACK");
-        let (all, acknowledged) = events.await.expect("task").expect("connection");
-        assert!(all && acknowledged == 1);
-    }
-}
+mod tests;
