@@ -4,6 +4,11 @@
 //! QoS 1 messages published while it is stopped are printed when it comes back. A
 //! message is acknowledged to the broker only once its line has been written to stdout,
 //! so one that `--count` leaves unprinted is delivered again next time, not lost.
+//!
+//! Lines are written by a thread of their own behind a bounded buffer: a slow reader
+//! of stdout (`| less` left open, a full disk) stalls only that thread. While the
+//! buffer is full, messages wait unacknowledged (the broker holds QoS 1 ones) and the
+//! connection stays alive.
 
 use std::io::{self, Write};
 use std::time::Duration;
@@ -12,11 +17,12 @@ use anyhow::Context;
 use chrono::Utc;
 use clap::Parser;
 use iot_core::config::{parse_qos, BrokerSettings, LocalBroker};
-use iot_core::mqtt::{Connection, Event};
+use iot_core::mqtt::{Ack, Connection, Event};
 use iot_core::payload::{escape_for_line, format_time, PayloadText};
 use iot_core::topics;
 use rumqttc::{Publish, QoS, SubscribeFilter, SubscribeReasonCode};
 use serde::Serialize;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// How each message is printed.
@@ -55,6 +61,8 @@ pub struct Config {
     pub broker: LocalBroker,
 }
 
+/// Lines waiting for the printing thread; past that, messages wait unacknowledged.
+const PRINT_BUFFER: usize = 1024;
 /// Lines written but not yet flushed (so not yet acknowledged) before a flush is forced.
 const FLUSH_EVERY: usize = 256;
 
@@ -73,89 +81,92 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .map(|topic| SubscribeFilter::new(topic.clone(), config.qos))
         .collect();
     let mut connection = Connection::start(&broker, options);
-    let mut printer = Printer::new();
-    let mut printed: u64 = 0;
+    let (lines, printed_rx) = mpsc::channel::<(String, Ack)>(PRINT_BUFFER);
+    let (printed_tx, mut printed) = mpsc::unbounded_channel::<Vec<Ack>>();
+    let printer = std::thread::Builder::new()
+        .name("stdout".into())
+        .spawn(move || print_lines(printed_rx, printed_tx))
+        .context("cannot start the printing thread")?;
+    let mut queued: u64 = 0;
+    let finished = |queued: u64| config.count.is_some_and(|count| queued >= count);
 
-    loop {
-        let event = tokio::select! {
+    while !finished(queued) {
+        tokio::select! {
             () = shutdown.cancelled() => break,
-            event = connection.recv() => event?,
-        };
-        match event {
-            // Subscribe on every connection: a broker that lost the session forgot them.
-            Event::Connected { .. } => connection.subscribe(filters.clone()).await?,
-            Event::Subscribed(codes) => report_subscription(&config.topics, &codes),
-            Event::Message(publish) => {
-                let line = match config.format {
-                    OutputFormat::Text => text_line(&publish),
-                    OutputFormat::Json => json_line(&publish),
-                };
-                if !printer.write(&line, publish)? {
-                    break;
+            acks = printed.recv() => match acks {
+                Some(acks) => ack_all(&mut connection, acks).await?,
+                None => break, // stdout closed: the printing thread ended
+            },
+            // Read on only while the printing thread has room.
+            event = connection.recv(), if lines.capacity() > 0 => match event? {
+                // Subscribe on every connection: a broker that lost the session forgot them.
+                Event::Connected { .. } => connection.subscribe(filters.clone()).await?,
+                Event::Subscribed(codes) => report_subscription(&config.topics, &codes),
+                Event::Message { publish, ack } => {
+                    let line = match config.format {
+                        OutputFormat::Text => text_line(&publish),
+                        OutputFormat::Json => json_line(&publish),
+                    };
+                    if lines.try_send((line, ack)).is_err() {
+                        break; // the printing thread ended: stdout closed
+                    }
+                    queued += 1;
                 }
-                printed += 1;
-                let finished = config.count.is_some_and(|count| printed >= count);
-                // Flush when caught up, so lines appear at once and acknowledgements follow.
-                if (finished || printer.is_full() || connection.backlog() == 0)
-                    && !printer.flush_and_ack(&mut connection).await?
-                {
-                    break;
-                }
-                if finished {
-                    break;
-                }
-            }
-            Event::Acked | Event::Unsubscribed => {}
+                Event::Acked | Event::Unsubscribed => {}
+            },
         }
     }
 
-    printer.flush_and_ack(&mut connection).await?;
-    tracing::info!(printed, "stopping");
+    // What was handed to the printing thread is printed (and acknowledged) first.
+    drop(lines);
+    let stdout = tokio::task::spawn_blocking(move || printer.join())
+        .await
+        .context("the printing thread")?
+        .map_err(|_| anyhow::anyhow!("the printing thread panicked"))?;
+    while let Some(acks) = printed.recv().await {
+        ack_all(&mut connection, acks).await?;
+    }
+    let printed_count = stdout?;
+    tracing::info!(printed = printed_count, "stopping");
     connection.close(Duration::from_secs(5)).await
 }
 
-/// Buffered stdout that acknowledges each message only once its line is flushed.
-struct Printer {
-    out: io::BufWriter<io::StdoutLock<'static>>,
-    unflushed: Vec<Publish>,
+async fn ack_all(connection: &mut Connection, acks: Vec<Ack>) -> anyhow::Result<()> {
+    for ack in acks {
+        connection.ack(ack).await?;
+    }
+    Ok(())
 }
 
-impl Printer {
-    fn new() -> Self {
-        Self {
-            out: io::BufWriter::new(io::stdout().lock()),
-            unflushed: Vec::new(),
+/// The printing thread: writes each line, flushes when caught up (or every
+/// [`FLUSH_EVERY`] lines), and only then hands the flushed lines' acknowledgements back.
+/// Ends when `lines` closes or stdout does; returns how many lines it printed.
+fn print_lines(
+    mut lines: mpsc::Receiver<(String, Ack)>,
+    printed: mpsc::UnboundedSender<Vec<Ack>>,
+) -> anyhow::Result<u64> {
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    let mut unflushed = Vec::with_capacity(FLUSH_EVERY);
+    let mut count = 0;
+    while let Some((line, ack)) = lines.blocking_recv() {
+        if let Err(error) = writeln!(out, "{line}") {
+            return stdout_closed(error).map(|()| count);
+        }
+        unflushed.push(ack);
+        if unflushed.len() >= FLUSH_EVERY || lines.is_empty() {
+            if let Err(error) = out.flush() {
+                return stdout_closed(error).map(|()| count);
+            }
+            count += unflushed.len() as u64;
+            // The other side is gone only when the subscriber is stopping anyway.
+            let _ = printed.send(std::mem::take(&mut unflushed));
         }
     }
-
-    /// Writes one line; false when stdout is closed.
-    fn write(&mut self, line: &str, publish: Publish) -> anyhow::Result<bool> {
-        if let Err(error) = writeln!(self.out, "{line}") {
-            return stdout_closed(error).map(|()| false);
-        }
-        self.unflushed.push(publish);
-        Ok(true)
-    }
-
-    fn is_full(&self) -> bool {
-        self.unflushed.len() >= FLUSH_EVERY
-    }
-
-    /// Flushes stdout, then acknowledges what it held; false when stdout is closed
-    /// (nothing unflushed is acknowledged then: the broker delivers it again).
-    async fn flush_and_ack(&mut self, connection: &mut Connection) -> anyhow::Result<bool> {
-        if let Err(error) = self.out.flush() {
-            self.unflushed.clear();
-            return stdout_closed(error).map(|()| false);
-        }
-        for publish in self.unflushed.drain(..) {
-            connection.ack(&publish).await?;
-        }
-        Ok(true)
-    }
+    Ok(count)
 }
 
 /// A closed stdout (`| head`) ends the subscriber quietly; other write errors are errors.
+/// Nothing unflushed is acknowledged then: the broker delivers it again.
 fn stdout_closed(error: io::Error) -> anyhow::Result<()> {
     if error.kind() == io::ErrorKind::BrokenPipe {
         tracing::info!("stdout closed, stopping");
