@@ -9,7 +9,9 @@
 //!   `_id` `{device, boot, seq}`, so a redelivered copy is refused as a duplicate. A
 //!   payload that is not a reading is kept here too, flagged `unparsed: true` with its
 //!   `raw` text (or `raw_base64`), cut at [`MAX_RAW`] bytes.
-//! - `status`: one document per change of a device's status (`online` / `offline`).
+//! - `status`: one document per change of a device's status (`online` / `offline`),
+//!   numbered per device: `_id` `{device, change}` and `change` from 1, so that
+//!   persister replicas that race to store the same change cannot both succeed.
 
 use std::time::Duration;
 
@@ -154,10 +156,16 @@ pub async fn ensure_schema(db: &Database) -> anyhow::Result<()> {
         ))
         .await
         .context("cannot create the index readings.device_boot_seq")?;
-    db.collection::<Document>(STATUS)
+    let status = db.collection::<Document>(STATUS);
+    status
         .create_index(index(doc! { "device": 1, "ts": -1 }, "device_ts"))
         .await
         .context("cannot create the index status.device_ts")?;
+    // the persister's check of each device's last change.
+    status
+        .create_index(index(doc! { "device": 1, "change": -1 }, "device_change"))
+        .await
+        .context("cannot create the index status.device_change")?;
     Ok(())
 }
 

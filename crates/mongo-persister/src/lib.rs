@@ -6,6 +6,12 @@
 //! crash or a database outage loses nothing (the broker delivers again what was not
 //! acknowledged). Writes happen in batches in a task of their own ([`writer`]), so the
 //! MQTT event loop is never blocked by the database.
+//!
+//! Replicas share the stream through a shared subscription (`--share GROUP`). The
+//! broker keeps routing a share of it to every member's persistent session, online or
+//! not, so each replica's client id must stay the same across restarts; a replica
+//! removed for good is retired (`--retire`): it stores what waited in its session, then
+//! ends the session.
 
 pub mod writer;
 
@@ -21,7 +27,7 @@ use iot_core::config::{parse_positive_seconds, BrokerSettings, CloudBroker};
 use iot_core::mqtt::{Connection, Event};
 use iot_core::store::{describe, ensure_schema, MongoSettings, Record};
 use iot_core::topics;
-use rumqttc::{QoS, SubscribeFilter};
+use rumqttc::{QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -35,12 +41,15 @@ pub struct Config {
     #[arg(long = "topic", value_name = "FILTER", env = "PERSISTER_TOPIC", value_delimiter = ',',
           default_values_t = [topics::SENSORS.to_string(), topics::DEVICES.to_string()])]
     pub topics: Vec<String>,
-    /// Share the stream with other replicas through the shared subscription $share/GROUP/...
+    /// Share the stream with other replicas through the shared subscription $share/GROUP/...; needs --client-id
     #[arg(long, env = "PERSISTER_SHARE", value_name = "GROUP")]
     pub share: Option<String>,
-    /// MQTT client id, the name of the persistent session [default: mongo-persister; with --share, mongo-persister-<host name>]
+    /// MQTT client id, the name of the persistent session; keep it the same across restarts [default: mongo-persister; required with --share]
     #[arg(long, env = "PERSISTER_CLIENT_ID")]
     pub client_id: Option<String>,
+    /// Retire the replica --client-id (with its --share group): store what waits in its session, end the session, exit
+    #[arg(long)]
+    pub retire: bool,
     /// Most documents written in one insert
     #[arg(long, env = "PERSISTER_BATCH_SIZE", default_value = "500", value_parser = clap::value_parser!(u16).range(1..))]
     pub batch_size: u16,
@@ -56,17 +65,37 @@ pub struct Config {
     pub mongo: MongoSettings,
 }
 
+/// The session name without --client-id (and without --share).
+pub const DEFAULT_CLIENT_ID: &str = "mongo-persister";
+
 impl Config {
-    fn client_id(&self) -> String {
-        match (&self.client_id, &self.share) {
-            (Some(id), _) => id.clone(),
-            (None, None) => "mongo-persister".to_string(),
-            (None, Some(_)) => {
-                let host =
-                    std::env::var("HOSTNAME").unwrap_or_else(|_| iot_core::sensor::new_boot_id());
-                format!("mongo-persister-{host}")
+    /// Refuses settings that parse but cannot work together; the message names them.
+    pub fn validate(&self) -> Result<(), String> {
+        if let (Some(group), None) = (&self.share, &self.client_id) {
+            return Err(format!(
+                "--share {group} (PERSISTER_SHARE) needs --client-id (PERSISTER_CLIENT_ID), the same on every start: \
+                 a session name that changes leaves a dead member in the group that takes its share of the stream"
+            ));
+        }
+        if self.retire && self.client_id.is_none() {
+            return Err(
+                "--retire needs --client-id (PERSISTER_CLIENT_ID) naming the replica's session to retire".into(),
+            );
+        }
+        if let Some(group) = &self.share {
+            if group.is_empty() || group.contains(['/', '+', '#']) {
+                return Err(format!(
+                    "--share {group:?} (PERSISTER_SHARE): a group name is not empty and has no '/', '+' or '#'"
+                ));
             }
         }
+        Ok(())
+    }
+
+    fn client_id(&self) -> String {
+        self.client_id
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CLIENT_ID.to_string())
     }
 
     /// The subscription filters, inside `$share/GROUP/` when sharing.
@@ -84,8 +113,8 @@ impl Config {
 /// How long a stopping persister keeps trying to write what it holds.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// Stores messages until `shutdown`; then writes the batch in hand, acknowledges it and
-/// disconnects.
+/// Stores messages until `shutdown` (or, retiring, until the session's queue is
+/// drained); then writes the batch in hand, acknowledges it and disconnects.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let broker = BrokerSettings::from(config.broker.clone());
     let client_id = config.client_id();
@@ -115,12 +144,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
     let filters = config.filters();
-    tracing::info!(
-        broker = %broker.address(), client_id, topics = ?filters,
-        mongodb = %config.mongo.redacted_uri(), database = config.mongo.database,
-        batch_size = config.batch_size, flush_interval = ?config.flush_interval,
-        "storing messages"
-    );
+    if config.retire {
+        tracing::info!(
+            broker = %broker.address(), client_id, topics = ?filters,
+            mongodb = %config.mongo.redacted_uri(), database = config.mongo.database,
+            "retiring: storing what waits in the session, then ending it"
+        );
+    } else {
+        tracing::info!(
+            broker = %broker.address(), client_id, topics = ?filters,
+            mongodb = %config.mongo.redacted_uri(), database = config.mongo.database,
+            batch_size = config.batch_size, flush_interval = ?config.flush_interval,
+            "storing messages"
+        );
+    }
 
     let stats = Arc::new(Stats::default());
     let batch_size = usize::from(config.batch_size);
@@ -139,43 +176,61 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut stats_ticks = tokio::time::interval(config.stats_interval);
     stats_ticks.reset();
     let mut last_line = String::new();
+    let mut retiring = config.retire.then(|| Retiring::new(filters.len()));
+    // Messages handed to the writer, and those written (and acknowledged) since.
+    let (mut received, mut settled) = (0u64, 0u64);
 
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             event = connection.recv(), if pending_tx.capacity() > 0 => match event? {
-                Event::Connected { session_present } => {
-                    // A broker that kept the session kept the subscriptions too; a fresh
-                    // subscribe would replay every retained message once more.
-                    if !session_present {
-                        connection.subscribe(subscriptions.clone()).await?;
+                Event::Connected { session_present } => match &mut retiring {
+                    Some(retiring) => {
+                        if !session_present {
+                            tracing::info!(client_id, "the broker keeps no session of this name: nothing waits in it");
+                        }
+                        // No new share of the stream for this session; what is queued
+                        // in it stays queued and is delivered.
+                        connection.unsubscribe(&filters).await?;
+                        retiring.connected();
                     }
-                }
-                Event::Subscribed(codes) => {
-                    for (filter, code) in filters.iter().zip(codes) {
-                        match code {
-                            rumqttc::SubscribeReasonCode::Success(_) => tracing::info!(filter, "subscribed"),
-                            rumqttc::SubscribeReasonCode::Failure => tracing::error!(filter, "the broker refused the subscription (check the ACL for this user)"),
+                    None => {
+                        // Every time: a kept session may hold other subscriptions than
+                        // these (a run with other settings); retained messages replayed
+                        // by subscribing again are recognised and not stored twice.
+                        connection.subscribe(subscriptions.clone()).await?;
+                        if config.share.is_some() && session_present {
+                            // Left from a run without --share, they would take every
+                            // message a second time.
+                            connection.unsubscribe(&config.topics).await?;
                         }
                     }
-                }
-                Event::Message(publish) => {
+                },
+                Event::Subscribed(codes) => report_subscription(&filters, &codes),
+                Event::Message { publish, ack } => {
                     stats.received.fetch_add(1, Ordering::Relaxed);
+                    received += 1;
                     let record = Record::from_message(&publish.topic, &publish.payload, Utc::now());
                     if let Record::Unparsed { .. } = record {
                         stats.unparsed.fetch_add(1, Ordering::Relaxed);
                     }
                     let replay = publish.retain;
                     // Room was checked above, and only this task sends.
-                    if pending_tx.send(Pending { record, replay, publish }).await.is_err() {
+                    if pending_tx.send(Pending { record, replay, ack }).await.is_err() {
                         anyhow::bail!("the database writer stopped");
                     }
                 }
-                Event::Acked | Event::Unsubscribed => {}
+                Event::Unsubscribed => {
+                    if let Some(retiring) = &mut retiring {
+                        retiring.unsubscribed(received);
+                    }
+                }
+                Event::Acked => {}
             },
             Some(written) = written_rx.recv() => {
-                for publish in written {
-                    connection.ack(&publish).await?;
+                settled += written.len() as u64;
+                for ack in written {
+                    connection.ack(ack).await?;
                 }
             }
             _ = stats_ticks.tick() => {
@@ -184,6 +239,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     tracing::info!("{line}");
                     last_line = line;
                 }
+            }
+        }
+        if let Some(retiring) = &mut retiring {
+            if retiring.drained {
+                break;
+            }
+            if retiring.wants_barrier(received == settled) {
+                connection.barrier().await?;
+                retiring.barrier_sent(received);
             }
         }
     }
@@ -201,13 +265,173 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let unwritten = writer.await.context("the database writer failed")?;
     grace.abort();
     while let Ok(written) = written_rx.try_recv() {
-        for publish in written {
-            connection.ack(&publish).await?;
+        for ack in written {
+            connection.ack(ack).await?;
         }
     }
     if unwritten > 0 {
         tracing::warn!("{unwritten} message(s) could not be written; the broker delivers them again on the next start");
     }
     tracing::info!("{}", stats.line(0));
+    connection.close(Duration::from_secs(5)).await?;
+    match retiring {
+        Some(retiring) if retiring.drained => {
+            end_session(&broker, &client_id).await?;
+            let line = format!(
+                "retired {client_id}: stored {} of {} message(s) that waited in its session ({}); the broker no longer keeps the session",
+                stats.written.load(Ordering::Relaxed),
+                stats.received.load(Ordering::Relaxed),
+                stats.line(0),
+            );
+            tracing::info!("{line}");
+            println!("{line}");
+            Ok(())
+        }
+        Some(_) => anyhow::bail!(
+            "stopped before {client_id}'s session was drained; it is kept, run --retire again"
+        ),
+        None => Ok(()),
+    }
+}
+
+/// Where a retiring persister stands: its session's subscriptions removed, then rounds
+/// of "write and acknowledge everything received, then a barrier" until a barrier
+/// comes back with no message before it. The broker answers in order and sends the
+/// next queued messages as soon as it reads our acknowledgements, so such a barrier
+/// proves the session's queue is empty.
+#[derive(Debug)]
+struct Retiring {
+    filters: usize,
+    /// Unsubscribe answers still to come on this connection.
+    unsubscribing: usize,
+    connected: bool,
+    /// Messages received when the barrier in flight was sent.
+    barrier: Option<u64>,
+    drained: bool,
+}
+
+impl Retiring {
+    fn new(filters: usize) -> Self {
+        Self {
+            filters,
+            unsubscribing: 0,
+            connected: false,
+            barrier: None,
+            drained: false,
+        }
+    }
+
+    /// A (new) connection: its unsubscribes are on their way; a barrier of an earlier
+    /// connection proves nothing.
+    fn connected(&mut self) {
+        self.connected = true;
+        self.unsubscribing = self.filters;
+        self.barrier = None;
+    }
+
+    fn unsubscribed(&mut self, received: u64) {
+        if self.unsubscribing > 0 {
+            self.unsubscribing -= 1;
+        } else if let Some(sent_at) = self.barrier.take() {
+            self.drained = received == sent_at;
+        }
+    }
+
+    fn wants_barrier(&self, all_settled: bool) -> bool {
+        self.connected && self.unsubscribing == 0 && self.barrier.is_none() && all_settled
+    }
+
+    fn barrier_sent(&mut self, received: u64) {
+        self.barrier = Some(received);
+    }
+}
+
+/// Makes the broker forget `client_id`'s session: a connection with a clean session
+/// discards the old one, and its own ends with it.
+async fn end_session(broker: &BrokerSettings, client_id: &str) -> anyhow::Result<()> {
+    let options = broker
+        .mqtt_options(client_id, true)
+        .context("cannot set up the broker connection")?;
+    let mut connection = Connection::start(broker, options);
+    loop {
+        if let Event::Connected { .. } = connection.recv().await? {
+            break;
+        }
+    }
     connection.close(Duration::from_secs(5)).await
+}
+
+fn report_subscription(filters: &[String], codes: &[SubscribeReasonCode]) {
+    for (filter, code) in filters.iter().zip(codes) {
+        match code {
+            SubscribeReasonCode::Success(_) => tracing::info!(filter, "subscribed"),
+            SubscribeReasonCode::Failure => tracing::error!(
+                filter,
+                "the broker refused the subscription (check the ACL for this user)"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("mongo-persister").chain(args.iter().copied()))
+            .expect("parses")
+    }
+
+    #[test]
+    fn a_shared_replica_needs_a_stable_client_id() {
+        let error = parse(&["--share", "persisters"])
+            .validate()
+            .expect_err("no id");
+        assert!(
+            error.contains("--client-id") && error.contains("dead member"),
+            "{error}"
+        );
+        let config = parse(&["--share", "persisters", "--client-id", "persister-1"]);
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.client_id(), "persister-1");
+        assert_eq!(config.filters()[0], "$share/persisters//sensor/#");
+    }
+
+    #[test]
+    fn retiring_names_the_session() {
+        assert!(parse(&["--retire"]).validate().is_err());
+        assert_eq!(
+            parse(&["--retire", "--client-id", "persister-2"]).validate(),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn without_sharing_the_session_has_the_seed_name() {
+        assert_eq!(parse(&[]).client_id(), DEFAULT_CLIENT_ID);
+        assert!(parse(&["--share", "a/b", "--client-id", "x"])
+            .validate()
+            .is_err());
+    }
+
+    #[test]
+    fn a_barrier_with_no_message_before_it_ends_retiring() {
+        let mut retiring = Retiring::new(2);
+        assert!(!retiring.wants_barrier(true), "not connected yet");
+        retiring.connected();
+        retiring.unsubscribed(0);
+        assert!(!retiring.wants_barrier(true), "one unsubscribe to go");
+        retiring.unsubscribed(3);
+        assert!(
+            !retiring.wants_barrier(false),
+            "three messages not written yet"
+        );
+        assert!(retiring.wants_barrier(true));
+        retiring.barrier_sent(3);
+        retiring.unsubscribed(5); // two more came before the answer
+        assert!(!retiring.drained);
+        retiring.barrier_sent(5);
+        retiring.unsubscribed(5);
+        assert!(retiring.drained);
+    }
 }

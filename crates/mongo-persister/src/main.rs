@@ -5,6 +5,9 @@ use std::process::ExitCode;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config: mongo_persister::Config = iot_core::config::load();
+    if let Err(message) = config.validate() {
+        iot_core::config::exit_bad_setting(&message);
+    }
     iot_core::logging::init();
     let shutdown = iot_core::shutdown::on_signal();
     iot_core::exit_code(mongo_persister::run(config, shutdown).await)

@@ -1,19 +1,24 @@
 //! The database side of the persister: batches of documents written with unordered
 //! `insert_many`, retried with backoff while the database is unreachable, and handed
 //! back for acknowledgement only once written.
+//!
+//! Whether a status is a change, and whether a retained replay is already stored, is
+//! decided in the database with one query per batch, so any number of replicas agree:
+//! each device's changes are numbered (`_id: {device, change}`), and of two replicas
+//! that race for the same number, one insert wins and the other checks again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bson::{doc, Document};
+use bson::{doc, Bson, Document};
+use futures_util::TryStreamExt;
 use iot_core::backoff::Backoff;
+use iot_core::mqtt::Ack;
 use iot_core::store::{describe, Record, READINGS, STATUS};
 use mongodb::error::{ErrorKind, InsertManyError};
-use mongodb::options::FindOneOptions;
 use mongodb::{Collection, Database};
-use rumqttc::Publish;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -27,8 +32,8 @@ pub struct Pending {
     pub record: Record,
     /// Delivered with the retain flag: a replay of the broker's retained message.
     pub replay: bool,
-    /// Acknowledged once the record is written.
-    pub publish: Publish,
+    /// Sent to the broker once the record is written.
+    pub ack: Ack,
 }
 
 /// Counters for the throughput line.
@@ -69,8 +74,14 @@ pub struct Writer {
     batch_size: usize,
     flush_interval: Duration,
     stats: Arc<Stats>,
-    /// Last stored status per device: only changes are stored.
-    last_status: HashMap<String, bool>,
+}
+
+/// A device's last stored status change.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct LastStatus {
+    online: bool,
+    /// Its number among the device's changes (0 for documents from before numbering).
+    change: i64,
 }
 
 impl Writer {
@@ -86,17 +97,16 @@ impl Writer {
             batch_size,
             flush_interval,
             stats,
-            last_status: HashMap::new(),
         }
     }
 
-    /// Writes what arrives on `pending` until it closes, sending the messages of each
-    /// written batch to `written`. Returns how many messages it could not write before
-    /// `stop` (the broker still holds those: they were never acknowledged).
+    /// Writes what arrives on `pending` until it closes, sending the acknowledgements of
+    /// each written batch to `written`. Returns how many messages it could not write
+    /// before `stop` (the broker still holds those: they were never acknowledged).
     pub async fn run(
-        mut self,
+        self,
         mut pending: mpsc::Receiver<Pending>,
-        written: mpsc::UnboundedSender<Vec<Publish>>,
+        written: mpsc::UnboundedSender<Vec<Ack>>,
         stop: CancellationToken,
     ) -> usize {
         let mut batch: Vec<Pending> = Vec::with_capacity(self.batch_size);
@@ -118,17 +128,17 @@ impl Writer {
             if !self.write_until_done(&batch, &stop).await {
                 return batch.len() + pending.len();
             }
-            let publishes = batch.drain(..).map(|pending| pending.publish).collect();
-            if written.send(publishes).is_err() {
+            let acks = batch.drain(..).map(|pending| pending.ack).collect();
+            if written.send(acks).is_err() {
                 return 0;
             }
         }
     }
 
     /// Writes one batch, retrying with backoff until it succeeds; false if `stop` came
-    /// first. Every document has its `_id` before the first try, so a retry after a
-    /// partial write only meets duplicates.
-    async fn write_until_done(&mut self, batch: &[Pending], stop: &CancellationToken) -> bool {
+    /// first. Every reading has its `_id` before the first try, so a retry after a
+    /// partial write only meets duplicates (and statuses are checked again).
+    async fn write_until_done(&self, batch: &[Pending], stop: &CancellationToken) -> bool {
         let mut backoff = Backoff::default();
         loop {
             match self.write(batch).await {
@@ -149,34 +159,38 @@ impl Writer {
         }
     }
 
-    async fn write(&mut self, batch: &[Pending]) -> anyhow::Result<()> {
+    async fn write(&self, batch: &[Pending]) -> anyhow::Result<()> {
+        let replays: Vec<&Document> = batch
+            .iter()
+            .filter(|pending| pending.replay)
+            .filter_map(|pending| match &pending.record {
+                Record::Reading {
+                    document,
+                    keyed: false,
+                }
+                | Record::Unparsed { document } => Some(document),
+                _ => None,
+            })
+            .collect();
+        let stored = self.newest_of_topics(&replays).await?;
         let mut readings = Vec::new();
-        let mut statuses = Vec::new();
-        let mut changes = HashMap::new();
+        let mut statuses: BTreeMap<&str, Vec<(bool, &Document)>> = BTreeMap::new();
         for pending in batch {
             match &pending.record {
                 Record::Status {
                     device,
                     online,
                     document,
-                } => {
-                    let last = match changes.get(device).or(self.last_status.get(device)) {
-                        Some(last) => Some(*last),
-                        None => self.stored_status(device).await?,
-                    };
-                    if last == Some(*online) {
-                        self.stats.skipped.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        changes.insert(device.clone(), *online);
-                        statuses.push(document.clone());
-                    }
-                }
+                } => statuses
+                    .entry(device.as_str())
+                    .or_default()
+                    .push((*online, document)),
                 Record::Reading {
                     document,
                     keyed: false,
                 }
                 | Record::Unparsed { document }
-                    if pending.replay && self.is_stored_replay(document).await? =>
+                    if pending.replay && is_stored(document, &stored) =>
                 {
                     self.stats.skipped.fetch_add(1, Ordering::Relaxed);
                 }
@@ -186,9 +200,143 @@ impl Writer {
             }
         }
         self.insert(&self.readings, readings).await?;
-        self.insert(&self.status, statuses).await?;
-        self.last_status.extend(changes);
+        self.store_changes(statuses).await
+    }
+
+    /// The newest stored reading of each topic of `replays` (one query).
+    async fn newest_of_topics(
+        &self,
+        replays: &[&Document],
+    ) -> anyhow::Result<HashMap<String, Document>> {
+        if replays.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let topics: Vec<&str> = replays
+            .iter()
+            .map(|document| document.get_str("topic").unwrap_or_default())
+            .collect();
+        let pipeline = [
+            doc! { "$match": { "topic": { "$in": topics } } },
+            doc! { "$sort": { "topic": 1, "received_at": -1 } },
+            doc! { "$group": {
+                "_id": "$topic",
+                "value": { "$first": "$value" },
+                "raw": { "$first": "$raw" },
+                "raw_base64": { "$first": "$raw_base64" },
+            } },
+        ];
+        let newest: Vec<Document> = self
+            .readings
+            .aggregate(pipeline)
+            .await?
+            .try_collect()
+            .await?;
+        Ok(newest
+            .into_iter()
+            .filter_map(|document| Some((document.get_str("_id").ok()?.to_string(), document)))
+            .collect())
+    }
+
+    /// Stores each device's statuses that change its last stored one, numbering the
+    /// changes; checks all devices in one query, and a device again when another replica
+    /// stored a change of it meanwhile.
+    async fn store_changes(
+        &self,
+        mut statuses: BTreeMap<&str, Vec<(bool, &Document)>>,
+    ) -> anyhow::Result<()> {
+        // Each round settles every device but those another replica raced; a race needs
+        // a change stored meanwhile, so rounds end.
+        while !statuses.is_empty() {
+            let devices: Vec<&str> = statuses.keys().copied().collect();
+            let last = self.last_statuses(&devices).await?;
+            let mut raced = BTreeMap::new();
+            for (device, messages) in statuses {
+                let mut last = last.get(device).copied();
+                let mut changes = Vec::new();
+                let mut stored_from = Vec::new();
+                for (index, (online, document)) in messages.iter().enumerate() {
+                    if last.is_some_and(|last| last.online == *online) {
+                        self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let change = last.map_or(1, |last| last.change + 1);
+                    let mut document = (*document).clone();
+                    document.insert("_id", doc! { "device": device, "change": change });
+                    document.insert("change", change);
+                    changes.push(document);
+                    stored_from.push(index);
+                    last = Some(LastStatus {
+                        online: *online,
+                        change,
+                    });
+                }
+                if let Some(failed) = self.insert_changes(changes).await? {
+                    // Another replica took that number: from that message on, check again.
+                    let from = stored_from[failed];
+                    raced.insert(device, messages[from..].to_vec());
+                }
+            }
+            statuses = raced;
+        }
         Ok(())
+    }
+
+    /// Inserts one device's changes in order; the index of the first one whose number
+    /// was taken meanwhile, if any (those after it are not inserted).
+    async fn insert_changes(&self, changes: Vec<Document>) -> anyhow::Result<Option<usize>> {
+        if changes.is_empty() {
+            return Ok(None);
+        }
+        let total = changes.len();
+        match self.status.insert_many(changes).ordered(true).await {
+            Ok(_) => {
+                self.stats
+                    .written
+                    .fetch_add(total as u64, Ordering::Relaxed);
+                Ok(None)
+            }
+            Err(error) => match *error.kind {
+                ErrorKind::InsertMany(InsertManyError {
+                    write_errors: Some(ref errors),
+                    write_concern_error: None,
+                    ..
+                }) if errors.len() == 1 && errors[0].code == DUPLICATE_KEY => {
+                    let failed = errors[0].index;
+                    self.stats
+                        .written
+                        .fetch_add(failed as u64, Ordering::Relaxed);
+                    Ok(Some(failed))
+                }
+                _ => Err(error.into()),
+            },
+        }
+    }
+
+    /// Each device's last stored status change (one query).
+    async fn last_statuses(&self, devices: &[&str]) -> anyhow::Result<HashMap<String, LastStatus>> {
+        let pipeline = [
+            doc! { "$match": { "device": { "$in": devices } } },
+            doc! { "$sort": { "device": 1, "change": -1, "ts": -1 } },
+            doc! { "$group": {
+                "_id": "$device",
+                "status": { "$first": "$status" },
+                "change": { "$first": "$change" },
+            } },
+        ];
+        let last: Vec<Document> = self.status.aggregate(pipeline).await?.try_collect().await?;
+        Ok(last
+            .into_iter()
+            .filter_map(|document| {
+                let device = document.get_str("_id").ok()?.to_string();
+                let online = document.get_str("status").ok()? == "online";
+                let change = match document.get("change") {
+                    Some(Bson::Int64(n)) => *n,
+                    Some(Bson::Int32(n)) => i64::from(*n),
+                    _ => 0,
+                };
+                Some((device, LastStatus { online, change }))
+            })
+            .collect())
     }
 
     /// Unordered insert; duplicates are expected and counted, other per-document errors
@@ -231,35 +379,19 @@ impl Writer {
         self.stats.rejected.fetch_add(rejected, Ordering::Relaxed);
         Ok(())
     }
+}
 
-    /// The device's last stored status, if any.
-    async fn stored_status(&self, device: &str) -> anyhow::Result<Option<bool>> {
-        let options = FindOneOptions::builder().sort(doc! { "ts": -1 }).build();
-        let last = self
-            .status
-            .find_one(doc! { "device": device })
-            .with_options(options)
-            .await?;
-        Ok(last.and_then(|doc| doc.get_str("status").ok().map(|status| status == "online")))
-    }
-
-    /// Whether a retained replay is the newest document already stored for its topic
-    /// (same value, or same raw payload).
-    async fn is_stored_replay(&self, document: &Document) -> anyhow::Result<bool> {
-        let topic = document.get_str("topic").unwrap_or_default();
-        let options = FindOneOptions::builder()
-            .sort(doc! { "received_at": -1 })
-            .build();
-        let Some(last) = self
-            .readings
-            .find_one(doc! { "topic": topic })
-            .with_options(options)
-            .await?
-        else {
-            return Ok(false);
-        };
-        let same =
-            |field: &str| document.get(field).is_some() && document.get(field) == last.get(field);
-        Ok(same("value") || same("raw") || same("raw_base64"))
-    }
+/// Whether a retained replay is the newest document already stored for its topic (same
+/// value, or same raw payload).
+fn is_stored(document: &Document, newest: &HashMap<String, Document>) -> bool {
+    let topic = document.get_str("topic").unwrap_or_default();
+    let Some(last) = newest.get(topic) else {
+        return false;
+    };
+    let same = |field: &str| {
+        document
+            .get(field)
+            .is_some_and(|value| last.get(field) == Some(value))
+    };
+    same("value") || same("raw") || same("raw_base64")
 }
