@@ -484,6 +484,18 @@ pub fn spawn_service_with_env(
     args: &[&str],
     env: &[(&str, String)],
 ) -> Service {
+    Service::spawn(name, service_command(name, dir, port, user, args, env))
+}
+
+/// The command [`spawn_service_with_env`] runs.
+pub fn service_command(
+    name: &str,
+    dir: &Path,
+    port: u16,
+    user: Option<&str>,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> Command {
     let side = if name == "mongo-persister" {
         "CLOUD"
     } else {
@@ -504,12 +516,32 @@ pub fn spawn_service_with_env(
             .env(format!("{side}_PASSWORD"), password(user));
     }
     command.envs(env.iter().map(|(key, value)| (key, value)));
-    Service::spawn(name, command)
+    command
 }
 
 impl Service {
     /// Starts `command` with its output captured; `name` names it in failures.
-    pub fn spawn(name: &str, mut command: Command) -> Service {
+    pub fn spawn(name: &str, command: Command) -> Service {
+        Self::start(name, command, true).0
+    }
+
+    /// As [`Service::spawn`], but stdout is the caller's to read (or not: a reader that
+    /// stalls, like `| less` left open).
+    pub fn spawn_holding_stdout(
+        name: &str,
+        command: Command,
+    ) -> (Service, tokio::process::ChildStdout) {
+        match Self::start(name, command, false) {
+            (service, Some(stdout)) => (service, stdout),
+            (_, None) => panic!("no stdout pipe for {name}"),
+        }
+    }
+
+    fn start(
+        name: &str,
+        mut command: Command,
+        capture_stdout: bool,
+    ) -> (Service, Option<tokio::process::ChildStdout>) {
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -519,18 +551,24 @@ impl Service {
             .spawn()
             .unwrap_or_else(|error| panic!("cannot start {name}: {error}"));
         let (stdout, stderr) = (Output::default(), Output::default());
+        let held = if capture_stdout {
+            None
+        } else {
+            child.stdout.take()
+        };
         let readers = [
             stdout.capture(child.stdout.take()),
             stderr.capture(child.stderr.take()),
         ];
-        Service {
+        let service = Service {
             name: name.to_string(),
             child: Some(child),
             stdout,
             stderr,
             readers: readers.into_iter().flatten().collect(),
             status: None,
-        }
+        };
+        (service, held)
     }
 
     /// Lines written to stdout so far.
@@ -791,10 +829,31 @@ pub async fn spawn_mongo() -> MongoServer {
 pub async fn spawn_stoppable_mongo() -> Option<MongoServer> {
     let mongo = spawn_mongo().await;
     if !mongo.is_own() {
-        eprintln!("skipped: MONGODB_URI names a server this test cannot stop");
+        skipped("MONGODB_URI names a server this test cannot stop");
         return None;
     }
     Some(mongo)
+}
+
+/// Reports the running test as skipped: on stderr, and, when `scripts/test` set
+/// `IOT_TESTS_SKIPPED`, as a line of that file, so that its closing line counts it.
+pub fn skipped(why: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    eprintln!("skipped: {test}: {why}");
+    if let Some(path) = std::env::var_os("IOT_TESTS_SKIPPED") {
+        use std::io::Write;
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut file| writeln!(file, "{test}: {why}"));
+        if let Err(error) = written {
+            panic!("cannot record the skipped test in {path:?}: {error}");
+        }
+    }
 }
 
 /// Runs the `readings` binary against `database` on `uri`, in an empty folder with a
@@ -847,6 +906,8 @@ pub async fn wait_for_within<T: std::fmt::Debug, F: std::future::Future<Output =
 #[derive(Debug)]
 pub struct TestClient {
     pub client: AsyncClient,
+    /// Whether the broker answered the connection with a kept session.
+    pub session_present: bool,
     packets: mpsc::UnboundedReceiver<Packet>,
     /// Messages that arrived while the test waited for another packet.
     early: std::collections::VecDeque<Publish>,
@@ -903,8 +964,9 @@ impl TestClient {
             }
         });
         match tokio::time::timeout(WAIT, packets.recv()).await {
-            Ok(Some(Packet::ConnAck(_))) => Ok(TestClient {
+            Ok(Some(Packet::ConnAck(ack))) => Ok(TestClient {
                 client,
+                session_present: ack.session_present,
                 packets,
                 early: Default::default(),
             }),

@@ -1,0 +1,221 @@
+//! Persister replicas as users deploy them: a shared subscription over named replicas,
+//! a replica restarted or retired, status changes split between replicas. Real brokers
+//! from `mosquitto/`, the real `mongo-persister`, a real MongoDB-wire-protocol server.
+
+use std::collections::BTreeSet;
+
+use bson::{doc, Document};
+use futures_util::TryStreamExt;
+use mongodb::Database;
+use rumqttc::QoS;
+use tests::{spawn_brokers, spawn_mongo, wait_for, Brokers, MongoServer, Service, TestClient};
+
+const SHARE: [&str; 2] = ["--share", "persisters"];
+
+/// Starts a replica of the group `persisters` named `id` and waits until it subscribed.
+async fn replica(brokers: &Brokers, mongo: &MongoServer, id: &str) -> Service {
+    let mut args = SHARE.to_vec();
+    // Throughput lines often, for the tests that read them.
+    args.extend(["--client-id", id, "--stats-interval", "0.1"]);
+    brokers.persister_ready(mongo, &args).await
+}
+
+/// Publishes `count` JSON readings of `device` at QoS 1 from the real sensor, and
+/// waits until the edge broker has them all.
+async fn publish(brokers: &Brokers, device: &str, count: &str) {
+    let args = [
+        "--format",
+        "json",
+        "--qos",
+        "1",
+        "--interval",
+        "0",
+        "--no-retain",
+        "--count",
+        count,
+        "--device",
+        device,
+    ];
+    brokers
+        .start_edge("temperature-sensor", &args)
+        .expect_success()
+        .await;
+}
+
+/// Every seq stored for `device`, counting repeats.
+async fn seqs(db: &Database, device: &str) -> Vec<i64> {
+    let documents: Vec<Document> = db
+        .collection::<Document>("readings")
+        .find(doc! { "device": device })
+        .await
+        .expect("find")
+        .try_collect()
+        .await
+        .expect("documents");
+    documents
+        .iter()
+        .map(|d| {
+            d.get_i64("seq")
+                .or_else(|_| d.get_i32("seq").map(i64::from))
+                .expect("seq")
+        })
+        .collect()
+}
+
+/// Waits until `device` has `count` readings stored, then asserts they are seq 1 to
+/// `count`, each once.
+async fn assert_stored_once(db: &Database, device: &str, count: i64) {
+    let stored = wait_for(
+        &format!("{count} readings of {device}"),
+        || seqs(db, device),
+        |seqs| seqs.len() as i64 >= count,
+    )
+    .await;
+    let unique: BTreeSet<i64> = stored.iter().copied().collect();
+    assert_eq!(unique.len(), stored.len(), "{device}: duplicates stored");
+    assert_eq!(
+        unique,
+        (1..=count).collect(),
+        "{device}: missing or extra seqs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_replica_without_a_client_id_is_refused() {
+    let output = std::process::Command::new(tests::binary("mongo-persister"))
+        .args(SHARE)
+        .env_clear()
+        .current_dir(tempfile::tempdir().expect("tempdir").path())
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("--client-id") && stderr.contains("PERSISTER_CLIENT_ID"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_replica_loses_nothing_and_leaves_no_session() {
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    let mut a = replica(&brokers, &mongo, "persister-a").await;
+    let mut b = replica(&brokers, &mongo, "persister-b").await;
+
+    publish(&brokers, "before", "100").await;
+    assert_stored_once(&db, "before", 100).await;
+
+    // A is removed: its session stays in the group and takes half of what follows.
+    a.stop_cleanly().await;
+    publish(&brokers, "while-away", "100").await;
+    let retire = [
+        "--retire",
+        "--client-id",
+        "persister-a",
+        "--share",
+        "persisters",
+    ];
+    let mut retiring = brokers.start_persister(&mongo, &retire);
+    retiring.expect_success().await;
+    let summary = retiring.stdout_lines();
+    assert_eq!(summary.len(), 1, "{summary:?}");
+    assert!(
+        summary[0].starts_with("retired persister-a: stored "),
+        "{summary:?}"
+    );
+
+    publish(&brokers, "after", "100").await;
+    assert_stored_once(&db, "while-away", 100).await;
+    assert_stored_once(&db, "after", 100).await;
+
+    // The broker forgot the session: a connection under its name finds none.
+    let probe = TestClient::try_connect(
+        brokers.cloud.port,
+        Some("mongo-persister"),
+        "persister-a",
+        false,
+    )
+    .await
+    .expect("connects");
+    assert!(
+        !probe.session_present,
+        "persister-a's session is still kept"
+    );
+    b.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_under_its_id_stores_what_came_while_it_was_down() {
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    let mut a = replica(&brokers, &mongo, "persister-a").await;
+    let mut b = replica(&brokers, &mongo, "persister-b").await;
+
+    a.kill().await;
+    publish(&brokers, "down", "300").await;
+    let mut a = brokers.start_persister(
+        &mongo,
+        &["--share", "persisters", "--client-id", "persister-a"],
+    );
+    assert_stored_once(&db, "down", 300).await;
+    a.stop_cleanly().await;
+    b.stop_cleanly().await;
+}
+
+/// The device's stored status changes, oldest first.
+async fn status_history(db: &Database, device: &str) -> Vec<String> {
+    let documents: Vec<Document> = db
+        .collection::<Document>("status")
+        .find(doc! { "device": device })
+        .sort(doc! { "change": 1 })
+        .await
+        .expect("find")
+        .try_collect()
+        .await
+        .expect("documents");
+    documents
+        .iter()
+        .map(|d| d.get_str("status").expect("status").to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_changes_split_between_replicas_are_stored_exactly() {
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    let mut a = replica(&brokers, &mongo, "persister-a").await;
+    let mut b = replica(&brokers, &mongo, "persister-b").await;
+
+    // The broker hands the group's messages out in turn, so consecutive changes of the
+    // device go to different replicas.
+    let topic = "/device/split-1/status";
+    let mut device = TestClient::connect(brokers.local.port, "device-status").await;
+    let expected = ["online", "offline", "online", "offline"];
+    for (stored, status) in expected.iter().enumerate() {
+        device
+            .publish(topic, QoS::AtLeastOnce, false, status.as_bytes())
+            .await;
+        wait_for(
+            &format!("{} status changes", stored + 1),
+            || status_history(&db, topic),
+            |history| history.len() > stored,
+        )
+        .await;
+    }
+    // A repeat is not a change, whichever replica gets it.
+    device
+        .publish(topic, QoS::AtLeastOnce, false, b"offline")
+        .await;
+    let skipped = |replica: &Service| replica.stderr().contains("skipped=1 ");
+    wait_for(
+        "a replica to skip the repeated status",
+        || std::future::ready(skipped(&a) || skipped(&b)),
+        |seen| *seen,
+    )
+    .await;
+    a.stop_cleanly().await;
+    b.stop_cleanly().await;
+    assert_eq!(status_history(&db, topic).await, expected);
+}
