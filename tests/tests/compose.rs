@@ -17,8 +17,14 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// `docker compose` when the plugin is there, else Debian's `docker-compose`.
+/// `docker compose` when the plugin is there, else Debian's `docker-compose`, on
+/// `compose.yaml`.
 fn compose() -> Command {
+    compose_files(&["compose.yaml"])
+}
+
+/// As [`compose`], on `files` (the later ones override the earlier).
+fn compose_files(files: &[&str]) -> Command {
     let plugin = Command::new("docker")
         .args(["compose", "version"])
         .output()
@@ -32,7 +38,8 @@ fn compose() -> Command {
     };
     command
         .current_dir(repo())
-        .args(["--env-file", ".env.example", "-f", "compose.yaml"])
+        .args(["--env-file", ".env.example"])
+        .args(files.iter().flat_map(|file| ["-f", file]))
         // Every service, those under a profile included.
         .args(["--profile", "dashboard", "--profile", "tools"]);
     command
@@ -40,7 +47,12 @@ fn compose() -> Command {
 
 /// The configuration as compose resolves it (anchors merged, variables filled in).
 fn resolved() -> Yaml {
-    let output = compose()
+    resolved_with(compose())
+}
+
+/// The configuration `command` resolves.
+fn resolved_with(mut command: Command) -> Yaml {
+    let output = command
         .arg("config")
         .output()
         .expect("no docker compose: install docker-compose (scripts/test does)");
@@ -185,9 +197,66 @@ fn only_the_ports_a_user_needs_are_published() {
     assert_eq!(published, expected.iter().map(|p| p.to_string()).collect());
 }
 
+/// Each persister service's client id and shared-subscription group.
+fn persisters(config: &Yaml) -> Vec<(String, Option<String>, Option<String>)> {
+    services(config)
+        .into_iter()
+        .filter(|(_, service)| {
+            strings(&service["command"]).first().map(String::as_str) == Some("mongo-persister")
+        })
+        .map(|(name, service)| {
+            let env = &service["environment"];
+            let get = |key: &str| env[key].as_str().map(String::from);
+            (name, get("PERSISTER_CLIENT_ID"), get("PERSISTER_SHARE"))
+        })
+        .collect()
+}
+
+#[test]
+fn one_persister_by_default_and_named_replicas_to_scale_out() {
+    let single = persisters(&resolved());
+    assert_eq!(
+        single,
+        [(
+            "mongo-persister".to_string(),
+            Some("mongo-persister".to_string()),
+            None
+        )],
+        "by default one persister, a fixed client id, no shared subscription"
+    );
+    let replicas = persisters(&resolved_with(compose_files(&[
+        "compose.yaml",
+        "compose.replicas.yaml",
+    ])));
+    assert!(replicas.len() >= 2, "{replicas:?}");
+    let ids: BTreeSet<&str> = replicas
+        .iter()
+        .map(|(name, id, share)| {
+            assert_eq!(
+                share.as_deref(),
+                Some("persisters"),
+                "{name} shares the stream"
+            );
+            id.as_deref()
+                .unwrap_or_else(|| panic!("{name} has no fixed client id"))
+        })
+        .collect();
+    assert_eq!(
+        ids.len(),
+        replicas.len(),
+        "two replicas under one client id"
+    );
+    assert!(
+        ids.contains("mongo-persister"),
+        "the first replica keeps the single persister's session"
+    );
+}
+
 #[test]
 fn every_variable_compose_needs_is_in_env_example() {
-    let compose_file = std::fs::read_to_string(repo().join("compose.yaml")).expect("compose.yaml");
+    let compose_file = ["compose.yaml", "compose.replicas.yaml"]
+        .map(|file| std::fs::read_to_string(repo().join(file)).expect("compose file"))
+        .concat();
     let example = std::fs::read_to_string(repo().join(".env.example")).expect(".env.example");
     let defined: BTreeSet<&str> = example
         .lines()
