@@ -82,11 +82,17 @@ async fn assert_stored_once(db: &Database, device: &str, count: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_replica_without_a_client_id_is_refused() {
-    let output = std::process::Command::new(tests::binary("mongo-persister"))
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut command = tokio::process::Command::new(tests::binary("mongo-persister"));
+    command
         .args(SHARE)
         .env_clear()
-        .current_dir(tempfile::tempdir().expect("tempdir").path())
-        .output()
+        .current_dir(dir.path())
+        .kill_on_drop(true);
+    // Accepted, it would wait for its broker forever.
+    let output = tokio::time::timeout(tests::WAIT, command.output())
+        .await
+        .expect("refused at once, not started")
         .expect("runs");
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
