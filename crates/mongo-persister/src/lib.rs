@@ -22,10 +22,9 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::Utc;
 use clap::Parser;
-use iot_core::backoff::Backoff;
 use iot_core::config::{parse_positive_seconds, BrokerSettings, CloudBroker};
 use iot_core::mqtt::{Connection, Event};
-use iot_core::store::{describe, ensure_schema, MongoSettings, Record};
+use iot_core::store::{MongoSettings, Record};
 use iot_core::topics;
 use rumqttc::{QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio::sync::mpsc;
@@ -50,6 +49,9 @@ pub struct Config {
     /// Retire the replica --client-id (with its --share group): store what waits in its session, end the session, exit
     #[arg(long)]
     pub retire: bool,
+    /// File created once every subscription stands (readings published from then on wait for this persister), removed on exit; for healthchecks and start order
+    #[arg(long, value_name = "PATH", env = "PERSISTER_READY_FILE")]
+    pub ready_file: Option<std::path::PathBuf>,
     /// Most documents written in one insert
     #[arg(long, env = "PERSISTER_BATCH_SIZE", default_value = "500", value_parser = clap::value_parser!(u16).range(1..))]
     pub batch_size: u16,
@@ -124,25 +126,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     options.set_manual_acks(true);
 
     let db = config.mongo.database("mongo-persister").await?;
-    let mut backoff = Backoff::default();
-    loop {
-        match ensure_schema(&db).await {
-            Ok(()) => break,
-            Err(error) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(
-                    attempt = backoff.attempt(),
-                    "MongoDB at {} not ready: {}; retrying in {delay:?}",
-                    config.mongo.redacted_uri(),
-                    describe(&error)
-                );
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
-    }
+    let mut ready = ReadyFile::new(config.ready_file.clone())?;
     let filters = config.filters();
     if config.retire {
         tracing::info!(
@@ -164,7 +148,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // The buffer between MQTT and the database: when full, no more messages are read.
     let (pending_tx, pending_rx) = mpsc::channel::<Pending>(batch_size * 4);
     let (written_tx, mut written_rx) = mpsc::unbounded_channel();
-    let writer = Writer::new(&db, batch_size, config.flush_interval, Arc::clone(&stats));
+    // The writer waits for the database itself: the session is made (and readings start
+    // to wait in it) even while MongoDB is not up yet.
+    let writer = Writer::new(&db, batch_size, config.flush_interval, Arc::clone(&stats))
+        .with_schema_check(config.mongo.redacted_uri());
     let stop_writing = CancellationToken::new();
     let writer = tokio::spawn(writer.run(pending_rx, written_tx, stop_writing.clone()));
 
@@ -206,7 +193,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                         }
                     }
                 },
-                Event::Subscribed(codes) => report_subscription(&filters, &codes),
+                Event::Subscribed(codes) => {
+                    if report_subscription(&filters, &codes) {
+                        ready.mark()?;
+                    }
+                }
                 Event::Message { publish, ack } => {
                     stats.received.fetch_add(1, Ordering::Relaxed);
                     received += 1;
@@ -273,6 +264,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tracing::warn!("{unwritten} message(s) could not be written; the broker delivers them again on the next start");
     }
     tracing::info!("{}", stats.line(0));
+    ready.clear();
     connection.close(Duration::from_secs(5)).await?;
     match retiring {
         Some(retiring) if retiring.drained => {
@@ -361,14 +353,68 @@ async fn end_session(broker: &BrokerSettings, client_id: &str) -> anyhow::Result
     connection.close(Duration::from_secs(5)).await
 }
 
-fn report_subscription(filters: &[String], codes: &[SubscribeReasonCode]) {
+/// Logs each filter's answer; true when the broker granted all of them.
+fn report_subscription(filters: &[String], codes: &[SubscribeReasonCode]) -> bool {
+    let mut all = codes.len() == filters.len();
     for (filter, code) in filters.iter().zip(codes) {
         match code {
             SubscribeReasonCode::Success(_) => tracing::info!(filter, "subscribed"),
-            SubscribeReasonCode::Failure => tracing::error!(
-                filter,
-                "the broker refused the subscription (check the ACL for this user)"
-            ),
+            SubscribeReasonCode::Failure => {
+                all = false;
+                tracing::error!(
+                    filter,
+                    "the broker refused the subscription (check the ACL for this user)"
+                )
+            }
+        }
+    }
+    all
+}
+
+/// The `--ready-file`: absent until the subscriptions stand, removed again on exit.
+#[derive(Debug)]
+struct ReadyFile {
+    path: Option<std::path::PathBuf>,
+    marked: bool,
+}
+
+impl ReadyFile {
+    /// Removes a file left by an earlier run that did not end cleanly.
+    fn new(path: Option<std::path::PathBuf>) -> anyhow::Result<Self> {
+        if let Some(path) = &path {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    return Err(error).with_context(|| {
+                        format!("cannot remove the old ready file {}", path.display())
+                    })
+                }
+            }
+        }
+        Ok(Self {
+            path,
+            marked: false,
+        })
+    }
+
+    fn mark(&mut self) -> anyhow::Result<()> {
+        if let (Some(path), false) = (&self.path, self.marked) {
+            std::fs::write(path, b"subscribed\n").with_context(|| {
+                format!(
+                    "cannot write the ready file {} (PERSISTER_READY_FILE)",
+                    path.display()
+                )
+            })?;
+            tracing::info!(file = %path.display(), "ready: every subscription stands");
+            self.marked = true;
+        }
+        Ok(())
+    }
+
+    fn clear(&self) {
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(path);
         }
     }
 }

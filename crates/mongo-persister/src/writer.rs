@@ -16,7 +16,7 @@ use bson::{doc, Bson, Document};
 use futures_util::TryStreamExt;
 use iot_core::backoff::Backoff;
 use iot_core::mqtt::Ack;
-use iot_core::store::{describe, Record, READINGS, STATUS};
+use iot_core::store::{describe, ensure_schema, Record, READINGS, STATUS};
 use mongodb::error::{ErrorKind, InsertManyError};
 use mongodb::{Collection, Database};
 use tokio::sync::mpsc;
@@ -74,6 +74,10 @@ pub struct Writer {
     batch_size: usize,
     flush_interval: Duration,
     stats: Arc<Stats>,
+    database: Database,
+    /// Waits for the database and makes the schema before the first write, naming
+    /// this address (password hidden) in its log lines.
+    schema_check: Option<String>,
 }
 
 /// A device's last stored status change.
@@ -97,6 +101,37 @@ impl Writer {
             batch_size,
             flush_interval,
             stats,
+            schema_check: None,
+            database: db.clone(),
+        }
+    }
+
+    /// Before the first write, waits until the database answers and has the collections
+    /// and indexes (`address` names it in the log).
+    pub fn with_schema_check(mut self, address: String) -> Self {
+        self.schema_check = Some(address);
+        self
+    }
+
+    /// Makes the schema, retrying with backoff; false if `stop` came first.
+    async fn wait_for_schema(&self, address: &str, stop: &CancellationToken) -> bool {
+        let mut backoff = Backoff::default();
+        loop {
+            match ensure_schema(&self.database).await {
+                Ok(()) => return true,
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        attempt = backoff.attempt(),
+                        "MongoDB at {address} not ready: {}; retrying in {delay:?} (readings wait at the broker meanwhile)",
+                        describe(&error)
+                    );
+                    tokio::select! {
+                        () = stop.cancelled() => return false,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
         }
     }
 
@@ -109,6 +144,11 @@ impl Writer {
         written: mpsc::UnboundedSender<Vec<Ack>>,
         stop: CancellationToken,
     ) -> usize {
+        if let Some(address) = &self.schema_check {
+            if !self.wait_for_schema(address, &stop).await {
+                return pending.len();
+            }
+        }
         let mut batch: Vec<Pending> = Vec::with_capacity(self.batch_size);
         loop {
             let Some(first) = pending.recv().await else {
