@@ -48,14 +48,21 @@ case $broker in
 esac
 command -v mosquitto_passwd >/dev/null 2>&1 || die "mosquitto_passwd not found: install mosquitto"
 
-# The variable that holds a user's password: temperature-sensor -> TEMPERATURE_SENSOR_PASSWORD.
+# Sets $value to a user's password, from its variable (temperature-sensor ->
+# TEMPERATURE_SENSOR_PASSWORD); exits naming the variable when it is missing or unusable.
+# Called directly, never in $(...), so that its exit ends the script.
 password_of() {
   var=$(echo "$1" | tr 'a-z-' 'A-Z_')_PASSWORD
   eval "value=\${$var:-}"
   [ -n "$value" ] || die "$var is not set: set it in .env (see .env.example)"
   case $value in *"
 "*) die "$var must be one line" ;; esac
-  printf '%s' "$value"
+  # mosquitto_passwd -U splits each line at the first ':' and trims blanks around the
+  # password, so such a password would be stored changed and every login would fail.
+  case $value in
+    *:*) die "$var contains ':', which Mosquitto's password file cannot hold: choose another password" ;;
+    [[:space:]]*|*[[:space:]]) die "$var starts or ends with a blank, which Mosquitto's password file drops: choose another password" ;;
+  esac
 }
 
 # Escapes a value for the replacement side of a sed s||| command.
@@ -71,7 +78,8 @@ tls_listener="listener ${MQTT_TLS_PORT:-8883}${MQTT_LISTEN_ADDRESS:+ $MQTT_LISTE
 certs=${MQTT_CERTS_DIR:-$out/../certs}
 bridge_password=""
 if [ "$broker" = local ]; then
-  bridge_password=$(password_of bridge)
+  password_of bridge
+  bridge_password=$value
   [ -f "$certs/ca.crt" ] || die "no $certs/ca.crt: set up the cloud broker first (it makes the certificates) or put the cloud's CA there"
 else
   # shellcheck disable=SC2086 # the names are words on purpose
@@ -93,9 +101,12 @@ sed -e "s|@LISTENER@|$(sed_escape "$listener")|" \
 cp "$here/$broker.acl" "$out/acl"
 
 # Plain user:password lines, hashed in place (no password ever on a command line).
+# Every password is checked first, so a refused one leaves no plain-text file behind.
+for user in $users; do password_of "$user"; done
 : > "$out/passwd"
 for user in $users; do
-  printf '%s:%s\n' "$user" "$(password_of "$user")" >> "$out/passwd"
+  password_of "$user"
+  printf '%s:%s\n' "$user" "$value" >> "$out/passwd"
 done
 mosquitto_passwd -U "$out/passwd"
 umask "$old_umask"

@@ -577,3 +577,29 @@ fn bad_settings_are_one_line_naming_the_setting_with_exit_code_2() {
         }
     }
 }
+
+/// `mosquitto_passwd` splits a line at ':' and trims blanks around the password, so
+/// such a password would be stored changed and every login with it would fail:
+/// `mosquitto/setup.sh` refuses it, naming the variable, and writes no password file.
+#[test]
+fn broker_set_up_refuses_a_password_the_password_file_would_change() {
+    for bad in ["a:b", "secret ", " secret"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let output = Command::new(tests::repo_root().join("mosquitto/setup.sh"))
+            .args(["cloud", &dir.path().join("cloud").to_string_lossy()])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("BRIDGE_PASSWORD", bad)
+            .env("MQTT_SUBSCRIBER_PASSWORD", "fine")
+            .env("MONGO_PERSISTER_PASSWORD", "fine")
+            .output()
+            .expect("setup.sh runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{bad:?}: {stderr}");
+        assert!(stderr.contains("BRIDGE_PASSWORD"), "{bad:?}: {stderr}");
+        assert!(
+            !dir.path().join("cloud/passwd").exists(),
+            "{bad:?}: a password file was written"
+        );
+    }
+}
