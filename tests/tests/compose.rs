@@ -88,13 +88,116 @@ fn strings(value: &Yaml) -> Vec<String> {
     }
 }
 
+/// The image the Dockerfile builds, which every service of ours runs.
+const PIPELINE_IMAGE: &str = "iot-pipeline:local";
+
+#[test]
+fn no_two_services_build_the_same_image() {
+    // Each build tags its image; two builds of one tag fail a fresh buildx/bake build
+    // ("image already exists"), so one service builds and the others run the result.
+    for files in [
+        &["compose.yaml"][..],
+        &["compose.yaml", "compose.replicas.yaml"],
+    ] {
+        let config = resolved_with(compose_files(files));
+        let mut builders: Vec<(String, String)> = services(&config)
+            .into_iter()
+            .filter(|(_, service)| !service["build"].is_badvalue())
+            .map(|(name, service)| {
+                let image = service["image"].as_str().unwrap_or_default().to_string();
+                (image, name)
+            })
+            .collect();
+        builders.sort();
+        let images: BTreeSet<&String> = builders.iter().map(|(image, _)| image).collect();
+        assert_eq!(images.len(), builders.len(), "{files:?}: {builders:?}");
+        assert!(
+            builders.iter().any(|(image, _)| image == PIPELINE_IMAGE),
+            "nobody builds {PIPELINE_IMAGE}"
+        );
+    }
+}
+
+#[test]
+fn the_producers_start_once_the_persister_has_subscribed() {
+    let config = resolved();
+    let persister = &config["services"]["mongo-persister"];
+    let ready_file = persister["environment"]["PERSISTER_READY_FILE"]
+        .as_str()
+        .expect("the persister has a ready file");
+    assert_eq!(
+        strings(&persister["healthcheck"]["test"]),
+        ["CMD", "test", "-f", ready_file],
+        "the persister is healthy once its ready file exists"
+    );
+    for producer in ["temperature-sensor", "pressure-sensor", "device-status"] {
+        assert_eq!(
+            config["services"][producer]["depends_on"]["mongo-persister"]["condition"].as_str(),
+            Some("service_healthy"),
+            "{producer} may start before the persister has subscribed"
+        );
+    }
+    // The persister itself does not wait for the database to subscribe.
+    assert_eq!(
+        persister["depends_on"]["mongo"]["condition"].as_str(),
+        Some("service_started")
+    );
+}
+
+#[test]
+fn the_database_is_healthy_once_the_application_user_logs_in_to_the_real_server() {
+    let config = resolved();
+    let check = strings(&config["services"]["mongo"]["healthcheck"]["test"]).join(" ");
+    assert!(
+        check.contains("MONGO_APP_USERNAME") && check.contains("MONGO_APP_PASSWORD"),
+        "{check}"
+    );
+    // The first-start initialisation server listens on 127.0.0.1 only.
+    assert!(check.contains("@mongo:27017/"), "{check}");
+    assert!(
+        !check.contains("localhost") && !check.contains("127.0.0.1"),
+        "{check}"
+    );
+}
+
+#[test]
+fn scripts_keep_lf_line_endings_and_the_build_context_stays_small() {
+    for file in [
+        "scripts/dev-stack",
+        "mosquitto/setup.sh",
+        "mongo/init-app-user.sh",
+        "Procfile",
+    ] {
+        let output = Command::new("git")
+            .args(["check-attr", "eol", "--", file])
+            .current_dir(repo())
+            .output()
+            .expect("git runs");
+        let answer = String::from_utf8_lossy(&output.stdout);
+        assert!(answer.trim_end().ends_with("eol: lf"), "{answer}");
+    }
+    let ignored = std::fs::read_to_string(repo().join(".dockerignore")).expect(".dockerignore");
+    for path in [
+        "target",
+        ".env",
+        "fuzz/target",
+        "fuzz/corpus",
+        "fuzz/artifacts",
+    ] {
+        assert!(
+            ignored.lines().any(|line| line.trim() == path),
+            "{path} is sent to the Docker build"
+        );
+    }
+}
+
 #[test]
 fn every_built_service_runs_a_binary_of_the_workspace_that_the_image_has() {
     let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
     let mut binaries = BTreeSet::new();
     for (name, service) in services(&resolved()) {
         // Node-RED's image is built from nodered/ (checked below).
-        if service["build"].is_badvalue() || name == "nodered" {
+        if service["image"].as_str() != Some(PIPELINE_IMAGE) {
             continue;
         }
         let program = strings(&service["entrypoint"])
