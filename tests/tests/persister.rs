@@ -547,3 +547,34 @@ async fn readings_gaps_finds_missing_and_duplicate_seqs_per_boot() {
     let (code, _, err) = readings_with_code(&down, "iot", &["gaps", "--mongodb-timeout", "1"]);
     assert_eq!(code, Some(2), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_persister_subscribes_before_the_database_is_up_and_loses_nothing() {
+    let brokers = spawn_brokers().await;
+    let Some(mut mongo) = spawn_stoppable_mongo().await else {
+        return;
+    };
+    mongo.stop().await;
+    // A new session on a new cloud broker, its database down: it subscribes at once and
+    // says so with its ready file.
+    let ready = brokers.dir().join("persister.ready");
+    let ready_arg = ready.to_string_lossy().into_owned();
+    let mut persister = brokers
+        .persister_ready(&mongo, &["--ready-file", &ready_arg])
+        .await;
+    wait_for(
+        "the ready file",
+        || std::future::ready(ready.exists()),
+        |exists| *exists,
+    )
+    .await;
+    start_sensor(&brokers, "t-early", "300").expect_success().await;
+    persister.wait_for_log("MongoDB at").await;
+
+    assert!(mongo.start().await, "{}", mongo.log());
+    let db = mongo.database().await;
+    wait_for_readings(&db, doc! { "device": "t-early" }, 300).await;
+    assert_exactly_once(&stored_seqs(&db, "t-early").await, 300);
+    persister.stop_cleanly().await;
+    assert!(!ready.exists(), "the ready file outlived the persister");
+}

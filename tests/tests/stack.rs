@@ -18,6 +18,10 @@ fn latest(uri: &str) -> String {
         .unwrap_or_default()
 }
 
+/// One stack at a time: both share `.venv` (dev-stack installs honcho there when
+/// missing) and the machine's two cores.
+static ONE_STACK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn stack(dir: &std::path::Path, ports: &[(&str, u16)]) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(repo_root().join("scripts/dev-stack"));
     command
@@ -37,6 +41,7 @@ fn stack(dir: &std::path::Path, ports: &[(&str, u16)]) -> tokio::process::Comman
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_native_stack_stores_readings_and_stops_cleanly() {
+    let _one = ONE_STACK.lock().await;
     binary("readings"); // builds the debug binaries the stack runs
     let dir = tempfile::tempdir().expect("tempdir");
     let ports = [
@@ -85,5 +90,148 @@ async fn the_native_stack_stores_readings_and_stops_cleanly() {
     assert!(
         !output.contains("SIGKILL"),
         "something had to be killed:\n{output}"
+    );
+}
+
+/// Copies the working tree's files (tracked, and new ones not ignored) to `to`, as a
+/// fresh clone of this state would have them.
+fn copy_checkout(to: &std::path::Path) {
+    let listed = std::process::Command::new("git")
+        .args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ])
+        .current_dir(repo_root())
+        .output()
+        .expect("git ls-files");
+    assert!(listed.status.success(), "git ls-files failed");
+    for file in listed
+        .stdout
+        .split(|byte| *byte == 0)
+        .filter(|f| !f.is_empty())
+    {
+        let file = std::path::Path::new(std::str::from_utf8(file).expect("UTF-8 path"));
+        let from = repo_root().join(file);
+        if !from.is_file() {
+            continue; // deleted in the working tree
+        }
+        let target = to.join(file);
+        std::fs::create_dir_all(target.parent().expect("a parent")).expect("mkdir");
+        std::fs::copy(&from, &target).expect("copy");
+    }
+}
+
+/// Removes the folder outside the checkout where dev-stack, run as root, keeps the
+/// brokers' files when the `mosquitto` user cannot enter the checkout: one per
+/// checkout path, so one per run of this test.
+struct BrokerStateOutside(std::path::PathBuf);
+
+impl Drop for BrokerStateOutside {
+    fn drop(&mut self) {
+        let digest = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("printf '%s' \"$1\" | sha256sum | cut -c1-12")
+            .arg("sh")
+            .arg(&self.0)
+            .output();
+        if let Ok(digest) = digest {
+            let id = String::from_utf8_lossy(&digest.stdout).trim().to_string();
+            if !id.is_empty() {
+                let _ =
+                    std::fs::remove_dir_all(std::path::Path::new("/var/lib/iot-pipeline").join(id));
+            }
+        }
+    }
+}
+
+/// The first start of a fresh checkout in a folder only its owner may enter (root's
+/// home on a fresh server): every reading of both sensors is stored from seq 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_checkout_in_a_private_folder_stores_every_reading_from_the_first() {
+    let _one = ONE_STACK.lock().await;
+    let readings = binary("readings");
+    let home = tempfile::Builder::new()
+        .prefix("iot-home-")
+        .tempdir()
+        .expect("tempdir");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod 0700");
+    }
+    let checkout = home.path().join("iot");
+    copy_checkout(&checkout);
+    let _brokers_state = BrokerStateOutside(checkout.join(".data"));
+    // What scripts/test installed already (honcho comes with the other stack test).
+    std::os::unix::fs::symlink(repo_root().join(".venv"), checkout.join(".venv"))
+        .expect("symlink .venv");
+    let ports = [
+        ("LOCAL_PORT", free_port()),
+        ("CLOUD_PORT", free_port()),
+        ("CLOUD_TLS_PORT", free_port()),
+        ("MONGO_PORT", free_port()),
+    ];
+    let uri = format!("mongodb://127.0.0.1:{}", ports[3].1);
+    let mut command = tokio::process::Command::new(checkout.join("scripts/dev-stack"));
+    command
+        .current_dir(&checkout)
+        .env_remove("MONGODB_URI")
+        .env_remove("STACK_DIR")
+        .env_remove("ENV_FILE")
+        // The binaries of this build: the copy would otherwise build them all again.
+        .env(
+            "STACK_BIN",
+            readings.parent().expect("the binaries' folder"),
+        )
+        .envs(ports.iter().map(|(key, port)| (key, port.to_string())));
+    for key in cargo_package_variables() {
+        command.env_remove(key);
+    }
+    let mut running = Service::spawn("dev-stack", command);
+
+    wait_for(
+        "both sensors' readings in the database",
+        || async { latest(&uri) },
+        |out| out.contains("/sensor/temperature") && out.contains("/sensor/pressure"),
+    )
+    .await;
+    let gaps = std::process::Command::new(&readings)
+        .args(["gaps", "--format", "json"])
+        .env_clear()
+        .env("MONGODB_URI", &uri)
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("readings gaps");
+    let report = String::from_utf8_lossy(&gaps.stdout).into_owned();
+    assert_eq!(gaps.status.code(), Some(0), "{report}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&report).expect("JSON rows");
+    for device in ["temp-0001", "pres-0001"] {
+        let row = rows
+            .iter()
+            .find(|row| row["device"] == device)
+            .unwrap_or_else(|| panic!("no readings of {device}: {report}"));
+        assert_eq!(
+            row["first"], 1,
+            "{device} lost its first readings: {report}"
+        );
+    }
+
+    running.interrupt().await;
+    let output = running.stdout_lines().join("\n");
+    for process in ["mongo-persister", "temperature-sensor", "pressure-sensor"] {
+        assert!(
+            output.contains(&format!("{process}.1 stopped (rc=0)")),
+            "{process} did not stop cleanly:\n{output}"
+        );
+    }
+    assert!(
+        running
+            .stderr()
+            .contains("brokers' configuration, certificates and data: "),
+        "dev-stack does not say where the brokers' files are:\n{}",
+        running.stderr()
     );
 }
