@@ -1066,3 +1066,98 @@ impl TestClient {
         message
     }
 }
+
+/// Stored readings, as the storage tests check them.
+pub mod stored {
+    use bson::{doc, Document};
+    use futures_util::TryStreamExt;
+    use mongodb::Database;
+
+    use crate::{Brokers, Service};
+
+    /// How many readings match `filter` (0 while the database does not answer).
+    pub async fn count(db: &Database, filter: Document) -> u64 {
+        db.collection::<Document>("readings")
+            .count_documents(filter)
+            .await
+            .unwrap_or(0)
+    }
+
+    /// Waits until `readings` holds `expected` documents matching `filter`.
+    pub async fn wait_for_readings(db: &Database, filter: Document, expected: u64) {
+        crate::wait_for(
+            &format!("{expected} readings matching {filter}"),
+            || count(db, filter.clone()),
+            |n| *n == expected,
+        )
+        .await;
+    }
+
+    /// (boot, seq) of every stored reading of `device`.
+    pub async fn stored_seqs(db: &Database, device: &str) -> Vec<(String, i64)> {
+        let documents: Vec<Document> = db
+            .collection::<Document>("readings")
+            .find(doc! { "device": device })
+            .await
+            .expect("find")
+            .try_collect::<Vec<Document>>()
+            .await
+            .expect("documents");
+        documents
+            .iter()
+            .map(|d| {
+                (
+                    d.get_str("boot").expect("boot").to_string(),
+                    integer(d, "seq"),
+                )
+            })
+            .collect()
+    }
+
+    /// An integer field, stored as 64 bits (MongoDB) or 32 (nx-27017 narrows small ones).
+    pub fn integer(document: &Document, field: &str) -> i64 {
+        document
+            .get_i64(field)
+            .or_else(|_| document.get_i32(field).map(i64::from))
+            .unwrap_or_else(|_| panic!("{field} is not an integer in {document}"))
+    }
+
+    /// Asserts every seq from 1 to `count` is stored exactly once, in one boot.
+    pub fn assert_exactly_once(seqs: &[(String, i64)], count: i64) {
+        let unique: std::collections::BTreeSet<_> = seqs.iter().collect();
+        assert_eq!(unique.len(), seqs.len(), "duplicates stored");
+        let boots: std::collections::BTreeSet<_> = seqs.iter().map(|(boot, _)| boot).collect();
+        assert_eq!(boots.len(), 1, "{boots:?}");
+        let numbers: std::collections::BTreeSet<i64> = seqs.iter().map(|(_, seq)| *seq).collect();
+        assert_eq!(numbers, (1..=count).collect(), "missing or extra seqs");
+    }
+
+    /// The flags of a sensor that publishes `count` JSON readings of `device` at QoS 1 as
+    /// fast as it can.
+    pub fn sensor_args(device: &str, count: &str) -> Vec<String> {
+        [
+            "--format",
+            "json",
+            "--qos",
+            "1",
+            "--interval",
+            "0",
+            "--no-retain",
+            "--count",
+            count,
+            "--device",
+            device,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// Starts a `temperature-sensor` with [`sensor_args`].
+    pub fn start_sensor(brokers: &Brokers, device: &str, count: &str) -> Service {
+        let args = sensor_args(device, count);
+        brokers.start_edge(
+            "temperature-sensor",
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    }
+}

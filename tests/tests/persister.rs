@@ -5,96 +5,15 @@
 use std::collections::BTreeSet;
 
 use bson::{doc, Document};
-use futures_util::TryStreamExt;
 use iot_core::payload::format_time;
-use mongodb::Database;
 use rumqttc::QoS;
-use tests::{
-    free_port, run_readings, spawn_brokers, spawn_mongo, spawn_stoppable_mongo, wait_for, Brokers,
-    Service, TestClient,
+use tests::stored::{
+    assert_exactly_once, count, integer, start_sensor, stored_seqs, wait_for_readings,
 };
-
-async fn count(db: &Database, filter: Document) -> u64 {
-    db.collection::<Document>("readings")
-        .count_documents(filter)
-        .await
-        .unwrap_or(0)
-}
-
-/// Waits until `readings` holds `expected` documents matching `filter`.
-async fn wait_for_readings(db: &Database, filter: Document, expected: u64) {
-    wait_for(
-        &format!("{expected} readings matching {filter}"),
-        || count(db, filter.clone()),
-        |n| *n == expected,
-    )
-    .await;
-}
-
-/// (boot, seq) of every stored reading of `device`.
-async fn stored_seqs(db: &Database, device: &str) -> Vec<(String, i64)> {
-    let documents: Vec<Document> = db
-        .collection::<Document>("readings")
-        .find(doc! { "device": device })
-        .await
-        .expect("find")
-        .try_collect()
-        .await
-        .expect("documents");
-    documents
-        .iter()
-        .map(|d| {
-            (
-                d.get_str("boot").expect("boot").to_string(),
-                integer(d, "seq"),
-            )
-        })
-        .collect()
-}
-
-/// An integer field, stored as 64 bits (MongoDB) or 32 (nx-27017 narrows small ones).
-fn integer(document: &Document, field: &str) -> i64 {
-    document
-        .get_i64(field)
-        .or_else(|_| document.get_i32(field).map(i64::from))
-        .unwrap_or_else(|_| panic!("{field} is not an integer in {document}"))
-}
-
-/// Asserts every seq from 1 to `count` is stored exactly once, in one boot.
-fn assert_exactly_once(seqs: &[(String, i64)], count: i64) {
-    let unique: BTreeSet<_> = seqs.iter().collect();
-    assert_eq!(unique.len(), seqs.len(), "duplicates stored");
-    let boots: BTreeSet<_> = seqs.iter().map(|(boot, _)| boot).collect();
-    assert_eq!(boots.len(), 1, "{boots:?}");
-    let numbers: BTreeSet<i64> = seqs.iter().map(|(_, seq)| *seq).collect();
-    assert_eq!(numbers, (1..=count).collect(), "missing or extra seqs");
-}
-
-fn sensor_args(device: &str, count: &'static str) -> Vec<String> {
-    [
-        "--format",
-        "json",
-        "--qos",
-        "1",
-        "--interval",
-        "0",
-        "--no-retain",
-        "--count",
-        count,
-        "--device",
-        device,
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
-fn start_sensor(brokers: &Brokers, device: &str, count: &'static str) -> Service {
-    let args = sensor_args(device, count);
-    brokers.start_edge(
-        "temperature-sensor",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-}
+use tests::{
+    free_port, run_readings, spawn_brokers, spawn_mongo, spawn_stoppable_mongo, wait_for,
+    TestClient,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sensor_readings_are_stored_exactly_once_across_a_sensor_restart() {
@@ -568,7 +487,9 @@ async fn the_persister_subscribes_before_the_database_is_up_and_loses_nothing() 
         |exists| *exists,
     )
     .await;
-    start_sensor(&brokers, "t-early", "300").expect_success().await;
+    start_sensor(&brokers, "t-early", "300")
+        .expect_success()
+        .await;
     persister.wait_for_log("MongoDB at").await;
 
     assert!(mongo.start().await, "{}", mongo.log());

@@ -2,12 +2,11 @@
 //! a replica restarted or retired, status changes split between replicas. Real brokers
 //! from `mosquitto/`, the real `mongo-persister`, a real MongoDB-wire-protocol server.
 
-use std::collections::BTreeSet;
-
 use bson::{doc, Document};
 use futures_util::TryStreamExt;
 use mongodb::Database;
 use rumqttc::QoS;
+use tests::stored::{assert_exactly_once, start_sensor, stored_seqs, wait_for_readings};
 use tests::{spawn_brokers, spawn_mongo, wait_for, Brokers, MongoServer, Service, TestClient};
 
 const SHARE: [&str; 2] = ["--share", "persisters"];
@@ -23,61 +22,14 @@ async fn replica(brokers: &Brokers, mongo: &MongoServer, id: &str) -> Service {
 /// Publishes `count` JSON readings of `device` at QoS 1 from the real sensor, and
 /// waits until the edge broker has them all.
 async fn publish(brokers: &Brokers, device: &str, count: &str) {
-    let args = [
-        "--format",
-        "json",
-        "--qos",
-        "1",
-        "--interval",
-        "0",
-        "--no-retain",
-        "--count",
-        count,
-        "--device",
-        device,
-    ];
-    brokers
-        .start_edge("temperature-sensor", &args)
-        .expect_success()
-        .await;
-}
-
-/// Every seq stored for `device`, counting repeats.
-async fn seqs(db: &Database, device: &str) -> Vec<i64> {
-    let documents: Vec<Document> = db
-        .collection::<Document>("readings")
-        .find(doc! { "device": device })
-        .await
-        .expect("find")
-        .try_collect()
-        .await
-        .expect("documents");
-    documents
-        .iter()
-        .map(|d| {
-            d.get_i64("seq")
-                .or_else(|_| d.get_i32("seq").map(i64::from))
-                .expect("seq")
-        })
-        .collect()
+    start_sensor(brokers, device, count).expect_success().await;
 }
 
 /// Waits until `device` has `count` readings stored, then asserts they are seq 1 to
 /// `count`, each once.
-async fn assert_stored_once(db: &Database, device: &str, count: i64) {
-    let stored = wait_for(
-        &format!("{count} readings of {device}"),
-        || seqs(db, device),
-        |seqs| seqs.len() as i64 >= count,
-    )
-    .await;
-    let unique: BTreeSet<i64> = stored.iter().copied().collect();
-    assert_eq!(unique.len(), stored.len(), "{device}: duplicates stored");
-    assert_eq!(
-        unique,
-        (1..=count).collect(),
-        "{device}: missing or extra seqs"
-    );
+async fn assert_stored_once(db: &Database, device: &str, count: u64) {
+    wait_for_readings(db, doc! { "device": device }, count).await;
+    assert_exactly_once(&stored_seqs(db, device).await, count as i64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
