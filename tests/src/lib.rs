@@ -150,17 +150,22 @@ impl Broker {
     }
 
     /// Makes the broker write its persistence now (SIGUSR1), as its periodic autosave
-    /// does, and waits until it says so.
+    /// does, and waits until the file is in place. Mosquitto logs "Saving in-memory
+    /// database" before it writes, to `mosquitto.db.new`, and renames that over
+    /// `mosquitto.db` when done: a new file under the name is the end of the save.
     pub async fn save(&self) {
+        use std::os::unix::fs::MetadataExt;
         let child = self.process.as_ref().expect("broker running");
-        let saves = self.log().matches("Saving in-memory database").count();
+        let file = self.conf_dir.join("data/mosquitto.db");
+        let before = std::fs::metadata(&file).map(|meta| meta.ino()).ok();
         signal(child, "USR1");
         let deadline = tokio::time::Instant::now() + WAIT;
-        while self.log().matches("Saving in-memory database").count() <= saves {
+        while std::fs::metadata(&file).map(|meta| meta.ino()).ok() == before {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the {} broker did not save on SIGUSR1:\n{}",
+                "the {} broker did not save {} on SIGUSR1:\n{}",
                 self.name,
+                file.display(),
                 self.log()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
