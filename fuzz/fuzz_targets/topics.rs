@@ -2,8 +2,8 @@
 //! number of distinct ids, and each topic names its device.
 #![no_main]
 
-use iot_core::fleet::{device_ids, device_topic, has_placeholder};
 use libfuzzer_sys::fuzz_target;
+use sensor_sim::fleet::{device_ids, device_topic, has_placeholder};
 
 fuzz_target!(|input: (&str, u8, &str)| {
     let (first, count, template) = input;

@@ -14,8 +14,9 @@ use anyhow::Context;
 use clap::Parser;
 use iot_core::config::{parse_positive_seconds, parse_qos, BrokerSettings, LocalBroker};
 use iot_core::mqtt::{Connection, Event};
-use iot_core::{fleet, topics};
+use iot_core::topics;
 use rumqttc::{LastWill, QoS};
+use sensor_sim::fleet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -86,7 +87,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let base_id = config
         .client_id
         .clone()
-        .unwrap_or_else(|| format!("device-status-{}", iot_core::sensor::new_boot_id()));
+        .unwrap_or_else(|| format!("device-status-{}", sensor_sim::sensor::new_boot_id()));
     let broker = BrokerSettings::from(config.broker.clone());
     let devices = config.device_topics();
     if let [(_, topic)] = devices.as_slice() {

@@ -1,23 +1,17 @@
 //! Shared library of the telemetry pipeline.
 //!
-//! Everything the binaries have in common lives here once: broker settings and the
-//! MQTT connection that keeps itself alive ([`config`], [`mqtt`]), the payload codec
-//! ([`payload`]), topic names ([`topics`]), the shutdown signal ([`shutdown`]),
-//! tracing set-up ([`logging`]), and the simulated sensor service that the
-//! `temperature-sensor` and `pressure-sensor` binaries run ([`sensor`]) with its
-//! fleets of devices ([`fleet`]); with the
-//! `store` feature, the MongoDB schema and settings (`store`).
+//! What every service uses lives here once: broker settings and the MQTT connection
+//! that keeps itself alive ([`config`], [`mqtt`], [`backoff`]), the payload codec
+//! ([`payload`]), topic names ([`topics`]), the shutdown signal ([`shutdown`]) and
+//! tracing set-up ([`logging`]). The MongoDB side is the `iot-store` crate, the
+//! simulated devices the `sensor-sim` crate.
 
 pub mod backoff;
 pub mod config;
-pub mod fleet;
 pub mod logging;
 pub mod mqtt;
 pub mod payload;
-pub mod sensor;
 pub mod shutdown;
-#[cfg(feature = "store")]
-pub mod store;
 pub mod topics;
 
 use std::process::ExitCode;

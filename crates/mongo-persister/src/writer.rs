@@ -16,7 +16,7 @@ use bson::{doc, Bson, Document};
 use futures_util::TryStreamExt;
 use iot_core::backoff::Backoff;
 use iot_core::mqtt::Ack;
-use iot_core::store::{describe, ensure_schema, Record, READINGS, STATUS};
+use iot_store::{describe, ensure_schema, Record, READINGS, STATUS};
 use mongodb::error::{ErrorKind, InsertManyError};
 use mongodb::{Collection, Database};
 use tokio::sync::mpsc;

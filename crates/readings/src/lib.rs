@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use futures_util::TryStreamExt;
 use iot_core::payload::format_time;
-use iot_core::store::{MongoSettings, READINGS, STATUS};
+use iot_store::{MongoSettings, READINGS, STATUS};
 use mongodb::Database;
 use serde_json::Value;
 

@@ -13,7 +13,7 @@ async fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(error) => {
-            eprintln!("error: {}", iot_core::store::describe(&error));
+            eprintln!("error: {}", iot_store::describe(&error));
             ExitCode::from(if is_gaps { 2 } else { 1 })
         }
     }

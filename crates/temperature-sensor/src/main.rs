@@ -1,10 +1,10 @@
 //! `temperature-sensor`: publishes simulated temperature readings to the edge broker.
 //!
-//! All of the work is in [`iot_core::sensor`], shared with the other sensor binary.
+//! All of the work is in [`sensor_sim::sensor`], shared with the other sensor binary.
 
 use std::process::ExitCode;
 
-use iot_core::sensor::{self, SensorConfig};
+use sensor_sim::sensor::{self, SensorConfig};
 
 #[tokio::main]
 async fn main() -> ExitCode {

@@ -1,6 +1,6 @@
-//! MongoDB storage, shared by `mongo-persister` and `readings`: the settings that build
-//! the client, the collections and their indexes, and the documents stored for each
-//! MQTT message.
+//! `iot-store`: the MongoDB side of the pipeline, shared by `mongo-persister` and
+//! `readings` (and linked by no other binary): the settings that build the client, the
+//! collections and their indexes, and the documents stored for each MQTT message.
 //!
 //! Collections of the database (`iot` by default):
 //! - `readings`: one document per reading: `topic`, `value` (double), `ts` (device time
@@ -22,8 +22,8 @@ use chrono::{DateTime, Utc};
 use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Database, IndexModel};
 
-use crate::config::parse_positive_seconds;
-use crate::payload::{decode, Decoded};
+use iot_core::config::parse_positive_seconds;
+use iot_core::payload::{decode, Decoded};
 
 /// Readings, parsed or flagged.
 pub const READINGS: &str = "readings";

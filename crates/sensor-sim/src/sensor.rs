@@ -17,11 +17,14 @@ use rumqttc::QoS;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, parse_duration, parse_qos, parse_seconds, BrokerSettings, LocalBroker};
+use iot_core::config::{
+    self, parse_duration, parse_qos, parse_seconds, BrokerSettings, LocalBroker,
+};
+use iot_core::mqtt::Connection;
+use iot_core::payload::{Format, Reading};
+use iot_core::topics;
+
 use crate::fleet::{self, Pacer};
-use crate::mqtt::Connection;
-use crate::payload::{Format, Reading};
-use crate::topics;
 
 /// What distinguishes one kind of simulated sensor from another.
 #[derive(Debug, Clone)]
