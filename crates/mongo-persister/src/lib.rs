@@ -290,7 +290,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// of "write and acknowledge everything received, then a barrier" until a barrier
 /// comes back with no message before it. The broker answers in order and sends the
 /// next queued messages as soon as it reads our acknowledgements, so such a barrier
-/// proves the session's queue is empty.
+/// proves the session's queue is empty. (Mosquitto does: reading a PUBACK, it moves
+/// queued messages in flight and writes them before it reads the next packet. A broker
+/// that does not could leave messages queued when the session ends.)
 #[derive(Debug)]
 struct Retiring {
     filters: usize,
