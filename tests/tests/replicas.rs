@@ -177,3 +177,33 @@ async fn status_changes_split_between_replicas_are_stored_exactly() {
     b.stop_cleanly().await;
     assert_eq!(status_history(&db, topic).await, expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persister_that_becomes_a_replica_takes_each_message_once() {
+    // compose's single persister, then the same session as the first of two replicas
+    // (compose.replicas.yaml): its plain subscriptions from before must not stay, or it
+    // would take every message a second time.
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    let mut single = brokers
+        .persister_ready(&mongo, &["--client-id", "persister-a"])
+        .await;
+    single.stop_cleanly().await;
+    let mut a = replica(&brokers, &mongo, "persister-a").await;
+    let mut b = replica(&brokers, &mongo, "persister-b").await;
+
+    publish(&brokers, "switched", "200").await;
+    assert_stored_once(&db, "switched", 200).await;
+    a.stop_cleanly().await;
+    b.stop_cleanly().await;
+    for replica in [&a, &b] {
+        let last = replica
+            .stderr()
+            .lines()
+            .rev()
+            .find(|line| line.contains("in="))
+            .map(str::to_string)
+            .unwrap_or_default();
+        assert!(last.contains(" duplicates=0 "), "{}: {last}", replica.name);
+    }
+}
