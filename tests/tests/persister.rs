@@ -3,6 +3,7 @@
 //! MongoDB-wire-protocol server.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use bson::{doc, Document};
 use iot_core::payload::format_time;
@@ -12,7 +13,7 @@ use tests::stored::{
 };
 use tests::{
     free_port, run_readings, spawn_brokers, spawn_mongo, spawn_stoppable_mongo, wait_for,
-    TestClient,
+    wait_for_within, TestClient,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,4 +499,105 @@ async fn the_persister_subscribes_before_the_database_is_up_and_loses_nothing() 
     assert_exactly_once(&stored_seqs(&db, "t-early").await, 300);
     persister.stop_cleanly().await;
     assert!(!ready.exists(), "the ready file outlived the persister");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_is_a_ttl_index_that_follows_the_setting() {
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    let kept = |collection: &'static str| {
+        let db = db.clone();
+        async move {
+            iot_store::retention(&db, collection)
+                .await
+                .expect("the indexes")
+                .map(|(_, keep)| keep.as_secs())
+        }
+    };
+    // What `readings info` says each collection keeps.
+    let info = || {
+        let (ok, out, err) = readings(
+            mongo.uri(),
+            mongo.database_name(),
+            &["info", "--format", "json"],
+        );
+        assert!(ok, "{err}");
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("JSON rows");
+        rows.iter()
+            .map(|row| {
+                format!(
+                    "{} {}",
+                    row["collection"].as_str().unwrap_or("?"),
+                    row["kept"].as_str().unwrap_or("?")
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+
+    // A reading stored 40 days ago and one stored now.
+    let now = chrono::Utc::now();
+    let stored_at = |days: i64| bson::DateTime::from_chrono(now - chrono::Duration::days(days));
+    db.collection::<Document>("readings")
+        .insert_many([
+            doc! { "topic": "/sensor/old", "value": 1.0, "ts": stored_at(40), "received_at": stored_at(40) },
+            doc! { "topic": "/sensor/new", "value": 2.0, "ts": stored_at(0), "received_at": stored_at(0) },
+        ])
+        .await
+        .expect("insert");
+
+    let mut persister = brokers
+        .persister_ready(
+            &mongo,
+            &["--retention", "30d", "--status-retention", "365d"],
+        )
+        .await;
+    persister.wait_for_log("retention: status: kept 365d").await;
+    persister
+        .wait_for_log("retention: readings: kept 30d")
+        .await;
+    assert_eq!(kept("readings").await, Some(30 * 86_400));
+    assert_eq!(kept("status").await, Some(365 * 86_400));
+    assert_eq!(info(), ["readings 30d", "status 365d"]);
+    // MongoDB's TTL monitor runs once a minute.
+    wait_for_within(
+        Duration::from_secs(90),
+        "the reading older than the retention to be removed",
+        || count(&db, doc! { "topic": "/sensor/old" }),
+        |n| *n == 0,
+    )
+    .await;
+    assert_eq!(count(&db, doc! { "topic": "/sensor/new" }).await, 1);
+    persister.stop_cleanly().await;
+
+    // A changed setting changes the index; an unchanged one leaves it alone.
+    let mut persister = brokers
+        .persister_ready(
+            &mongo,
+            &["--retention", "12h", "--status-retention", "365d"],
+        )
+        .await;
+    persister
+        .wait_for_log("retention: readings: kept 12h")
+        .await;
+    assert_eq!(kept("readings").await, Some(12 * 3_600));
+    assert_eq!(kept("status").await, Some(365 * 86_400));
+    assert!(
+        !persister.stderr().contains("retention: status"),
+        "{}",
+        persister.stderr()
+    );
+    persister.stop_cleanly().await;
+
+    // Without the settings, nothing is removed any more.
+    let mut persister = brokers.persister_ready(&mongo, &[]).await;
+    persister
+        .wait_for_log("retention: status: kept without limit")
+        .await;
+    persister
+        .wait_for_log("retention: readings: kept without limit")
+        .await;
+    assert_eq!(kept("readings").await, None);
+    assert_eq!(kept("status").await, None);
+    assert_eq!(info(), ["readings without limit", "status without limit"]);
+    persister.stop_cleanly().await;
 }

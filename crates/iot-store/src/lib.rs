@@ -19,6 +19,7 @@ use anyhow::Context;
 use base64::Engine;
 use bson::{doc, oid::ObjectId, Bson, Document};
 use chrono::{DateTime, Utc};
+use futures_util::TryStreamExt;
 use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Database, IndexModel};
 
@@ -121,6 +122,120 @@ pub fn describe(error: &anyhow::Error) -> String {
     } else {
         format!("{}: {reason}", contexts.join(": "))
     }
+}
+
+/// The field a retention counts from: when the persister stored the document. Not the
+/// device's `ts`, so that a device whose clock is years behind does not see its
+/// readings removed as soon as they are stored.
+pub const RETENTION_FIELD: &str = "received_at";
+
+/// Parses a retention: a duration such as `30d`, `12h` or `90m`, at most 68 years
+/// (MongoDB keeps a TTL in a 32-bit number of seconds).
+pub fn parse_retention(value: &str) -> Result<Duration, String> {
+    let keep = humantime::parse_duration(value.trim())
+        .map_err(|_| "expected a duration such as 30d, 12h or 90m".to_string())?;
+    if keep.as_secs() == 0 || keep.as_secs() > i32::MAX as u64 {
+        return Err("expected at least 1 second and at most 68 years".into());
+    }
+    Ok(keep)
+}
+
+/// A retention as it is written: the largest of days, hours, minutes and seconds that
+/// divides it (`365d`, `12h`, `90m`).
+pub fn format_retention(keep: Duration) -> String {
+    let seconds = keep.as_secs();
+    let (unit, length) = [("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)]
+        .into_iter()
+        .find(|(_, length)| seconds % length == 0)
+        .unwrap_or(("s", 1));
+    format!("{}{unit}", seconds / length)
+}
+
+/// Keeps the documents of `collection` for `keep` after they were stored, through a TTL
+/// index on [`RETENTION_FIELD`] (MongoDB's TTL monitor removes expired documents about
+/// once a minute); `None` removes such an index. A changed `keep` changes the index in
+/// place (`collMod`); a server that ignores that (a stand-in) gets it made again.
+/// Returns what changed, for the log.
+pub async fn set_retention(
+    db: &Database,
+    collection: &str,
+    keep: Option<Duration>,
+) -> anyhow::Result<Option<String>> {
+    let current = retention(db, collection).await?;
+    let coll = db.collection::<Document>(collection);
+    let what = match (current, keep) {
+        (None, None) => return Ok(None),
+        (Some((_, had)), Some(keep)) if had.as_secs() == keep.as_secs() => return Ok(None),
+        (Some((name, _)), None) => {
+            coll.drop_index(name.clone())
+                .await
+                .with_context(|| format!("cannot drop the TTL index {collection}.{name}"))?;
+            format!("{collection}: kept without limit (the TTL index is dropped)")
+        }
+        (Some((name, _)), Some(keep)) => {
+            db.run_command(doc! {
+                "collMod": collection,
+                "index": { "keyPattern": { RETENTION_FIELD: 1 }, "expireAfterSeconds": keep.as_secs() as i64 },
+            })
+            .await
+            .with_context(|| format!("cannot change the TTL index {collection}.{name}"))?;
+            if retention(db, collection)
+                .await?
+                .map(|(_, now)| now.as_secs())
+                != Some(keep.as_secs())
+            {
+                coll.drop_index(name.clone())
+                    .await
+                    .with_context(|| format!("cannot drop the TTL index {collection}.{name}"))?;
+                create_ttl(db, collection, keep).await?;
+            }
+            format!("{collection}: kept {}", format_retention(keep))
+        }
+        (None, Some(keep)) => {
+            create_ttl(db, collection, keep).await?;
+            format!("{collection}: kept {}", format_retention(keep))
+        }
+    };
+    Ok(Some(what))
+}
+
+async fn create_ttl(db: &Database, collection: &str, keep: Duration) -> anyhow::Result<()> {
+    let name = format!("{RETENTION_FIELD}_ttl");
+    let model = IndexModel::builder()
+        .keys(doc! { RETENTION_FIELD: 1 })
+        .options(
+            IndexOptions::builder()
+                .name(name.clone())
+                .expire_after(keep)
+                .build(),
+        )
+        .build();
+    db.collection::<Document>(collection)
+        .create_index(model)
+        .await
+        .with_context(|| format!("cannot create the TTL index {collection}.{name}"))?;
+    Ok(())
+}
+
+/// The TTL index of `collection` on [`RETENTION_FIELD`], if any: its name and time.
+pub async fn retention(
+    db: &Database,
+    collection: &str,
+) -> anyhow::Result<Option<(String, Duration)>> {
+    let indexes: Vec<IndexModel> = db
+        .collection::<Document>(collection)
+        .list_indexes()
+        .await
+        .with_context(|| format!("cannot list the indexes of {collection}"))?
+        .try_collect()
+        .await
+        .with_context(|| format!("cannot list the indexes of {collection}"))?;
+    Ok(indexes.into_iter().find_map(|index| {
+        let options = index.options?;
+        let keep = options.expire_after?;
+        let on_field = index.keys.len() == 1 && index.keys.contains_key(RETENTION_FIELD);
+        on_field.then(|| (options.name.unwrap_or_default(), keep))
+    }))
 }
 
 /// Creates the collections and the indexes the queries need, when missing.
@@ -423,6 +538,24 @@ mod tests {
             Record::from_message("/device/status", b"rebooting", at()),
             Record::Unparsed { .. }
         ));
+    }
+
+    #[test]
+    fn retentions_read_and_print_in_whole_units() {
+        let keep = parse_retention("365d").expect("a year");
+        assert_eq!(keep.as_secs(), 365 * 86_400);
+        assert_eq!(format_retention(keep), "365d");
+        assert_eq!(
+            format_retention(parse_retention("12h").expect("hours")),
+            "12h"
+        );
+        assert_eq!(
+            format_retention(parse_retention("90m").expect("minutes")),
+            "90m"
+        );
+        assert!(parse_retention("0s").is_err());
+        assert!(parse_retention("100years").is_err());
+        assert!(parse_retention("soon").is_err());
     }
 
     #[test]

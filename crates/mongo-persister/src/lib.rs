@@ -25,12 +25,12 @@ use clap::Parser;
 use iot_core::config::{parse_positive_seconds, BrokerSettings, CloudBroker};
 use iot_core::mqtt::{Connection, Event};
 use iot_core::topics;
-use iot_store::{MongoSettings, Record};
+use iot_store::{parse_retention, MongoSettings, Record};
 use rumqttc::{QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use writer::{Pending, Stats, Writer};
+use writer::{Pending, Retention, Stats, Writer};
 
 /// Stores readings and status changes from the cloud broker in MongoDB.
 #[derive(Debug, Clone, Parser)]
@@ -52,6 +52,12 @@ pub struct Config {
     /// File created once every subscription stands (readings published from then on wait for this persister), removed on exit; for healthchecks and start order
     #[arg(long, value_name = "PATH", env = "PERSISTER_READY_FILE")]
     pub ready_file: Option<std::path::PathBuf>,
+    /// Keep readings this long after they were stored (30d, 12h); MongoDB removes older ones. Without it: kept without limit (an earlier limit is lifted)
+    #[arg(long, value_name = "DURATION", env = "PERSISTER_RETENTION", value_parser = parse_retention)]
+    pub retention: Option<Duration>,
+    /// The same for the status history
+    #[arg(long, value_name = "DURATION", env = "PERSISTER_STATUS_RETENTION", value_parser = parse_retention)]
+    pub status_retention: Option<Duration>,
     /// Most documents written in one insert
     #[arg(long, env = "PERSISTER_BATCH_SIZE", default_value = "500", value_parser = clap::value_parser!(u16).range(1..))]
     pub batch_size: u16,
@@ -151,7 +157,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // The writer waits for the database itself: the session is made (and readings start
     // to wait in it) even while MongoDB is not up yet.
     let writer = Writer::new(&db, batch_size, config.flush_interval, Arc::clone(&stats))
-        .with_schema_check(config.mongo.redacted_uri());
+        .with_schema_check(
+            config.mongo.redacted_uri(),
+            Retention {
+                readings: config.retention,
+                status: config.status_retention,
+            },
+        );
     let stop_writing = CancellationToken::new();
     let writer = tokio::spawn(writer.run(pending_rx, written_tx, stop_writing.clone()));
 

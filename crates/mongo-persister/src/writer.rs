@@ -16,7 +16,7 @@ use bson::{doc, Bson, Document};
 use futures_util::TryStreamExt;
 use iot_core::backoff::Backoff;
 use iot_core::mqtt::Ack;
-use iot_store::{describe, ensure_schema, Record, READINGS, STATUS};
+use iot_store::{describe, ensure_schema, set_retention, Record, READINGS, STATUS};
 use mongodb::error::{ErrorKind, InsertManyError};
 use mongodb::{Collection, Database};
 use tokio::sync::mpsc;
@@ -78,6 +78,14 @@ pub struct Writer {
     /// Waits for the database and makes the schema before the first write, naming
     /// this address (password hidden) in its log lines.
     schema_check: Option<String>,
+    retention: Retention,
+}
+
+/// How long each collection keeps its documents; `None`: without limit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Retention {
+    pub readings: Option<Duration>,
+    pub status: Option<Duration>,
 }
 
 /// A device's last stored status change.
@@ -102,22 +110,37 @@ impl Writer {
             flush_interval,
             stats,
             schema_check: None,
+            retention: Retention::default(),
             database: db.clone(),
         }
     }
 
     /// Before the first write, waits until the database answers and has the collections
-    /// and indexes (`address` names it in the log).
-    pub fn with_schema_check(mut self, address: String) -> Self {
+    /// and indexes, with `retention` applied (`address` names it in the log).
+    pub fn with_schema_check(mut self, address: String, retention: Retention) -> Self {
         self.schema_check = Some(address);
+        self.retention = retention;
         self
+    }
+
+    async fn make_schema(&self) -> anyhow::Result<()> {
+        ensure_schema(&self.database).await?;
+        for (collection, keep) in [
+            (READINGS, self.retention.readings),
+            (STATUS, self.retention.status),
+        ] {
+            if let Some(change) = set_retention(&self.database, collection, keep).await? {
+                tracing::info!("retention: {change}");
+            }
+        }
+        Ok(())
     }
 
     /// Makes the schema, retrying with backoff; false if `stop` came first.
     async fn wait_for_schema(&self, address: &str, stop: &CancellationToken) -> bool {
         let mut backoff = Backoff::default();
         loop {
-            match ensure_schema(&self.database).await {
+            match self.make_schema().await {
                 Ok(()) => return true,
                 Err(error) => {
                     let delay = backoff.next_delay();

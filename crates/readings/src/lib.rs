@@ -1,6 +1,6 @@
 //! `readings`: command-line queries over the stored readings.
 //!
-//! `latest`, `range`, `stats`, `status` and `gaps`, printed as an aligned table, JSON or
+//! `latest`, `range`, `stats`, `status`, `gaps` and `info`, printed as an aligned table, JSON or
 //! CSV.
 //! Only standard MongoDB query and aggregation stages are used (`$dateTrunc` needs
 //! MongoDB 5 or newer), so it runs against any MongoDB 6+ server.
@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use futures_util::TryStreamExt;
 use iot_core::payload::format_time;
-use iot_store::{MongoSettings, READINGS, STATUS};
+use iot_store::{format_retention, retention, MongoSettings, READINGS, STATUS};
 use mongodb::Database;
 use serde_json::Value;
 
@@ -83,6 +83,8 @@ pub enum Query {
     },
     /// Every device's status and since when
     Status,
+    /// What is stored: documents per collection and how long they are kept
+    Info,
     /// Missing and duplicate sequence numbers per device and boot; exits 1 when there
     /// are any, 0 when there are none, 2 when the query fails (like diff)
     Gaps {
@@ -318,6 +320,30 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
                 &documents,
                 "no device status stored yet".into(),
             ))
+        }
+        Query::Info => {
+            let mut rows = Vec::new();
+            for collection in [READINGS, STATUS] {
+                let documents = db
+                    .collection::<Document>(collection)
+                    .count_documents(doc! {})
+                    .await?;
+                let kept = match retention(db, collection).await? {
+                    Some((_, keep)) => format_retention(keep),
+                    None => "without limit".to_string(),
+                };
+                rows.push(vec![
+                    Value::from(collection),
+                    Value::from(documents),
+                    Value::from(kept),
+                ]);
+            }
+            Ok(Rows {
+                columns: vec!["collection", "documents", "kept"],
+                rows,
+                empty: String::new(),
+                trouble: false,
+            })
         }
     }
 }
