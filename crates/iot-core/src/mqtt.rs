@@ -76,8 +76,9 @@ pub struct Ack {
 }
 
 impl Ack {
-    /// The acknowledgement of `publish`, received on connection number `connection`.
-    pub fn of(publish: &Publish, connection: u64) -> Self {
+    /// The acknowledgement of `publish`, received on connection number `connection`:
+    /// only the driver makes them.
+    fn of(publish: &Publish, connection: u64) -> Self {
         Self {
             connection,
             pkid: publish.pkid,
@@ -259,11 +260,6 @@ impl Connection {
             }
         }
         Ok(true)
-    }
-
-    /// How many events wait to be read: zero means the service is caught up.
-    pub fn backlog(&self) -> usize {
-        self.events.len()
     }
 
     /// Waits up to `timeout` until the broker acknowledged every QoS 1/2 publish and read
