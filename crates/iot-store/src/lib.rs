@@ -124,6 +124,17 @@ pub fn describe(error: &anyhow::Error) -> String {
     }
 }
 
+/// A stored whole number: int64 as written, int32 where a server narrowed a small one
+/// (nx-27017 does), or a double without a fraction; `None` for anything else.
+pub fn integer(value: Option<&Bson>) -> Option<i64> {
+    match value? {
+        Bson::Int64(number) => Some(*number),
+        Bson::Int32(number) => Some(i64::from(*number)),
+        Bson::Double(number) if number.fract() == 0.0 => Some(*number as i64),
+        _ => None,
+    }
+}
+
 /// The field a retention counts from: when the persister stored the document. Not the
 /// device's `ts`, so that a device whose clock is years behind does not see its
 /// readings removed as soon as they are stored.
@@ -251,36 +262,30 @@ pub async fn ensure_schema(db: &Database) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot create the collection {name}"))?;
         }
     }
-    let index = |keys: Document, name: &str| {
-        IndexModel::builder()
-            .keys(keys)
-            .options(IndexOptions::builder().name(name.to_string()).build())
-            .build()
-    };
-    let readings = db.collection::<Document>(READINGS);
-    // latest, range and stats: by topic, newest first.
-    readings
-        .create_index(index(doc! { "topic": 1, "ts": -1 }, "topic_ts"))
-        .await
-        .context("cannot create the index readings.topic_ts")?;
-    // gap checks: a device's readings in sequence.
-    readings
-        .create_index(index(
+    let indexes = [
+        // latest, range and stats: by topic, newest first.
+        (READINGS, doc! { "topic": 1, "ts": -1 }, "topic_ts"),
+        // gap checks: a device's readings in sequence.
+        (
+            READINGS,
             doc! { "device": 1, "boot": 1, "seq": 1 },
             "device_boot_seq",
-        ))
-        .await
-        .context("cannot create the index readings.device_boot_seq")?;
-    let status = db.collection::<Document>(STATUS);
-    status
-        .create_index(index(doc! { "device": 1, "ts": -1 }, "device_ts"))
-        .await
-        .context("cannot create the index status.device_ts")?;
-    // the persister's check of each device's last change.
-    status
-        .create_index(index(doc! { "device": 1, "change": -1 }, "device_change"))
-        .await
-        .context("cannot create the index status.device_change")?;
+        ),
+        // status: each device's history, newest first.
+        (STATUS, doc! { "device": 1, "ts": -1 }, "device_ts"),
+        // the persister's check of each device's last change.
+        (STATUS, doc! { "device": 1, "change": -1 }, "device_change"),
+    ];
+    for (collection, keys, name) in indexes {
+        let model = IndexModel::builder()
+            .keys(keys)
+            .options(IndexOptions::builder().name(name.to_string()).build())
+            .build();
+        db.collection::<Document>(collection)
+            .create_index(model)
+            .await
+            .with_context(|| format!("cannot create the index {collection}.{name}"))?;
+    }
     Ok(())
 }
 

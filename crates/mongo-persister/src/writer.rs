@@ -12,11 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bson::{doc, Bson, Document};
+use bson::{doc, Document};
 use futures_util::TryStreamExt;
 use iot_core::backoff::Backoff;
 use iot_core::mqtt::Ack;
-use iot_store::{describe, ensure_schema, set_retention, Record, READINGS, STATUS};
+use iot_store::{describe, ensure_schema, integer, set_retention, Record, READINGS, STATUS};
 use mongodb::error::{ErrorKind, InsertManyError};
 use mongodb::{Collection, Database};
 use tokio::sync::mpsc;
@@ -392,11 +392,8 @@ impl Writer {
             .filter_map(|document| {
                 let device = document.get_str("_id").ok()?.to_string();
                 let online = document.get_str("status").ok()? == "online";
-                let change = match document.get("change") {
-                    Some(Bson::Int64(n)) => *n,
-                    Some(Bson::Int32(n)) => i64::from(*n),
-                    _ => 0,
-                };
+                // Documents from before changes were numbered have none.
+                let change = integer(document.get("change")).unwrap_or(0);
                 Some((device, LastStatus { online, change }))
             })
             .collect())

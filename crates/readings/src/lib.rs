@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use futures_util::TryStreamExt;
 use iot_core::payload::format_time;
-use iot_store::{format_retention, retention, MongoSettings, READINGS, STATUS};
+use iot_store::{format_retention, integer, retention, MongoSettings, READINGS, STATUS};
 use mongodb::Database;
 use serde_json::Value;
 
@@ -288,11 +288,8 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
             let mut gaps = GapFinder::new(since.is_none());
             while let Some(document) = cursor.try_next().await? {
                 let text = |key: &str| document.get_str(key).unwrap_or_default();
-                let seq = match document.get("seq") {
-                    Some(Bson::Int64(seq)) => *seq,
-                    Some(Bson::Int32(seq)) => i64::from(*seq),
-                    Some(Bson::Double(seq)) if seq.fract() == 0.0 => *seq as i64,
-                    _ => continue,
+                let Some(seq) = integer(document.get("seq")) else {
+                    continue;
                 };
                 gaps.push(text("device"), text("boot"), seq);
             }
