@@ -156,14 +156,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let (written_tx, mut written_rx) = mpsc::unbounded_channel();
     // The writer waits for the database itself: the session is made (and readings start
     // to wait in it) even while MongoDB is not up yet.
-    let writer = Writer::new(&db, batch_size, config.flush_interval, Arc::clone(&stats))
-        .with_schema_check(
-            config.mongo.redacted_uri(),
-            Retention {
-                readings: config.retention,
-                status: config.status_retention,
-            },
-        );
+    let retention = Retention {
+        readings: config.retention,
+        status: config.status_retention,
+    };
+    let writer = Writer::new(
+        &db,
+        config.mongo.redacted_uri(),
+        retention,
+        batch_size,
+        config.flush_interval,
+        Arc::clone(&stats),
+    );
     let stop_writing = CancellationToken::new();
     let writer = tokio::spawn(writer.run(pending_rx, written_tx, stop_writing.clone()));
 
@@ -177,7 +181,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut last_line = String::new();
     let mut retiring = config.retire.then(|| Retiring::new(filters.len()));
     // Messages handed to the writer, and those written (and acknowledged) since.
-    let (mut received, mut settled) = (0u64, 0u64);
+    let received = || stats.received.load(Ordering::Relaxed);
+    let mut settled = 0u64;
 
     loop {
         tokio::select! {
@@ -212,7 +217,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
                 Event::Message { publish, ack } => {
                     stats.received.fetch_add(1, Ordering::Relaxed);
-                    received += 1;
                     let record = Record::from_message(&publish.topic, &publish.payload, Utc::now());
                     if let Record::Unparsed { .. } = record {
                         stats.unparsed.fetch_add(1, Ordering::Relaxed);
@@ -225,7 +229,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
                 Event::Unsubscribed => {
                     if let Some(retiring) = &mut retiring {
-                        retiring.unsubscribed(received);
+                        retiring.unsubscribed(received());
                     }
                 }
                 Event::Acked => {}
@@ -248,9 +252,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             if retiring.drained {
                 break;
             }
-            if retiring.wants_barrier(received == settled) {
+            if retiring.wants_barrier(received() == settled) {
                 connection.barrier().await?;
-                retiring.barrier_sent(received);
+                retiring.barrier_sent(received());
             }
         }
     }

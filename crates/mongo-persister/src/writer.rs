@@ -75,9 +75,8 @@ pub struct Writer {
     flush_interval: Duration,
     stats: Arc<Stats>,
     database: Database,
-    /// Waits for the database and makes the schema before the first write, naming
-    /// this address (password hidden) in its log lines.
-    schema_check: Option<String>,
+    /// The database's address (password hidden), for log lines.
+    address: String,
     retention: Retention,
 }
 
@@ -97,8 +96,13 @@ struct LastStatus {
 }
 
 impl Writer {
+    /// A writer into `db` (at `address`, named in log lines), which before its first
+    /// write waits until the database answers and has the collections and indexes, with
+    /// `retention` applied.
     pub fn new(
         db: &Database,
+        address: String,
+        retention: Retention,
         batch_size: usize,
         flush_interval: Duration,
         stats: Arc<Stats>,
@@ -109,18 +113,10 @@ impl Writer {
             batch_size,
             flush_interval,
             stats,
-            schema_check: None,
-            retention: Retention::default(),
             database: db.clone(),
+            address,
+            retention,
         }
-    }
-
-    /// Before the first write, waits until the database answers and has the collections
-    /// and indexes, with `retention` applied (`address` names it in the log).
-    pub fn with_schema_check(mut self, address: String, retention: Retention) -> Self {
-        self.schema_check = Some(address);
-        self.retention = retention;
-        self
     }
 
     async fn make_schema(&self) -> anyhow::Result<()> {
@@ -137,7 +133,7 @@ impl Writer {
     }
 
     /// Makes the schema, retrying with backoff; false if `stop` came first.
-    async fn wait_for_schema(&self, address: &str, stop: &CancellationToken) -> bool {
+    async fn wait_for_schema(&self, stop: &CancellationToken) -> bool {
         let mut backoff = Backoff::default();
         loop {
             match self.make_schema().await {
@@ -146,7 +142,8 @@ impl Writer {
                     let delay = backoff.next_delay();
                     tracing::warn!(
                         attempt = backoff.attempt(),
-                        "MongoDB at {address} not ready: {}; retrying in {delay:?} (readings wait at the broker meanwhile)",
+                        "MongoDB at {} not ready: {}; retrying in {delay:?} (readings wait at the broker meanwhile)",
+                        self.address,
                         describe(&error)
                     );
                     tokio::select! {
@@ -167,10 +164,8 @@ impl Writer {
         written: mpsc::UnboundedSender<Vec<Ack>>,
         stop: CancellationToken,
     ) -> usize {
-        if let Some(address) = &self.schema_check {
-            if !self.wait_for_schema(address, &stop).await {
-                return pending.len();
-            }
+        if !self.wait_for_schema(&stop).await {
+            return pending.len();
         }
         let mut batch: Vec<Pending> = Vec::with_capacity(self.batch_size);
         loop {
