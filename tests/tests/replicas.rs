@@ -19,6 +19,13 @@ async fn replica(brokers: &Brokers, mongo: &MongoServer, id: &str) -> Service {
     brokers.persister_ready(mongo, &args).await
 }
 
+/// The replicas `persister-a` and `persister-b` of the group, both subscribed.
+async fn two_replicas(brokers: &Brokers, mongo: &MongoServer) -> (Service, Service) {
+    let a = replica(brokers, mongo, "persister-a").await;
+    let b = replica(brokers, mongo, "persister-b").await;
+    (a, b)
+}
+
 /// Publishes `count` JSON readings of `device` at QoS 1 from the real sensor, and
 /// waits until the edge broker has them all.
 async fn publish(brokers: &Brokers, device: &str, count: &str) {
@@ -59,8 +66,7 @@ async fn a_shared_replica_without_a_client_id_is_refused() {
 async fn a_retired_replica_loses_nothing_and_leaves_no_session() {
     let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
     let db = mongo.database().await;
-    let mut a = replica(&brokers, &mongo, "persister-a").await;
-    let mut b = replica(&brokers, &mongo, "persister-b").await;
+    let (mut a, mut b) = two_replicas(&brokers, &mongo).await;
 
     publish(&brokers, "before", "100").await;
     assert_stored_once(&db, "before", 100).await;
@@ -108,8 +114,7 @@ async fn a_retired_replica_loses_nothing_and_leaves_no_session() {
 async fn a_replica_restarted_under_its_id_stores_what_came_while_it_was_down() {
     let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
     let db = mongo.database().await;
-    let mut a = replica(&brokers, &mongo, "persister-a").await;
-    let mut b = replica(&brokers, &mongo, "persister-b").await;
+    let (mut a, mut b) = two_replicas(&brokers, &mongo).await;
 
     a.kill().await;
     publish(&brokers, "down", "300").await;
@@ -143,8 +148,7 @@ async fn status_history(db: &Database, device: &str) -> Vec<String> {
 async fn status_changes_split_between_replicas_are_stored_exactly() {
     let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
     let db = mongo.database().await;
-    let mut a = replica(&brokers, &mongo, "persister-a").await;
-    let mut b = replica(&brokers, &mongo, "persister-b").await;
+    let (mut a, mut b) = two_replicas(&brokers, &mongo).await;
 
     // The broker hands the group's messages out in turn, so consecutive changes of the
     // device go to different replicas.
@@ -189,8 +193,7 @@ async fn a_persister_that_becomes_a_replica_takes_each_message_once() {
         .persister_ready(&mongo, &["--client-id", "persister-a"])
         .await;
     single.stop_cleanly().await;
-    let mut a = replica(&brokers, &mongo, "persister-a").await;
-    let mut b = replica(&brokers, &mongo, "persister-b").await;
+    let (mut a, mut b) = two_replicas(&brokers, &mongo).await;
 
     publish(&brokers, "switched", "200").await;
     assert_stored_once(&db, "switched", 200).await;
