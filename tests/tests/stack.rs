@@ -175,58 +175,74 @@ async fn a_fresh_checkout_in_a_private_folder_stores_every_reading_from_the_firs
         ("MONGO_PORT", free_port()),
     ];
     let uri = format!("mongodb://127.0.0.1:{}", ports[3].1);
-    let mut command = tokio::process::Command::new(checkout.join("scripts/dev-stack"));
-    command
-        .current_dir(&checkout)
-        .env_remove("MONGODB_URI")
-        .env_remove("STACK_DIR")
-        .env_remove("ENV_FILE")
-        // The binaries of this build: the copy would otherwise build them all again.
-        .env(
-            "STACK_BIN",
-            readings.parent().expect("the binaries' folder"),
+    let start = || {
+        let mut command = tokio::process::Command::new(checkout.join("scripts/dev-stack"));
+        command
+            .current_dir(&checkout)
+            .env_remove("MONGODB_URI")
+            .env_remove("STACK_DIR")
+            .env_remove("ENV_FILE")
+            // The binaries of this build: the copy would otherwise build them all again.
+            .env(
+                "STACK_BIN",
+                readings.parent().expect("the binaries' folder"),
+            )
+            .envs(ports.iter().map(|(key, port)| (key, port.to_string())));
+        for key in cargo_package_variables() {
+            command.env_remove(key);
+        }
+        Service::spawn("dev-stack", command)
+    };
+    // `readings gaps`: its exit code, and each sensor's boots with their first seq.
+    let gaps = || {
+        let output = std::process::Command::new(&readings)
+            .args(["gaps", "--format", "json"])
+            .env_clear()
+            .env("MONGODB_URI", &uri)
+            .current_dir(std::env::temp_dir())
+            .output()
+            .expect("readings gaps");
+        let report = String::from_utf8_lossy(&output.stdout).into_owned();
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&report).unwrap_or_default();
+        let firsts = |device: &str| -> Vec<i64> {
+            rows.iter()
+                .filter(|row| row["device"] == device)
+                .filter_map(|row| row["first"].as_i64())
+                .collect()
+        };
+        (
+            output.status.code(),
+            [firsts("temp-0001"), firsts("pres-0001")],
+            report,
         )
-        .envs(ports.iter().map(|(key, port)| (key, port.to_string())));
-    for key in cargo_package_variables() {
-        command.env_remove(key);
-    }
-    let mut running = Service::spawn("dev-stack", command);
+    };
+    let stop = |mut running: Service| async move {
+        running.interrupt().await;
+        let output = running.stdout_lines().join("\n");
+        for process in ["mongo-persister", "temperature-sensor", "pressure-sensor"] {
+            assert!(
+                output.contains(&format!("{process}.1 stopped (rc=0)")),
+                "{process} did not stop cleanly:\n{output}"
+            );
+        }
+        running
+    };
 
+    let running = start();
     wait_for(
         "both sensors' readings in the database",
         || async { latest(&uri) },
         |out| out.contains("/sensor/temperature") && out.contains("/sensor/pressure"),
     )
     .await;
-    let gaps = std::process::Command::new(&readings)
-        .args(["gaps", "--format", "json"])
-        .env_clear()
-        .env("MONGODB_URI", &uri)
-        .current_dir(std::env::temp_dir())
-        .output()
-        .expect("readings gaps");
-    let report = String::from_utf8_lossy(&gaps.stdout).into_owned();
-    assert_eq!(gaps.status.code(), Some(0), "{report}");
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&report).expect("JSON rows");
-    for device in ["temp-0001", "pres-0001"] {
-        let row = rows
-            .iter()
-            .find(|row| row["device"] == device)
-            .unwrap_or_else(|| panic!("no readings of {device}: {report}"));
-        assert_eq!(
-            row["first"], 1,
-            "{device} lost its first readings: {report}"
-        );
-    }
-
-    running.interrupt().await;
-    let output = running.stdout_lines().join("\n");
-    for process in ["mongo-persister", "temperature-sensor", "pressure-sensor"] {
-        assert!(
-            output.contains(&format!("{process}.1 stopped (rc=0)")),
-            "{process} did not stop cleanly:\n{output}"
-        );
-    }
+    let (code, firsts, report) = gaps();
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(
+        firsts,
+        [vec![1], vec![1]],
+        "a sensor lost its first readings: {report}"
+    );
+    let running = stop(running).await;
     assert!(
         running
             .stderr()
@@ -234,4 +250,16 @@ async fn a_fresh_checkout_in_a_private_folder_stores_every_reading_from_the_firs
         "dev-stack does not say where the brokers' files are:\n{}",
         running.stderr()
     );
+
+    // Started again on the state it left: a second boot of each sensor, from seq 1 too.
+    let running = start();
+    let (code, firsts, report) = wait_for(
+        "a second boot of both sensors stored",
+        || async { gaps() },
+        |(_, firsts, _)| firsts.iter().all(|boots| boots.len() == 2),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(firsts, [vec![1, 1], vec![1, 1]], "{report}");
+    stop(running).await;
 }
