@@ -1,18 +1,21 @@
 //! `iot-store`: the MongoDB side of the pipeline, shared by `mongo-persister` and
 //! `readings` (and linked by no other binary): the settings that build the client, the
-//! collections and their indexes, and the documents stored for each MQTT message.
+//! collections and their indexes, and what each MQTT message becomes ([`ingest`]).
 //!
 //! Collections of the database (`iot` by default):
-//! - `readings`: one document per reading: `topic`, `value` (double), `ts` (device time
-//!   when the payload has one, else receive time), `received_at`, and when known
-//!   `device`, `boot`, `seq`, `unit`. A reading with `device`, `boot` and `seq` has the
-//!   `_id` `{device, boot, seq}`, so a redelivered copy is refused as a duplicate. A
-//!   payload that is not a reading is kept here too, flagged `unparsed: true` with its
-//!   `raw` text (or `raw_base64`), cut at [`MAX_RAW`] bytes.
+//! - `readings`: one document per measurement: `topic`, `value` (double), `ts` (device
+//!   time when the payload has one, else receive time), `received_at`, and when known
+//!   `device`, `measurement`, `unit`, `boot`, `seq`. A reading with `device`, `boot` and
+//!   `seq` has the `_id` `{device, boot, seq}`, so a redelivered copy is refused as a
+//!   duplicate. A payload that cannot be read is kept here too, flagged
+//!   `unparsed: true` with its `raw` text (or `raw_base64`), cut at [`MAX_RAW`] bytes.
 //! - `status`: one document per change of a device's status (`online` / `offline`),
 //!   numbered per device: `_id` `{device, change}` and `change` from 1, so that
 //!   persister replicas that race to store the same change cannot both succeed.
 
+pub mod ingest;
+
+use std::borrow::Cow;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -24,7 +27,8 @@ use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Database, IndexModel};
 
 use iot_core::config::parse_positive_seconds;
-use iot_core::payload::{decode, Decoded};
+
+pub use ingest::Mapping;
 
 /// Readings, parsed or flagged.
 pub const READINGS: &str = "readings";
@@ -265,6 +269,12 @@ pub async fn ensure_schema(db: &Database) -> anyhow::Result<()> {
     let indexes = [
         // latest, range and stats: by topic, newest first.
         (READINGS, doc! { "topic": 1, "ts": -1 }, "topic_ts"),
+        // latest, range and stats by device and measurement, devices.
+        (
+            READINGS,
+            doc! { "device": 1, "measurement": 1, "ts": -1 },
+            "device_measurement_ts",
+        ),
         // gap checks: a device's readings in sequence.
         (
             READINGS,
@@ -292,9 +302,13 @@ pub async fn ensure_schema(db: &Database) -> anyhow::Result<()> {
 /// What one MQTT message becomes in the database.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
-    /// A reading for `readings`; `keyed` when `device`, `boot` and `seq` name it.
-    Reading { document: Document, keyed: bool },
-    /// A payload that is not a reading, flagged, for `readings`.
+    /// Readings for `readings`, one document per measurement; `keyed` when they are one
+    /// reading named by `device`, `boot` and `seq` (its `_id`).
+    Readings {
+        documents: Vec<Document>,
+        keyed: bool,
+    },
+    /// A payload that cannot be read, flagged, for `readings`.
     Unparsed { document: Document },
     /// A device status for `status`.
     Status {
@@ -302,116 +316,24 @@ pub enum Record {
         online: bool,
         document: Document,
     },
+    /// Nothing to store (an event, a text, a topic no rule reads); `why`, for the log.
+    Nothing { why: Cow<'static, str> },
 }
 
 impl Record {
-    /// Builds the document of a message received at `received_at`.
+    /// What a message received at `received_at` becomes under the built-in mapping
+    /// (`ingest/default.toml`).
     pub fn from_message(topic: &str, payload: &[u8], received_at: DateTime<Utc>) -> Record {
-        let received = bson::DateTime::from_chrono(received_at);
-        if topic.starts_with("/device/") {
-            if let Some((device, online, ts)) = status_of(topic, payload) {
-                let document = doc! {
-                    "_id": ObjectId::new(),
-                    "topic": topic,
-                    "device": &device,
-                    "status": if online { "online" } else { "offline" },
-                    "ts": ts.map(bson::DateTime::from_chrono).unwrap_or(received),
-                    "received_at": received,
-                };
-                return Record::Status {
-                    device,
-                    online,
-                    document,
-                };
-            }
-        }
-        match decode(payload) {
-            Ok(Decoded::Number(value)) => Record::Reading {
-                document: doc! {
-                    "_id": ObjectId::new(),
-                    "topic": topic,
-                    "value": value,
-                    "ts": received,
-                    "received_at": received,
-                },
-                keyed: false,
-            },
-            Ok(Decoded::Json(reading)) => {
-                let mut document = doc! {
-                    "topic": topic,
-                    "value": reading.value,
-                    "ts": reading.ts.map(bson::DateTime::from_chrono).unwrap_or(received),
-                    "received_at": received,
-                };
-                let key = match (&reading.device, &reading.boot, reading.seq) {
-                    (Some(device), Some(boot), Some(seq)) => {
-                        Some(doc! { "device": device, "boot": boot, "seq": seq as i64 })
-                    }
-                    _ => None,
-                };
-                let keyed = key.is_some();
-                document.insert(
-                    "_id",
-                    key.map(Bson::Document)
-                        .unwrap_or_else(|| ObjectId::new().into()),
-                );
-                if let Some(device) = reading.device {
-                    document.insert("device", device);
-                }
-                if let Some(boot) = reading.boot {
-                    document.insert("boot", boot);
-                }
-                if let Some(seq) = reading.seq {
-                    document.insert("seq", seq as i64);
-                }
-                if let Some(unit) = reading.unit {
-                    document.insert("unit", unit);
-                }
-                Record::Reading { document, keyed }
-            }
-            Err(error) => Record::Unparsed {
-                document: unparsed(topic, payload, received, &error.to_string()),
-            },
-        }
-    }
-
-    pub fn document(&self) -> &Document {
-        match self {
-            Record::Reading { document, .. }
-            | Record::Unparsed { document }
-            | Record::Status { document, .. } => document,
-        }
+        Mapping::builtin().read(topic, payload, received_at)
     }
 }
 
-/// `online`/`offline`, plain or as JSON `{"status": ..., "device": ..., "ts": ...}`. The
-/// device is the JSON `device`, else the topic itself.
-fn status_of(topic: &str, payload: &[u8]) -> Option<(String, bool, Option<DateTime<Utc>>)> {
-    let parse = |word: &str| match word {
-        "online" => Some(true),
-        "offline" => Some(false),
-        _ => None,
-    };
-    let text = std::str::from_utf8(payload).ok()?.trim();
-    if let Some(online) = parse(text) {
-        return Some((topic.to_string(), online, None));
-    }
-    let json: serde_json::Value = serde_json::from_str(text).ok()?;
-    let online = parse(json.get("status")?.as_str()?)?;
-    let device = json
-        .get("device")
-        .and_then(|d| d.as_str())
-        .unwrap_or(topic)
-        .to_string();
-    let ts = json
-        .get("ts")
-        .and_then(|t| t.as_str())
-        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-        .map(|t| t.with_timezone(&Utc));
-    Some((device, online, ts))
-}
-
-fn unparsed(topic: &str, payload: &[u8], received: bson::DateTime, error: &str) -> Document {
+pub(crate) fn unparsed(
+    topic: &str,
+    payload: &[u8],
+    received: bson::DateTime,
+    error: &str,
+) -> Document {
     let mut document = doc! {
         "_id": ObjectId::new(),
         "topic": topic,
@@ -456,10 +378,13 @@ mod tests {
 
     #[test]
     fn a_plain_number_is_a_reading_at_receive_time() {
-        let Record::Reading { document, keyed } =
+        let Record::Readings { documents, keyed } =
             Record::from_message("/sensor/temperature", b"23.41", at())
         else {
             panic!("not a reading");
+        };
+        let [document] = &documents[..] else {
+            panic!("one document: {documents:?}");
         };
         assert!(!keyed);
         assert_eq!(document.get_f64("value"), Ok(23.41));
@@ -474,10 +399,13 @@ mod tests {
     #[test]
     fn a_json_reading_is_keyed_by_device_boot_and_seq_with_device_time() {
         let payload = br#"{"device":"temp-0001","boot":"k3x9q2","seq":42,"ts":"2026-11-24T09:59:59.000Z","value":23.41,"unit":"C"}"#;
-        let Record::Reading { document, keyed } =
+        let Record::Readings { documents, keyed } =
             Record::from_message("/sensor/temperature", payload, at())
         else {
             panic!("not a reading");
+        };
+        let [document] = &documents[..] else {
+            panic!("one document: {documents:?}");
         };
         assert!(keyed);
         assert_eq!(

@@ -21,11 +21,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::Utc;
+use chrono_tz::Tz;
 use clap::Parser;
 use iot_core::config::{parse_positive_seconds, BrokerSettings, CloudBroker};
 use iot_core::mqtt::{Connection, Event};
-use iot_core::topics;
-use iot_store::{parse_retention, MongoSettings, Record};
+use iot_store::{parse_retention, Mapping, MongoSettings, Record};
 use rumqttc::{QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -36,10 +36,25 @@ use writer::{Pending, Retention, Stats, Writer};
 #[derive(Debug, Clone, Parser)]
 #[command(name = "mongo-persister", version)]
 pub struct Config {
-    /// Topic filter to store; repeat for several
-    #[arg(long = "topic", value_name = "FILTER", env = "PERSISTER_TOPIC", value_delimiter = ',',
-          default_values_t = [topics::SENSORS.to_string(), topics::DEVICES.to_string()])]
+    /// Topic filter to subscribe to; repeat for several [default: the filters of the ingest rules]
+    #[arg(
+        long = "topic",
+        value_name = "FILTER",
+        env = "PERSISTER_TOPIC",
+        value_delimiter = ','
+    )]
     pub topics: Vec<String>,
+    /// How to read what devices publish: an ingest mapping file, or a built-in preset (default, tasmota, zigbee2mqtt, esphome, shelly, homeassistant); repeat for several, tried in order [default: default]
+    #[arg(
+        long = "ingest",
+        value_name = "FILE|PRESET",
+        env = "PERSISTER_INGEST",
+        value_delimiter = ','
+    )]
+    pub ingest: Vec<String>,
+    /// Time zone of device times written without an offset (Tasmota's Time), where a rule names none: an IANA name such as Europe/Berlin
+    #[arg(long, value_name = "ZONE", env = "PERSISTER_DEVICE_TIMEZONE", default_value = "UTC", value_parser = parse_zone)]
+    pub device_timezone: Tz,
     /// Share the stream with other replicas through the shared subscription $share/GROUP/...; needs --client-id
     #[arg(long, env = "PERSISTER_SHARE", value_name = "GROUP")]
     pub share: Option<String>,
@@ -73,12 +88,20 @@ pub struct Config {
     pub mongo: MongoSettings,
 }
 
+fn parse_zone(value: &str) -> Result<Tz, String> {
+    value
+        .parse()
+        .map_err(|_| "expected an IANA time zone such as Europe/Berlin or UTC".to_string())
+}
+
 /// The session name without --client-id (and without --share).
 pub const DEFAULT_CLIENT_ID: &str = "mongo-persister";
 
 impl Config {
-    /// Refuses settings that parse but cannot work together; the message names them.
+    /// Refuses settings that parse but cannot work together, and an ingest mapping that
+    /// does not load; the message names them.
     pub fn validate(&self) -> Result<(), String> {
+        self.mapping()?;
         if let (Some(group), None) = (&self.share, &self.client_id) {
             return Err(format!(
                 "--share {group} (PERSISTER_SHARE) needs --client-id (PERSISTER_CLIENT_ID), the same on every start: \
@@ -106,13 +129,31 @@ impl Config {
             .unwrap_or_else(|| DEFAULT_CLIENT_ID.to_string())
     }
 
+    /// The ingest mapping: `--ingest` in order, or the built-in default.
+    pub fn mapping(&self) -> Result<Mapping, String> {
+        if self.ingest.is_empty() {
+            Mapping::load(&["default".to_string()], self.device_timezone)
+        } else {
+            Mapping::load(&self.ingest, self.device_timezone)
+        }
+    }
+
+    /// The topic filters: `--topic`, or those of the mapping's rules.
+    pub fn topics(&self, mapping: &Mapping) -> Vec<String> {
+        if self.topics.is_empty() {
+            mapping.filters()
+        } else {
+            self.topics.clone()
+        }
+    }
+
     /// The subscription filters, inside `$share/GROUP/` when sharing.
-    pub fn filters(&self) -> Vec<String> {
-        self.topics
-            .iter()
+    pub fn filters(&self, mapping: &Mapping) -> Vec<String> {
+        self.topics(mapping)
+            .into_iter()
             .map(|topic| match &self.share {
                 Some(group) => format!("$share/{group}/{topic}"),
-                None => topic.clone(),
+                None => topic,
             })
             .collect()
     }
@@ -133,7 +174,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let db = config.mongo.database("mongo-persister").await?;
     let mut ready = ReadyFile::new(config.ready_file.clone())?;
-    let filters = config.filters();
+    let mapping = config
+        .mapping()
+        .map_err(|error| anyhow::anyhow!("cannot load the ingest mapping: {error}"))?;
+    let topics = config.topics(&mapping);
+    let filters = config.filters(&mapping);
     if config.retire {
         tracing::info!(
             broker = %broker.address(), client_id, topics = ?filters,
@@ -206,7 +251,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                         if config.share.is_some() && session_present {
                             // Left from a run without --share, they would take every
                             // message a second time.
-                            connection.unsubscribe(&config.topics).await?;
+                            connection.unsubscribe(&topics).await?;
                         }
                     }
                 },
@@ -217,9 +262,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
                 Event::Message { publish, ack } => {
                     stats.received.fetch_add(1, Ordering::Relaxed);
-                    let record = Record::from_message(&publish.topic, &publish.payload, Utc::now());
-                    if let Record::Unparsed { .. } = record {
-                        stats.unparsed.fetch_add(1, Ordering::Relaxed);
+                    let record = mapping.read(&publish.topic, &publish.payload, Utc::now());
+                    match &record {
+                        Record::Unparsed { .. } => {
+                            stats.unparsed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Record::Nothing { why } => {
+                            stats.ignored.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(topic = publish.topic, "nothing to store: {why}");
+                        }
+                        _ => {}
                     }
                     let replay = publish.retain;
                     // Room was checked above, and only this task sends.
@@ -458,7 +510,11 @@ mod tests {
         let config = parse(&["--share", "persisters", "--client-id", "persister-1"]);
         assert_eq!(config.validate(), Ok(()));
         assert_eq!(config.client_id(), "persister-1");
-        assert_eq!(config.filters()[0], "$share/persisters//sensor/#");
+        let mapping = config.mapping().expect("the default mapping");
+        assert_eq!(
+            config.filters(&mapping),
+            ["$share/persisters//device/#", "$share/persisters//sensor/#"]
+        );
     }
 
     #[test]
@@ -476,6 +532,28 @@ mod tests {
         assert!(parse(&["--share", "a/b", "--client-id", "x"])
             .validate()
             .is_err());
+    }
+
+    #[test]
+    fn the_mapping_gives_the_filters_unless_topics_are_named() {
+        let config = parse(&[
+            "--ingest",
+            "tasmota,default",
+            "--device-timezone",
+            "Europe/Berlin",
+        ]);
+        let mapping = config.mapping().expect("loads");
+        assert_eq!(config.topics(&mapping)[0], "tele/+/LWT");
+        assert!(config.topics(&mapping).contains(&"/sensor/#".to_string()));
+        let config = parse(&["--ingest", "tasmota", "--topic", "#"]);
+        assert_eq!(config.topics(&config.mapping().expect("loads")), ["#"]);
+        let error = parse(&["--ingest", "tasmoda"])
+            .validate()
+            .expect_err("no such preset");
+        assert!(error.contains("--ingest tasmoda"), "{error}");
+        assert!(
+            Config::try_parse_from(["mongo-persister", "--device-timezone", "Berlin"]).is_err()
+        );
     }
 
     #[test]

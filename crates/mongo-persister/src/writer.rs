@@ -42,8 +42,10 @@ pub struct Stats {
     pub received: AtomicU64,
     pub written: AtomicU64,
     pub duplicates: AtomicU64,
-    /// Messages that were not readings (stored flagged).
+    /// Messages that could not be read (stored flagged).
     pub unparsed: AtomicU64,
+    /// Messages with nothing to store (events, texts, topics no rule reads).
+    pub ignored: AtomicU64,
     /// Retained replays already stored and repeated statuses, not stored again.
     pub skipped: AtomicU64,
     /// Documents the database refused for another reason than a duplicate.
@@ -51,15 +53,16 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// `in=… written=… duplicates=… unparsed=… skipped=… rejected=… buffered=…`
+    /// `in=… written=… duplicates=… unparsed=… ignored=… skipped=… rejected=… buffered=…`
     pub fn line(&self, buffered: usize) -> String {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         format!(
-            "in={} written={} duplicates={} unparsed={} skipped={} rejected={} buffered={buffered}",
+            "in={} written={} duplicates={} unparsed={} ignored={} skipped={} rejected={} buffered={buffered}",
             get(&self.received),
             get(&self.written),
             get(&self.duplicates),
             get(&self.unparsed),
+            get(&self.ignored),
             get(&self.skipped),
             get(&self.rejected),
         )
@@ -218,22 +221,25 @@ impl Writer {
     }
 
     async fn write(&self, batch: &[Pending]) -> anyhow::Result<()> {
+        // Retained replays of readings without a key: stored already when they equal
+        // the newest document of their topic and measurement.
         let replays: Vec<&Document> = batch
             .iter()
             .filter(|pending| pending.replay)
-            .filter_map(|pending| match &pending.record {
-                Record::Reading {
-                    document,
+            .flat_map(|pending| match &pending.record {
+                Record::Readings {
+                    documents,
                     keyed: false,
-                }
-                | Record::Unparsed { document } => Some(document),
-                _ => None,
+                } => documents.iter().collect(),
+                Record::Unparsed { document } => vec![document],
+                _ => Vec::new(),
             })
             .collect();
         let stored = self.newest_of_topics(&replays).await?;
         let mut readings = Vec::new();
         let mut statuses: BTreeMap<&str, Vec<(bool, &Document)>> = BTreeMap::new();
         for pending in batch {
+            let check_replay = pending.replay;
             match &pending.record {
                 Record::Status {
                     device,
@@ -243,29 +249,35 @@ impl Writer {
                     .entry(device.as_str())
                     .or_default()
                     .push((*online, document)),
-                Record::Reading {
-                    document,
+                Record::Readings {
+                    documents,
                     keyed: false,
+                } if check_replay => {
+                    for document in documents {
+                        if is_stored(document, &stored) {
+                            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            readings.push(document.clone());
+                        }
+                    }
                 }
-                | Record::Unparsed { document }
-                    if pending.replay && is_stored(document, &stored) =>
-                {
+                Record::Unparsed { document } if check_replay && is_stored(document, &stored) => {
                     self.stats.skipped.fetch_add(1, Ordering::Relaxed);
                 }
-                Record::Reading { document, .. } | Record::Unparsed { document } => {
-                    readings.push(document.clone())
-                }
+                Record::Readings { documents, .. } => readings.extend(documents.iter().cloned()),
+                Record::Unparsed { document } => readings.push(document.clone()),
+                Record::Nothing { .. } => {}
             }
         }
         self.insert(&self.readings, readings).await?;
         self.store_changes(statuses).await
     }
 
-    /// The newest stored reading of each topic of `replays` (one query).
+    /// The newest stored document of each topic and measurement of `replays` (one query).
     async fn newest_of_topics(
         &self,
         replays: &[&Document],
-    ) -> anyhow::Result<HashMap<String, Document>> {
+    ) -> anyhow::Result<HashMap<Series, Document>> {
         if replays.is_empty() {
             return Ok(HashMap::new());
         }
@@ -277,7 +289,7 @@ impl Writer {
             doc! { "$match": { "topic": { "$in": topics } } },
             doc! { "$sort": { "topic": 1, "received_at": -1 } },
             doc! { "$group": {
-                "_id": "$topic",
+                "_id": { "topic": "$topic", "measurement": "$measurement" },
                 "value": { "$first": "$value" },
                 "raw": { "$first": "$raw" },
                 "raw_base64": { "$first": "$raw_base64" },
@@ -291,7 +303,10 @@ impl Writer {
             .await?;
         Ok(newest
             .into_iter()
-            .filter_map(|document| Some((document.get_str("_id").ok()?.to_string(), document)))
+            .filter_map(|document| {
+                let series = document.get_document("_id").ok().and_then(series_of)?;
+                Some((series, document))
+            })
             .collect())
     }
 
@@ -436,11 +451,20 @@ impl Writer {
     }
 }
 
-/// Whether a retained replay is the newest document already stored for its topic (same
-/// value, or same raw payload).
-fn is_stored(document: &Document, newest: &HashMap<String, Document>) -> bool {
-    let topic = document.get_str("topic").unwrap_or_default();
-    let Some(last) = newest.get(topic) else {
+/// A topic and, when the document has one, its measurement.
+type Series = (String, Option<String>);
+
+fn series_of(document: &Document) -> Option<Series> {
+    let topic = document.get_str("topic").ok()?.to_string();
+    // A document without a measurement: the field is missing, or null after $group.
+    let measurement = document.get_str("measurement").ok().map(String::from);
+    Some((topic, measurement))
+}
+
+/// Whether a retained replay is the newest document already stored for its topic and
+/// measurement (same value, or same raw payload).
+fn is_stored(document: &Document, newest: &HashMap<Series, Document>) -> bool {
+    let Some(last) = series_of(document).and_then(|series| newest.get(&series)) else {
         return false;
     };
     let same = |field: &str| {

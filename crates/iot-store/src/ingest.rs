@@ -1,0 +1,861 @@
+//! Ingest mappings: how the persister reads what devices publish. A mapping is a list
+//! of rules from TOML files (`ingest/*.toml`, built into the binary as presets); the
+//! first rule whose topic pattern matches a message reads it:
+//!
+//! - `kind = "readings"` (the default): the payload becomes one document per
+//!   measurement. `payload = "auto"` reads JSON when the payload is JSON, else a plain
+//!   value; `"json"` and `"plain"` only that; `"reading"` the project's own form (a
+//!   plain number, or a JSON object with `value` and optionally `device`, `boot`, `seq`,
+//!   `ts`, `unit`).
+//! - `kind = "status"`: availability; `online`/`offline` list the payloads that mean
+//!   each (plain, or the `state_field` of a JSON object). A payload that is neither is
+//!   left to the next rule.
+//! - `kind = "ignore"`: topics of the preset that carry no readings (commands, logs).
+//!
+//! Reading a JSON payload: every number is a measurement named by its path (`.` between
+//! keys, array elements by index: `ENERGY.Current.0`); booleans and exactly `"ON"` /
+//! `"OFF"` are 1 and 0; other strings and `null` are not measurements. A plain payload:
+//! a decimal number, or `on`/`off`/`true`/`false` in any case (1/0); other text is not a
+//! measurement. A message that yields nothing is counted, not stored; one that cannot be
+//! read (not UTF-8, broken JSON) is stored flagged, as any payload the default mapping
+//! cannot read.
+
+pub mod topic;
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::LazyLock;
+
+use bson::{doc, oid::ObjectId, Bson};
+use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
+use chrono_tz::Tz;
+use serde::Deserialize;
+use serde_json::Value;
+
+use iot_core::payload::{decode, Decoded};
+
+use crate::{unparsed, Record};
+use topic::{check_filter, minimal_filters, Captures, Pattern, Template};
+
+/// The presets built into the binary, by name: `--ingest tasmota` reads
+/// `ingest/tasmota.toml` as it was when the binary was built.
+pub const PRESETS: &[(&str, &str)] = &[
+    ("default", include_str!("../../../ingest/default.toml")),
+    ("tasmota", include_str!("../../../ingest/tasmota.toml")),
+    (
+        "zigbee2mqtt",
+        include_str!("../../../ingest/zigbee2mqtt.toml"),
+    ),
+    ("esphome", include_str!("../../../ingest/esphome.toml")),
+    ("shelly", include_str!("../../../ingest/shelly.toml")),
+    (
+        "homeassistant",
+        include_str!("../../../ingest/homeassistant.toml"),
+    ),
+];
+
+/// The most measurements one message may hold; a payload with more is flagged (it is
+/// not telemetry, and would otherwise become that many documents).
+pub const MAX_MEASUREMENTS: usize = 1000;
+
+/// Rules in the order they are tried.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    rules: Vec<Rule>,
+    /// The zone of device times written without an offset, where a rule names none.
+    timezone: Tz,
+}
+
+static DEFAULT: LazyLock<Mapping> = LazyLock::new(|| {
+    Mapping::load(&["default".to_string()], Tz::UTC).unwrap_or_else(|error| {
+        // ingest/default.toml is built in and tested: this cannot happen in a release.
+        panic!("the built-in default mapping does not load: {error}")
+    })
+});
+
+impl Mapping {
+    /// The mapping without `--ingest`: the seed topics and the project's reading form.
+    pub fn builtin() -> &'static Mapping {
+        &DEFAULT
+    }
+
+    /// Reads the mapping files (or built-in presets, by name) in order. The error is one
+    /// line naming the file, the rule and what is wrong.
+    pub fn load(sources: &[String], timezone: Tz) -> Result<Mapping, String> {
+        let mut rules = Vec::new();
+        for source in sources {
+            let (name, text) = read_source(source)?;
+            rules.extend(parse(&name, &text)?);
+        }
+        if rules.is_empty() {
+            return Err(format!(
+                "the ingest mapping {} has no rules",
+                sources.join(",")
+            ));
+        }
+        Ok(Mapping { rules, timezone })
+    }
+
+    /// The filters to subscribe to: those of the rules that subscribe, without the ones
+    /// another covers.
+    pub fn filters(&self) -> Vec<String> {
+        minimal_filters(
+            self.rules
+                .iter()
+                .filter(|rule| rule.subscribe)
+                .map(|rule| rule.filter.clone()),
+        )
+    }
+
+    /// What a message becomes.
+    pub fn read(&self, topic: &str, payload: &[u8], received_at: DateTime<Utc>) -> Record {
+        let received = bson::DateTime::from_chrono(received_at);
+        let mut refused_status: Option<String> = None;
+        for rule in &self.rules {
+            let Some(captures) = rule.pattern.matches(topic) else {
+                continue;
+            };
+            let zone = rule.timezone.unwrap_or(self.timezone);
+            match &rule.kind {
+                Kind::Ignore => {
+                    return Record::Nothing {
+                        why: Cow::Borrowed("an ignore rule"),
+                    }
+                }
+                Kind::Status(status) => match status.read(rule, &captures, payload, received, zone)
+                {
+                    Ok(record) => return record,
+                    Err(why) => {
+                        refused_status.get_or_insert(why);
+                    }
+                },
+                Kind::Readings(readings) => {
+                    return readings.read(rule, &captures, topic, payload, received, zone)
+                }
+            }
+        }
+        match refused_status {
+            Some(why) => Record::Unparsed {
+                document: unparsed(topic, payload, received, &why),
+            },
+            None => Record::Nothing {
+                why: Cow::Borrowed("no ingest rule for this topic"),
+            },
+        }
+    }
+}
+
+fn read_source(source: &str) -> Result<(String, String), String> {
+    let is_path = source.contains('/') || source.ends_with(".toml") || Path::new(source).exists();
+    if !is_path {
+        return match PRESETS.iter().find(|(name, _)| *name == source) {
+            Some((name, text)) => Ok((format!("preset {name}"), text.to_string())),
+            None => Err(format!(
+                "--ingest {source}: no such file, nor a preset ({})",
+                PRESETS
+                    .iter()
+                    .map(|(name, _)| *name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        };
+    }
+    std::fs::read_to_string(source)
+        .map(|text| (source.to_string(), text))
+        .map_err(|error| format!("--ingest {source}: cannot read it: {error}"))
+}
+
+/// A mapping file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    rule: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    topic: String,
+    filter: Option<String>,
+    subscribe: Option<bool>,
+    #[serde(default)]
+    kind: RawKind,
+    payload: Option<Form>,
+    device: Option<String>,
+    measurement: Option<String>,
+    root: Option<String>,
+    skip: Option<Vec<String>>,
+    #[serde(default)]
+    time: Vec<TimeField>,
+    timezone: Option<String>,
+    units: Option<toml::Table>,
+    online: Option<Vec<String>>,
+    offline: Option<Vec<String>>,
+    state_field: Option<String>,
+    device_field: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawKind {
+    #[default]
+    Readings,
+    Status,
+    Ignore,
+}
+
+/// How a readings rule reads the payload.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Form {
+    /// JSON when the payload is JSON, else a plain value.
+    #[default]
+    Auto,
+    /// JSON only: anything else is flagged.
+    Json,
+    /// A plain value only: JSON is not a measurement.
+    Plain,
+    /// The project's reading form: a plain number or `{"value": ..}` with device, boot,
+    /// seq, ts and unit; anything else is flagged.
+    Reading,
+}
+
+/// Where a time may be, tried in order.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeField {
+    /// A path below the rule's root, `.` between keys.
+    pub field: String,
+    pub format: TimeFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeFormat {
+    /// `2026-11-24T10:00:00Z`, with an offset or (in the rule's zone) without one;
+    /// fractions of a second allowed, `T` or a space between date and time.
+    Datetime,
+    /// Seconds since 1970 (fractions allowed).
+    Unix,
+    /// Milliseconds since 1970.
+    UnixMs,
+}
+
+/// One rule, checked.
+#[derive(Debug, Clone)]
+struct Rule {
+    pattern: Pattern,
+    filter: String,
+    subscribe: bool,
+    kind: Kind,
+    device: Option<Template>,
+    time: Vec<TimeField>,
+    timezone: Option<Tz>,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Readings(Readings),
+    Status(Status),
+    Ignore,
+}
+
+#[derive(Debug, Clone)]
+struct Readings {
+    form: Form,
+    measurement: Option<Template>,
+    root: Vec<String>,
+    skip: Vec<String>,
+    units: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+struct Status {
+    online: Vec<String>,
+    offline: Vec<String>,
+    state_field: Option<String>,
+    device_field: Option<String>,
+}
+
+/// Parses one mapping file; `name` is how errors name it.
+fn parse(name: &str, text: &str) -> Result<Vec<Rule>, String> {
+    let file: File = toml::from_str(text).map_err(|error| {
+        let at = error.span().map(|span| span.start).unwrap_or(0);
+        let line = text[..at.min(text.len())].matches('\n').count() + 1;
+        let rule = text[..at.min(text.len())]
+            .lines()
+            .filter(|line| line.trim() == "[[rule]]")
+            .count();
+        let which = if rule > 0 {
+            format!("rule {rule} (line {line})")
+        } else {
+            format!("line {line}")
+        };
+        let message: Vec<&str> = error
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty())
+            .collect();
+        format!("{name}: {which}: {}", message.join("; "))
+    })?;
+    if file.rule.is_empty() {
+        return Err(format!("{name}: no [[rule]] in it"));
+    }
+    file.rule
+        .into_iter()
+        .enumerate()
+        .map(|(index, raw)| {
+            let topic = raw.topic.clone();
+            check(raw).map_err(|why| format!("{name}: rule {} (topic {topic:?}): {why}", index + 1))
+        })
+        .collect()
+}
+
+/// Turns a rule as written into a checked one.
+fn check(raw: RawRule) -> Result<Rule, String> {
+    let pattern = Pattern::parse(&raw.topic)?;
+    let filter = match raw.filter {
+        Some(filter) => {
+            check_filter(&filter)?;
+            filter
+        }
+        None => pattern.filter(),
+    };
+    let template = |text: &Option<String>| {
+        text.as_deref()
+            .map(|text| Template::parse(text, pattern.names()))
+            .transpose()
+    };
+    let named = |name: &str| {
+        pattern
+            .names()
+            .any(|known| known == name)
+            .then(|| Template::parse(&format!("{{{name}}}"), pattern.names()))
+            .transpose()
+    };
+    let device = match template(&raw.device)? {
+        Some(device) => Some(device),
+        None => named("device")?,
+    };
+    let timezone = raw
+        .timezone
+        .as_deref()
+        .map(|zone| {
+            Tz::from_str(zone).map_err(|_| {
+                format!("timezone {zone:?} is not an IANA zone such as Europe/Berlin or UTC")
+            })
+        })
+        .transpose()?;
+    let only = |present: bool, what: &str, kind: &str| {
+        if present {
+            Err(format!("{what} is for readings rules, not {kind} rules"))
+        } else {
+            Ok(())
+        }
+    };
+    let readings_keys = [
+        (raw.payload.is_some(), "payload"),
+        (raw.measurement.is_some(), "measurement"),
+        (raw.root.is_some(), "root"),
+        (raw.skip.is_some(), "skip"),
+        (raw.units.is_some(), "units"),
+    ];
+    let status_keys = [
+        (raw.online.is_some(), "online"),
+        (raw.offline.is_some(), "offline"),
+        (raw.state_field.is_some(), "state_field"),
+        (raw.device_field.is_some(), "device_field"),
+    ];
+    let kind = match raw.kind {
+        RawKind::Ignore => {
+            for (present, what) in readings_keys.iter().chain(&status_keys) {
+                if *present {
+                    return Err(format!("{what} means nothing in an ignore rule"));
+                }
+            }
+            if raw.device.is_some() || !raw.time.is_empty() || raw.timezone.is_some() {
+                return Err("device, time and timezone mean nothing in an ignore rule".into());
+            }
+            Kind::Ignore
+        }
+        RawKind::Status => {
+            for (present, what) in readings_keys {
+                only(present, what, "status")?;
+            }
+            let online = raw.online.unwrap_or_else(|| vec!["online".into()]);
+            let offline = raw.offline.unwrap_or_else(|| vec!["offline".into()]);
+            if online.is_empty()
+                || offline.is_empty()
+                || online.iter().any(|word| offline.contains(word))
+            {
+                return Err(
+                    "online and offline each need at least one payload, none in both".into(),
+                );
+            }
+            Kind::Status(Status {
+                online,
+                offline,
+                state_field: raw.state_field,
+                device_field: raw.device_field,
+            })
+        }
+        RawKind::Readings => {
+            for (present, what) in status_keys {
+                if present {
+                    return Err(format!("{what} is for status rules, not readings rules"));
+                }
+            }
+            let form = raw.payload.unwrap_or_default();
+            let measurement = match template(&raw.measurement)? {
+                Some(measurement) => Some(measurement),
+                None => named("measurement")?,
+            };
+            let mut units = Vec::new();
+            for (glob, unit) in raw.units.unwrap_or_default() {
+                match unit {
+                    toml::Value::String(unit) => units.push((glob, unit)),
+                    other => {
+                        return Err(format!(
+                            "units: {glob:?} is a {}: a unit is a string",
+                            other.type_str()
+                        ))
+                    }
+                }
+            }
+            if form == Form::Plain && (raw.root.is_some() || !raw.time.is_empty()) {
+                return Err(
+                    "root and time read a JSON payload; this rule reads plain payloads".into(),
+                );
+            }
+            Kind::Readings(Readings {
+                form,
+                measurement,
+                root: raw
+                    .root
+                    .map(|root| root.split('.').map(String::from).collect())
+                    .unwrap_or_default(),
+                skip: raw.skip.unwrap_or_default(),
+                units,
+            })
+        }
+    };
+    Ok(Rule {
+        pattern,
+        filter,
+        // An ignore rule only keeps what other filters bring from being stored.
+        subscribe: raw.subscribe.unwrap_or(raw.kind != RawKind::Ignore),
+        kind,
+        device,
+        time: raw.time,
+        timezone,
+    })
+}
+
+impl Status {
+    /// The status a payload says, or why it says none this rule knows.
+    fn read(
+        &self,
+        rule: &Rule,
+        captures: &Captures<'_>,
+        payload: &[u8],
+        received: bson::DateTime,
+        zone: Tz,
+    ) -> Result<Record, String> {
+        let text = std::str::from_utf8(payload)
+            .map_err(|_| "payload is not UTF-8".to_string())?
+            .trim();
+        let json = match &self.state_field {
+            Some(_) if text.starts_with('{') => serde_json::from_str::<Value>(text).ok(),
+            _ => None,
+        };
+        let word = match (&json, &self.state_field) {
+            (Some(json), Some(field)) => {
+                json.get(field).and_then(Value::as_str).unwrap_or_default()
+            }
+            _ => text,
+        };
+        let online = if self.online.iter().any(|known| known == word) {
+            true
+        } else if self.offline.iter().any(|known| known == word) {
+            false
+        } else {
+            return Err(format!(
+                "not a status: expected {} or {}",
+                self.online.join("/"),
+                self.offline.join("/")
+            ));
+        };
+        let device = json
+            .as_ref()
+            .zip(self.device_field.as_deref())
+            .and_then(|(json, field)| json.get(field)?.as_str().map(String::from))
+            .or_else(|| rule.device.as_ref().map(|device| device.fill(captures)))
+            .unwrap_or_else(|| captures.get("topic").cloned().unwrap_or_default());
+        let ts = json
+            .as_ref()
+            .and_then(|json| time_of(json, &rule.time, zone))
+            .map(bson::DateTime::from_chrono)
+            .unwrap_or(received);
+        let document = doc! {
+            "_id": ObjectId::new(),
+            "topic": captures.get("topic").map_or("", String::as_str),
+            "device": &device,
+            "status": if online { "online" } else { "offline" },
+            "ts": ts,
+            "received_at": received,
+        };
+        Ok(Record::Status {
+            device,
+            online,
+            document,
+        })
+    }
+}
+
+impl Readings {
+    fn read(
+        &self,
+        rule: &Rule,
+        captures: &Captures<'_>,
+        topic: &str,
+        payload: &[u8],
+        received: bson::DateTime,
+        zone: Tz,
+    ) -> Record {
+        let device = rule.device.as_ref().map(|device| device.fill(captures));
+        let measurement = self
+            .measurement
+            .as_ref()
+            .map(|measurement| measurement.fill(captures));
+        if self.form == Form::Reading {
+            return reading_form(topic, payload, received, device, measurement);
+        }
+        let Ok(text) = std::str::from_utf8(payload) else {
+            return Record::Unparsed {
+                document: unparsed(topic, payload, received, "payload is not UTF-8"),
+            };
+        };
+        let text = text.trim();
+        let looks_json = text.starts_with(['{', '[']);
+        let json = match self.form {
+            Form::Plain => None,
+            Form::Json => match serde_json::from_str::<Value>(text) {
+                Ok(json) => Some(json),
+                Err(error) => {
+                    return Record::Unparsed {
+                        document: unparsed(
+                            topic,
+                            payload,
+                            received,
+                            &format!("payload is not JSON: {error}"),
+                        ),
+                    }
+                }
+            },
+            _ => match serde_json::from_str::<Value>(text) {
+                Ok(json) => Some(json),
+                Err(error) if looks_json => {
+                    return Record::Unparsed {
+                        document: unparsed(
+                            topic,
+                            payload,
+                            received,
+                            &format!("payload is not JSON: {error}"),
+                        ),
+                    }
+                }
+                Err(_) => None,
+            },
+        };
+        let mut values: Vec<(String, f64)> = Vec::new();
+        let mut ts = received;
+        match &json {
+            Some(json) => {
+                let Some(root) = self.root.iter().try_fold(json, |value, key| value.get(key))
+                else {
+                    return Record::Nothing {
+                        why: Cow::Borrowed("the payload has no root object the rule names"),
+                    };
+                };
+                if let Some(time) = time_of(root, &rule.time, zone) {
+                    ts = bson::DateTime::from_chrono(time);
+                }
+                let skipped = |path: &str| {
+                    rule.time.iter().any(|time| time.field == path)
+                        || self.skip.iter().any(|glob| glob_matches(glob, path))
+                };
+                let mut path = String::new();
+                if !flatten(root, &mut path, &mut values, &skipped) {
+                    return Record::Unparsed {
+                        document: unparsed(
+                            topic,
+                            payload,
+                            received,
+                            &format!("more than {MAX_MEASUREMENTS} measurements in one message"),
+                        ),
+                    };
+                }
+            }
+            None => {
+                if let Some(value) = plain_value(text) {
+                    values.push((String::new(), value));
+                }
+            }
+        }
+        if values.is_empty() {
+            return Record::Nothing {
+                why: Cow::Borrowed("no measurement in the payload"),
+            };
+        }
+        let documents = values
+            .into_iter()
+            .map(|(path, value)| {
+                let name = match (&measurement, path.is_empty()) {
+                    (Some(measurement), true) => measurement.clone(),
+                    (Some(measurement), false) => format!("{measurement}.{path}"),
+                    (None, true) => "value".to_string(),
+                    (None, false) => path.clone(),
+                };
+                let mut document = doc! { "_id": ObjectId::new(), "topic": topic };
+                if let Some(device) = &device {
+                    document.insert("device", device);
+                }
+                document.insert("value", value);
+                if let Some(unit) = self.unit_of(&name, json.as_ref()) {
+                    document.insert("unit", unit);
+                }
+                document.insert("measurement", name);
+                document.insert("ts", ts);
+                document.insert("received_at", received);
+                document
+            })
+            .collect();
+        Record::Readings {
+            documents,
+            keyed: false,
+        }
+    }
+
+    /// The unit of measurement `name`: the first `units` pattern that matches it,
+    /// with `{Field}` filled from the payload's top-level string fields; none when such
+    /// a field is missing.
+    fn unit_of(&self, name: &str, json: Option<&Value>) -> Option<String> {
+        let (_, unit) = self
+            .units
+            .iter()
+            .find(|(glob, _)| glob_matches(glob, name))?;
+        let mut out = String::new();
+        let mut rest = unit.as_str();
+        while let Some(open) = rest.find('{') {
+            let close = open + rest[open..].find('}')?;
+            out.push_str(&rest[..open]);
+            out.push_str(json?.get(&rest[open + 1..close])?.as_str()?);
+            rest = &rest[close + 1..];
+        }
+        out.push_str(rest);
+        (!out.is_empty()).then_some(out)
+    }
+}
+
+/// The project's reading form, as the persister always read it, with the device and
+/// measurement the topic gives (the payload's own `device` wins).
+fn reading_form(
+    topic: &str,
+    payload: &[u8],
+    received: bson::DateTime,
+    device: Option<String>,
+    measurement: Option<String>,
+) -> Record {
+    let mut document = doc! { "topic": topic };
+    let keyed = match decode(payload) {
+        Ok(Decoded::Number(value)) => {
+            document.insert("_id", ObjectId::new());
+            if let Some(device) = device {
+                document.insert("device", device);
+            }
+            if let Some(measurement) = measurement {
+                document.insert("measurement", measurement);
+            }
+            document.insert("value", value);
+            document.insert("ts", received);
+            false
+        }
+        Ok(Decoded::Json(reading)) => {
+            let key = match (&reading.device, &reading.boot, reading.seq) {
+                (Some(device), Some(boot), Some(seq)) => {
+                    Some(doc! { "device": device, "boot": boot, "seq": seq as i64 })
+                }
+                _ => None,
+            };
+            let keyed = key.is_some();
+            document.insert(
+                "_id",
+                key.map(Bson::Document)
+                    .unwrap_or_else(|| ObjectId::new().into()),
+            );
+            if let Some(device) = reading.device.or(device) {
+                document.insert("device", device);
+            }
+            if let Some(boot) = reading.boot {
+                document.insert("boot", boot);
+            }
+            if let Some(seq) = reading.seq {
+                document.insert("seq", seq as i64);
+            }
+            if let Some(measurement) = measurement {
+                document.insert("measurement", measurement);
+            }
+            document.insert("value", reading.value);
+            if let Some(unit) = reading.unit {
+                document.insert("unit", unit);
+            }
+            document.insert(
+                "ts",
+                reading
+                    .ts
+                    .map(bson::DateTime::from_chrono)
+                    .unwrap_or(received),
+            );
+            keyed
+        }
+        Err(error) => {
+            return Record::Unparsed {
+                document: unparsed(topic, payload, received, &error.to_string()),
+            }
+        }
+    };
+    document.insert("received_at", received);
+    Record::Readings {
+        documents: vec![document],
+        keyed,
+    }
+}
+
+/// A plain payload's value: a finite decimal number, or on/off/true/false in any case.
+pub fn plain_value(text: &str) -> Option<f64> {
+    let text = text.trim();
+    if let Ok(value) = text.parse::<f64>() {
+        return value.is_finite().then_some(value);
+    }
+    if text.eq_ignore_ascii_case("on") || text.eq_ignore_ascii_case("true") {
+        Some(1.0)
+    } else if text.eq_ignore_ascii_case("off") || text.eq_ignore_ascii_case("false") {
+        Some(0.0)
+    } else {
+        None
+    }
+}
+
+/// The measurements of a JSON value, named by path from `path`; false when there are
+/// more than [`MAX_MEASUREMENTS`].
+fn flatten(
+    value: &Value,
+    path: &mut String,
+    out: &mut Vec<(String, f64)>,
+    skipped: &dyn Fn(&str) -> bool,
+) -> bool {
+    if !path.is_empty() && skipped(path) {
+        return true;
+    }
+    let number = match value {
+        Value::Number(number) => number.as_f64(),
+        Value::Bool(flag) => Some(f64::from(u8::from(*flag))),
+        Value::String(text) if text == "ON" => Some(1.0),
+        Value::String(text) if text == "OFF" => Some(0.0),
+        Value::String(_) | Value::Null => None,
+        Value::Object(map) => {
+            return map
+                .iter()
+                .all(|(key, value)| descend(key, value, path, out, skipped));
+        }
+        Value::Array(items) => {
+            return items
+                .iter()
+                .enumerate()
+                .all(|(index, value)| descend(&index.to_string(), value, path, out, skipped));
+        }
+    };
+    if let Some(number) = number.filter(|number| number.is_finite()) {
+        if out.len() == MAX_MEASUREMENTS {
+            return false;
+        }
+        out.push((path.clone(), number));
+    }
+    true
+}
+
+fn descend(
+    key: &str,
+    value: &Value,
+    path: &mut String,
+    out: &mut Vec<(String, f64)>,
+    skipped: &dyn Fn(&str) -> bool,
+) -> bool {
+    let length = path.len();
+    if length > 0 {
+        path.push('.');
+    }
+    path.push_str(key);
+    let fine = flatten(value, path, out, skipped);
+    path.truncate(length);
+    fine
+}
+
+/// The first of `fields` present in `json` that reads as a time in its format.
+fn time_of(json: &Value, fields: &[TimeField], zone: Tz) -> Option<DateTime<Utc>> {
+    fields.iter().find_map(|time| {
+        let value = time
+            .field
+            .split('.')
+            .try_fold(json, |value, key| value.get(key))?;
+        match time.format {
+            TimeFormat::Datetime => parse_datetime(value.as_str()?, zone),
+            TimeFormat::Unix => {
+                let seconds = value.as_f64()?;
+                DateTime::from_timestamp_millis((seconds * 1000.0).round() as i64)
+            }
+            TimeFormat::UnixMs => DateTime::from_timestamp_millis(value.as_f64()?.round() as i64),
+        }
+    })
+}
+
+/// RFC 3339 with any offset, or a local time without one in `zone` (`T` or a space
+/// between date and time; fractions of a second allowed). An ambiguous local time (the
+/// hour a clock is set back) is read as the earlier one.
+pub fn parse_datetime(text: &str, zone: Tz) -> Option<DateTime<Utc>> {
+    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+        return Some(time.with_timezone(&Utc));
+    }
+    let local = ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+        .iter()
+        .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())?;
+    zone.from_local_datetime(&local)
+        .earliest()
+        .map(|time| time.with_timezone(&Utc))
+}
+
+/// `*` matches any text (dots included); everything else itself.
+pub fn glob_matches(glob: &str, text: &str) -> bool {
+    let mut parts = glob.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,468 @@
+//! The ingest contract: each preset on the firmware documentation's messages
+//! (`tests/fixtures/ingest/`), bad mapping files, and any input never panicking.
+
+use super::*;
+use std::collections::BTreeMap;
+
+/// The fixture files, by preset.
+pub const FIXTURES: &[(&str, &str)] = &[
+    (
+        "tasmota",
+        include_str!("../../../../tests/fixtures/ingest/tasmota.json"),
+    ),
+    (
+        "zigbee2mqtt",
+        include_str!("../../../../tests/fixtures/ingest/zigbee2mqtt.json"),
+    ),
+    (
+        "esphome",
+        include_str!("../../../../tests/fixtures/ingest/esphome.json"),
+    ),
+    (
+        "shelly",
+        include_str!("../../../../tests/fixtures/ingest/shelly.json"),
+    ),
+    (
+        "homeassistant",
+        include_str!("../../../../tests/fixtures/ingest/homeassistant.json"),
+    ),
+];
+
+/// Every preset, in the order a persister that reads them all lists them.
+const ALL: [&str; 6] = [
+    "tasmota",
+    "zigbee2mqtt",
+    "shelly",
+    "homeassistant",
+    "esphome",
+    "default",
+];
+
+fn at() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-11-27T12:00:00Z")
+        .expect("valid")
+        .with_timezone(&Utc)
+}
+
+fn berlin() -> Tz {
+    Tz::from_str("Europe/Berlin").expect("a zone")
+}
+
+fn mapping(sources: &[&str]) -> Mapping {
+    let sources: Vec<String> = sources.iter().map(|source| source.to_string()).collect();
+    Mapping::load(&sources, berlin()).unwrap_or_else(|error| panic!("{error}"))
+}
+
+fn payload_of(message: &Value) -> Vec<u8> {
+    match (message.get("payload"), message.get("payload_hex")) {
+        (Some(Value::String(text)), _) => text.as_bytes().to_vec(),
+        (_, Some(Value::String(hex))) => (0..hex.len())
+            .step_by(2)
+            .map(|at| u8::from_str_radix(&hex[at..at + 2], 16).expect("hex"))
+            .collect(),
+        _ => panic!("a fixture without payload: {message}"),
+    }
+}
+
+/// Checks what `mapping` makes of every fixture message of `file`.
+fn check_fixtures(mapping: &Mapping, file: &str) {
+    let fixtures: Value = serde_json::from_str(file).expect("fixture JSON");
+    let messages = fixtures["messages"].as_array().expect("messages");
+    assert!(messages.len() >= 8, "at least 8 messages per preset");
+    for message in messages {
+        let topic = message["topic"].as_str().expect("topic");
+        let record = mapping.read(topic, &payload_of(message), at());
+        let expect = &message["expect"];
+        let context = format!(
+            "{topic} {}: {record:?}",
+            message.get("payload").unwrap_or(&Value::Null)
+        );
+        match expect {
+            Value::String(word) if word == "nothing" => {
+                assert!(matches!(record, Record::Nothing { .. }), "{context}")
+            }
+            Value::String(word) if word == "flagged" => {
+                assert!(matches!(record, Record::Unparsed { .. }), "{context}")
+            }
+            Value::Object(want) if want.contains_key("status") => {
+                let Record::Status {
+                    device,
+                    online,
+                    document,
+                } = record
+                else {
+                    panic!("not a status: {context}");
+                };
+                assert_eq!(Some(device.as_str()), want["device"].as_str(), "{context}");
+                assert_eq!(online, want["status"] == "online", "{context}");
+                assert_eq!(document.get_str("topic"), Ok(topic));
+            }
+            Value::Object(want) => {
+                let Record::Readings {
+                    documents,
+                    keyed: false,
+                } = record
+                else {
+                    panic!("not readings: {context}");
+                };
+                let mut got = BTreeMap::new();
+                for document in &documents {
+                    assert_eq!(
+                        document.get_str("device").ok(),
+                        want["device"].as_str(),
+                        "{context}"
+                    );
+                    assert_eq!(document.get_str("topic"), Ok(topic));
+                    let ts = document.get_datetime("ts").expect("ts").to_chrono();
+                    let want_ts = want
+                        .get("ts")
+                        .map(|ts| {
+                            DateTime::parse_from_rfc3339(ts.as_str().expect("ts"))
+                                .expect("ts")
+                                .with_timezone(&Utc)
+                        })
+                        .unwrap_or(at());
+                    assert_eq!(ts, want_ts, "{context}");
+                    got.insert(
+                        document
+                            .get_str("measurement")
+                            .expect("measurement")
+                            .to_string(),
+                        (
+                            document.get_f64("value").expect("a double"),
+                            document.get_str("unit").ok().map(String::from),
+                        ),
+                    );
+                }
+                let wanted: BTreeMap<String, (f64, Option<String>)> = want["readings"]
+                    .as_object()
+                    .expect("readings")
+                    .iter()
+                    .map(|(name, pair)| {
+                        (
+                            name.clone(),
+                            (
+                                pair[0].as_f64().expect("value"),
+                                pair[1].as_str().map(String::from),
+                            ),
+                        )
+                    })
+                    .collect();
+                assert_eq!(got, wanted, "{topic}");
+            }
+            other => panic!("unknown expectation {other}"),
+        }
+    }
+}
+
+#[test]
+fn every_preset_reads_its_firmware_messages() {
+    for (preset, file) in FIXTURES {
+        check_fixtures(&mapping(&[preset]), file);
+    }
+}
+
+#[test]
+fn all_presets_together_read_each_one_s_messages_the_same() {
+    let all = mapping(&ALL);
+    for (_, file) in FIXTURES {
+        check_fixtures(&all, file);
+    }
+}
+
+#[test]
+fn every_preset_loads_and_subscribes_to_what_its_rules_read() {
+    for (name, _) in PRESETS {
+        let filters = mapping(&[name]).filters();
+        assert!(!filters.is_empty(), "{name}");
+    }
+    assert_eq!(mapping(&["default"]).filters(), ["/device/#", "/sensor/#"]);
+    assert_eq!(Mapping::builtin().filters(), ["/device/#", "/sensor/#"]);
+    assert_eq!(
+        mapping(&["tasmota"]).filters(),
+        ["tele/+/LWT", "tele/+/SENSOR", "tele/+/STATE", "stat/+/+"]
+    );
+    assert_eq!(mapping(&["zigbee2mqtt"]).filters(), ["zigbee2mqtt/#"]);
+    assert_eq!(
+        mapping(&["homeassistant"]).filters(),
+        ["homeassistant/+/+/+"]
+    );
+}
+
+#[test]
+fn the_default_mapping_reads_the_project_s_own_forms() {
+    let default = Mapping::builtin();
+    let Record::Readings {
+        documents,
+        keyed: false,
+    } = default.read("/sensor/temperature", b"23.41", at())
+    else {
+        panic!("not a reading");
+    };
+    assert_eq!(documents[0].get_f64("value"), Ok(23.41));
+    assert_eq!(documents[0].get_str("measurement"), Ok("temperature"));
+    assert!(documents[0].get("device").is_none());
+
+    let json = br#"{"device":"temp-0007","boot":"b1","seq":3,"ts":"2026-11-24T10:00:00.000Z","value":21.5,"unit":"C"}"#;
+    let Record::Readings {
+        documents,
+        keyed: true,
+    } = default.read("/sensor/temp-0007/temperature", json, at())
+    else {
+        panic!("not a keyed reading");
+    };
+    assert_eq!(
+        documents[0].get_document("_id"),
+        Ok(&doc! { "device": "temp-0007", "boot": "b1", "seq": 3_i64 })
+    );
+    assert_eq!(documents[0].get_str("measurement"), Ok("temperature"));
+
+    // Deeper topics, and anything --topic brings, in the reading form or flagged.
+    assert!(matches!(
+        default.read("/sensor/a/b/c", b"1.5", at()),
+        Record::Readings { .. }
+    ));
+    assert!(matches!(
+        default.read("other/topic", b"{broken", at()),
+        Record::Unparsed { .. }
+    ));
+    // A status payload that is not one is read as a reading, as it always was.
+    assert!(matches!(
+        default.read("/device/status", b"rebooting", at()),
+        Record::Unparsed { .. }
+    ));
+    let Record::Status {
+        device,
+        online: true,
+        ..
+    } = default.read(
+        "/device/dev-0002/status",
+        br#"{"device":"dev-0002","status":"online"}"#,
+        at(),
+    )
+    else {
+        panic!("not a status");
+    };
+    assert_eq!(device, "dev-0002");
+}
+
+#[test]
+fn without_a_rule_for_the_topic_nothing_is_stored() {
+    let tasmota = mapping(&["tasmota"]);
+    assert!(matches!(
+        tasmota.read("/sensor/temperature", b"23.41", at()),
+        Record::Nothing { .. }
+    ));
+}
+
+#[test]
+fn local_device_time_follows_the_zone_and_its_daylight_saving() {
+    let berlin = berlin();
+    let read = |text: &str| parse_datetime(text, berlin).map(|time| time.to_rfc3339());
+    assert_eq!(
+        read("2026-11-24T11:00:00").as_deref(),
+        Some("2026-11-24T10:00:00+00:00")
+    );
+    assert_eq!(
+        read("2026-07-01T12:00:00").as_deref(),
+        Some("2026-07-01T10:00:00+00:00")
+    );
+    assert_eq!(
+        read("2026-07-01 12:00:00.250").as_deref(),
+        Some("2026-07-01T10:00:00.250+00:00")
+    );
+    assert_eq!(
+        read("2026-07-01T12:00:00+05:00").as_deref(),
+        Some("2026-07-01T07:00:00+00:00")
+    );
+    assert_eq!(read("yesterday"), None);
+}
+
+#[test]
+fn plain_values_and_globs() {
+    for (text, value) in [
+        ("23.41", Some(23.41)),
+        (" -5 \n", Some(-5.0)),
+        ("1e3", Some(1000.0)),
+        ("ON", Some(1.0)),
+        ("off", Some(0.0)),
+        ("True", Some(1.0)),
+        ("FALSE", Some(0.0)),
+        ("nan", None),
+        ("inf", None),
+        ("None", None),
+        ("unavailable", None),
+        ("", None),
+        ("12 °C", None),
+    ] {
+        assert_eq!(plain_value(text), value, "{text:?}");
+    }
+    assert!(glob_matches("*Temperature*", "BME280.Temperature"));
+    assert!(glob_matches("*Temperature*", "ANALOG.Temperature1"));
+    assert!(glob_matches("ENERGY.Power*", "ENERGY.Power.1"));
+    assert!(!glob_matches("ENERGY.Power*", "ENERGY.ApparentPower.1"));
+    assert!(glob_matches("relay/*/power", "relay/0/power"));
+    assert!(!glob_matches("relay/*/power", "relay/0/energy"));
+    assert!(glob_matches("temperature", "temperature"));
+    assert!(!glob_matches("temperature", "local_temperature"));
+    assert!(glob_matches("*", ""));
+}
+
+#[test]
+fn too_many_measurements_are_flagged_not_multiplied() {
+    let numbers = format!("[{}]", vec!["1"; MAX_MEASUREMENTS + 1].join(","));
+    let record = mapping(&["zigbee2mqtt"]).read("zigbee2mqtt/big", numbers.as_bytes(), at());
+    assert!(matches!(record, Record::Unparsed { .. }), "{record:?}");
+}
+
+/// Parses a mapping file and returns the error.
+fn error_of(text: &str) -> String {
+    parse("ingest/mine.toml", text).expect_err("a bad mapping")
+}
+
+#[test]
+fn a_bad_mapping_file_names_the_file_the_rule_and_the_problem() {
+    let cases = [
+        (
+            "[[rule]]\ntopic = \"a/{device}\"\n[[rule]]\ntopic = \"tele/{device/SENSOR\"\n",
+            "rule 2 (topic \"tele/{device/SENSOR\")",
+        ),
+        (
+            "[[rule]]\ntopic = \"a\"\npayload = \"xml\"\n",
+            "rule 1 (line 3)",
+        ),
+        (
+            "[[rule]]\ntopic = \"a\"\n[[rule]]\ntopic = \"b\"\ncolour = \"red\"\n",
+            "rule 2 (line 5): unknown field `colour`",
+        ),
+        (
+            "[[rule]]\ntopic = \"a/{x}\"\ndevice = \"{device}\"\n",
+            "does not capture",
+        ),
+        (
+            "[[rule]]\ntopic = \"a\"\nkind = \"status\"\npayload = \"json\"\n",
+            "payload is for readings rules",
+        ),
+        (
+            "[[rule]]\ntopic = \"a\"\nonline = [\"up\"]\n",
+            "online is for status rules",
+        ),
+        (
+            "[[rule]]\ntopic = \"a\"\nkind = \"status\"\nonline = [\"x\"]\noffline = [\"x\"]\n",
+            "none in both",
+        ),
+        (
+            "[[rule]]\ntopic = \"a\"\ntimezone = \"Mars/Base\"\n",
+            "IANA zone",
+        ),
+        (
+            "[[rule]]\ntopic = \"a\"\nfilter = \"a/#/b\"\n",
+            "not an MQTT topic filter",
+        ),
+        (
+            "[[rule]]\ntopic = \"a\"\nunits = { x = 1 }\n",
+            "a unit is a string",
+        ),
+        (
+            "[[rule]]\ntopic = \"a\"\npayload = \"plain\"\nroot = \"params\"\n",
+            "plain payloads",
+        ),
+        (
+            "[[rule]]\ntopic = \"a\"\nkind = \"ignore\"\nskip = [\"x\"]\n",
+            "ignore rule",
+        ),
+        ("# nothing\n", "no [[rule]]"),
+        ("[[rule]\n", "line 1"),
+    ];
+    for (text, needle) in cases {
+        let error = error_of(text);
+        assert!(error.starts_with("ingest/mine.toml: "), "{error}");
+        assert!(error.contains(needle), "{needle:?} not in {error:?}");
+        assert!(!error.contains('\n'), "one line: {error:?}");
+    }
+    let missing = Mapping::load(&["no-such-preset".into()], Tz::UTC).expect_err("unknown");
+    assert!(missing.contains("tasmota, zigbee2mqtt"), "{missing}");
+    let unreadable =
+        Mapping::load(&["/nonexistent/mine.toml".into()], Tz::UTC).expect_err("unreadable");
+    assert!(
+        unreadable.contains("/nonexistent/mine.toml"),
+        "{unreadable}"
+    );
+}
+
+mod properties {
+    //! Any JSON and any bytes, under every rule of every preset: no panic, and no
+    //! measurement from a string other than exactly "ON"/"OFF".
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<f64>()
+                .prop_map(|number| serde_json::Number::from_f64(number)
+                    .map_or(Value::Null, Value::Number)),
+            any::<i64>().prop_map(|number| Value::Number(number.into())),
+            prop_oneof![
+                Just("ON".to_string()),
+                Just("on".to_string()),
+                Just("12.5".to_string()),
+                ".{0,8}"
+            ]
+            .prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map("[A-Za-z_:.]{1,8}", inner, 0..6)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// How many numbers, booleans and "ON"/"OFF" a value holds, as measurements can
+    /// come only from those.
+    fn measurable(value: &Value) -> usize {
+        match value {
+            Value::Number(_) | Value::Bool(_) => 1,
+            Value::String(text) => usize::from(text == "ON" || text == "OFF"),
+            Value::Null => 0,
+            Value::Array(items) => items.iter().map(measurable).sum(),
+            Value::Object(map) => map.values().map(measurable).sum(),
+        }
+    }
+
+    fn topics() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("tele/plug/SENSOR".to_string()),
+            Just("zigbee2mqtt/a/b".to_string()),
+            Just("shellyplus-1/events/rpc".to_string()),
+            Just("shellyplus-1/status/switch:0".to_string()),
+            Just("homeassistant/sensor/x/attr".to_string()),
+            Just("node/sensor/t/state".to_string()),
+            Just("/sensor/temperature".to_string()),
+            "[a-z/+#]{0,20}",
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn json_never_panics_and_strings_are_not_numbers(value in json(), topic in topics()) {
+            let all = mapping(&ALL);
+            let text = serde_json::to_vec(&value).expect("serializes");
+            if let Record::Readings { documents, keyed: false } = all.read(&topic, &text, at()) {
+                prop_assert!(documents.len() <= measurable(&value).max(1));
+                for document in documents {
+                    prop_assert!(document.get_f64("value").is_ok_and(f64::is_finite));
+                }
+            }
+        }
+
+        #[test]
+        fn any_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256), topic in topics()) {
+            let _ = mapping(&ALL).read(&topic, &bytes, at());
+        }
+    }
+}
