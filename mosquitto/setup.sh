@@ -4,7 +4,8 @@
 #   mosquitto/setup.sh local|cloud OUT_DIR
 #
 # Writes OUT_DIR/mosquitto.conf, OUT_DIR/acl and OUT_DIR/passwd (hashed with
-# mosquitto_passwd), and creates the persistence folder. The cloud broker gets a TLS
+# mosquitto_passwd; the services' accounts from .env, then the devices' accounts kept by
+# mosquitto/device.sh), and creates the persistence folder. The cloud broker gets a TLS
 # listener for the bridge; its certificates are made by mosquitto/certs.sh when the
 # certificates folder has none. Passwords come from the
 # environment (export them from .env); a missing one is an error, never an empty
@@ -98,18 +99,21 @@ sed -e "s|@LISTENER@|$(sed_escape "$listener")|" \
     -e "s|@BRIDGE_CLIENT_ID@|$(sed_escape "${BRIDGE_CLIENT_ID:-edge-bridge}")|g" \
     -e "s|@BRIDGE_PASSWORD@|$(sed_escape "$bridge_password")|g" \
     "$here/$broker.conf.template" > "$out/mosquitto.conf"
-cp "$here/$broker.acl" "$out/acl"
+cp "$here/$broker.acl" "$out/acl.services"
 
 # Plain user:password lines, hashed in place (no password ever on a command line).
 # Every password is checked first, so a refused one leaves no plain-text file behind.
 for user in $users; do password_of "$user"; done
-: > "$out/passwd"
+: > "$out/passwd.services"
 for user in $users; do
   password_of "$user"
-  printf '%s:%s\n' "$user" "$value" >> "$out/passwd"
+  printf '%s:%s\n' "$user" "$value" >> "$out/passwd.services"
 done
-mosquitto_passwd -U "$out/passwd"
+mosquitto_passwd -U "$out/passwd.services"
 umask "$old_umask"
+# The broker's passwd and acl: the services' accounts, then the devices' that
+# mosquitto/device.sh keeps in the persistence folder (scripts/add-device).
+sh "$here/device.sh" render "$out"
 
 # Mosquitto started as root drops to the `mosquitto` user: hand it the files, and check
 # that it can reach them (a parent folder such as /root, mode 0700, would stop it).

@@ -1,0 +1,178 @@
+#!/bin/sh
+# Device accounts on the edge broker, added and removed while it runs.
+#
+#   mosquitto/device.sh add NAME PRESET CONF_DIR   makes the account, prints its password
+#   mosquitto/device.sh remove NAME CONF_DIR
+#   mosquitto/device.sh list CONF_DIR
+#   mosquitto/device.sh render CONF_DIR            (mosquitto/setup.sh runs it)
+#
+# CONF_DIR is a broker's folder made by mosquitto/setup.sh. An account is two files in
+# the broker's persistence folder, devices/NAME.passwd (hashed) and devices/NAME.acl, so
+# it outlives a new setup.sh run and a recreated container. The broker's passwd and acl
+# are the services' (passwd.services, acl.services) followed by the devices'. After a
+# change, the broker started with CONF_DIR/mosquitto.conf gets SIGHUP and reads them
+# again: no restart, no connection dropped.
+#
+# PRESET says what the device may do (see README.md, "Real devices"):
+#   default        this project's reading form: /sensor/NAME/<measurement>, /device/NAME/status
+#   tasmota        tele/NAME/#, stat/NAME/#; reads cmnd/NAME/# and the group cmnd/tasmotas/#
+#   zigbee2mqtt    a Zigbee2MQTT bridge: zigbee2mqtt/# (its devices' states and commands)
+#   esphome        a node whose topic_prefix is NAME: NAME/#; its Home Assistant discovery
+#   shelly         Gen1 shellies/NAME/# (and shellies/command), Gen2+ topic prefix NAME/#
+#   homeassistant  Home Assistant's statestream: homeassistant/#
+# Environment: BROKER_ADDRESS (host:port, for the hint printed by add).
+set -eu
+
+die() { echo "mosquitto/device.sh: $*" >&2; exit 2; }
+# Service accounts of mosquitto/setup.sh: never a device's name.
+services="temperature-sensor pressure-sensor device-status mqtt-subscriber bridge mongo-persister dashboard"
+
+conf_dir() {
+  [ -f "$1/mosquitto.conf" ] || die "$1 is not a broker folder made by mosquitto/setup.sh (no mosquitto.conf)"
+  (cd "$1" && pwd)
+}
+
+# The devices' folder: devices/ in the broker's persistence folder.
+devices_dir() {
+  data=$(sed -n 's/^persistence_location //p' "$1/mosquitto.conf")
+  [ -n "$data" ] || die "$1/mosquitto.conf has no persistence_location"
+  echo "${data%/}/devices"
+}
+
+check_name() {
+  printf '%s' "$1" | grep -Eq '^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$' \
+    || die "device name '$1': letters, digits, '_', '.' and '-', starting with a letter or digit, at most 64"
+  for service in $services; do
+    [ "$1" != "$service" ] || die "'$1' is a service's account, not a device name"
+  done
+}
+
+# The ACL lines of device $1 for preset $2.
+acl_of() {
+  name=$1
+  echo "# device $name, preset $2"
+  echo "user $name"
+  case $2 in
+    default) printf '%s\n' "topic write /sensor/$name/#" "topic write /device/$name/status" ;;
+    tasmota) printf '%s\n' "topic write tele/$name/#" "topic write stat/$name/#" \
+               "topic read cmnd/$name/#" "topic read cmnd/tasmotas/#" ;;
+    zigbee2mqtt) printf '%s\n' "topic readwrite zigbee2mqtt/#" ;;
+    esphome) printf '%s\n' "topic readwrite $name/#" "topic write homeassistant/+/$name/#" \
+               "topic read homeassistant/status" ;;
+    shelly) printf '%s\n' "topic readwrite shellies/$name/#" "topic read shellies/command" \
+              "topic readwrite $name/#" ;;
+    homeassistant) printf '%s\n' "topic readwrite homeassistant/#" ;;
+    *) die "unknown preset '$2': expected default, tasmota, zigbee2mqtt, esphome, shelly or homeassistant" ;;
+  esac
+  echo
+}
+
+# What to set on the device, for preset $2.
+hint() {
+  address=${BROKER_ADDRESS:-<edge broker host>:1883}
+  host=${address%:*}
+  port=${address##*:}
+  case $2 in
+    default) echo "configure: LOCAL_BROKER=$host LOCAL_PORT=$port LOCAL_USERNAME=$1; publish readings to /sensor/$1/<measurement>, status to /device/$1/status (examples/esp32/)" ;;
+    tasmota) echo "configure (Tasmota console): Backlog MqttHost $host; MqttPort $port; MqttUser $1; MqttPassword <password>; Topic $1" ;;
+    zigbee2mqtt) echo "configure (configuration.yaml): mqtt: {server: 'mqtt://$host:$port', user: $1, password: <password>, base_topic: zigbee2mqtt}" ;;
+    esphome) echo "configure (node YAML): mqtt: {broker: $host, port: $port, username: $1, password: <password>, topic_prefix: $1}" ;;
+    shelly) echo "configure (Settings > MQTT): server $host:$port, user $1, password <password>; Gen1: the device id must be $1; Gen2+: MQTT prefix $1" ;;
+    homeassistant) echo "configure: MQTT integration broker $host:$port, user $1, password <password>; mqtt_statestream: {base_topic: homeassistant}" ;;
+  esac
+}
+
+# Writes CONF_DIR's passwd and acl from the services' files and the devices'.
+render() {
+  devices=$(devices_dir "$1")
+  old_umask=$(umask)
+  umask 077
+  cat "$1/passwd.services" > "$1/passwd.new"
+  cat "$1/acl.services" > "$1/acl.new"
+  if [ -d "$devices" ]; then
+    for file in "$devices"/*.passwd; do
+      if [ -f "$file" ]; then cat "$file" >> "$1/passwd.new"; fi
+    done
+    for file in "$devices"/*.acl; do
+      if [ -f "$file" ]; then cat "$file" >> "$1/acl.new"; fi
+    done
+  fi
+  umask "$old_umask"
+  if [ "$(id -u)" = 0 ] && id mosquitto >/dev/null 2>&1; then
+    chown mosquitto:mosquitto "$1/passwd.new" "$1/acl.new"
+    [ ! -d "$devices" ] || chown -R mosquitto:mosquitto "$devices"
+  fi
+  mv "$1/passwd.new" "$1/passwd"
+  mv "$1/acl.new" "$1/acl"
+}
+
+# Sends SIGHUP to the broker running with CONF_DIR/mosquitto.conf, if one is.
+reload() {
+  conf="$1/mosquitto.conf"
+  found=false
+  for proc in /proc/[0-9]*; do
+    command=$(tr '\0' ' ' < "$proc/cmdline" 2>/dev/null) || continue
+    program=${command%% *}
+    [ "${program##*/}" = mosquitto ] || continue
+    case " $command" in
+      *" -c $conf "*) kill -HUP "${proc#/proc/}" && found=true ;;
+    esac
+  done
+  if $found; then
+    echo "the edge broker reads its accounts again (no restart)" >&2
+  else
+    echo "no running broker uses $conf: the change takes effect when it starts" >&2
+  fi
+}
+
+[ $# -ge 2 ] || die "usage: device.sh add NAME PRESET CONF_DIR | remove NAME CONF_DIR | list CONF_DIR | render CONF_DIR"
+case $1 in
+  add)
+    [ $# -eq 4 ] || die "usage: device.sh add NAME PRESET CONF_DIR"
+    name=$2 preset=$3 dir=$(conf_dir "$4")
+    check_name "$name"
+    acl_of "$name" "$preset" > /dev/null
+    command -v mosquitto_passwd >/dev/null 2>&1 || die "mosquitto_passwd not found: install mosquitto"
+    devices=$(devices_dir "$dir")
+    [ ! -f "$devices/$name.passwd" ] || die "device '$name' exists already: remove-device it first to give it a new password"
+    mkdir -p "$devices"
+    # 128 random bits as hex: nothing Mosquitto's password file cannot hold.
+    password=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+    old_umask=$(umask)
+    umask 077
+    printf '%s:%s\n' "$name" "$password" > "$devices/$name.passwd.new"
+    mosquitto_passwd -U "$devices/$name.passwd.new"
+    acl_of "$name" "$preset" > "$devices/$name.acl"
+    mv "$devices/$name.passwd.new" "$devices/$name.passwd"
+    umask "$old_umask"
+    render "$dir"
+    reload "$dir"
+    echo "device $name (preset $preset) may now log in to the edge broker${BROKER_ADDRESS:+ at $BROKER_ADDRESS}"
+    echo "user:     $name"
+    echo "password: $password"
+    sed -n 's/^topic /may:      /p' "$devices/$name.acl"
+    hint "$name" "$preset"
+    ;;
+  remove)
+    [ $# -eq 3 ] || die "usage: device.sh remove NAME CONF_DIR"
+    name=$2 dir=$(conf_dir "$3")
+    check_name "$name"
+    devices=$(devices_dir "$dir")
+    [ -f "$devices/$name.passwd" ] || die "no device '$name' (mosquitto/device.sh list shows them)"
+    rm -f "$devices/$name.passwd" "$devices/$name.acl"
+    render "$dir"
+    reload "$dir"
+    echo "device $name removed: it can no longer log in"
+    ;;
+  list)
+    dir=$(conf_dir "$2")
+    devices=$(devices_dir "$dir")
+    for file in "$devices"/*.acl; do
+      if [ -f "$file" ]; then sed -n 's/^# device \(.*\), preset \(.*\)$/\1 \2/p' "$file"; fi
+    done
+    ;;
+  render)
+    render "$(conf_dir "$2")"
+    ;;
+  *) die "unknown command '$1': expected add, remove, list or render" ;;
+esac
