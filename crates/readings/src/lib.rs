@@ -1,7 +1,7 @@
 //! `readings`: command-line queries over the stored readings.
 //!
-//! `latest`, `range`, `stats`, `status`, `gaps` and `info`, printed as an aligned table, JSON or
-//! CSV.
+//! `latest`, `range`, `stats`, `devices`, `status`, `gaps` and `info`, printed as an
+//! aligned table, JSON or CSV. A series is a topic, or a device and measurement.
 //! Only standard MongoDB query and aggregation stages are used (`$dateTrunc` needs
 //! MongoDB 5 or newer), so it runs against any MongoDB 6+ server.
 
@@ -49,13 +49,12 @@ pub enum OutputFormat {
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum Query {
-    /// The last value of every topic
+    /// The last value of every series (topic, device and measurement)
     Latest,
-    /// One topic's readings in a time range, oldest first
+    /// One series' readings in a time range, oldest first
     Range {
-        /// Topic, e.g. /sensor/temperature
-        #[arg(long)]
-        topic: String,
+        #[command(flatten)]
+        series: Series,
         /// Start: a duration back from now (30s, 10m, 2h, 7d) or an RFC 3339 time
         #[arg(long, default_value = "1h", value_parser = parse_time)]
         since: DateTime<Utc>,
@@ -66,11 +65,10 @@ pub enum Query {
         #[arg(long, default_value = "1000")]
         limit: u32,
     },
-    /// Count, min, average and max of one topic per time bucket
+    /// Count, min, average and max of one series per time bucket
     Stats {
-        /// Topic, e.g. /sensor/pressure
-        #[arg(long)]
-        topic: String,
+        #[command(flatten)]
+        series: Series,
         /// Start: a duration back from now (30s, 10m, 2h, 7d) or an RFC 3339 time
         #[arg(long, default_value = "1h", value_parser = parse_time)]
         since: DateTime<Utc>,
@@ -81,6 +79,8 @@ pub enum Query {
         #[arg(long, default_value = "1m", value_parser = parse_bucket)]
         every: Bucket,
     },
+    /// Every device: its measurements, when it was last heard from, its status
+    Devices,
     /// Every device's status and since when
     Status,
     /// What is stored: documents per collection and how long they are kept
@@ -96,6 +96,50 @@ pub enum Query {
         #[arg(long)]
         device: Option<String>,
     },
+}
+
+/// Which readings: a topic, a device, a measurement, or several of these together.
+#[derive(Debug, Clone, clap::Args)]
+#[group(skip)]
+#[command(group(clap::ArgGroup::new("series").required(true).multiple(true).args(["topic", "device"])))]
+pub struct Series {
+    /// Topic, e.g. /sensor/temperature or tele/plug_1/SENSOR
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Device, e.g. temp-0001 or living_room (readings devices lists them)
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Measurement of the device or topic, e.g. temperature or BME280.Temperature
+    #[arg(long, requires = "series")]
+    pub measurement: Option<String>,
+}
+
+impl Series {
+    fn filter(&self) -> Document {
+        let mut filter = Document::new();
+        for (field, value) in [
+            ("topic", &self.topic),
+            ("device", &self.device),
+            ("measurement", &self.measurement),
+        ] {
+            if let Some(value) = value {
+                filter.insert(field, value);
+            }
+        }
+        filter
+    }
+
+    fn describe(&self) -> String {
+        [
+            self.topic.as_deref(),
+            self.device.as_deref(),
+            self.measurement.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ")
+    }
 }
 
 impl Cli {
@@ -186,22 +230,25 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
                 doc! { "$match": { "value": { "$exists": true } } },
                 doc! { "$sort": { "topic": 1, "ts": -1 } },
                 doc! { "$group": {
-                    "_id": "$topic",
+                    "_id": { "topic": "$topic", "device": "$device", "measurement": "$measurement" },
+                    "topic": { "$first": "$topic" },
+                    "device": { "$first": "$device" },
+                    "measurement": { "$first": "$measurement" },
                     "value": { "$first": "$value" },
                     "unit": { "$first": "$unit" },
                     "ts": { "$first": "$ts" },
-                    "device": { "$first": "$device" },
                 } },
-                doc! { "$sort": { "_id": 1 } },
+                doc! { "$sort": { "topic": 1, "device": 1, "measurement": 1 } },
             ];
             let documents: Vec<Document> =
                 readings.aggregate(pipeline).await?.try_collect().await?;
             let columns = [
-                ("topic", Plain("_id")),
+                ("topic", Plain("topic")),
+                ("device", Plain("device")),
+                ("measurement", Plain("measurement")),
                 ("value", Plain("value")),
                 ("unit", Plain("unit")),
                 ("ts", Plain("ts")),
-                ("device", Plain("device")),
             ];
             Ok(Rows::from_documents(
                 &columns,
@@ -210,13 +257,14 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
             ))
         }
         Query::Range {
-            topic,
+            series,
             since,
             until,
             limit,
         } => {
             let until = until.unwrap_or_else(Utc::now);
-            let filter = doc! { "topic": topic, "ts": time_range(*since, until) };
+            let mut filter = series.filter();
+            filter.insert("ts", time_range(*since, until));
             let documents: Vec<Document> = readings
                 .find(filter)
                 .sort(doc! { "ts": 1 })
@@ -229,24 +277,28 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
                 ("value", Plain("value")),
                 ("unit", Plain("unit")),
                 ("device", Plain("device")),
+                ("measurement", Plain("measurement")),
                 ("seq", Plain("seq")),
                 ("raw", Raw),
             ];
             Ok(Rows::from_documents(
                 &columns,
                 &documents,
-                nothing_on(topic, *since, until),
+                nothing_on(&series.describe(), *since, until),
             ))
         }
         Query::Stats {
-            topic,
+            series,
             since,
             until,
             every,
         } => {
             let until = until.unwrap_or_else(Utc::now);
+            let mut filter = series.filter();
+            filter.insert("ts", time_range(*since, until));
+            filter.insert("value", doc! { "$exists": true });
             let pipeline = [
-                doc! { "$match": { "topic": topic, "ts": time_range(*since, until), "value": { "$exists": true } } },
+                doc! { "$match": filter },
                 doc! { "$group": {
                     "_id": { "$dateTrunc": { "date": "$ts", "unit": every.unit, "binSize": every.size } },
                     "count": { "$sum": 1 },
@@ -268,9 +320,10 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
             Ok(Rows::from_documents(
                 &columns,
                 &documents,
-                nothing_on(topic, *since, until),
+                nothing_on(&series.describe(), *since, until),
             ))
         }
+        Query::Devices => devices(db).await,
         Query::Gaps { since, device } => {
             let mut filter = doc! { "device": { "$exists": true }, "seq": { "$exists": true } };
             if let Some(since) = since {
@@ -343,6 +396,82 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
             })
         }
     }
+}
+
+/// Each device with its measurements, the time of its newest reading, and its status:
+/// one pass over the readings grouped by device and measurement (the index
+/// `device_measurement_ts` serves it), one over the status changes.
+async fn devices(db: &Database) -> anyhow::Result<Rows> {
+    let pipeline = [
+        doc! { "$match": { "device": { "$exists": true }, "value": { "$exists": true } } },
+        doc! { "$group": {
+            "_id": { "device": "$device", "measurement": "$measurement" },
+            "last": { "$max": "$ts" },
+        } },
+    ];
+    let series: Vec<Document> = db
+        .collection::<Document>(READINGS)
+        .aggregate(pipeline)
+        .await?
+        .try_collect()
+        .await?;
+    let status_pipeline = [
+        doc! { "$sort": { "device": 1, "ts": -1 } },
+        doc! { "$group": { "_id": "$device", "status": { "$first": "$status" }, "since": { "$first": "$ts" } } },
+    ];
+    let statuses: Vec<Document> = db
+        .collection::<Document>(STATUS)
+        .aggregate(status_pipeline)
+        .await?
+        .try_collect()
+        .await?;
+    #[derive(Default)]
+    struct Device {
+        measurements: std::collections::BTreeSet<String>,
+        last: Option<bson::DateTime>,
+        status: Option<String>,
+    }
+    let mut found: std::collections::BTreeMap<String, Device> = Default::default();
+    for document in &series {
+        let Ok(key) = document.get_document("_id") else {
+            continue;
+        };
+        let Ok(device) = key.get_str("device") else {
+            continue;
+        };
+        let entry = found.entry(device.to_string()).or_default();
+        if let Ok(measurement) = key.get_str("measurement") {
+            entry.measurements.insert(measurement.to_string());
+        }
+        if let Ok(last) = document.get_datetime("last") {
+            entry.last = entry.last.max(Some(*last));
+        }
+    }
+    for document in &statuses {
+        let (Ok(device), Ok(status)) = (document.get_str("_id"), document.get_str("status")) else {
+            continue;
+        };
+        found.entry(device.to_string()).or_default().status = Some(status.to_string());
+    }
+    let rows = found
+        .into_iter()
+        .map(|(device, found)| {
+            vec![
+                Value::from(device),
+                found.status.map_or(Value::Null, Value::from),
+                Value::from(found.measurements.into_iter().collect::<Vec<_>>().join(" ")),
+                found.last.map_or(Value::Null, |last| {
+                    Value::from(format_time(last.to_chrono()))
+                }),
+            ]
+        })
+        .collect();
+    Ok(Rows {
+        columns: vec!["device", "status", "measurements", "last_seen"],
+        rows,
+        empty: "no devices stored yet".into(),
+        trouble: false,
+    })
 }
 
 /// What `gaps` found for one boot of one device.
@@ -618,6 +747,38 @@ fn cell(value: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_series_is_a_topic_or_a_device_and_measurement() {
+        let parse = |args: &[&str]| {
+            Cli::command()
+                .try_get_matches_from(std::iter::once("readings").chain(args.iter().copied()))
+        };
+        assert!(parse(&["range"]).is_err(), "a series is needed");
+        assert!(
+            parse(&["range", "--measurement", "temperature"]).is_err(),
+            "a measurement of what?"
+        );
+        assert!(parse(&["stats", "--topic", "/sensor/pressure"]).is_ok());
+        let matches = parse(&[
+            "range",
+            "--device",
+            "living_room",
+            "--measurement",
+            "temperature",
+        ])
+        .expect("parses");
+        let cli =
+            <Cli as clap::FromArgMatches>::from_arg_matches(&matches).expect("a command line");
+        let Query::Range { series, .. } = cli.query else {
+            panic!("not range");
+        };
+        assert_eq!(
+            series.filter(),
+            doc! { "device": "living_room", "measurement": "temperature" }
+        );
+        assert_eq!(series.describe(), "living_room temperature");
+    }
 
     #[test]
     fn durations_and_times_parse() {
