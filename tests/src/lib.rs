@@ -142,6 +142,45 @@ impl Broker {
         self.process.is_some()
     }
 
+    /// The broker's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(Child::id)
+    }
+
+    /// Gives a device an account on this broker with `scripts/add-device` (the broker
+    /// keeps running); returns the password it printed.
+    pub fn add_device(&self, name: &str, preset: &str) -> String {
+        let output = self.device_script("add-device", &[name, "--preset", preset]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        stdout
+            .lines()
+            .find_map(|line| line.strip_prefix("password: "))
+            .unwrap_or_else(|| panic!("add-device printed no password:\n{stdout}"))
+            .trim()
+            .to_string()
+    }
+
+    /// Takes a device's account away with `scripts/remove-device`.
+    pub fn remove_device(&self, name: &str) {
+        self.device_script("remove-device", &[name]);
+    }
+
+    fn device_script(&self, script: &str, args: &[&str]) -> std::process::Output {
+        let output = std::process::Command::new(repo_root().join("scripts").join(script))
+            .args(args)
+            .arg("--conf-dir")
+            .arg(&self.conf_dir)
+            .env("BROKER_ADDRESS", format!("127.0.0.1:{}", self.port))
+            .output()
+            .unwrap_or_else(|error| panic!("cannot run scripts/{script}: {error}"));
+        assert!(
+            output.status.success(),
+            "scripts/{script} {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    }
+
     /// Stops the broker abruptly (SIGKILL), as a crash or power loss would.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.process.take() {
@@ -938,6 +977,32 @@ impl TestClient {
         client_id: &str,
         clean: bool,
     ) -> Result<TestClient, String> {
+        let credentials = user.map(|user| (user.to_string(), password(user)));
+        Self::try_connect_with(port, credentials, client_id, clean).await
+    }
+
+    /// Connects as `user` with `password` (a device's account), clean session.
+    pub async fn try_connect_as(
+        port: u16,
+        user: &str,
+        password: &str,
+    ) -> Result<TestClient, String> {
+        let credentials = Some((user.to_string(), password.to_string()));
+        Self::try_connect_with(
+            port,
+            credentials,
+            &format!("test-{user}-{}", free_port()),
+            true,
+        )
+        .await
+    }
+
+    async fn try_connect_with(
+        port: u16,
+        credentials: Option<(String, String)>,
+        client_id: &str,
+        clean: bool,
+    ) -> Result<TestClient, String> {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
         options.set_max_packet_size(
             iot_core::config::MAX_PACKET_SIZE,
@@ -945,8 +1010,8 @@ impl TestClient {
         );
         options.set_clean_session(clean);
         options.set_keep_alive(Duration::from_secs(30));
-        if let Some(user) = user {
-            options.set_credentials(user, password(user));
+        if let Some((user, password)) = credentials {
+            options.set_credentials(user, password);
         }
         let (client, mut eventloop) = AsyncClient::new(options, 1000);
         let (tx, mut packets) = mpsc::unbounded_channel();

@@ -289,7 +289,9 @@ impl Writer {
             doc! { "$match": { "topic": { "$in": topics } } },
             doc! { "$sort": { "topic": 1, "received_at": -1 } },
             doc! { "$group": {
-                "_id": { "topic": "$topic", "measurement": "$measurement" },
+                "_id": series_key(),
+                "topic": { "$first": "$topic" },
+                "measurement": { "$first": "$measurement" },
                 "value": { "$first": "$value" },
                 "raw": { "$first": "$raw" },
                 "raw_base64": { "$first": "$raw_base64" },
@@ -303,10 +305,7 @@ impl Writer {
             .await?;
         Ok(newest
             .into_iter()
-            .filter_map(|document| {
-                let series = document.get_document("_id").ok().and_then(series_of)?;
-                Some((series, document))
-            })
+            .filter_map(|document| Some((series_of(&document)?, document)))
             .collect())
     }
 
@@ -454,9 +453,16 @@ impl Writer {
 /// A topic and, when the document has one, its measurement.
 type Series = (String, Option<String>);
 
+/// The `$group` key of a series: topic and measurement in one string (a topic cannot
+/// hold U+0000). A string rather than a compound `_id`, which not every
+/// MongoDB-compatible server evaluates (nx-27017 takes it as a constant).
+fn series_key() -> Document {
+    doc! { "$concat": ["$topic", "\u{0}", { "$ifNull": ["$measurement", ""] }] }
+}
+
 fn series_of(document: &Document) -> Option<Series> {
     let topic = document.get_str("topic").ok()?.to_string();
-    // A document without a measurement: the field is missing, or null after $group.
+    // Without a measurement: the field is missing, or null after $group.
     let measurement = document.get_str("measurement").ok().map(String::from);
     Some((topic, measurement))
 }

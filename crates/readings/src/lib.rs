@@ -230,7 +230,7 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
                 doc! { "$match": { "value": { "$exists": true } } },
                 doc! { "$sort": { "topic": 1, "ts": -1 } },
                 doc! { "$group": {
-                    "_id": { "topic": "$topic", "device": "$device", "measurement": "$measurement" },
+                    "_id": { "$concat": ["$topic", "\u{0}", { "$ifNull": ["$device", ""] }, "\u{0}", { "$ifNull": ["$measurement", ""] }] },
                     "topic": { "$first": "$topic" },
                     "device": { "$first": "$device" },
                     "measurement": { "$first": "$measurement" },
@@ -399,13 +399,16 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
 }
 
 /// Each device with its measurements, the time of its newest reading, and its status:
-/// one pass over the readings grouped by device and measurement (the index
-/// `device_measurement_ts` serves it), one over the status changes.
+/// one pass over the readings grouped by device and measurement, one over the status
+/// changes. Groups are keyed by one string (fields joined by U+0000), not a compound
+/// `_id`, which not every MongoDB-compatible server evaluates.
 async fn devices(db: &Database) -> anyhow::Result<Rows> {
     let pipeline = [
         doc! { "$match": { "device": { "$exists": true }, "value": { "$exists": true } } },
         doc! { "$group": {
-            "_id": { "device": "$device", "measurement": "$measurement" },
+            "_id": { "$concat": ["$device", "\u{0}", { "$ifNull": ["$measurement", ""] }] },
+            "device": { "$first": "$device" },
+            "measurement": { "$first": "$measurement" },
             "last": { "$max": "$ts" },
         } },
     ];
@@ -433,14 +436,11 @@ async fn devices(db: &Database) -> anyhow::Result<Rows> {
     }
     let mut found: std::collections::BTreeMap<String, Device> = Default::default();
     for document in &series {
-        let Ok(key) = document.get_document("_id") else {
-            continue;
-        };
-        let Ok(device) = key.get_str("device") else {
+        let Ok(device) = document.get_str("device") else {
             continue;
         };
         let entry = found.entry(device.to_string()).or_default();
-        if let Ok(measurement) = key.get_str("measurement") {
+        if let Ok(measurement) = document.get_str("measurement") {
             entry.measurements.insert(measurement.to_string());
         }
         if let Ok(last) = document.get_datetime("last") {

@@ -1,0 +1,432 @@
+//! Real devices end to end: the firmware documentation's messages
+//! (`tests/fixtures/ingest/`), published on the edge broker by device accounts made
+//! with `scripts/add-device`, carried by the bridge, and stored by `mongo-persister`
+//! with every preset as the ingest contract says; a bad mapping file; and device
+//! accounts that can publish their own topics only, and not log in once removed,
+//! without the broker being restarted.
+
+use std::collections::BTreeMap;
+
+use bson::{doc, Document};
+use chrono::{DateTime, Utc};
+use rumqttc::QoS;
+use serde_json::Value;
+use tests::stored::count;
+use tests::{binary, repo_root, spawn_brokers, spawn_mongo, wait_for, TestClient};
+
+/// The presets in the order the persister lists them (README, "Real devices").
+const ORDER: &str = "tasmota,zigbee2mqtt,shelly,homeassistant,esphome,default";
+
+/// Every fixture file's messages with the preset they are for.
+fn fixtures() -> Vec<(String, Value)> {
+    let dir = repo_root().join("tests/fixtures/ingest");
+    let mut all = Vec::new();
+    for preset in [
+        "tasmota",
+        "zigbee2mqtt",
+        "esphome",
+        "shelly",
+        "homeassistant",
+    ] {
+        let text =
+            std::fs::read_to_string(dir.join(format!("{preset}.json"))).expect("fixture file");
+        let file: Value = serde_json::from_str(&text).expect("fixture JSON");
+        for message in file["messages"].as_array().expect("messages") {
+            all.push((preset.to_string(), message.clone()));
+        }
+    }
+    all
+}
+
+fn payload_of(message: &Value) -> Vec<u8> {
+    match (message.get("payload"), message.get("payload_hex")) {
+        (Some(Value::String(text)), _) => text.as_bytes().to_vec(),
+        (_, Some(Value::String(hex))) => (0..hex.len())
+            .step_by(2)
+            .map(|at| u8::from_str_radix(&hex[at..at + 2], 16).expect("hex"))
+            .collect(),
+        _ => panic!("a fixture without payload: {message}"),
+    }
+}
+
+/// The account a message is published by: the first topic level that names one, the
+/// way each preset's ACL gives a device its topics.
+fn account_of<'a>(topic: &str, accounts: &'a [(String, String)]) -> &'a (String, String) {
+    topic
+        .split('/')
+        .find_map(|level| accounts.iter().find(|(name, _)| name == level))
+        .unwrap_or_else(|| panic!("no device account publishes {topic}"))
+}
+
+/// One stored reading as the fixtures describe it.
+type Reading = (
+    String,
+    Option<String>,
+    String,
+    String,
+    Option<String>,
+    Option<i64>,
+);
+
+fn reading_of(document: &Document) -> Reading {
+    let text = |field: &str| document.get_str(field).ok().map(String::from);
+    let ts = document.get_datetime("ts").expect("ts").timestamp_millis();
+    let received = document
+        .get_datetime("received_at")
+        .expect("received_at")
+        .timestamp_millis();
+    (
+        text("topic").unwrap_or_default(),
+        text("device"),
+        text("measurement").unwrap_or_default(),
+        format!("{:.4}", document.get_f64("value").expect("a double value")),
+        text("unit"),
+        // Device time, or None when it is the time the persister received it.
+        (ts != received).then_some(ts),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_devices_messages_are_stored_as_the_contract_says() {
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    let fixtures = fixtures();
+
+    // One account per device the fixtures publish as, each with its preset.
+    let mut names: BTreeMap<String, String> = BTreeMap::new();
+    for (preset, message) in &fixtures {
+        let topic = message["topic"].as_str().expect("topic");
+        let first = topic.split('/').next().unwrap_or_default();
+        let name = match preset.as_str() {
+            "zigbee2mqtt" | "homeassistant" => first.to_string(),
+            "tasmota" => topic.split('/').nth(1).unwrap_or_default().to_string(),
+            "shelly" if first == "shellies" => {
+                topic.split('/').nth(1).unwrap_or_default().to_string()
+            }
+            _ => first.to_string(),
+        };
+        names.insert(name, preset.clone());
+    }
+    let accounts: Vec<(String, String)> = names
+        .iter()
+        .map(|(name, preset)| (name.clone(), brokers.local.add_device(name, preset)))
+        .collect();
+
+    let ready = brokers.dir().join("persister.ready");
+    let ready_arg = ready.to_string_lossy().into_owned();
+    let mut persister = brokers.start_persister(
+        &mongo,
+        &[
+            "--ingest",
+            ORDER,
+            "--device-timezone",
+            "Europe/Berlin",
+            "--ready-file",
+            &ready_arg,
+        ],
+    );
+    persister
+        .wait_for_log("ready: every subscription stands")
+        .await;
+
+    // Publish every message as its device, at QoS 1, in order per device.
+    let mut clients: BTreeMap<String, TestClient> = BTreeMap::new();
+    for (name, password) in &accounts {
+        let client = TestClient::try_connect_as(brokers.local.port, name, password)
+            .await
+            .unwrap_or_else(|error| panic!("device {name} cannot log in: {error}"));
+        clients.insert(name.clone(), client);
+    }
+    let mut want_readings: Vec<Reading> = Vec::new();
+    let mut want_status: Vec<(String, String)> = Vec::new();
+    let mut want_flagged: BTreeMap<String, u64> = BTreeMap::new();
+    let mut nothing = 0;
+    for (_, message) in &fixtures {
+        let topic = message["topic"].as_str().expect("topic");
+        let (name, _) = account_of(topic, &accounts);
+        let client = clients.get_mut(name).expect("a client");
+        client
+            .publish(topic, QoS::AtLeastOnce, false, &payload_of(message))
+            .await;
+        match &message["expect"] {
+            Value::String(word) if word == "nothing" => nothing += 1,
+            Value::String(word) if word == "flagged" => {
+                *want_flagged.entry(topic.to_string()).or_default() += 1
+            }
+            Value::Object(want) if want.contains_key("status") => want_status.push((
+                want["device"].as_str().expect("device").to_string(),
+                want["status"].as_str().expect("status").to_string(),
+            )),
+            Value::Object(want) => {
+                let ts = want.get("ts").map(|ts| {
+                    DateTime::parse_from_rfc3339(ts.as_str().expect("ts"))
+                        .expect("an RFC 3339 time")
+                        .with_timezone(&Utc)
+                        .timestamp_millis()
+                });
+                for (measurement, pair) in want["readings"].as_object().expect("readings") {
+                    want_readings.push((
+                        topic.to_string(),
+                        want["device"].as_str().map(String::from),
+                        measurement.clone(),
+                        format!("{:.4}", pair[0].as_f64().expect("value")),
+                        pair[1].as_str().map(String::from),
+                        ts,
+                    ));
+                }
+            }
+            other => panic!("unknown expectation {other}"),
+        }
+    }
+
+    // Everything arrives: each reading, each flagged payload, each status change.
+    let flagged: u64 = want_flagged.values().sum();
+    let expected = want_readings.len() as u64 + flagged;
+    wait_for(
+        "every reading and flagged payload stored",
+        || count(&db, doc! {}),
+        |stored| *stored >= expected,
+    )
+    .await;
+    let status = db.collection::<Document>("status");
+    wait_for(
+        "every status change stored",
+        || async { status.count_documents(doc! {}).await.expect("count") },
+        |stored| *stored >= want_status.len() as u64,
+    )
+    .await;
+
+    let readings = db.collection::<Document>("readings");
+    let stored: Vec<Document> = futures_util::TryStreamExt::try_collect(
+        readings
+            .find(doc! { "unparsed": { "$ne": true } })
+            .await
+            .expect("find"),
+    )
+    .await
+    .expect("documents");
+    let mut got: Vec<Reading> = stored.iter().map(reading_of).collect();
+    got.sort();
+    want_readings.sort();
+    assert_eq!(got, want_readings);
+    for (topic, times) in &want_flagged {
+        assert_eq!(
+            count(&db, doc! { "topic": topic, "unparsed": true }).await,
+            *times,
+            "flagged on {topic}"
+        );
+    }
+    assert_eq!(count(&db, doc! {}).await, expected, "nothing else stored");
+
+    let statuses: Vec<Document> =
+        futures_util::TryStreamExt::try_collect(status.find(doc! {}).await.expect("find"))
+            .await
+            .expect("documents");
+    let mut got_status: Vec<(String, String)> = statuses
+        .iter()
+        .map(|document| {
+            (
+                document.get_str("device").expect("device").to_string(),
+                document.get_str("status").expect("status").to_string(),
+            )
+        })
+        .collect();
+    got_status.sort();
+    want_status.sort();
+    assert_eq!(got_status, want_status);
+
+    // `readings devices` names them, with their measurements and status.
+    let output = tests::run_readings(
+        mongo.uri(),
+        mongo.database_name(),
+        &["devices", "--format", "json"],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let devices: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let living_room = devices
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|row| row["device"] == "living_room")
+        .expect("living_room listed");
+    assert_eq!(living_room["status"], "online");
+    assert_eq!(
+        living_room["measurements"],
+        "battery humidity linkquality temperature"
+    );
+    // And range by device and measurement.
+    let output = tests::run_readings(
+        mongo.uri(),
+        mongo.database_name(),
+        &[
+            "range",
+            "--device",
+            "tasmota_ABC",
+            "--measurement",
+            "BME280.Pressure",
+            "--since",
+            "2026-11-24T00:00:00Z",
+            "--format",
+            "json",
+        ],
+    );
+    let rows: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(rows.as_array().map(Vec::len), Some(1), "{rows}");
+    assert_eq!(rows[0]["unit"], "hPa");
+
+    // Messages with nothing to store were counted, and the persister kept running.
+    assert!(
+        persister.is_running(),
+        "the persister stopped:\n{}",
+        persister.stderr()
+    );
+    persister.stop_cleanly().await;
+    assert!(
+        persister.stderr().contains(&format!("ignored={nothing} ")),
+        "{nothing} messages with nothing to store:\n{}",
+        persister.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_mapping_file_is_one_error_naming_the_file_and_the_rule() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let file = dir.path().join("mine.toml");
+    std::fs::write(
+        &file,
+        "[[rule]]\ntopic = \"tele/{device}/SENSOR\"\n\n[[rule]]\ntopic = \"stat/{device}/{measurement}\"\npayload = \"xml\"\n",
+    )
+    .expect("write");
+    let output = std::process::Command::new(binary("mongo-persister"))
+        .args(["--ingest", "tasmota"])
+        .arg("--ingest")
+        .arg(&file)
+        .env_clear()
+        .current_dir(dir.path())
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains(&format!("{}: rule 2 (line 6)", file.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("xml"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_account_publishes_its_own_topics_only_and_is_gone_once_removed() {
+    let brokers = spawn_brokers().await;
+    let edge_pid = brokers.local.pid();
+    let bridge_connections = brokers.local.log().matches("Connecting bridge").count();
+    let password = brokers.local.add_device("plug_1", "tasmota");
+    let mut cloud = TestClient::connect(brokers.cloud.port, "mqtt-subscriber").await;
+    cloud.subscribe("tele/#").await;
+
+    // The broker reads the account on SIGHUP: retry until it knows it.
+    let mut plug = wait_for(
+        "the new account to log in",
+        || TestClient::try_connect_as(brokers.local.port, "plug_1", &password),
+        Result::is_ok,
+    )
+    .await
+    .expect("logged in");
+    // Another device's topic is refused, its own arrives on the cloud broker: the
+    // refused one, published first on the same connection, would have come first.
+    plug.publish("tele/plug_2/SENSOR", QoS::AtLeastOnce, false, b"{\"x\":1}")
+        .await;
+    plug.publish("tele/plug_1/SENSOR", QoS::AtLeastOnce, false, b"{\"x\":2}")
+        .await;
+    let first = cloud.next_message().await;
+    assert_eq!(first.topic, "tele/plug_1/SENSOR");
+    assert!(
+        TestClient::try_connect_as(brokers.local.port, "plug_1", "wrong")
+            .await
+            .is_err()
+    );
+
+    brokers.local.remove_device("plug_1");
+    let refused = wait_for(
+        "the removed account to be refused",
+        || TestClient::try_connect_as(brokers.local.port, "plug_1", &password),
+        Result::is_err,
+    )
+    .await;
+    assert!(refused.is_err());
+    // Neither change restarted the broker or reconnected the bridge.
+    assert_eq!(brokers.local.pid(), edge_pid);
+    assert_eq!(
+        brokers.local.log().matches("Connecting bridge").count(),
+        bridge_connections
+    );
+    // A second account for an existing name is refused.
+    brokers.local.add_device("plug_9", "tasmota");
+    let again = std::process::Command::new(repo_root().join("scripts/add-device"))
+        .args(["plug_9", "--preset", "tasmota", "--conf-dir"])
+        .arg(brokers.dir().join("local"))
+        .output()
+        .expect("runs");
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_device_states_replayed_to_a_new_session_are_not_stored_twice() {
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    // ESPHome retains its states; a Zigbee2MQTT state is retained when set so.
+    let node = brokers.local.add_device("esp-1", "esphome");
+    let zigbee = brokers.local.add_device("zigbee2mqtt", "zigbee2mqtt");
+    let mut node = TestClient::try_connect_as(brokers.local.port, "esp-1", &node)
+        .await
+        .expect("esp-1 logs in");
+    let mut zigbee = TestClient::try_connect_as(brokers.local.port, "zigbee2mqtt", &zigbee)
+        .await
+        .expect("zigbee2mqtt logs in");
+    node.publish(
+        "esp-1/sensor/outdoor/state",
+        QoS::AtLeastOnce,
+        true,
+        b"12.3",
+    )
+    .await;
+    zigbee
+        .publish(
+            "zigbee2mqtt/room",
+            QoS::AtLeastOnce,
+            true,
+            br#"{"temperature":21.5,"humidity":40}"#,
+        )
+        .await;
+    TestClient::retained(brokers.cloud.port, "zigbee2mqtt/room").await;
+
+    let args = |id: &'static str| {
+        [
+            "--ingest",
+            "esphome,zigbee2mqtt",
+            "--client-id",
+            id,
+            "--stats-interval",
+            "0.1",
+        ]
+    };
+    let mut first = brokers.start_persister(&mongo, &args("first"));
+    wait_for(
+        "three measurements stored",
+        || count(&db, doc! {}),
+        |n| *n == 3,
+    )
+    .await;
+    first.stop_cleanly().await;
+
+    // A new session gets both replayed: each measurement is recognised as stored.
+    let mut second = brokers.start_persister(&mongo, &args("second"));
+    second.wait_for_log("skipped=3").await;
+    assert_eq!(count(&db, doc! {}).await, 3);
+    second.stop_cleanly().await;
+}
