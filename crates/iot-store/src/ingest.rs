@@ -419,7 +419,7 @@ fn check(raw: RawRule) -> Result<Rule, String> {
                     toml::Value::String(unit) => units.push((glob, unit)),
                     other => {
                         return Err(format!(
-                            "units: {glob:?} is a {}: a unit is a string",
+                            "units: {glob:?} = {}, not a string such as \"°C\"",
                             other.type_str()
                         ))
                     }

@@ -190,6 +190,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             broker = %broker.address(), client_id, topics = ?filters,
             mongodb = %config.mongo.redacted_uri(), database = config.mongo.database,
             batch_size = config.batch_size, flush_interval = ?config.flush_interval,
+            ingest = %if config.ingest.is_empty() { "default".to_string() } else { config.ingest.join(",") },
             "storing messages"
         );
     }

@@ -361,7 +361,7 @@ fn a_bad_mapping_file_names_the_file_the_rule_and_the_problem() {
         ),
         (
             "[[rule]]\ntopic = \"a\"\nunits = { x = 1 }\n",
-            "a unit is a string",
+            "not a string",
         ),
         (
             "[[rule]]\ntopic = \"a\"\npayload = \"plain\"\nroot = \"params\"\n",
