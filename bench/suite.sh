@@ -4,7 +4,7 @@
 # ratio. Prints Markdown tables (the README's Benchmarks section is one such output).
 #
 #   bench/suite.sh [SECTION ...]     sections: subscriber publisher bridge persister
-#                                    resources (default: all, in that order)
+#                                    ingest resources (default: all, in that order)
 #
 # Environment (defaults):
 #   BENCH_N=100000        messages per run of the subscriber, publisher and resources runs
@@ -30,11 +30,11 @@ RATES=${BENCH_RATES:-1000 5000}
 PERSISTER_N=${BENCH_PERSISTER_N:-5000}
 DEVICES=${BENCH_DEVICES:-1000}
 sections=("$@")
-((${#sections[@]})) || sections=(subscriber publisher bridge persister resources)
+((${#sections[@]})) || sections=(subscriber publisher bridge persister ingest resources)
 for section in "${sections[@]}"; do
   case $section in
-    subscriber | publisher | bridge | persister | resources) ;;
-    *) say "unknown section '$section': expected subscriber, publisher, bridge, persister or resources"; exit 2 ;;
+    subscriber | publisher | bridge | persister | ingest | resources) ;;
+    *) say "unknown section '$section': expected subscriber, publisher, bridge, persister, ingest or resources"; exit 2 ;;
   esac
 done
 wants() { [[ " ${sections[*]} " == *" $1 "* ]]; }
@@ -181,32 +181,38 @@ if wants bridge; then
   done
 fi
 
-if wants persister; then
+if wants persister || wants ingest; then
   start_database
   export CLOUD_BROKER=127.0.0.1 CLOUD_PORT=$cloud_port CLOUD_USERNAME=mongo-persister CLOUD_PASSWORD=bench \
     MONGODB_URI="$db_uri"
-  # One drain: queue PERSISTER_N readings for a new persistent session, then time the
-  # persister storing them all. Writes its measure to OUT.
-  drain() { # batch-size out
-    local batch=$1 out=$2 db log
+  # Queues PERSISTER_N JSON readings of device $id for the session.
+  fill_readings() {
+    env "${pub_env[@]}" "$bin/temperature-sensor" --format json --qos 1 --interval 0 --no-retain \
+      --count "$PERSISTER_N" --device "$id"
+  }
+  # One drain: a new persistent session (the persister started once with ARGS, the
+  # subscription FILTER, a regex, standing), FILL queues messages for it, then it is
+  # timed storing them until WRITTEN documents are written. Writes its measure to OUT.
+  drain() { # out written fill filter args...
+    local out=$1 written=$2 fill=$3 filter=$4 db log
+    shift 4
     next_id persister
     db=${id//-/_}
     log="$work/$id.log"
-    MONGODB_DATABASE=$db RUST_LOG=info "$bin/mongo-persister" --client-id "$id" --batch-size "$batch" >"$log" 2>&1 &
+    MONGODB_DATABASE=$db RUST_LOG=info "$bin/mongo-persister" --client-id "$id" "$@" >"$log" 2>&1 &
     local pid=$!
-    wait_line "$log" 'subscribed filter="/device/#"'
+    wait_line "$log" "subscribed filter=\"$filter\""
     kill -TERM "$pid"; wait "$pid"
-    env "${pub_env[@]}" "$bin/temperature-sensor" --format json --qos 1 --interval 0 --no-retain \
-      --count "$PERSISTER_N" --device "$id"
-    # Stopped by a watcher once every reading is written; the stats line says when.
-    (wait_line "$log.2" "written=$PERSISTER_N " 600 && pkill -TERM -f -- "^$bin/mongo-persister --client-id $id ") &
+    "$fill"
+    # Stopped by a watcher once every document is written; the stats line says when.
+    (wait_line "$log.2" "written=$written " 600 && pkill -TERM -f -- "^$bin/mongo-persister --client-id $id ") &
     local watcher=$!
-    env MONGODB_DATABASE="$db" RUST_LOG=info "${measure[@]}" "$out" "$bin/mongo-persister" --client-id "$id" --batch-size "$batch" \
+    env MONGODB_DATABASE="$db" RUST_LOG=info "${measure[@]}" "$out" "$bin/mongo-persister" --client-id "$id" "$@" \
       --stats-interval 0.05 >"$log.2" 2>&1
     wait "$watcher"
     # Wall time from the persister's first log line to the stats line that counts every
     # reading written: neither its start-up nor its shutdown is ingest.
-    python3 - "$log.2" "written=$PERSISTER_N " "$out" <<'PY'
+    python3 - "$log.2" "written=$written " "$out" <<'PY'
 import re, sys
 from datetime import datetime
 log, needle, out = sys.argv[1:]
@@ -218,15 +224,33 @@ fields = open(out).read().split()
 open(out, "w").write(" ".join([f"{end - start:.3f}"] + fields[1:]) + "\n")
 PY
   }
+fi
+if wants persister; then
   say "persister: $PERSISTER_N queued readings into $server, $RUNS runs each"
   one=() many=()
   for run in $(seq "$RUNS"); do
-    drain 1 "$work/persist-1-$run"; one+=("$work/persist-1-$run")
-    drain 500 "$work/persist-500-$run"; many+=("$work/persist-500-$run")
+    drain "$work/persist-1-$run" "$PERSISTER_N" fill_readings /device/# --batch-size 1; one+=("$work/persist-1-$run")
+    drain "$work/persist-500-$run" "$PERSISTER_N" fill_readings /device/# --batch-size 500; many+=("$work/persist-500-$run")
   done
   median_run "" "${one[@]}"; persist_one=$med
   median_run mongo-persister "${many[@]}"; persist_many=$med
   resources[mongo-persister]+=" $PERSISTER_N"
+fi
+
+if wants ingest; then
+  # The same queued Tasmota messages (a BME280 and a DS18B20: five numbers, a time, two
+  # units), read by the tasmota preset (five documents each, with device time) and by
+  # the default mapping (not its form: one flagged document each, raw text kept).
+  tasmota='{"Time":"2026-11-24T11:00:00","BME280":{"Temperature":22.1,"Humidity":45.0,"DewPoint":9.6,"Pressure":1013.2},"DS18B20":{"Id":"01144A0CB2AA","Temperature":21.4},"PressureUnit":"hPa","TempUnit":"C"}'
+  fill_tasmota() { "${c_pub[@]}" -q 1 -t tele/bench/SENSOR -m "$tasmota" --repeat "$PERSISTER_N"; }
+  say "ingest: $PERSISTER_N queued Tasmota messages into $server, $RUNS runs each"
+  preset=() plain=()
+  for run in $(seq "$RUNS"); do
+    drain "$work/ingest-preset-$run" "$((PERSISTER_N * 5))" fill_tasmota "tele/[+]/SENSOR" --ingest tasmota; preset+=("$work/ingest-preset-$run")
+    drain "$work/ingest-default-$run" "$PERSISTER_N" fill_tasmota tele/# --topic 'tele/#'; plain+=("$work/ingest-default-$run")
+  done
+  median_run "" "${plain[@]}"; ingest_default=$med ingest_default_cpu=$(cut -d' ' -f2 "$best")
+  median_run "" "${preset[@]}"; ingest_preset=$med ingest_preset_cpu=$(cut -d' ' -f2 "$best")
 fi
 
 if wants resources; then
@@ -276,6 +300,13 @@ if wants subscriber || wants publisher || wants persister; then
   if wants persister; then
     echo "| persister: $PERSISTER_N queued readings into $server | \`--batch-size 500\` ${persist_many} s | one insert per message ${persist_one} s | $(rate "$PERSISTER_N" "$persist_many") | $(rate "$PERSISTER_N" "$persist_one") | $(ratio "$persist_one" "$persist_many") |"
   fi
+fi
+if wants ingest; then
+  table_header "Ingest: $PERSISTER_N queued Tasmota SENSOR messages into $server"
+  echo "| mapping | documents | wall s | persister CPU s | CPU µs per message | wall ratio to default |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+  echo "| \`--ingest tasmota\` (5 measurements each) | $((PERSISTER_N * 5)) | $ingest_preset | $ingest_preset_cpu | $(calc "f'{$ingest_preset_cpu / $PERSISTER_N * 1e6:,.0f}'") | $(ratio "$ingest_preset" "$ingest_default") |"
+  echo "| default (flagged, raw kept) | $PERSISTER_N | $ingest_default | $ingest_default_cpu | $(calc "f'{$ingest_default_cpu / $PERSISTER_N * 1e6:,.0f}'") | 1.00 |"
 fi
 if wants publisher; then
   table_header "Paced publishing, one process (\`pressure-sensor --rate 10000\`, $SECONDS_PER_RUN s)"
