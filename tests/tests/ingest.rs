@@ -8,46 +8,11 @@
 use std::collections::BTreeMap;
 
 use bson::{doc, Document};
-use chrono::{DateTime, Utc};
+use iot_store::ingest::fixtures::{messages, Expect, ALL_PRESETS};
 use rumqttc::QoS;
 use serde_json::Value;
 use tests::stored::count;
 use tests::{binary, repo_root, spawn_brokers, spawn_mongo, wait_for, TestClient};
-
-/// The presets in the order the persister lists them (README, "Real devices").
-const ORDER: &str = "tasmota,zigbee2mqtt,shelly,homeassistant,esphome,default";
-
-/// Every fixture file's messages with the preset they are for.
-fn fixtures() -> Vec<(String, Value)> {
-    let dir = repo_root().join("tests/fixtures/ingest");
-    let mut all = Vec::new();
-    for preset in [
-        "tasmota",
-        "zigbee2mqtt",
-        "esphome",
-        "shelly",
-        "homeassistant",
-    ] {
-        let text =
-            std::fs::read_to_string(dir.join(format!("{preset}.json"))).expect("fixture file");
-        let file: Value = serde_json::from_str(&text).expect("fixture JSON");
-        for message in file["messages"].as_array().expect("messages") {
-            all.push((preset.to_string(), message.clone()));
-        }
-    }
-    all
-}
-
-fn payload_of(message: &Value) -> Vec<u8> {
-    match (message.get("payload"), message.get("payload_hex")) {
-        (Some(Value::String(text)), _) => text.as_bytes().to_vec(),
-        (_, Some(Value::String(hex))) => (0..hex.len())
-            .step_by(2)
-            .map(|at| u8::from_str_radix(&hex[at..at + 2], 16).expect("hex"))
-            .collect(),
-        _ => panic!("a fixture without payload: {message}"),
-    }
-}
 
 /// The account a message is published by: the first topic level that names one, the
 /// way each preset's ACL gives a device its topics.
@@ -90,14 +55,14 @@ fn reading_of(document: &Document) -> Reading {
 async fn real_devices_messages_are_stored_as_the_contract_says() {
     let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
     let db = mongo.database().await;
-    let fixtures = fixtures();
+    let fixtures = messages();
 
     // One account per device the fixtures publish as, each with its preset.
-    let mut names: BTreeMap<String, String> = BTreeMap::new();
-    for (preset, message) in &fixtures {
-        let topic = message["topic"].as_str().expect("topic");
+    let mut names: BTreeMap<String, &str> = BTreeMap::new();
+    for message in &fixtures {
+        let topic = message.topic.as_str();
         let first = topic.split('/').next().unwrap_or_default();
-        let name = match preset.as_str() {
+        let name = match message.preset {
             "zigbee2mqtt" | "homeassistant" => first.to_string(),
             "tasmota" => topic.split('/').nth(1).unwrap_or_default().to_string(),
             "shelly" if first == "shellies" => {
@@ -105,7 +70,7 @@ async fn real_devices_messages_are_stored_as_the_contract_says() {
             }
             _ => first.to_string(),
         };
-        names.insert(name, preset.clone());
+        names.insert(name, message.preset);
     }
     let accounts: Vec<(String, String)> = names
         .iter()
@@ -118,7 +83,7 @@ async fn real_devices_messages_are_stored_as_the_contract_says() {
         &mongo,
         &[
             "--ingest",
-            ORDER,
+            &ALL_PRESETS.join(","),
             "--device-timezone",
             "Europe/Berlin",
             "--ready-file",
@@ -141,41 +106,36 @@ async fn real_devices_messages_are_stored_as_the_contract_says() {
     let mut want_status: Vec<(String, String)> = Vec::new();
     let mut want_flagged: BTreeMap<String, u64> = BTreeMap::new();
     let mut nothing = 0;
-    for (_, message) in &fixtures {
-        let topic = message["topic"].as_str().expect("topic");
+    for message in &fixtures {
+        let topic = message.topic.as_str();
         let (name, _) = account_of(topic, &accounts);
         let client = clients.get_mut(name).expect("a client");
         client
-            .publish(topic, QoS::AtLeastOnce, false, &payload_of(message))
+            .publish(topic, QoS::AtLeastOnce, false, &message.payload)
             .await;
-        match &message["expect"] {
-            Value::String(word) if word == "nothing" => nothing += 1,
-            Value::String(word) if word == "flagged" => {
-                *want_flagged.entry(topic.to_string()).or_default() += 1
-            }
-            Value::Object(want) if want.contains_key("status") => want_status.push((
-                want["device"].as_str().expect("device").to_string(),
-                want["status"].as_str().expect("status").to_string(),
+        match &message.expect {
+            Expect::Nothing => nothing += 1,
+            Expect::Flagged => *want_flagged.entry(topic.to_string()).or_default() += 1,
+            Expect::Status { device, online } => want_status.push((
+                device.clone(),
+                if *online { "online" } else { "offline" }.to_string(),
             )),
-            Value::Object(want) => {
-                let ts = want.get("ts").map(|ts| {
-                    DateTime::parse_from_rfc3339(ts.as_str().expect("ts"))
-                        .expect("an RFC 3339 time")
-                        .with_timezone(&Utc)
-                        .timestamp_millis()
-                });
-                for (measurement, pair) in want["readings"].as_object().expect("readings") {
+            Expect::Readings {
+                device,
+                ts,
+                readings,
+            } => {
+                for (measurement, (value, unit)) in readings {
                     want_readings.push((
                         topic.to_string(),
-                        want["device"].as_str().map(String::from),
+                        device.clone(),
                         measurement.clone(),
-                        format!("{:.4}", pair[0].as_f64().expect("value")),
-                        pair[1].as_str().map(String::from),
-                        ts,
+                        format!("{value:.4}"),
+                        unit.clone(),
+                        ts.map(|ts| ts.timestamp_millis()),
                     ));
                 }
             }
-            other => panic!("unknown expectation {other}"),
         }
     }
 

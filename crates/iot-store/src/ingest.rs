@@ -20,6 +20,8 @@
 //! read (not UTF-8, broken JSON) is stored flagged, as any payload the default mapping
 //! cannot read.
 
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 pub mod topic;
 
 use std::borrow::Cow;
@@ -542,30 +544,14 @@ impl Readings {
         let looks_json = text.starts_with(['{', '[']);
         let json = match self.form {
             Form::Plain => None,
-            Form::Json => match serde_json::from_str::<Value>(text) {
-                Ok(json) => Some(json),
-                Err(error) => {
-                    return Record::Unparsed {
-                        document: unparsed(
-                            topic,
-                            payload,
-                            received,
-                            &format!("payload is not JSON: {error}"),
-                        ),
-                    }
-                }
-            },
+            // `json` expects JSON; `auto` what looks like it (an object or an array).
             _ => match serde_json::from_str::<Value>(text) {
                 Ok(json) => Some(json),
-                Err(error) if looks_json => {
+                Err(error) if self.form == Form::Json || looks_json => {
+                    let why = format!("payload is not JSON: {error}");
                     return Record::Unparsed {
-                        document: unparsed(
-                            topic,
-                            payload,
-                            received,
-                            &format!("payload is not JSON: {error}"),
-                        ),
-                    }
+                        document: unparsed(topic, payload, received, &why),
+                    };
                 }
                 Err(_) => None,
             },

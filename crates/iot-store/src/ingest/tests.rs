@@ -4,39 +4,7 @@
 use super::*;
 use std::collections::BTreeMap;
 
-/// The fixture files, by preset.
-pub const FIXTURES: &[(&str, &str)] = &[
-    (
-        "tasmota",
-        include_str!("../../../../tests/fixtures/ingest/tasmota.json"),
-    ),
-    (
-        "zigbee2mqtt",
-        include_str!("../../../../tests/fixtures/ingest/zigbee2mqtt.json"),
-    ),
-    (
-        "esphome",
-        include_str!("../../../../tests/fixtures/ingest/esphome.json"),
-    ),
-    (
-        "shelly",
-        include_str!("../../../../tests/fixtures/ingest/shelly.json"),
-    ),
-    (
-        "homeassistant",
-        include_str!("../../../../tests/fixtures/ingest/homeassistant.json"),
-    ),
-];
-
-/// Every preset, in the order a persister that reads them all lists them.
-const ALL: [&str; 6] = [
-    "tasmota",
-    "zigbee2mqtt",
-    "shelly",
-    "homeassistant",
-    "esphome",
-    "default",
-];
+use super::fixtures::{messages, Expect, ALL_PRESETS as ALL};
 
 fn at() -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2026-11-27T12:00:00Z")
@@ -53,51 +21,39 @@ fn mapping(sources: &[&str]) -> Mapping {
     Mapping::load(&sources, berlin()).unwrap_or_else(|error| panic!("{error}"))
 }
 
-fn payload_of(message: &Value) -> Vec<u8> {
-    match (message.get("payload"), message.get("payload_hex")) {
-        (Some(Value::String(text)), _) => text.as_bytes().to_vec(),
-        (_, Some(Value::String(hex))) => (0..hex.len())
-            .step_by(2)
-            .map(|at| u8::from_str_radix(&hex[at..at + 2], 16).expect("hex"))
-            .collect(),
-        _ => panic!("a fixture without payload: {message}"),
-    }
-}
-
-/// Checks what `mapping` makes of every fixture message of `file`.
-fn check_fixtures(mapping: &Mapping, file: &str) {
-    let fixtures: Value = serde_json::from_str(file).expect("fixture JSON");
-    let messages = fixtures["messages"].as_array().expect("messages");
-    assert!(messages.len() >= 8, "at least 8 messages per preset");
-    for message in messages {
-        let topic = message["topic"].as_str().expect("topic");
-        let record = mapping.read(topic, &payload_of(message), at());
-        let expect = &message["expect"];
+/// Checks what `mapping` makes of the fixture messages of `preset` (every preset's
+/// when `None`).
+fn check_fixtures(mapping: &Mapping, preset: Option<&str>) {
+    for message in messages() {
+        if preset.is_some_and(|preset| preset != message.preset) {
+            continue;
+        }
+        let topic = message.topic.as_str();
+        let record = mapping.read(topic, &message.payload, at());
         let context = format!(
-            "{topic} {}: {record:?}",
-            message.get("payload").unwrap_or(&Value::Null)
+            "{topic} {:?}: {record:?}",
+            String::from_utf8_lossy(&message.payload)
         );
-        match expect {
-            Value::String(word) if word == "nothing" => {
-                assert!(matches!(record, Record::Nothing { .. }), "{context}")
-            }
-            Value::String(word) if word == "flagged" => {
-                assert!(matches!(record, Record::Unparsed { .. }), "{context}")
-            }
-            Value::Object(want) if want.contains_key("status") => {
+        match message.expect {
+            Expect::Nothing => assert!(matches!(record, Record::Nothing { .. }), "{context}"),
+            Expect::Flagged => assert!(matches!(record, Record::Unparsed { .. }), "{context}"),
+            Expect::Status { device, online } => {
                 let Record::Status {
-                    device,
-                    online,
+                    device: got,
+                    online: got_online,
                     document,
                 } = record
                 else {
                     panic!("not a status: {context}");
                 };
-                assert_eq!(Some(device.as_str()), want["device"].as_str(), "{context}");
-                assert_eq!(online, want["status"] == "online", "{context}");
+                assert_eq!((got, got_online), (device, online), "{context}");
                 assert_eq!(document.get_str("topic"), Ok(topic));
             }
-            Value::Object(want) => {
+            Expect::Readings {
+                device,
+                ts,
+                readings,
+            } => {
                 let Record::Readings {
                     documents,
                     keyed: false,
@@ -109,20 +65,12 @@ fn check_fixtures(mapping: &Mapping, file: &str) {
                 for document in &documents {
                     assert_eq!(
                         document.get_str("device").ok(),
-                        want["device"].as_str(),
+                        device.as_deref(),
                         "{context}"
                     );
                     assert_eq!(document.get_str("topic"), Ok(topic));
-                    let ts = document.get_datetime("ts").expect("ts").to_chrono();
-                    let want_ts = want
-                        .get("ts")
-                        .map(|ts| {
-                            DateTime::parse_from_rfc3339(ts.as_str().expect("ts"))
-                                .expect("ts")
-                                .with_timezone(&Utc)
-                        })
-                        .unwrap_or(at());
-                    assert_eq!(ts, want_ts, "{context}");
+                    let stored_ts = document.get_datetime("ts").expect("ts").to_chrono();
+                    assert_eq!(stored_ts, ts.unwrap_or(at()), "{context}");
                     got.insert(
                         document
                             .get_str("measurement")
@@ -134,40 +82,30 @@ fn check_fixtures(mapping: &Mapping, file: &str) {
                         ),
                     );
                 }
-                let wanted: BTreeMap<String, (f64, Option<String>)> = want["readings"]
-                    .as_object()
-                    .expect("readings")
-                    .iter()
-                    .map(|(name, pair)| {
-                        (
-                            name.clone(),
-                            (
-                                pair[0].as_f64().expect("value"),
-                                pair[1].as_str().map(String::from),
-                            ),
-                        )
-                    })
-                    .collect();
-                assert_eq!(got, wanted, "{topic}");
+                assert_eq!(got, readings, "{topic}");
             }
-            other => panic!("unknown expectation {other}"),
         }
     }
 }
 
 #[test]
 fn every_preset_reads_its_firmware_messages() {
-    for (preset, file) in FIXTURES {
-        check_fixtures(&mapping(&[preset]), file);
+    for preset in ALL.iter().filter(|preset| **preset != "default") {
+        let of_preset = messages()
+            .iter()
+            .filter(|message| message.preset == *preset)
+            .count();
+        assert!(
+            of_preset >= 8,
+            "{preset}: at least 8 messages, {of_preset} found"
+        );
+        check_fixtures(&mapping(&[preset]), Some(preset));
     }
 }
 
 #[test]
 fn all_presets_together_read_each_one_s_messages_the_same() {
-    let all = mapping(&ALL);
-    for (_, file) in FIXTURES {
-        check_fixtures(&all, file);
-    }
+    check_fixtures(&mapping(&ALL), None);
 }
 
 #[test]
