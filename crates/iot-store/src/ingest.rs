@@ -25,7 +25,6 @@ pub mod fixtures;
 pub mod topic;
 
 use std::borrow::Cow;
-use std::path::Path;
 use std::str::FromStr;
 use std::sync::LazyLock;
 
@@ -149,12 +148,13 @@ impl Mapping {
 }
 
 fn read_source(source: &str) -> Result<(String, String), String> {
-    let is_path = source.contains('/') || source.ends_with(".toml") || Path::new(source).exists();
+    // A file is named by a path (with a '/') or a .toml name; anything else is a preset.
+    let is_path = source.contains('/') || source.ends_with(".toml");
     if !is_path {
         return match PRESETS.iter().find(|(name, _)| *name == source) {
             Some((name, text)) => Ok((format!("preset {name}"), text.to_string())),
             None => Err(format!(
-                "--ingest {source}: no such file, nor a preset ({})",
+                "--ingest {source}: not a preset ({}); a mapping file is named by a path or a .toml name",
                 PRESETS
                     .iter()
                     .map(|(name, _)| *name)

@@ -320,6 +320,7 @@ fn a_bad_mapping_file_names_the_file_the_rule_and_the_problem() {
     }
     let missing = Mapping::load(&["no-such-preset".into()], Tz::UTC).expect_err("unknown");
     assert!(missing.contains("tasmota, zigbee2mqtt"), "{missing}");
+    assert!(missing.contains("a path or a .toml name"), "{missing}");
     let unreadable =
         Mapping::load(&["/nonexistent/mine.toml".into()], Tz::UTC).expect_err("unreadable");
     assert!(

@@ -125,10 +125,12 @@ impl Pattern {
         {
             Level::Literal(literal) => literal == text,
             Level::Any => true,
-            Level::Capture(name) => {
+            // An empty level names nothing.
+            Level::Capture(name) if !text.is_empty() => {
                 captures.insert(name.as_str(), text.to_string());
                 true
             }
+            Level::Capture(_) => false,
             Level::CaptureRest(_) | Level::Rest => false,
         };
         match open {
@@ -164,7 +166,11 @@ impl Pattern {
                     }
                 }
                 if let Level::CaptureRest(name) = &self.levels[at] {
-                    captures.insert(name.as_str(), topic_levels[at..tail].join("/"));
+                    let levels = &topic_levels[at..tail];
+                    if levels.iter().all(|level| level.is_empty()) {
+                        return None;
+                    }
+                    captures.insert(name.as_str(), levels.join("/"));
                 }
             }
         }
@@ -342,6 +348,11 @@ mod tests {
             ])
         );
         assert_eq!(captured("/sensor/#", "/sensor"), pairs(&[]));
+        assert_eq!(captured("tele/{device}/SENSOR", "tele//SENSOR"), None);
+        assert_eq!(
+            captured("z/{device...}/availability", "z//availability"),
+            None
+        );
         assert_eq!(captured("/sensor/#", "/sensor/a/b"), pairs(&[]));
         assert_eq!(captured("/sensor/+", "/sensor/a/b"), None);
         assert_eq!(
