@@ -50,6 +50,9 @@ pub struct Config {
     /// Id of the (first) device, for `{device}` in --topic; the others count up its number
     #[arg(long, env = "STATUS_DEVICE", default_value = "device-0001")]
     pub device: String,
+    /// Serve Prometheus metrics and health checks (/metrics, /health/live, /health/ready) on HOST:PORT, e.g. 0.0.0.0:9464 [default: off]
+    #[arg(long, value_name = "HOST:PORT", env = "STATUS_METRICS_ADDRESS", value_parser = iot_core::ops::parse_listen_address)]
+    pub metrics_address: Option<String>,
     #[command(flatten)]
     pub broker: LocalBroker,
 }
@@ -90,6 +93,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .unwrap_or_else(|| format!("device-status-{}", sensor_sim::sensor::new_boot_id()));
     let broker = BrokerSettings::from(config.broker.clone());
     let devices = config.device_topics();
+    iot_core::ops::serve(config.metrics_address.as_deref(), shutdown.clone(), &[]).await?;
     if let [(_, topic)] = devices.as_slice() {
         return presence(&config, &broker, base_id, topic, config.interval, shutdown).await;
     }

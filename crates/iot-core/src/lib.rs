@@ -2,14 +2,15 @@
 //!
 //! What every service uses lives here once: broker settings and the MQTT connection
 //! that keeps itself alive ([`config`], [`mqtt`], [`backoff`]), the payload codec
-//! ([`payload`]), topic names ([`topics`]), the shutdown signal ([`shutdown`]) and
-//! tracing set-up ([`logging`]). The MongoDB side is the `iot-store` crate, the
+//! ([`payload`]), topic names ([`topics`]), the shutdown signal ([`shutdown`]),
+//! tracing set-up ([`logging`]), and metrics and health checks ([`ops`]). The MongoDB side is the `iot-store` crate, the
 //! simulated devices the `sensor-sim` crate.
 
 pub mod backoff;
 pub mod config;
 pub mod logging;
 pub mod mqtt;
+pub mod ops;
 pub mod payload;
 pub mod shutdown;
 pub mod topics;

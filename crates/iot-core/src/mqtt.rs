@@ -130,6 +130,11 @@ impl Connection {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (outbound, outbound_rx) = mpsc::unbounded_channel();
         let queued_qos0 = Arc::new(AtomicUsize::new(0));
+        crate::ops::health().set(
+            BROKER_CHECK,
+            Err(format!("not connected to {} yet", broker.address())),
+        );
+        metrics::gauge!("iot_mqtt_connected").set(0.0);
         let driver = Driver {
             eventloop,
             events: events_tx,
@@ -217,8 +222,10 @@ impl Connection {
         {
             return Err(self.why_stopped().await);
         }
+        metrics::counter!("iot_mqtt_published_total").increment(1);
         if qos != QoS::AtMostOnce {
             self.unacked += 1;
+            metrics::gauge!("iot_mqtt_unacknowledged").set(self.unacked as f64);
         }
         Ok(())
     }
@@ -232,9 +239,14 @@ impl Connection {
                     Event::Acked => {
                         self.unacked = self.unacked.saturating_sub(1);
                         self.acknowledged += 1;
+                        metrics::counter!("iot_mqtt_acknowledged_total").increment(1);
+                        metrics::gauge!("iot_mqtt_unacknowledged").set(self.unacked as f64);
                     }
-                    Event::Message { publish, .. } if publish.qos == QoS::AtMostOnce => {
-                        self.queued_qos0.fetch_sub(1, Ordering::Relaxed);
+                    Event::Message { publish, .. } => {
+                        metrics::counter!("iot_mqtt_received_total").increment(1);
+                        if publish.qos == QoS::AtMostOnce {
+                            self.queued_qos0.fetch_sub(1, Ordering::Relaxed);
+                        }
                     }
                     _ => {}
                 }
@@ -351,6 +363,9 @@ struct Driver {
     stale_acks: u64,
 }
 
+/// The readiness check every connection keeps: connected to its broker.
+pub const BROKER_CHECK: &str = "broker";
+
 /// Why the driver stops: the service is gone, or the broker said no for good.
 type Stop = anyhow::Result<()>;
 
@@ -400,7 +415,10 @@ impl Driver {
                     tracing::info!(broker = %self.address, "connected");
                 } else {
                     tracing::info!(broker = %self.address, "reconnected");
+                    metrics::counter!("iot_mqtt_reconnects_total").increment(1);
                 }
+                metrics::gauge!("iot_mqtt_connected").set(1.0);
+                crate::ops::health().set(BROKER_CHECK, Ok(()));
                 self.connection += 1;
                 self.backoff.reset();
                 if self.stale_acks > 0 {
@@ -463,6 +481,11 @@ impl Driver {
             }
         }
         keep_unconfirmed(&mut self.eventloop, &mut self.unconfirmed);
+        metrics::gauge!("iot_mqtt_connected").set(0.0);
+        crate::ops::health().set(
+            BROKER_CHECK,
+            Err(format!("no connection to {}: {error}", self.address)),
+        );
         let delay = self.backoff.next_delay();
         let attempt = self.backoff.attempt();
         if attempt == 1 && self.connection > 0 {

@@ -128,6 +128,28 @@ pub fn describe(error: &anyhow::Error) -> String {
     }
 }
 
+/// The kind of a failed database operation, for metrics: `unreachable` (no server
+/// answered), `write` (a write refused), `other`.
+pub fn error_kind(error: &anyhow::Error) -> &'static str {
+    let kind = error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<mongodb::error::Error>())
+        .map(|error| error.kind.as_ref());
+    match kind {
+        Some(mongodb::error::ErrorKind::ServerSelection { .. }) => "unreachable",
+        Some(
+            mongodb::error::ErrorKind::Io(_)
+            | mongodb::error::ErrorKind::ConnectionPoolCleared { .. },
+        ) => "unreachable",
+        Some(
+            mongodb::error::ErrorKind::Write(_)
+            | mongodb::error::ErrorKind::InsertMany(_)
+            | mongodb::error::ErrorKind::BulkWrite(_),
+        ) => "write",
+        _ => "other",
+    }
+}
+
 /// A stored whole number: int64 as written, int32 where a server narrowed a small one
 /// (nx-27017 does), or a double without a fraction; `None` for anything else.
 pub fn integer(value: Option<&Bson>) -> Option<i64> {

@@ -15,7 +15,6 @@
 
 pub mod writer;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +29,8 @@ use rumqttc::{QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use writer::{Pending, Retention, Stats, Writer};
+use iot_core::ops;
+use writer::{Pending, Retention, Stats, Writer, DATABASE_CHECK};
 
 /// Stores readings and status changes from the cloud broker in MongoDB.
 #[derive(Debug, Clone, Parser)]
@@ -82,6 +82,9 @@ pub struct Config {
     /// Seconds between throughput lines in the log
     #[arg(long, value_name = "SECONDS", env = "PERSISTER_STATS_INTERVAL", default_value = "10", value_parser = parse_positive_seconds)]
     pub stats_interval: Duration,
+    /// Serve Prometheus metrics and health checks (/metrics, /health/live, /health/ready) on HOST:PORT, e.g. 0.0.0.0:9464 [default: off]
+    #[arg(long, value_name = "HOST:PORT", env = "PERSISTER_METRICS_ADDRESS", value_parser = iot_core::ops::parse_listen_address)]
+    pub metrics_address: Option<String>,
     #[command(flatten)]
     pub broker: CloudBroker,
     #[command(flatten)]
@@ -195,6 +198,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         );
     }
 
+    ops::health().set(SUBSCRIBED_CHECK, Err("not subscribed yet".into()));
+    ops::health().set(
+        DATABASE_CHECK,
+        Err(format!(
+            "MongoDB at {} not reached yet",
+            config.mongo.redacted_uri()
+        )),
+    );
+    ops::serve(
+        config.metrics_address.as_deref(),
+        shutdown.clone(),
+        writer::METRICS,
+    )
+    .await?;
     let stats = Arc::new(Stats::default());
     let batch_size = usize::from(config.batch_size);
     // The buffer between MQTT and the database: when full, no more messages are read.
@@ -227,8 +244,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut last_line = String::new();
     let mut retiring = config.retire.then(|| Retiring::new(filters.len()));
     // Messages handed to the writer, and those written (and acknowledged) since.
-    let received = || stats.received.load(Ordering::Relaxed);
+    let received = || stats.received.get();
     let mut settled = 0u64;
+    let mut lag = Lag::default();
+    let mut lag_ticks = tokio::time::interval(Duration::from_secs(1));
 
     loop {
         tokio::select! {
@@ -259,17 +278,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 Event::Subscribed(codes) => {
                     if report_subscription(&filters, &codes) {
                         ready.mark()?;
+                        ops::health().set(SUBSCRIBED_CHECK, Ok(()));
                     }
                 }
                 Event::Message { publish, ack } => {
-                    stats.received.fetch_add(1, Ordering::Relaxed);
+                    stats.received.add(1);
+                    lag.received();
                     let record = mapping.read(&publish.topic, &publish.payload, Utc::now());
                     match &record {
                         Record::Unparsed { .. } => {
-                            stats.unparsed.fetch_add(1, Ordering::Relaxed);
+                            stats.unparsed.add(1);
                         }
                         Record::Nothing { why } => {
-                            stats.ignored.fetch_add(1, Ordering::Relaxed);
+                            stats.ignored.add(1);
                             tracing::debug!(topic = publish.topic, "nothing to store: {why}");
                         }
                         _ => {}
@@ -289,10 +310,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             },
             Some(written) = written_rx.recv() => {
                 settled += written.len() as u64;
+                lag.written(written.len());
                 for ack in written {
                     connection.ack(ack).await?;
                 }
             }
+            _ = lag_ticks.tick() => lag.report(),
             _ = stats_ticks.tick() => {
                 let line = stats.line(pending_tx.max_capacity() - pending_tx.capacity());
                 if line != last_line {
@@ -340,8 +363,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             end_session(&broker, &client_id).await?;
             let line = format!(
                 "retired {client_id}: stored {} of {} message(s) that waited in its session ({}); the broker no longer keeps the session",
-                stats.written.load(Ordering::Relaxed),
-                stats.received.load(Ordering::Relaxed),
+                stats.written.get(),
+                stats.received.get(),
                 stats.line(0),
             );
             tracing::info!("{line}");
@@ -352,6 +375,37 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             "stopped before {client_id}'s session was drained; it is kept, run --retire again"
         ),
         None => Ok(()),
+    }
+}
+
+/// The persister's readiness check on its subscriptions.
+const SUBSCRIBED_CHECK: &str = "subscribed";
+
+/// When each message not yet written arrived, oldest first: for the lag gauges.
+#[derive(Debug, Default)]
+struct Lag {
+    unwritten: std::collections::VecDeque<tokio::time::Instant>,
+}
+
+impl Lag {
+    fn received(&mut self) {
+        self.unwritten.push_back(tokio::time::Instant::now());
+    }
+
+    /// `count` messages written: the oldest, as the writer writes in order.
+    fn written(&mut self, count: usize) {
+        let count = count.min(self.unwritten.len());
+        self.unwritten.drain(..count);
+        self.report();
+    }
+
+    fn report(&self) {
+        let age = self
+            .unwritten
+            .front()
+            .map_or(0.0, |oldest| oldest.elapsed().as_secs_f64());
+        metrics::gauge!("iot_persister_lag_seconds").set(age);
+        metrics::gauge!("iot_persister_buffered").set(self.unwritten.len() as f64);
     }
 }
 

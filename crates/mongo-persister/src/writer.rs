@@ -16,7 +16,10 @@ use bson::{doc, Document};
 use futures_util::TryStreamExt;
 use iot_core::backoff::Backoff;
 use iot_core::mqtt::Ack;
-use iot_store::{describe, ensure_schema, integer, set_retention, Record, READINGS, STATUS};
+use iot_core::ops;
+use iot_store::{
+    describe, ensure_schema, error_kind, integer, set_retention, Record, READINGS, STATUS,
+};
 use mongodb::error::{ErrorKind, InsertManyError};
 use mongodb::{Collection, Database};
 use tokio::sync::mpsc;
@@ -36,35 +39,132 @@ pub struct Pending {
     pub ack: Ack,
 }
 
-/// Counters for the throughput line.
-#[derive(Debug, Default)]
+/// The persister's metrics (the connection's are common to every service).
+pub const METRICS: &[ops::Metric] = &[
+    ops::Metric::counter(
+        "iot_persister_messages_received_total",
+        "Messages received from the cloud broker",
+    ),
+    ops::Metric::counter(
+        "iot_persister_documents_written_total",
+        "Documents written: readings, flagged payloads and status changes",
+    ),
+    ops::Metric::counter(
+        "iot_persister_duplicates_total",
+        "Readings refused by the database as already stored",
+    ),
+    ops::Metric::counter(
+        "iot_persister_unparsed_total",
+        "Messages that could not be read, stored flagged",
+    ),
+    ops::Metric::counter(
+        "iot_persister_ignored_total",
+        "Messages with nothing to store (events, texts, topics no ingest rule reads)",
+    ),
+    ops::Metric::counter(
+        "iot_persister_skipped_total",
+        "Retained replays already stored and repeated statuses, not stored again",
+    ),
+    ops::Metric::counter(
+        "iot_persister_rejected_total",
+        "Documents the database refused for another reason than a duplicate",
+    ),
+    ops::Metric::counter(
+        "iot_persister_status_changes_total",
+        "Device status changes stored",
+    ),
+    ops::Metric::counter("iot_persister_batches_total", "Batches written"),
+    ops::Metric::histogram(
+        "iot_persister_batch_write_seconds",
+        "Time to write one batch, the successful attempt",
+    ),
+    ops::Metric::counter(
+        "iot_persister_database_errors_total",
+        "Failed database operations by kind (unreachable, write, other); each is retried",
+    ),
+    ops::Metric::gauge(
+        "iot_persister_buffered",
+        "Messages received and not yet written (nor acknowledged)",
+    ),
+    ops::Metric::gauge(
+        "iot_persister_lag_seconds",
+        "Age of the oldest message received and not yet written; 0 when none waits",
+    ),
+    ops::Metric::histogram(
+        "iot_persister_delay_seconds",
+        "From a reading's device time to its write",
+    ),
+];
+
+/// A count for the throughput line that is also a Prometheus counter.
+#[derive(Debug)]
+pub struct Count {
+    value: AtomicU64,
+    metric: &'static str,
+}
+
+impl Count {
+    const fn new(metric: &'static str) -> Self {
+        Self {
+            value: AtomicU64::new(0),
+            metric,
+        }
+    }
+
+    pub fn add(&self, n: u64) {
+        self.value.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!(self.metric).increment(n);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters for the throughput line and `/metrics`.
+#[derive(Debug)]
 pub struct Stats {
-    pub received: AtomicU64,
-    pub written: AtomicU64,
-    pub duplicates: AtomicU64,
+    /// Messages received.
+    pub received: Count,
+    /// Documents written.
+    pub written: Count,
+    pub duplicates: Count,
     /// Messages that could not be read (stored flagged).
-    pub unparsed: AtomicU64,
+    pub unparsed: Count,
     /// Messages with nothing to store (events, texts, topics no rule reads).
-    pub ignored: AtomicU64,
+    pub ignored: Count,
     /// Retained replays already stored and repeated statuses, not stored again.
-    pub skipped: AtomicU64,
+    pub skipped: Count,
     /// Documents the database refused for another reason than a duplicate.
-    pub rejected: AtomicU64,
+    pub rejected: Count,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            received: Count::new("iot_persister_messages_received_total"),
+            written: Count::new("iot_persister_documents_written_total"),
+            duplicates: Count::new("iot_persister_duplicates_total"),
+            unparsed: Count::new("iot_persister_unparsed_total"),
+            ignored: Count::new("iot_persister_ignored_total"),
+            skipped: Count::new("iot_persister_skipped_total"),
+            rejected: Count::new("iot_persister_rejected_total"),
+        }
+    }
 }
 
 impl Stats {
     /// `in=… written=… duplicates=… unparsed=… ignored=… skipped=… rejected=… buffered=…`
     pub fn line(&self, buffered: usize) -> String {
-        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         format!(
             "in={} written={} duplicates={} unparsed={} ignored={} skipped={} rejected={} buffered={buffered}",
-            get(&self.received),
-            get(&self.written),
-            get(&self.duplicates),
-            get(&self.unparsed),
-            get(&self.ignored),
-            get(&self.skipped),
-            get(&self.rejected),
+            self.received.get(),
+            self.written.get(),
+            self.duplicates.get(),
+            self.unparsed.get(),
+            self.ignored.get(),
+            self.skipped.get(),
+            self.rejected.get(),
         )
     }
 }
@@ -140,8 +240,12 @@ impl Writer {
         let mut backoff = Backoff::default();
         loop {
             match self.make_schema().await {
-                Ok(()) => return true,
+                Ok(()) => {
+                    ops::health().set(DATABASE_CHECK, Ok(()));
+                    return true;
+                }
                 Err(error) => {
+                    database_error(&error);
                     let delay = backoff.next_delay();
                     tracing::warn!(
                         attempt = backoff.attempt(),
@@ -202,9 +306,17 @@ impl Writer {
     async fn write_until_done(&self, batch: &[Pending], stop: &CancellationToken) -> bool {
         let mut backoff = Backoff::default();
         loop {
+            let started = Instant::now();
             match self.write(batch).await {
-                Ok(()) => return true,
+                Ok(()) => {
+                    metrics::counter!("iot_persister_batches_total").increment(1);
+                    metrics::histogram!("iot_persister_batch_write_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    ops::health().set(DATABASE_CHECK, Ok(()));
+                    return true;
+                }
                 Err(error) => {
+                    database_error(&error);
                     let delay = backoff.next_delay();
                     tracing::warn!(
                         attempt = backoff.attempt(), held = batch.len(),
@@ -255,21 +367,28 @@ impl Writer {
                 } if check_replay => {
                     for document in documents {
                         if is_stored(document, &stored) {
-                            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                            self.stats.skipped.add(1);
                         } else {
                             readings.push(document.clone());
                         }
                     }
                 }
                 Record::Unparsed { document } if check_replay && is_stored(document, &stored) => {
-                    self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                    self.stats.skipped.add(1);
                 }
                 Record::Readings { documents, .. } => readings.extend(documents.iter().cloned()),
                 Record::Unparsed { document } => readings.push(document.clone()),
                 Record::Nothing { .. } => {}
             }
         }
+        // Device times of the readings, for the delay until they are stored.
+        let device_times: Vec<i64> = readings
+            .iter()
+            .filter(|document| !document.contains_key("unparsed"))
+            .filter_map(|document| Some(document.get_datetime("ts").ok()?.timestamp_millis()))
+            .collect();
         self.insert(&self.readings, readings).await?;
+        record_delays(&device_times);
         self.store_changes(statuses).await
     }
 
@@ -328,7 +447,7 @@ impl Writer {
                 let mut stored_from = Vec::new();
                 for (index, (online, document)) in messages.iter().enumerate() {
                     if last.is_some_and(|last| last.online == *online) {
-                        self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                        self.stats.skipped.add(1);
                         continue;
                     }
                     let change = last.map_or(1, |last| last.change + 1);
@@ -362,9 +481,8 @@ impl Writer {
         let total = changes.len();
         match self.status.insert_many(changes).ordered(true).await {
             Ok(_) => {
-                self.stats
-                    .written
-                    .fetch_add(total as u64, Ordering::Relaxed);
+                self.stats.written.add(total as u64);
+                metrics::counter!(STATUS_CHANGES).increment(total as u64);
                 Ok(None)
             }
             Err(error) => match *error.kind {
@@ -374,9 +492,8 @@ impl Writer {
                     ..
                 }) if errors.len() == 1 && errors[0].code == DUPLICATE_KEY => {
                     let failed = errors[0].index;
-                    self.stats
-                        .written
-                        .fetch_add(failed as u64, Ordering::Relaxed);
+                    self.stats.written.add(failed as u64);
+                    metrics::counter!(STATUS_CHANGES).increment(failed as u64);
                     Ok(Some(failed))
                 }
                 _ => Err(error.into()),
@@ -441,12 +558,32 @@ impl Writer {
         }
         let rejected = failed.len() as u64 - duplicates;
         let new = total - failed.len() as u64;
-        self.stats.written.fetch_add(new, Ordering::Relaxed);
-        self.stats
-            .duplicates
-            .fetch_add(duplicates, Ordering::Relaxed);
-        self.stats.rejected.fetch_add(rejected, Ordering::Relaxed);
+        self.stats.written.add(new);
+        self.stats.duplicates.add(duplicates);
+        self.stats.rejected.add(rejected);
         Ok(())
+    }
+}
+
+/// Status changes stored.
+const STATUS_CHANGES: &str = "iot_persister_status_changes_total";
+
+/// The persister's readiness check on the database.
+pub const DATABASE_CHECK: &str = "database";
+
+/// Counts a failed database operation by kind and fails the readiness check with it.
+fn database_error(error: &anyhow::Error) {
+    metrics::counter!("iot_persister_database_errors_total", "kind" => error_kind(error))
+        .increment(1);
+    ops::health().set(DATABASE_CHECK, Err(describe(error)));
+}
+
+/// Records how long after their device times (milliseconds) readings were stored.
+fn record_delays(device_times: &[i64]) {
+    let now = bson::DateTime::now().timestamp_millis();
+    let histogram = metrics::histogram!("iot_persister_delay_seconds");
+    for ts in device_times {
+        histogram.record((now - ts).max(0) as f64 / 1000.0);
     }
 }
 

@@ -57,6 +57,9 @@ pub struct Config {
         default_value = "mqtt_subscriber_1"
     )]
     pub client_id: String,
+    /// Serve Prometheus metrics and health checks (/metrics, /health/live, /health/ready) on HOST:PORT, e.g. 0.0.0.0:9464 [default: off]
+    #[arg(long, value_name = "HOST:PORT", env = "SUBSCRIBER_METRICS_ADDRESS", value_parser = iot_core::ops::parse_listen_address)]
+    pub metrics_address: Option<String>,
     #[command(flatten)]
     pub broker: LocalBroker,
 }
@@ -74,6 +77,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .context("cannot set up the broker connection")?;
     options.set_manual_acks(true);
     tracing::info!(broker = %broker.address(), client_id = config.client_id, topics = ?config.topics, "subscribing");
+    let printed_metric = iot_core::ops::Metric::counter(
+        "iot_messages_printed_total",
+        "Messages printed (and then acknowledged)",
+    );
+    iot_core::ops::serve(
+        config.metrics_address.as_deref(),
+        shutdown.clone(),
+        &[printed_metric],
+    )
+    .await?;
 
     let filters: Vec<SubscribeFilter> = config
         .topics
@@ -94,7 +107,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tokio::select! {
             () = shutdown.cancelled() => break,
             acks = printed.recv() => match acks {
-                Some(acks) => ack_all(&mut connection, acks).await?,
+                Some(acks) => {
+                    metrics::counter!("iot_messages_printed_total").increment(acks.len() as u64);
+                    ack_all(&mut connection, acks).await?
+                }
                 None => break, // stdout closed: the printing thread ended
             },
             // Read on only while the printing thread has room.

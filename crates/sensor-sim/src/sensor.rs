@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::Utc;
 use clap::{ArgAction, Command, CommandFactory, Parser};
+use iot_core::ops;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rumqttc::QoS;
@@ -116,12 +117,16 @@ pub struct SensorConfig {
     /// Seed of the random walk, for a reproducible series of values
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Serve Prometheus metrics and health checks (/metrics, /health/live, /health/ready) on HOST:PORT, e.g. 0.0.0.0:9464 [default: off]
+    #[arg(long, value_name = "HOST:PORT", value_parser = ops::parse_listen_address)]
+    pub metrics_address: Option<String>,
     #[command(flatten)]
     pub broker: LocalBroker,
 }
 
 /// The flags that read `<PREFIX>_<FLAG>` from the environment.
-const OWN_FLAGS: [&str; 12] = [
+const OWN_FLAGS: [&str; 13] = [
+    "metrics_address",
     "topic",
     "qos",
     "interval",
@@ -256,6 +261,18 @@ struct Device {
     walk: RandomWalk,
 }
 
+/// The sensors' own metrics (the connection's are common to every service).
+const METRICS: &[ops::Metric] = &[
+    ops::Metric::counter(
+        "iot_readings_made_total",
+        "Readings made (each one published once)",
+    ),
+    ops::Metric::counter(
+        "iot_readings_skipped_total",
+        "Reading slots skipped for falling more than a second behind the rate",
+    ),
+];
+
 /// Publishes readings until `shutdown`, `--count` readings or `--duration`, waits for
 /// the broker to acknowledge them (QoS 1 and 2), and logs a one-line summary.
 pub async fn run(
@@ -302,6 +319,7 @@ pub async fn run(
         "publishing {} readings", kind.quantity
     );
 
+    ops::serve(config.metrics_address.as_deref(), shutdown.clone(), METRICS).await?;
     let mut connection = Connection::start(&broker, options);
     let mut pacer = Pacer::new(config.period());
     let started = Instant::now();
@@ -321,6 +339,7 @@ pub async fn run(
             }
             _ = report.tick() => {
                 let skipped = pacer.skipped();
+                metrics::counter!("iot_readings_skipped_total").absolute(skipped);
                 if let (Some(rate), true) = (asked, skipped > skipped_reported) {
                     tracing::warn!(
                         "cannot keep {rate:.0} readings/s: fell more than a second behind and skipped {} readings in the last {RATE_REPORT:?} ({} in all)",
@@ -335,6 +354,7 @@ pub async fn run(
                 next = (next + 1) % count;
                 device.seq += 1;
                 sent += 1;
+                metrics::counter!("iot_readings_made_total").increment(1);
                 let reading = Reading {
                     device: device.id.clone(),
                     boot: boot.clone(),
