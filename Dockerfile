@@ -23,9 +23,11 @@ RUN cargo build --release --workspace --bins
 
 FROM debian:bookworm-slim AS runtime
 # ca-certificates for TLS to brokers and databases; openssl for mosquitto/certs.sh (the
-# compose service that makes development certificates runs this image).
+# compose service that makes development certificates runs this image); curl for the
+# healthchecks (/health/ready); prometheus-mqtt-exporter for the brokers' metrics (the
+# monitoring profile).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates openssl \
+    && apt-get install -y --no-install-recommends ca-certificates openssl curl prometheus-mqtt-exporter \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin iot
 COPY --from=build \
@@ -37,6 +39,8 @@ COPY --from=build \
     /src/target/release/readings \
     /usr/local/bin/
 COPY mosquitto/certs.sh /usr/local/bin/certs.sh
+COPY monitoring/mosquitto-exporter.sh /usr/local/bin/mosquitto-exporter
+COPY monitoring/mosquitto-exporter.yaml /usr/local/share/iot-pipeline/mosquitto-exporter.yaml
 # A fresh named volume mounted on /certs takes this folder's owner, so the certs
 # service can write there without root.
 RUN mkdir /certs && chown iot /certs

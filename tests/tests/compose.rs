@@ -41,7 +41,14 @@ fn compose_files(files: &[&str]) -> Command {
         .args(["--env-file", ".env.example"])
         .args(files.iter().flat_map(|file| ["-f", file]))
         // Every service, those under a profile included.
-        .args(["--profile", "dashboard", "--profile", "tools"]);
+        .args([
+            "--profile",
+            "dashboard",
+            "--profile",
+            "tools",
+            "--profile",
+            "monitoring",
+        ]);
     command
 }
 
@@ -122,13 +129,10 @@ fn no_two_services_build_the_same_image() {
 fn the_producers_start_once_the_persister_has_subscribed() {
     let config = resolved();
     let persister = &config["services"]["mongo-persister"];
-    let ready_file = persister["environment"]["PERSISTER_READY_FILE"]
-        .as_str()
-        .expect("the persister has a ready file");
     assert_eq!(
         strings(&persister["healthcheck"]["test"]),
-        ["CMD", "test", "-f", ready_file],
-        "the persister is healthy once its ready file exists"
+        READY_CHECK,
+        "the persister is healthy once /health/ready says so (subscribed, database reached)"
     );
     for producer in ["temperature-sensor", "pressure-sensor", "device-status"] {
         assert_eq!(
@@ -207,6 +211,13 @@ fn every_built_service_runs_a_binary_of_the_workspace_that_the_image_has() {
             .unwrap_or_else(|| panic!("{name} names no program"));
         if program == "certs.sh" {
             assert!(dockerfile.contains("COPY mosquitto/certs.sh /usr/local/bin/certs.sh"));
+            continue;
+        }
+        if program == "mosquitto-exporter" {
+            assert!(dockerfile.contains(
+                "COPY monitoring/mosquitto-exporter.sh /usr/local/bin/mosquitto-exporter"
+            ));
+            assert!(dockerfile.contains("prometheus-mqtt-exporter"));
             continue;
         }
         assert!(
@@ -296,8 +307,87 @@ fn only_the_ports_a_user_needs_are_published() {
         "mosquitto-cloud 8883:8883",
         "mosquitto-local 1883:1883",
         "nodered 127.0.0.1:1880:1880",
+        "prometheus 127.0.0.1:9090:9090",
     ];
     assert_eq!(published, expected.iter().map(|p| p.to_string()).collect());
+}
+
+/// The healthcheck of every long-running service of ours.
+const READY_CHECK: [&str; 6] = [
+    "CMD",
+    "curl",
+    "-fsS",
+    "-o",
+    "/dev/null",
+    "http://127.0.0.1:9464/health/ready",
+];
+
+/// Our long-running services: each serves metrics and health on 9464.
+const OURS: [&str; 5] = [
+    "mongo-persister",
+    "temperature-sensor",
+    "pressure-sensor",
+    "device-status",
+    "mqtt-subscriber",
+];
+
+#[test]
+fn every_service_of_ours_is_healthy_by_its_health_endpoint_and_prometheus_scrapes_it() {
+    let config = resolved();
+    for name in OURS {
+        let service = &config["services"][name];
+        assert_eq!(
+            strings(&service["healthcheck"]["test"]),
+            READY_CHECK,
+            "{name}"
+        );
+        let environment = service["environment"].as_hash().expect("environment");
+        let address = environment
+            .iter()
+            .find(|(key, _)| {
+                key.as_str()
+                    .is_some_and(|key| key.ends_with("_METRICS_ADDRESS"))
+            })
+            .and_then(|(_, value)| value.as_str());
+        assert_eq!(address, Some("0.0.0.0:9464"), "{name} serves no metrics");
+    }
+    // The monitoring profile: Prometheus with monitoring/, scraping every service of
+    // ours and an exporter per broker, each exporter reading its broker.
+    let prometheus = &config["services"]["prometheus"];
+    assert_eq!(strings(&prometheus["profiles"]), ["monitoring"]);
+    let monitoring = repo().join("monitoring").display().to_string();
+    assert!(
+        strings(&prometheus["volumes"])
+            .iter()
+            .any(|volume| volume.starts_with(&format!("{monitoring}:/etc/prometheus"))),
+        "Prometheus does not read monitoring/"
+    );
+    let targets = |file: &str| -> Vec<String> {
+        let text = std::fs::read_to_string(repo().join("monitoring/targets").join(file))
+            .expect("targets file");
+        let entries: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        entries
+            .as_array()
+            .expect("a list")
+            .iter()
+            .flat_map(|entry| entry["targets"].as_array().cloned().unwrap_or_default())
+            .filter_map(|target| target.as_str().map(String::from))
+            .collect()
+    };
+    let expected: Vec<String> = OURS.iter().map(|name| format!("{name}:9464")).collect();
+    assert_eq!(targets("pipeline.json"), expected);
+    let mut exporters = Vec::new();
+    for broker in ["mosquitto-local", "mosquitto-cloud"] {
+        let exporter = format!("{broker}-exporter");
+        let service = &config["services"][exporter.as_str()];
+        assert_eq!(
+            strings(&service["command"]),
+            ["mosquitto-exporter", &format!("{broker}:1883")],
+            "{exporter}"
+        );
+        exporters.push(format!("{exporter}:9641"));
+    }
+    assert_eq!(targets("brokers.json"), exporters);
 }
 
 /// Each persister service's client id and shared-subscription group.

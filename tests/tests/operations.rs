@@ -196,26 +196,16 @@ fn start_prometheus(
     (Service::spawn("prometheus", command), port)
 }
 
-/// The broker exporter of `monitoring/mosquitto-exporter.yaml` for the broker on `port`.
-fn start_exporter(dir: &Path, name: &str, broker_port: u16) -> (Service, u16) {
-    let template = std::fs::read_to_string(repo_root().join("monitoring/mosquitto-exporter.yaml"))
-        .expect("template");
-    let config = dir.join(format!("{name}-exporter.yaml"));
-    std::fs::write(
-        &config,
-        template.replace("@BROKER@", &format!("127.0.0.1:{broker_port}")),
-    )
-    .expect("write");
+/// The broker exporter for the broker on `broker_port`, run as compose and the native
+/// stack run it (`monitoring/mosquitto-exporter.sh`).
+fn start_exporter(name: &str, broker_port: u16) -> (Service, u16) {
     let port = free_port();
-    let mut command = Command::new("prometheus-mqtt-exporter");
+    let mut command = Command::new(repo_root().join("monitoring/mosquitto-exporter.sh"));
     command
-        .arg("-config")
-        .arg(&config)
         .args([
-            "-listen-address",
-            "127.0.0.1",
-            "-listen-port",
-            &port.to_string(),
+            format!("127.0.0.1:{broker_port}"),
+            "127.0.0.1".into(),
+            port.to_string(),
         ])
         .env("MQTT2PROM_MQTT_USER", "mqtt-subscriber")
         .env("MQTT2PROM_MQTT_PASSWORD", password("mqtt-subscriber"));
@@ -257,8 +247,8 @@ async fn prometheus_says(port: u16, expr: &str, expected: f64) {
 
 fn edge_exporters(brokers: &Brokers) -> [(Service, u16); 2] {
     [
-        start_exporter(brokers.dir(), "mosquitto-local", brokers.local.port),
-        start_exporter(brokers.dir(), "mosquitto-cloud", brokers.cloud.port),
+        start_exporter("mosquitto-local", brokers.local.port),
+        start_exporter("mosquitto-cloud", brokers.cloud.port),
     ]
 }
 
