@@ -7,6 +7,7 @@
 //! a fixed time.
 
 pub mod dashboard;
+pub mod prometheus;
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};

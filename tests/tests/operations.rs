@@ -11,6 +11,7 @@ use std::time::Duration;
 use bson::doc;
 use serde_json::Value;
 use tests::dashboard::http;
+use tests::prometheus::{get, query};
 use tests::stored::{count, start_sensor};
 use tests::{
     free_port, password, repo_root, spawn_brokers, spawn_mongo, spawn_stoppable_mongo, wait_for,
@@ -21,17 +22,6 @@ use tokio::process::Command;
 
 /// How long Prometheus may take: a scrape every 5 s, and its start.
 const PROMETHEUS_WAIT: Duration = Duration::from_secs(60);
-
-/// GET `path`: status and body, or status 0 while nothing listens yet.
-async fn get(port: u16, path: &str) -> (u16, String) {
-    if tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        return (0, String::new());
-    }
-    http(port, "GET", path, &[], None).await
-}
 
 /// `/health/ready`'s status and body.
 async fn ready(port: u16) -> (u16, String) {
@@ -210,29 +200,6 @@ fn start_exporter(name: &str, broker_port: u16) -> (Service, u16) {
         .env("MQTT2PROM_MQTT_USER", "mqtt-subscriber")
         .env("MQTT2PROM_MQTT_PASSWORD", password("mqtt-subscriber"));
     (Service::spawn(&format!("{name} exporter"), command), port)
-}
-
-/// The one value Prometheus' HTTP API returns for `query`, if any.
-async fn query(port: u16, query: &str) -> Option<f64> {
-    let encoded: String = query
-        .bytes()
-        .map(|byte| match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' => {
-                (byte as char).to_string()
-            }
-            byte => format!("%{byte:02X}"),
-        })
-        .collect();
-    let (status, body) = get(port, &format!("/api/v1/query?query={encoded}")).await;
-    if status != 200 {
-        return None;
-    }
-    let answer: Value = serde_json::from_str(&body).ok()?;
-    let results = answer["data"]["result"].as_array()?;
-    let [result] = results.as_slice() else {
-        return None;
-    };
-    result["value"][1].as_str()?.parse().ok()
 }
 
 async fn prometheus_says(port: u16, expr: &str, expected: f64) {

@@ -2,8 +2,13 @@
 //! in the database that `readings latest` shows and a dashboard connected to the cloud
 //! broker, a second start refused while it runs, and a clean stop on Ctrl-C.
 
+use std::time::Duration;
+
 use tests::dashboard::http;
-use tests::{binary, cargo_package_variables, free_port, repo_root, wait_for, Service};
+use tests::prometheus::query;
+use tests::{
+    binary, cargo_package_variables, free_port, repo_root, wait_for, wait_for_within, Service,
+};
 
 /// `readings latest --format json` against `uri`, or an empty answer while the database
 /// is not up yet.
@@ -22,10 +27,24 @@ fn latest(uri: &str) -> String {
 /// missing) and the machine's two cores.
 static ONE_STACK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The services' metrics listeners, each on a port of its own.
+const METRICS_PORTS: [&str; 5] = [
+    "PERSISTER_METRICS_PORT",
+    "TEMPERATURE_METRICS_PORT",
+    "PRESSURE_METRICS_PORT",
+    "STATUS_METRICS_PORT",
+    "SUBSCRIBER_METRICS_PORT",
+];
+
+/// A free port for each of `names`.
+fn free_ports<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<(&'a str, u16)> {
+    names.into_iter().map(|name| (name, free_port())).collect()
+}
+
 fn stack(dir: &std::path::Path, ports: &[(&str, u16)]) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(repo_root().join("scripts/dev-stack"));
     command
-        .arg("--dashboard")
+        .args(["--dashboard", "--monitoring"])
         .current_dir(repo_root())
         .env_remove("MONGODB_URI")
         .env("STACK_DIR", dir.join("stack"))
@@ -44,13 +63,20 @@ async fn the_native_stack_stores_readings_and_stops_cleanly() {
     let _one = ONE_STACK.lock().await;
     binary("readings"); // builds the debug binaries the stack runs
     let dir = tempfile::tempdir().expect("tempdir");
-    let ports = [
-        ("LOCAL_PORT", free_port()),
-        ("CLOUD_PORT", free_port()),
-        ("CLOUD_TLS_PORT", free_port()),
-        ("MONGO_PORT", free_port()),
-        ("NODERED_PORT", free_port()),
-    ];
+    let ports = free_ports(
+        [
+            "LOCAL_PORT",
+            "CLOUD_PORT",
+            "CLOUD_TLS_PORT",
+            "MONGO_PORT",
+            "NODERED_PORT",
+            "PROMETHEUS_PORT",
+            "LOCAL_EXPORTER_PORT",
+            "CLOUD_EXPORTER_PORT",
+        ]
+        .into_iter()
+        .chain(METRICS_PORTS),
+    );
     let uri = format!("mongodb://127.0.0.1:{}", ports[3].1);
     let mut running = Service::spawn("dev-stack", stack(dir.path(), &ports));
 
@@ -70,6 +96,18 @@ async fn the_native_stack_stores_readings_and_stops_cleanly() {
         dir.path().join("env").is_file(),
         "no env file made from .env.example"
     );
+    // --monitoring: Prometheus with monitoring/ scrapes every service and both brokers'
+    // exporters, and sees readings written.
+    let prometheus = ports[5].1;
+    wait_for_within(
+        Duration::from_secs(60),
+        "Prometheus scraping all 7 targets",
+        || query(prometheus, "count(up == 1)"),
+        |up| *up == Some(7.0),
+    )
+    .await;
+    let written = query(prometheus, "sum(iot_persister_documents_written_total)").await;
+    assert!(written.is_some_and(|n| n > 0.0), "{written:?}");
 
     let mut second = Service::spawn("second dev-stack", stack(dir.path(), &ports));
     let status = second.wait_exit().await;
@@ -168,12 +206,11 @@ async fn a_fresh_checkout_in_a_private_folder_stores_every_reading_from_the_firs
     // What scripts/test installed already (honcho comes with the other stack test).
     std::os::unix::fs::symlink(repo_root().join(".venv"), checkout.join(".venv"))
         .expect("symlink .venv");
-    let ports = [
-        ("LOCAL_PORT", free_port()),
-        ("CLOUD_PORT", free_port()),
-        ("CLOUD_TLS_PORT", free_port()),
-        ("MONGO_PORT", free_port()),
-    ];
+    let ports = free_ports(
+        ["LOCAL_PORT", "CLOUD_PORT", "CLOUD_TLS_PORT", "MONGO_PORT"]
+            .into_iter()
+            .chain(METRICS_PORTS),
+    );
     let uri = format!("mongodb://127.0.0.1:{}", ports[3].1);
     let start = || {
         let mut command = tokio::process::Command::new(checkout.join("scripts/dev-stack"));
