@@ -4,7 +4,7 @@
 # ratio. Prints Markdown tables (the README's Benchmarks section is one such output).
 #
 #   bench/suite.sh [SECTION ...]     sections: subscriber publisher bridge persister
-#                                    ingest resources (default: all, in that order)
+#                                    ingest metrics resources (default: all, in order)
 #
 # Environment (defaults):
 #   BENCH_N=100000        messages per run of the subscriber, publisher and resources runs
@@ -30,11 +30,11 @@ RATES=${BENCH_RATES:-1000 5000}
 PERSISTER_N=${BENCH_PERSISTER_N:-5000}
 DEVICES=${BENCH_DEVICES:-1000}
 sections=("$@")
-((${#sections[@]})) || sections=(subscriber publisher bridge persister ingest resources)
+((${#sections[@]})) || sections=(subscriber publisher bridge persister ingest metrics resources)
 for section in "${sections[@]}"; do
   case $section in
-    subscriber | publisher | bridge | persister | ingest | resources) ;;
-    *) say "unknown section '$section': expected subscriber, publisher, bridge, persister, ingest or resources"; exit 2 ;;
+    subscriber | publisher | bridge | persister | ingest | metrics | resources) ;;
+    *) say "unknown section '$section': expected subscriber, publisher, bridge, persister, ingest, metrics or resources"; exit 2 ;;
   esac
 done
 wants() { [[ " ${sections[*]} " == *" $1 "* ]]; }
@@ -55,7 +55,7 @@ queued() { "${c_sub[@]}" -c -i "$id" -q 1 -t /sensor/# -C "$N" -W 10 2>/dev/null
 fill() { env "${pub_env[@]}" "$bin/pressure-sensor" --count "$N" --interval 0 --qos 1 --no-retain; }
 
 # Resources of our runs, per binary: "cpu_seconds peak_rss_kib messages" of the median run.
-declare -A resources
+declare -A resources=()
 # Sets $med to the median wall time of the runs measured into FILE... and $best to
 # that run's file; keeps the resources of that run under LABEL (none when empty).
 median_run() { # label files...
@@ -181,7 +181,7 @@ if wants bridge; then
   done
 fi
 
-if wants persister || wants ingest; then
+if wants persister || wants ingest || wants metrics; then
   start_database
   export CLOUD_BROKER=127.0.0.1 CLOUD_PORT=$cloud_port CLOUD_USERNAME=mongo-persister CLOUD_PASSWORD=bench \
     MONGODB_URI="$db_uri"
@@ -253,6 +253,18 @@ if wants ingest; then
   median_run "" "${preset[@]}"; ingest_preset=$med ingest_preset_cpu=$(cut -d' ' -f2 "$best")
 fi
 
+if wants metrics; then
+  # The same queued readings, stored with the metrics listener on and off, alternating.
+  say "metrics: $PERSISTER_N queued readings into $server with and without --metrics-address, $RUNS runs each"
+  with_metrics=() without_metrics=()
+  for run in $(seq "$RUNS"); do
+    drain "$work/metrics-on-$run" "$PERSISTER_N" fill_readings /device/# --metrics-address 127.0.0.1:0; with_metrics+=("$work/metrics-on-$run")
+    drain "$work/metrics-off-$run" "$PERSISTER_N" fill_readings /device/#; without_metrics+=("$work/metrics-off-$run")
+  done
+  median_run "" "${with_metrics[@]}"; metrics_on=$med metrics_on_cpu=$(cut -d' ' -f2 "$best")
+  median_run "" "${without_metrics[@]}"; metrics_off=$med metrics_off_cpu=$(cut -d' ' -f2 "$best")
+fi
+
 if wants resources; then
   say "resources: temperature-sensor, and device-status with 1 and $DEVICES devices"
   env "${pub_env[@]}" "${measure[@]}" "$work/res-temp" "$bin/temperature-sensor" --count "$N" --interval 0 --qos 1 --no-retain
@@ -307,6 +319,13 @@ if wants ingest; then
   echo "| --- | ---: | ---: | ---: | ---: | ---: |"
   echo "| \`--ingest tasmota\` (5 measurements each) | $((PERSISTER_N * 5)) | $ingest_preset | $ingest_preset_cpu | $(calc "f'{$ingest_preset_cpu / $PERSISTER_N * 1e6:,.0f}'") | $(ratio "$ingest_preset" "$ingest_default") |"
   echo "| default (flagged, raw kept) | $PERSISTER_N | $ingest_default | $ingest_default_cpu | $(calc "f'{$ingest_default_cpu / $PERSISTER_N * 1e6:,.0f}'") | 1.00 |"
+fi
+if wants metrics; then
+  table_header "Persister with metrics on and off: $PERSISTER_N queued readings into $server"
+  echo "| persister | wall s | CPU s | wall ratio to off |"
+  echo "| --- | ---: | ---: | ---: |"
+  echo "| \`--metrics-address\` on | $metrics_on | $metrics_on_cpu | $(ratio "$metrics_on" "$metrics_off") |"
+  echo "| off | $metrics_off | $metrics_off_cpu | 1.00 |"
 fi
 if wants publisher; then
   table_header "Paced publishing, one process (\`pressure-sensor --rate 10000\`, $SECONDS_PER_RUN s)"

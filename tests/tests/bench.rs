@@ -48,6 +48,8 @@ fn the_benchmark_suite_runs_and_prints_every_table() {
         "| persister: 100 queued readings into ",
         "| `--ingest tasmota` (5 measurements each) | 500 |",
         "| default (flagged, raw kept) | 100 |",
+        "| `--metrics-address` on | ",
+        "| off | ",
         "| 1 | 10,000 | ",
         "| 1000 | edge broker, TLS bridge, cloud broker |",
         "| 1000 | reference: cloud broker alone |",
