@@ -53,7 +53,8 @@ acl_of() {
   echo "# device $name, preset $2"
   echo "user $name"
   case $2 in
-    default) printf '%s\n' "topic write /sensor/$name/#" "topic write /device/$name/status" ;;
+    default) printf '%s\n' "topic write /sensor/$name/#" "topic write /device/$name/status" \
+               "topic read /replay/$name/request" "topic write /replay/$name/gone" ;;
     tasmota) printf '%s\n' "topic write tele/$name/#" "topic write stat/$name/#" \
                "topic read cmnd/$name/#" "topic read cmnd/tasmotas/#" ;;
     zigbee2mqtt) printf '%s\n' "topic readwrite zigbee2mqtt/#" ;;

@@ -3,7 +3,8 @@
 //! What every service uses lives here once: broker settings and the MQTT connection
 //! that keeps itself alive ([`config`], [`mqtt`], [`backoff`]), the payload codec
 //! ([`payload`]), topic names ([`topics`]), the shutdown signal ([`shutdown`]),
-//! tracing set-up ([`logging`]), and metrics and health checks ([`ops`]). The MongoDB side is the `iot-store` crate, the
+//! tracing set-up ([`logging`]), metrics and health checks ([`ops`]), and the replay
+//! protocol ([`replay`]). The MongoDB side is the `iot-store` crate, the
 //! simulated devices the `sensor-sim` crate.
 
 pub mod backoff;
@@ -12,6 +13,7 @@ pub mod logging;
 pub mod mqtt;
 pub mod ops;
 pub mod payload;
+pub mod replay;
 pub mod shutdown;
 pub mod topics;
 

@@ -12,6 +12,9 @@
 //! - `status`: one document per change of a device's status (`online` / `offline`),
 //!   numbered per device: `_id` `{device, change}` and `change` from 1, so that
 //!   persister replicas that race to store the same change cannot both succeed.
+//! - `repairs`: the persister's replay requests for missing readings, one document per
+//!   range and attempt (`outcome: "asked"`), and ranges recorded as `lost` (the device no
+//!   longer has them) or `unanswered`.
 
 pub mod ingest;
 
@@ -34,6 +37,8 @@ pub use ingest::Mapping;
 pub const READINGS: &str = "readings";
 /// Device status changes.
 pub const STATUS: &str = "status";
+/// The persister's replay requests and their outcomes (lost, unanswered).
+pub const REPAIRS: &str = "repairs";
 /// The most of a payload kept in a flagged document, in bytes.
 pub const MAX_RAW: usize = 64 * 1024;
 
@@ -281,7 +286,7 @@ pub async fn ensure_schema(db: &Database) -> anyhow::Result<()> {
         .list_collection_names()
         .await
         .context("cannot list the collections")?;
-    for name in [READINGS, STATUS] {
+    for name in [READINGS, STATUS, REPAIRS] {
         if !existing.iter().any(|collection| collection == name) {
             db.create_collection(name)
                 .await
@@ -307,6 +312,12 @@ pub async fn ensure_schema(db: &Database) -> anyhow::Result<()> {
         (STATUS, doc! { "device": 1, "ts": -1 }, "device_ts"),
         // the persister's check of each device's last change.
         (STATUS, doc! { "device": 1, "change": -1 }, "device_change"),
+        // readings gaps: the repairs of a device's boot.
+        (
+            REPAIRS,
+            doc! { "device": 1, "boot": 1, "from": 1 },
+            "device_boot_from",
+        ),
     ];
     for (collection, keys, name) in indexes {
         let model = IndexModel::builder()

@@ -13,6 +13,7 @@
 //! removed for good is retired (`--retire`): it stores what waited in its session, then
 //! ends the session.
 
+pub mod repair;
 pub mod writer;
 
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use chrono_tz::Tz;
 use clap::Parser;
 use iot_core::config::{parse_positive_seconds, BrokerSettings, CloudBroker};
 use iot_core::mqtt::{Connection, Event};
+use iot_core::replay;
 use iot_store::{parse_retention, Mapping, MongoSettings, Record};
 use rumqttc::{QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio::sync::mpsc;
@@ -82,6 +84,13 @@ pub struct Config {
     /// Seconds between throughput lines in the log
     #[arg(long, value_name = "SECONDS", env = "PERSISTER_STATS_INTERVAL", default_value = "10", value_parser = parse_positive_seconds)]
     pub stats_interval: Duration,
+    /// Seconds a gap in a device's seq numbers may last before the device is asked to
+    /// send the readings again; fractions allowed
+    #[arg(long, value_name = "SECONDS", env = "PERSISTER_REPAIR_AFTER", default_value = "10", value_parser = parse_positive_seconds)]
+    pub repair_after: Duration,
+    /// Never ask devices to send missing readings again
+    #[arg(long)]
+    pub no_repair: bool,
     /// Serve Prometheus metrics and health checks (/metrics, /health/live, /health/ready) on HOST:PORT, e.g. 0.0.0.0:9464 [default: off]
     #[arg(long, value_name = "HOST:PORT", env = "PERSISTER_METRICS_ADDRESS", value_parser = iot_core::ops::parse_listen_address)]
     pub metrics_address: Option<String>,
@@ -141,13 +150,23 @@ impl Config {
         }
     }
 
-    /// The topic filters: `--topic`, or those of the mapping's rules.
+    /// The topic filters: `--topic`, or those of the mapping's rules; and the devices'
+    /// answers to replay requests, unless `--no-repair`.
     pub fn topics(&self, mapping: &Mapping) -> Vec<String> {
-        if self.topics.is_empty() {
+        let mut topics = if self.topics.is_empty() {
             mapping.filters()
         } else {
             self.topics.clone()
+        };
+        if self.repairs() {
+            topics.push(replay::GONE.to_string());
         }
+        topics
+    }
+
+    /// Whether this run asks devices for missing readings (not when retiring).
+    fn repairs(&self) -> bool {
+        !self.no_repair && !self.retire
     }
 
     /// The subscription filters, inside `$share/GROUP/` when sharing.
@@ -233,6 +252,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
     let stop_writing = CancellationToken::new();
     let writer = tokio::spawn(writer.run(pending_rx, written_tx, stop_writing.clone()));
+    // The repairer follows the series and hands back requests to publish.
+    let (seen_tx, seen_rx) = mpsc::unbounded_channel();
+    let (requests_tx, mut requests_rx) = mpsc::unbounded_channel::<repair::Request>();
+    let stop_repairing = CancellationToken::new();
+    if config.repairs() {
+        let repairer = repair::Repairer::new(&db, config.repair_after, client_id.clone());
+        tokio::spawn(repairer.run(seen_rx, requests_tx, stop_repairing.clone()));
+    }
 
     let subscriptions: Vec<SubscribeFilter> = filters
         .iter()
@@ -281,10 +308,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                         ops::health().set(SUBSCRIBED_CHECK, Ok(()));
                     }
                 }
+                Event::Message { publish, ack } if replay::device_of_gone(&publish.topic).is_some() => {
+                    let device = replay::device_of_gone(&publish.topic).unwrap_or_default().to_string();
+                    match replay::Ranges::parse(&publish.payload) {
+                        Ok(ranges) => {
+                            let _ = seen_tx.send(repair::Seen::Gone { device, ranges });
+                        }
+                        Err(why) => tracing::warn!(topic = publish.topic, "answer to a replay request ignored: {why}"),
+                    }
+                    connection.ack(ack).await?;
+                }
                 Event::Message { publish, ack } => {
                     stats.received.add(1);
                     lag.received();
                     let record = mapping.read(&publish.topic, &publish.payload, Utc::now());
+                    if let Record::Readings { documents, keyed: true } = &record {
+                        if let Some((device, boot, seq)) = documents.first().and_then(reading_key) {
+                            let _ = seen_tx.send(repair::Seen::Reading { device, boot, seq });
+                        }
+                    }
                     match &record {
                         Record::Unparsed { .. } => {
                             stats.unparsed.add(1);
@@ -316,6 +358,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
             }
             _ = lag_ticks.tick() => lag.report(),
+            Some(request) = requests_rx.recv() => {
+                connection
+                    .publish(&replay::request_topic(&request.device), QoS::AtLeastOnce, false, request.ranges.encode())
+                    .await?;
+            }
             _ = stats_ticks.tick() => {
                 let line = stats.line(pending_tx.max_capacity() - pending_tx.capacity());
                 if line != last_line {
@@ -335,6 +382,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
 
+    stop_repairing.cancel();
     // Stop: the writer writes what it holds (trying for a while if the database is
     // down), then everything written is acknowledged before disconnecting.
     drop(pending_tx);
@@ -362,7 +410,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Some(retiring) if retiring.drained => {
             end_session(&broker, &client_id).await?;
             let line = format!(
-                "retired {client_id}: stored {} of {} message(s) that waited in its session ({}); the broker no longer keeps the session",
+                "retired {client_id}: stored {} document(s) from the {} message(s) that waited in its session ({}); the broker no longer keeps the session",
                 stats.written.get(),
                 stats.received.get(),
                 stats.line(0),
@@ -376,6 +424,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ),
         None => Ok(()),
     }
+}
+
+/// The device, boot and seq that name a keyed reading (its `_id`).
+fn reading_key(document: &bson::Document) -> Option<(String, String, u64)> {
+    let key = document.get_document("_id").ok()?;
+    let seq = iot_store::integer(key.get("seq"))?;
+    Some((
+        key.get_str("device").ok()?.to_string(),
+        key.get_str("boot").ok()?.to_string(),
+        u64::try_from(seq).ok()?,
+    ))
 }
 
 /// The persister's readiness check on its subscriptions.
@@ -568,7 +627,11 @@ mod tests {
         let mapping = config.mapping().expect("the default mapping");
         assert_eq!(
             config.filters(&mapping),
-            ["$share/persisters//device/#", "$share/persisters//sensor/#"]
+            [
+                "$share/persisters//device/#",
+                "$share/persisters//sensor/#",
+                "$share/persisters//replay/+/gone"
+            ]
         );
     }
 

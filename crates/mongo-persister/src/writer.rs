@@ -90,6 +90,10 @@ pub const METRICS: &[ops::Metric] = &[
         "iot_persister_lag_seconds",
         "Age of the oldest message received and not yet written; 0 when none waits",
     ),
+    ops::Metric::counter(
+        "iot_persister_replay_requests_total",
+        "Requests asking a device to send missing readings again",
+    ),
     ops::Metric::histogram(
         "iot_persister_delay_seconds",
         "From a reading's device time to its write",

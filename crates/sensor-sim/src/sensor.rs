@@ -14,18 +14,20 @@ use clap::{ArgAction, Command, CommandFactory, Parser};
 use iot_core::ops;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rumqttc::QoS;
+use rumqttc::{QoS, SubscribeFilter};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use iot_core::config::{
     self, parse_duration, parse_qos, parse_seconds, BrokerSettings, LocalBroker,
 };
-use iot_core::mqtt::Connection;
+use iot_core::mqtt::{Connection, Event};
 use iot_core::payload::{Format, Reading};
+use iot_core::replay as iot_replay;
 use iot_core::topics;
 
 use crate::fleet::{self, Pacer};
+use crate::replay::{self, ReplayBuffer};
 
 /// What distinguishes one kind of simulated sensor from another.
 #[derive(Debug, Clone)]
@@ -120,13 +122,18 @@ pub struct SensorConfig {
     /// Serve Prometheus metrics and health checks (/metrics, /health/live, /health/ready) on HOST:PORT, e.g. 0.0.0.0:9464 [default: off]
     #[arg(long, value_name = "HOST:PORT", value_parser = ops::parse_listen_address)]
     pub metrics_address: Option<String>,
+    /// Readings each device keeps to publish again when the cloud asks (JSON form only;
+    /// about 200 bytes each) [default: 10 minutes' worth, 100 to 100 000]; 0 keeps none
+    #[arg(long, value_name = "N")]
+    pub replay_buffer: Option<usize>,
     #[command(flatten)]
     pub broker: LocalBroker,
 }
 
 /// The flags that read `<PREFIX>_<FLAG>` from the environment.
-const OWN_FLAGS: [&str; 13] = [
+const OWN_FLAGS: [&str; 14] = [
     "metrics_address",
+    "replay_buffer",
     "topic",
     "qos",
     "interval",
@@ -259,6 +266,66 @@ struct Device {
     topic: String,
     seq: u64,
     walk: RandomWalk,
+    /// What it sent, to send again when asked.
+    kept: ReplayBuffer,
+}
+
+/// Answers a replay request: publishes again what the asked device kept, marked as
+/// replays, and says which asked ranges it no longer has. A request it cannot read is
+/// logged and dropped.
+async fn replay_readings(
+    connection: &mut Connection,
+    devices: &[Device],
+    boot: &str,
+    qos: QoS,
+    publish: &rumqttc::Publish,
+) -> anyhow::Result<()> {
+    let Some(device) = devices
+        .iter()
+        .find(|device| iot_replay::request_topic(&device.id) == publish.topic)
+    else {
+        return Ok(());
+    };
+    let request = match iot_replay::Ranges::parse(&publish.payload) {
+        Ok(request) => request,
+        Err(why) => {
+            tracing::warn!(topic = publish.topic, "replay request ignored: {why}");
+            return Ok(());
+        }
+    };
+    let answer = device.kept.answer(boot, device.seq, &request);
+    tracing::info!(
+        device = device.id, asked = ?request.ranges, asked_boot = request.boot,
+        sent = answer.replays.len(), gone = ?answer.gone,
+        "replaying readings the cloud asked for"
+    );
+    // At least QoS 1: a replay lost on the way is what it is there to prevent.
+    let qos = if qos == QoS::AtMostOnce {
+        QoS::AtLeastOnce
+    } else {
+        qos
+    };
+    for payload in answer.replays {
+        metrics::counter!("iot_readings_replayed_total").increment(1);
+        connection
+            .publish(&device.topic, qos, false, payload)
+            .await?;
+    }
+    if !answer.gone.is_empty() {
+        let gone = iot_replay::Ranges {
+            boot: request.boot,
+            ranges: answer.gone,
+        };
+        connection
+            .publish(
+                &iot_replay::gone_topic(&device.id),
+                QoS::AtLeastOnce,
+                false,
+                gone.encode(),
+            )
+            .await?;
+    }
+    Ok(())
 }
 
 /// The sensors' own metrics (the connection's are common to every service).
@@ -270,6 +337,10 @@ const METRICS: &[ops::Metric] = &[
     ops::Metric::counter(
         "iot_readings_skipped_total",
         "Reading slots skipped for falling more than a second behind the rate",
+    ),
+    ops::Metric::counter(
+        "iot_readings_replayed_total",
+        "Readings published again because the cloud asked (replay requests)",
     ),
 ];
 
@@ -295,6 +366,17 @@ pub async fn run(
         Some(seed) => StdRng::seed_from_u64(seed),
         None => StdRng::from_rng(&mut rand::rng()),
     };
+    // Only JSON readings carry the seq a replay request names.
+    let replay_capacity = match config.format {
+        Format::Json => config.replay_buffer.unwrap_or_else(|| {
+            replay::default_capacity(
+                config
+                    .asked_rate()
+                    .map(|rate| rate / f64::from(config.devices)),
+            )
+        }),
+        Format::Plain => 0,
+    };
     let mut devices: Vec<Device> = fleet::device_ids(&config.device, config.devices as usize)
         .into_iter()
         .map(|id| Device {
@@ -302,7 +384,13 @@ pub async fn run(
             id,
             seq: 0,
             walk: RandomWalk::new(kind.range.clone(), &mut rng),
+            kept: ReplayBuffer::new(replay_capacity),
         })
+        .collect();
+    let requests: Vec<SubscribeFilter> = devices
+        .iter()
+        .filter(|_| replay_capacity > 0)
+        .map(|device| SubscribeFilter::new(iot_replay::request_topic(&device.id), QoS::AtLeastOnce))
         .collect();
     if devices.len() > 1 && !fleet::has_placeholder(&config.topic) && config.format == Format::Plain
     {
@@ -334,9 +422,16 @@ pub async fn run(
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = &mut stop_at => break,
-            event = connection.recv() => {
-                event?;
-            }
+            event = connection.recv() => match event? {
+                // Every connection: the broker may have forgotten a clean session's.
+                Event::Connected { .. } if !requests.is_empty() => {
+                    connection.subscribe(requests.clone()).await?;
+                }
+                Event::Message { publish, .. } => {
+                    replay_readings(&mut connection, &devices, &boot, config.qos, &publish).await?;
+                }
+                _ => {}
+            },
             _ = report.tick() => {
                 let skipped = pacer.skipped();
                 metrics::counter!("iot_readings_skipped_total").absolute(skipped);
@@ -364,6 +459,7 @@ pub async fn run(
                     unit: kind.unit.to_string(),
                 };
                 let payload = reading.encode(config.format);
+                device.kept.push(device.seq, &payload);
                 tracing::trace!(device = device.id, seq = device.seq, "publish");
                 tokio::select! {
                     published = connection.publish(&device.topic, config.qos, retain, payload) => published?,

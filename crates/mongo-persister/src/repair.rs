@@ -1,0 +1,432 @@
+//! Repairs gaps in what devices sent (the replay protocol of `iot_core::replay`).
+//!
+//! Every `(device, boot)` whose readings carry a `seq` is followed as ranges of
+//! numbers seen. A hole that lasts `--repair-after` is checked against the database
+//! (another replica may have stored it), and what is missing there is asked of the
+//! device on `/replay/<device>/request`, again with backoff while it stays missing,
+//! a bounded number of requests per second. Asks are recorded in the `repairs`
+//! collection, one document per range and attempt, whose `_id` lets only one replica
+//! ask each time. Ranges a device answers it no longer has (`/replay/<device>/gone`)
+//! are recorded there as lost and not asked for again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bson::{doc, Document};
+use futures_util::TryStreamExt;
+use iot_core::replay::{Ranges, MAX_PER_REQUEST};
+use iot_store::{describe, integer, READINGS, REPAIRS};
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::{Collection, Database};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// The most requests sent in one second, all devices together.
+const REQUESTS_PER_SECOND: usize = 20;
+/// The most holes checked against the database in one second.
+const CHECKS_PER_SECOND: usize = 50;
+/// Requests for one hole before it is given up (and recorded as unanswered).
+const MAX_ATTEMPTS: u32 = 8;
+/// The longest wait between two requests for one hole.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+const DUPLICATE_KEY: i32 = 11000;
+
+/// What the persister tells the repairer.
+#[derive(Debug)]
+pub enum Seen {
+    /// A reading named by device, boot and seq arrived.
+    Reading {
+        device: String,
+        boot: String,
+        seq: u64,
+    },
+    /// The device no longer has these ranges.
+    Gone { device: String, ranges: Ranges },
+}
+
+/// A request for the persister to publish.
+#[derive(Debug)]
+pub struct Request {
+    pub device: String,
+    pub ranges: Ranges,
+}
+
+/// A hole in a series and where its repair stands.
+#[derive(Debug, Clone)]
+struct Hole {
+    to: u64,
+    noticed: Instant,
+    attempts: u32,
+    next_try: Instant,
+}
+
+/// One `(device, boot)`: the `seq` ranges seen (sorted, disjoint, ends included) and
+/// its holes by first `seq`.
+#[derive(Debug, Default)]
+struct Series {
+    seen: Vec<(u64, u64)>,
+    holes: BTreeMap<u64, Hole>,
+    /// Whether what lies below the first stored reading was set aside: readings before
+    /// it are not this run's to repair (an earlier run stored them, or a retention
+    /// removed them).
+    floored: bool,
+}
+
+impl Series {
+    /// Adds `from..=to` to what is seen.
+    fn see(&mut self, from: u64, to: u64) {
+        self.seen.push((from, to));
+        self.seen.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.seen.len());
+        for (from, to) in self.seen.drain(..) {
+            match merged.last_mut() {
+                Some(last) if from <= last.1.saturating_add(1) => last.1 = last.1.max(to),
+                _ => merged.push((from, to)),
+            }
+        }
+        self.seen = merged;
+    }
+
+    /// The holes now: below the first range (from seq 1) and between ranges; a hole
+    /// keeps its history while it stays, shrinks as readings arrive.
+    fn update_holes(&mut self, now: Instant) {
+        let mut holes = BTreeMap::new();
+        let mut next = 1;
+        for &(from, to) in &self.seen {
+            if from > next {
+                // The part of an older hole that remains keeps its history.
+                let old = self
+                    .holes
+                    .range(..=from - 1)
+                    .next_back()
+                    .filter(|(_, hole)| hole.to >= next)
+                    .map(|(_, hole)| hole.clone());
+                let hole = match old {
+                    Some(old) => Hole {
+                        to: from - 1,
+                        ..old
+                    },
+                    None => Hole {
+                        to: from - 1,
+                        noticed: now,
+                        attempts: 0,
+                        next_try: now,
+                    },
+                };
+                holes.insert(next, hole);
+            }
+            next = to.saturating_add(1);
+        }
+        self.holes = holes;
+    }
+}
+
+/// Follows series and asks for what is missing; see the module documentation.
+#[derive(Debug)]
+pub struct Repairer {
+    after: Duration,
+    readings: Collection<Document>,
+    repairs: Collection<Document>,
+    client_id: String,
+    series: HashMap<(String, String), Series>,
+}
+
+impl Repairer {
+    pub fn new(db: &Database, after: Duration, client_id: String) -> Self {
+        Self {
+            after,
+            readings: db.collection(READINGS),
+            repairs: db.collection(REPAIRS),
+            client_id,
+            series: HashMap::new(),
+        }
+    }
+
+    /// Follows what `seen` says and sends requests to `requests` until `stop`.
+    pub async fn run(
+        mut self,
+        mut seen: mpsc::UnboundedReceiver<Seen>,
+        requests: mpsc::UnboundedSender<Request>,
+        stop: CancellationToken,
+    ) {
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                event = seen.recv() => match event {
+                    Some(Seen::Reading { device, boot, seq }) => {
+                        self.series.entry((device, boot)).or_default().see(seq, seq);
+                    }
+                    Some(Seen::Gone { device, ranges }) => {
+                        if let Err(error) = self.record_lost(&device, &ranges).await {
+                            tracing::warn!("cannot record lost readings of {device}: {}", describe(&error));
+                        }
+                    }
+                    None => return,
+                },
+                _ = ticks.tick() => {
+                    match self.tick().await {
+                        Ok(asked) => {
+                            for request in asked {
+                                if requests.send(request).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(error) => tracing::warn!("cannot check for gaps: {}", describe(&error)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ranges the device no longer has: recorded as lost, never asked for again.
+    async fn record_lost(&mut self, device: &str, gone: &Ranges) -> anyhow::Result<()> {
+        let series = self
+            .series
+            .entry((device.to_string(), gone.boot.clone()))
+            .or_default();
+        for &(from, to) in &gone.ranges {
+            series.see(from, to);
+            tracing::warn!(
+                device,
+                boot = gone.boot,
+                from,
+                to,
+                "readings lost for good: the device no longer has them"
+            );
+            let document = doc! {
+                "_id": { "device": device, "boot": &gone.boot, "from": from as i64, "to": to as i64, "lost": true },
+                "device": device, "boot": &gone.boot, "from": from as i64, "to": to as i64,
+                "outcome": "lost", "at": bson::DateTime::now(),
+            };
+            insert_once(&self.repairs, document).await?;
+        }
+        Ok(())
+    }
+
+    /// Checks the holes that lasted, and returns the requests to send.
+    async fn tick(&mut self) -> anyhow::Result<Vec<Request>> {
+        let now = Instant::now();
+        let unfloored: Vec<(String, String)> = self
+            .series
+            .iter()
+            .filter(|(_, series)| !series.floored)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in unfloored {
+            if let Some(first) = self.first_stored(&key.0, &key.1).await? {
+                if let Some(series) = self.series.get_mut(&key) {
+                    if first > 1 {
+                        series.see(1, first - 1);
+                    }
+                    series.floored = true;
+                }
+            }
+        }
+        let mut due = Vec::new();
+        for ((device, boot), series) in &mut self.series {
+            if !series.floored {
+                continue;
+            }
+            series.update_holes(now);
+            for (&from, hole) in &series.holes {
+                if now >= hole.noticed + self.after && now >= hole.next_try {
+                    due.push((device.clone(), boot.clone(), from, hole.to));
+                }
+            }
+        }
+        let mut asked = Vec::new();
+        for (device, boot, from, to) in due.into_iter().take(CHECKS_PER_SECOND) {
+            if asked.len() == REQUESTS_PER_SECOND {
+                break;
+            }
+            // At most one request's worth at a time, from the oldest.
+            let window_to = to.min(from + MAX_PER_REQUEST - 1);
+            let stored = self.stored(&device, &boot, from, window_to).await?;
+            let key = (device.clone(), boot.clone());
+            let Some(series) = self.series.get_mut(&key) else {
+                continue;
+            };
+            for &seq in &stored {
+                series.see(seq, seq);
+            }
+            let missing = missing(from, window_to, &stored);
+            let Some(hole) = series.holes.get_mut(&from) else {
+                continue;
+            };
+            if missing.is_empty() {
+                // Stored meanwhile (by another replica): the next tick forgets the hole.
+                continue;
+            }
+            hole.attempts += 1;
+            let backoff = self
+                .after
+                .saturating_mul(1 << hole.attempts.min(10))
+                .min(MAX_BACKOFF);
+            hole.next_try = now + backoff;
+            if hole.attempts > MAX_ATTEMPTS {
+                tracing::warn!(
+                    device,
+                    boot,
+                    from,
+                    to,
+                    "no answer to {MAX_ATTEMPTS} replay requests: giving up on these readings"
+                );
+                let document = doc! {
+                    "_id": { "device": &device, "boot": &boot, "from": from as i64, "to": to as i64, "unanswered": true },
+                    "device": &device, "boot": &boot, "from": from as i64, "to": to as i64,
+                    "outcome": "unanswered", "at": bson::DateTime::now(),
+                };
+                insert_once(&self.repairs, document).await?;
+                series.see(from, to);
+                continue;
+            }
+            let attempt = hole.attempts;
+            let document = doc! {
+                "_id": { "device": &device, "boot": &boot, "from": from as i64, "to": window_to as i64, "attempt": attempt as i64 },
+                "device": &device, "boot": &boot, "from": from as i64, "to": window_to as i64,
+                "attempt": attempt as i64, "outcome": "asked", "at": bson::DateTime::now(), "by": &self.client_id,
+            };
+            // Of replicas that see the same hole, the one whose record goes in asks.
+            if !insert_once(&self.repairs, document).await? {
+                continue;
+            }
+            metrics::counter!("iot_persister_replay_requests_total").increment(1);
+            tracing::info!(device, boot, ranges = ?missing, attempt, "asking the device for missing readings");
+            asked.push(Request {
+                device,
+                ranges: Ranges {
+                    boot,
+                    ranges: missing,
+                },
+            });
+        }
+        Ok(asked)
+    }
+
+    /// The lowest `seq` of the series stored, if any is.
+    async fn first_stored(&self, device: &str, boot: &str) -> anyhow::Result<Option<u64>> {
+        let first = self
+            .readings
+            .find_one(doc! { "device": device, "boot": boot, "seq": { "$exists": true } })
+            .sort(doc! { "seq": 1 })
+            .projection(doc! { "_id": 0, "seq": 1 })
+            .await?;
+        Ok(first
+            .and_then(|document| integer(document.get("seq")))
+            .and_then(|seq| u64::try_from(seq).ok()))
+    }
+
+    /// The `seq` numbers of the series stored in `from..=to`.
+    async fn stored(
+        &self,
+        device: &str,
+        boot: &str,
+        from: u64,
+        to: u64,
+    ) -> anyhow::Result<Vec<u64>> {
+        let filter = doc! { "device": device, "boot": boot, "seq": { "$gte": from as i64, "$lte": to as i64 } };
+        let documents: Vec<Document> = self
+            .readings
+            .find(filter)
+            .projection(doc! { "_id": 0, "seq": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(documents
+            .iter()
+            .filter_map(|document| integer(document.get("seq")))
+            .filter_map(|seq| u64::try_from(seq).ok())
+            .collect())
+    }
+}
+
+/// The ranges of `from..=to` not in `stored`.
+fn missing(from: u64, to: u64, stored: &[u64]) -> Vec<(u64, u64)> {
+    let mut stored: Vec<u64> = stored
+        .iter()
+        .copied()
+        .filter(|seq| (from..=to).contains(seq))
+        .collect();
+    stored.sort_unstable();
+    stored.dedup();
+    let mut ranges = Vec::new();
+    let mut next = from;
+    for seq in stored {
+        if seq > next {
+            ranges.push((next, seq - 1));
+        }
+        next = seq + 1;
+    }
+    if next <= to {
+        ranges.push((next, to));
+    }
+    ranges
+}
+
+/// Inserts `document`; false when its `_id` was there already.
+async fn insert_once(
+    collection: &Collection<Document>,
+    document: Document,
+) -> anyhow::Result<bool> {
+    match collection.insert_one(document).await {
+        Ok(_) => Ok(true),
+        Err(error) => match *error.kind {
+            ErrorKind::Write(WriteFailure::WriteError(ref failure))
+                if failure.code == DUPLICATE_KEY =>
+            {
+                Ok(false)
+            }
+            _ => Err(error.into()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_ranges_merge_and_holes_keep_their_history() {
+        let mut series = Series::default();
+        for seq in [1, 2, 3, 7, 8, 12] {
+            series.see(seq, seq);
+        }
+        assert_eq!(series.seen, [(1, 3), (7, 8), (12, 12)]);
+        let start = Instant::now();
+        series.update_holes(start);
+        let holes: Vec<(u64, u64)> = series
+            .holes
+            .iter()
+            .map(|(from, hole)| (*from, hole.to))
+            .collect();
+        assert_eq!(holes, [(4, 6), (9, 11)]);
+        series.holes.get_mut(&4).expect("hole").attempts = 2;
+        series.see(4, 4);
+        series.update_holes(start + Duration::from_secs(5));
+        let hole = series.holes.get(&5).expect("what is left of the hole");
+        assert_eq!((hole.to, hole.attempts, hole.noticed), (6, 2, start));
+        series.see(5, 6);
+        series.see(9, 11);
+        series.update_holes(start);
+        assert!(series.holes.is_empty());
+        assert_eq!(series.seen, [(1, 12)]);
+    }
+
+    #[test]
+    fn a_series_that_starts_late_has_a_hole_from_one_until_floored() {
+        let mut series = Series::default();
+        series.see(5000, 5001);
+        series.update_holes(Instant::now());
+        assert_eq!(series.holes.keys().copied().collect::<Vec<_>>(), [1]);
+    }
+
+    #[test]
+    fn missing_ranges_are_what_is_not_stored() {
+        assert_eq!(missing(1, 10, &[2, 3, 7]), [(1, 1), (4, 6), (8, 10)]);
+        assert_eq!(missing(1, 3, &[1, 2, 3]), Vec::<(u64, u64)>::new());
+        assert_eq!(missing(5, 5, &[]), [(5, 5)]);
+    }
+}

@@ -1,0 +1,206 @@
+//! Self-healing end to end: readings lost on the way (a cloud broker that lost its
+//! state, a persister session ended) are asked of the device again and stored once;
+//! what a device no longer has is recorded as lost, without endless requests; a request
+//! the device cannot read is ignored.
+
+use std::time::Duration;
+
+use bson::{doc, Document};
+use rumqttc::QoS;
+use tests::stored::{assert_exactly_once, count, stored_seqs};
+use tests::{
+    run_readings, spawn_brokers, spawn_mongo, wait_for, wait_for_within, Brokers, Service,
+    TestClient,
+};
+
+/// How long a repair may take: the gap must last --repair-after (2 s here), then a
+/// request, the device's answer and the writes.
+const REPAIRED_WITHIN: Duration = Duration::from_secs(60);
+
+/// A sensor streaming JSON readings at QoS 1, `rate` a second, until stopped.
+fn stream(brokers: &Brokers, device: &str, rate: &str, extra: &[&str]) -> Service {
+    let mut args = vec![
+        "--format",
+        "json",
+        "--qos",
+        "1",
+        "--no-retain",
+        "--rate",
+        rate,
+        "--device",
+        device,
+    ];
+    args.extend_from_slice(extra);
+    brokers.start_edge("temperature-sensor", &args)
+}
+
+/// Stops the sensor and returns how many readings it sent (its summary line).
+async fn stop_stream(mut sensor: Service) -> i64 {
+    sensor.stop_cleanly().await;
+    let log = sensor.stderr();
+    let line = log
+        .lines()
+        .find(|line| line.contains("summary: "))
+        .unwrap_or_else(|| panic!("no summary:\n{log}"));
+    line.split("summary: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|sent| sent.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line}"))
+}
+
+fn gaps_clean(mongo: &tests::MongoServer, device: &str) -> bool {
+    let output = run_readings(
+        mongo.uri(),
+        mongo.database_name(),
+        &["gaps", "--device", device],
+    );
+    output.status.success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_a_cloud_broker_lost_with_its_state_are_asked_for_again() {
+    let (mut brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    let args = ["--repair-after", "2", "--client-id", "cloud-persister"];
+    let mut persister = brokers.persister_ready(&mongo, &args).await;
+    let sensor = stream(&brokers, "rep-1", "200", &[]);
+    wait_for(
+        "readings stored",
+        || count(&db, doc! { "device": "rep-1" }),
+        |n| *n >= 200,
+    )
+    .await;
+
+    // The cloud machine loses power: broker and persister gone, the broker's state too.
+    persister.kill().await;
+    brokers.cloud.kill().await;
+    brokers.cloud.lose_state();
+    assert!(brokers.cloud.start().await, "the cloud broker restarts");
+    // What the bridge delivers before the persister subscribes again has nobody to go
+    // to: watch 200 readings cross.
+    let mut watcher = TestClient::connect(brokers.cloud.port, "mqtt-subscriber").await;
+    watcher.subscribe("/sensor/#").await;
+    for _ in 0..200 {
+        watcher.next_message().await;
+    }
+    let mut persister = brokers.start_persister(&mongo, &args);
+
+    // The hole is asked for and filled while the stream goes on.
+    persister
+        .wait_for_log("asking the device for missing readings")
+        .await;
+    wait_for_within(
+        REPAIRED_WITHIN,
+        "readings gaps clean",
+        || async { gaps_clean(&mongo, "rep-1") },
+        |clean| *clean,
+    )
+    .await;
+    let sent = stop_stream(sensor).await;
+    wait_for(
+        "every reading stored",
+        || count(&db, doc! { "device": "rep-1" }),
+        |n| *n as i64 == sent,
+    )
+    .await;
+    assert_exactly_once(&stored_seqs(&db, "rep-1").await, sent);
+    let asked = db
+        .collection::<Document>("repairs")
+        .count_documents(doc! { "outcome": "asked" })
+        .await
+        .expect("count");
+    assert!(asked >= 1, "no replay request recorded");
+    persister.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_device_no_longer_has_is_lost_for_good_and_not_asked_for_forever() {
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    let args = ["--repair-after", "1", "--client-id", "lossy"];
+    let mut persister = brokers.persister_ready(&mongo, &args).await;
+    // A device that keeps only its last 20 readings.
+    let sensor = stream(&brokers, "rep-2", "100", &["--replay-buffer", "20"]);
+    wait_for(
+        "readings stored",
+        || count(&db, doc! { "device": "rep-2" }),
+        |n| *n >= 100,
+    )
+    .await;
+
+    // The persister's session ends (killed, then the session cleared): what is published
+    // meanwhile is dropped by the broker, far more than the device keeps.
+    persister.kill().await;
+    TestClient::try_connect(brokers.cloud.port, Some("mongo-persister"), "lossy", true)
+        .await
+        .expect("the session is cleared");
+    let mut watcher = TestClient::connect(brokers.cloud.port, "mqtt-subscriber").await;
+    watcher.subscribe("/sensor/#").await;
+    for _ in 0..200 {
+        watcher.next_message().await;
+    }
+    let mut requests = TestClient::connect(brokers.cloud.port, "mqtt-subscriber").await;
+    requests.subscribe("/replay/#").await;
+    let mut persister = brokers.start_persister(&mongo, &args);
+
+    let repairs = db.collection::<Document>("repairs");
+    wait_for_within(
+        REPAIRED_WITHIN,
+        "the lost range recorded",
+        || async {
+            repairs
+                .count_documents(doc! { "device": "rep-2", "outcome": "lost" })
+                .await
+                .expect("count")
+        },
+        |lost| *lost >= 1,
+    )
+    .await;
+    persister.wait_for_log("readings lost for good").await;
+    // The device answered the range gone once; no more requests for it after that.
+    let asked_before = repairs
+        .count_documents(doc! { "outcome": "asked" })
+        .await
+        .expect("count");
+    let _ = stop_stream(sensor).await;
+    let messages = requests.messages_so_far().await;
+    let request_count = messages
+        .iter()
+        .filter(|message| message.topic.ends_with("/request"))
+        .count();
+    assert!(
+        (1..=3).contains(&request_count),
+        "{request_count} requests"
+    );
+    assert!(asked_before <= 3, "{asked_before} requests recorded");
+    assert!(
+        !gaps_clean(&mongo, "rep-2"),
+        "the lost readings are missing"
+    );
+    persister.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_device_cannot_read_is_ignored_with_a_warning() {
+    let brokers = spawn_brokers().await;
+    let sensor = stream(&brokers, "rep-3", "20", &[]);
+    sensor.wait_for_log("publishing temperature readings").await;
+    // Requests reach the edge through the bridge: publish one on the cloud as the
+    // persister would, but broken.
+    let mut cloud = TestClient::connect(brokers.cloud.port, "mongo-persister").await;
+    let mut watcher = TestClient::connect(brokers.local.port, "mqtt-subscriber").await;
+    watcher.subscribe("/replay/rep-3/request").await;
+    cloud
+        .publish(
+            "/replay/rep-3/request",
+            QoS::AtLeastOnce,
+            false,
+            b"{\"ranges\":",
+        )
+        .await;
+    watcher.next_message().await;
+    sensor.wait_for_log("replay request ignored").await;
+    let sent = stop_stream(sensor).await;
+    assert!(sent > 0);
+}
