@@ -212,17 +212,6 @@ impl Broker {
         }
     }
 
-    /// Removes the broker's persistence file, as a machine that lost power before the
-    /// broker saved would find it: sessions, queues and retained messages gone.
-    pub fn lose_state(&self) {
-        let file = self.conf_dir.join("data/mosquitto.db");
-        match std::fs::remove_file(&file) {
-            Ok(()) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => panic!("cannot remove {}: {error}", file.display()),
-        }
-    }
-
     /// Stops the broker cleanly (SIGTERM): it saves its persistence first.
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.process.take() {

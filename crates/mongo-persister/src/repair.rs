@@ -225,16 +225,25 @@ impl Repairer {
                 }
             }
         }
+        // One span per series: from its oldest hole due to the last one, at most one
+        // request's worth, checked against the database in one query.
+        let after = self.after;
+        let is_due = move |hole: &Hole| now >= hole.noticed + after && now >= hole.next_try;
         let mut due = Vec::new();
         for ((device, boot), series) in &mut self.series {
             if !series.floored {
                 continue;
             }
             series.update_holes(now);
-            for (&from, hole) in &series.holes {
-                if now >= hole.noticed + self.after && now >= hole.next_try {
-                    due.push((device.clone(), boot.clone(), from, hole.to));
-                }
+            let mut ready = series.holes.iter().filter(|(_, hole)| is_due(hole));
+            if let Some((&from, first)) = ready.next() {
+                let last = ready.next_back().map_or(first.to, |(_, hole)| hole.to);
+                due.push((
+                    device.clone(),
+                    boot.clone(),
+                    from,
+                    last.min(from + MAX_PER_REQUEST - 1),
+                ));
             }
         }
         let mut asked = Vec::new();
@@ -242,31 +251,36 @@ impl Repairer {
             if asked.len() == REQUESTS_PER_SECOND {
                 break;
             }
-            // At most one request's worth at a time, from the oldest.
-            let window_to = to.min(from + MAX_PER_REQUEST - 1);
-            let stored = self.stored(&device, &boot, from, window_to).await?;
-            let key = (device.clone(), boot.clone());
-            let Some(series) = self.series.get_mut(&key) else {
+            let stored = self.stored(&device, &boot, from, to).await?;
+            let Some(series) = self.series.get_mut(&(device.clone(), boot.clone())) else {
                 continue;
             };
             for &seq in &stored {
                 series.see(seq, seq);
             }
-            let missing = missing(from, window_to, &stored);
-            let Some(hole) = series.holes.get_mut(&from) else {
-                continue;
-            };
-            if missing.is_empty() {
-                // Stored meanwhile (by another replica): the next tick forgets the hole.
-                continue;
+            // What is still missing (another replica may have stored the rest).
+            series.update_holes(now);
+            let mut missing = Vec::new();
+            let mut attempt = 0;
+            let mut given_up = Vec::new();
+            for (&hole_from, hole) in series.holes.range_mut(from..=to) {
+                if !is_due(hole) {
+                    continue;
+                }
+                hole.attempts += 1;
+                hole.next_try = now
+                    + after
+                        .saturating_mul(1 << hole.attempts.min(10))
+                        .min(MAX_BACKOFF);
+                let range = (hole_from, hole.to.min(to));
+                if hole.attempts > MAX_ATTEMPTS {
+                    given_up.push(range);
+                } else {
+                    attempt = attempt.max(hole.attempts);
+                    missing.push(range);
+                }
             }
-            hole.attempts += 1;
-            let backoff = self
-                .after
-                .saturating_mul(1 << hole.attempts.min(10))
-                .min(MAX_BACKOFF);
-            hole.next_try = now + backoff;
-            if hole.attempts > MAX_ATTEMPTS {
+            for &(from, to) in &given_up {
                 tracing::warn!(
                     device,
                     boot,
@@ -281,12 +295,13 @@ impl Repairer {
                 };
                 insert_once(&self.repairs, document).await?;
                 series.see(from, to);
-                continue;
             }
-            let attempt = hole.attempts;
+            let (Some(&(first, _)), Some(&(_, last))) = (missing.first(), missing.last()) else {
+                continue;
+            };
             let document = doc! {
-                "_id": { "device": &device, "boot": &boot, "from": from as i64, "to": window_to as i64, "attempt": attempt as i64 },
-                "device": &device, "boot": &boot, "from": from as i64, "to": window_to as i64,
+                "_id": { "device": &device, "boot": &boot, "from": first as i64, "to": last as i64, "attempt": attempt as i64 },
+                "device": &device, "boot": &boot, "from": first as i64, "to": last as i64,
                 "attempt": attempt as i64, "outcome": "asked", "at": bson::DateTime::now(), "by": &self.client_id,
             };
             // Of replicas that see the same hole, the one whose record goes in asks.
@@ -341,29 +356,6 @@ impl Repairer {
             .filter_map(|seq| u64::try_from(seq).ok())
             .collect())
     }
-}
-
-/// The ranges of `from..=to` not in `stored`.
-fn missing(from: u64, to: u64, stored: &[u64]) -> Vec<(u64, u64)> {
-    let mut stored: Vec<u64> = stored
-        .iter()
-        .copied()
-        .filter(|seq| (from..=to).contains(seq))
-        .collect();
-    stored.sort_unstable();
-    stored.dedup();
-    let mut ranges = Vec::new();
-    let mut next = from;
-    for seq in stored {
-        if seq > next {
-            ranges.push((next, seq - 1));
-        }
-        next = seq + 1;
-    }
-    if next <= to {
-        ranges.push((next, to));
-    }
-    ranges
 }
 
 /// Inserts `document`; false when its `_id` was there already.
@@ -421,12 +413,5 @@ mod tests {
         series.see(5000, 5001);
         series.update_holes(Instant::now());
         assert_eq!(series.holes.keys().copied().collect::<Vec<_>>(), [1]);
-    }
-
-    #[test]
-    fn missing_ranges_are_what_is_not_stored() {
-        assert_eq!(missing(1, 10, &[2, 3, 7]), [(1, 1), (4, 6), (8, 10)]);
-        assert_eq!(missing(1, 3, &[1, 2, 3]), Vec::<(u64, u64)>::new());
-        assert_eq!(missing(5, 5, &[]), [(5, 5)]);
     }
 }

@@ -430,6 +430,17 @@ pub async fn run(
                 Event::Message { publish, .. } => {
                     replay_readings(&mut connection, &devices, &boot, config.qos, &publish).await?;
                 }
+                Event::Subscribed(codes) => {
+                    let granted = codes.iter().filter(|code| matches!(code, rumqttc::SubscribeReasonCode::Success(_))).count();
+                    if granted == codes.len() {
+                        tracing::info!(devices = granted, "listening for replay requests");
+                    } else {
+                        tracing::warn!(
+                            granted, asked = codes.len(),
+                            "the broker refused some replay request subscriptions (check the ACL): those devices cannot be asked for missing readings"
+                        );
+                    }
+                }
                 _ => {}
             },
             _ = report.tick() => {
