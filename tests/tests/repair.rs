@@ -195,6 +195,15 @@ async fn what_the_device_no_longer_has_is_lost_for_good_and_not_asked_for_foreve
         !gaps_clean(&mongo, "rep-2"),
         "the lost readings are missing"
     );
+    // readings gaps says they are lost, not waiting for a repair.
+    let output = run_readings(
+        mongo.uri(),
+        mongo.database_name(),
+        &["gaps", "--device", "rep-2", "--format", "json"],
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let repair = rows[0]["repair"].as_str().unwrap_or_default();
+    assert!(repair.starts_with("lost "), "{rows}");
     persister.stop_cleanly().await;
 }
 

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use futures_util::TryStreamExt;
 use iot_core::payload::format_time;
-use iot_store::{format_retention, integer, retention, MongoSettings, READINGS, STATUS};
+use iot_store::{format_retention, integer, retention, MongoSettings, READINGS, REPAIRS, STATUS};
 use mongodb::Database;
 use serde_json::Value;
 
@@ -346,7 +346,14 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
                 };
                 gaps.push(text("device"), text("boot"), seq);
             }
-            Ok(gap_rows(&gaps.found))
+            let repairs = repair_states(db, &gaps.found).await?;
+            let mut rows = gap_rows(&gaps.found);
+            rows.columns.push("repair");
+            for (row, found) in rows.rows.iter_mut().zip(&gaps.found) {
+                let state = repairs.get(&(found.device.clone(), found.boot.clone()));
+                row.push(Value::from(state.cloned().unwrap_or_default()));
+            }
+            Ok(rows)
         }
         Query::Status => {
             let pipeline = [
@@ -546,6 +553,71 @@ impl GapFinder {
 
 /// Ranges listed at most in one cell; the count column has them all.
 const RANGES_SHOWN: usize = 10;
+
+/// What the persister did about each boot with missing readings (the `repairs`
+/// collection): `lost 41-60` (the device no longer had them), `unanswered …`, or
+/// `asked N×, last <time>`; nothing when it never asked (not yet, or repairs are off).
+async fn repair_states(
+    db: &Database,
+    found: &[BootGaps],
+) -> anyhow::Result<std::collections::HashMap<(String, String), String>> {
+    let mut states = std::collections::HashMap::new();
+    for gaps in found.iter().filter(|gaps| !gaps.missing.is_empty()) {
+        let repairs: Vec<Document> = db
+            .collection::<Document>(REPAIRS)
+            .find(doc! { "device": &gaps.device, "boot": &gaps.boot })
+            .sort(doc! { "from": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        let range = |document: &Document| {
+            let (from, to) = (
+                integer(document.get("from")).unwrap_or(0),
+                integer(document.get("to")).unwrap_or(0),
+            );
+            if from == to {
+                from.to_string()
+            } else {
+                format!("{from}-{to}")
+            }
+        };
+        let of = |outcome: &str| -> Vec<&Document> {
+            repairs
+                .iter()
+                .filter(|document| document.get_str("outcome") == Ok(outcome))
+                .collect()
+        };
+        let mut parts = Vec::new();
+        let lost = of("lost");
+        if !lost.is_empty() {
+            parts.push(format!(
+                "lost {}",
+                lost.iter().map(|d| range(d)).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        let unanswered = of("unanswered");
+        if !unanswered.is_empty() {
+            parts.push(format!(
+                "unanswered {}",
+                unanswered
+                    .iter()
+                    .map(|d| range(d))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let asked = of("asked");
+        if let Some(last) = asked.iter().filter_map(|d| d.get_datetime("at").ok()).max() {
+            parts.push(format!(
+                "asked {}×, last {}",
+                asked.len(),
+                format_time(last.to_chrono())
+            ));
+        }
+        states.insert((gaps.device.clone(), gaps.boot.clone()), parts.join("; "));
+    }
+    Ok(states)
+}
 
 fn gap_rows(found: &[BootGaps]) -> Rows {
     let ranges = |gaps: &BootGaps| {
