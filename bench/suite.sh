@@ -4,7 +4,7 @@
 # ratio. Prints Markdown tables (the README's Benchmarks section is one such output).
 #
 #   bench/suite.sh [SECTION ...]     sections: subscriber publisher bridge persister
-#                                    ingest metrics resources (default: all, in order)
+#                                    ingest metrics replay resources (default: all, in order)
 #
 # Environment (defaults):
 #   BENCH_N=100000        messages per run of the subscriber, publisher and resources runs
@@ -30,11 +30,11 @@ RATES=${BENCH_RATES:-1000 5000}
 PERSISTER_N=${BENCH_PERSISTER_N:-5000}
 DEVICES=${BENCH_DEVICES:-1000}
 sections=("$@")
-((${#sections[@]})) || sections=(subscriber publisher bridge persister ingest metrics resources)
+((${#sections[@]})) || sections=(subscriber publisher bridge persister ingest metrics replay resources)
 for section in "${sections[@]}"; do
   case $section in
-    subscriber | publisher | bridge | persister | ingest | metrics | resources) ;;
-    *) say "unknown section '$section': expected subscriber, publisher, bridge, persister, ingest, metrics or resources"; exit 2 ;;
+    subscriber | publisher | bridge | persister | ingest | metrics | replay | resources) ;;
+    *) say "unknown section '$section': expected subscriber, publisher, bridge, persister, ingest, metrics, replay or resources"; exit 2 ;;
   esac
 done
 wants() { [[ " ${sections[*]} " == *" $1 "* ]]; }
@@ -265,6 +265,21 @@ if wants metrics; then
   median_run "" "${without_metrics[@]}"; metrics_off=$med metrics_off_cpu=$(cut -d' ' -f2 "$best")
 fi
 
+if wants replay; then
+  # A sensor publishing N JSON readings as fast as it can, keeping them all for replays
+  # (--replay-buffer N) and keeping none, alternating: CPU and peak memory.
+  say "replay: $N JSON readings with a replay buffer of $N and of 0, $RUNS runs each"
+  kept=() none=()
+  for run in $(seq "$RUNS"); do
+    env "${pub_env[@]}" "${measure[@]}" "$work/replay-kept-$run" "$bin/temperature-sensor" --format json --count "$N" --interval 0 --qos 1 --no-retain --replay-buffer "$N"
+    kept+=("$work/replay-kept-$run")
+    env "${pub_env[@]}" "${measure[@]}" "$work/replay-none-$run" "$bin/temperature-sensor" --format json --count "$N" --interval 0 --qos 1 --no-retain --replay-buffer 0
+    none+=("$work/replay-none-$run")
+  done
+  median_run "" "${kept[@]}"; replay_kept_cpu=$(cut -d' ' -f2 "$best") replay_kept_rss=$(cut -d' ' -f3 "$best")
+  median_run "" "${none[@]}"; replay_none_cpu=$(cut -d' ' -f2 "$best") replay_none_rss=$(cut -d' ' -f3 "$best")
+fi
+
 if wants resources; then
   say "resources: temperature-sensor, and device-status with 1 and $DEVICES devices"
   env "${pub_env[@]}" "${measure[@]}" "$work/res-temp" "$bin/temperature-sensor" --count "$N" --interval 0 --qos 1 --no-retain
@@ -326,6 +341,13 @@ if wants metrics; then
   echo "| --- | ---: | ---: | ---: |"
   echo "| \`--metrics-address\` on | $metrics_on | $metrics_on_cpu | $(ratio "$metrics_on" "$metrics_off") |"
   echo "| off | $metrics_off | $metrics_off_cpu | 1.00 |"
+fi
+if wants replay; then
+  table_header "Replay buffer: a sensor publishing $N JSON readings"
+  echo "| replay buffer | CPU s | CPU µs per reading | peak RSS, MiB | bytes per kept reading |"
+  echo "| --- | ---: | ---: | ---: | ---: |"
+  echo "| $N (all kept) | $replay_kept_cpu | $(calc "f'{$replay_kept_cpu / $N * 1e6:,.1f}'") | $(calc "f'{$replay_kept_rss / 1024:.1f}'") | $(calc "f'{max($replay_kept_rss - $replay_none_rss, 0) * 1024 / $N:,.0f}'") |"
+  echo "| 0 (none) | $replay_none_cpu | $(calc "f'{$replay_none_cpu / $N * 1e6:,.1f}'") | $(calc "f'{$replay_none_rss / 1024:.1f}'") | — |"
 fi
 if wants publisher; then
   table_header "Paced publishing, one process (\`pressure-sensor --rate 10000\`, $SECONDS_PER_RUN s)"

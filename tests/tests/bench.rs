@@ -50,6 +50,8 @@ fn the_benchmark_suite_runs_and_prints_every_table() {
         "| default (flagged, raw kept) | 100 |",
         "| `--metrics-address` on | ",
         "| off | ",
+        "| 300 (all kept) | ",
+        "| 0 (none) | ",
         "| 1 | 10,000 | ",
         "| 1000 | edge broker, TLS bridge, cloud broker |",
         "| 1000 | reference: cloud broker alone |",

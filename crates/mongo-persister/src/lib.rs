@@ -158,7 +158,10 @@ impl Config {
         } else {
             self.topics.clone()
         };
-        if self.repairs() {
+        let covered = topics
+            .iter()
+            .any(|topic| iot_store::ingest::topic::covers(topic, replay::GONE));
+        if self.repairs() && !covered {
             topics.push(replay::GONE.to_string());
         }
         topics
