@@ -262,6 +262,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if config.repairs() {
         let repairer = repair::Repairer::new(&db, config.repair_after, client_id.clone());
         tokio::spawn(repairer.run(seen_rx, requests_tx, stop_repairing.clone()));
+    } else {
+        // Nobody listens: what would be sent is dropped at once, never queued.
+        drop(seen_rx);
     }
 
     let subscriptions: Vec<SubscribeFilter> = filters
