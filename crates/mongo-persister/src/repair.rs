@@ -30,6 +30,9 @@ const CHECKS_PER_SECOND: usize = 50;
 const MAX_ATTEMPTS: u32 = 8;
 /// The longest wait between two requests for one hole.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// A series without holes that heard nothing for this long is forgotten (a boot that
+/// ended); its readings are in the database.
+const FORGET_AFTER: Duration = Duration::from_secs(600);
 const DUPLICATE_KEY: i32 = 11000;
 
 /// What the persister tells the repairer.
@@ -71,21 +74,29 @@ struct Series {
     /// it are not this run's to repair (an earlier run stored them, or a retention
     /// removed them).
     floored: bool,
+    /// When a reading of it last arrived.
+    last_seen: Option<Instant>,
 }
 
 impl Series {
-    /// Adds `from..=to` to what is seen.
+    /// Adds `from..=to` to what is seen, merging it with the ranges it touches.
     fn see(&mut self, from: u64, to: u64) {
-        self.seen.push((from, to));
-        self.seen.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.seen.len());
-        for (from, to) in self.seen.drain(..) {
-            match merged.last_mut() {
-                Some(last) if from <= last.1.saturating_add(1) => last.1 = last.1.max(to),
-                _ => merged.push((from, to)),
+        self.last_seen = Some(Instant::now());
+        // The first range that ends at or after the one before `from`.
+        let start = self
+            .seen
+            .partition_point(|&(_, end)| end.saturating_add(1) < from);
+        let (mut low, mut high) = (from, to);
+        let mut end = start;
+        while let Some(&(next_from, next_to)) = self.seen.get(end) {
+            if next_from > high.saturating_add(1) {
+                break;
             }
+            low = low.min(next_from);
+            high = high.max(next_to);
+            end += 1;
         }
-        self.seen = merged;
+        self.seen.splice(start..end, [(low, high)]);
     }
 
     /// The holes now: below the first range (from seq 1) and between ranges; a hole
@@ -209,6 +220,12 @@ impl Repairer {
     /// Checks the holes that lasted, and returns the requests to send.
     async fn tick(&mut self) -> anyhow::Result<Vec<Request>> {
         let now = Instant::now();
+        self.series.retain(|_, series| {
+            !series.holes.is_empty()
+                || series
+                    .last_seen
+                    .is_none_or(|last| now.duration_since(last) < FORGET_AFTER)
+        });
         let unfloored: Vec<(String, String)> = self
             .series
             .iter()
@@ -405,6 +422,14 @@ mod tests {
         series.update_holes(start);
         assert!(series.holes.is_empty());
         assert_eq!(series.seen, [(1, 12)]);
+        // A range over several, and one inside another.
+        series.see(20, 30);
+        series.see(40, 50);
+        series.see(25, 45);
+        series.see(41, 42);
+        assert_eq!(series.seen, [(1, 12), (20, 50)]);
+        series.see(13, 19);
+        assert_eq!(series.seen, [(1, 50)]);
     }
 
     #[test]
