@@ -50,6 +50,20 @@ async fn stop_stream(mut sensor: Service) -> i64 {
         .unwrap_or_else(|| panic!("no count in {line}"))
 }
 
+/// Kills the persister and ends its session (`client_id`), then watches 200 readings
+/// cross the cloud broker with no session to keep them for it.
+async fn lose_session(brokers: &Brokers, mut persister: Service, client_id: &str) {
+    persister.kill().await;
+    TestClient::try_connect(brokers.cloud.port, Some("mongo-persister"), client_id, true)
+        .await
+        .expect("the session is cleared");
+    let mut watcher = TestClient::connect(brokers.cloud.port, "mqtt-subscriber").await;
+    watcher.subscribe("/sensor/#").await;
+    for _ in 0..200 {
+        watcher.next_message().await;
+    }
+}
+
 fn gaps_clean(mongo: &tests::MongoServer, device: &str) -> bool {
     let output = run_readings(
         mongo.uri(),
@@ -64,7 +78,7 @@ async fn readings_the_cloud_dropped_are_asked_for_again_and_stored_once() {
     let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
     let db = mongo.database().await;
     let args = ["--repair-after", "2", "--client-id", "cloud-persister"];
-    let mut persister = brokers.persister_ready(&mongo, &args).await;
+    let persister = brokers.persister_ready(&mongo, &args).await;
     let sensor = stream(&brokers, "rep-1", "200", &[]);
     wait_for(
         "readings stored",
@@ -73,23 +87,9 @@ async fn readings_the_cloud_dropped_are_asked_for_again_and_stored_once() {
     )
     .await;
 
-    // The persister's session is lost (as when a cloud broker comes back without its
-    // state): killed, then the session cleared, so the broker drops what arrives.
-    persister.kill().await;
-    TestClient::try_connect(
-        brokers.cloud.port,
-        Some("mongo-persister"),
-        "cloud-persister",
-        true,
-    )
-    .await
-    .expect("the session is cleared");
-    // Watch 200 readings cross with nobody to keep them.
-    let mut watcher = TestClient::connect(brokers.cloud.port, "mqtt-subscriber").await;
-    watcher.subscribe("/sensor/#").await;
-    for _ in 0..200 {
-        watcher.next_message().await;
-    }
+    // The persister's session is lost, as when a cloud broker comes back without its
+    // state.
+    lose_session(&brokers, persister, "cloud-persister").await;
     let mut persister = brokers.start_persister(&mongo, &args);
 
     // The hole is asked for and filled while the stream goes on.
@@ -139,7 +139,7 @@ async fn what_the_device_no_longer_has_is_lost_for_good_and_not_asked_for_foreve
     let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
     let db = mongo.database().await;
     let args = ["--repair-after", "1", "--client-id", "lossy"];
-    let mut persister = brokers.persister_ready(&mongo, &args).await;
+    let persister = brokers.persister_ready(&mongo, &args).await;
     // A device that keeps only its last 20 readings.
     let sensor = stream(&brokers, "rep-2", "100", &["--replay-buffer", "20"]);
     wait_for(
@@ -149,17 +149,9 @@ async fn what_the_device_no_longer_has_is_lost_for_good_and_not_asked_for_foreve
     )
     .await;
 
-    // The persister's session ends (killed, then the session cleared): what is published
-    // meanwhile is dropped by the broker, far more than the device keeps.
-    persister.kill().await;
-    TestClient::try_connect(brokers.cloud.port, Some("mongo-persister"), "lossy", true)
-        .await
-        .expect("the session is cleared");
-    let mut watcher = TestClient::connect(brokers.cloud.port, "mqtt-subscriber").await;
-    watcher.subscribe("/sensor/#").await;
-    for _ in 0..200 {
-        watcher.next_message().await;
-    }
+    // The persister's session is lost while far more readings cross than the device
+    // keeps.
+    lose_session(&brokers, persister, "lossy").await;
     let mut requests = TestClient::connect(brokers.cloud.port, "mqtt-subscriber").await;
     requests.subscribe("/replay/#").await;
     let mut persister = brokers.start_persister(&mongo, &args);
