@@ -222,3 +222,58 @@ async fn a_request_the_device_cannot_read_is_ignored_with_a_warning() {
     let sent = stop_stream(sensor).await;
     assert!(sent > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_gaps_repair_asks_for_old_gaps_by_hand() {
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    // A persister that repairs nothing by itself.
+    let args = ["--no-repair", "--client-id", "by-hand"];
+    let persister = brokers.persister_ready(&mongo, &args).await;
+    let sensor = stream(&brokers, "rep-6", "100", &[]);
+    wait_for(
+        "readings stored",
+        || count(&db, doc! { "device": "rep-6" }),
+        |n| *n >= 100,
+    )
+    .await;
+    lose_session(&brokers, persister, "by-hand").await;
+    let mut persister = brokers.start_persister(&mongo, &args);
+    let before = count(&db, doc! { "device": "rep-6" }).await;
+    wait_for(
+        "readings after the gap stored",
+        || count(&db, doc! { "device": "rep-6" }),
+        |n| *n >= before + 50,
+    )
+    .await;
+    assert!(!gaps_clean(&mongo, "rep-6"), "a gap to repair");
+
+    // By hand, as the persister's broker user (the only one that may ask).
+    let output = std::process::Command::new(tests::binary("readings"))
+        .args(["gaps", "--device", "rep-6", "--repair"])
+        .env_clear()
+        .env("MONGODB_URI", mongo.uri())
+        .env("MONGODB_DATABASE", mongo.database_name())
+        .env("CLOUD_BROKER", "127.0.0.1")
+        .env("CLOUD_PORT", brokers.cloud.port.to_string())
+        .env("CLOUD_USERNAME", "mongo-persister")
+        .env("CLOUD_PASSWORD", tests::password("mongo-persister"))
+        .output()
+        .expect("readings runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "the gap is reported: {stderr}"
+    );
+    assert!(stderr.contains("readings: asked rep-6 (boot "), "{stderr}");
+    wait_for_within(
+        REPAIRED_WITHIN,
+        "readings gaps clean",
+        || async { gaps_clean(&mongo, "rep-6") },
+        |clean| *clean,
+    )
+    .await;
+    stop_stream(sensor).await;
+    persister.stop_cleanly().await;
+}

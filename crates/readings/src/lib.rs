@@ -12,9 +12,15 @@ use bson::{doc, Bson, Document};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use futures_util::TryStreamExt;
+use std::time::Duration;
+
+use iot_core::config::{BrokerSettings, CloudBroker};
+use iot_core::mqtt::Connection;
 use iot_core::payload::format_time;
+use iot_core::replay::{self, Ranges};
 use iot_store::{format_retention, integer, retention, MongoSettings, READINGS, REPAIRS, STATUS};
 use mongodb::Database;
+use rumqttc::QoS;
 use serde_json::Value;
 
 /// Queries over the readings stored by mongo-persister.
@@ -95,6 +101,13 @@ pub enum Query {
         /// Only this device
         #[arg(long)]
         device: Option<String>,
+        /// Ask each device with missing readings to send them again, through the cloud
+        /// broker (as the persister does by itself for recent gaps); needs the
+        /// persister's broker user, the only one that may ask
+        #[arg(long)]
+        repair: bool,
+        #[command(flatten)]
+        broker: CloudBroker,
     },
 }
 
@@ -214,9 +227,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
     let rows = query(&db, &cli.query)
         .await
         .with_context(|| format!("query on {} failed", cli.mongo.redacted_uri()))?;
-    let mut out = std::io::stdout().lock();
-    print(&rows, cli.format, &mut out)?;
-    out.flush().context("cannot write to stdout")?;
+    {
+        let mut out = std::io::stdout().lock();
+        print(&rows, cli.format, &mut out)?;
+        out.flush().context("cannot write to stdout")?;
+    }
+    if let Query::Gaps {
+        since,
+        device,
+        repair: true,
+        broker,
+    } = &cli.query
+    {
+        let gaps = find_stored_gaps(&db, *since, device.as_deref()).await?;
+        ask_again(&gaps.found, broker).await?;
+    }
     Ok(!rows.trouble)
 }
 
@@ -324,28 +349,8 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
             ))
         }
         Query::Devices => devices(db).await,
-        Query::Gaps { since, device } => {
-            let mut filter = doc! { "device": { "$exists": true }, "seq": { "$exists": true } };
-            if let Some(since) = since {
-                filter.insert("ts", doc! { "$gte": bson::DateTime::from_chrono(*since) });
-            }
-            if let Some(device) = device {
-                filter.insert("device", device);
-            }
-            let mut cursor = readings
-                .find(filter)
-                .projection(doc! { "_id": 0, "device": 1, "boot": 1, "seq": 1 })
-                .sort(doc! { "device": 1, "boot": 1, "seq": 1 })
-                .await?;
-            // One pass over the sorted readings, keeping only a summary per boot.
-            let mut gaps = GapFinder::new(since.is_none());
-            while let Some(document) = cursor.try_next().await? {
-                let text = |key: &str| document.get_str(key).unwrap_or_default();
-                let Some(seq) = integer(document.get("seq")) else {
-                    continue;
-                };
-                gaps.push(text("device"), text("boot"), seq);
-            }
+        Query::Gaps { since, device, .. } => {
+            let gaps = find_stored_gaps(db, *since, device.as_deref()).await?;
             let repairs = repair_states(db, &gaps.found).await?;
             let mut rows = gap_rows(&gaps.found);
             rows.columns.push("repair");
@@ -553,6 +558,98 @@ impl GapFinder {
 
 /// Ranges listed at most in one cell; the count column has them all.
 const RANGES_SHOWN: usize = 10;
+
+/// One pass over the readings with `device` and `seq` (since `since`, of `device`),
+/// sorted, keeping only a summary per boot.
+async fn find_stored_gaps(
+    db: &Database,
+    since: Option<DateTime<Utc>>,
+    device: Option<&str>,
+) -> anyhow::Result<GapFinder> {
+    let mut filter = doc! { "device": { "$exists": true }, "seq": { "$exists": true } };
+    if let Some(since) = since {
+        filter.insert("ts", doc! { "$gte": bson::DateTime::from_chrono(since) });
+    }
+    if let Some(device) = device {
+        filter.insert("device", device);
+    }
+    let mut cursor = db
+        .collection::<Document>(READINGS)
+        .find(filter)
+        .projection(doc! { "_id": 0, "device": 1, "boot": 1, "seq": 1 })
+        .sort(doc! { "device": 1, "boot": 1, "seq": 1 })
+        .await?;
+    let mut gaps = GapFinder::new(since.is_none());
+    while let Some(document) = cursor.try_next().await? {
+        let text = |key: &str| document.get_str(key).unwrap_or_default();
+        let Some(seq) = integer(document.get("seq")) else {
+            continue;
+        };
+        gaps.push(text("device"), text("boot"), seq);
+    }
+    Ok(gaps)
+}
+
+/// `readings gaps --repair`: asks every device with missing readings to send them
+/// again (a replay request per boot, on the cloud broker), and says so on stderr.
+async fn ask_again(found: &[BootGaps], broker: &CloudBroker) -> anyhow::Result<()> {
+    let asks: Vec<(String, Ranges)> = found
+        .iter()
+        .filter(|gaps| !gaps.missing.is_empty())
+        .map(|gaps| {
+            let ranges = gaps
+                .missing
+                .iter()
+                .filter_map(|&(from, to)| {
+                    Some((u64::try_from(from).ok()?, u64::try_from(to).ok()?))
+                })
+                .filter(|(from, _)| *from > 0)
+                .collect();
+            (
+                gaps.device.clone(),
+                Ranges {
+                    boot: gaps.boot.clone(),
+                    ranges,
+                },
+            )
+        })
+        .collect();
+    if asks.is_empty() {
+        eprintln!("readings: nothing missing, nothing to ask for");
+        return Ok(());
+    }
+    let settings = BrokerSettings::from(broker.clone());
+    let client_id = format!("readings-repair-{}", std::process::id());
+    let options = settings
+        .mqtt_options(&client_id, true)
+        .context("cannot set up the broker connection")?;
+    let mut connection = Connection::start(&settings, options);
+    for (device, ranges) in &asks {
+        connection
+            .publish(
+                &replay::request_topic(device),
+                QoS::AtLeastOnce,
+                false,
+                ranges.encode(),
+            )
+            .await?;
+        let count: u64 = ranges.ranges.iter().map(|(from, to)| to - from + 1).sum();
+        eprintln!(
+            "readings: asked {device} (boot {}) to send {count} reading(s) again",
+            ranges.boot
+        );
+    }
+    if !connection
+        .wait_acknowledged(Duration::from_secs(10))
+        .await?
+    {
+        anyhow::bail!(
+            "the cloud broker at {} did not take the requests",
+            settings.address()
+        );
+    }
+    connection.close(Duration::from_secs(5)).await
+}
 
 /// What the persister did about each boot with missing readings (the `repairs`
 /// collection): `lost 41-60` (the device no longer had them), `unanswered …`, or
