@@ -271,26 +271,26 @@ struct Device {
 }
 
 /// Answers a replay request: publishes again what the asked device kept, marked as
-/// replays, and says which asked ranges it no longer has. A request it cannot read is
-/// logged and dropped.
+/// replays, and says which asked ranges it no longer has; returns how many it sent. A
+/// request it cannot read is logged and dropped.
 async fn replay_readings(
     connection: &mut Connection,
     devices: &[Device],
     boot: &str,
     qos: QoS,
     publish: &rumqttc::Publish,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u64> {
     let Some(device) = devices
         .iter()
         .find(|device| iot_replay::request_topic(&device.id) == publish.topic)
     else {
-        return Ok(());
+        return Ok(0);
     };
     let request = match iot_replay::Ranges::parse(&publish.payload) {
         Ok(request) => request,
         Err(why) => {
             tracing::warn!(topic = publish.topic, "replay request ignored: {why}");
-            return Ok(());
+            return Ok(0);
         }
     };
     let answer = device.kept.answer(boot, device.seq, &request);
@@ -305,6 +305,7 @@ async fn replay_readings(
     } else {
         qos
     };
+    let sent = answer.replays.len() as u64;
     for payload in answer.replays {
         metrics::counter!("iot_readings_replayed_total").increment(1);
         connection
@@ -325,7 +326,7 @@ async fn replay_readings(
             )
             .await?;
     }
-    Ok(())
+    Ok(sent)
 }
 
 /// The sensors' own metrics (the connection's are common to every service).
@@ -416,6 +417,8 @@ pub async fn run(
     let mut report = tokio::time::interval_at(started + RATE_REPORT, RATE_REPORT);
     let mut skipped_reported = 0;
     let mut sent: u64 = 0;
+    // Readings sent again on request (their acknowledgements count too).
+    let mut replayed: u64 = 0;
     let mut next = 0;
 
     while config.count.is_none_or(|count| sent < count) {
@@ -428,7 +431,7 @@ pub async fn run(
                     connection.subscribe(requests.clone()).await?;
                 }
                 Event::Message { publish, .. } => {
-                    replay_readings(&mut connection, &devices, &boot, config.qos, &publish).await?;
+                    replayed += replay_readings(&mut connection, &devices, &boot, config.qos, &publish).await?;
                 }
                 Event::Subscribed(codes) => {
                     let granted = codes.iter().filter(|code| matches!(code, rumqttc::SubscribeReasonCode::Success(_))).count();
@@ -493,12 +496,15 @@ pub async fn run(
             settling.as_secs_f64()
         ),
     };
-    let skipped = match pacer.skipped() {
+    let mut more = match pacer.skipped() {
         0 => String::new(),
         skipped => format!("; {skipped} skipped for falling behind"),
     };
+    if replayed > 0 {
+        more.push_str(&format!("; {replayed} sent again on replay requests"));
+    }
     tracing::info!(
-        "summary: {sent} readings sent in {:.2} s ({achieved:.0}/s, asked {asked}), {acknowledged}{skipped}",
+        "summary: {sent} readings sent in {:.2} s ({achieved:.0}/s, asked {asked}), {acknowledged}{more}",
         publishing.as_secs_f64()
     );
     if !settled {
