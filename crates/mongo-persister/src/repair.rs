@@ -22,6 +22,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::writer::DUPLICATE_KEY;
+
 /// The most requests sent in one second, all devices together.
 const REQUESTS_PER_SECOND: usize = 20;
 /// The most holes checked against the database in one second.
@@ -33,7 +35,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// A series without holes that heard nothing for this long is forgotten (a boot that
 /// ended); its readings are in the database.
 const FORGET_AFTER: Duration = Duration::from_secs(600);
-const DUPLICATE_KEY: i32 = 11000;
 
 /// What the persister tells the repairer.
 #[derive(Debug)]
