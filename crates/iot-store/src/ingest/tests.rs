@@ -394,7 +394,7 @@ mod properties {
             let all = mapping(&ALL);
             let text = serde_json::to_vec(&value).expect("serializes");
             if let Record::Readings { documents, .. } = all.read(&topic, &text, at()) {
-                // As the payload reads back (serde_json may round the last digit).
+                // As the payload reads back.
                 let sources = measurable(&serde_json::from_slice(&text).expect("JSON"));
                 prop_assert!(documents.len() <= sources.len(), "{} documents from {}", documents.len(), value);
                 for document in documents {
