@@ -113,8 +113,9 @@ impl Mapping {
     pub fn read(&self, topic: &str, payload: &[u8], received_at: DateTime<Utc>) -> Record {
         let received = bson::DateTime::from_chrono(received_at);
         let mut refused_status: Option<String> = None;
+        let levels: Vec<&str> = topic.split('/').collect();
         for rule in &self.rules {
-            let Some(captures) = rule.pattern.matches(topic) else {
+            let Some(captures) = rule.pattern.matches_levels(topic, &levels) else {
                 continue;
             };
             let zone = rule.timezone.unwrap_or(self.timezone);

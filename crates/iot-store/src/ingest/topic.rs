@@ -116,6 +116,16 @@ impl Pattern {
     /// The captures when `topic` matches.
     pub fn matches<'p>(&'p self, topic: &str) -> Option<Captures<'p>> {
         let topic_levels: Vec<&str> = topic.split('/').collect();
+        self.matches_levels(topic, &topic_levels)
+    }
+
+    /// As [`Pattern::matches`], for a topic already split into its levels (a caller
+    /// that tries several patterns splits it once).
+    pub fn matches_levels<'p>(
+        &'p self,
+        topic: &str,
+        topic_levels: &[&str],
+    ) -> Option<Captures<'p>> {
         let open = self
             .levels
             .iter()
@@ -138,7 +148,7 @@ impl Pattern {
                 if topic_levels.len() != self.levels.len() {
                     return None;
                 }
-                for (level, text) in self.levels.iter().zip(&topic_levels) {
+                for (level, text) in self.levels.iter().zip(topic_levels) {
                     if !level_matches(level, text, &mut captures) {
                         return None;
                     }
@@ -155,7 +165,7 @@ impl Pattern {
                     return None;
                 }
                 let tail = topic_levels.len() - after.len();
-                for (level, text) in before.iter().zip(&topic_levels) {
+                for (level, text) in before.iter().zip(topic_levels) {
                     if !level_matches(level, text, &mut captures) {
                         return None;
                     }
