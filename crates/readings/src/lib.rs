@@ -224,23 +224,29 @@ pub struct Rows {
 /// Runs the query and prints the result to stdout. `Ok(false)`: `gaps` found some.
 pub async fn run(cli: Cli) -> anyhow::Result<bool> {
     let db = cli.mongo.database("readings").await?;
-    let rows = query(&db, &cli.query)
-        .await
-        .with_context(|| format!("query on {} failed", cli.mongo.redacted_uri()))?;
+    let failed = || format!("query on {} failed", cli.mongo.redacted_uri());
+    // `gaps --repair` asks again for what the one pass over the readings found.
+    let (rows, found) = match &cli.query {
+        Query::Gaps {
+            since,
+            device,
+            repair: true,
+            ..
+        } => {
+            let (rows, found) = gaps(&db, *since, device.as_deref())
+                .await
+                .with_context(failed)?;
+            (rows, Some(found))
+        }
+        query_of_cli => (query(&db, query_of_cli).await.with_context(failed)?, None),
+    };
     {
         let mut out = std::io::stdout().lock();
         print(&rows, cli.format, &mut out)?;
         out.flush().context("cannot write to stdout")?;
     }
-    if let Query::Gaps {
-        since,
-        device,
-        repair: true,
-        broker,
-    } = &cli.query
-    {
-        let gaps = find_stored_gaps(&db, *since, device.as_deref()).await?;
-        ask_again(&gaps.found, broker).await?;
+    if let (Some(found), Query::Gaps { broker, .. }) = (found, &cli.query) {
+        ask_again(&found, broker).await?;
     }
     Ok(!rows.trouble)
 }
@@ -350,14 +356,7 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
         }
         Query::Devices => devices(db).await,
         Query::Gaps { since, device, .. } => {
-            let gaps = find_stored_gaps(db, *since, device.as_deref()).await?;
-            let repairs = repair_states(db, &gaps.found).await?;
-            let mut rows = gap_rows(&gaps.found);
-            rows.columns.push("repair");
-            for (row, found) in rows.rows.iter_mut().zip(&gaps.found) {
-                let state = repairs.get(&(found.device.clone(), found.boot.clone()));
-                row.push(Value::from(state.cloned().unwrap_or_default()));
-            }
+            let (rows, _) = gaps(db, *since, device.as_deref()).await?;
             Ok(rows)
         }
         Query::Status => {
@@ -558,6 +557,23 @@ impl GapFinder {
 
 /// Ranges listed at most in one cell; the count column has them all.
 const RANGES_SHOWN: usize = 10;
+
+/// `gaps`: its rows, with what the persister did about each boot, and the boots found.
+async fn gaps(
+    db: &Database,
+    since: Option<DateTime<Utc>>,
+    device: Option<&str>,
+) -> anyhow::Result<(Rows, Vec<BootGaps>)> {
+    let found = find_stored_gaps(db, since, device).await?.found;
+    let repairs = repair_states(db, &found).await?;
+    let mut rows = gap_rows(&found);
+    rows.columns.push("repair");
+    for (row, boot) in rows.rows.iter_mut().zip(&found) {
+        let state = repairs.get(&(boot.device.clone(), boot.boot.clone()));
+        row.push(Value::from(state.cloned().unwrap_or_default()));
+    }
+    Ok((rows, found))
+}
 
 /// One pass over the readings with `device` and `seq` (since `since`, of `device`),
 /// sorted, keeping only a summary per boot.
