@@ -43,7 +43,7 @@ impl ReplayBuffer {
     }
 
     /// Keeps reading `seq` (the next one) as published.
-    pub fn push(&mut self, seq: u64, payload: &[u8]) {
+    pub fn push(&mut self, seq: u64, payload: Vec<u8>) {
         if self.capacity == 0 {
             return;
         }
@@ -54,7 +54,7 @@ impl ReplayBuffer {
             self.payloads.pop_front();
             self.first += 1;
         }
-        self.payloads.push_back(payload.to_vec());
+        self.payloads.push_back(payload);
     }
 
     /// The answer to `request` from a device in boot `boot` whose last `seq` is `last`:
@@ -97,7 +97,7 @@ mod tests {
     fn buffer(capacity: usize, up_to: u64) -> ReplayBuffer {
         let mut buffer = ReplayBuffer::new(capacity);
         for seq in 1..=up_to {
-            buffer.push(seq, format!("{{\"seq\":{seq}}}").as_bytes());
+            buffer.push(seq, format!("{{\"seq\":{seq}}}").into_bytes());
         }
         buffer
     }

@@ -473,12 +473,19 @@ pub async fn run(
                     unit: kind.unit.to_string(),
                 };
                 let payload = reading.encode(config.format);
-                device.kept.push(device.seq, &payload);
                 tracing::trace!(device = device.id, seq = device.seq, "publish");
                 tokio::select! {
-                    published = connection.publish(&device.topic, config.qos, retain, payload) => published?,
-                    () = shutdown.cancelled() => break,
+                    published = connection.publish(&device.topic, config.qos, retain, payload.clone()) => published?,
+                    () = shutdown.cancelled() => {
+                        // Stopped before the client took it: not sent, so not counted
+                        // and its seq not used (a count would claim a reading no one
+                        // can ever see).
+                        device.seq -= 1;
+                        sent -= 1;
+                        break;
+                    }
                 }
+                device.kept.push(device.seq, payload);
             }
         }
     }
