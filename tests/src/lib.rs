@@ -189,6 +189,19 @@ impl Broker {
         }
     }
 
+    /// Kills the broker (SIGKILL) and removes its persistence file, as a machine that
+    /// lost power before the broker's first save leaves it: it comes back without
+    /// sessions, subscriptions, queued or retained messages.
+    pub async fn kill_losing_state(&mut self) {
+        self.kill().await;
+        let file = self.conf_dir.join("data/mosquitto.db");
+        match std::fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => panic!("cannot remove {}: {error}", file.display()),
+        }
+    }
+
     /// Makes the broker write its persistence now (SIGUSR1), as its periodic autosave
     /// does, and waits until the file is in place. Mosquitto logs "Saving in-memory
     /// database" before it writes, to `mosquitto.db.new`, and renames that over

@@ -277,3 +277,110 @@ async fn readings_gaps_repair_asks_for_old_gaps_by_hand() {
     stop_stream(sensor).await;
     persister.stop_cleanly().await;
 }
+
+/// Waits until `readings gaps` finds nothing missing for `device` and more than
+/// `beyond` of its readings are stored (so the clean answer covers what came after an
+/// outage, not only what was stored before it).
+async fn wait_repaired(mongo: &tests::MongoServer, device: &str, beyond: u64) {
+    let db = mongo.database().await;
+    wait_for_within(
+        REPAIRED_WITHIN,
+        &format!("readings gaps clean for {device} beyond {beyond} readings"),
+        || async {
+            count(&db, doc! { "device": device }).await > beyond && gaps_clean(mongo, device)
+        },
+        |clean| *clean,
+    )
+    .await;
+}
+
+/// Stops the sensor and asserts that every reading it sent is stored exactly once.
+async fn assert_all_stored_once(
+    mongo: &tests::MongoServer,
+    sensor: Service,
+    persister: &Service,
+    device: &str,
+) {
+    let db = mongo.database().await;
+    let sent = stop_stream(sensor).await;
+    let deadline = tokio::time::Instant::now() + REPAIRED_WITHIN;
+    while count(&db, doc! { "device": device }).await < sent as u64
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seqs = stored_seqs(&db, device).await;
+    let stored: std::collections::BTreeSet<i64> = seqs.iter().map(|(_, seq)| *seq).collect();
+    let missing: Vec<i64> = (1..=sent).filter(|seq| !stored.contains(seq)).collect();
+    assert!(
+        missing.is_empty(),
+        "{sent} sent, missing {missing:?}\npersister:\n{}",
+        persister.stderr()
+    );
+    tests::stored::assert_exactly_once(&seqs, sent);
+}
+
+/// The measured case of the README's Reliability section: the cloud machine loses
+/// power mid-stream (broker and persister SIGKILLed, the broker never saved), the
+/// broker comes back empty, the persister 5 s later. Everything the bridge delivered in
+/// between had no session to go to; it is asked of the device again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_machine_that_loses_power_loses_no_reading() {
+    let (mut brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    let args = ["--repair-after", "2", "--client-id", "power-cut"];
+    let mut persister = brokers.persister_ready(&mongo, &args).await;
+    let sensor = stream(&brokers, "cut-1", "400", &[]);
+    wait_for(
+        "readings stored",
+        || count(&db, doc! { "device": "cut-1" }),
+        |n| *n >= 1000,
+    )
+    .await;
+
+    persister.kill().await;
+    brokers.cloud.kill_losing_state().await;
+    assert!(brokers.cloud.start().await, "{}", brokers.cloud.log());
+    tokio::time::sleep(Duration::from_secs(5)).await; // the persister's own restart
+    let before = count(&db, doc! { "device": "cut-1" }).await;
+    let mut persister = brokers.start_persister(&mongo, &args);
+
+    wait_repaired(&mongo, "cut-1", before + 2000).await;
+    assert_all_stored_once(&mongo, sensor, &persister, "cut-1").await;
+    persister.stop_cleanly().await;
+}
+
+/// The edge machine loses power while readings wait on it for the bridge (the cloud is
+/// unreachable): the edge broker comes back without them, yet they are in the device's
+/// buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_broker_killed_with_readings_queued_for_the_bridge_loses_none() {
+    let (mut brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    let args = ["--repair-after", "2", "--client-id", "edge-cut"];
+    let mut persister = brokers.persister_ready(&mongo, &args).await;
+    let sensor = stream(&brokers, "cut-2", "400", &[]);
+    wait_for(
+        "readings stored",
+        || count(&db, doc! { "device": "cut-2" }),
+        |n| *n >= 400,
+    )
+    .await;
+
+    brokers.cloud.stop().await;
+    // Readings queue on the edge for the bridge.
+    let mut watcher = TestClient::connect(brokers.local.port, "mqtt-subscriber").await;
+    watcher.subscribe("/sensor/#").await;
+    for _ in 0..800 {
+        watcher.next_message().await;
+    }
+    drop(watcher);
+    brokers.local.kill_losing_state().await;
+    assert!(brokers.local.start().await, "{}", brokers.local.log());
+    assert!(brokers.cloud.start().await, "{}", brokers.cloud.log());
+    let before = count(&db, doc! { "device": "cut-2" }).await;
+
+    wait_repaired(&mongo, "cut-2", before + 1200).await;
+    assert_all_stored_once(&mongo, sensor, &persister, "cut-2").await;
+    persister.stop_cleanly().await;
+}
