@@ -5,8 +5,9 @@
 //! (another replica may have stored it), and what is missing there is asked of the
 //! device on `/replay/<device>/request`, again with backoff while it stays missing,
 //! a bounded number of requests per second. Asks are recorded in the `repairs`
-//! collection, one document per range and attempt, whose `_id` lets only one replica
-//! ask each time. Ranges a device answers it no longer has (`/replay/<device>/gone`)
+//! collection, one document per series and `--repair-after` window, whose `_id` lets
+//! only one replica ask in each window; the others leave out what was asked within
+//! `--repair-after` (it may still be on its way). Ranges a device answers it no longer has (`/replay/<device>/gone`)
 //! are recorded there as lost and not asked for again.
 
 use std::collections::{BTreeMap, HashMap};
@@ -314,15 +315,27 @@ impl Repairer {
                 insert_once(&self.repairs, document).await?;
                 series.see(from, to);
             }
+            // What another replica asked for within --repair-after may still be on its
+            // way (its replicas' shares of one stream overlap): not asked again now.
+            if let (Some(&(first, _)), Some(&(_, last))) = (missing.first(), missing.last()) {
+                let asked = self.recently_asked(&device, &boot, first, last).await?;
+                missing = subtract(&missing, &asked);
+            }
             let (Some(&(first, _)), Some(&(_, last))) = (missing.first(), missing.last()) else {
                 continue;
             };
+            let at = bson::DateTime::now();
+            let ranges: Vec<Vec<i64>> = missing
+                .iter()
+                .map(|&(from, to)| vec![from as i64, to as i64])
+                .collect();
             let document = doc! {
-                "_id": { "device": &device, "boot": &boot, "from": first as i64, "to": last as i64, "attempt": attempt as i64 },
-                "device": &device, "boot": &boot, "from": first as i64, "to": last as i64,
-                "attempt": attempt as i64, "outcome": "asked", "at": bson::DateTime::now(), "by": &self.client_id,
+                "_id": { "device": &device, "boot": &boot, "window": self.window(at) },
+                "device": &device, "boot": &boot, "from": first as i64, "to": last as i64, "ranges": ranges,
+                "attempt": attempt as i64, "outcome": "asked", "at": at, "by": &self.client_id,
             };
-            // Of replicas that see the same hole, the one whose record goes in asks.
+            // One request per series and --repair-after window, whichever replica's
+            // record goes in first; the others find its ranges recently asked.
             if !insert_once(&self.repairs, document).await? {
                 continue;
             }
@@ -337,6 +350,50 @@ impl Repairer {
             });
         }
         Ok(asked)
+    }
+
+    /// The `--repair-after` window a time falls in: the replicas' shared clock for "one
+    /// request per series at a time".
+    fn window(&self, at: bson::DateTime) -> i64 {
+        at.timestamp_millis() / (self.after.as_millis() as i64).max(1)
+    }
+
+    /// The ranges of the series within `from..=to` that were asked for less than
+    /// `--repair-after` ago, by any replica.
+    async fn recently_asked(
+        &self,
+        device: &str,
+        boot: &str,
+        from: u64,
+        to: u64,
+    ) -> anyhow::Result<Vec<(u64, u64)>> {
+        let since = bson::DateTime::from_millis(
+            bson::DateTime::now().timestamp_millis() - self.after.as_millis() as i64,
+        );
+        let filter = doc! {
+            "device": device, "boot": boot, "outcome": "asked",
+            "from": { "$lte": to as i64 }, "to": { "$gte": from as i64 }, "at": { "$gte": since },
+        };
+        let documents: Vec<Document> = self
+            .repairs
+            .find(filter)
+            .projection(doc! { "_id": 0, "ranges": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        let mut ranges: Vec<(u64, u64)> = documents
+            .iter()
+            .filter_map(|document| document.get_array("ranges").ok())
+            .flatten()
+            .filter_map(|range| {
+                let range = range.as_array()?;
+                let from = u64::try_from(integer(range.first())?).ok()?;
+                let to = u64::try_from(integer(range.get(1))?).ok()?;
+                Some((from, to))
+            })
+            .collect();
+        ranges.sort_unstable();
+        Ok(ranges)
     }
 
     /// The lowest `seq` of the series stored, if any is.
@@ -374,6 +431,30 @@ impl Repairer {
             .filter_map(|seq| u64::try_from(seq).ok())
             .collect())
     }
+}
+
+/// `ranges` (sorted, disjoint) without what `covered` (sorted by start) covers.
+fn subtract(ranges: &[(u64, u64)], covered: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut left = Vec::new();
+    for &(from, to) in ranges {
+        let mut next = from;
+        for &(cover_from, cover_to) in covered {
+            if cover_to < next || cover_from > to {
+                continue;
+            }
+            if cover_from > next {
+                left.push((next, cover_from - 1));
+            }
+            next = cover_to.saturating_add(1);
+            if next > to {
+                break;
+            }
+        }
+        if next <= to {
+            left.push((next, to));
+        }
+    }
+    left
 }
 
 /// Inserts `document`; false when its `_id` was there already.
@@ -431,6 +512,22 @@ mod tests {
         assert_eq!(series.seen, [(1, 12), (20, 50)]);
         series.see(13, 19);
         assert_eq!(series.seen, [(1, 50)]);
+    }
+
+    #[test]
+    fn ranges_asked_by_another_replica_are_taken_out() {
+        let ranges = [(1, 10), (20, 30), (40, 40)];
+        assert_eq!(subtract(&ranges, &[]), ranges);
+        assert_eq!(
+            subtract(&ranges, &[(0, 2), (5, 6), (9, 25), (40, 40)]),
+            [(3, 4), (7, 8), (26, 30)]
+        );
+        // Overlapping covers, and one covering everything.
+        assert_eq!(
+            subtract(&ranges, &[(2, 5), (4, 8)]),
+            [(1, 1), (9, 10), (20, 30), (40, 40)]
+        );
+        assert!(subtract(&ranges, &[(0, u64::MAX)]).is_empty());
     }
 
     #[test]
