@@ -488,3 +488,71 @@ async fn shared_replicas_repair_a_cloud_power_cut_without_asking_twice() {
         replica.stop_cleanly().await;
     }
 }
+
+/// A sensor process that crashed is restarted with the same --replay-dir: a gap left in
+/// its earlier boot is filled from the files that boot wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_boots_gap_is_filled_from_disk_after_the_sensor_restarts() {
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    let replay_dir = brokers.dir().join("replay");
+    let replay_dir = replay_dir.to_str().expect("a UTF-8 path");
+    let sensor_args = ["--replay-dir", replay_dir];
+    // Long enough that the sensor is gone before the persister asks.
+    let args = ["--repair-after", "8", "--client-id", "disk"];
+    let persister = brokers.persister_ready(&mongo, &args).await;
+    let mut first = stream(&brokers, "rep-7", "200", &sensor_args);
+    wait_for(
+        "readings stored",
+        || count(&db, doc! { "device": "rep-7" }),
+        |n| *n >= 100,
+    )
+    .await;
+    let first_boot = stored_seqs(&db, "rep-7").await[0].0.clone();
+
+    // A hole in the first boot, seen by the persister as readings after it arrive.
+    lose_session(&brokers, persister, "disk").await;
+    let mut persister = brokers.start_persister(&mongo, &args);
+    let before = count(&db, doc! { "device": "rep-7" }).await;
+    wait_for(
+        "readings after the hole stored",
+        || count(&db, doc! { "device": "rep-7" }),
+        |n| *n >= before + 50,
+    )
+    .await;
+    // The sensor process crashes, and comes back as a new boot with the same folder.
+    first.kill().await;
+    let second = stream(&brokers, "rep-7", "200", &sensor_args);
+    second.wait_for_log("replay buffer on disk: ").await;
+
+    // The first boot's hole is asked for and answered from disk by the second process.
+    let through = stored_seqs(&db, "rep-7")
+        .await
+        .into_iter()
+        .filter(|(boot, _)| *boot == first_boot)
+        .map(|(_, seq)| seq)
+        .max()
+        .expect("first boot stored");
+    wait_for_within(
+        REPAIRED_WITHIN,
+        &format!("seq 1 to {through} of boot {first_boot} stored"),
+        || {
+            count(
+                &db,
+                doc! { "device": "rep-7", "boot": &first_boot, "seq": { "$lte": through } },
+            )
+        },
+        |n| *n == through as u64,
+    )
+    .await;
+    second
+        .wait_for_log(&format!("asked_boot=\"{first_boot}\""))
+        .await;
+    assert!(
+        !first.stderr().contains("replaying readings"),
+        "the first process answered before it crashed:\n{}",
+        first.stderr()
+    );
+    stop_stream(second).await;
+    persister.stop_cleanly().await;
+}

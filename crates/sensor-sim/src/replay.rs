@@ -1,5 +1,8 @@
 //! What a simulated device keeps of the readings it sent, to publish them again when the
-//! cloud side asks (the replay protocol of `iot_core::replay`).
+//! cloud side asks (the replay protocol of `iot_core::replay`): in memory for the boot
+//! running, and with `--replay-dir` on disk too ([`disk`]), for earlier boots.
+
+pub mod disk;
 
 use std::collections::VecDeque;
 

@@ -27,6 +27,7 @@ use iot_core::replay as iot_replay;
 use iot_core::topics;
 
 use crate::fleet::{self, Pacer};
+use crate::replay::disk::DiskLog;
 use crate::replay::{self, ReplayBuffer};
 
 /// What distinguishes one kind of simulated sensor from another.
@@ -126,14 +127,20 @@ pub struct SensorConfig {
     /// about 200 bytes each) [default: 10 minutes' worth, 100 to 100 000]; 0 keeps none
     #[arg(long, value_name = "N")]
     pub replay_buffer: Option<usize>,
+    /// Keep the replay buffer on disk too, in DIR/<device>/ (as many readings as
+    /// --replay-buffer), so readings of an earlier run can still be sent again after a
+    /// restart [default: memory only]
+    #[arg(long, value_name = "DIR")]
+    pub replay_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub broker: LocalBroker,
 }
 
 /// The flags that read `<PREFIX>_<FLAG>` from the environment.
-const OWN_FLAGS: [&str; 14] = [
+const OWN_FLAGS: [&str; 15] = [
     "metrics_address",
     "replay_buffer",
+    "replay_dir",
     "topic",
     "qos",
     "interval",
@@ -256,6 +263,8 @@ pub fn new_boot_id() -> String {
 
 /// How long a stopping sensor waits for the broker to acknowledge what it sent.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the replay files are synced to disk (what a power loss may take).
+const SYNC_EVERY: Duration = Duration::from_secs(1);
 /// How often a sensor that cannot keep its rate says so.
 const RATE_REPORT: Duration = Duration::from_secs(5);
 
@@ -268,6 +277,22 @@ struct Device {
     walk: RandomWalk,
     /// What it sent, to send again when asked.
     kept: ReplayBuffer,
+    /// The same on disk, with earlier boots' (`--replay-dir`).
+    disk: Option<DiskLog>,
+}
+
+/// Makes the devices' replay files survive a power loss; a device whose file cannot be
+/// written any more keeps its buffer in memory only.
+fn sync_disks(devices: &mut [Device]) {
+    for device in devices {
+        if let Some(Err(error)) = device.disk.as_mut().map(DiskLog::sync) {
+            tracing::warn!(
+                device = device.id,
+                "replay buffer no longer kept on disk: {error:#}"
+            );
+            device.disk = None;
+        }
+    }
 }
 
 /// Answers a replay request: publishes again what the asked device kept, marked as
@@ -293,7 +318,16 @@ async fn replay_readings(
             return Ok(0);
         }
     };
-    let answer = device.kept.answer(boot, device.seq, &request);
+    let answer = match &device.disk {
+        Some(disk) if request.boot != boot => disk.answer(&request).unwrap_or_else(|error| {
+            tracing::warn!(
+                device = device.id,
+                "cannot read the replay folder: {error:#}"
+            );
+            replay::Answer::default()
+        }),
+        _ => device.kept.answer(boot, device.seq, &request),
+    };
     tracing::info!(
         device = device.id, asked = ?request.ranges, asked_boot = request.boot,
         sent = answer.replays.len(), gone = ?answer.gone,
@@ -378,16 +412,33 @@ pub async fn run(
         }),
         Format::Plain => 0,
     };
-    let mut devices: Vec<Device> = fleet::device_ids(&config.device, config.devices as usize)
-        .into_iter()
-        .map(|id| Device {
+    let mut devices = Vec::with_capacity(config.devices as usize);
+    for id in fleet::device_ids(&config.device, config.devices as usize) {
+        let disk = match &config.replay_dir {
+            Some(dir) if replay_capacity > 0 => {
+                Some(DiskLog::open(dir, &id, &boot, replay_capacity)?)
+            }
+            _ => None,
+        };
+        devices.push(Device {
             topic: fleet::device_topic(&config.topic, &id),
             id,
             seq: 0,
             walk: RandomWalk::new(kind.range.clone(), &mut rng),
             kept: ReplayBuffer::new(replay_capacity),
-        })
-        .collect();
+            disk,
+        });
+    }
+    if let Some(dir) = &config.replay_dir {
+        let (readings, boots) = devices
+            .iter()
+            .filter_map(|device| device.disk.as_ref())
+            .map(DiskLog::earlier)
+            .fold((0, 0), |(readings, boots), (r, b)| {
+                (readings + r, boots + b)
+            });
+        tracing::info!(dir = %dir.display(), "replay buffer on disk: {readings} readings of earlier runs kept ({boots} boot(s) of all devices together)");
+    }
     let requests: Vec<SubscribeFilter> = devices
         .iter()
         .filter(|_| replay_capacity > 0)
@@ -415,6 +466,7 @@ pub async fn run(
     let stop_at = tokio::time::sleep(config.duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(stop_at);
     let mut report = tokio::time::interval_at(started + RATE_REPORT, RATE_REPORT);
+    let mut sync = tokio::time::interval_at(started + SYNC_EVERY, SYNC_EVERY);
     let mut skipped_reported = 0;
     let mut sent: u64 = 0;
     // Readings sent again on request (their acknowledgements count too).
@@ -446,6 +498,7 @@ pub async fn run(
                 }
                 _ => {}
             },
+            _ = sync.tick(), if config.replay_dir.is_some() => sync_disks(&mut devices),
             _ = report.tick() => {
                 let skipped = pacer.skipped();
                 metrics::counter!("iot_readings_skipped_total").absolute(skipped);
@@ -485,11 +538,19 @@ pub async fn run(
                         break;
                     }
                 }
+                if let Some(disk) = &mut device.disk {
+                    if let Err(error) = disk.append(device.seq, &payload) {
+                        // Publishing matters more: carry on with the memory buffer.
+                        tracing::warn!(device = device.id, "replay buffer no longer kept on disk: {error:#}");
+                        device.disk = None;
+                    }
+                }
                 device.kept.push(device.seq, payload);
             }
         }
     }
 
+    sync_disks(&mut devices);
     let publishing = started.elapsed();
     let settled = connection.wait_acknowledged(DRAIN_TIMEOUT).await?;
     let settling = started.elapsed() - publishing;
