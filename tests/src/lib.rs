@@ -1061,6 +1061,14 @@ impl TestClient {
 
     /// Subscribes at QoS 1 and waits for the broker's answer; panics if refused.
     pub async fn subscribe(&mut self, filter: &str) {
+        assert!(
+            self.try_subscribe(filter).await,
+            "subscription to {filter} refused"
+        );
+    }
+
+    /// Subscribes at QoS 1 and waits for the broker's answer: whether it granted it.
+    pub async fn try_subscribe(&mut self, filter: &str) -> bool {
         self.client
             .subscribe(filter, QoS::AtLeastOnce)
             .await
@@ -1068,13 +1076,10 @@ impl TestClient {
         loop {
             match self.next_packet().await {
                 Packet::SubAck(ack) => {
-                    assert!(
-                        ack.return_codes
-                            .iter()
-                            .all(|code| matches!(code, rumqttc::SubscribeReasonCode::Success(_))),
-                        "subscription to {filter} refused"
-                    );
-                    return;
+                    return ack
+                        .return_codes
+                        .iter()
+                        .all(|code| matches!(code, rumqttc::SubscribeReasonCode::Success(_)));
                 }
                 Packet::Publish(publish) => self.early.push_back(publish),
                 _ => {}

@@ -556,3 +556,52 @@ async fn an_earlier_boots_gap_is_filled_from_disk_after_the_sensor_restarts() {
     stop_stream(second).await;
     persister.stop_cleanly().await;
 }
+
+/// The protocol's rights: a device account reads its own requests only, and only the
+/// persister's user may ask on the cloud broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_persister_asks_and_a_device_hears_only_its_own_requests() {
+    let brokers = spawn_brokers().await;
+    let password = brokers.local.add_device("esp-a", "default");
+    let mut device = wait_for(
+        "the new account to log in",
+        || TestClient::try_connect_as(brokers.local.port, "esp-a", &password),
+        Result::is_ok,
+    )
+    .await
+    .expect("logged in");
+    device.subscribe("/replay/esp-a/request").await;
+    // Mosquitto may grant the subscription and deliver nothing, or refuse it.
+    let _ = device.try_subscribe("/replay/esp-b/request").await;
+
+    // Each request below, had it been delivered, would arrive before the one after it.
+    let mut intruder = TestClient::connect(brokers.cloud.port, "mqtt-subscriber").await;
+    intruder
+        .publish(
+            "/replay/esp-a/request",
+            QoS::AtLeastOnce,
+            false,
+            br#"{"boot":"x","ranges":[[1,1]]}"#,
+        )
+        .await;
+    let mut persister = TestClient::connect(brokers.cloud.port, "mongo-persister").await;
+    persister
+        .publish(
+            "/replay/esp-b/request",
+            QoS::AtLeastOnce,
+            false,
+            br#"{"boot":"b","ranges":[[1,1]]}"#,
+        )
+        .await;
+    persister
+        .publish(
+            "/replay/esp-a/request",
+            QoS::AtLeastOnce,
+            false,
+            br#"{"boot":"a","ranges":[[1,1]]}"#,
+        )
+        .await;
+    let first = device.next_message().await;
+    assert_eq!(first.topic, "/replay/esp-a/request");
+    assert_eq!(&first.payload[..], br#"{"boot":"a","ranges":[[1,1]]}"#);
+}
