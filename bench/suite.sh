@@ -4,7 +4,8 @@
 # ratio. Prints Markdown tables (the README's Benchmarks section is one such output).
 #
 #   bench/suite.sh [SECTION ...]     sections: subscriber publisher bridge persister
-#                                    ingest metrics replay resources (default: all, in order)
+#                                    ingest metrics replay repair resources (default: all,
+#                                    in order)
 #
 # Environment (defaults):
 #   BENCH_N=100000        messages per run of the subscriber, publisher and resources runs
@@ -13,6 +14,8 @@
 #   BENCH_RATES="1000 5000"   publish rates of the latency runs, messages per second
 #   BENCH_PERSISTER_N=5000    readings per persister run
 #   BENCH_DEVICES=1000    device-status connections for the per-connection cost
+#   BENCH_REPAIR_RATE=400 readings/s of the sensor in the repair runs (5 s of them lost)
+#   BENCH_REPAIR_AFTER=10 the persister's --repair-after in the repair runs (its default)
 #   BENCH_PROFILE=release (debug: the test build, for a quick smoke run)
 #   MONGODB_URI           the persister's database server (default: one of our own,
 #                         mongod when on the PATH, else nx-27017 from .venv)
@@ -29,17 +32,19 @@ SECONDS_PER_RUN=${BENCH_SECONDS:-5}
 RATES=${BENCH_RATES:-1000 5000}
 PERSISTER_N=${BENCH_PERSISTER_N:-5000}
 DEVICES=${BENCH_DEVICES:-1000}
+REPAIR_RATE=${BENCH_REPAIR_RATE:-400}
+REPAIR_AFTER=${BENCH_REPAIR_AFTER:-10}
 sections=("$@")
-((${#sections[@]})) || sections=(subscriber publisher bridge persister ingest metrics replay resources)
+((${#sections[@]})) || sections=(subscriber publisher bridge persister ingest metrics replay repair resources)
 for section in "${sections[@]}"; do
   case $section in
-    subscriber | publisher | bridge | persister | ingest | metrics | replay | resources) ;;
-    *) say "unknown section '$section': expected subscriber, publisher, bridge, persister, ingest, metrics, replay or resources"; exit 2 ;;
+    subscriber | publisher | bridge | persister | ingest | metrics | replay | repair | resources) ;;
+    *) say "unknown section '$section': expected subscriber, publisher, bridge, persister, ingest, metrics, replay, repair or resources"; exit 2 ;;
   esac
 done
 wants() { [[ " ${sections[*]} " == *" $1 "* ]]; }
 
-build pressure-sensor temperature-sensor mqtt-subscriber mongo-persister device-status
+build pressure-sensor temperature-sensor mqtt-subscriber mongo-persister device-status readings
 start_cloud
 # Publishing and reading on the cloud broker: the bridge user may write /sensor/#.
 pub_env=(LOCAL_BROKER=127.0.0.1 LOCAL_PORT="$cloud_port" LOCAL_USERNAME=bridge LOCAL_PASSWORD=bench RUST_LOG=warn)
@@ -268,17 +273,75 @@ fi
 if wants replay; then
   # A sensor publishing N JSON readings at 10 000/s (paced, so its send queue stays
   # short and the buffer is what grows), keeping them all for replays (--replay-buffer N)
-  # and keeping none, alternating: CPU and peak memory.
-  say "replay: $N JSON readings with a replay buffer of $N and of 0, $RUNS runs each"
-  kept=() none=()
+  # in memory and on disk too (--replay-dir), and keeping none, alternating: CPU and
+  # peak memory.
+  say "replay: $N JSON readings with a replay buffer of $N, of $N on disk too, and of 0, $RUNS runs each"
+  kept=() disk=() none=()
+  replay_sensor() { # out args...
+    local out=$1
+    shift
+    env "${pub_env[@]}" "${measure[@]}" "$out" "$bin/temperature-sensor" --format json --count "$N" --rate 10000 --qos 1 --no-retain "$@"
+  }
   for run in $(seq "$RUNS"); do
-    env "${pub_env[@]}" "${measure[@]}" "$work/replay-kept-$run" "$bin/temperature-sensor" --format json --count "$N" --rate 10000 --qos 1 --no-retain --replay-buffer "$N"
-    kept+=("$work/replay-kept-$run")
-    env "${pub_env[@]}" "${measure[@]}" "$work/replay-none-$run" "$bin/temperature-sensor" --format json --count "$N" --rate 10000 --qos 1 --no-retain --replay-buffer 0
-    none+=("$work/replay-none-$run")
+    replay_sensor "$work/replay-kept-$run" --replay-buffer "$N"; kept+=("$work/replay-kept-$run")
+    replay_sensor "$work/replay-disk-$run" --replay-buffer "$N" --replay-dir "$work/replay-dir-$run"; disk+=("$work/replay-disk-$run")
+    replay_sensor "$work/replay-none-$run" --replay-buffer 0; none+=("$work/replay-none-$run")
   done
+  replay_disk_bytes=$(du -sb "$work/replay-dir-1" | cut -f1)
   median_run "" "${kept[@]}"; replay_kept_cpu=$(cut -d' ' -f2 "$best") replay_kept_rss=$(cut -d' ' -f3 "$best")
+  median_run "" "${disk[@]}"; replay_disk_cpu=$(cut -d' ' -f2 "$best") replay_disk_rss=$(cut -d' ' -f3 "$best")
   median_run "" "${none[@]}"; replay_none_cpu=$(cut -d' ' -f2 "$best") replay_none_rss=$(cut -d' ' -f3 "$best")
+fi
+
+if wants repair; then
+  # The README's measured case: a sensor streams REPAIR_RATE JSON readings/s through
+  # the edge broker and the bridge; the cloud machine loses power (cloud broker and
+  # persister SIGKILLed, the broker's persistence file gone), the broker comes back at
+  # once and the persister 5 s later. Timed: from the persister's restart to
+  # `readings gaps` clean again with the readings after the outage stored.
+  [ -n "${local_port:-}" ] || start_local
+  [ -n "${db_uri:-}" ] || start_database
+  say "repair: a cloud power cut under $REPAIR_RATE readings/s, --repair-after $REPAIR_AFTER, $RUNS runs"
+  repair_times=() repair_lost=()
+  repair_env=(CLOUD_BROKER=127.0.0.1 CLOUD_PORT="$cloud_port" CLOUD_USERNAME=mongo-persister CLOUD_PASSWORD=bench MONGODB_URI="$db_uri")
+  gaps_json() { env "${repair_env[@]}" MONGODB_DATABASE="$1" "$bin/readings" gaps --device "$2" --format json 2>/dev/null; }
+  stored_count() { gaps_json "$1" "$2" | python3 -c 'import json,sys; print(sum(r["stored"] for r in json.load(sys.stdin)))' 2>/dev/null || echo 0; }
+  for run in $(seq "$RUNS"); do
+    next_id repair
+    db=${id//-/_}
+    persister() {
+      env "${repair_env[@]}" MONGODB_DATABASE="$db" RUST_LOG=info "$bin/mongo-persister" --client-id "$id" \
+        --repair-after "$REPAIR_AFTER" >>"$work/$id.log" 2>&1 & pids+=($!)
+      persister_pid=$!
+    }
+    persister
+    wait_line "$work/$id.log" 'subscribed filter="/sensor/#"'
+    LOCAL_BROKER=127.0.0.1 LOCAL_PORT=$local_port LOCAL_USERNAME=temperature-sensor LOCAL_PASSWORD=bench RUST_LOG=info \
+      "$bin/temperature-sensor" --format json --qos 1 --no-retain --rate "$REPAIR_RATE" --device "$id" 2>"$work/$id.sensor.log" & pids+=($!)
+    sensor_pid=$!
+    for _ in $(seq 600); do [ "$(stored_count "$db" "$id")" -ge $((REPAIR_RATE * 3)) ] && break; sleep 0.1; done
+    kill -KILL "$persister_pid" "$cloud_pid"; wait "$persister_pid" "$cloud_pid" 2>/dev/null || true
+    rm -f "$work/cloud/data/mosquitto.db"
+    mosquitto -c "$work/cloud/mosquitto.conf" 2>>"$work/cloud.log" & pids+=($!)
+    cloud_pid=$!
+    wait_port "$cloud_port"
+    sleep 5 # the persister's own restart, as in the measured case
+    before=$(stored_count "$db" "$id")
+    persister
+    started=$(date +%s.%N)
+    # Clean: no gaps, and more than 5 s of readings stored since (the outage's are in).
+    for _ in $(seq 3000); do
+      if gaps_json "$db" "$id" >/dev/null && [ "$(stored_count "$db" "$id")" -gt $((before + REPAIR_RATE * 5)) ]; then break; fi
+      sleep 0.1
+    done
+    repair_times+=("$(calc "f'{$(date +%s.%N) - $started:.1f}'")")
+    repair_lost+=("$(grep -o 'ranges=\[[^]]*\] attempt=1' "$work/$id.log" | python3 -c '
+import re, sys
+print(sum(int(b) - int(a) + 1 for line in sys.stdin for a, b in re.findall(r"\((\d+), (\d+)\)", line)))')")
+    kill -TERM "$sensor_pid" "$persister_pid"; wait "$sensor_pid" "$persister_pid" 2>/dev/null || true
+  done
+  repair_time=$(printf '%s\n' "${repair_times[@]}" | median)
+  repair_missing=$(printf '%s\n' "${repair_lost[@]}" | median)
 fi
 
 if wants resources; then
@@ -348,7 +411,16 @@ if wants replay; then
   echo "| replay buffer | CPU s | CPU µs per reading | peak RSS, MiB |"
   echo "| --- | ---: | ---: | ---: |"
   echo "| $N (all kept) | $replay_kept_cpu | $(calc "f'{$replay_kept_cpu / $N * 1e6:,.1f}'") | $(calc "f'{$replay_kept_rss / 1024:.1f}'") |"
+  echo "| $N on disk too (\`--replay-dir\`, $(calc "f'{$replay_disk_bytes / 2**20:.1f}'") MiB of files) | $replay_disk_cpu | $(calc "f'{$replay_disk_cpu / $N * 1e6:,.1f}'") | $(calc "f'{$replay_disk_rss / 1024:.1f}'") |"
   echo "| 0 (none) | $replay_none_cpu | $(calc "f'{$replay_none_cpu / $N * 1e6:,.1f}'") | $(calc "f'{$replay_none_rss / 1024:.1f}'") |"
+  echo
+  echo "Memory per reading kept: $(calc "f'{($replay_kept_rss - $replay_none_rss) * 1024 / $N:,.0f}'") bytes; CPU ratio kept/none $(ratio "$replay_kept_cpu" "$replay_none_cpu"), on disk too/none $(ratio "$replay_disk_cpu" "$replay_none_cpu")."
+fi
+if wants repair; then
+  table_header "Repair: a cloud power cut under $REPAIR_RATE readings/s (broker back at once, persister 5 s later)"
+  echo "| --repair-after | readings asked for again (median) | persister restart to \`readings gaps\` clean, s (median) | runs, s |"
+  echo "| ---: | ---: | ---: | --- |"
+  echo "| $REPAIR_AFTER | $repair_missing | $repair_time | ${repair_times[*]} |"
 fi
 if wants publisher; then
   table_header "Paced publishing, one process (\`pressure-sensor --rate 10000\`, $SECONDS_PER_RUN s)"

@@ -39,6 +39,7 @@ fn the_benchmark_suite_runs_and_prints_every_table() {
             ("BENCH_RATES", "1000"),
             ("BENCH_PERSISTER_N", "100"),
             ("BENCH_DEVICES", "5"),
+            ("BENCH_REPAIR_AFTER", "1"),
         ],
     );
 
@@ -51,6 +52,9 @@ fn the_benchmark_suite_runs_and_prints_every_table() {
         "| `--metrics-address` on | ",
         "| off | ",
         "| 300 (all kept) | ",
+        "| 300 on disk too (`--replay-dir`, ",
+        "Memory per reading kept: ",
+        "| 1 | ", // the repair run's --repair-after
         "| 0 (none) | ",
         "| 1 | 10,000 | ",
         "| 1000 | edge broker, TLS bridge, cloud broker |",
