@@ -437,7 +437,7 @@ async fn shared_replicas_repair_a_cloud_power_cut_without_asking_twice() {
     tokio::time::sleep(Duration::from_secs(3)).await; // the replicas' own restart
     let before = count(&db, doc! { "device": "cut-3" }).await;
     let a = brokers.start_persister(&mongo, &replica("replica-a"));
-    let mut b = brokers.start_persister(&mongo, &replica("replica-b"));
+    let b = brokers.start_persister(&mongo, &replica("replica-b"));
 
     wait_repaired(&mongo, "cut-3", before + 1200).await;
     assert_all_stored_once(&mongo, sensor, &a, "cut-3").await;
@@ -604,4 +604,51 @@ async fn only_the_persister_asks_and_a_device_hears_only_its_own_requests() {
     let first = device.next_message().await;
     assert_eq!(first.topic, "/replay/esp-a/request");
     assert_eq!(&first.payload[..], br#"{"boot":"a","ranges":[[1,1]]}"#);
+}
+
+/// A fleet in one process (`--devices 3`, a topic each): every simulated device keeps
+/// its own buffer and answers on its own request topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_device_of_a_fleet_fills_its_own_holes() {
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    let devices = ["fleet-0001", "fleet-0002", "fleet-0003"];
+    let args = ["--repair-after", "2", "--client-id", "fleet"];
+    let persister = brokers.persister_ready(&mongo, &args).await;
+    let fleet = stream(
+        &brokers,
+        "fleet-0001",
+        "300",
+        &["--devices", "3", "--topic", "/sensor/{device}/temperature"],
+    );
+    wait_for(
+        "readings of every device stored",
+        || count(&db, doc! { "device": "fleet-0003" }),
+        |n| *n >= 50,
+    )
+    .await;
+    lose_session(&brokers, persister, "fleet").await;
+    let mut persister = brokers.start_persister(&mongo, &args);
+
+    for device in devices {
+        let before = count(&db, doc! { "device": device }).await;
+        wait_repaired(&mongo, device, before + 200).await;
+    }
+    let sent = stop_stream(fleet).await;
+    tests::stored::wait_for_readings(
+        &db,
+        doc! { "device": { "$in": devices.to_vec() } },
+        sent as u64,
+    )
+    .await;
+    for device in devices {
+        let asked = db
+            .collection::<Document>("repairs")
+            .count_documents(doc! { "device": device, "outcome": "asked" })
+            .await
+            .expect("count");
+        assert!(asked >= 1, "{device} was never asked: the hole was not its");
+        assert!(gaps_clean(&mongo, device), "{device} incomplete");
+    }
+    persister.stop_cleanly().await;
 }
