@@ -106,3 +106,36 @@ fn the_soak_run_samples_every_process_and_finds_no_gap() {
         );
     }
 }
+
+/// The peers benchmark runs each consumer (Node-RED's two flows load in the pinned
+/// Node-RED and store every reading) and prints a full row for each.
+#[test]
+fn the_peers_benchmark_runs_every_consumer() {
+    let (stdout, stderr) = run_script("peers.sh", &[("BENCH_PEERS_N", "200"), ("BENCH_RUNS", "1")]);
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|line| line.starts_with("| "))
+        .collect();
+    for consumer in [
+        "| `mongo-persister` (batches of 500) |",
+        "| `mongo-persister --batch-size 1` (one insert per message) |",
+        "| Node-RED: `mqtt in` → `mongodb4` insertOne |",
+        "| Node-RED: `mqtt in` → `join` (500 or 0.2 s) → `mongodb4` insertMany |",
+        "| Python: paho-mqtt + pymongo `insert_many`",
+    ] {
+        let row = rows
+            .iter()
+            .find(|row| row.starts_with(consumer))
+            .unwrap_or_else(|| panic!("no row {consumer:?} in:\n{stdout}\n{stderr}"));
+        // Every reading stored, once, by every consumer in the timed run.
+        assert!(row.contains(" | 200 (200) | "), "{row}");
+    }
+    for line in &rows {
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        assert!(
+            cells.iter().all(|cell| !cell.is_empty()),
+            "empty cell in {line:?}"
+        );
+    }
+    assert!(!stderr.contains("Traceback"), "{stderr}");
+}

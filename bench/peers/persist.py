@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""MQTT readings into MongoDB, as a careful user would write it with paho-mqtt and
+pymongo: a persistent session at QoS 1, insert_many in batches of 500 (or what came in
+0.2 s), and each message acknowledged to the broker only after the batch holding it
+was written (paho's manual_ack), so a crash loses nothing the broker handed over.
+
+    persist.py   (settings from the environment: PEER_MQTT_HOST, PEER_MQTT_PORT,
+                  PEER_MQTT_USER, PEER_MQTT_PASSWORD, PEER_CLIENT_ID, PEER_TOPIC,
+                  PEER_MONGODB_URI, PEER_MONGODB_DATABASE)
+
+A peer of mongo-persister for bench/peers.sh; not part of the pipeline.
+"""
+import json
+import os
+import queue
+import signal
+import threading
+from datetime import datetime, timezone
+
+import paho.mqtt.client as mqtt
+from pymongo import MongoClient
+
+BATCH = 500
+WAIT = 0.2
+
+env = os.environ
+collection = MongoClient(env["PEER_MONGODB_URI"])[env["PEER_MONGODB_DATABASE"]]["readings"]
+arrived = queue.Queue()
+stop = threading.Event()
+
+
+def on_connect(client, userdata, flags, reason_code, properties):
+    client.subscribe(env.get("PEER_TOPIC", "/sensor/#"), qos=1)
+
+
+def on_message(client, userdata, message):
+    arrived.put(message)
+
+
+def document(message):
+    try:
+        reading = json.loads(message.payload)
+    except ValueError:
+        reading = None
+    if not isinstance(reading, dict):
+        reading = {"raw": message.payload.decode("utf-8", "replace")}
+    reading["topic"] = message.topic
+    reading["received_at"] = datetime.now(timezone.utc)
+    return reading
+
+
+def write(client):
+    while not stop.is_set():
+        try:
+            batch = [arrived.get(timeout=WAIT)]
+        except queue.Empty:
+            continue
+        deadline = threading.Event()
+        timer = threading.Timer(WAIT, deadline.set)
+        timer.start()
+        while len(batch) < BATCH and not deadline.is_set():
+            try:
+                batch.append(arrived.get(timeout=0.01))
+            except queue.Empty:
+                pass
+        timer.cancel()
+        collection.insert_many([document(m) for m in batch], ordered=False)
+        for message in batch:
+            client.ack(message.mid, message.qos)
+
+
+client = mqtt.Client(
+    mqtt.CallbackAPIVersion.VERSION2,
+    client_id=env["PEER_CLIENT_ID"],
+    clean_session=False,
+    manual_ack=True,
+)
+client.username_pw_set(env["PEER_MQTT_USER"], env["PEER_MQTT_PASSWORD"])
+client.max_inflight_messages_set(1000)
+client.on_connect = on_connect
+client.on_message = on_message
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+client.connect(env.get("PEER_MQTT_HOST", "127.0.0.1"), int(env["PEER_MQTT_PORT"]))
+client.loop_start()
+writer = threading.Thread(target=write, args=(client,))
+writer.start()
+try:
+    while writer.is_alive():
+        writer.join(0.5)
+except KeyboardInterrupt:
+    stop.set()
+client.loop_stop()
+client.disconnect()
