@@ -373,15 +373,15 @@ impl Writer {
                         if is_stored(document, &stored) {
                             self.stats.skipped.add(1);
                         } else {
-                            readings.push(document.clone());
+                            readings.push(document);
                         }
                     }
                 }
                 Record::Unparsed { document } if check_replay && is_stored(document, &stored) => {
                     self.stats.skipped.add(1);
                 }
-                Record::Readings { documents, .. } => readings.extend(documents.iter().cloned()),
-                Record::Unparsed { document } => readings.push(document.clone()),
+                Record::Readings { documents, .. } => readings.extend(documents.iter()),
+                Record::Unparsed { document } => readings.push(document),
                 Record::Nothing { .. } => {}
             }
         }
@@ -534,7 +534,7 @@ impl Writer {
     async fn insert(
         &self,
         collection: &Collection<Document>,
-        documents: Vec<Document>,
+        documents: Vec<&Document>,
     ) -> anyhow::Result<()> {
         if documents.is_empty() {
             return Ok(());
