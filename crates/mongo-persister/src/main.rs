@@ -7,7 +7,10 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
+// One thread: a reading costs microseconds and the database decides the pace, so
+// waking a second thread for each hand-over cost more than it gave (bench/peers.sh:
+// 28 → 22 µs per reading, peak memory 65 → 37 MiB, wall 5 % shorter).
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let config: mongo_persister::Config = iot_core::config::load();
     if let Err(message) = config.validate() {
