@@ -64,6 +64,16 @@ async fn lose_session(brokers: &Brokers, mut persister: Service, client_id: &str
     }
 }
 
+/// Waits until at least `at_least` readings of `device` are stored.
+async fn wait_stored(db: &mongodb::Database, device: &str, at_least: u64) {
+    wait_for(
+        &format!("{at_least} readings of {device} stored"),
+        || count(db, doc! { "device": device }),
+        |n| *n >= at_least,
+    )
+    .await;
+}
+
 fn gaps_clean(mongo: &tests::MongoServer, device: &str) -> bool {
     let output = run_readings(
         mongo.uri(),
@@ -80,12 +90,7 @@ async fn readings_the_cloud_dropped_are_asked_for_again_and_stored_once() {
     let args = ["--repair-after", "2", "--client-id", "cloud-persister"];
     let persister = brokers.persister_ready(&mongo, &args).await;
     let sensor = stream(&brokers, "rep-1", "200", &[]);
-    wait_for(
-        "readings stored",
-        || count(&db, doc! { "device": "rep-1" }),
-        |n| *n >= 200,
-    )
-    .await;
+    wait_stored(&db, "rep-1", 200).await;
 
     // The persister's session is lost, as when a cloud broker comes back without its
     // state.
@@ -142,12 +147,7 @@ async fn what_the_device_no_longer_has_is_lost_for_good_and_not_asked_for_foreve
     let persister = brokers.persister_ready(&mongo, &args).await;
     // A device that keeps only its last 20 readings.
     let sensor = stream(&brokers, "rep-2", "100", &["--replay-buffer", "20"]);
-    wait_for(
-        "readings stored",
-        || count(&db, doc! { "device": "rep-2" }),
-        |n| *n >= 100,
-    )
-    .await;
+    wait_stored(&db, "rep-2", 100).await;
 
     // The persister's session is lost while far more readings cross than the device
     // keeps.
@@ -231,12 +231,7 @@ async fn readings_gaps_repair_asks_for_old_gaps_by_hand() {
     let args = ["--no-repair", "--client-id", "by-hand"];
     let persister = brokers.persister_ready(&mongo, &args).await;
     let sensor = stream(&brokers, "rep-6", "100", &[]);
-    wait_for(
-        "readings stored",
-        || count(&db, doc! { "device": "rep-6" }),
-        |n| *n >= 100,
-    )
-    .await;
+    wait_stored(&db, "rep-6", 100).await;
     lose_session(&brokers, persister, "by-hand").await;
     let mut persister = brokers.start_persister(&mongo, &args);
     let before = count(&db, doc! { "device": "rep-6" }).await;
@@ -346,12 +341,7 @@ async fn a_cloud_machine_that_loses_power_loses_no_reading() {
     let args = ["--repair-after", "2", "--client-id", "power-cut"];
     let mut persister = brokers.persister_ready(&mongo, &args).await;
     let sensor = stream(&brokers, "cut-1", "400", &[]);
-    wait_for(
-        "readings stored",
-        || count(&db, doc! { "device": "cut-1" }),
-        |n| *n >= 1000,
-    )
-    .await;
+    wait_stored(&db, "cut-1", 1000).await;
 
     persister.kill().await;
     brokers.cloud.kill_losing_state().await;
@@ -375,12 +365,7 @@ async fn the_edge_broker_killed_with_readings_queued_for_the_bridge_loses_none()
     let args = ["--repair-after", "2", "--client-id", "edge-cut"];
     let mut persister = brokers.persister_ready(&mongo, &args).await;
     let sensor = stream(&brokers, "cut-2", "400", &[]);
-    wait_for(
-        "readings stored",
-        || count(&db, doc! { "device": "cut-2" }),
-        |n| *n >= 400,
-    )
-    .await;
+    wait_stored(&db, "cut-2", 400).await;
 
     brokers.cloud.stop().await;
     // Readings queue on the edge for the bridge.
@@ -421,12 +406,7 @@ async fn shared_replicas_repair_a_cloud_power_cut_without_asking_twice() {
     let mut a = brokers.persister_ready(&mongo, &replica("replica-a")).await;
     let mut b = brokers.persister_ready(&mongo, &replica("replica-b")).await;
     let sensor = stream(&brokers, "cut-3", "400", &[]);
-    wait_for(
-        "readings stored",
-        || count(&db, doc! { "device": "cut-3" }),
-        |n| *n >= 1000,
-    )
-    .await;
+    wait_stored(&db, "cut-3", 1000).await;
 
     a.kill().await;
     b.kill().await;
@@ -502,12 +482,7 @@ async fn an_earlier_boots_gap_is_filled_from_disk_after_the_sensor_restarts() {
     let args = ["--repair-after", "8", "--client-id", "disk"];
     let persister = brokers.persister_ready(&mongo, &args).await;
     let mut first = stream(&brokers, "rep-7", "200", &sensor_args);
-    wait_for(
-        "readings stored",
-        || count(&db, doc! { "device": "rep-7" }),
-        |n| *n >= 100,
-    )
-    .await;
+    wait_stored(&db, "rep-7", 100).await;
     let first_boot = stored_seqs(&db, "rep-7").await[0].0.clone();
 
     // A hole in the first boot, seen by the persister as readings after it arrive.
