@@ -7,8 +7,9 @@
 //! a bounded number of requests per second. Asks are recorded in the `repairs`
 //! collection, one document per series and `--repair-after` window, whose `_id` lets
 //! only one replica ask in each window; the others leave out what was asked within
-//! `--repair-after` (it may still be on its way). Ranges a device answers it no longer has (`/replay/<device>/gone`)
-//! are recorded there as lost and not asked for again.
+//! `--repair-after` (it may still be on its way). Ranges a device answers it no
+//! longer has (`/replay/<device>/gone`) are recorded there as lost and not asked for
+//! again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
