@@ -115,7 +115,8 @@ for peer in "${peers[@]}"; do
     sleep 1
     kill -STOP "$pid"
     fill
-    rows+=("$(watch drain "$db_uri" "$db" "$N" "$pid" || { tail -n 20 "$work/$id.log" >&2; exit 1; })")
+    row=$(watch drain "$db_uri" "$db" "$N" "$pid") || { tail -n 20 "$work/$id.log" >&2; exit 1; }
+    rows+=("$row")
     kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
   done
   # The median run by wall time: "wall cpu rss stored distinct".
