@@ -94,35 +94,45 @@ impl ReplayBuffer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    //! Also the helpers of the disk buffer's tests.
     use super::*;
 
-    fn buffer(capacity: usize, up_to: u64) -> ReplayBuffer {
-        let mut buffer = ReplayBuffer::new(capacity);
-        for seq in 1..=up_to {
-            buffer.push(seq, format!("{{\"seq\":{seq}}}").into_bytes());
-        }
-        buffer
+    /// A stand-in payload of reading `seq`.
+    pub(crate) fn reading(seq: u64) -> Vec<u8> {
+        format!("{{\"seq\":{seq}}}").into_bytes()
     }
 
-    fn request(boot: &str, ranges: &[(u64, u64)]) -> Ranges {
+    /// The readings an answer sends again, as text.
+    pub(crate) fn replayed(answer: &Answer) -> Vec<String> {
+        answer
+            .replays
+            .iter()
+            .map(|payload| String::from_utf8_lossy(payload).into_owned())
+            .collect()
+    }
+
+    pub(crate) fn request(boot: &str, ranges: &[(u64, u64)]) -> Ranges {
         Ranges {
             boot: boot.into(),
             ranges: ranges.to_vec(),
         }
     }
 
+    fn buffer(capacity: usize, up_to: u64) -> ReplayBuffer {
+        let mut buffer = ReplayBuffer::new(capacity);
+        for seq in 1..=up_to {
+            buffer.push(seq, reading(seq));
+        }
+        buffer
+    }
+
     #[test]
     fn what_it_keeps_is_sent_again_and_what_it_dropped_is_gone() {
         let buffer = buffer(5, 10); // keeps 6..=10
         let answer = buffer.answer("b", 10, &request("b", &[(3, 7), (9, 12)]));
-        let sent: Vec<String> = answer
-            .replays
-            .iter()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .collect();
         assert_eq!(
-            sent,
+            replayed(&answer),
             [6, 7, 9, 10].map(|seq| format!("{{\"seq\":{seq},\"replay\":true}}"))
         );
         assert_eq!(answer.gone, [(3, 5)]);

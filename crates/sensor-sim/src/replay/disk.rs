@@ -42,6 +42,8 @@ pub struct DiskLog {
     segment_lines: u64,
     segments: VecDeque<Segment>,
     writing: Option<File>,
+    /// Whether `writing` holds lines not yet synced (a quiet device costs no sync).
+    unsynced: bool,
 }
 
 impl DiskLog {
@@ -85,6 +87,7 @@ impl DiskLog {
             segment_lines: (capacity / 8).clamp(64, 4096),
             segments: segments.into(),
             writing: None,
+            unsynced: false,
         })
     }
 
@@ -115,13 +118,16 @@ impl DiskLog {
         file.write_all(&line)
             .with_context(|| format!("cannot write {}", segment.path.display()))?;
         segment.lines += 1;
+        self.unsynced = true;
         Ok(())
     }
 
-    /// Makes what was written survive a power loss.
+    /// Makes what was written survive a power loss; nothing to do when nothing was
+    /// written since the last time.
     pub fn sync(&mut self) -> anyhow::Result<()> {
-        if let Some(file) = &self.writing {
+        if let (Some(file), true) = (&self.writing, self.unsynced) {
             file.sync_data().context("cannot sync the replay file")?;
+            self.unsynced = false;
         }
         Ok(())
     }
@@ -129,9 +135,8 @@ impl DiskLog {
     /// A new segment starting at `seq`, and the oldest ones removed while the others
     /// hold the capacity.
     fn start_segment(&mut self, seq: u64) -> anyhow::Result<()> {
-        if let Some(file) = self.writing.take() {
-            file.sync_data().context("cannot sync the replay file")?;
-        }
+        // The segment written so far is complete: on disk before the next one starts.
+        self.sync()?;
         let number = self.segments.back().map_or(1, |last| last.number + 1);
         let path = self
             .dir
@@ -241,25 +246,7 @@ fn parse_name(name: &str) -> Option<(u64, String, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn reading(seq: u64) -> Vec<u8> {
-        format!("{{\"seq\":{seq}}}").into_bytes()
-    }
-
-    fn replayed(answer: &Answer) -> Vec<String> {
-        answer
-            .replays
-            .iter()
-            .map(|payload| String::from_utf8_lossy(payload).into_owned())
-            .collect()
-    }
-
-    fn request(boot: &str, ranges: &[(u64, u64)]) -> Ranges {
-        Ranges {
-            boot: boot.into(),
-            ranges: ranges.to_vec(),
-        }
-    }
+    use crate::replay::tests::{reading, replayed, request};
 
     #[test]
     fn an_earlier_boot_is_answered_from_disk_after_a_restart() {
