@@ -316,13 +316,14 @@ impl Repairer {
                 insert_once(&self.repairs, document).await?;
                 series.see(from, to);
             }
+            let Some((first, last)) = span(&missing) else {
+                continue;
+            };
             // What another replica asked for within --repair-after may still be on its
             // way (its replicas' shares of one stream overlap): not asked again now.
-            if let (Some(&(first, _)), Some(&(_, last))) = (missing.first(), missing.last()) {
-                let asked = self.recently_asked(&device, &boot, first, last).await?;
-                missing = subtract(&missing, &asked);
-            }
-            let (Some(&(first, _)), Some(&(_, last))) = (missing.first(), missing.last()) else {
+            let recently = self.recently_asked(&device, &boot, first, last).await?;
+            let missing = subtract(&missing, &recently);
+            let Some((first, last)) = span(&missing) else {
                 continue;
             };
             let at = bson::DateTime::now();
@@ -388,9 +389,7 @@ impl Repairer {
             .flatten()
             .filter_map(|range| {
                 let range = range.as_array()?;
-                let from = u64::try_from(integer(range.first())?).ok()?;
-                let to = u64::try_from(integer(range.get(1))?).ok()?;
-                Some((from, to))
+                Some((seq_of(range.first())?, seq_of(range.get(1))?))
             })
             .collect();
         ranges.sort_unstable();
@@ -405,9 +404,7 @@ impl Repairer {
             .sort(doc! { "seq": 1 })
             .projection(doc! { "_id": 0, "seq": 1 })
             .await?;
-        Ok(first
-            .and_then(|document| integer(document.get("seq")))
-            .and_then(|seq| u64::try_from(seq).ok()))
+        Ok(first.and_then(|document| seq_of(document.get("seq"))))
     }
 
     /// The `seq` numbers of the series stored in `from..=to`.
@@ -428,10 +425,19 @@ impl Repairer {
             .await?;
         Ok(documents
             .iter()
-            .filter_map(|document| integer(document.get("seq")))
-            .filter_map(|seq| u64::try_from(seq).ok())
+            .filter_map(|document| seq_of(document.get("seq")))
             .collect())
     }
+}
+
+/// A stored `seq` (or range end): an integer of either width, not negative.
+fn seq_of(value: Option<&bson::Bson>) -> Option<u64> {
+    u64::try_from(integer(value)?).ok()
+}
+
+/// The first and last `seq` of sorted ranges, when there are any.
+fn span(ranges: &[(u64, u64)]) -> Option<(u64, u64)> {
+    Some((ranges.first()?.0, ranges.last()?.1))
 }
 
 /// `ranges` (sorted, disjoint) without what `covered` (sorted by start) covers.
