@@ -161,6 +161,18 @@ impl Broker {
             .to_string()
     }
 
+    /// Logs in as a device whose account [`Broker::add_device`] made, retrying while
+    /// the broker has not read it yet (it does on the SIGHUP the script sends).
+    pub async fn log_in(&self, name: &str, password: &str) -> TestClient {
+        wait_for(
+            &format!("{name}'s new account to log in"),
+            || TestClient::try_connect_as(self.port, name, password),
+            Result::is_ok,
+        )
+        .await
+        .expect("logged in")
+    }
+
     /// Takes a device's account away with `scripts/remove-device`.
     pub fn remove_device(&self, name: &str) {
         self.device_script("remove-device", &[name]);

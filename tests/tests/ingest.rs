@@ -97,9 +97,7 @@ async fn real_devices_messages_are_stored_as_the_contract_says() {
     // Publish every message as its device, at QoS 1, in order per device.
     let mut clients: BTreeMap<String, TestClient> = BTreeMap::new();
     for (name, password) in &accounts {
-        let client = TestClient::try_connect_as(brokers.local.port, name, password)
-            .await
-            .unwrap_or_else(|error| panic!("device {name} cannot log in: {error}"));
+        let client = brokers.local.log_in(name, password).await;
         clients.insert(name.clone(), client);
     }
     let mut want_readings: Vec<Reading> = Vec::new();
@@ -288,14 +286,7 @@ async fn a_device_account_publishes_its_own_topics_only_and_is_gone_once_removed
     let mut cloud = TestClient::connect(brokers.cloud.port, "mqtt-subscriber").await;
     cloud.subscribe("tele/#").await;
 
-    // The broker reads the account on SIGHUP: retry until it knows it.
-    let mut plug = wait_for(
-        "the new account to log in",
-        || TestClient::try_connect_as(brokers.local.port, "plug_1", &password),
-        Result::is_ok,
-    )
-    .await
-    .expect("logged in");
+    let mut plug = brokers.local.log_in("plug_1", &password).await;
     // Another device's topic is refused, its own arrives on the cloud broker: the
     // refused one, published first on the same connection, would have come first.
     plug.publish("tele/plug_2/SENSOR", QoS::AtLeastOnce, false, b"{\"x\":1}")
@@ -342,12 +333,8 @@ async fn retained_device_states_replayed_to_a_new_session_are_not_stored_twice()
     // ESPHome retains its states; a Zigbee2MQTT state is retained when set so.
     let node = brokers.local.add_device("esp-1", "esphome");
     let zigbee = brokers.local.add_device("zigbee2mqtt", "zigbee2mqtt");
-    let mut node = TestClient::try_connect_as(brokers.local.port, "esp-1", &node)
-        .await
-        .expect("esp-1 logs in");
-    let mut zigbee = TestClient::try_connect_as(brokers.local.port, "zigbee2mqtt", &zigbee)
-        .await
-        .expect("zigbee2mqtt logs in");
+    let mut node = brokers.local.log_in("esp-1", &node).await;
+    let mut zigbee = brokers.local.log_in("zigbee2mqtt", &zigbee).await;
     node.publish(
         "esp-1/sensor/outdoor/state",
         QoS::AtLeastOnce,

@@ -538,13 +538,7 @@ async fn an_earlier_boots_gap_is_filled_from_disk_after_the_sensor_restarts() {
 async fn only_the_persister_asks_and_a_device_hears_only_its_own_requests() {
     let brokers = spawn_brokers().await;
     let password = brokers.local.add_device("esp-a", "default");
-    let mut device = wait_for(
-        "the new account to log in",
-        || TestClient::try_connect_as(brokers.local.port, "esp-a", &password),
-        Result::is_ok,
-    )
-    .await
-    .expect("logged in");
+    let mut device = brokers.local.log_in("esp-a", &password).await;
     device.subscribe("/replay/esp-a/request").await;
     // Mosquitto may grant the subscription and deliver nothing, or refuse it.
     let _ = device.try_subscribe("/replay/esp-b/request").await;
