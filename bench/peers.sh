@@ -2,7 +2,8 @@
 # The persister beside what users would run instead, on the same queued readings and
 # the same database server: Node-RED 4 with node-red-contrib-mongodb4 (one insertOne
 # per message, and batched by a join node into insertMany), a Python script with
-# paho-mqtt and pymongo (insert_many of 500, acknowledging after the write), and the
+# paho-mqtt and pymongo (insert_many of 500, acknowledging after the write; once as
+# most would write it, once writing the persister's keyed documents), and the
 # one-insert-per-message baseline (`mongo-persister --batch-size 1`). Each drains N
 # queued QoS 1 JSON readings into its own database (subscribed first, then held with
 # SIGSTOP while they queue): wall time and CPU seconds from its resume to the Nth
@@ -12,9 +13,9 @@
 #   bench/peers.sh
 #
 # Environment (defaults): BENCH_PEERS="persister persister-each nodered-each
-# nodered-batch python" (which to run), BENCH_PEERS_N=5000 readings, BENCH_RUNS=3 runs per figure,
-# BENCH_PERSISTER_ARGS (more flags for mongo-persister, e.g. --no-repair)
-# (the median), BENCH_PROFILE=release, MONGODB_URI (default: a server of our own, as
+# nodered-batch python python-keyed" (which to run), BENCH_PEERS_N=5000 readings,
+# BENCH_RUNS=3 runs per figure (the median), BENCH_PERSISTER_ARGS (more flags for
+# mongo-persister, e.g. --no-repair), BENCH_PROFILE=release, MONGODB_URI (default: a server of our own, as
 # bench/suite.sh). Needs what scripts/test installs: mosquitto, nx-27017, paho-mqtt and
 # pymongo in .venv, Node-RED in nodered/node_modules and the MongoDB node in
 # bench/peers/node_modules (bench/peers/install.sh).
@@ -36,13 +37,14 @@ start_cloud
 start_database
 
 # Consumer commands, by name: each reads its settings from the environment below.
-read -r -a peers <<< "${BENCH_PEERS:-persister persister-each nodered-each nodered-batch python}"
+read -r -a peers <<< "${BENCH_PEERS:-persister persister-each nodered-each nodered-batch python python-keyed}"
 declare -A label=(
   [persister]="\`mongo-persister\` (batches of 500)"
   [persister-each]="\`mongo-persister --batch-size 1\` (one insert per message)"
   [nodered-each]="Node-RED: \`mqtt in\` → \`mongodb4\` insertOne"
   [nodered-batch]="Node-RED: \`mqtt in\` → \`join\` (500 or 0.2 s) → \`mongodb4\` insertMany"
   [python]="Python: paho-mqtt + pymongo \`insert_many\` (500, acknowledged after the write)"
+  [python-keyed]="Python: the same, writing the persister's documents (\`(device, boot, seq)\` as \`_id\`, dates)"
 )
 # Starts consumer $1 for session $id into database $db; its pid in $pid.
 start_peer() {
@@ -61,7 +63,8 @@ start_peer() {
       PEER_FLOWS="nodered-${1#nodered-}.json" PEER_NODERED_PORT=$(free_port) \
         "$node_red" --settings bench/peers/settings.js --userDir "$work/$id.nodered" >>"$log" 2>&1 &
       ;;
-    python) "$python" bench/peers/persist.py >>"$log" 2>&1 & ;;
+    python) PEER_KEYED=0 "$python" bench/peers/persist.py >>"$log" 2>&1 & ;;
+    python-keyed) PEER_KEYED=1 "$python" bench/peers/persist.py >>"$log" 2>&1 & ;;
   esac
   pid=$!
   pids+=("$pid")

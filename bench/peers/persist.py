@@ -6,7 +6,11 @@ was written (paho's manual_ack), so a crash loses nothing the broker handed over
 
     persist.py   (settings from the environment: PEER_MQTT_HOST, PEER_MQTT_PORT,
                   PEER_MQTT_USER, PEER_MQTT_PASSWORD, PEER_CLIENT_ID, PEER_TOPIC,
-                  PEER_MONGODB_URI, PEER_MONGODB_DATABASE)
+                  PEER_MONGODB_URI, PEER_MONGODB_DATABASE, PEER_KEYED)
+
+With PEER_KEYED=1 it writes what mongo-persister writes for a JSON reading: the key
+`(device, boot, seq)` as `_id` (a reading delivered again is refused as a duplicate,
+not stored twice), `ts` as a date and the measurement named by the topic.
 
 A peer of mongo-persister for bench/peers.sh; not part of the pipeline.
 """
@@ -19,11 +23,14 @@ from datetime import datetime, timezone
 
 import paho.mqtt.client as mqtt
 from pymongo import MongoClient
+from pymongo.errors import BulkWriteError
 
 BATCH = 500
 WAIT = 0.2
 
 env = os.environ
+KEYED = env.get("PEER_KEYED") == "1"
+DUPLICATE_KEY = 11000
 collection = MongoClient(env["PEER_MONGODB_URI"])[env["PEER_MONGODB_DATABASE"]]["readings"]
 arrived = queue.Queue()
 stop = threading.Event()
@@ -46,7 +53,20 @@ def document(message):
         reading = {"raw": message.payload.decode("utf-8", "replace")}
     reading["topic"] = message.topic
     reading["received_at"] = datetime.now(timezone.utc)
+    if KEYED and {"device", "boot", "seq", "ts"} <= reading.keys():
+        reading["_id"] = {k: reading[k] for k in ("device", "boot", "seq")}
+        reading["ts"] = datetime.fromisoformat(reading["ts"].replace("Z", "+00:00"))
+        reading["measurement"] = message.topic.rsplit("/", 1)[-1]
     return reading
+
+
+def insert(documents):
+    try:
+        collection.insert_many(documents, ordered=False)
+    except BulkWriteError as error:
+        # Keyed: a reading stored before is refused, and that is the point.
+        if not KEYED or any(e["code"] != DUPLICATE_KEY for e in error.details["writeErrors"]):
+            raise
 
 
 def write(client):
@@ -64,7 +84,7 @@ def write(client):
             except queue.Empty:
                 pass
         timer.cancel()
-        collection.insert_many([document(m) for m in batch], ordered=False)
+        insert([document(m) for m in batch])
         for message in batch:
             client.ack(message.mid, message.qos)
 
