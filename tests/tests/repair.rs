@@ -262,6 +262,15 @@ async fn readings_gaps_repair_asks_for_old_gaps_by_hand() {
         "the gap is reported: {stderr}"
     );
     assert!(stderr.contains("readings: asked rep-6 (boot "), "{stderr}");
+    // Recorded where `readings gaps` and the persister's replicas look.
+    let asked = db
+        .collection::<Document>("repairs")
+        .count_documents(
+            doc! { "device": "rep-6", "outcome": "asked", "by": { "$regex": "^readings-repair-" } },
+        )
+        .await
+        .expect("repairs can be counted");
+    assert_eq!(asked, 1, "the hand request is recorded in repairs");
     wait_for_within(
         REPAIRED_WITHIN,
         "readings gaps clean",

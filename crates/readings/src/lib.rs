@@ -18,7 +18,9 @@ use iot_core::config::{BrokerSettings, CloudBroker};
 use iot_core::mqtt::Connection;
 use iot_core::payload::format_time;
 use iot_core::replay::{self, Ranges};
-use iot_store::{format_retention, integer, retention, MongoSettings, READINGS, REPAIRS, STATUS};
+use iot_store::{
+    describe, format_retention, integer, retention, MongoSettings, READINGS, REPAIRS, STATUS,
+};
 use mongodb::Database;
 use rumqttc::QoS;
 use serde_json::Value;
@@ -246,7 +248,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
         out.flush().context("cannot write to stdout")?;
     }
     if let (Some(found), Query::Gaps { broker, .. }) = (found, &cli.query) {
-        ask_again(&found, broker).await?;
+        ask_again(&found, broker, &db).await?;
     }
     Ok(!rows.trouble)
 }
@@ -607,8 +609,10 @@ async fn find_stored_gaps(
 }
 
 /// `readings gaps --repair`: asks every device with missing readings to send them
-/// again (a replay request per boot, on the cloud broker), and says so on stderr.
-async fn ask_again(found: &[BootGaps], broker: &CloudBroker) -> anyhow::Result<()> {
+/// again (a replay request per boot, on the cloud broker), says so on stderr, and
+/// records the asks in `repairs` as the persister does (so `readings gaps` shows them,
+/// and the persister's replicas do not ask for the same readings at once).
+async fn ask_again(found: &[BootGaps], broker: &CloudBroker, db: &Database) -> anyhow::Result<()> {
     let asks: Vec<(String, Ranges)> = found
         .iter()
         .filter(|gaps| !gaps.missing.is_empty())
@@ -664,7 +668,38 @@ async fn ask_again(found: &[BootGaps], broker: &CloudBroker) -> anyhow::Result<(
             settings.address()
         );
     }
-    connection.close(Duration::from_secs(5)).await
+    connection.close(Duration::from_secs(5)).await?;
+    let at = bson::DateTime::now();
+    let records: Vec<Document> = asks
+        .iter()
+        .filter_map(|(device, asked)| {
+            let first = asked.ranges.first()?.0;
+            let last = asked.ranges.last()?.1;
+            let ranges: Vec<Vec<i64>> = asked
+                .ranges
+                .iter()
+                .map(|&(from, to)| vec![from as i64, to as i64])
+                .collect();
+            Some(doc! {
+                "_id": { "device": device, "boot": &asked.boot, "by": &client_id },
+                "device": device, "boot": &asked.boot, "from": first as i64, "to": last as i64,
+                "ranges": ranges, "attempt": 1_i64, "outcome": "asked", "at": at, "by": &client_id,
+            })
+        })
+        .collect();
+    if !records.is_empty() {
+        if let Err(error) = db
+            .collection::<Document>(REPAIRS)
+            .insert_many(records)
+            .await
+        {
+            eprintln!(
+                "readings: warning: the requests went out, but recording them in {REPAIRS} failed: {}",
+                describe(&anyhow::Error::from(error))
+            );
+        }
+    }
+    Ok(())
 }
 
 /// What the persister did about each boot with missing readings (the `repairs`
