@@ -15,10 +15,10 @@
 # Environment (defaults): BENCH_PEERS="persister persister-each nodered-each
 # nodered-batch python python-keyed" (which to run), BENCH_PEERS_N=5000 readings,
 # BENCH_RUNS=3 runs per figure (the median), BENCH_PERSISTER_ARGS (more flags for
-# mongo-persister, e.g. --no-repair), BENCH_PROFILE=release, MONGODB_URI (default: a server of our own, as
-# bench/suite.sh). Needs what scripts/test installs: mosquitto, nx-27017, paho-mqtt and
-# pymongo in .venv, Node-RED in nodered/node_modules and the MongoDB node in
-# bench/peers/node_modules (bench/peers/install.sh).
+# mongo-persister, e.g. --no-repair), BENCH_PROFILE=release, MONGODB_URI (default: a
+# server of our own, as bench/suite.sh). Needs what scripts/test installs: mosquitto,
+# nx-27017, paho-mqtt and pymongo in .venv, Node-RED in nodered/node_modules and the
+# MongoDB node in bench/peers/node_modules (bench/peers/install.sh).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
