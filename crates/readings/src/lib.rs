@@ -103,6 +103,11 @@ pub enum Query {
         /// Only this device
         #[arg(long)]
         device: Option<String>,
+        /// Report a gap only once a reading after it was received this long ago (10s,
+        /// 1m): on a live stream with persister replicas, another replica's batch may
+        /// still be on its way [default: every gap]
+        #[arg(long, value_parser = parse_time)]
+        settle: Option<DateTime<Utc>>,
         /// Ask each device with missing readings to send them again, through the cloud
         /// broker (as the persister does by itself for recent gaps); needs the
         /// persister's broker user, the only one that may ask
@@ -232,10 +237,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
         Query::Gaps {
             since,
             device,
+            settle,
             repair: true,
             ..
         } => {
-            let (rows, found) = gaps(&db, *since, device.as_deref())
+            let (rows, found) = gaps(&db, *since, device.as_deref(), *settle)
                 .await
                 .with_context(failed)?;
             (rows, Some(found))
@@ -357,8 +363,13 @@ pub async fn query(db: &Database, query: &Query) -> anyhow::Result<Rows> {
             ))
         }
         Query::Devices => devices(db).await,
-        Query::Gaps { since, device, .. } => {
-            let (rows, _) = gaps(db, *since, device.as_deref()).await?;
+        Query::Gaps {
+            since,
+            device,
+            settle,
+            ..
+        } => {
+            let (rows, _) = gaps(db, *since, device.as_deref(), *settle).await?;
             Ok(rows)
         }
         Query::Status => {
@@ -512,7 +523,9 @@ impl BootGaps {
 /// start); what comes after a boot's last stored number cannot be seen.
 #[derive(Debug)]
 pub struct GapFinder {
-    pub found: Vec<BootGaps>,
+    found: Vec<BootGaps>,
+    /// Per boot of `found`, the highest `seq` of a settled reading (see `push_received`).
+    settled: Vec<Option<i64>>,
     from_one: bool,
 }
 
@@ -520,11 +533,19 @@ impl GapFinder {
     pub fn new(from_one: bool) -> Self {
         Self {
             found: Vec::new(),
+            settled: Vec::new(),
             from_one,
         }
     }
 
+    /// A settled reading (`push_received` with `settled`).
     pub fn push(&mut self, device: &str, boot: &str, seq: i64) {
+        self.push_received(device, boot, seq, true);
+    }
+
+    /// A reading; `settled` when received long enough ago that what comes before it
+    /// would be stored by now. A gap counts only below a settled reading.
+    pub fn push_received(&mut self, device: &str, boot: &str, seq: i64, settled: bool) {
         match self.found.last_mut() {
             Some(current) if current.device == device && current.boot == boot => {
                 current.stored += 1;
@@ -552,8 +573,24 @@ impl GapFinder {
                     missing,
                     duplicates: 0,
                 });
+                self.settled.push(None);
             }
         }
+        if settled {
+            // Numbers come sorted: the last settled one is the highest.
+            if let Some(last) = self.settled.last_mut() {
+                *last = Some(seq);
+            }
+        }
+    }
+
+    /// Each boot, without the gaps that no settled reading comes after.
+    pub fn finish(mut self) -> Vec<BootGaps> {
+        for (gaps, settled) in self.found.iter_mut().zip(&self.settled) {
+            gaps.missing
+                .retain(|&(_, to)| settled.is_some_and(|settled| to < settled));
+        }
+        self.found
     }
 }
 
@@ -565,8 +602,9 @@ async fn gaps(
     db: &Database,
     since: Option<DateTime<Utc>>,
     device: Option<&str>,
+    settle: Option<DateTime<Utc>>,
 ) -> anyhow::Result<(Rows, Vec<BootGaps>)> {
-    let found = find_stored_gaps(db, since, device).await?.found;
+    let found = find_stored_gaps(db, since, device, settle).await?;
     let repairs = repair_states(db, &found).await?;
     let mut rows = gap_rows(&found);
     rows.columns.push("repair");
@@ -578,12 +616,14 @@ async fn gaps(
 }
 
 /// One pass over the readings with `device` and `seq` (since `since`, of `device`),
-/// sorted, keeping only a summary per boot.
+/// sorted, keeping only a summary per boot; with `settle`, readings received after it
+/// are not settled.
 async fn find_stored_gaps(
     db: &Database,
     since: Option<DateTime<Utc>>,
     device: Option<&str>,
-) -> anyhow::Result<GapFinder> {
+    settle: Option<DateTime<Utc>>,
+) -> anyhow::Result<Vec<BootGaps>> {
     let mut filter = doc! { "device": { "$exists": true }, "seq": { "$exists": true } };
     if let Some(since) = since {
         filter.insert("ts", doc! { "$gte": bson::DateTime::from_chrono(since) });
@@ -594,18 +634,23 @@ async fn find_stored_gaps(
     let mut cursor = db
         .collection::<Document>(READINGS)
         .find(filter)
-        .projection(doc! { "_id": 0, "device": 1, "boot": 1, "seq": 1 })
+        .projection(doc! { "_id": 0, "device": 1, "boot": 1, "seq": 1, "received_at": 1 })
         .sort(doc! { "device": 1, "boot": 1, "seq": 1 })
         .await?;
+    let settle = settle.map(bson::DateTime::from_chrono);
     let mut gaps = GapFinder::new(since.is_none());
     while let Some(document) = cursor.try_next().await? {
         let text = |key: &str| document.get_str(key).unwrap_or_default();
         let Some(seq) = integer(document.get("seq")) else {
             continue;
         };
-        gaps.push(text("device"), text("boot"), seq);
+        let settled = match (settle, document.get_datetime("received_at")) {
+            (Some(settle), Ok(received)) => *received <= settle,
+            _ => true,
+        };
+        gaps.push_received(text("device"), text("boot"), seq, settled);
     }
-    Ok(gaps)
+    Ok(gaps.finish())
 }
 
 /// `readings gaps --repair`: asks every device with missing readings to send them
@@ -1106,7 +1151,7 @@ mod tests {
         for (device, boot, seq) in &sorted {
             gaps.push(device, boot, *seq);
         }
-        gaps.found
+        gaps.finish()
     }
 
     fn triples(device: &str, boot: &str, seqs: &[i64]) -> Vec<(String, String, i64)> {
@@ -1132,6 +1177,32 @@ mod tests {
         assert_eq!(found[2].missing, [(1, 3)], "a boot starts at 1");
         // With --since the readings before the window are not seen: no leading gap.
         assert!(find_gaps(sorted, false)[2].missing.is_empty());
+    }
+
+    #[test]
+    fn a_gap_counts_only_below_a_settled_reading() {
+        // 1-3 and 7 received long ago; 5 and 9 just now (5's neighbours may be on
+        // their way); another boot with nothing settled yet.
+        let mut gaps = GapFinder::new(true);
+        for (seq, settled) in [
+            (1, true),
+            (2, true),
+            (3, true),
+            (5, false),
+            (7, true),
+            (9, false),
+        ] {
+            gaps.push_received("d", "a", seq, settled);
+        }
+        gaps.push_received("d", "b", 3, false);
+        let found = gaps.finish();
+        assert_eq!(
+            found[0].missing,
+            [(4, 4), (6, 6)],
+            "8 is below no settled reading"
+        );
+        assert_eq!((found[0].first, found[0].last, found[0].stored), (1, 9, 6));
+        assert_eq!(found[1].missing, [], "1-2 of boot b may still come");
     }
 
     #[test]
