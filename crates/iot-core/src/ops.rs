@@ -149,6 +149,10 @@ const COMMON: &[Metric] = &[
         "iot_mqtt_received_total",
         "Messages received from the broker",
     ),
+    Metric::counter(
+        "iot_mqtt_read_pauses_total",
+        "Times reading from the broker stopped, the service being 1000 QoS 1/2 messages behind",
+    ),
     Metric::gauge("iot_ready", "1 when /health/ready answers 200, else 0"),
     Metric::gauge(
         "iot_health_check",

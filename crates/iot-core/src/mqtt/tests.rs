@@ -296,3 +296,56 @@ fn rumqttc_writes_a_manual_acknowledgement_as_given() {
         .expect("handled");
     assert!(matches!(packet, Some(Packet::PubAck(ack)) if ack.pkid == 9));
 }
+
+#[tokio::test]
+async fn a_service_far_behind_stops_the_reading_keeps_the_connection_and_loses_nothing() {
+    // A broker that ignores its in-flight window, as Mosquitto 2.0.11 does when
+    // acknowledgements come in batches: it writes every message at once.
+    const MESSAGES: u16 = 3000;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let mut broker = settings(&listener);
+    broker.keep_alive = Duration::from_secs(1);
+    let mut options = broker.mqtt_options("ack-test", false).expect("options");
+    options.set_manual_acks(true);
+    let mut connection = Connection::start(&broker, options);
+    let mut stream = accept(&listener, false).await;
+    let mut everything = Vec::new();
+    for pkid in 1..=MESSAGES {
+        everything.extend(publish_packet(
+            "/sensor/t",
+            pkid,
+            pkid.to_string().as_bytes(),
+        ));
+    }
+    stream.write_all(&everything).await.expect("write");
+    assert!(!wait_connected(&mut connection).await);
+
+    // The service takes nothing: the driver reads up to the bound and stops there.
+    let backlog = Arc::clone(&connection.backlog);
+    let waiting = || backlog.reliable.load(Ordering::Relaxed);
+    tokio::time::timeout(WAIT, async {
+        while waiting() < MESSAGE_BACKLOG {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the driver reads up to the bound");
+    // Meanwhile it writes the keep-alive pings itself, so the broker keeps it.
+    let ping = tokio::time::timeout(WAIT, async {
+        loop {
+            if read_packet(&mut stream).await.0 == 12 {
+                break;
+            }
+        }
+    });
+    ping.await.expect("a PINGREQ while not reading");
+    assert_eq!(waiting(), MESSAGE_BACKLOG, "no message read past the bound");
+
+    // Taken one at a time, every message comes, in order, never more than the bound
+    // waiting.
+    for expected in 1..=MESSAGES {
+        assert!(waiting() <= MESSAGE_BACKLOG, "{} waiting", waiting());
+        let (payload, _) = next_message(&mut connection).await;
+        assert_eq!(payload, expected.to_string());
+    }
+}
