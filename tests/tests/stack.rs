@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use tests::dashboard::http;
 use tests::prometheus::query;
-use tests::{
-    binary, cargo_package_variables, free_port, repo_root, wait_for, wait_for_within, Service,
-};
+use tests::{binary, cargo_package_variables, free_port, repo_root, wait_for_within, Service};
 
 /// `readings latest --format json` against `uri`, or an empty answer while the database
 /// is not up yet.
@@ -23,9 +21,13 @@ fn latest(uri: &str) -> String {
         .unwrap_or_default()
 }
 
-/// One stack at a time: both share `.venv` (dev-stack installs honcho there when
-/// missing) and the machine's two cores.
+/// One stack at a time: both share `.venv` and the machine's two cores.
 static ONE_STACK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// How long a whole stack may take from its start to both sensors' first readings
+/// stored: a dozen processes (the dashboard and Prometheus in one test) on two cores
+/// beside the rest of the suite.
+const STACK_START: Duration = Duration::from_secs(60);
 
 /// The services' metrics listeners, each on a port of its own.
 const METRICS_PORTS: [&str; 5] = [
@@ -80,7 +82,8 @@ async fn the_native_stack_stores_readings_and_stops_cleanly() {
     let uri = format!("mongodb://127.0.0.1:{}", ports[3].1);
     let mut running = Service::spawn("dev-stack", stack(dir.path(), &ports));
 
-    let stored = wait_for(
+    let stored = wait_for_within(
+        STACK_START,
         "both sensors' readings in the database",
         || async { latest(&uri) },
         |out| out.contains("/sensor/temperature") && out.contains("/sensor/pressure"),
@@ -203,7 +206,7 @@ async fn a_fresh_checkout_in_a_private_folder_stores_every_reading_from_the_firs
     let checkout = home.path().join("iot");
     copy_checkout(&checkout);
     let _brokers_state = BrokerStateOutside(checkout.join(".data"));
-    // What scripts/test installed already (honcho comes with the other stack test).
+    // What scripts/test installed already (honcho among it).
     std::os::unix::fs::symlink(repo_root().join(".venv"), checkout.join(".venv"))
         .expect("symlink .venv");
     let ports = free_ports(
@@ -266,7 +269,8 @@ async fn a_fresh_checkout_in_a_private_folder_stores_every_reading_from_the_firs
     };
 
     let running = start();
-    wait_for(
+    wait_for_within(
+        STACK_START,
         "both sensors' readings in the database",
         || async { latest(&uri) },
         |out| out.contains("/sensor/temperature") && out.contains("/sensor/pressure"),
@@ -290,7 +294,8 @@ async fn a_fresh_checkout_in_a_private_folder_stores_every_reading_from_the_firs
 
     // Started again on the state it left: a second boot of each sensor, from seq 1 too.
     let running = start();
-    let (code, firsts, report) = wait_for(
+    let (code, firsts, report) = wait_for_within(
+        STACK_START,
         "a second boot of both sensors stored",
         || async { gaps() },
         |(_, firsts, _)| firsts.iter().all(|boots| boots.len() == 2),
