@@ -586,10 +586,7 @@ impl Driver {
             network.write(Packet::PingReq).await?;
             network.flush().await
         };
-        let result = match tokio::time::timeout(timeout, write).await {
-            Ok(written) => written.map_err(ConnectionError::from),
-            Err(_) => Err(ConnectionError::FlushTimeout),
-        };
+        let result = within(timeout, write).await;
         if result.is_err() {
             self.eventloop.clean();
         }
@@ -627,15 +624,24 @@ impl Driver {
             }
             network.flush().await
         };
-        let result = match tokio::time::timeout(timeout, write).await {
-            Ok(written) => written.map_err(ConnectionError::from),
-            Err(_) => Err(ConnectionError::FlushTimeout),
-        };
+        let result = within(timeout, write).await;
         if result.is_err() {
             self.batch.clear();
             self.eventloop.clean();
         }
         result
+    }
+}
+
+/// A write of the driver's own, given `timeout` to finish: a failure or a time-out
+/// is a lost connection.
+async fn within(
+    timeout: Duration,
+    write: impl std::future::Future<Output = Result<(), rumqttc::StateError>>,
+) -> Result<(), ConnectionError> {
+    match tokio::time::timeout(timeout, write).await {
+        Ok(written) => written.map_err(ConnectionError::from),
+        Err(_) => Err(ConnectionError::FlushTimeout),
     }
 }
 
