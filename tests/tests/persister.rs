@@ -467,19 +467,19 @@ async fn readings_gaps_finds_missing_and_duplicate_seqs_per_boot() {
     // below a reading received before it is.
     let received =
         |seconds_ago: i64| bson::DateTime::from_millis(now.timestamp_millis() - seconds_ago * 1000);
-    let in_flight = [(1, 60), (2, 60), (4, 0)].map(|(seq, ago)| {
+    let in_flight = [(1, 1200), (2, 1200), (4, 0)].map(|(seq, ago)| {
         let mut document = reading("hum-0001", "boot-d", seq);
         document.insert("received_at", received(ago));
         document
     });
     collection.insert_many(in_flight).await.expect("insert");
-    let settled = ["gaps", "--device", "hum-0001", "--settle", "30s"];
+    let settled = ["gaps", "--device", "hum-0001", "--settle", "10m"];
     let (code, out, err) = readings_with_code(uri, name, &settled);
     assert_eq!(code, Some(0), "3 may still come:\n{out}{err}");
     let (code, out, err) = readings_with_code(uri, name, &["gaps", "--device", "hum-0001"]);
     assert_eq!(code, Some(1), "without --settle 3 is missing:\n{out}{err}");
     let mut late = reading("hum-0001", "boot-d", 5);
-    late.insert("received_at", received(45));
+    late.insert("received_at", received(900));
     collection.insert_one(late).await.expect("insert");
     let (code, out, err) = readings_with_code(uri, name, &settled);
     assert_eq!(
