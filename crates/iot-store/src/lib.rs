@@ -39,6 +39,29 @@ pub const READINGS: &str = "readings";
 pub const STATUS: &str = "status";
 /// The persister's replay requests and their outcomes (lost, unanswered).
 pub const REPAIRS: &str = "repairs";
+/// A `repairs` record of a replay request (`outcome: "asked"`): the `ranges` asked for
+/// (sorted), their span as `from`–`to`, and who asked when; `None` without ranges. The
+/// persister and `readings gaps --repair` each give it an `_id` of their own.
+pub fn asked_record(
+    id: Document,
+    device: &str,
+    boot: &str,
+    ranges: &[(u64, u64)],
+    attempt: i64,
+    by: &str,
+    at: bson::DateTime,
+) -> Option<Document> {
+    let (from, to) = (ranges.first()?.0, ranges.last()?.1);
+    let ranges: Vec<Vec<i64>> = ranges
+        .iter()
+        .map(|&(from, to)| vec![from as i64, to as i64])
+        .collect();
+    Some(doc! {
+        "_id": id, "device": device, "boot": boot, "from": from as i64, "to": to as i64,
+        "ranges": ranges, "attempt": attempt, "outcome": "asked", "at": at, "by": by,
+    })
+}
+
 /// The most of a payload kept in a flagged document, in bytes.
 pub const MAX_RAW: usize = 64 * 1024;
 

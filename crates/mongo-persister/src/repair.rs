@@ -17,7 +17,7 @@ use std::time::Duration;
 use bson::{doc, Document};
 use futures_util::TryStreamExt;
 use iot_core::replay::{Ranges, MAX_PER_REQUEST};
-use iot_store::{describe, integer, READINGS, REPAIRS};
+use iot_store::{asked_record, describe, integer, READINGS, REPAIRS};
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::{Collection, Database};
 use tokio::sync::mpsc;
@@ -323,18 +323,18 @@ impl Repairer {
             // way (its replicas' shares of one stream overlap): not asked again now.
             let recently = self.recently_asked(&device, &boot, first, last).await?;
             let missing = subtract(&missing, &recently);
-            let Some((first, last)) = span(&missing) else {
-                continue;
-            };
             let at = bson::DateTime::now();
-            let ranges: Vec<Vec<i64>> = missing
-                .iter()
-                .map(|&(from, to)| vec![from as i64, to as i64])
-                .collect();
-            let document = doc! {
-                "_id": { "device": &device, "boot": &boot, "window": self.window(at) },
-                "device": &device, "boot": &boot, "from": first as i64, "to": last as i64, "ranges": ranges,
-                "attempt": attempt as i64, "outcome": "asked", "at": at, "by": &self.client_id,
+            let id = doc! { "device": &device, "boot": &boot, "window": self.window(at) };
+            let Some(document) = asked_record(
+                id,
+                &device,
+                &boot,
+                &missing,
+                i64::from(attempt),
+                &self.client_id,
+                at,
+            ) else {
+                continue;
             };
             // One request per series and --repair-after window, whichever replica's
             // record goes in first; the others find its ranges recently asked.

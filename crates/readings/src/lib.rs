@@ -19,7 +19,8 @@ use iot_core::mqtt::Connection;
 use iot_core::payload::format_time;
 use iot_core::replay::{self, Ranges};
 use iot_store::{
-    describe, format_retention, integer, retention, MongoSettings, READINGS, REPAIRS, STATUS,
+    asked_record, describe, format_retention, integer, retention, MongoSettings, READINGS, REPAIRS,
+    STATUS,
 };
 use mongodb::Database;
 use rumqttc::QoS;
@@ -718,18 +719,8 @@ async fn ask_again(found: &[BootGaps], broker: &CloudBroker, db: &Database) -> a
     let records: Vec<Document> = asks
         .iter()
         .filter_map(|(device, asked)| {
-            let first = asked.ranges.first()?.0;
-            let last = asked.ranges.last()?.1;
-            let ranges: Vec<Vec<i64>> = asked
-                .ranges
-                .iter()
-                .map(|&(from, to)| vec![from as i64, to as i64])
-                .collect();
-            Some(doc! {
-                "_id": { "device": device, "boot": &asked.boot, "by": &client_id },
-                "device": device, "boot": &asked.boot, "from": first as i64, "to": last as i64,
-                "ranges": ranges, "attempt": 1_i64, "outcome": "asked", "at": at, "by": &client_id,
-            })
+            let id = doc! { "device": device, "boot": &asked.boot, "by": &client_id };
+            asked_record(id, device, &asked.boot, &asked.ranges, 1, &client_id, at)
         })
         .collect();
     if !records.is_empty() {
