@@ -161,7 +161,7 @@ async fn status_changes_split_between_replicas_are_stored_exactly() {
             .await;
         wait_for(
             &format!("{} status changes", stored + 1),
-            || status_history(&db, topic),
+            || status_history(&db, "split-1"),
             |history| history.len() > stored,
         )
         .await;
@@ -179,7 +179,7 @@ async fn status_changes_split_between_replicas_are_stored_exactly() {
     .await;
     a.stop_cleanly().await;
     b.stop_cleanly().await;
-    assert_eq!(status_history(&db, topic).await, expected);
+    assert_eq!(status_history(&db, "split-1").await, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -239,7 +239,11 @@ impl Connection {
     }
 
     /// Queues a publish; waits only while rumqttc's request channel is full. QoS 1 and 2
-    /// publishes are counted until the broker acknowledges them.
+    /// publishes are counted until the broker acknowledges them. A packet the protocol
+    /// or the broker cannot take is refused at once as an [`Unencodable`] error of this
+    /// publish alone (written, rumqttc would cut a long topic's length to 16 bits and
+    /// the broker read a different packet, or drop the connection and be sent it again
+    /// on every reconnect); any other error means the connection is gone.
     pub async fn publish(
         &mut self,
         topic: &str,
@@ -247,6 +251,10 @@ impl Connection {
         retain: bool,
         payload: Vec<u8>,
     ) -> anyhow::Result<()> {
+        if let Err(refused) = encodable(topic, qos, payload.len()) {
+            metrics::counter!("iot_mqtt_publishes_refused_total").increment(1);
+            return Err(refused.into());
+        }
         if self
             .client
             .publish(topic, qos, retain, payload)
@@ -377,6 +385,46 @@ impl Connection {
             Err(join) => Err(anyhow!("MQTT event loop failed: {join}")),
         }
     }
+}
+
+/// The longest topic MQTT can encode: its length is a 16-bit number.
+pub const MAX_TOPIC_BYTES: usize = u16::MAX as usize;
+/// The largest packet our clients write: the project's brokers' `max_packet_size`
+/// (2 MiB); a broker disconnects a client that writes a larger one.
+pub const MAX_OUTGOING_PACKET: usize = 2 * 1024 * 1024;
+
+/// A publish that cannot be written: the topic or the whole packet is too long.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "cannot publish on a topic of {topic_bytes} bytes with {payload_bytes} bytes of payload: {why}"
+)]
+pub struct Unencodable {
+    pub topic_bytes: usize,
+    pub payload_bytes: usize,
+    pub why: &'static str,
+}
+
+/// Whether a PUBLISH of `topic` and `payload_bytes` can be written.
+pub fn encodable(topic: &str, qos: QoS, payload_bytes: usize) -> Result<(), Unencodable> {
+    let refuse = |why| {
+        Err(Unencodable {
+            topic_bytes: topic.len(),
+            payload_bytes,
+            why,
+        })
+    };
+    if topic.is_empty() || topic.contains(['+', '#', '\0']) {
+        return refuse("a topic is not empty and holds no wildcard or NUL");
+    }
+    if topic.len() > MAX_TOPIC_BYTES {
+        return refuse("a topic is at most 65535 bytes");
+    }
+    // Fixed header (at most 5 bytes), topic length and topic, packet id, payload.
+    let packet_id = if qos == QoS::AtMostOnce { 0 } else { 2 };
+    if 5 + 2 + topic.len() + packet_id + payload_bytes > MAX_OUTGOING_PACKET {
+        return refuse("a packet is at most 2 MiB (the brokers' max_packet_size)");
+    }
+    Ok(())
 }
 
 /// The task that owns rumqttc's event loop; see the module header.

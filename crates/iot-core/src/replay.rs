@@ -10,9 +10,13 @@
 //!   asked ranges it cannot send any more (older than its buffer, or another boot).
 //!
 //! A request is bounded: at most [`MAX_PER_REQUEST`] readings are sent for one; the
-//! cloud side asks again for the rest.
+//! cloud side asks again for the rest. Either message holds at most [`MAX_RANGES`]
+//! ranges within `1..=`[`MAX_SEQ`](crate::bounds::MAX_SEQ) and a boot that passes
+//! [`check_id`]; anything else is refused whole.
 
 use serde::{Deserialize, Serialize};
+
+use crate::bounds::{check_id, check_seq};
 
 /// Every device's requests, as the devices' side subscribes to them.
 pub const REQUESTS: &str = "/replay/+/request";
@@ -20,6 +24,8 @@ pub const REQUESTS: &str = "/replay/+/request";
 pub const GONE: &str = "/replay/+/gone";
 /// The most readings one request makes a device send.
 pub const MAX_PER_REQUEST: u64 = 10_000;
+/// The most ranges one request or answer may list.
+pub const MAX_RANGES: usize = 1000;
 
 /// Where the cloud asks `device` for readings.
 pub fn request_topic(device: &str) -> String {
@@ -49,13 +55,17 @@ impl Ranges {
     pub fn parse(payload: &[u8]) -> Result<Self, String> {
         let ranges: Ranges = serde_json::from_slice(payload)
             .map_err(|error| format!("not a replay message: {error}"))?;
-        if ranges.boot.is_empty() {
-            return Err("not a replay message: empty boot".into());
+        check_id("boot", &ranges.boot).map_err(|why| format!("not a replay message: {why}"))?;
+        if ranges.ranges.len() > MAX_RANGES {
+            return Err(format!(
+                "not a replay message: {} ranges, more than {MAX_RANGES}",
+                ranges.ranges.len()
+            ));
         }
         if let Some((from, to)) = ranges
             .ranges
             .iter()
-            .find(|(from, to)| from > to || *from == 0)
+            .find(|(from, to)| from > to || check_seq(*from).is_err() || check_seq(*to).is_err())
         {
             return Err(format!("not a replay message: range [{from}, {to}]"));
         }
@@ -91,6 +101,9 @@ mod tests {
             br#"{"boot":"","ranges":[]}"#,
             br#"{"boot":"b","ranges":[[5,2]]}"#,
             br#"{"boot":"b","ranges":[[0,2]]}"#,
+            br#"{"boot":"b","ranges":[[452,18446744073709551615]]}"#,
+            br#"{"boot":"b","ranges":[[1,9007199254740993]]}"#,
+            br#"{"boot":"a/b","ranges":[[1,2]]}"#,
         ] {
             assert!(
                 Ranges::parse(bad).is_err(),
@@ -98,6 +111,20 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn a_message_of_too_many_ranges_is_refused() {
+        let many: Vec<String> = (1..=MAX_RANGES as u64 + 1)
+            .map(|n| format!("[{},{}]", 2 * n, 2 * n))
+            .collect();
+        let payload = format!(r#"{{"boot":"b","ranges":[{}]}}"#, many.join(","));
+        assert!(Ranges::parse(payload.as_bytes()).is_err());
+        let top = format!(
+            r#"{{"boot":"b","ranges":[[1,{}]]}}"#,
+            crate::bounds::MAX_SEQ
+        );
+        assert!(Ranges::parse(top.as_bytes()).is_ok());
     }
 
     #[test]

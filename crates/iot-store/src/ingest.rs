@@ -34,6 +34,7 @@ use chrono_tz::Tz;
 use serde::Deserialize;
 use serde_json::Value;
 
+use iot_core::bounds::{check_id, check_name, check_seq, MAX_ID_BYTES};
 use iot_core::payload::{decode, Decoded};
 
 use crate::{unparsed, Record};
@@ -198,6 +199,7 @@ struct RawRule {
     offline: Option<Vec<String>>,
     state_field: Option<String>,
     device_field: Option<String>,
+    trust_payload_device: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -253,7 +255,11 @@ struct Rule {
     filter: String,
     subscribe: bool,
     kind: Kind,
+    /// The device as the topic names it: the level a device account's ACL binds it to.
     device: Option<Template>,
+    /// Where the topic names no device: whether a payload's own `device` is believed
+    /// (topics only service accounts may write, such as the seed's `/sensor/temperature`).
+    trust_payload_device: bool,
     time: Vec<TimeField>,
     timezone: Option<Tz>,
 }
@@ -343,6 +349,12 @@ fn check(raw: RawRule) -> Result<Rule, String> {
         Some(device) => Some(device),
         None => named("device")?,
     };
+    let trust_payload_device = raw.trust_payload_device.unwrap_or(false);
+    if trust_payload_device && device.is_some() {
+        return Err(
+            "trust_payload_device is for topics that name no device; this one names it".into(),
+        );
+    }
     let timezone = raw
         .timezone
         .as_deref()
@@ -379,8 +391,15 @@ fn check(raw: RawRule) -> Result<Rule, String> {
                     return Err(format!("{what} means nothing in an ignore rule"));
                 }
             }
-            if raw.device.is_some() || !raw.time.is_empty() || raw.timezone.is_some() {
-                return Err("device, time and timezone mean nothing in an ignore rule".into());
+            if raw.device.is_some()
+                || !raw.time.is_empty()
+                || raw.timezone.is_some()
+                || raw.trust_payload_device.is_some()
+            {
+                return Err(
+                    "device, trust_payload_device, time and timezone mean nothing in an ignore rule"
+                        .into(),
+                );
             }
             Kind::Ignore
         }
@@ -452,6 +471,7 @@ fn check(raw: RawRule) -> Result<Rule, String> {
         subscribe: raw.subscribe.unwrap_or(raw.kind != RawKind::Ignore),
         kind,
         device,
+        trust_payload_device,
         time: raw.time,
         timezone,
     })
@@ -491,12 +511,34 @@ impl Status {
                 self.offline.join("/")
             ));
         };
-        let device = json
+        let claimed = json
             .as_ref()
             .zip(self.device_field.as_deref())
-            .and_then(|(json, field)| json.get(field)?.as_str().map(String::from))
-            .or_else(|| rule.device.as_ref().map(|device| device.fill(captures)))
-            .unwrap_or_else(|| captures.get("topic").cloned().unwrap_or_default());
+            .and_then(|(json, field)| json.get(field)?.as_str());
+        let topic = captures.get("topic").map_or("", String::as_str);
+        // The topic's device wins: a payload that claims another is flagged.
+        let device = match (
+            rule.device.as_ref().map(|device| device.fill(captures)),
+            claimed,
+        ) {
+            (Some(bound), Some(claimed)) if bound != claimed => {
+                return Ok(identity_flagged(
+                    topic,
+                    payload,
+                    received,
+                    Some(&bound),
+                    claimed,
+                ))
+            }
+            (Some(bound), _) => bound,
+            (None, Some(claimed)) => claimed.to_string(),
+            (None, None) => topic.to_string(),
+        };
+        if let Err(why) = check_name("device", &device) {
+            return Ok(Record::Unparsed {
+                document: unparsed(topic, payload, received, &why),
+            });
+        }
         let ts = json
             .as_ref()
             .and_then(|json| time_of(json, &rule.time, zone))
@@ -504,7 +546,7 @@ impl Status {
             .unwrap_or(received);
         let document = doc! {
             "_id": ObjectId::new(),
-            "topic": captures.get("topic").map_or("", String::as_str),
+            "topic": topic,
             "device": &device,
             "status": if online { "online" } else { "offline" },
             "ts": ts,
@@ -534,7 +576,28 @@ impl Readings {
             .as_ref()
             .map(|measurement| measurement.fill(captures));
         if self.form == Form::Reading {
-            return reading_form(topic, payload, received, device, measurement);
+            return reading_form(
+                topic,
+                payload,
+                received,
+                device,
+                rule.trust_payload_device,
+                measurement,
+            );
+        }
+        if let Some(why) = device
+            .iter()
+            .map(|device| check_name("device", device))
+            .chain(
+                measurement
+                    .iter()
+                    .map(|name| check_name("measurement", name)),
+            )
+            .find_map(Result::err)
+        {
+            return Record::Unparsed {
+                document: unparsed(topic, payload, received, &why),
+            };
         }
         let Ok(text) = std::str::from_utf8(payload) else {
             return Record::Unparsed {
@@ -597,6 +660,12 @@ impl Readings {
                 why: Cow::Borrowed("no measurement in the payload"),
             };
         }
+        if let Some((path, _)) = values.iter().find(|(path, _)| path.len() > MAX_ID_BYTES) {
+            let why = check_name("measurement", path).err().unwrap_or_default();
+            return Record::Unparsed {
+                document: unparsed(topic, payload, received, &why),
+            };
+        }
         let documents = values
             .into_iter()
             .map(|(path, value)| {
@@ -647,18 +716,36 @@ impl Readings {
     }
 }
 
-/// The project's reading form, as the persister always read it, with the device and
-/// measurement the topic gives (the payload's own `device` wins).
+/// The project's reading form, with the measurement the topic gives. Who names the
+/// device: the topic where it names one (`topic_device`, bound to a device account by
+/// the broker's ACL; a payload that claims another device is flagged, never stored or
+/// keyed as that device); else the payload's own `device`, where `trusted` (topics only
+/// service accounts write); else nobody (a claim is flagged). Ids and `seq` outside
+/// [`iot_core::bounds`] are flagged too, so they never become a key or a topic.
 fn reading_form(
     topic: &str,
     payload: &[u8],
     received: bson::DateTime,
-    device: Option<String>,
+    topic_device: Option<String>,
+    trusted: bool,
     measurement: Option<String>,
 ) -> Record {
+    let flagged = |why: String| Record::Unparsed {
+        document: unparsed(topic, payload, received, &why),
+    };
+    if let Some(Err(why)) = measurement
+        .as_deref()
+        .map(|name| check_name("measurement", name))
+    {
+        return flagged(why);
+    }
     let mut document = doc! { "topic": topic };
     let keyed = match decode(payload) {
         Ok(Decoded::Number(value)) => {
+            if let Some(Err(why)) = topic_device.as_deref().map(|id| check_id("device", id)) {
+                return flagged(why);
+            }
+            let device = topic_device;
             document.insert("_id", ObjectId::new());
             if let Some(device) = device {
                 document.insert("device", device);
@@ -671,7 +758,26 @@ fn reading_form(
             false
         }
         Ok(Decoded::Json(reading)) => {
-            let key = match (&reading.device, &reading.boot, reading.seq) {
+            let device = match (topic_device, reading.device.as_deref()) {
+                (Some(bound), Some(claimed)) if bound != claimed => {
+                    return identity_flagged(topic, payload, received, Some(&bound), claimed)
+                }
+                (Some(bound), _) => Some(bound),
+                (None, Some(claimed)) if trusted => Some(claimed.to_string()),
+                (None, Some(claimed)) => {
+                    return identity_flagged(topic, payload, received, None, claimed)
+                }
+                (None, None) => None,
+            };
+            let checks = [
+                device.as_deref().map(|id| check_id("device", id)),
+                reading.boot.as_deref().map(|id| check_id("boot", id)),
+                reading.seq.map(check_seq),
+            ];
+            if let Some(why) = checks.into_iter().flatten().find_map(Result::err) {
+                return flagged(why);
+            }
+            let key = match (&device, &reading.boot, reading.seq) {
                 (Some(device), Some(boot), Some(seq)) => {
                     Some(doc! { "device": device, "boot": boot, "seq": seq as i64 })
                 }
@@ -683,7 +789,7 @@ fn reading_form(
                 key.map(Bson::Document)
                     .unwrap_or_else(|| ObjectId::new().into()),
             );
-            if let Some(device) = reading.device.or(device) {
+            if let Some(device) = device {
                 document.insert("device", device);
             }
             if let Some(boot) = reading.boot {
@@ -719,6 +825,44 @@ fn reading_form(
         documents: vec![document],
         keyed,
     }
+}
+
+/// A payload whose `device` is not the one its topic names (`topic_device`), or names a
+/// device where nothing vouches for it: stored flagged (`identity: "mismatch"` or
+/// `"unverified"`, with both names), never under the claimed device nor with its key.
+fn identity_flagged(
+    topic: &str,
+    payload: &[u8],
+    received: bson::DateTime,
+    topic_device: Option<&str>,
+    claimed: &str,
+) -> Record {
+    let (identity, why) = match topic_device {
+        Some(bound) => (
+            "mismatch",
+            format!("the payload claims another device than its topic names ({bound:.128})"),
+        ),
+        None => (
+            "unverified",
+            "the payload names a device on a topic where only the topic may".to_string(),
+        ),
+    };
+    let mut document = unparsed(topic, payload, received, &why);
+    document.insert("identity", identity);
+    if let Some(bound) = topic_device {
+        document.insert("topic_device", bound);
+    }
+    document.insert("claimed_device", cut(claimed, MAX_ID_BYTES));
+    Record::Unparsed { document }
+}
+
+/// `text` cut on a character boundary at or below `bytes`.
+fn cut(text: &str, bytes: usize) -> &str {
+    let mut end = text.len().min(bytes);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// A plain payload's value: a finite decimal number, or on/off/true/false in any case.

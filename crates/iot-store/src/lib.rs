@@ -529,6 +529,108 @@ mod tests {
         ));
     }
 
+    /// The flagged document of a message, or a panic saying what it became.
+    fn flagged(topic: &str, payload: &[u8]) -> Document {
+        match Record::from_message(topic, payload, at()) {
+            Record::Unparsed { document } => document,
+            other => panic!(
+                "{topic} {}: not flagged: {other:?}",
+                String::from_utf8_lossy(payload)
+            ),
+        }
+    }
+
+    /// The `_id` of a keyed reading, or a panic.
+    fn key(topic: &str, payload: &[u8]) -> Document {
+        match Record::from_message(topic, payload, at()) {
+            Record::Readings {
+                documents,
+                keyed: true,
+            } => documents[0].get_document("_id").expect("a key").clone(),
+            other => panic!("{topic}: not keyed: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_topic_names_the_device_and_a_payload_claiming_another_is_flagged() {
+        let forged = br#"{"device":"temp-0001","boot":"b1","seq":7,"value":99.99}"#;
+        let document = flagged("/sensor/evil/temperature", forged);
+        assert_eq!(document.get_str("identity"), Ok("mismatch"));
+        assert_eq!(document.get_str("topic_device"), Ok("evil"));
+        assert_eq!(document.get_str("claimed_device"), Ok("temp-0001"));
+        assert!(
+            document.get_object_id("_id").is_ok(),
+            "never the claimed key"
+        );
+        assert!(document.get("device").is_none() && document.get("value").is_none());
+
+        let own = doc! { "device": "evil", "boot": "b1", "seq": 7_i64 };
+        let honest = br#"{"device":"evil","boot":"b1","seq":7,"value":1.0}"#;
+        assert_eq!(key("/sensor/evil/temperature", honest), own);
+        // Without a device of its own, the reading is the topic's device's.
+        let anonymous = br#"{"boot":"b1","seq":7,"value":1.0}"#;
+        assert_eq!(key("/sensor/evil/temperature", anonymous), own);
+        // Deeper topics are the device's too, never read by the catch-all.
+        let document = flagged("/sensor/evil/a/b", forged);
+        assert_eq!(document.get_str("identity"), Ok("mismatch"));
+
+        // The seed's topics, which only service accounts write: the payload names it.
+        assert_eq!(
+            key("/sensor/temperature", forged),
+            doc! { "device": "temp-0001", "boot": "b1", "seq": 7_i64 }
+        );
+        // A topic no rule binds: a claimed device is not believed.
+        let document = flagged("/plant/line-1", forged);
+        assert_eq!(document.get_str("identity"), Ok("unverified"));
+
+        // The same for a status.
+        let document = flagged(
+            "/device/evil/status",
+            br#"{"device":"temp-0001","status":"offline"}"#,
+        );
+        assert_eq!(document.get_str("identity"), Ok("mismatch"));
+        let Record::Status { device, online, .. } =
+            Record::from_message("/device/evil/status", b"offline", at())
+        else {
+            panic!("not a status");
+        };
+        assert_eq!((device.as_str(), online), ("evil", false));
+    }
+
+    #[test]
+    fn ids_and_seqs_outside_their_bounds_are_flagged() {
+        let long = "d".repeat(65_530);
+        let with = |device: &str, boot: &str, seq: &str| {
+            format!(r#"{{"device":"{device}","boot":"{boot}","seq":{seq},"value":1.5}}"#)
+        };
+        for (topic, payload) in [
+            ("/sensor/temperature", with(&long, "b", "1")),
+            ("/sensor/temperature", with(&"d".repeat(129), "b", "1")),
+            ("/sensor/temperature", with("d", &"b".repeat(129), "1")),
+            ("/sensor/temperature", with("d", "b/c", "1")),
+            ("/sensor/temperature", with("d+", "b", "1")),
+            ("/sensor/temperature", with("d", "b", "0")),
+            ("/sensor/temperature", with("d", "b", "9007199254740993")),
+            (
+                "/sensor/temperature",
+                with("d", "b", "18446744073709551615"),
+            ),
+        ] {
+            let document = flagged(topic, payload.as_bytes());
+            assert!(document.get_str("error").is_ok(), "{document:?}");
+        }
+        let topic = format!("/sensor/{long}/temperature");
+        flagged(&topic, b"21.5");
+        flagged(&format!("/sensor/d/{}", "m".repeat(129)), b"21.5");
+        assert_eq!(
+            key(
+                "/sensor/temperature",
+                with("d", "b", "9007199254740992").as_bytes()
+            ),
+            doc! { "device": "d", "boot": "b", "seq": 9_007_199_254_740_992_i64 }
+        );
+    }
+
     #[test]
     fn retentions_read_and_print_in_whole_units() {
         let keep = parse_retention("365d").expect("a year");

@@ -109,6 +109,40 @@ async fn wait_connected(connection: &mut Connection) -> bool {
 }
 
 #[tokio::test]
+async fn a_packet_mqtt_cannot_encode_is_an_error_of_that_publish_alone() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let broker = settings(&listener);
+    let options = broker.mqtt_options("too-long-test", true).expect("options");
+    let mut connection = Connection::start(&broker, options);
+    let mut stream = accept(&listener, false).await;
+    assert!(!wait_connected(&mut connection).await);
+
+    // A topic of 65 540 bytes (its length would be cut to 16 bits on the wire), and a
+    // packet past the brokers' maximum: refused, nothing written.
+    let long = format!("/replay/{}/request", "d".repeat(65_530));
+    for (topic, payload) in [
+        (long.as_str(), b"{}".to_vec()),
+        ("/t", vec![b'x'; MAX_OUTGOING_PACKET]),
+    ] {
+        let error = connection
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect_err("refused");
+        assert!(error.downcast_ref::<Unencodable>().is_some(), "{error:#}");
+    }
+    // The connection goes on: the next publish is the first packet the broker reads.
+    connection
+        .publish("/sensor/t", QoS::AtMostOnce, false, b"21.50".to_vec())
+        .await
+        .expect("queued");
+    let (kind, body) = read_packet(&mut stream).await;
+    assert_eq!(kind, 3, "PUBLISH");
+    assert!(body.ends_with(b"21.50"));
+    assert!(encodable(&"t".repeat(MAX_TOPIC_BYTES), QoS::AtMostOnce, 0).is_ok());
+    assert!(encodable("/a/+/b", QoS::AtMostOnce, 0).is_err());
+}
+
+#[tokio::test]
 async fn a_publish_never_confirmed_is_sent_again_to_a_broker_that_forgot_the_session() {
     // rumqttc keeps unconfirmed publishes in `EventLoop::pending` after a drop, and
     // clears them when the broker answers without a session: the driver keeps them.
