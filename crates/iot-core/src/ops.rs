@@ -138,6 +138,10 @@ const COMMON: &[Metric] = &[
         "Messages handed to the broker connection",
     ),
     Metric::counter(
+        "iot_mqtt_publishes_refused_total",
+        "Publishes refused before writing: a topic or packet MQTT or the broker cannot take",
+    ),
+    Metric::counter(
         "iot_mqtt_acknowledged_total",
         "QoS 1 and 2 publishes the broker acknowledged",
     ),

@@ -24,7 +24,7 @@ use chrono::Utc;
 use chrono_tz::Tz;
 use clap::Parser;
 use iot_core::config::{parse_positive_seconds, BrokerSettings, CloudBroker};
-use iot_core::mqtt::{Connection, Event};
+use iot_core::mqtt::{self, Connection, Event};
 use iot_core::replay;
 use iot_store::{parse_retention, Mapping, MongoSettings, Record};
 use rumqttc::{QoS, SubscribeFilter, SubscribeReasonCode};
@@ -256,7 +256,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let stop_writing = CancellationToken::new();
     let writer = tokio::spawn(writer.run(pending_rx, written_tx, stop_writing.clone()));
     // The repairer follows the series and hands back requests to publish.
-    let (seen_tx, seen_rx) = mpsc::unbounded_channel();
+    // Bounded: what does not fit while the repairer is busy is dropped and counted (a
+    // reading it misses only costs a look in the database before anything is asked).
+    let (seen_tx, seen_rx) = mpsc::channel(repair::SEEN_QUEUE);
     let (requests_tx, mut requests_rx) = mpsc::unbounded_channel::<repair::Request>();
     let stop_repairing = CancellationToken::new();
     if config.repairs() {
@@ -317,9 +319,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 Event::Message { publish, ack } if replay::device_of_gone(&publish.topic).is_some() => {
                     let device = replay::device_of_gone(&publish.topic).unwrap_or_default().to_string();
                     match replay::Ranges::parse(&publish.payload) {
-                        Ok(ranges) => {
-                            let _ = seen_tx.send(repair::Seen::Gone { device, ranges });
-                        }
+                        Ok(ranges) => repair::offer(&seen_tx, repair::Seen::Gone { device, ranges }),
                         Err(why) => tracing::warn!(topic = publish.topic, "answer to a replay request ignored: {why}"),
                     }
                     connection.ack(ack).await?;
@@ -330,12 +330,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     let record = mapping.read(&publish.topic, &publish.payload, Utc::now());
                     if let Record::Readings { documents, keyed: true } = &record {
                         if let Some((device, boot, seq)) = documents.first().and_then(reading_key) {
-                            let _ = seen_tx.send(repair::Seen::Reading { device, boot, seq });
+                            repair::offer(&seen_tx, repair::Seen::Reading { device, boot, seq });
                         }
                     }
                     match &record {
-                        Record::Unparsed { .. } => {
+                        Record::Unparsed { document } => {
                             stats.unparsed.add(1);
+                            if let Ok(identity) = document.get_str("identity") {
+                                metrics::counter!("iot_persister_identity_flagged_total", "identity" => identity.to_string()).increment(1);
+                                tracing::warn!(
+                                    topic = publish.topic,
+                                    identity,
+                                    claimed = document.get_str("claimed_device").unwrap_or_default(),
+                                    "stored flagged: the payload names a device its topic does not vouch for"
+                                );
+                            }
                         }
                         Record::Nothing { why } => {
                             stats.ignored.add(1);
@@ -365,9 +374,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
             _ = lag_ticks.tick() => lag.report(),
             Some(request) = requests_rx.recv() => {
-                connection
-                    .publish(&replay::request_topic(&request.device), QoS::AtLeastOnce, false, request.ranges.encode())
-                    .await?;
+                let topic = replay::request_topic(&request.device);
+                match connection.publish(&topic, QoS::AtLeastOnce, false, request.ranges.encode()).await {
+                    Err(error) if error.downcast_ref::<mqtt::Unencodable>().is_some() => {
+                        tracing::warn!(device = %request.device, "replay request not sent: {error:#}");
+                    }
+                    outcome => outcome?,
+                }
             }
             _ = stats_ticks.tick() => {
                 let line = stats.line(pending_tx.max_capacity() - pending_tx.capacity());

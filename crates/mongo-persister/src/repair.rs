@@ -9,9 +9,20 @@
 //! only one replica ask in each window; the others leave out what was asked within
 //! `--repair-after` (it may still be on its way). Ranges a device answers it no
 //! longer has (`/replay/<device>/gone`) are recorded there as lost and not asked for
-//! again.
+//! again, but only where they were asked of that device's boot: an answer for
+//! anything else is not believed.
+//!
+//! Everything a device controls here is bounded, so one account cannot starve the
+//! others: the queue in front of the repairer ([`SEEN_QUEUE`], what does not fit is
+//! dropped and counted), series followed ([`MAX_SERIES`] in all, [`MAX_SERIES_PER_DEVICE`]
+//! each, the least recently heard let go first), `seq` ranges per series
+//! ([`MAX_RANGES`], the oldest holes given up first), new series checked against the
+//! database in batched queries, and devices served in turn: each second at most one
+//! series of each device is checked and asked for, starting after the device served
+//! last, so one device's holes never hold up another's.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::time::Duration;
 
 use bson::{doc, Document};
@@ -26,10 +37,20 @@ use tokio_util::sync::CancellationToken;
 
 use crate::writer::DUPLICATE_KEY;
 
+/// What the connection may queue for the repairer; more is dropped and counted.
+pub const SEEN_QUEUE: usize = 10_000;
+/// Series followed at once, all devices together.
+pub const MAX_SERIES: usize = 10_000;
+/// Series (boots) followed at once for one device.
+pub const MAX_SERIES_PER_DEVICE: usize = 16;
+/// Disjoint `seq` ranges kept per series (so at most one fewer holes).
+pub const MAX_RANGES: usize = 64;
 /// The most requests sent in one second, all devices together.
 const REQUESTS_PER_SECOND: usize = 20;
-/// The most holes checked against the database in one second.
+/// The most series checked against the database in one second (one per device).
 const CHECKS_PER_SECOND: usize = 50;
+/// New series whose first stored `seq` is looked up in one query, once a second.
+const FLOORS_PER_SECOND: usize = 200;
 /// Requests for one hole before it is given up (and recorded as unanswered).
 const MAX_ATTEMPTS: u32 = 8;
 /// The longest wait between two requests for one hole.
@@ -47,8 +68,19 @@ pub enum Seen {
         boot: String,
         seq: u64,
     },
-    /// The device no longer has these ranges.
+    /// The device says it no longer has these ranges.
     Gone { device: String, ranges: Ranges },
+}
+
+/// Hands `seen` to the repairer, or drops and counts it when its queue is full.
+pub fn offer(queue: &mpsc::Sender<Seen>, seen: Seen) {
+    if let Err(mpsc::error::TrySendError::Full(_)) = queue.try_send(seen) {
+        dropped("events", 1);
+    }
+}
+
+fn dropped(what: &'static str, count: u64) {
+    metrics::counter!("iot_persister_repair_dropped_total", "what" => what).increment(count);
 }
 
 /// A request for the persister to publish.
@@ -82,7 +114,9 @@ struct Series {
 }
 
 impl Series {
-    /// Adds `from..=to` to what is seen, merging it with the ranges it touches.
+    /// Adds `from..=to` to what is seen, merging it with the ranges it touches. Past
+    /// [`MAX_RANGES`], the lowest hole is given up (counted): it is the oldest, the
+    /// least likely to be still in the device's buffer.
     fn see(&mut self, from: u64, to: u64) {
         self.last_seen = Some(Instant::now());
         // The first range that ends at or after the one before `from`.
@@ -100,8 +134,16 @@ impl Series {
             end += 1;
         }
         self.seen.splice(start..end, [(low, high)]);
+        if self.seen.len() > MAX_RANGES {
+            let (_, to) = self.seen.remove(1);
+            self.seen[0].1 = to;
+            dropped("ranges", 1);
+        }
+        if self.seen.first().is_some_and(|&(from, _)| from == 1) {
+            // Nothing below the first reading: no need to look it up.
+            self.floored = true;
+        }
     }
-
     /// The holes now: below the first range (from seq 1) and between ranges; a hole
     /// keeps its history while it stays, shrinks as readings arrive.
     fn update_holes(&mut self, now: Instant) {
@@ -136,6 +178,22 @@ impl Series {
     }
 }
 
+/// The series of one device, by boot.
+#[derive(Debug, Default)]
+struct Device {
+    boots: HashMap<String, Series>,
+}
+
+/// A hole's span in one series that is due: from its oldest due hole to its last,
+/// at most one request's worth.
+#[derive(Debug)]
+struct Due {
+    device: String,
+    boot: String,
+    from: u64,
+    to: u64,
+}
+
 /// Follows series and asks for what is missing; see the module documentation.
 #[derive(Debug)]
 pub struct Repairer {
@@ -143,7 +201,11 @@ pub struct Repairer {
     readings: Collection<Document>,
     repairs: Collection<Document>,
     client_id: String,
-    series: HashMap<(String, String), Series>,
+    devices: BTreeMap<String, Device>,
+    /// Series followed, over all devices.
+    series: usize,
+    /// The device served last: the next turn starts after it.
+    cursor: Option<String>,
 }
 
 impl Repairer {
@@ -153,14 +215,16 @@ impl Repairer {
             readings: db.collection(READINGS),
             repairs: db.collection(REPAIRS),
             client_id,
-            series: HashMap::new(),
+            devices: BTreeMap::new(),
+            series: 0,
+            cursor: None,
         }
     }
 
     /// Follows what `seen` says and sends requests to `requests` until `stop`.
     pub async fn run(
         mut self,
-        mut seen: mpsc::UnboundedReceiver<Seen>,
+        mut seen: mpsc::Receiver<Seen>,
         requests: mpsc::UnboundedSender<Request>,
         stop: CancellationToken,
     ) {
@@ -169,9 +233,7 @@ impl Repairer {
             tokio::select! {
                 () = stop.cancelled() => return,
                 event = seen.recv() => match event {
-                    Some(Seen::Reading { device, boot, seq }) => {
-                        self.series.entry((device, boot)).or_default().see(seq, seq);
-                    }
+                    Some(Seen::Reading { device, boot, seq }) => self.series_mut(device, boot).see(seq, seq),
                     Some(Seen::Gone { device, ranges }) => {
                         if let Err(error) = self.record_lost(&device, &ranges).await {
                             tracing::warn!("cannot record lost readings of {device}: {}", describe(&error));
@@ -195,14 +257,89 @@ impl Repairer {
         }
     }
 
-    /// Ranges the device no longer has: recorded as lost, never asked for again.
+    /// The series of `(device, boot)`, followed from now on if it was not: within the
+    /// bounds, the device's (then everyone's) least recently heard series make room.
+    fn series_mut(&mut self, device: String, boot: String) -> &mut Series {
+        let known = self
+            .devices
+            .get(&device)
+            .is_some_and(|known| known.boots.contains_key(&boot));
+        if !known {
+            if self.series >= MAX_SERIES {
+                self.let_go_of_oldest();
+            }
+            let boots = &mut self.devices.entry(device.clone()).or_default().boots;
+            if boots.len() >= MAX_SERIES_PER_DEVICE {
+                let oldest = boots
+                    .iter()
+                    .min_by_key(|(_, series)| series.last_seen)
+                    .map(|(boot, _)| boot.clone());
+                if let Some(oldest) = oldest {
+                    boots.remove(&oldest);
+                    self.series -= 1;
+                    dropped("series", 1);
+                }
+            }
+            self.series += 1;
+            metrics::gauge!("iot_persister_repair_series").set(self.series as f64);
+        }
+        let boots = &mut self.devices.entry(device).or_default().boots;
+        boots.entry(boot).or_default()
+    }
+
+    /// Lets go of the tenth of all series heard from least recently (all at once, so
+    /// that a flood of new series costs one sort per thousand, not one per series).
+    fn let_go_of_oldest(&mut self) {
+        let mut heard: Vec<Option<Instant>> = self
+            .devices
+            .values()
+            .flat_map(|device| device.boots.values().map(|series| series.last_seen))
+            .collect();
+        let count = (MAX_SERIES / 10).max(1).min(heard.len());
+        let (_, &mut cut, _) = heard.select_nth_unstable(count - 1);
+        let mut removed = 0;
+        for device in self.devices.values_mut() {
+            device.boots.retain(|_, series| {
+                let keep = series.last_seen > cut || removed >= count;
+                removed += usize::from(!keep);
+                keep
+            });
+        }
+        self.devices.retain(|_, device| !device.boots.is_empty());
+        self.series -= removed;
+        dropped("series", removed as u64);
+    }
+
+    /// Ranges the device says it no longer has, believed only where this device's boot
+    /// was asked for them (by any replica): recorded as lost, never asked for again.
+    /// The rest of the answer is not believed (another account's claim, or a range
+    /// nobody asked for) and changes nothing.
     async fn record_lost(&mut self, device: &str, gone: &Ranges) -> anyhow::Result<()> {
-        let series = self
-            .series
-            .entry((device.to_string(), gone.boot.clone()))
-            .or_default();
-        for &(from, to) in &gone.ranges {
-            series.see(from, to);
+        let Some((first, last)) = span(&gone.ranges) else {
+            return Ok(());
+        };
+        let claimed = merge(gone.ranges.clone());
+        let asked = self.asked(device, &gone.boot, first, last, None).await?;
+        let lost = intersect(&claimed, &merge(asked));
+        let believed: u64 = lost.iter().map(|(from, to)| to - from + 1).sum();
+        let claimed_count: u64 = claimed.iter().map(|(from, to)| to - from + 1).sum();
+        if believed < claimed_count {
+            dropped("gone", claimed_count - believed);
+            tracing::warn!(
+                device,
+                boot = gone.boot,
+                ranges = ?claimed,
+                "an answer of readings gone for ranges never asked of this device: not believed"
+            );
+        }
+        for &(from, to) in &lost {
+            if let Some(series) = self
+                .devices
+                .get_mut(device)
+                .and_then(|known| known.boots.get_mut(&gone.boot))
+            {
+                series.see(from, to);
+            }
             tracing::warn!(
                 device,
                 boot = gone.boot,
@@ -223,135 +360,196 @@ impl Repairer {
     /// Checks the holes that lasted, and returns the requests to send.
     async fn tick(&mut self) -> anyhow::Result<Vec<Request>> {
         let now = Instant::now();
-        self.series.retain(|_, series| {
-            !series.holes.is_empty()
-                || series
-                    .last_seen
-                    .is_none_or(|last| now.duration_since(last) < FORGET_AFTER)
-        });
-        let unfloored: Vec<(String, String)> = self
-            .series
-            .iter()
-            .filter(|(_, series)| !series.floored)
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in unfloored {
-            if let Some(first) = self.first_stored(&key.0, &key.1).await? {
-                if let Some(series) = self.series.get_mut(&key) {
-                    if first > 1 {
-                        series.see(1, first - 1);
-                    }
-                    series.floored = true;
-                }
-            }
-        }
-        // One span per series: from its oldest hole due to the last one, at most one
-        // request's worth, checked against the database in one query.
-        let after = self.after;
-        let is_due = move |hole: &Hole| now >= hole.noticed + after && now >= hole.next_try;
-        let mut due = Vec::new();
-        for ((device, boot), series) in &mut self.series {
-            if !series.floored {
-                continue;
-            }
-            series.update_holes(now);
-            let mut ready = series.holes.iter().filter(|(_, hole)| is_due(hole));
-            if let Some((&from, first)) = ready.next() {
-                let last = ready.next_back().map_or(first.to, |(_, hole)| hole.to);
-                due.push((
-                    device.clone(),
-                    boot.clone(),
-                    from,
-                    last.min(from + MAX_PER_REQUEST - 1),
-                ));
-            }
-        }
+        self.forget(now);
+        self.floor().await?;
         let mut asked = Vec::new();
-        for (device, boot, from, to) in due.into_iter().take(CHECKS_PER_SECOND) {
+        for due in self.due(now) {
             if asked.len() == REQUESTS_PER_SECOND {
                 break;
             }
-            let stored = self.stored(&device, &boot, from, to).await?;
-            let Some(series) = self.series.get_mut(&(device.clone(), boot.clone())) else {
-                continue;
-            };
-            for &seq in &stored {
-                series.see(seq, seq);
+            self.cursor = Some(due.device.clone());
+            if let Some(request) = self.repair(due, now).await? {
+                asked.push(request);
             }
-            // What is still missing (another replica may have stored the rest).
-            series.update_holes(now);
-            let mut missing = Vec::new();
-            let mut attempt = 0;
-            let mut given_up = Vec::new();
-            for (&hole_from, hole) in series.holes.range_mut(from..=to) {
-                if !is_due(hole) {
-                    continue;
-                }
-                hole.attempts += 1;
-                hole.next_try = now
-                    + after
-                        .saturating_mul(1 << hole.attempts.min(10))
-                        .min(MAX_BACKOFF);
-                let range = (hole_from, hole.to.min(to));
-                if hole.attempts > MAX_ATTEMPTS {
-                    given_up.push(range);
-                } else {
-                    attempt = attempt.max(hole.attempts);
-                    missing.push(range);
-                }
-            }
-            for &(from, to) in &given_up {
-                tracing::warn!(
-                    device,
-                    boot,
-                    from,
-                    to,
-                    "no answer to {MAX_ATTEMPTS} replay requests: giving up on these readings"
-                );
-                let document = doc! {
-                    "_id": { "device": &device, "boot": &boot, "from": from as i64, "to": to as i64, "unanswered": true },
-                    "device": &device, "boot": &boot, "from": from as i64, "to": to as i64,
-                    "outcome": "unanswered", "at": bson::DateTime::now(),
-                };
-                insert_once(&self.repairs, document).await?;
-                series.see(from, to);
-            }
-            let Some((first, last)) = span(&missing) else {
-                continue;
-            };
-            // What another replica asked for within --repair-after may still be on its
-            // way (its replicas' shares of one stream overlap): not asked again now.
-            let recently = self.recently_asked(&device, &boot, first, last).await?;
-            let missing = subtract(&missing, &recently);
-            let at = bson::DateTime::now();
-            let id = doc! { "device": &device, "boot": &boot, "window": self.window(at) };
-            let Some(document) = asked_record(
-                id,
-                &device,
-                &boot,
-                &missing,
-                i64::from(attempt),
-                &self.client_id,
-                at,
-            ) else {
-                continue;
-            };
-            // One request per series and --repair-after window, whichever replica's
-            // record goes in first; the others find its ranges recently asked.
-            if !insert_once(&self.repairs, document).await? {
-                continue;
-            }
-            metrics::counter!("iot_persister_replay_requests_total").increment(1);
-            tracing::info!(device, boot, ranges = ?missing, attempt, "asking the device for missing readings");
-            asked.push(Request {
-                device,
-                ranges: Ranges {
-                    boot,
-                    ranges: missing,
-                },
-            });
         }
         Ok(asked)
+    }
+
+    /// Lets go of series without holes that heard nothing for [`FORGET_AFTER`].
+    fn forget(&mut self, now: Instant) {
+        let mut forgotten = 0;
+        for device in self.devices.values_mut() {
+            device.boots.retain(|_, series| {
+                let keep = !series.holes.is_empty()
+                    || series
+                        .last_seen
+                        .is_none_or(|last| now.duration_since(last) < FORGET_AFTER);
+                forgotten += usize::from(!keep);
+                keep
+            });
+        }
+        self.devices.retain(|_, device| !device.boots.is_empty());
+        self.series -= forgotten;
+        metrics::gauge!("iot_persister_repair_series").set(self.series as f64);
+    }
+
+    /// The devices in turn, starting after the one served last.
+    fn in_turn(&self) -> impl Iterator<Item = (&String, &Device)> {
+        let after = match &self.cursor {
+            Some(cursor) => self
+                .devices
+                .range::<String, _>((Bound::Excluded(cursor), Bound::Unbounded)),
+            None => self.devices.range::<String, _>(..),
+        };
+        let before = match &self.cursor {
+            Some(cursor) => self
+                .devices
+                .range::<String, _>((Bound::Unbounded, Bound::Included(cursor))),
+            None => self.devices.range::<String, _>(..String::new()),
+        };
+        after.chain(before)
+    }
+
+    /// Sets aside, for new series that started above 1, what lies below their first
+    /// stored reading: up to [`FLOORS_PER_SECOND`] series, one per device in turn, in one
+    /// query. A series with nothing stored yet is looked up again next time.
+    async fn floor(&mut self) -> anyhow::Result<()> {
+        let wanted: Vec<(String, String)> = self
+            .in_turn()
+            .filter_map(|(device, known)| {
+                let boot = known
+                    .boots
+                    .iter()
+                    .find(|(_, series)| !series.floored)
+                    .map(|(boot, _)| boot)?;
+                Some((device.clone(), boot.clone()))
+            })
+            .take(FLOORS_PER_SECOND)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        for ((device, boot), first) in self.first_stored(&wanted).await? {
+            if let Some(series) = self
+                .devices
+                .get_mut(&device)
+                .and_then(|known| known.boots.get_mut(&boot))
+            {
+                if first > 1 {
+                    series.see(1, first - 1);
+                }
+                series.floored = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// What is due now: one span per device in turn, of its series whose oldest due
+    /// hole waits longest, at most [`CHECKS_PER_SECOND`].
+    fn due(&mut self, now: Instant) -> Vec<Due> {
+        let after = self.after;
+        let is_due = |hole: &Hole| now >= hole.noticed + after && now >= hole.next_try;
+        for device in self.devices.values_mut() {
+            for series in device.boots.values_mut().filter(|series| series.floored) {
+                series.update_holes(now);
+            }
+        }
+        self.in_turn()
+            .filter_map(|(device, known)| {
+                known
+                    .boots
+                    .iter()
+                    .filter(|(_, series)| series.floored)
+                    .filter_map(|(boot, series)| {
+                        let mut ready = series.holes.iter().filter(|(_, hole)| is_due(hole));
+                        let (&from, first) = ready.next()?;
+                        let last = ready.next_back().map_or(first.to, |(_, hole)| hole.to);
+                        Some((first.noticed, boot, from, last))
+                    })
+                    .min_by_key(|(noticed, ..)| *noticed)
+                    .map(|(_, boot, from, last)| Due {
+                        device: device.clone(),
+                        boot: boot.clone(),
+                        from,
+                        to: last.min(from + MAX_PER_REQUEST - 1),
+                    })
+            })
+            .take(CHECKS_PER_SECOND)
+            .collect()
+    }
+
+    /// Checks one due span against the database and returns the request for what is
+    /// still missing there, if any is to be asked now.
+    async fn repair(&mut self, due: Due, now: Instant) -> anyhow::Result<Option<Request>> {
+        let Due {
+            device,
+            boot,
+            from,
+            to,
+        } = due;
+        let stored = self.stored(&device, &boot, from, to).await?;
+        let after = self.after;
+        let Some(series) = self
+            .devices
+            .get_mut(&device)
+            .and_then(|known| known.boots.get_mut(&boot))
+        else {
+            return Ok(None);
+        };
+        for &seq in &stored {
+            series.see(seq, seq);
+        }
+        // What is still missing (another replica may have stored the rest).
+        series.update_holes(now);
+        let (missing, given_up, attempt) = next_attempts(series, from, to, now, after);
+        for &(from, to) in &given_up {
+            tracing::warn!(
+                device,
+                boot,
+                from,
+                to,
+                "no answer to {MAX_ATTEMPTS} replay requests: giving up on these readings"
+            );
+            let document = doc! {
+                "_id": { "device": &device, "boot": &boot, "from": from as i64, "to": to as i64, "unanswered": true },
+                "device": &device, "boot": &boot, "from": from as i64, "to": to as i64,
+                "outcome": "unanswered", "at": bson::DateTime::now(),
+            };
+            insert_once(&self.repairs, document).await?;
+            series.see(from, to);
+        }
+        let Some((first, last)) = span(&missing) else {
+            return Ok(None);
+        };
+        // What another replica asked for within --repair-after may still be on its
+        // way (its replicas' shares of one stream overlap): not asked again now.
+        let since = bson::DateTime::from_millis(
+            bson::DateTime::now().timestamp_millis() - self.after.as_millis() as i64,
+        );
+        let recently = self.asked(&device, &boot, first, last, Some(since)).await?;
+        let missing = subtract(&missing, &recently);
+        let at = bson::DateTime::now();
+        let id = doc! { "device": &device, "boot": &boot, "window": self.window(at) };
+        let attempt = i64::from(attempt);
+        let Some(document) =
+            asked_record(id, &device, &boot, &missing, attempt, &self.client_id, at)
+        else {
+            return Ok(None);
+        };
+        // One request per series and --repair-after window, whichever replica's
+        // record goes in first; the others find its ranges recently asked.
+        if !insert_once(&self.repairs, document).await? {
+            return Ok(None);
+        }
+        metrics::counter!("iot_persister_replay_requests_total").increment(1);
+        tracing::info!(device, boot, ranges = ?missing, attempt, "asking the device for missing readings");
+        Ok(Some(Request {
+            device,
+            ranges: Ranges {
+                boot,
+                ranges: missing,
+            },
+        }))
     }
 
     /// The `--repair-after` window a time falls in: the replicas' shared clock for "one
@@ -360,22 +558,23 @@ impl Repairer {
         at.timestamp_millis() / (self.after.as_millis() as i64).max(1)
     }
 
-    /// The ranges of the series within `from..=to` that were asked for less than
-    /// `--repair-after` ago, by any replica.
-    async fn recently_asked(
+    /// The ranges of the series within `from..=to` asked for by any replica (since
+    /// `since`, when given), sorted by start.
+    async fn asked(
         &self,
         device: &str,
         boot: &str,
         from: u64,
         to: u64,
+        since: Option<bson::DateTime>,
     ) -> anyhow::Result<Vec<(u64, u64)>> {
-        let since = bson::DateTime::from_millis(
-            bson::DateTime::now().timestamp_millis() - self.after.as_millis() as i64,
-        );
-        let filter = doc! {
+        let mut filter = doc! {
             "device": device, "boot": boot, "outcome": "asked",
-            "from": { "$lte": to as i64 }, "to": { "$gte": from as i64 }, "at": { "$gte": since },
+            "from": { "$lte": to as i64 }, "to": { "$gte": from as i64 },
         };
+        if let Some(since) = since {
+            filter.insert("at", doc! { "$gte": since });
+        }
         let documents: Vec<Document> = self
             .repairs
             .find(filter)
@@ -396,15 +595,34 @@ impl Repairer {
         Ok(ranges)
     }
 
-    /// The lowest `seq` of the series stored, if any is.
-    async fn first_stored(&self, device: &str, boot: &str) -> anyhow::Result<Option<u64>> {
-        let first = self
+    /// The lowest `seq` stored of each of `series` that has any, in one query.
+    async fn first_stored(
+        &self,
+        series: &[(String, String)],
+    ) -> anyhow::Result<Vec<((String, String), u64)>> {
+        let any: Vec<Document> = series
+            .iter()
+            .map(|(device, boot)| doc! { "device": device, "boot": boot })
+            .collect();
+        let pipeline = [
+            doc! { "$match": { "$or": any, "seq": { "$exists": true } } },
+            doc! { "$group": { "_id": { "device": "$device", "boot": "$boot" }, "first": { "$min": "$seq" } } },
+        ];
+        let documents: Vec<Document> = self
             .readings
-            .find_one(doc! { "device": device, "boot": boot, "seq": { "$exists": true } })
-            .sort(doc! { "seq": 1 })
-            .projection(doc! { "_id": 0, "seq": 1 })
+            .aggregate(pipeline)
+            .await?
+            .try_collect()
             .await?;
-        Ok(first.and_then(|document| seq_of(document.get("seq"))))
+        Ok(documents
+            .iter()
+            .filter_map(|document| {
+                let key = document.get_document("_id").ok()?;
+                let device = key.get_str("device").ok()?.to_string();
+                let boot = key.get_str("boot").ok()?.to_string();
+                Some(((device, boot), seq_of(document.get("first"))?))
+            })
+            .collect())
     }
 
     /// The `seq` numbers of the series stored in `from..=to`.
@@ -428,6 +646,39 @@ impl Repairer {
             .filter_map(|document| seq_of(document.get("seq")))
             .collect())
     }
+}
+
+/// A range of `seq` numbers, both ends included.
+type Span = (u64, u64);
+
+/// The due holes of `series` within `from..=to` take their next attempt: those still
+/// to ask (the ranges, and the highest attempt among them) and those given up.
+fn next_attempts(
+    series: &mut Series,
+    from: u64,
+    to: u64,
+    now: Instant,
+    after: Duration,
+) -> (Vec<Span>, Vec<Span>, u32) {
+    let (mut missing, mut given_up, mut attempt) = (Vec::new(), Vec::new(), 0);
+    for (&hole_from, hole) in series.holes.range_mut(from..=to) {
+        if now < hole.noticed + after || now < hole.next_try {
+            continue;
+        }
+        hole.attempts += 1;
+        hole.next_try = now
+            + after
+                .saturating_mul(1 << hole.attempts.min(10))
+                .min(MAX_BACKOFF);
+        let range = (hole_from, hole.to.min(to));
+        if hole.attempts > MAX_ATTEMPTS {
+            given_up.push(range);
+        } else {
+            attempt = attempt.max(hole.attempts);
+            missing.push(range);
+        }
+    }
+    (missing, given_up, attempt)
 }
 
 /// A stored `seq` (or range end): an integer of either width, not negative.
@@ -462,6 +713,33 @@ fn subtract(ranges: &[(u64, u64)], covered: &[(u64, u64)]) -> Vec<(u64, u64)> {
         }
     }
     left
+}
+
+/// Ranges sorted by start, overlapping or touching ones merged.
+fn merge(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (from, to) in ranges {
+        match merged.last_mut() {
+            Some(last) if from <= last.1.saturating_add(1) => last.1 = last.1.max(to),
+            _ => merged.push((from, to)),
+        }
+    }
+    merged
+}
+
+/// What `ranges` and `within` (each sorted, disjoint) have in common.
+fn intersect(ranges: &[(u64, u64)], within: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut common = Vec::new();
+    for &(from, to) in ranges {
+        for &(inner_from, inner_to) in within {
+            let (low, high) = (from.max(inner_from), to.min(inner_to));
+            if low <= high {
+                common.push((low, high));
+            }
+        }
+    }
+    merge(common)
 }
 
 /// Inserts `document`; false when its `_id` was there already.
@@ -535,6 +813,89 @@ mod tests {
             [(1, 1), (9, 10), (20, 30), (40, 40)]
         );
         assert!(subtract(&ranges, &[(0, u64::MAX)]).is_empty());
+    }
+
+    /// A repairer whose database is never reached (the client connects lazily).
+    fn repairer() -> Repairer {
+        let options = mongodb::options::ClientOptions::builder()
+            .hosts(vec![mongodb::options::ServerAddress::Tcp {
+                host: "127.0.0.1".into(),
+                port: Some(9),
+            }])
+            .build();
+        let client = mongodb::Client::with_options(options).expect("a client");
+        Repairer::new(
+            &client.database("unused"),
+            Duration::from_secs(10),
+            "t".into(),
+        )
+    }
+
+    #[tokio::test]
+    async fn series_are_bounded_per_device_and_in_all() {
+        let mut repairer = repairer();
+        // One device with random boots keeps only its most recent ones.
+        for boot in 0..1000 {
+            repairer
+                .series_mut("hostile".into(), format!("b{boot}"))
+                .see(5, 5);
+        }
+        let boots = &repairer.devices["hostile"].boots;
+        assert_eq!(boots.len(), MAX_SERIES_PER_DEVICE);
+        assert!(boots.contains_key("b999") && !boots.contains_key("b0"));
+        // Many devices: never more than MAX_SERIES, the honest one heard last kept.
+        for device in 0..MAX_SERIES + 500 {
+            repairer
+                .series_mut(format!("d{device}"), "b".into())
+                .see(1, 1);
+        }
+        repairer.series_mut("honest".into(), "b".into()).see(1, 3);
+        let total: usize = repairer.devices.values().map(|d| d.boots.len()).sum();
+        assert_eq!(total, repairer.series);
+        assert!(total <= MAX_SERIES, "{total}");
+        assert!(repairer.devices.contains_key("honest"));
+        // A series of holes every other seq keeps at most MAX_RANGES ranges, the
+        // newest holes kept.
+        let series = repairer.series_mut("gappy".into(), "b".into());
+        for seq in (1..=1000).step_by(2) {
+            series.see(seq, seq);
+        }
+        assert_eq!(series.seen.len(), MAX_RANGES);
+        assert_eq!(series.seen.last(), Some(&(999, 999)));
+        assert!(series.floored, "seen from 1: nothing to look up");
+    }
+
+    #[tokio::test]
+    async fn devices_are_served_in_turn() {
+        let mut repairer = repairer();
+        for device in ["a", "b", "c"] {
+            repairer.series_mut(device.into(), "b".into()).see(1, 1);
+        }
+        let order = |repairer: &Repairer| -> Vec<String> {
+            repairer
+                .in_turn()
+                .map(|(device, _)| device.clone())
+                .collect()
+        };
+        assert_eq!(order(&repairer), ["a", "b", "c"]);
+        repairer.cursor = Some("a".into());
+        assert_eq!(order(&repairer), ["b", "c", "a"]);
+        repairer.cursor = Some("c".into());
+        assert_eq!(order(&repairer), ["a", "b", "c"]);
+        // A device served last that has since gone still leaves the rest in turn.
+        repairer.cursor = Some("bb".into());
+        assert_eq!(order(&repairer), ["c", "a", "b"]);
+    }
+
+    #[test]
+    fn only_asked_ranges_are_believed_gone() {
+        let asked = merge(vec![(10, 20), (15, 30), (40, 45)]);
+        assert_eq!(asked, [(10, 30), (40, 45)]);
+        assert_eq!(
+            intersect(&[(1, 12), (25, 42), (50, 60)], &asked),
+            [(10, 12), (25, 30), (40, 42)]
+        );
+        assert!(intersect(&[(6, 9)], &[]).is_empty());
     }
 
     #[test]

@@ -98,6 +98,18 @@ pub const METRICS: &[ops::Metric] = &[
         "iot_persister_delay_seconds",
         "From a reading's device time to its write",
     ),
+    ops::Metric::counter(
+        "iot_persister_identity_flagged_total",
+        "Payloads naming a device their topic does not vouch for (identity mismatch or unverified), stored flagged",
+    ),
+    ops::Metric::counter(
+        "iot_persister_repair_dropped_total",
+        "What the repairer let go to stay within its bounds, by what (events, series, ranges, gone)",
+    ),
+    ops::Metric::gauge(
+        "iot_persister_repair_series",
+        "Series (device, boot) the repairer follows",
+    ),
 ];
 
 /// A count for the throughput line that is also a Prometheus counter.

@@ -14,10 +14,11 @@ use clap::{Parser, Subcommand};
 use futures_util::TryStreamExt;
 use std::time::Duration;
 
+use iot_core::bounds::{check_id, check_seq};
 use iot_core::config::{BrokerSettings, CloudBroker};
 use iot_core::mqtt::Connection;
 use iot_core::payload::format_time;
-use iot_core::replay::{self, Ranges};
+use iot_core::replay::{self, Ranges, MAX_RANGES};
 use iot_store::{
     asked_record, describe, format_retention, integer, retention, MongoSettings, READINGS, REPAIRS,
     STATUS,
@@ -513,8 +514,14 @@ pub struct BootGaps {
 }
 
 impl BootGaps {
+    /// How many numbers are missing; saturates rather than wraps on stored numbers at
+    /// the ends of i64 (written by something else than the persister, which keeps `seq`
+    /// within 1..=2^53).
     pub fn missing_count(&self) -> i64 {
-        self.missing.iter().map(|(from, to)| to - from + 1).sum()
+        self.missing
+            .iter()
+            .map(|&(from, to)| to.saturating_sub(from).saturating_add(1))
+            .fold(0, i64::saturating_add)
     }
 }
 
@@ -553,7 +560,8 @@ impl GapFinder {
                 if seq == current.last {
                     current.duplicates += 1;
                 } else {
-                    if seq > current.last + 1 {
+                    // Sorted, so seq > last: last + 1 cannot pass i64::MAX.
+                    if seq - 1 > current.last {
                         current.missing.push((current.last + 1, seq - 1));
                     }
                     current.last = seq;
@@ -662,6 +670,14 @@ async fn ask_again(found: &[BootGaps], broker: &CloudBroker, db: &Database) -> a
     let asks: Vec<(String, Ranges)> = found
         .iter()
         .filter(|gaps| !gaps.missing.is_empty())
+        .filter(|gaps| {
+            // Ids no device account could have sent (too long, not one topic level).
+            let fine = check_id("device", &gaps.device).and(check_id("boot", &gaps.boot));
+            if let Err(why) = &fine {
+                eprintln!("readings: not asking {:.128}: {why}", gaps.device);
+            }
+            fine.is_ok()
+        })
         .map(|gaps| {
             let ranges = gaps
                 .missing
@@ -669,7 +685,8 @@ async fn ask_again(found: &[BootGaps], broker: &CloudBroker, db: &Database) -> a
                 .filter_map(|&(from, to)| {
                     Some((u64::try_from(from).ok()?, u64::try_from(to).ok()?))
                 })
-                .filter(|(from, _)| *from > 0)
+                .filter(|&(from, to)| check_seq(from).and(check_seq(to)).is_ok())
+                .take(MAX_RANGES)
                 .collect();
             (
                 gaps.device.clone(),
@@ -1168,6 +1185,25 @@ mod tests {
         assert_eq!(found[2].missing, [(1, 3)], "a boot starts at 1");
         // With --since the readings before the window are not seen: no leading gap.
         assert!(find_gaps(sorted, false)[2].missing.is_empty());
+    }
+
+    #[test]
+    fn gaps_at_the_ends_of_the_numbers_neither_wrap_nor_panic() {
+        let top = iot_core::bounds::MAX_SEQ as i64;
+        let sorted = [
+            triples("d", "bound", &[1, top - 2, top]),
+            triples("d", "ends", &[i64::MIN, -1, 1, i64::MAX - 1, i64::MAX]),
+        ]
+        .concat();
+        let found = find_gaps(sorted, true);
+        assert_eq!(found[0].missing, [(2, top - 3), (top - 1, top - 1)]);
+        assert_eq!(found[0].missing_count(), top - 3);
+        assert_eq!(
+            found[1].missing,
+            [(i64::MIN + 1, -2), (0, 0), (2, i64::MAX - 2)]
+        );
+        assert_eq!(found[1].missing_count(), i64::MAX, "saturated, not wrapped");
+        assert_eq!((found[1].first, found[1].last), (i64::MIN, i64::MAX));
     }
 
     #[test]
