@@ -7,6 +7,9 @@
 # (default: mosquitto-cloud localhost 127.0.0.1); the certificate names them all, and
 # the bridge verifies it against the CA. Existing files are kept: to use real
 # certificates, put ca.crt, server.crt and server.key in CERTS_DIR instead.
+#
+# The CA's private key signs nothing after this: it is kept apart, in CA_KEY_DIR
+# (default: CERTS_DIR-ca-private, beside it), never in the folder the brokers read.
 set -eu
 die() { echo "mosquitto/certs.sh: $*" >&2; exit 2; }
 
@@ -15,7 +18,9 @@ dir=$1
 shift
 [ $# -gt 0 ] || set -- mosquitto-cloud localhost 127.0.0.1
 
-mkdir -p "$dir"
+ca_dir=${CA_KEY_DIR:-${dir%/}-ca-private}
+mkdir -p "$dir" "$ca_dir"
+chmod 700 "$ca_dir"
 if [ -f "$dir/ca.crt" ] && [ -f "$dir/server.crt" ] && [ -f "$dir/server.key" ]; then
   exit 0
 fi
@@ -33,11 +38,11 @@ done
 old_umask=$(umask)
 umask 077
 openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=IoT pipeline development CA" \
-  -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+  -keyout "$ca_dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
 openssl req -newkey rsa:2048 -nodes -subj "/CN=$1" \
   -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
 printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth\n' "$san" > "$dir/server.ext"
-openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$ca_dir/ca.key" -CAcreateserial \
   -days 825 -extfile "$dir/server.ext" -out "$dir/server.crt" 2>/dev/null
 rm -f "$dir/server.csr" "$dir/server.ext" "$dir/ca.srl"
 umask "$old_umask"

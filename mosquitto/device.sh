@@ -25,7 +25,10 @@ set -eu
 
 die() { echo "mosquitto/device.sh: $*" >&2; exit 2; }
 # Service accounts of mosquitto/setup.sh: never a device's name.
-services="temperature-sensor pressure-sensor device-status mqtt-subscriber bridge mongo-persister dashboard"
+services="temperature-sensor pressure-sensor device-status mqtt-subscriber bridge bridge-replay mongo-persister dashboard"
+# Topic roots of the presets and of the project: a device named like one would be given
+# that whole root (esphome's NAME/#, shelly's NAME/#), other devices' topics included.
+reserved="cmnd tele stat tasmotas zigbee2mqtt shellies homeassistant sensor device replay spBv1.0"
 
 conf_dir() {
   [ -f "$1/mosquitto.conf" ] || die "$1 is not a broker folder made by mosquitto/setup.sh (no mosquitto.conf)"
@@ -39,12 +42,40 @@ devices_dir() {
   echo "${data%/}/devices"
 }
 
+# The whole name, not line by line: a newline would otherwise pass and break the
+# broker's files.
 check_name() {
-  printf '%s' "$1" | grep -Eq '^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$' \
-    || die "device name '$1': letters, digits, '_', '.' and '-', starting with a letter or digit, at most 64"
+  case $1 in
+    ""|[!A-Za-z0-9]*|*[!A-Za-z0-9_.-]*) bad=true ;;
+    *) bad=false ;;
+  esac
+  if $bad || [ "${#1}" -gt 64 ]; then
+    die "device name $(printf '%s' "$1" | od -An -c | tr -s ' ' | head -c 80): letters, digits, '_', '.' and '-', starting with a letter or digit, at most 64"
+  fi
+}
+
+# A name for a new account: also none of the services' nor a topic root.
+check_new_name() {
+  check_name "$1"
+  lower=$(printf '%s' "$1" | tr 'A-Z' 'a-z')
   for service in $services; do
-    [ "$1" != "$service" ] || die "'$1' is a service's account, not a device name"
+    [ "$lower" != "$service" ] || die "'$1' is a service's account, not a device name"
   done
+  for root in $reserved; do
+    [ "$lower" != "$(printf '%s' "$root" | tr 'A-Z' 'a-z')" ] \
+      || die "'$1' is the topic root of other devices or of the pipeline ($root/...): choose another name"
+  done
+}
+
+# Checks the files a broker is about to read: every line of the ACL one Mosquitto
+# knows (a line it does not know makes Mosquitto 2.0 run without any ACL), every line
+# of the password file a user and a hash. Exits, naming the line, before the broker
+# sees them.
+check_files() {
+  bad=$(grep -nvE '^(#.*|user [A-Za-z0-9][A-Za-z0-9_.-]*|topic (read|write|readwrite|deny) [^[:space:]]+|pattern (read|write|readwrite|deny) [^[:space:]]+|)$' "$1") || true
+  [ -z "$bad" ] || die "$1 would have a line Mosquitto does not read (line $bad): nothing changed"
+  bad=$(grep -nvE '^[A-Za-z0-9][A-Za-z0-9_.-]*:\$[0-9]+\$[^[:space:]:]+$' "$2") || true
+  [ -z "$bad" ] || die "$2 would have a line that is not user:hash (line ${bad%%:*}): nothing changed"
 }
 
 # The ACL lines of device $1 for preset $2.
@@ -99,6 +130,10 @@ render() {
     done
   fi
   umask "$old_umask"
+  if ! (check_files "$1/acl.new" "$1/passwd.new"); then
+    rm -f "$1/passwd.new" "$1/acl.new"
+    exit 2
+  fi
   if [ "$(id -u)" = 0 ] && id mosquitto >/dev/null 2>&1; then
     chown mosquitto:mosquitto "$1/passwd.new" "$1/acl.new"
     [ ! -d "$devices" ] || chown -R mosquitto:mosquitto "$devices"
@@ -131,7 +166,7 @@ case $1 in
   add)
     [ $# -eq 4 ] || die "usage: device.sh add NAME PRESET CONF_DIR"
     name=$2 preset=$3 dir=$(conf_dir "$4")
-    check_name "$name"
+    check_new_name "$name"
     acl_of "$name" "$preset" > /dev/null
     command -v mosquitto_passwd >/dev/null 2>&1 || die "mosquitto_passwd not found: install mosquitto"
     devices=$(devices_dir "$dir")
@@ -141,10 +176,17 @@ case $1 in
     password=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
     old_umask=$(umask)
     umask 077
+    # Nothing half made is left behind: the account is whole, or it is not there.
+    trap 'rm -f "$devices/$name.passwd.new" "$devices/$name.acl.new"' EXIT
     printf '%s:%s\n' "$name" "$password" > "$devices/$name.passwd.new"
     mosquitto_passwd -U "$devices/$name.passwd.new"
-    acl_of "$name" "$preset" > "$devices/$name.acl"
+    acl_of "$name" "$preset" > "$devices/$name.acl.new"
+    if ! (check_files "$devices/$name.acl.new" "$devices/$name.passwd.new"); then
+      exit 2
+    fi
+    mv "$devices/$name.acl.new" "$devices/$name.acl"
     mv "$devices/$name.passwd.new" "$devices/$name.passwd"
+    trap - EXIT
     umask "$old_umask"
     render "$dir"
     reload "$dir"

@@ -7,10 +7,11 @@
 # mosquitto_passwd; the services' accounts from .env, then the devices' accounts kept by
 # mosquitto/device.sh), and creates the persistence folder. The cloud broker gets a TLS
 # listener for the bridge; its certificates are made by mosquitto/certs.sh when the
-# certificates folder has none. Passwords come from the
-# environment (export them from .env); a missing one is an error, never an empty
-# password. Run as root, it hands the files to the `mosquitto` user, which the broker
-# drops to and which must be able to read them.
+# certificates folder has none. Passwords come from the environment (export them from
+# .env); a missing one is an error, never an empty password, and the example's
+# change-me-... passwords are refused (exit 2, naming the variable) unless
+# MQTT_LISTEN_ADDRESS is a loopback address. Run as root, it hands the files to the
+# `mosquitto` user, which the broker drops to and which must be able to read them.
 #
 # Environment:
 #   MQTT_LISTEN_PORT      listener port (default 1883)
@@ -41,7 +42,7 @@ broker=$1
 out=$2
 case $broker in
   local) users="temperature-sensor pressure-sensor device-status mqtt-subscriber" ;;
-  cloud) users="bridge mqtt-subscriber mongo-persister"
+  cloud) users="bridge bridge-replay mqtt-subscriber mongo-persister"
          # The Node-RED dashboard's user, only when its password is set: a .env from
          # before the dashboard existed keeps working.
          [ -z "${DASHBOARD_PASSWORD:-}" ] || users="$users dashboard" ;;
@@ -53,11 +54,17 @@ command -v mosquitto_passwd >/dev/null 2>&1 || die "mosquitto_passwd not found: 
 # TEMPERATURE_SENSOR_PASSWORD); exits naming the variable when it is missing or unusable.
 # Called directly, never in $(...), so that its exit ends the script.
 password_of() {
+  # The bridge's two connections (mosquitto/local.conf.template) share one password.
+  case $1 in bridge-replay) set -- bridge ;; esac
   var=$(echo "$1" | tr 'a-z-' 'A-Z_')_PASSWORD
   eval "value=\${$var:-}"
   [ -n "$value" ] || die "$var is not set: set it in .env (see .env.example)"
   case $value in *"
 "*) die "$var must be one line" ;; esac
+  # The example's passwords are published: never on a broker others can reach.
+  case $value in
+    change-me*) $loopback || die "$var is the published example password ($value), and the broker listens on ${MQTT_LISTEN_ADDRESS:-every interface}: make a .env with new secrets (scripts/new-env), or listen on loopback only (MQTT_LISTEN_ADDRESS=127.0.0.1)" ;;
+  esac
   # mosquitto_passwd -U splits each line at the first ':' and trims blanks around the
   # password, so such a password would be stored changed and every login would fail.
   case $value in
@@ -65,6 +72,12 @@ password_of() {
     [[:space:]]*|*[[:space:]]) die "$var starts or ends with a blank, which Mosquitto's password file drops: choose another password" ;;
   esac
 }
+
+# Whether every listener is bound to loopback, where only this machine reaches it.
+case ${MQTT_LISTEN_ADDRESS:-} in
+  127.*|localhost|::1) loopback=true ;;
+  *) loopback=false ;;
+esac
 
 # Escapes a value for the replacement side of a sed s||| command.
 sed_escape() { printf '%s' "$1" | sed -e 's/[\\|&]/\\&/g'; }

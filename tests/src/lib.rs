@@ -148,6 +148,11 @@ impl Broker {
         self.process.as_ref().and_then(Child::id)
     }
 
+    /// The broker's configuration folder, as `mosquitto/setup.sh` made it.
+    pub fn conf_dir(&self) -> &Path {
+        &self.conf_dir
+    }
+
     /// Gives a device an account on this broker with `scripts/add-device` (the broker
     /// keeps running); returns the password it printed.
     pub fn add_device(&self, name: &str, preset: &str) -> String {
@@ -380,14 +385,18 @@ pub fn make_certificates(dir: &Path) {
 }
 
 impl Brokers {
-    /// Waits until the edge broker reports its bridge to the cloud connected.
+    /// Waits until the edge broker reports both connections of its bridge to the cloud
+    /// connected (readings out, replay requests in).
     pub async fn wait_for_bridge(&self) {
         let mut watcher = TestClient::connect(self.local.port, "mqtt-subscriber").await;
         watcher.subscribe("$SYS/broker/connection/+/state").await;
-        loop {
+        let mut up = std::collections::BTreeSet::new();
+        while up.len() < 2 {
             let message = watcher.next_message().await;
             if message.payload.as_ref() == b"1" {
-                return;
+                up.insert(message.topic);
+            } else {
+                up.remove(&message.topic);
             }
         }
     }
@@ -590,6 +599,11 @@ pub fn service_command(
 }
 
 impl Service {
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// Starts `command` with its output captured; `name` names it in failures.
     pub fn spawn(name: &str, command: Command) -> Service {
         Self::start(name, command, true).0
