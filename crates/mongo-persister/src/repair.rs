@@ -16,7 +16,8 @@
 //! others: the queue in front of the repairer ([`SEEN_QUEUE`], what does not fit is
 //! dropped and counted), series followed ([`MAX_SERIES`] in all, [`MAX_SERIES_PER_DEVICE`]
 //! each, the least recently heard let go first), `seq` ranges per series
-//! ([`MAX_RANGES`], the oldest holes given up first), new series checked against the
+//! ([`MAX_RANGES`], the oldest holes given up first) and in all ([`MAX_TOTAL_RANGES`]),
+//! new series checked against the
 //! database in batched queries, and devices served in turn: each second at most one
 //! series of each device is checked and asked for, starting after the device served
 //! last, so one device's holes never hold up another's.
@@ -43,8 +44,12 @@ pub const SEEN_QUEUE: usize = 10_000;
 pub const MAX_SERIES: usize = 10_000;
 /// Series (boots) followed at once for one device.
 pub const MAX_SERIES_PER_DEVICE: usize = 16;
-/// Disjoint `seq` ranges kept per series (so at most one fewer holes).
-pub const MAX_RANGES: usize = 64;
+/// Disjoint `seq` ranges kept per series (so at most one fewer holes): a persister
+/// replica of a shared subscription sees every other reading of a stream, one range
+/// each, until it looks its holes up in the database `--repair-after` later.
+pub const MAX_RANGES: usize = 8192;
+/// Ranges kept over all series: past it, the least recently heard series go.
+pub const MAX_TOTAL_RANGES: usize = 1_000_000;
 /// The most requests sent in one second, all devices together.
 const REQUESTS_PER_SECOND: usize = 20;
 /// The most series checked against the database in one second (one per device).
@@ -204,6 +209,8 @@ pub struct Repairer {
     devices: BTreeMap<String, Device>,
     /// Series followed, over all devices.
     series: usize,
+    /// Ranges kept over all series, as of the last tick plus those added since.
+    ranges: usize,
     /// The device served last: the next turn starts after it.
     cursor: Option<String>,
 }
@@ -217,6 +224,7 @@ impl Repairer {
             client_id,
             devices: BTreeMap::new(),
             series: 0,
+            ranges: 0,
             cursor: None,
         }
     }
@@ -233,7 +241,7 @@ impl Repairer {
             tokio::select! {
                 () = stop.cancelled() => return,
                 event = seen.recv() => match event {
-                    Some(Seen::Reading { device, boot, seq }) => self.series_mut(device, boot).see(seq, seq),
+                    Some(Seen::Reading { device, boot, seq }) => self.see(device, boot, seq),
                     Some(Seen::Gone { device, ranges }) => {
                         if let Err(error) = self.record_lost(&device, &ranges).await {
                             tracing::warn!("cannot record lost readings of {device}: {}", describe(&error));
@@ -257,6 +265,28 @@ impl Repairer {
         }
     }
 
+    /// A reading of `(device, boot)`; past [`MAX_TOTAL_RANGES`], the least recently
+    /// heard series make room.
+    fn see(&mut self, device: String, boot: String, seq: u64) {
+        let series = self.series_mut(device, boot);
+        let before = series.seen.len();
+        series.see(seq, seq);
+        let after = series.seen.len();
+        self.ranges = (self.ranges + after).saturating_sub(before);
+        if self.ranges > MAX_TOTAL_RANGES {
+            self.let_go_of_oldest();
+            self.ranges = self.count_ranges();
+        }
+    }
+
+    fn count_ranges(&self) -> usize {
+        self.devices
+            .values()
+            .flat_map(|device| device.boots.values())
+            .map(|series| series.seen.len())
+            .sum()
+    }
+
     /// The series of `(device, boot)`, followed from now on if it was not: within the
     /// bounds, the device's (then everyone's) least recently heard series make room.
     fn series_mut(&mut self, device: String, boot: String) -> &mut Series {
@@ -274,8 +304,8 @@ impl Repairer {
                     .iter()
                     .min_by_key(|(_, series)| series.last_seen)
                     .map(|(boot, _)| boot.clone());
-                if let Some(oldest) = oldest {
-                    boots.remove(&oldest);
+                if let Some(series) = oldest.and_then(|oldest| boots.remove(&oldest)) {
+                    self.ranges = self.ranges.saturating_sub(series.seen.len());
                     self.series -= 1;
                     dropped("series", 1);
                 }
@@ -307,6 +337,7 @@ impl Repairer {
         }
         self.devices.retain(|_, device| !device.boots.is_empty());
         self.series -= removed;
+        self.ranges = self.count_ranges();
         dropped("series", removed as u64);
     }
 
@@ -390,6 +421,7 @@ impl Repairer {
         }
         self.devices.retain(|_, device| !device.boots.is_empty());
         self.series -= forgotten;
+        self.ranges = self.count_ranges();
         metrics::gauge!("iot_persister_repair_series").set(self.series as f64);
     }
 
@@ -604,9 +636,17 @@ impl Repairer {
             .iter()
             .map(|(device, boot)| doc! { "device": device, "boot": boot })
             .collect();
+        let devices: Vec<&str> = series.iter().map(|(device, _)| device.as_str()).collect();
+        // Grouped by one string, not by a document of two fields: nx-27017 (the
+        // embedded server) keeps an `_id` document's field paths as literal text.
         let pipeline = [
-            doc! { "$match": { "$or": any, "seq": { "$exists": true } } },
-            doc! { "$group": { "_id": { "device": "$device", "boot": "$boot" }, "first": { "$min": "$seq" } } },
+            doc! { "$match": { "device": { "$in": devices }, "$or": any, "seq": { "$exists": true } } },
+            doc! { "$group": {
+                "_id": { "$concat": ["$device", "\u{0}", "$boot"] },
+                "device": { "$first": "$device" },
+                "boot": { "$first": "$boot" },
+                "first": { "$min": "$seq" },
+            } },
         ];
         let documents: Vec<Document> = self
             .readings
@@ -617,9 +657,8 @@ impl Repairer {
         Ok(documents
             .iter()
             .filter_map(|document| {
-                let key = document.get_document("_id").ok()?;
-                let device = key.get_str("device").ok()?.to_string();
-                let boot = key.get_str("boot").ok()?.to_string();
+                let device = document.get_str("device").ok()?.to_string();
+                let boot = document.get_str("boot").ok()?.to_string();
                 Some(((device, boot), seq_of(document.get("first"))?))
             })
             .collect())
@@ -836,9 +875,7 @@ mod tests {
         let mut repairer = repairer();
         // One device with random boots keeps only its most recent ones.
         for boot in 0..1000 {
-            repairer
-                .series_mut("hostile".into(), format!("b{boot}"))
-                .see(5, 5);
+            repairer.see("hostile".into(), format!("b{boot}"), 5);
         }
         let boots = &repairer.devices["hostile"].boots;
         assert_eq!(boots.len(), MAX_SERIES_PER_DEVICE);
@@ -849,20 +886,23 @@ mod tests {
                 .series_mut(format!("d{device}"), "b".into())
                 .see(1, 1);
         }
-        repairer.series_mut("honest".into(), "b".into()).see(1, 3);
+        repairer.see("honest".into(), "b".into(), 3);
         let total: usize = repairer.devices.values().map(|d| d.boots.len()).sum();
         assert_eq!(total, repairer.series);
         assert!(total <= MAX_SERIES, "{total}");
         assert!(repairer.devices.contains_key("honest"));
         // A series of holes every other seq keeps at most MAX_RANGES ranges, the
         // newest holes kept.
-        let series = repairer.series_mut("gappy".into(), "b".into());
-        for seq in (1..=1000).step_by(2) {
-            series.see(seq, seq);
+        let last = 2 * MAX_RANGES as u64 + 101;
+        for seq in (1..=last).step_by(2) {
+            repairer.see("gappy".into(), "b".into(), seq);
         }
+        let series = &repairer.devices["gappy"].boots["b"];
         assert_eq!(series.seen.len(), MAX_RANGES);
-        assert_eq!(series.seen.last(), Some(&(999, 999)));
+        assert_eq!(series.seen.last(), Some(&(last, last)));
         assert!(series.floored, "seen from 1: nothing to look up");
+        assert!(repairer.ranges <= MAX_TOTAL_RANGES);
+        assert!(repairer.count_ranges() <= MAX_TOTAL_RANGES);
     }
 
     #[tokio::test]
