@@ -54,9 +54,11 @@ check_name() {
   fi
 }
 
-# A name for a new account: also none of the services' nor a topic root.
+# A name for a new account of preset $2: none of the services', and, for the presets
+# whose topics start with the name (esphome, shelly's Gen2+), no topic root of others.
 check_new_name() {
   check_name "$1"
+  case $2 in esphome|shelly) ;; *) reserved="" ;; esac
   lower=$(printf '%s' "$1" | tr 'A-Z' 'a-z')
   for service in $services; do
     [ "$lower" != "$service" ] || die "'$1' is a service's account, not a device name"
@@ -166,7 +168,7 @@ case $1 in
   add)
     [ $# -eq 4 ] || die "usage: device.sh add NAME PRESET CONF_DIR"
     name=$2 preset=$3 dir=$(conf_dir "$4")
-    check_new_name "$name"
+    check_new_name "$name" "$preset"
     acl_of "$name" "$preset" > /dev/null
     command -v mosquitto_passwd >/dev/null 2>&1 || die "mosquitto_passwd not found: install mosquitto"
     devices=$(devices_dir "$dir")

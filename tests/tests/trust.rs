@@ -413,8 +413,9 @@ async fn add_device_refuses_a_name_that_would_break_or_widen_the_acl() {
         "-a",
         &"a".repeat(65),
     ] {
+        // esphome: the preset whose account owns NAME/#.
         let output = Command::new(repo_root().join("scripts/add-device"))
-            .args([name, "--conf-dir"])
+            .args([name, "--preset", "esphome", "--conf-dir"])
             .arg(&conf_dir)
             .output()
             .expect("add-device runs");
