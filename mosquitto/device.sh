@@ -58,12 +58,13 @@ check_name() {
 # whose topics start with the name (esphome, shelly's Gen2+), no topic root of others.
 check_new_name() {
   check_name "$1"
-  case $2 in esphome|shelly) ;; *) reserved="" ;; esac
+  roots=""
+  case $2 in esphome|shelly) roots=$reserved ;; esac
   lower=$(printf '%s' "$1" | tr 'A-Z' 'a-z')
   for service in $services; do
     [ "$lower" != "$service" ] || die "'$1' is a service's account, not a device name"
   done
-  for root in $reserved; do
+  for root in $roots; do
     [ "$lower" != "$(printf '%s' "$root" | tr 'A-Z' 'a-z')" ] \
       || die "'$1' is the topic root of other devices or of the pipeline ($root/...): choose another name"
   done

@@ -18,12 +18,7 @@ pub fn check_id(what: &str, value: &str) -> Result<(), String> {
     if value.is_empty() {
         return Err(format!("{what} is empty"));
     }
-    if value.len() > MAX_ID_BYTES {
-        return Err(format!(
-            "{what} is {} bytes long, more than {MAX_ID_BYTES}",
-            value.len()
-        ));
-    }
+    check_name(what, value)?;
     if let Some(c) = value
         .chars()
         .find(|c| c.is_control() || matches!(c, '/' | '+' | '#'))
@@ -44,7 +39,7 @@ pub fn check_seq(seq: u64) -> Result<(), String> {
     }
 }
 
-/// Why a measurement name is too long to store.
+/// Why a name (a measurement, or a device as a topic gives it) is too long to store.
 pub fn check_name(what: &str, value: &str) -> Result<(), String> {
     if value.len() > MAX_ID_BYTES {
         return Err(format!(

@@ -37,7 +37,7 @@ use serde_json::Value;
 use iot_core::bounds::{check_id, check_name, check_seq, MAX_ID_BYTES};
 use iot_core::payload::{decode, Decoded};
 
-use crate::{unparsed, Record};
+use crate::{cut, unparsed, Record};
 use topic::{check_filter, minimal_filters, Captures, Pattern, Template};
 
 /// The presets built into the binary, by name: `--ingest tasmota` reads
@@ -585,16 +585,7 @@ impl Readings {
                 measurement,
             );
         }
-        if let Some(why) = device
-            .iter()
-            .map(|device| check_name("device", device))
-            .chain(
-                measurement
-                    .iter()
-                    .map(|name| check_name("measurement", name)),
-            )
-            .find_map(Result::err)
-        {
+        if let Some(Err(why)) = device.as_deref().map(|device| check_name("device", device)) {
             return Record::Unparsed {
                 document: unparsed(topic, payload, received, &why),
             };
@@ -660,21 +651,30 @@ impl Readings {
                 why: Cow::Borrowed("no measurement in the payload"),
             };
         }
-        if let Some((path, _)) = values.iter().find(|(path, _)| path.len() > MAX_ID_BYTES) {
-            let why = check_name("measurement", path).err().unwrap_or_default();
-            return Record::Unparsed {
-                document: unparsed(topic, payload, received, &why),
-            };
-        }
-        let documents = values
+        let named: Vec<(String, f64)> = values
             .into_iter()
             .map(|(path, value)| {
                 let name = match (&measurement, path.is_empty()) {
                     (Some(measurement), true) => measurement.clone(),
                     (Some(measurement), false) => format!("{measurement}.{path}"),
                     (None, true) => "value".to_string(),
-                    (None, false) => path.clone(),
+                    (None, false) => path,
                 };
+                (name, value)
+            })
+            .collect();
+        // The names as stored, the rule's measurement and the payload's path together.
+        if let Some(why) = named
+            .iter()
+            .find_map(|(name, _)| check_name("measurement", name).err())
+        {
+            return Record::Unparsed {
+                document: unparsed(topic, payload, received, &why),
+            };
+        }
+        let documents = named
+            .into_iter()
+            .map(|(name, value)| {
                 let mut document = doc! { "_id": ObjectId::new(), "topic": topic };
                 if let Some(device) = &device {
                     document.insert("device", device);
@@ -854,15 +854,6 @@ fn identity_flagged(
     }
     document.insert("claimed_device", cut(claimed, MAX_ID_BYTES));
     Record::Unparsed { document }
-}
-
-/// `text` cut on a character boundary at or below `bytes`.
-fn cut(text: &str, bytes: usize) -> &str {
-    let mut end = text.len().min(bytes);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 /// A plain payload's value: a finite decimal number, or on/off/true/false in any case.

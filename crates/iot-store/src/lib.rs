@@ -384,6 +384,15 @@ impl Record {
     }
 }
 
+/// `text` cut on a character boundary at or below `bytes`.
+pub(crate) fn cut(text: &str, bytes: usize) -> &str {
+    let mut end = text.len().min(bytes);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 pub(crate) fn unparsed(
     topic: &str,
     payload: &[u8],
@@ -402,12 +411,7 @@ pub(crate) fn unparsed(
     let kept = &payload[..payload.len().min(MAX_RAW)];
     match std::str::from_utf8(payload) {
         Ok(text) => {
-            // Cut on a character boundary at or below MAX_RAW bytes.
-            let mut end = kept.len();
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            document.insert("raw", &text[..end]);
+            document.insert("raw", cut(text, MAX_RAW));
         }
         Err(_) => {
             document.insert(
@@ -622,6 +626,19 @@ mod tests {
         let topic = format!("/sensor/{long}/temperature");
         flagged(&topic, b"21.5");
         flagged(&format!("/sensor/d/{}", "m".repeat(129)), b"21.5");
+        // A preset's measurement names as stored: the topic's part and the payload's
+        // path together, at most 128 bytes, though each is shorter.
+        let shelly = Mapping::load(&["shelly".to_string()], chrono_tz::Tz::UTC).expect("preset");
+        let topic = format!("shellies/plug/{}", "m".repeat(100));
+        let long = format!(r#"{{"{}":21.5}}"#, "p".repeat(40));
+        assert!(matches!(
+            shelly.read(&topic, long.as_bytes(), at()),
+            Record::Unparsed { .. }
+        ));
+        assert!(matches!(
+            shelly.read(&topic, br#"{"p":21.5}"#, at()),
+            Record::Readings { .. }
+        ));
         assert_eq!(
             key(
                 "/sensor/temperature",

@@ -23,7 +23,6 @@
 //! last, so one device's holes never hold up another's.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ops::Bound;
 use std::time::Duration;
 
 use bson::{doc, Document};
@@ -352,8 +351,7 @@ impl Repairer {
         let claimed = merge(gone.ranges.clone());
         let asked = self.asked(device, &gone.boot, first, last, None).await?;
         let lost = intersect(&claimed, &merge(asked));
-        let believed: u64 = lost.iter().map(|(from, to)| to - from + 1).sum();
-        let claimed_count: u64 = claimed.iter().map(|(from, to)| to - from + 1).sum();
+        let (believed, claimed_count) = (numbers(&lost), numbers(&claimed));
         if believed < claimed_count {
             dropped("gone", claimed_count - believed);
             tracing::warn!(
@@ -427,19 +425,14 @@ impl Repairer {
 
     /// The devices in turn, starting after the one served last.
     fn in_turn(&self) -> impl Iterator<Item = (&String, &Device)> {
-        let after = match &self.cursor {
-            Some(cursor) => self
-                .devices
-                .range::<String, _>((Bound::Excluded(cursor), Bound::Unbounded)),
-            None => self.devices.range::<String, _>(..),
+        let served = |(device, _): &(&String, &Device)| {
+            self.cursor.as_ref().is_some_and(|cursor| *device <= cursor)
         };
-        let before = match &self.cursor {
-            Some(cursor) => self
-                .devices
-                .range::<String, _>((Bound::Unbounded, Bound::Included(cursor))),
-            None => self.devices.range::<String, _>(..String::new()),
-        };
-        after.chain(before)
+        let devices = self.devices.iter();
+        devices
+            .clone()
+            .skip_while(served)
+            .chain(devices.take_while(served))
     }
 
     /// Sets aside, for new series that started above 1, what lies below their first
@@ -752,6 +745,11 @@ fn subtract(ranges: &[(u64, u64)], covered: &[(u64, u64)]) -> Vec<(u64, u64)> {
         }
     }
     left
+}
+
+/// How many `seq` numbers disjoint ranges hold.
+fn numbers(ranges: &[Span]) -> u64 {
+    ranges.iter().map(|(from, to)| to - from + 1).sum()
 }
 
 /// Ranges sorted by start, overlapping or touching ones merged.
