@@ -623,6 +623,9 @@ mod tests {
             let document = flagged(topic, payload.as_bytes());
             assert!(document.get_str("error").is_ok(), "{document:?}");
         }
+        // A status's device, from the payload where the topic names none.
+        let status = format!(r#"{{"device":"{}","status":"online"}}"#, "d".repeat(129));
+        flagged("/device/status", status.as_bytes());
         let topic = format!("/sensor/{long}/temperature");
         flagged(&topic, b"21.5");
         flagged(&format!("/sensor/d/{}", "m".repeat(129)), b"21.5");

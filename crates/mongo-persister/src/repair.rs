@@ -274,7 +274,6 @@ impl Repairer {
         self.ranges = (self.ranges + after).saturating_sub(before);
         if self.ranges > MAX_TOTAL_RANGES {
             self.let_go_of_oldest();
-            self.ranges = self.count_ranges();
         }
     }
 
@@ -316,28 +315,40 @@ impl Repairer {
         boots.entry(boot).or_default()
     }
 
-    /// Lets go of the tenth of all series heard from least recently (all at once, so
-    /// that a flood of new series costs one sort per thousand, not one per series).
+    /// Lets go of the series heard from least recently until a tenth of each bound
+    /// ([`MAX_SERIES`], [`MAX_TOTAL_RANGES`]) is free again: all at once, so that a flood
+    /// of new series costs one sort per thousand, not one per series.
     fn let_go_of_oldest(&mut self) {
-        let mut heard: Vec<Option<Instant>> = self
-            .devices
-            .values()
-            .flat_map(|device| device.boots.values().map(|series| series.last_seen))
-            .collect();
-        let count = (MAX_SERIES / 10).max(1).min(heard.len());
-        let (_, &mut cut, _) = heard.select_nth_unstable(count - 1);
-        let mut removed = 0;
-        for device in self.devices.values_mut() {
-            device.boots.retain(|_, series| {
-                let keep = series.last_seen > cut || removed >= count;
-                removed += usize::from(!keep);
-                keep
-            });
+        let mut heard: Vec<(Option<Instant>, &String, &String, usize)> =
+            self.devices
+                .iter()
+                .flat_map(|(device, known)| {
+                    known.boots.iter().map(move |(boot, series)| {
+                        (series.last_seen, device, boot, series.seen.len())
+                    })
+                })
+                .collect();
+        heard.sort_unstable_by_key(|(last_seen, ..)| *last_seen);
+        let (mut series, mut ranges) = (heard.len(), heard.iter().map(|entry| entry.3).sum());
+        let mut gone = Vec::new();
+        for (_, device, boot, length) in heard {
+            if series <= MAX_SERIES - MAX_SERIES / 10
+                && ranges <= MAX_TOTAL_RANGES - MAX_TOTAL_RANGES / 10
+            {
+                break;
+            }
+            gone.push((device.clone(), boot.clone()));
+            series -= 1;
+            ranges -= length;
+        }
+        for (device, boot) in &gone {
+            if let Some(known) = self.devices.get_mut(device) {
+                known.boots.remove(boot);
+            }
         }
         self.devices.retain(|_, device| !device.boots.is_empty());
-        self.series -= removed;
-        self.ranges = self.count_ranges();
-        dropped("series", removed as u64);
+        (self.series, self.ranges) = (series, ranges);
+        dropped("series", gone.len() as u64);
     }
 
     /// Ranges the device says it no longer has, believed only where this device's boot
@@ -901,6 +912,22 @@ mod tests {
         assert!(series.floored, "seen from 1: nothing to look up");
         assert!(repairer.ranges <= MAX_TOTAL_RANGES);
         assert!(repairer.count_ranges() <= MAX_TOTAL_RANGES);
+    }
+
+    #[tokio::test]
+    async fn ranges_are_bounded_over_all_series() {
+        let mut repairer = repairer();
+        // Devices each with a hole every other seq, up to their series' bound: past
+        // the bound over all, the least recently heard series go.
+        let devices = MAX_TOTAL_RANGES / MAX_RANGES + 2;
+        for device in 0..devices {
+            for seq in (1..=2 * MAX_RANGES as u64).step_by(2) {
+                repairer.see(format!("d{device}"), "b".into(), seq);
+            }
+        }
+        assert!(repairer.count_ranges() <= MAX_TOTAL_RANGES);
+        assert!(repairer.devices.contains_key(&format!("d{}", devices - 1)));
+        assert!(!repairer.devices.contains_key("d0"));
     }
 
     #[tokio::test]

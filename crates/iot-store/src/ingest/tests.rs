@@ -309,6 +309,14 @@ fn a_bad_mapping_file_names_the_file_the_rule_and_the_problem() {
             "[[rule]]\ntopic = \"a\"\nkind = \"ignore\"\nskip = [\"x\"]\n",
             "ignore rule",
         ),
+        (
+            "[[rule]]\ntopic = \"a/{device}\"\ntrust_payload_device = true\n",
+            "this one names it",
+        ),
+        (
+            "[[rule]]\ntopic = \"a\"\nkind = \"ignore\"\ntrust_payload_device = false\n",
+            "ignore rule",
+        ),
         ("# nothing\n", "no [[rule]]"),
         ("[[rule]\n", "line 1"),
     ];
