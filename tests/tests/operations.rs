@@ -261,11 +261,12 @@ async fn prometheus_sees_every_reading_and_readiness_follows_the_database() {
         1.0,
     )
     .await;
-    // The brokers' figures, through the exporter: the bridge is up, clients connected.
+    // The brokers' figures, through the exporter: both of the bridge's connections
+    // (readings out, replay requests in) are up, clients connected.
     prometheus_says(
         prometheus_port,
-        "mosquitto_bridge_connected{broker=\"mosquitto-local\"}",
-        1.0,
+        "count(mosquitto_bridge_connected{broker=\"mosquitto-local\"} == 1)",
+        2.0,
     )
     .await;
     // $SYS figures come every 10 s: the persister, the bridge and the exporter itself.
