@@ -37,8 +37,16 @@ use serde_json::Value;
 use iot_core::bounds::{check_id, check_name, check_seq, MAX_ID_BYTES};
 use iot_core::payload::{decode, Decoded};
 
-use crate::{cut, unparsed, Record};
+use crate::record::{cut, unparsed, Record};
 use topic::{check_filter, minimal_filters, Captures, Pattern, Template};
+
+impl Record {
+    /// What a message received at `received_at` becomes under the built-in mapping
+    /// (`ingest/default.toml`).
+    pub fn from_message(topic: &str, payload: &[u8], received_at: DateTime<Utc>) -> Record {
+        Mapping::builtin().read(topic, payload, received_at)
+    }
+}
 
 /// The presets built into the binary, by name: `--ingest tasmota` reads
 /// `ingest/tasmota.toml` as it was when the binary was built.

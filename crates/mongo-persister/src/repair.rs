@@ -28,7 +28,8 @@ use std::time::Duration;
 use bson::{doc, Document};
 use futures_util::TryStreamExt;
 use iot_core::replay::{Ranges, MAX_PER_REQUEST};
-use iot_store::{asked_record, describe, integer, READINGS, REPAIRS};
+use iot_store::repairs::{self, GivenUp};
+use iot_store::{describe, integer, READINGS, REPAIRS};
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::{Collection, Database};
 use tokio::sync::mpsc;
@@ -387,11 +388,13 @@ impl Repairer {
                 to,
                 "readings lost for good: the device no longer has them"
             );
-            let document = doc! {
-                "_id": { "device": device, "boot": &gone.boot, "from": from as i64, "to": to as i64, "lost": true },
-                "device": device, "boot": &gone.boot, "from": from as i64, "to": to as i64,
-                "outcome": "lost", "at": bson::DateTime::now(),
-            };
+            let document = repairs::given_up(
+                GivenUp::Lost,
+                device,
+                &gone.boot,
+                (from, to),
+                bson::DateTime::now(),
+            );
             insert_once(&self.repairs, document).await?;
         }
         Ok(())
@@ -546,11 +549,13 @@ impl Repairer {
                 to,
                 "no answer to {MAX_ATTEMPTS} replay requests: giving up on these readings"
             );
-            let document = doc! {
-                "_id": { "device": &device, "boot": &boot, "from": from as i64, "to": to as i64, "unanswered": true },
-                "device": &device, "boot": &boot, "from": from as i64, "to": to as i64,
-                "outcome": "unanswered", "at": bson::DateTime::now(),
-            };
+            let document = repairs::given_up(
+                GivenUp::Unanswered,
+                &device,
+                &boot,
+                (from, to),
+                bson::DateTime::now(),
+            );
             insert_once(&self.repairs, document).await?;
             series.see(from, to);
         }
@@ -565,11 +570,17 @@ impl Repairer {
         let recently = self.asked(&device, &boot, first, last, Some(since)).await?;
         let missing = subtract(&missing, &recently);
         let at = bson::DateTime::now();
-        let id = doc! { "device": &device, "boot": &boot, "window": self.window(at) };
         let attempt = i64::from(attempt);
-        let Some(document) =
-            asked_record(id, &device, &boot, &missing, attempt, &self.client_id, at)
-        else {
+        let window = self.window(at);
+        let Some(document) = repairs::asked(
+            &device,
+            &boot,
+            window,
+            &missing,
+            attempt,
+            &self.client_id,
+            at,
+        ) else {
             return Ok(None);
         };
         // One request per series and --repair-after window, whichever replica's

@@ -6,6 +6,9 @@ use std::process::ExitCode;
 async fn main() -> ExitCode {
     let cli: readings::Cli =
         iot_core::config::load_with(readings::Cli::command(), std::env::args_os());
+    if let Err(message) = cli.check() {
+        iot_core::config::exit_bad_setting(&message);
+    }
     iot_core::logging::init();
     // `gaps` answers like diff: 1 when it found some, 2 when it could not look.
     let is_gaps = matches!(cli.query, readings::Query::Gaps { .. });
