@@ -107,7 +107,15 @@ async fn the_command_line_refuses_what_cannot_be_answered_and_cuts_wide_cells() 
 
     // An end before the start, or a limit of nothing: one line naming the flags, exit 2.
     for args in [
-        &["stats", "--topic", "/sensor/t", "--since", "1h", "--until", "2h"][..],
+        &[
+            "stats",
+            "--topic",
+            "/sensor/t",
+            "--since",
+            "1h",
+            "--until",
+            "2h",
+        ][..],
         &["range", "--topic", "/sensor/t", "--limit", "0"][..],
     ] {
         let (code, out, err) = readings(&mongo, args);

@@ -3,11 +3,14 @@
 //! The delays come from the `backon` crate: each is the exponential step (doubling from
 //! `initial` up to `cap`) plus a random share of up to one more step, so a fleet of
 //! devices that lost its broker at the same moment spreads its reconnects over time
-//! instead of knocking all at once.
+//! instead of knocking all at once. [`retry`] runs an operation until it succeeds with
+//! these delays between its attempts.
 
+use std::future::Future;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use tokio_util::sync::CancellationToken;
 
 /// Delays that double from `initial` to `cap`, each with up to as much again of
 /// random jitter (so never more than twice `cap`); restarts after [`Backoff::reset`].
@@ -60,9 +63,65 @@ impl Default for Backoff {
     }
 }
 
+/// Runs `attempt` until it succeeds, waiting a [`Backoff::default`] delay after each
+/// failure, which `failed` hears of first (the error, the attempt's number from 1, the
+/// delay before the next); `None` when `stop` is cancelled during a wait.
+pub async fn retry<T, E, F, Fut>(
+    stop: &CancellationToken,
+    mut attempt: F,
+    mut failed: impl FnMut(&E, u32, Duration),
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut backoff = Backoff::default();
+    loop {
+        match attempt().await {
+            Ok(value) => return Some(value),
+            Err(error) => {
+                let delay = backoff.next_delay();
+                failed(&error, backoff.attempt(), delay);
+                tokio::select! {
+                    () = stop.cancelled() => return None,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_tries_again_after_each_failure_until_it_succeeds_or_stops() {
+        let stop = CancellationToken::new();
+        let mut tries = 0;
+        let mut heard = Vec::new();
+        let answer = retry(
+            &stop,
+            || {
+                tries += 1;
+                let outcome = if tries < 3 { Err(tries) } else { Ok("done") };
+                async move { outcome }
+            },
+            |error, attempt, delay| heard.push((*error, attempt, delay)),
+        )
+        .await;
+        assert_eq!(answer, Some("done"));
+        assert_eq!(tries, 3);
+        assert_eq!(
+            heard.iter().map(|h| (h.0, h.1)).collect::<Vec<_>>(),
+            [(1, 1), (2, 2)]
+        );
+        assert!(heard[1].2 >= Duration::from_millis(500), "{heard:?}");
+
+        stop.cancel();
+        let never: Option<()> = retry(&stop, || async { Err::<(), _>("down") }, |_, _, _| {}).await;
+        assert_eq!(never, None, "stopped during the first wait");
+    }
 
     #[test]
     fn each_delay_is_its_step_plus_at_most_one_step_of_jitter_and_resets() {

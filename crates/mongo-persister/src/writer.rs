@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bson::{doc, Document};
 use futures_util::TryStreamExt;
-use iot_core::backoff::Backoff;
+use iot_core::backoff::retry;
 use iot_core::mqtt::Ack;
 use iot_core::ops;
 use iot_store::{
@@ -253,29 +253,20 @@ impl Writer {
 
     /// Makes the schema, retrying with backoff; false if `stop` came first.
     async fn wait_for_schema(&self, stop: &CancellationToken) -> bool {
-        let mut backoff = Backoff::default();
-        loop {
-            match self.make_schema().await {
-                Ok(()) => {
-                    ops::health().set(DATABASE_CHECK, Ok(()));
-                    return true;
-                }
-                Err(error) => {
-                    database_error(&error);
-                    let delay = backoff.next_delay();
-                    tracing::warn!(
-                        attempt = backoff.attempt(),
-                        "MongoDB at {} not ready: {}; retrying in {delay:?} (readings wait at the broker meanwhile)",
-                        self.address,
-                        describe(&error)
-                    );
-                    tokio::select! {
-                        () = stop.cancelled() => return false,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                }
-            }
+        let made = retry(stop, || self.make_schema(), |error, attempt, delay| {
+            database_error(error);
+            tracing::warn!(
+                attempt,
+                "MongoDB at {} not ready: {}; retrying in {delay:?} (readings wait at the broker meanwhile)",
+                self.address,
+                describe(error)
+            );
+        })
+        .await;
+        if made.is_some() {
+            ops::health().set(DATABASE_CHECK, Ok(()));
         }
+        made.is_some()
     }
 
     /// Writes what arrives on `pending` until it closes, sending the acknowledgements of
@@ -320,32 +311,26 @@ impl Writer {
     /// first. Every reading has its `_id` before the first try, so a retry after a
     /// partial write only meets duplicates (and statuses are checked again).
     async fn write_until_done(&self, batch: &[Pending], stop: &CancellationToken) -> bool {
-        let mut backoff = Backoff::default();
-        loop {
+        let timed_write = || async {
             let started = Instant::now();
-            match self.write(batch).await {
-                Ok(()) => {
-                    metrics::counter!("iot_persister_batches_total").increment(1);
-                    metrics::histogram!("iot_persister_batch_write_seconds")
-                        .record(started.elapsed().as_secs_f64());
-                    ops::health().set(DATABASE_CHECK, Ok(()));
-                    return true;
-                }
-                Err(error) => {
-                    database_error(&error);
-                    let delay = backoff.next_delay();
-                    tracing::warn!(
-                        attempt = backoff.attempt(), held = batch.len(),
-                        "cannot write to MongoDB: {}; retrying in {delay:?} (nothing is acknowledged meanwhile)",
-                        describe(&error)
-                    );
-                    tokio::select! {
-                        () = stop.cancelled() => return false,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                }
-            }
-        }
+            self.write(batch).await.map(|()| started.elapsed())
+        };
+        let took = retry(stop, timed_write, |error, attempt, delay| {
+            database_error(error);
+            tracing::warn!(
+                attempt, held = batch.len(),
+                "cannot write to MongoDB: {}; retrying in {delay:?} (nothing is acknowledged meanwhile)",
+                describe(error)
+            );
+        })
+        .await;
+        let Some(took) = took else {
+            return false;
+        };
+        metrics::counter!("iot_persister_batches_total").increment(1);
+        metrics::histogram!("iot_persister_batch_write_seconds").record(took.as_secs_f64());
+        ops::health().set(DATABASE_CHECK, Ok(()));
+        true
     }
 
     async fn write(&self, batch: &[Pending]) -> anyhow::Result<()> {
