@@ -45,6 +45,11 @@ impl ReplayBuffer {
         }
     }
 
+    /// The most readings it keeps; 0 keeps none.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Keeps reading `seq` (the next one) as published.
     pub fn push(&mut self, seq: u64, payload: Vec<u8>) {
         if self.capacity == 0 {
