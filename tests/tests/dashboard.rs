@@ -8,6 +8,10 @@
 //! `DASHBOARD_SCREENSHOT=PATH` saves the page as a PNG at the end: the README's picture
 //! (its Dashboard section says how).
 
+// Each test is one scenario, read top to bottom: the services' 80-line bound
+// (clippy.toml) is not for them.
+#![allow(clippy::too_many_lines)]
+
 use rumqttc::QoS;
 use tests::dashboard::{http, spawn_node_red, Browser};
 use tests::{spawn_brokers, TestClient};

@@ -35,7 +35,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use iot_core::bounds::{check_id, check_name, check_seq, MAX_ID_BYTES};
-use iot_core::payload::{decode, Decoded};
+use iot_core::payload::{decode, Decoded, JsonReading};
 
 use crate::record::{cut, unparsed, Record};
 use topic::{check_filter, minimal_filters, Captures, Pattern, Template};
@@ -334,28 +334,16 @@ fn parse(name: &str, text: &str) -> Result<Vec<Rule>, String> {
 /// Turns a rule as written into a checked one.
 fn check(raw: RawRule) -> Result<Rule, String> {
     let pattern = Pattern::parse(&raw.topic)?;
-    let filter = match raw.filter {
+    let filter = match raw.filter.clone() {
         Some(filter) => {
             check_filter(&filter)?;
             filter
         }
         None => pattern.filter(),
     };
-    let template = |text: &Option<String>| {
-        text.as_deref()
-            .map(|text| Template::parse(text, pattern.names()))
-            .transpose()
-    };
-    let named = |name: &str| {
-        pattern
-            .names()
-            .any(|known| known == name)
-            .then(|| Template::parse(&format!("{{{name}}}"), pattern.names()))
-            .transpose()
-    };
-    let device = match template(&raw.device)? {
+    let device = match template(&pattern, &raw.device)? {
         Some(device) => Some(device),
-        None => named("device")?,
+        None => named_capture(&pattern, "device")?,
     };
     let trust_payload_device = raw.trust_payload_device.unwrap_or(false);
     if trust_payload_device && device.is_some() {
@@ -372,105 +360,10 @@ fn check(raw: RawRule) -> Result<Rule, String> {
             })
         })
         .transpose()?;
-    let only = |present: bool, what: &str, kind: &str| {
-        if present {
-            Err(format!("{what} is for readings rules, not {kind} rules"))
-        } else {
-            Ok(())
-        }
-    };
-    let readings_keys = [
-        (raw.payload.is_some(), "payload"),
-        (raw.measurement.is_some(), "measurement"),
-        (raw.root.is_some(), "root"),
-        (raw.skip.is_some(), "skip"),
-        (raw.units.is_some(), "units"),
-    ];
-    let status_keys = [
-        (raw.online.is_some(), "online"),
-        (raw.offline.is_some(), "offline"),
-        (raw.state_field.is_some(), "state_field"),
-        (raw.device_field.is_some(), "device_field"),
-    ];
     let kind = match raw.kind {
-        RawKind::Ignore => {
-            for (present, what) in readings_keys.iter().chain(&status_keys) {
-                if *present {
-                    return Err(format!("{what} means nothing in an ignore rule"));
-                }
-            }
-            if raw.device.is_some()
-                || !raw.time.is_empty()
-                || raw.timezone.is_some()
-                || raw.trust_payload_device.is_some()
-            {
-                return Err(
-                    "device, trust_payload_device, time and timezone mean nothing in an ignore rule"
-                        .into(),
-                );
-            }
-            Kind::Ignore
-        }
-        RawKind::Status => {
-            for (present, what) in readings_keys {
-                only(present, what, "status")?;
-            }
-            let online = raw.online.unwrap_or_else(|| vec!["online".into()]);
-            let offline = raw.offline.unwrap_or_else(|| vec!["offline".into()]);
-            if online.is_empty()
-                || offline.is_empty()
-                || online.iter().any(|word| offline.contains(word))
-            {
-                return Err(
-                    "online and offline each need at least one payload, none in both".into(),
-                );
-            }
-            Kind::Status(Status {
-                online,
-                offline,
-                state_field: raw.state_field,
-                device_field: raw.device_field,
-            })
-        }
-        RawKind::Readings => {
-            for (present, what) in status_keys {
-                if present {
-                    return Err(format!("{what} is for status rules, not readings rules"));
-                }
-            }
-            let form = raw.payload.unwrap_or_default();
-            let measurement = match template(&raw.measurement)? {
-                Some(measurement) => Some(measurement),
-                None => named("measurement")?,
-            };
-            let mut units = Vec::new();
-            for (glob, unit) in raw.units.unwrap_or_default() {
-                match unit {
-                    toml::Value::String(unit) => units.push((glob, unit)),
-                    other => {
-                        return Err(format!(
-                            "units: {glob:?} = {}, not a string such as \"°C\"",
-                            other.type_str()
-                        ))
-                    }
-                }
-            }
-            if form == Form::Plain && (raw.root.is_some() || !raw.time.is_empty()) {
-                return Err(
-                    "root and time read a JSON payload; this rule reads plain payloads".into(),
-                );
-            }
-            Kind::Readings(Readings {
-                form,
-                measurement,
-                root: raw
-                    .root
-                    .map(|root| root.split('.').map(String::from).collect())
-                    .unwrap_or_default(),
-                skip: raw.skip.unwrap_or_default(),
-                units,
-            })
-        }
+        RawKind::Ignore => check_ignore(&raw)?,
+        RawKind::Status => check_status(&raw)?,
+        RawKind::Readings => check_readings(&raw, &pattern)?,
     };
     Ok(Rule {
         pattern,
@@ -483,6 +376,122 @@ fn check(raw: RawRule) -> Result<Rule, String> {
         time: raw.time,
         timezone,
     })
+}
+
+/// A template of the pattern's captures, where the rule writes one.
+fn template(pattern: &Pattern, text: &Option<String>) -> Result<Option<Template>, String> {
+    text.as_deref()
+        .map(|text| Template::parse(text, pattern.names()))
+        .transpose()
+}
+
+/// The capture `{name}` as a template, where the pattern has one.
+fn named_capture(pattern: &Pattern, name: &str) -> Result<Option<Template>, String> {
+    pattern
+        .names()
+        .any(|known| known == name)
+        .then(|| Template::parse(&format!("{{{name}}}"), pattern.names()))
+        .transpose()
+}
+
+/// The keys of readings rules, each with whether the rule has it.
+fn readings_keys(raw: &RawRule) -> [(bool, &'static str); 5] {
+    [
+        (raw.payload.is_some(), "payload"),
+        (raw.measurement.is_some(), "measurement"),
+        (raw.root.is_some(), "root"),
+        (raw.skip.is_some(), "skip"),
+        (raw.units.is_some(), "units"),
+    ]
+}
+
+/// The keys of status rules, each with whether the rule has it.
+fn status_keys(raw: &RawRule) -> [(bool, &'static str); 4] {
+    [
+        (raw.online.is_some(), "online"),
+        (raw.offline.is_some(), "offline"),
+        (raw.state_field.is_some(), "state_field"),
+        (raw.device_field.is_some(), "device_field"),
+    ]
+}
+
+fn check_ignore(raw: &RawRule) -> Result<Kind, String> {
+    for (present, what) in readings_keys(raw).iter().chain(&status_keys(raw)) {
+        if *present {
+            return Err(format!("{what} means nothing in an ignore rule"));
+        }
+    }
+    if raw.device.is_some()
+        || !raw.time.is_empty()
+        || raw.timezone.is_some()
+        || raw.trust_payload_device.is_some()
+    {
+        return Err(
+            "device, trust_payload_device, time and timezone mean nothing in an ignore rule".into(),
+        );
+    }
+    Ok(Kind::Ignore)
+}
+
+fn check_status(raw: &RawRule) -> Result<Kind, String> {
+    for (present, what) in readings_keys(raw) {
+        if present {
+            return Err(format!("{what} is for readings rules, not status rules"));
+        }
+    }
+    let online = raw.online.clone().unwrap_or_else(|| vec!["online".into()]);
+    let offline = raw
+        .offline
+        .clone()
+        .unwrap_or_else(|| vec!["offline".into()]);
+    if online.is_empty() || offline.is_empty() || online.iter().any(|word| offline.contains(word)) {
+        return Err("online and offline each need at least one payload, none in both".into());
+    }
+    Ok(Kind::Status(Status {
+        online,
+        offline,
+        state_field: raw.state_field.clone(),
+        device_field: raw.device_field.clone(),
+    }))
+}
+
+fn check_readings(raw: &RawRule, pattern: &Pattern) -> Result<Kind, String> {
+    for (present, what) in status_keys(raw) {
+        if present {
+            return Err(format!("{what} is for status rules, not readings rules"));
+        }
+    }
+    let form = raw.payload.unwrap_or_default();
+    let measurement = match template(pattern, &raw.measurement)? {
+        Some(measurement) => Some(measurement),
+        None => named_capture(pattern, "measurement")?,
+    };
+    let mut units = Vec::new();
+    for (glob, unit) in raw.units.clone().unwrap_or_default() {
+        match unit {
+            toml::Value::String(unit) => units.push((glob, unit)),
+            other => {
+                return Err(format!(
+                    "units: {glob:?} = {}, not a string such as \"°C\"",
+                    other.type_str()
+                ))
+            }
+        }
+    }
+    if form == Form::Plain && (raw.root.is_some() || !raw.time.is_empty()) {
+        return Err("root and time read a JSON payload; this rule reads plain payloads".into());
+    }
+    Ok(Kind::Readings(Readings {
+        form,
+        measurement,
+        root: raw
+            .root
+            .as_ref()
+            .map(|root| root.split('.').map(String::from).collect())
+            .unwrap_or_default(),
+        skip: raw.skip.clone().unwrap_or_default(),
+        units,
+    }))
 }
 
 impl Status {
@@ -593,92 +602,18 @@ impl Readings {
                 measurement,
             );
         }
-        if let Some(Err(why)) = device.as_deref().map(|device| check_name("device", device)) {
-            return Record::Unparsed {
-                document: unparsed(topic, payload, received, &why),
-            };
-        }
-        let Ok(text) = std::str::from_utf8(payload) else {
-            return Record::Unparsed {
-                document: unparsed(topic, payload, received, "payload is not UTF-8"),
-            };
+        let read = self.measurements(rule, payload, received, zone, device.as_deref());
+        let Measured { json, values, ts } = match read {
+            Ok(read) => read,
+            Err(none) => return none.record(topic, payload, received),
         };
-        let text = text.trim();
-        let looks_json = text.starts_with(['{', '[']);
-        let json = match self.form {
-            Form::Plain => None,
-            // `json` expects JSON; `auto` what looks like it (an object or an array).
-            _ => match serde_json::from_str::<Value>(text) {
-                Ok(json) => Some(json),
-                Err(error) if self.form == Form::Json || looks_json => {
-                    let why = format!("payload is not JSON: {error}");
-                    return Record::Unparsed {
-                        document: unparsed(topic, payload, received, &why),
-                    };
-                }
-                Err(_) => None,
-            },
-        };
-        let mut values: Vec<(String, f64)> = Vec::new();
-        let mut ts = received;
-        match &json {
-            Some(json) => {
-                let Some(root) = self.root.iter().try_fold(json, |value, key| value.get(key))
-                else {
-                    return Record::Nothing {
-                        why: Cow::Borrowed("the payload has no root object the rule names"),
-                    };
-                };
-                if let Some(time) = time_of(root, &rule.time, zone) {
-                    ts = bson::DateTime::from_chrono(time);
-                }
-                let skipped = |path: &str| {
-                    rule.time.iter().any(|time| time.field == path)
-                        || self.skip.iter().any(|glob| glob_matches(glob, path))
-                };
-                let mut path = String::new();
-                if !flatten(root, &mut path, &mut values, &skipped) {
-                    return Record::Unparsed {
-                        document: unparsed(
-                            topic,
-                            payload,
-                            received,
-                            &format!("more than {MAX_MEASUREMENTS} measurements in one message"),
-                        ),
-                    };
-                }
-            }
-            None => {
-                if let Some(value) = plain_value(text) {
-                    values.push((String::new(), value));
-                }
-            }
-        }
-        if values.is_empty() {
-            return Record::Nothing {
-                why: Cow::Borrowed("no measurement in the payload"),
-            };
-        }
-        let named: Vec<(String, f64)> = values
-            .into_iter()
-            .map(|(path, value)| {
-                let name = match (&measurement, path.is_empty()) {
-                    (Some(measurement), true) => measurement.clone(),
-                    (Some(measurement), false) => format!("{measurement}.{path}"),
-                    (None, true) => "value".to_string(),
-                    (None, false) => path,
-                };
-                (name, value)
-            })
-            .collect();
+        let named = named(values, measurement.as_deref());
         // The names as stored, the rule's measurement and the payload's path together.
         if let Some(why) = named
             .iter()
             .find_map(|(name, _)| check_name("measurement", name).err())
         {
-            return Record::Unparsed {
-                document: unparsed(topic, payload, received, &why),
-            };
+            return flagged(topic, payload, received, &why);
         }
         let documents = named
             .into_iter()
@@ -703,6 +638,70 @@ impl Readings {
         }
     }
 
+    /// What the payload holds, or why nothing.
+    fn measurements(
+        &self,
+        rule: &Rule,
+        payload: &[u8],
+        received: bson::DateTime,
+        zone: Tz,
+        device: Option<&str>,
+    ) -> Result<Measured, NoReadings> {
+        if let Some(Err(why)) = device.map(|device| check_name("device", device)) {
+            return Err(NoReadings::Flagged(why));
+        }
+        let Ok(text) = std::str::from_utf8(payload) else {
+            return Err(NoReadings::Flagged("payload is not UTF-8".into()));
+        };
+        let text = text.trim();
+        let json = self.json(text)?;
+        let mut values: Vec<(String, f64)> = Vec::new();
+        let mut ts = received;
+        match &json {
+            Some(json) => {
+                let Some(root) = self.root.iter().try_fold(json, |value, key| value.get(key))
+                else {
+                    return Err(NoReadings::Nothing(
+                        "the payload has no root object the rule names",
+                    ));
+                };
+                if let Some(time) = time_of(root, &rule.time, zone) {
+                    ts = bson::DateTime::from_chrono(time);
+                }
+                let skipped = |path: &str| {
+                    rule.time.iter().any(|time| time.field == path)
+                        || self.skip.iter().any(|glob| glob_matches(glob, path))
+                };
+                let mut path = String::new();
+                if !flatten(root, &mut path, &mut values, &skipped) {
+                    return Err(NoReadings::Flagged(format!(
+                        "more than {MAX_MEASUREMENTS} measurements in one message"
+                    )));
+                }
+            }
+            None => values.extend(plain_value(text).map(|value| (String::new(), value))),
+        }
+        if values.is_empty() {
+            return Err(NoReadings::Nothing("no measurement in the payload"));
+        }
+        Ok(Measured { json, values, ts })
+    }
+
+    /// The payload as JSON: `json` expects it, `auto` reads what looks like it (an
+    /// object or an array), `plain` never.
+    fn json(&self, text: &str) -> Result<Option<Value>, NoReadings> {
+        if self.form == Form::Plain {
+            return Ok(None);
+        }
+        match serde_json::from_str::<Value>(text) {
+            Ok(json) => Ok(Some(json)),
+            Err(error) if self.form == Form::Json || text.starts_with(['{', '[']) => {
+                Err(NoReadings::Flagged(format!("payload is not JSON: {error}")))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
     /// The unit of measurement `name`: the first `units` pattern that matches it,
     /// with `{Field}` filled from the payload's top-level string fields; none when such
     /// a field is missing.
@@ -724,6 +723,60 @@ impl Readings {
     }
 }
 
+/// Measurement names as stored: the rule's measurement, then the payload's path.
+fn named(values: Vec<(String, f64)>, measurement: Option<&str>) -> Vec<(String, f64)> {
+    values
+        .into_iter()
+        .map(|(path, value)| {
+            let name = match (measurement, path.is_empty()) {
+                (Some(measurement), true) => measurement.to_string(),
+                (Some(measurement), false) => format!("{measurement}.{path}"),
+                (None, true) => "value".to_string(),
+                (None, false) => path,
+            };
+            (name, value)
+        })
+        .collect()
+}
+
+/// What a payload holds by a readings rule.
+#[derive(Debug)]
+struct Measured {
+    /// The payload as JSON, where the rule read it so (for units filled from it).
+    json: Option<Value>,
+    /// Its measurements by path; one with an empty path for a plain value.
+    values: Vec<(String, f64)>,
+    /// Its time: the payload's where the rule says, else the receive time.
+    ts: bson::DateTime,
+}
+
+/// Why a message yields no readings.
+#[derive(Debug)]
+enum NoReadings {
+    /// It cannot be read: stored flagged, with why.
+    Flagged(String),
+    /// It holds nothing to store (an event, a text), for the log.
+    Nothing(&'static str),
+}
+
+impl NoReadings {
+    fn record(self, topic: &str, payload: &[u8], received: bson::DateTime) -> Record {
+        match self {
+            NoReadings::Flagged(why) => flagged(topic, payload, received, &why),
+            NoReadings::Nothing(why) => Record::Nothing {
+                why: Cow::Borrowed(why),
+            },
+        }
+    }
+}
+
+/// The flagged record of a payload that cannot be read, and why.
+fn flagged(topic: &str, payload: &[u8], received: bson::DateTime, why: &str) -> Record {
+    Record::Unparsed {
+        document: unparsed(topic, payload, received, why),
+    }
+}
+
 /// The project's reading form, with the measurement the topic gives. Who names the
 /// device: the topic where it names one (`topic_device`, bound to a device account by
 /// the broker's ACL; a payload that claims another device is flagged, never stored or
@@ -738,24 +791,20 @@ fn reading_form(
     trusted: bool,
     measurement: Option<String>,
 ) -> Record {
-    let flagged = |why: String| Record::Unparsed {
-        document: unparsed(topic, payload, received, &why),
-    };
     if let Some(Err(why)) = measurement
         .as_deref()
         .map(|name| check_name("measurement", name))
     {
-        return flagged(why);
+        return flagged(topic, payload, received, &why);
     }
     let mut document = doc! { "topic": topic };
     let keyed = match decode(payload) {
         Ok(Decoded::Number(value)) => {
             if let Some(Err(why)) = topic_device.as_deref().map(|id| check_id("device", id)) {
-                return flagged(why);
+                return flagged(topic, payload, received, &why);
             }
-            let device = topic_device;
             document.insert("_id", ObjectId::new());
-            if let Some(device) = device {
+            if let Some(device) = topic_device {
                 document.insert("device", device);
             }
             if let Some(measurement) = measurement {
@@ -777,62 +826,74 @@ fn reading_form(
                 }
                 (None, None) => None,
             };
-            let checks = [
-                device.as_deref().map(|id| check_id("device", id)),
-                reading.boot.as_deref().map(|id| check_id("boot", id)),
-                reading.seq.map(check_seq),
-            ];
-            if let Some(why) = checks.into_iter().flatten().find_map(Result::err) {
-                return flagged(why);
-            }
-            let key = match (&device, &reading.boot, reading.seq) {
-                (Some(device), Some(boot), Some(seq)) => {
-                    Some(doc! { "device": device, "boot": boot, "seq": seq as i64 })
-                }
-                _ => None,
-            };
-            let keyed = key.is_some();
-            document.insert(
-                "_id",
-                key.map(Bson::Document)
-                    .unwrap_or_else(|| ObjectId::new().into()),
-            );
-            if let Some(device) = device {
-                document.insert("device", device);
-            }
-            if let Some(boot) = reading.boot {
-                document.insert("boot", boot);
-            }
-            if let Some(seq) = reading.seq {
-                document.insert("seq", seq as i64);
-            }
-            if let Some(measurement) = measurement {
-                document.insert("measurement", measurement);
-            }
-            document.insert("value", reading.value);
-            if let Some(unit) = reading.unit {
-                document.insert("unit", unit);
-            }
-            document.insert(
-                "ts",
-                reading
-                    .ts
-                    .map(bson::DateTime::from_chrono)
-                    .unwrap_or(received),
-            );
-            keyed
-        }
-        Err(error) => {
-            return Record::Unparsed {
-                document: unparsed(topic, payload, received, &error.to_string()),
+            match json_reading(&mut document, reading, device, measurement, received) {
+                Ok(keyed) => keyed,
+                Err(why) => return flagged(topic, payload, received, &why),
             }
         }
+        Err(error) => return flagged(topic, payload, received, &error.to_string()),
     };
     document.insert("received_at", received);
     Record::Readings {
         documents: vec![document],
         keyed,
     }
+}
+
+/// Fills `document` with a JSON reading of `device` (whoever vouches for it), keyed by
+/// `{device, boot, seq}` when it has all three; true when keyed. Ids and `seq` outside
+/// their bounds are refused with why.
+fn json_reading(
+    document: &mut bson::Document,
+    reading: JsonReading,
+    device: Option<String>,
+    measurement: Option<String>,
+    received: bson::DateTime,
+) -> Result<bool, String> {
+    let checks = [
+        device.as_deref().map(|id| check_id("device", id)),
+        reading.boot.as_deref().map(|id| check_id("boot", id)),
+        reading.seq.map(check_seq),
+    ];
+    if let Some(why) = checks.into_iter().flatten().find_map(Result::err) {
+        return Err(why);
+    }
+    let key = match (&device, &reading.boot, reading.seq) {
+        (Some(device), Some(boot), Some(seq)) => {
+            Some(doc! { "device": device, "boot": boot, "seq": seq as i64 })
+        }
+        _ => None,
+    };
+    let keyed = key.is_some();
+    document.insert(
+        "_id",
+        key.map(Bson::Document)
+            .unwrap_or_else(|| ObjectId::new().into()),
+    );
+    if let Some(device) = device {
+        document.insert("device", device);
+    }
+    if let Some(boot) = reading.boot {
+        document.insert("boot", boot);
+    }
+    if let Some(seq) = reading.seq {
+        document.insert("seq", seq as i64);
+    }
+    if let Some(measurement) = measurement {
+        document.insert("measurement", measurement);
+    }
+    document.insert("value", reading.value);
+    if let Some(unit) = reading.unit {
+        document.insert("unit", unit);
+    }
+    document.insert(
+        "ts",
+        reading
+            .ts
+            .map(bson::DateTime::from_chrono)
+            .unwrap_or(received),
+    );
+    Ok(keyed)
 }
 
 /// A payload whose `device` is not the one its topic names (`topic_device`), or names a

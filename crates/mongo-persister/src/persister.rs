@@ -111,16 +111,7 @@ impl Persister {
         let stop_writing = CancellationToken::new();
         let writer = tokio::spawn(writer.run(pending_rx, written_tx, stop_writing.clone()));
 
-        let (seen, seen_rx) = mpsc::channel(repair::SEEN_QUEUE);
-        let (requests_tx, requests) = mpsc::unbounded_channel();
-        let stop_repairing = CancellationToken::new();
-        if config.repairs() {
-            let repairer = repair::Repairer::new(&db, config.repair_after, client_id.clone());
-            tokio::spawn(repairer.run(seen_rx, requests_tx, stop_repairing.clone()));
-        } else {
-            // Nobody listens: what would be sent is dropped at once, never queued.
-            drop(seen_rx);
-        }
+        let (seen, requests, stop_repairing) = spawn_repairer(config, &db, &client_id);
 
         Ok(Self {
             connection: Connection::start(&broker, options),
@@ -392,6 +383,30 @@ impl Persister {
             None => Ok(()),
         }
     }
+}
+
+/// The repairer's task, when this run repairs: what it follows goes in (bounded), the
+/// requests it makes come out.
+fn spawn_repairer(
+    config: &Config,
+    db: &mongodb::Database,
+    client_id: &str,
+) -> (
+    mpsc::Sender<repair::Seen>,
+    mpsc::UnboundedReceiver<repair::Request>,
+    CancellationToken,
+) {
+    let (seen, seen_rx) = mpsc::channel(repair::SEEN_QUEUE);
+    let (requests_tx, requests) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    if config.repairs() {
+        let repairer = repair::Repairer::new(db, config.repair_after, client_id.to_string());
+        tokio::spawn(repairer.run(seen_rx, requests_tx, stop.clone()));
+    } else {
+        // Nobody listens: what would be sent is dropped at once, never queued.
+        drop(seen_rx);
+    }
+    (seen, requests, stop)
 }
 
 /// The start line: where from, where to, how (never the database's password).
