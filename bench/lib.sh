@@ -5,6 +5,7 @@
 # a quick smoke run with the binaries the tests build).
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+. scripts/lib.sh
 BENCH_PROFILE=${BENCH_PROFILE:-release}
 bin=${CARGO_TARGET_DIR:-target}/$BENCH_PROFILE
 work=$(mktemp -d /tmp/iot-bench-XXXXXX)
@@ -71,25 +72,27 @@ start_local() {
 # The database as $db_uri: the server MONGODB_URI names when set, else one of our own
 # on a free port (mongod when on the PATH, else nx-27017 from .venv).
 start_database() {
-  if [ -n "${MONGODB_URI:-}" ]; then
-    server="the MONGODB_URI server"
-    db_uri=$MONGODB_URI
-    return
-  fi
   local db_port
-  db_port=$(free_port)
-  if command -v mongod >/dev/null 2>&1; then
-    server="mongod $(mongod --version | head -n 1)"
-    mkdir -p "$work/db"
-    mongod --dbpath "$work/db" --bind_ip 127.0.0.1 --port "$db_port" --quiet >"$work/db.log" 2>&1 & pids+=($!)
-  elif [ -x .venv/bin/nx-27017 ]; then
-    server="nx-27017 $(.venv/bin/pip show nx-27017 | sed -n 's/^Version: //p')"
-    .venv/bin/nx-27017 --data-dir "$work/db" --host 127.0.0.1 --port "$db_port" \
-      --log-file "$work/db.log" --pid-file "$work/db.pid" >/dev/null 2>&1 & pids+=($!)
-  else
-    say "no database: set MONGODB_URI, put mongod on the PATH, or run scripts/test once (it installs nx-27017 into .venv)"
-    exit 1
-  fi
+  case $(database_server) in
+    uri)
+      server="the MONGODB_URI server"
+      db_uri=$MONGODB_URI
+      return
+      ;;
+    mongod)
+      db_port=$(free_port)
+      server="mongod $(mongod --version | head -n 1)"
+      mkdir -p "$work/db"
+      mongod --dbpath "$work/db" --bind_ip 127.0.0.1 --port "$db_port" --quiet >"$work/db.log" 2>&1 & pids+=($!)
+      ;;
+    nx-27017)
+      [ -x .venv/bin/nx-27017 ] || { say "no database: set MONGODB_URI, put mongod on the PATH, or run scripts/test once (it installs nx-27017 into .venv)"; exit 1; }
+      db_port=$(free_port)
+      server="nx-27017 $(.venv/bin/pip show nx-27017 | sed -n 's/^Version: //p')"
+      .venv/bin/nx-27017 --data-dir "$work/db" --host 127.0.0.1 --port "$db_port" \
+        --log-file "$work/db.log" --pid-file "$work/db.pid" >/dev/null 2>&1 & pids+=($!)
+      ;;
+  esac
   wait_port "$db_port"
   db_uri="mongodb://127.0.0.1:$db_port"
 }

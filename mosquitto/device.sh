@@ -1,7 +1,7 @@
 #!/bin/sh
 # Device accounts on the edge broker, added and removed while it runs.
 #
-#   mosquitto/device.sh add NAME PRESET CONF_DIR   makes the account, prints its password
+#   mosquitto/device.sh add NAME PRESET CONF_DIR   makes the account with DEVICE_PASSWORD, prints it
 #   mosquitto/device.sh remove NAME CONF_DIR
 #   mosquitto/device.sh list CONF_DIR
 #   mosquitto/device.sh render CONF_DIR            (mosquitto/setup.sh runs it)
@@ -175,8 +175,13 @@ case $1 in
     devices=$(devices_dir "$dir")
     [ ! -f "$devices/$name.passwd" ] || die "device '$name' exists already: remove-device it first to give it a new password"
     mkdir -p "$devices"
-    # 128 random bits as hex: nothing Mosquitto's password file cannot hold.
-    password=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+    # Made by scripts/add-device (scripts/lib.sh's random_secret); anything else must
+    # be what Mosquitto's password file holds unchanged.
+    password=${DEVICE_PASSWORD:-}
+    case $password in
+      '') die "DEVICE_PASSWORD is not set: add accounts with scripts/add-device, which makes one" ;;
+      *[!A-Za-z0-9._~-]*) die "DEVICE_PASSWORD may hold only letters, digits and ._~-" ;;
+    esac
     old_umask=$(umask)
     umask 077
     # Nothing half made is left behind: the account is whole, or it is not there.
