@@ -7,6 +7,7 @@
 //! a fixed time.
 
 pub mod dashboard;
+pub mod docs;
 pub mod prometheus;
 
 use std::path::{Path, PathBuf};

@@ -75,8 +75,7 @@ fn assert_no_gaps(mongo: &MongoServer, device: &str, count: u32) {
 }
 
 /// A crash of the cloud broker (SIGKILL) loses only what it had accepted since its
-/// last save and not yet handed to the persister (see the README's Reliability
-/// section). Here nothing is in flight at the crash: everything published before it is
+/// last save and not yet handed to the persister (see docs/reliability.md). Here nothing is in flight at the crash: everything published before it is
 /// stored, and everything published during the 10 s outage waits on the edge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cloud_broker_killed_for_10_s_loses_nothing_it_had_saved() {

@@ -339,7 +339,7 @@ async fn assert_all_stored_once(
     );
 }
 
-/// The measured case of the README's Reliability section: the cloud machine loses
+/// The measured case of docs/reliability.md: the cloud machine loses
 /// power mid-stream (broker and persister SIGKILLed, the broker never saved), the
 /// broker comes back empty, the persister 5 s later. Everything the bridge delivered in
 /// between had no session to go to; it is asked of the device again.

@@ -1,4 +1,4 @@
-//! One device account cannot hurt anyone else's data (README, "Security"): through the
+//! One device account cannot hurt anyone else's data (docs/brokers-and-security.md): through the
 //! project's brokers and an account made by `scripts/add-device`, an attacker forges
 //! another device's readings and status, sends ids past their bounds, floods the
 //! repairer, answers `gone` for others; a bridge account asks for replays; a device
@@ -59,7 +59,7 @@ async fn a_device_account_cannot_forge_another_devices_readings_or_status() {
     let mut honest = brokers.start_edge("temperature-sensor", &honest_args);
     let boot = boot_of(&db, "temp-0001").await;
 
-    // The attacker's account, made as the README says, claims temp-0001's boot and
+    // The attacker's account, made as docs/real-devices.md says, claims temp-0001's boot and
     // every seq, on its own topics (the only ones its ACL lets it write).
     let password = brokers.local.add_device("evil", "default");
     let mut evil = brokers.local.log_in("evil", &password).await;
@@ -194,7 +194,7 @@ fn peak_kib(pid: u32) -> u64 {
 }
 
 /// The stated bound on the persister's memory under a hostile account's flood
-/// (README, "Security"), for a debug build.
+/// (docs/brokers-and-security.md), for a debug build.
 const MEMORY_BOUND_KIB: u64 = 128 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

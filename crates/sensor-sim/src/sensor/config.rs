@@ -40,10 +40,11 @@ pub struct SensorConfig {
     /// Payload form: plain (the value, e.g. 23.41) or json (device, boot, seq, ts, value, unit)
     #[arg(long, value_enum, default_value = "plain")]
     pub format: Format,
-    /// Stop after this many readings in all (default: run until stopped)
+    /// Stop after this many readings in all, and, at QoS 1 and 2, their
+    /// acknowledgements [default: run until stopped]
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
-    /// Stop after this long: seconds, or 30s, 10m, 2h
+    /// Stop after this long: seconds, or 30s, 10m, 2h [default: run until stopped]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub duration: Option<Duration>,
     /// MQTT client id [default: <binary>-<boot id>]
