@@ -16,7 +16,9 @@
 # nodered-batch python python-keyed" (which to run), BENCH_PEERS_N=5000 readings,
 # BENCH_RUNS=3 runs per figure (the median), BENCH_PERSISTER_ARGS (more flags for
 # mongo-persister, e.g. --no-repair), BENCH_PROFILE=release, MONGODB_URI (default: a
-# server of our own, as bench/suite.sh). Needs what scripts/test installs: mosquitto,
+# server of our own, as bench/suite.sh), BENCH_BASELINE_BIN=DIR (adds the consumer
+# persister-baseline: the mongo-persister in DIR, built from another commit, on the
+# same stream and server, so what a change costs per reading is a ratio of one run). Needs what scripts/test installs: mosquitto,
 # nx-27017, paho-mqtt and pymongo in .venv, Node-RED in nodered/node_modules and the
 # MongoDB node in bench/peers/node_modules (bench/peers/install.sh).
 set -euo pipefail
@@ -38,8 +40,14 @@ start_database
 
 # Consumer commands, by name: each reads its settings from the environment below.
 read -r -a peers <<< "${BENCH_PEERS:-persister persister-each nodered-each nodered-batch python python-keyed}"
+baseline=${BENCH_BASELINE_BIN:-}
+if [ -n "$baseline" ]; then
+  [ -x "$baseline/mongo-persister" ] || { say "BENCH_BASELINE_BIN: no mongo-persister in $baseline"; exit 2; }
+  [[ " ${peers[*]} " == *" persister-baseline "* ]] || peers+=(persister-baseline)
+fi
 declare -A label=(
   [persister]="\`mongo-persister\` (batches of 500)"
+  [persister-baseline]="\`mongo-persister\` (batches of 500) from $baseline"
   [persister-each]="\`mongo-persister --batch-size 1\` (one insert per message)"
   [nodered-each]="Node-RED: \`mqtt in\` → \`mongodb4\` insertOne"
   [nodered-batch]="Node-RED: \`mqtt in\` → \`join\` (500 or 0.2 s) → \`mongodb4\` insertMany"
@@ -52,12 +60,13 @@ start_peer() {
   export PEER_MQTT_PORT=$cloud_port PEER_MQTT_USER=mongo-persister PEER_MQTT_PASSWORD=bench PEER_CLIENT_ID=$id \
     PEER_MONGODB_URI=$db_uri PEER_MONGODB_DATABASE=$db
   case $1 in
-    persister | persister-each)
-      local batch=500
-      [ "$1" = persister ] || batch=1
+    persister | persister-each | persister-baseline)
+      local batch=500 exe=$bin/mongo-persister
+      [ "$1" != persister-each ] || batch=1
+      [ "$1" != persister-baseline ] || exe=$baseline/mongo-persister
       CLOUD_BROKER=127.0.0.1 CLOUD_PORT=$cloud_port CLOUD_USERNAME=mongo-persister CLOUD_PASSWORD=bench \
         MONGODB_URI=$db_uri MONGODB_DATABASE=$db RUST_LOG=warn \
-        "$bin/mongo-persister" --client-id "$id" --topic /sensor/# --batch-size "$batch" $PERSISTER_ARGS >>"$log" 2>&1 &
+        "$exe" --client-id "$id" --topic /sensor/# --batch-size "$batch" $PERSISTER_ARGS >>"$log" 2>&1 &
       ;;
     nodered-*)
       PEER_FLOWS="nodered-${1#nodered-}.json" PEER_NODERED_PORT=$(free_port) \
@@ -154,3 +163,9 @@ for peer in "${peers[@]}"; do
   read -r crash_stored crash_distinct <<< "${crashed[$peer]}"
   echo "| ${label[$peer]} | $wall | $(calc "f'{$N / $wall:,.0f}'") | $cpu | $(calc "f'{$cpu / $N * 1e6:,.0f}'") | $(calc "f'{$rss / 1024:.1f}'") | $stored ($distinct) | $((N - crash_distinct)), $((crash_stored - crash_distinct)) |"
 done
+if [ -n "${drained[persister]:-}" ] && [ -n "${drained[persister-baseline]:-}" ]; then
+  read -r _ ours _ <<< "${drained[persister]}"
+  read -r _ theirs _ <<< "${drained[persister-baseline]}"
+  echo
+  echo "CPU per reading, this build / the baseline: $(calc "f'{$ours / $theirs:.2f}'")"
+fi
