@@ -13,13 +13,17 @@
 # change, the broker started with CONF_DIR/mosquitto.conf gets SIGHUP and reads them
 # again: no restart, no connection dropped.
 #
-# PRESET says what the device may do (see README.md, "Real devices"):
+# PRESET says what the device may do (docs/real-devices.md); PRESET:PARAMETER=VALUE
+# follows the layout its owner set (the same string as mongo-persister --ingest takes):
 #   default        this project's reading form: /sensor/NAME/<measurement>, /device/NAME/status
 #   tasmota        tele/NAME/#, stat/NAME/#; reads cmnd/NAME/# and the group cmnd/tasmotas/#
 #   zigbee2mqtt    a Zigbee2MQTT bridge: zigbee2mqtt/# (its devices' states and commands)
 #   esphome        a node whose topic_prefix is NAME: NAME/#; its Home Assistant discovery
 #   shelly         Gen1 shellies/NAME/# (and shellies/command), Gen2+ topic prefix NAME/#
 #   homeassistant  Home Assistant's statestream: homeassistant/#
+# Layouts: tasmota:fulltopic=F (F as Tasmota shows it, %prefix% and %topic% in it),
+# zigbee2mqtt:base_topic=B, homeassistant:base_topic=B, esphome:topic_prefix=P and
+# shelly:topic_prefix=P (Gen2+; {device} in P where NAME goes, or P ending in NAME).
 # Environment: BROKER_ADDRESS (host:port, for the hint printed by add).
 set -eu
 
@@ -54,19 +58,71 @@ check_name() {
   fi
 }
 
+# PRESET[:PARAMETER=VALUE] of $1: sets preset, and value (empty: the firmware's
+# default layout), once the parameter is the preset's and the value one it can use.
+parse_preset() {
+  preset=${1%%:*} value=""
+  [ "$preset" = "$1" ] && return 0
+  setting=${1#*:}
+  parameter=${setting%%=*} value=${setting#*=}
+  [ "$parameter" != "$setting" ] || die "preset '$1': expected PRESET:PARAMETER=VALUE"
+  case $preset in
+    tasmota) expected=fulltopic ;;
+    zigbee2mqtt|homeassistant) expected=base_topic ;;
+    esphome|shelly) expected=topic_prefix ;;
+    *) die "preset '$preset' takes no layout parameter" ;;
+  esac
+  [ "$parameter" = "$expected" ] || die "preset '$preset' takes $expected=VALUE, not $parameter"
+  trimmed=${value%/}
+  case $trimmed in
+    ""|/*|*//*|*[!A-Za-z0-9_./%{}-]*) die "$parameter '$value': topic levels of letters, digits and _.- (no '+', '#' or empty level)" ;;
+  esac
+  case $preset in
+    tasmota)
+      case /$trimmed/ in */%prefix%/*) ;; *) die "fulltopic '$value': a FullTopic has %prefix% and %topic% (or %hostname% or %id%)" ;; esac
+      case /$trimmed/ in */%topic%/*|*/%hostname%/*|*/%id%/*) ;; *) die "fulltopic '$value': a FullTopic has %prefix% and %topic% (or %hostname% or %id%)" ;; esac
+      value=$trimmed/ ;;
+    esphome|shelly)
+      case /$value/ in
+        */\{device\}/*) ;;
+        */"$2"/) ;;
+        *) die "topic_prefix '$value': {device} where the device's name is, or a prefix ending in the account's name $2 (its last level names the device)" ;;
+      esac ;;
+  esac
+  case $value in *{*) case $value in *'{device}'*) ;; *) die "$parameter '$value': only {device} may stand in braces" ;; esac ;; esac
+}
+
+# A FullTopic for prefix $1 and device $2: the first of %topic%, %hostname%, %id% is
+# the device, the others any level (as the persister reads it).
+fulltopic() {
+  named=""
+  for placeholder in %topic% %hostname% %id%; do
+    case /$value in */$placeholder/*) named=$placeholder; break ;; esac
+  done
+  printf '%s' "$value" | sed -e "s|%prefix%|$1|g" -e "s|$named|$2|g" -e 's|%topic%|+|g; s|%hostname%|+|g; s|%id%|+|g'
+}
+
+# The device's own prefix for esphome and shelly (Gen2+): NAME, or the layout's.
+own_prefix() {
+  if [ -n "$value" ]; then printf '%s' "$value" | sed "s|{device}|$1|g"; else printf '%s' "$1"; fi
+}
+
 # A name for a new account of preset $2: none of the services', and, for the presets
-# whose topics start with the name (esphome, shelly's Gen2+), no topic root of others.
+# whose topics start with the device's prefix (esphome, shelly's Gen2+: NAME, or the
+# layout's), no topic root of others as its first level.
 check_new_name() {
   check_name "$1"
-  roots=""
-  case $2 in esphome|shelly) roots=$reserved ;; esac
   lower=$(printf '%s' "$1" | tr 'A-Z' 'a-z')
   for service in $services; do
     [ "$lower" != "$service" ] || die "'$1' is a service's account, not a device name"
   done
-  for root in $roots; do
-    [ "$lower" != "$(printf '%s' "$root" | tr 'A-Z' 'a-z')" ] \
-      || die "'$1' is the topic root of other devices or of the pipeline ($root/...): choose another name"
+  case $2 in esphome|shelly) ;; *) return 0 ;; esac
+  first=$(own_prefix "$1")
+  first=${first%%/*}
+  lower=$(printf '%s' "$first" | tr 'A-Z' 'a-z')
+  for taken in $reserved; do
+    [ "$lower" != "$(printf '%s' "$taken" | tr 'A-Z' 'a-z')" ] \
+      || die "'$first' is the topic root of other devices or of the pipeline ($taken/...): choose another name or prefix"
   done
 }
 
@@ -84,19 +140,25 @@ check_files() {
 # The ACL lines of device $1 for preset $2.
 acl_of() {
   name=$1
-  echo "# device $name, preset $2"
+  echo "# device $name, preset ${spec:-$2}"
   echo "user $name"
   case $2 in
     default) printf '%s\n' "topic write /sensor/$name/#" "topic write /device/$name/status" \
                "topic read /replay/$name/request" "topic write /replay/$name/gone" ;;
-    tasmota) printf '%s\n' "topic write tele/$name/#" "topic write stat/$name/#" \
-               "topic read cmnd/$name/#" "topic read cmnd/tasmotas/#" ;;
-    zigbee2mqtt) printf '%s\n' "topic readwrite zigbee2mqtt/#" ;;
-    esphome) printf '%s\n' "topic readwrite $name/#" "topic write homeassistant/+/$name/#" \
+    tasmota)
+      if [ -n "$value" ]; then
+        printf '%s\n' "topic write $(fulltopic tele "$name")#" "topic write $(fulltopic stat "$name")#" \
+          "topic read $(fulltopic cmnd "$name")#" "topic read $(fulltopic cmnd tasmotas)#"
+      else
+        printf '%s\n' "topic write tele/$name/#" "topic write stat/$name/#" \
+          "topic read cmnd/$name/#" "topic read cmnd/tasmotas/#"
+      fi ;;
+    zigbee2mqtt) printf '%s\n' "topic readwrite ${value:-zigbee2mqtt}/#" ;;
+    esphome) printf '%s\n' "topic readwrite $(own_prefix "$name")/#" "topic write homeassistant/+/$name/#" \
                "topic read homeassistant/status" ;;
     shelly) printf '%s\n' "topic readwrite shellies/$name/#" "topic read shellies/command" \
-              "topic readwrite $name/#" ;;
-    homeassistant) printf '%s\n' "topic readwrite homeassistant/#" ;;
+              "topic readwrite $(own_prefix "$name")/#" ;;
+    homeassistant) printf '%s\n' "topic readwrite ${value:-homeassistant}/#" ;;
     *) die "unknown preset '$2': expected default, tasmota, zigbee2mqtt, esphome, shelly or homeassistant" ;;
   esac
   echo
@@ -109,11 +171,11 @@ hint() {
   port=${address##*:}
   case $2 in
     default) echo "configure: LOCAL_BROKER=$host LOCAL_PORT=$port LOCAL_USERNAME=$1; publish readings to /sensor/$1/<measurement>, status to /device/$1/status (examples/esp32/)" ;;
-    tasmota) echo "configure (Tasmota console): Backlog MqttHost $host; MqttPort $port; MqttUser $1; MqttPassword <password>; Topic $1" ;;
-    zigbee2mqtt) echo "configure (configuration.yaml): mqtt: {server: 'mqtt://$host:$port', user: $1, password: <password>, base_topic: zigbee2mqtt}" ;;
-    esphome) echo "configure (node YAML): mqtt: {broker: $host, port: $port, username: $1, password: <password>, topic_prefix: $1}" ;;
-    shelly) echo "configure (Settings > MQTT): server $host:$port, user $1, password <password>; Gen1: the device id must be $1; Gen2+: MQTT prefix $1" ;;
-    homeassistant) echo "configure: MQTT integration broker $host:$port, user $1, password <password>; mqtt_statestream: {base_topic: homeassistant}" ;;
+    tasmota) echo "configure (Tasmota console): Backlog MqttHost $host; MqttPort $port; MqttUser $1; MqttPassword <password>; Topic $1${value:+; FullTopic $value}" ;;
+    zigbee2mqtt) echo "configure (configuration.yaml): mqtt: {server: 'mqtt://$host:$port', user: $1, password: <password>, base_topic: ${value:-zigbee2mqtt}}" ;;
+    esphome) echo "configure (node YAML): mqtt: {broker: $host, port: $port, username: $1, password: <password>, topic_prefix: $(own_prefix "$1")}" ;;
+    shelly) echo "configure (Settings > MQTT): server $host:$port, user $1, password <password>; Gen1: the device id must be $1; Gen2+: MQTT prefix $(own_prefix "$1")" ;;
+    homeassistant) echo "configure: MQTT integration broker $host:$port, user $1, password <password>; mqtt_statestream: {base_topic: ${value:-homeassistant}}" ;;
   esac
 }
 
@@ -168,7 +230,9 @@ reload() {
 case $1 in
   add)
     [ $# -eq 4 ] || die "usage: device.sh add NAME PRESET CONF_DIR"
-    name=$2 preset=$3 dir=$(conf_dir "$4")
+    name=$2 spec=$3 dir=$(conf_dir "$4")
+    check_name "$name"
+    parse_preset "$spec" "$name"
     check_new_name "$name" "$preset"
     acl_of "$name" "$preset" > /dev/null
     command -v mosquitto_passwd >/dev/null 2>&1 || die "mosquitto_passwd not found: install mosquitto"
@@ -198,7 +262,7 @@ case $1 in
     umask "$old_umask"
     render "$dir"
     reload "$dir"
-    echo "device $name (preset $preset) may now log in to the edge broker${BROKER_ADDRESS:+ at $BROKER_ADDRESS}"
+    echo "device $name (preset $spec) may now log in to the edge broker${BROKER_ADDRESS:+ at $BROKER_ADDRESS}"
     echo "user:     $name"
     echo "password: $password"
     sed -n 's/^topic /may:      /p' "$devices/$name.acl"

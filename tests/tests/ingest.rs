@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use bson::{doc, Document};
-use iot_store::ingest::fixtures::{messages, Expect, ALL_PRESETS};
+use iot_store::ingest::fixtures::{laid_out, messages, Expect, Message, ALL_PRESETS, LAYOUTS};
 use rumqttc::QoS;
 use serde_json::Value;
 use tests::stored::count;
@@ -57,29 +57,64 @@ fn reading_of(document: &Document) -> Reading {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_devices_messages_are_stored_as_the_contract_says() {
+    store_the_fixtures_through_the_brokers(false).await;
+}
+
+/// The Tasmota FullTopic `emoncms/ch2i/factory/%topic%/%prefix%/`, a two-level ESPHome
+/// prefix, changed Zigbee2MQTT and statestream base topics, a Shelly Gen2 prefix: the
+/// accounts made with the layout, the persister given it, every message stored as with
+/// the firmware's default layout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_laid_out_by_their_owners_are_stored_as_with_the_default_layout() {
+    store_the_fixtures_through_the_brokers(true).await;
+}
+
+/// The account a fixture message's device logs in with: the topic level its preset's
+/// ACL binds to the account (with `laid`, in the layouts of [`LAYOUTS`]).
+fn account_name(message: &Message, laid: bool) -> String {
+    let level = |n: usize| {
+        message
+            .topic
+            .split('/')
+            .nth(n)
+            .unwrap_or_default()
+            .to_string()
+    };
+    match (message.preset, laid) {
+        ("tasmota", false) => level(1),
+        ("tasmota", true) => level(3),
+        ("shelly", false) if level(0) == "shellies" => level(1),
+        (_, false) => level(0),
+        (_, true) => level(1),
+    }
+}
+
+/// Publishes every fixture message (laid out by its owner's layout with `laid`) as its
+/// device, through both brokers, and checks what the persister stored.
+async fn store_the_fixtures_through_the_brokers(laid: bool) {
     let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
     let db = mongo.database().await;
-    let fixtures = messages();
+    let fixtures: Vec<Message> = match laid {
+        false => messages(),
+        true => messages().iter().map(laid_out).collect(),
+    };
+    let spec_of = |preset: &str| {
+        LAYOUTS
+            .iter()
+            .find(|(name, _)| laid && *name == preset)
+            .map_or(preset.to_string(), |(_, spec)| spec.to_string())
+    };
 
     // One account per device the fixtures publish as, each with its preset.
-    let mut names: BTreeMap<String, &str> = BTreeMap::new();
+    let mut names: BTreeMap<String, String> = BTreeMap::new();
     for message in &fixtures {
-        let topic = message.topic.as_str();
-        let first = topic.split('/').next().unwrap_or_default();
-        let name = match message.preset {
-            "zigbee2mqtt" | "homeassistant" => first.to_string(),
-            "tasmota" => topic.split('/').nth(1).unwrap_or_default().to_string(),
-            "shelly" if first == "shellies" => {
-                topic.split('/').nth(1).unwrap_or_default().to_string()
-            }
-            _ => first.to_string(),
-        };
-        names.insert(name, message.preset);
+        names.insert(account_name(message, laid), spec_of(message.preset));
     }
     let accounts: Vec<(String, String)> = names
         .iter()
         .map(|(name, preset)| (name.clone(), brokers.local.add_device(name, preset)))
         .collect();
+    let ingest: Vec<String> = ALL_PRESETS.iter().map(|preset| spec_of(preset)).collect();
 
     let ready = brokers.dir().join("persister.ready");
     let ready_arg = ready.to_string_lossy().into_owned();
@@ -87,7 +122,7 @@ async fn real_devices_messages_are_stored_as_the_contract_says() {
         &mongo,
         &[
             "--ingest",
-            &ALL_PRESETS.join(","),
+            &ingest.join(","),
             "--device-timezone",
             "Europe/Berlin",
             "--ready-file",
@@ -279,6 +314,23 @@ async fn a_bad_mapping_file_is_one_error_naming_the_file_and_the_rule() {
         "{stderr}"
     );
     assert!(stderr.contains("xml"), "{stderr}");
+
+    // A layout parameter that makes no sense: the same, at start.
+    for (ingest, says) in [
+        ("tasmota:fulltopic=home/%topic%/", "%prefix%"),
+        ("zigbee2mqtt:topic_prefix=home", "base_topic=VALUE"),
+    ] {
+        let output = std::process::Command::new(binary("mongo-persister"))
+            .args(["--ingest", ingest])
+            .env_clear()
+            .current_dir(dir.path())
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{ingest}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(says), "{ingest}: {stderr}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -429,9 +429,25 @@ async fn add_device_refuses_a_name_that_would_break_or_widen_the_acl() {
             "{name:?}"
         );
     }
+    // Layouts that would widen an account or break its ACL line.
+    for preset in [
+        "esphome:topic_prefix=zigbee2mqtt/{device}",
+        "esphome:topic_prefix=home/someone-else",
+        "tasmota:fulltopic=home/#/%prefix%/%topic%/",
+        "tasmota:fulltopic=%prefix%/%topic%/ x",
+        "zigbee2mqtt:base_topic=a\nuser bridge",
+        "default:base_topic=x",
+    ] {
+        let output = Command::new(repo_root().join("scripts/add-device"))
+            .args(["node_1", "--preset", preset, "--conf-dir"])
+            .arg(&conf_dir)
+            .output()
+            .expect("add-device runs");
+        assert_eq!(output.status.code(), Some(2), "{preset:?}");
+    }
     assert!(
         (snapshot(&conf_dir), snapshot(&data_dir)) == before,
-        "a refused name changed a file"
+        "a refused name or layout changed a file"
     );
 
     // Every ACL still holds: an account publishing outside its rights is dropped.

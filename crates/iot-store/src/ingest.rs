@@ -22,6 +22,7 @@
 
 #[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;
+pub mod layout;
 pub mod topic;
 
 use std::borrow::Cow;
@@ -95,8 +96,8 @@ impl Mapping {
     pub fn load(sources: &[String], timezone: Tz) -> Result<Mapping, String> {
         let mut rules = Vec::new();
         for source in sources {
-            let (name, text) = read_source(source)?;
-            rules.extend(parse(&name, &text)?);
+            let (name, text, setting) = read_source(source)?;
+            rules.extend(parse(&name, &text, setting)?);
         }
         if rules.is_empty() {
             return Err(format!(
@@ -157,24 +158,30 @@ impl Mapping {
     }
 }
 
-fn read_source(source: &str) -> Result<(String, String), String> {
+/// A preset's layout parameter as given (`fulltopic`, its value).
+type Setting<'a> = Option<(&'a str, &'a str)>;
+
+/// The source's name for errors, its text, and the layout parameter given with a preset
+/// (`tasmota:fulltopic=...`).
+fn read_source(source: &str) -> Result<(String, String, Setting<'_>), String> {
+    let names: Vec<&str> = PRESETS.iter().map(|(name, _)| *name).collect();
+    let (source, setting) = match layout::split_source(source, &names) {
+        Some((name, parameter, value)) => (name, Some((parameter, value))),
+        None => (source, None),
+    };
     // A file is named by a path (with a '/') or a .toml name; anything else is a preset.
     let is_path = source.contains('/') || source.ends_with(".toml");
     if !is_path {
         return match PRESETS.iter().find(|(name, _)| *name == source) {
-            Some((name, text)) => Ok((format!("preset {name}"), text.to_string())),
+            Some((name, text)) => Ok((format!("preset {name}"), text.to_string(), setting)),
             None => Err(format!(
                 "--ingest {source}: not a preset ({}); a mapping file is named by a path or a .toml name",
-                PRESETS
-                    .iter()
-                    .map(|(name, _)| *name)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                names.join(", ")
             )),
         };
     }
     std::fs::read_to_string(source)
-        .map(|text| (source.to_string(), text))
+        .map(|text| (source.to_string(), text, None))
         .map_err(|error| format!("--ingest {source}: cannot read it: {error}"))
 }
 
@@ -182,6 +189,8 @@ fn read_source(source: &str) -> Result<(String, String), String> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
+    /// How the owner may have laid the topics out (presets: `--ingest NAME:PARAMETER=VALUE`).
+    layout: Option<layout::Layout>,
     #[serde(default)]
     rule: Vec<RawRule>,
 }
@@ -296,8 +305,8 @@ struct Status {
     device_field: Option<String>,
 }
 
-/// Parses one mapping file; `name` is how errors name it.
-fn parse(name: &str, text: &str) -> Result<Vec<Rule>, String> {
+/// Parses one mapping file; `name` is how errors name it, `setting` its layout.
+fn parse(name: &str, text: &str, setting: Setting<'_>) -> Result<Vec<Rule>, String> {
     let file: File = toml::from_str(text).map_err(|error| {
         let at = error.span().map(|span| span.start).unwrap_or(0);
         let line = text[..at.min(text.len())].matches('\n').count() + 1;
@@ -321,7 +330,11 @@ fn parse(name: &str, text: &str) -> Result<Vec<Rule>, String> {
     if file.rule.is_empty() {
         return Err(format!("{name}: no [[rule]] in it"));
     }
-    file.rule
+    let rules = match setting {
+        Some(setting) => laid_out(name, file.layout.as_ref(), file.rule, setting)?,
+        None => file.rule,
+    };
+    rules
         .into_iter()
         .enumerate()
         .map(|(index, raw)| {
@@ -329,6 +342,50 @@ fn parse(name: &str, text: &str) -> Result<Vec<Rule>, String> {
             check(raw).map_err(|why| format!("{name}: rule {} (topic {topic:?}): {why}", index + 1))
         })
         .collect()
+}
+
+/// The rules rewritten from the preset's default layout to the one given.
+fn laid_out(
+    name: &str,
+    layout: Option<&layout::Layout>,
+    rules: Vec<RawRule>,
+    (parameter, value): (&str, &str),
+) -> Result<Vec<RawRule>, String> {
+    let Some(layout) = layout.filter(|layout| layout.parameter == parameter) else {
+        return Err(match layout {
+            Some(layout) => format!(
+                "--ingest {}: {parameter} is not a parameter of this preset; it takes {}=VALUE (default {})",
+                name.trim_start_matches("preset "),
+                layout.parameter,
+                layout.default
+            ),
+            None => format!("--ingest {}: this preset takes no parameter", name.trim_start_matches("preset ")),
+        });
+    };
+    layout::check_value(layout.kind, parameter, value)
+        .map_err(|why| format!("--ingest {}: {why}", name.trim_start_matches("preset ")))?;
+    let fixed = layout::fixed_device(layout.kind, value);
+    let rewrite = |text: &str, capture: &str| {
+        layout::rewrite(layout.kind, &layout.default, value, text, capture)
+    };
+    Ok(rules
+        .into_iter()
+        .map(|mut rule| {
+            let moved = rewrite(&rule.topic, "{device}");
+            if moved != rule.topic && rule.device.is_none() {
+                rule.device = fixed.clone();
+            }
+            rule.topic = moved;
+            rule.filter = rule.filter.as_deref().map(|filter| rewrite(filter, "+"));
+            if layout.kind == layout::LayoutKind::Root {
+                rule.device = rule
+                    .device
+                    .as_deref()
+                    .map(|device| rewrite(device, "{device}"));
+            }
+            rule
+        })
+        .collect())
 }
 
 /// Turns a rule as written into a checked one.

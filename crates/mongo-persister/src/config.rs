@@ -22,7 +22,7 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub topics: Vec<String>,
-    /// How to read what devices publish: an ingest mapping file, or a built-in preset (default, tasmota, zigbee2mqtt, esphome, shelly, homeassistant); repeat for several, tried in order [default: default]
+    /// How to read what devices publish: an ingest mapping file, or a built-in preset (default, tasmota, zigbee2mqtt, esphome, shelly, homeassistant), with its owner's topic layout as PRESET:PARAMETER=VALUE (tasmota:fulltopic=home/%prefix%/%topic%/); repeat for several, tried in order [default: default]
     #[arg(
         long = "ingest",
         value_name = "FILE|PRESET",

@@ -124,3 +124,60 @@ fn parse(preset: &'static str, message: &Value) -> Message {
         expect,
     }
 }
+
+/// A changed topic layout of every preset that takes one, as `--ingest` (and
+/// `scripts/add-device --preset`) take it: the owners' own layouts of the fixtures.
+pub const LAYOUTS: [(&str, &str); 5] = [
+    (
+        "tasmota",
+        "tasmota:fulltopic=emoncms/ch2i/factory/%topic%/%prefix%/",
+    ),
+    ("esphome", "esphome:topic_prefix=home/{device}"),
+    ("zigbee2mqtt", "zigbee2mqtt:base_topic=home/zigbee"),
+    ("homeassistant", "homeassistant:base_topic=ha/statestream"),
+    ("shelly", "shelly:topic_prefix=home/{device}"),
+];
+
+/// `message` as a device laid out as [`LAYOUTS`] says publishes it: its topic moved,
+/// and a device its preset names by the base topic moved with it.
+pub fn laid_out(message: &Message) -> Message {
+    let mut moved = message.clone();
+    let topic = message.topic.as_str();
+    let root = |from: &str, to: &str, text: &str| match text.strip_prefix(from) {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => format!("{to}{rest}"),
+        _ => text.to_string(),
+    };
+    moved.topic = match message.preset {
+        "tasmota" => {
+            let levels: Vec<&str> = topic.splitn(3, '/').collect();
+            match levels.as_slice() {
+                [prefix @ ("tele" | "stat" | "cmnd"), device, rest @ ..] => {
+                    let mut moved = format!("emoncms/ch2i/factory/{device}/{prefix}");
+                    for level in rest {
+                        moved.push('/');
+                        moved.push_str(level);
+                    }
+                    moved
+                }
+                _ => topic.to_string(),
+            }
+        }
+        "esphome" => format!("home/{topic}"),
+        "shelly" if !topic.starts_with("shellies/") => format!("home/{topic}"),
+        "zigbee2mqtt" => root("zigbee2mqtt", "home/zigbee", topic),
+        "homeassistant" => root("homeassistant", "ha/statestream", topic),
+        _ => topic.to_string(),
+    };
+    if message.preset == "zigbee2mqtt" {
+        let device = |device: &mut String| *device = root("zigbee2mqtt", "home/zigbee", device);
+        match &mut moved.expect {
+            Expect::Status { device: named, .. } => device(named),
+            Expect::Readings {
+                device: Some(named),
+                ..
+            } => device(named),
+            _ => {}
+        }
+    }
+    moved
+}

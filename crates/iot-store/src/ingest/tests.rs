@@ -4,7 +4,7 @@
 use super::*;
 use std::collections::BTreeMap;
 
-use super::fixtures::{messages, Expect, ALL_PRESETS as ALL};
+use super::fixtures::{laid_out, messages, Expect, Message, ALL_PRESETS as ALL, LAYOUTS};
 
 fn at() -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2026-11-27T12:00:00Z")
@@ -28,63 +28,122 @@ fn check_fixtures(mapping: &Mapping, preset: Option<&str>) {
         if preset.is_some_and(|preset| preset != message.preset) {
             continue;
         }
-        let topic = message.topic.as_str();
-        let record = mapping.read(topic, &message.payload, at());
-        let context = format!(
-            "{topic} {:?}: {record:?}",
-            String::from_utf8_lossy(&message.payload)
-        );
-        match message.expect {
-            Expect::Nothing => assert!(matches!(record, Record::Nothing { .. }), "{context}"),
-            Expect::Flagged => assert!(matches!(record, Record::Unparsed { .. }), "{context}"),
-            Expect::Status { device, online } => {
-                let Record::Status {
-                    device: got,
-                    online: got_online,
-                    document,
-                } = record
-                else {
-                    panic!("not a status: {context}");
-                };
-                assert_eq!((got, got_online), (device, online), "{context}");
-                assert_eq!(document.get_str("topic"), Ok(topic));
-            }
-            Expect::Readings {
-                device,
-                ts,
-                readings,
-            } => {
-                let Record::Readings {
-                    documents,
-                    keyed: false,
-                } = record
-                else {
-                    panic!("not readings: {context}");
-                };
-                let mut got = BTreeMap::new();
-                for document in &documents {
-                    assert_eq!(
-                        document.get_str("device").ok(),
-                        device.as_deref(),
-                        "{context}"
-                    );
-                    assert_eq!(document.get_str("topic"), Ok(topic));
-                    let stored_ts = document.get_datetime("ts").expect("ts").to_chrono();
-                    assert_eq!(stored_ts, ts.unwrap_or(at()), "{context}");
-                    got.insert(
-                        document
-                            .get_str("measurement")
-                            .expect("measurement")
-                            .to_string(),
-                        (
-                            document.get_f64("value").expect("a double"),
-                            document.get_str("unit").ok().map(String::from),
-                        ),
-                    );
-                }
-                assert_eq!(got, readings, "{topic}");
-            }
+        check_message(mapping, &message);
+    }
+}
+
+/// Checks what `mapping` makes of one fixture message.
+fn check_message(mapping: &Mapping, message: &Message) {
+    let topic = message.topic.as_str();
+    let record = mapping.read(topic, &message.payload, at());
+    let context = format!(
+        "{topic} {:?}: {record:?}",
+        String::from_utf8_lossy(&message.payload)
+    );
+    match message.expect.clone() {
+        Expect::Nothing => assert!(matches!(record, Record::Nothing { .. }), "{context}"),
+        Expect::Flagged => assert!(matches!(record, Record::Unparsed { .. }), "{context}"),
+        Expect::Status { device, online } => {
+            let Record::Status {
+                device: got,
+                online: got_online,
+                document,
+            } = record
+            else {
+                panic!("not a status: {context}");
+            };
+            assert_eq!((got, got_online), (device, online), "{context}");
+            assert_eq!(document.get_str("topic"), Ok(topic));
         }
+        Expect::Readings {
+            device,
+            ts,
+            readings,
+        } => {
+            let Record::Readings {
+                documents,
+                keyed: false,
+            } = record
+            else {
+                panic!("not readings: {context}");
+            };
+            let mut got = BTreeMap::new();
+            for document in &documents {
+                assert_eq!(
+                    document.get_str("device").ok(),
+                    device.as_deref(),
+                    "{context}"
+                );
+                assert_eq!(document.get_str("topic"), Ok(topic));
+                let stored_ts = document.get_datetime("ts").expect("ts").to_chrono();
+                assert_eq!(stored_ts, ts.unwrap_or(at()), "{context}");
+                got.insert(
+                    document
+                        .get_str("measurement")
+                        .expect("measurement")
+                        .to_string(),
+                    (
+                        document.get_f64("value").expect("a double"),
+                        document.get_str("unit").ok().map(String::from),
+                    ),
+                );
+            }
+            assert_eq!(got, readings, "{topic}");
+        }
+    }
+}
+
+#[test]
+fn a_preset_with_the_owners_layout_reads_the_same_messages_the_same() {
+    for (preset, source) in LAYOUTS {
+        let mapping = mapping(&[source]);
+        let mut moved = 0;
+        for message in messages().iter().filter(|message| message.preset == preset) {
+            let laid_out = laid_out(message);
+            moved += usize::from(laid_out.topic != message.topic);
+            check_message(&mapping, &laid_out);
+        }
+        assert!(moved >= 5, "{source}: only {moved} topics moved");
+    }
+    // The issue's own cases: Tasmota's FullTopic as pasted, a node with a fixed prefix.
+    let tasmota = mapping(&["tasmota:fulltopic=emoncms/ch2i/factory/%topic%/%prefix%/"]);
+    let Record::Readings { documents, .. } = tasmota.read(
+        "emoncms/ch2i/factory/denky_D6C0C0/tele/SENSOR",
+        br#"{"Time":"2026-11-27T13:00:00","ENERGY":{"Power":12.5}}"#,
+        at(),
+    ) else {
+        panic!("not read");
+    };
+    assert_eq!(documents[0].get_str("device"), Ok("denky_D6C0C0"));
+    let esphome = mapping(&["esphome:topic_prefix=home/living_room"]);
+    let Record::Readings { documents, .. } =
+        esphome.read("home/living_room/sensor/pressure/state", b"1012.5", at())
+    else {
+        panic!("not read");
+    };
+    assert_eq!(documents[0].get_str("device"), Ok("living_room"));
+    assert_eq!(documents[0].get_str("measurement"), Ok("pressure"));
+}
+
+#[test]
+fn a_layout_parameter_that_makes_no_sense_is_one_clear_error() {
+    for (source, says) in [
+        ("tasmota:fulltopic=home/%topic%/", "%prefix%"),
+        ("tasmota:fulltopic=home/#/%prefix%/%topic%/", "no '+', '#'"),
+        ("tasmota:base_topic=home", "takes fulltopic=VALUE"),
+        ("default:prefix=x", "takes no parameter"),
+        ("zigbee2mqtt:base_topic=", "no '+', '#' or empty level"),
+        (
+            "esphome:topic_prefix=a/{device}/{device}",
+            "{device} at most once",
+        ),
+    ] {
+        let error = Mapping::load(&[source.to_string()], berlin()).expect_err(source);
+        assert!(
+            error.contains(says) && error.contains("--ingest"),
+            "{source}: {error}"
+        );
+        assert_eq!(error.lines().count(), 1, "{error}");
     }
 }
 
@@ -255,7 +314,7 @@ fn too_many_measurements_are_flagged_not_multiplied() {
 
 /// Parses a mapping file and returns the error.
 fn error_of(text: &str) -> String {
-    parse("ingest/mine.toml", text).expect_err("a bad mapping")
+    parse("ingest/mine.toml", text, None).expect_err("a bad mapping")
 }
 
 #[test]
