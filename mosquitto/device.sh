@@ -89,7 +89,12 @@ parse_preset() {
         *) die "topic_prefix '$value': {device} where the device's name is, or a prefix ending in the account's name $2 (its last level names the device)" ;;
       esac ;;
   esac
-  case $value in *{*) case $value in *'{device}'*) ;; *) die "$parameter '$value': only {device} may stand in braces" ;; esac ;; esac
+  case $preset:$value in
+    esphome:*{device}*{device}*|shelly:*{device}*{device}*) die "$parameter '$value': {device} at most once" ;;
+    esphome:*|shelly:*) rest=$(printf '%s' "$value" | sed 's|{device}||g') ;;
+    *) rest=$value ;;
+  esac
+  case $rest in *[{}]*) die "$parameter '$value': no braces here but one {device} in a topic_prefix" ;; esac
 }
 
 # A FullTopic for prefix $1 and device $2: the first of %topic%, %hostname%, %id% is
