@@ -218,6 +218,19 @@ fn disk_usage(dir: &Path) -> u64 {
     total
 }
 
+/// Appends messages 1..=n in batches of `batch`, telling `committed` the count after
+/// each durable commit.
+fn append_all(log: &mut dyn Log, n: u64, batch: u64, mut committed: impl FnMut(u64)) {
+    let mut seq = 1;
+    while seq <= n {
+        let size = batch.min(n - seq + 1);
+        let messages: Vec<Vec<u8>> = (seq..seq + size).map(message).collect();
+        log.append(seq, &messages);
+        seq += size;
+        committed(seq - 1);
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (mode, store, dir) = (&args[1], &args[2], Path::new(&args[3]));
@@ -227,13 +240,7 @@ fn main() {
         "write" => {
             let mut log = open(store, dir);
             let (bytes0, started) = (write_bytes(), Instant::now());
-            let mut seq = 1;
-            while seq <= n {
-                let size = batch.min(n - seq + 1);
-                let messages: Vec<Vec<u8>> = (seq..seq + size).map(message).collect();
-                log.append(seq, &messages);
-                seq += size;
-            }
+            append_all(log.as_mut(), n, batch, |_| {});
             let elapsed = started.elapsed().as_secs_f64();
             let written = write_bytes() - bytes0;
             let on_disk = disk_usage(dir);
@@ -254,15 +261,10 @@ fn main() {
         "child" => {
             let mut log = open(store, dir);
             let mut out = std::io::stdout().lock();
-            let mut seq = 1;
-            while seq <= n {
-                let size = batch.min(n - seq + 1);
-                let messages: Vec<Vec<u8>> = (seq..seq + size).map(message).collect();
-                log.append(seq, &messages);
-                seq += size;
-                writeln!(out, "{}", seq - 1).expect("stdout");
+            append_all(log.as_mut(), n, batch, |committed| {
+                writeln!(out, "{committed}").expect("stdout");
                 out.flush().expect("flush");
-            }
+            });
         }
         "crash" => {
             let mut child = std::process::Command::new(&args[0])
