@@ -79,8 +79,9 @@ parse_preset() {
   esac
   case $preset in
     tasmota)
-      case /$trimmed/ in */%prefix%/*) ;; *) die "fulltopic '$value': a FullTopic has %prefix% and %topic% (or %hostname% or %id%)" ;; esac
-      case /$trimmed/ in */%topic%/*|*/%hostname%/*|*/%id%/*) ;; *) die "fulltopic '$value': a FullTopic has %prefix% and %topic% (or %hostname% or %id%)" ;; esac
+      whole="fulltopic '$value': a FullTopic has %prefix% and %topic% (or %hostname% or %id%)"
+      case /$trimmed/ in */%prefix%/*) ;; *) die "$whole" ;; esac
+      case /$trimmed/ in */%topic%/*|*/%hostname%/*|*/%id%/*) ;; *) die "$whole" ;; esac
       value=$trimmed/ ;;
     esphome|shelly)
       case /$value/ in
@@ -112,11 +113,10 @@ own_prefix() {
   if [ -n "$value" ]; then printf '%s' "$value" | sed "s|{device}|$1|g"; else printf '%s' "$1"; fi
 }
 
-# A name for a new account of preset $2: none of the services', and, for the presets
-# whose topics start with the device's prefix (esphome, shelly's Gen2+: NAME, or the
-# layout's), no topic root of others as its first level.
+# A name (check_name passed) for a new account of preset $2: none of the services',
+# and, for the presets whose topics start with the device's prefix (esphome, shelly's
+# Gen2+: NAME, or the layout's), no topic root of others as its first level.
 check_new_name() {
-  check_name "$1"
   lower=$(printf '%s' "$1" | tr 'A-Z' 'a-z')
   for service in $services; do
     [ "$lower" != "$service" ] || die "'$1' is a service's account, not a device name"

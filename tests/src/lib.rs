@@ -955,6 +955,20 @@ pub fn run_readings(uri: &str, database: &str, args: &[&str]) -> std::process::O
         .expect("readings runs")
 }
 
+/// [`run_readings`]'s exit code, stdout and stderr.
+pub fn readings_with_code(
+    uri: &str,
+    database: &str,
+    args: &[&str],
+) -> (Option<i32>, String, String) {
+    let output = run_readings(uri, database, args);
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// Waits until `check` returns true, asking again every 50 ms; panics with `what` and
 /// the last answer after [`WAIT`].
 pub async fn wait_for<T: std::fmt::Debug, F: std::future::Future<Output = T>>(

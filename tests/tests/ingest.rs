@@ -298,17 +298,23 @@ async fn a_bad_mapping_file_is_one_error_naming_the_file_and_the_rule() {
         "[[rule]]\ntopic = \"tele/{device}/SENSOR\"\n\n[[rule]]\ntopic = \"stat/{device}/{measurement}\"\npayload = \"xml\"\n",
     )
     .expect("write");
-    let output = std::process::Command::new(binary("mongo-persister"))
-        .args(["--ingest", "tasmota"])
-        .arg("--ingest")
-        .arg(&file)
-        .env_clear()
-        .current_dir(dir.path())
-        .output()
-        .expect("runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    // The persister refuses `ingest` at start: exit 2, one line; its stderr.
+    let refused = |ingest: &[&std::ffi::OsStr]| {
+        let mut command = std::process::Command::new(binary("mongo-persister"));
+        for source in ingest {
+            command.arg("--ingest").arg(source);
+        }
+        let output = command
+            .env_clear()
+            .current_dir(dir.path())
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(2), "{ingest:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        stderr
+    };
+    let stderr = refused(&["tasmota".as_ref(), file.as_os_str()]);
     assert!(
         stderr.contains(&format!("{}: rule 2 (line 6)", file.display())),
         "{stderr}"
@@ -320,15 +326,7 @@ async fn a_bad_mapping_file_is_one_error_naming_the_file_and_the_rule() {
         ("tasmota:fulltopic=home/%topic%/", "%prefix%"),
         ("zigbee2mqtt:topic_prefix=home", "base_topic=VALUE"),
     ] {
-        let output = std::process::Command::new(binary("mongo-persister"))
-            .args(["--ingest", ingest])
-            .env_clear()
-            .current_dir(dir.path())
-            .output()
-            .expect("runs");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{ingest}: {stderr}");
-        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        let stderr = refused(&[ingest.as_ref()]);
         assert!(stderr.contains(says), "{ingest}: {stderr}");
     }
 }

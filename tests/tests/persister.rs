@@ -16,7 +16,7 @@ use tests::stored::{
     assert_exactly_once, count, integer, start_sensor, stored_seqs, wait_for_readings,
 };
 use tests::{
-    free_port, run_readings, spawn_brokers, spawn_mongo, spawn_stoppable_mongo, wait_for,
+    free_port, readings_with_code, spawn_brokers, spawn_mongo, spawn_stoppable_mongo, wait_for,
     wait_for_within, TestClient,
 };
 
@@ -274,16 +274,6 @@ async fn two_replicas_share_the_stream_and_store_each_reading_once() {
 fn readings(uri: &str, database: &str, args: &[&str]) -> (bool, String, String) {
     let (code, out, err) = readings_with_code(uri, database, args);
     (code == Some(0), out, err)
-}
-
-/// Runs `readings` against the database; its exit code, stdout and stderr.
-fn readings_with_code(uri: &str, database: &str, args: &[&str]) -> (Option<i32>, String, String) {
-    let output = run_readings(uri, database, args);
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,16 +3,11 @@
 //! that depend on the server (bucket arithmetic) and for its command line.
 
 use bson::{doc, Document};
-use tests::{run_readings, spawn_mongo, MongoServer};
+use tests::{readings_with_code, spawn_mongo, MongoServer};
 
-/// Runs `readings`; its exit code, stdout and stderr.
+/// Runs `readings` on the test's database; its exit code, stdout and stderr.
 fn readings(mongo: &MongoServer, args: &[&str]) -> (Option<i32>, String, String) {
-    let output = run_readings(mongo.uri(), mongo.database_name(), args);
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    readings_with_code(mongo.uri(), mongo.database_name(), args)
 }
 
 /// 2026-01-01T00:00:00Z plus `seconds`.

@@ -148,9 +148,7 @@ impl Mapping {
             }
         }
         match refused_status {
-            Some(why) => Record::Unparsed {
-                document: unparsed(topic, payload, received, &why),
-            },
+            Some(why) => flagged(topic, payload, received, &why),
             None => Record::Nothing {
                 why: Cow::Borrowed("no ingest rule for this topic"),
             },
@@ -609,9 +607,7 @@ impl Status {
             (None, None) => topic.to_string(),
         };
         if let Err(why) = check_name("device", &device) {
-            return Ok(Record::Unparsed {
-                document: unparsed(topic, payload, received, &why),
-            });
+            return Ok(flagged(topic, payload, received, &why));
         }
         let ts = json
             .as_ref()
