@@ -21,6 +21,8 @@
 #   esphome        a node whose topic_prefix is NAME: NAME/#; its Home Assistant discovery
 #   shelly         Gen1 shellies/NAME/# (and shellies/command), Gen2+ topic prefix NAME/#
 #   homeassistant  Home Assistant's statestream: homeassistant/#
+#   sparkplug      a Sparkplug B edge node NAME: spBv1.0/<group>/N*/NAME, D*/NAME/<device>;
+#                  reads its NCMD and DCMD and the host's STATE
 # Layouts: tasmota:fulltopic=F (F as Tasmota shows it, %prefix% and %topic% in it),
 # zigbee2mqtt:base_topic=B, homeassistant:base_topic=B, esphome:topic_prefix=P and
 # shelly:topic_prefix=P (Gen2+; {device} in P where NAME goes, or P ending in NAME).
@@ -164,7 +166,13 @@ acl_of() {
     shelly) printf '%s\n' "topic readwrite shellies/$name/#" "topic read shellies/command" \
               "topic readwrite $(own_prefix "$name")/#" ;;
     homeassistant) printf '%s\n' "topic readwrite ${value:-homeassistant}/#" ;;
-    *) die "unknown preset '$2': expected default, tasmota, zigbee2mqtt, esphome, shelly or homeassistant" ;;
+    # A Sparkplug B edge node NAME, in any group: its messages and its devices', the
+    # commands to it, and the host's STATE.
+    sparkplug) for type in NBIRTH NDATA NDEATH; do echo "topic write spBv1.0/+/$type/$name"; done
+               for type in DBIRTH DDATA DDEATH; do echo "topic write spBv1.0/+/$type/$name/+"; done
+               printf '%s\n' "topic read spBv1.0/+/NCMD/$name" "topic read spBv1.0/+/DCMD/$name/+" \
+                 "topic read spBv1.0/STATE/+" ;;
+    *) die "unknown preset '$2': expected default, tasmota, zigbee2mqtt, esphome, shelly, homeassistant or sparkplug" ;;
   esac
   echo
 }
@@ -181,6 +189,7 @@ hint() {
     esphome) echo "configure (node YAML): mqtt: {broker: $host, port: $port, username: $1, password: <password>, topic_prefix: $(own_prefix "$1")}" ;;
     shelly) echo "configure (Settings > MQTT): server $host:$port, user $1, password <password>; Gen1: the device id must be $1; Gen2+: MQTT prefix $(own_prefix "$1")" ;;
     homeassistant) echo "configure: MQTT integration broker $host:$port, user $1, password <password>; mqtt_statestream: {base_topic: ${value:-homeassistant}}" ;;
+    sparkplug) echo "configure (the edge node's MQTT transmission): server tcp://$host:$port, user $1, password <password>, edge node id $1 (any group id), primary host id: the persister's --sparkplug-host-id" ;;
   esac
 }
 

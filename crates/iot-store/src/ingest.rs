@@ -11,6 +11,8 @@
 //!   each (plain, or the `state_field` of a JSON object). A payload that is neither is
 //!   left to the next rule.
 //! - `kind = "ignore"`: topics of the preset that carry no readings (commands, logs).
+//! - `kind = "sparkplug"`: the Sparkplug B namespace (`topic = "spBv1.0/#"`), read by
+//!   the persister's [`sparkplug::Host`], which keeps what births defined.
 //!
 //! Reading a JSON payload: every number is a measurement named by its path (`.` between
 //! keys, array elements by index: `ENERGY.Current.0`); booleans and exactly `"ON"` /
@@ -39,6 +41,7 @@ use iot_core::bounds::{check_id, check_name, check_seq, MAX_ID_BYTES};
 use iot_core::payload::{decode, Decoded, JsonReading};
 
 use crate::record::{cut, unparsed, Record};
+use crate::sparkplug;
 use topic::{check_filter, minimal_filters, Captures, Pattern, Template};
 
 impl Record {
@@ -64,6 +67,7 @@ pub const PRESETS: &[(&str, &str)] = &[
         "homeassistant",
         include_str!("../../../ingest/homeassistant.toml"),
     ),
+    ("sparkplug", include_str!("../../../ingest/sparkplug.toml")),
 ];
 
 /// The most measurements one message may hold; a payload with more is flagged (it is
@@ -119,8 +123,27 @@ impl Mapping {
         )
     }
 
-    /// What a message becomes.
+    /// Whether a rule is for Sparkplug B: the reader then needs a [`sparkplug::Host`].
+    pub fn reads_sparkplug(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|rule| matches!(rule.kind, Kind::Sparkplug))
+    }
+
+    /// What a message becomes (one a Sparkplug rule covers is flagged: reading it
+    /// takes the host, [`Mapping::read_with`]).
     pub fn read(&self, topic: &str, payload: &[u8], received_at: DateTime<Utc>) -> Record {
+        self.read_with(None, topic, payload, received_at)
+    }
+
+    /// What a message becomes, the Sparkplug host reading what a Sparkplug rule covers.
+    pub fn read_with(
+        &self,
+        mut sparkplug: Option<&mut sparkplug::Host>,
+        topic: &str,
+        payload: &[u8],
+        received_at: DateTime<Utc>,
+    ) -> Record {
         let received = bson::DateTime::from_chrono(received_at);
         let mut refused_status: Option<String> = None;
         let levels: Vec<&str> = topic.split('/').collect();
@@ -144,6 +167,19 @@ impl Mapping {
                 },
                 Kind::Readings(readings) => {
                     return readings.read(rule, &captures, topic, payload, received, zone)
+                }
+                Kind::Sparkplug => {
+                    return match sparkplug.as_deref_mut() {
+                        Some(host) => {
+                            host.read(topic, payload, received_at, std::time::Instant::now())
+                        }
+                        None => flagged(
+                            topic,
+                            payload,
+                            received,
+                            "a Sparkplug B message, read by the persister's Sparkplug host only",
+                        ),
+                    }
                 }
             }
         }
@@ -224,6 +260,7 @@ enum RawKind {
     Readings,
     Status,
     Ignore,
+    Sparkplug,
 }
 
 /// How a readings rule reads the payload.
@@ -284,6 +321,7 @@ enum Kind {
     Readings(Readings),
     Status(Status),
     Ignore,
+    Sparkplug,
 }
 
 #[derive(Debug, Clone)]
@@ -419,6 +457,7 @@ fn check(raw: RawRule) -> Result<Rule, String> {
         RawKind::Ignore => check_ignore(&raw)?,
         RawKind::Status => check_status(&raw)?,
         RawKind::Readings => check_readings(&raw, &pattern)?,
+        RawKind::Sparkplug => check_sparkplug(&raw)?,
     };
     Ok(Rule {
         pattern,
@@ -486,6 +525,25 @@ fn check_ignore(raw: &RawRule) -> Result<Kind, String> {
         );
     }
     Ok(Kind::Ignore)
+}
+
+/// A Sparkplug rule names the namespace and nothing else: the host reads the topics.
+fn check_sparkplug(raw: &RawRule) -> Result<Kind, String> {
+    let namespace = format!("{}/#", sparkplug::NAMESPACE);
+    let others = readings_keys(raw)
+        .iter()
+        .chain(&status_keys(raw))
+        .any(|(present, _)| *present)
+        || raw.device.is_some()
+        || !raw.time.is_empty()
+        || raw.timezone.is_some()
+        || raw.trust_payload_device.is_some();
+    if raw.topic != namespace || others {
+        return Err(format!(
+            "a sparkplug rule is topic = \"{namespace}\" and kind = \"sparkplug\", nothing else: the host reads the topics"
+        ));
+    }
+    Ok(Kind::Sparkplug)
 }
 
 fn check_status(raw: &RawRule) -> Result<Kind, String> {

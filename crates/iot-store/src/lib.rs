@@ -19,6 +19,7 @@
 pub mod ingest;
 mod record;
 pub mod repairs;
+pub mod sparkplug;
 
 use std::time::Duration;
 

@@ -29,6 +29,19 @@ pub enum Record {
     },
     /// Nothing to store (an event, a text, a topic no rule reads); `why`, for the log.
     Nothing { why: Cow<'static, str> },
+    /// One message that is several of the above: a Sparkplug birth (the status and
+    /// the values), a node's death (its devices' statuses too).
+    Several(Vec<Record>),
+}
+
+impl Record {
+    /// The records this one holds: itself, or those of [`Record::Several`].
+    pub fn parts(&self) -> &[Record] {
+        match self {
+            Record::Several(records) => records,
+            single => std::slice::from_ref(single),
+        }
+    }
 }
 
 /// `text` cut on a character boundary at or below `bytes`.

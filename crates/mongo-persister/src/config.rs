@@ -22,7 +22,7 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub topics: Vec<String>,
-    /// How to read what devices publish: an ingest mapping file, or a built-in preset (default, tasmota, zigbee2mqtt, esphome, shelly, homeassistant), with its owner's topic layout as PRESET:PARAMETER=VALUE (tasmota:fulltopic=home/%prefix%/%topic%/); repeat for several, tried in order [default: default]
+    /// How to read what devices publish: an ingest mapping file, or a built-in preset (default, tasmota, zigbee2mqtt, esphome, shelly, homeassistant, sparkplug), with its owner's topic layout as PRESET:PARAMETER=VALUE (tasmota:fulltopic=home/%prefix%/%topic%/); repeat for several, tried in order [default: default]
     #[arg(
         long = "ingest",
         value_name = "FILE|PRESET",
@@ -70,6 +70,17 @@ pub struct Config {
     /// Serve Prometheus metrics and health checks (/metrics, /health/live, /health/ready) on HOST:PORT, e.g. 0.0.0.0:9464 [default: off]
     #[arg(long, value_name = "HOST:PORT", env = "PERSISTER_METRICS_ADDRESS", value_parser = iot_core::ops::parse_listen_address)]
     pub metrics_address: Option<String>,
+    /// Sparkplug B (--ingest sparkplug): this host application's id, its STATE topic spBv1.0/STATE/ID that edge nodes name as their primary host [default: the client id]
+    #[arg(
+        long,
+        value_name = "ID",
+        env = "PERSISTER_SPARKPLUG_HOST_ID",
+        help_heading = "Sparkplug B"
+    )]
+    pub sparkplug_host_id: Option<String>,
+    /// Seconds a gap in an edge node's seq numbers may last (messages arriving out of order) before the node is sent a Rebirth command; fractions allowed
+    #[arg(long, value_name = "SECONDS", env = "PERSISTER_SPARKPLUG_REORDER_TIMEOUT", default_value = "2", value_parser = parse_positive_seconds, help_heading = "Sparkplug B")]
+    pub sparkplug_reorder_timeout: Duration,
     #[command(flatten)]
     pub broker: CloudBroker,
     #[command(flatten)]
@@ -101,6 +112,19 @@ impl Config {
                 "--retire needs --client-id (PERSISTER_CLIENT_ID) naming the replica's session to retire".into(),
             );
         }
+        if self.share.is_some() && self.mapping()?.reads_sparkplug() {
+            return Err(
+                "--ingest sparkplug with --share: a Sparkplug host must see every message of a node to follow its seq numbers; \
+                 run one persister without --share for Sparkplug and share the other presets among replicas".into(),
+            );
+        }
+        if let Err(why) =
+            iot_core::bounds::check_id("--sparkplug-host-id", &self.sparkplug_host_id())
+        {
+            return Err(format!(
+                "{why} (PERSISTER_SPARKPLUG_HOST_ID): it is a topic level"
+            ));
+        }
         if let Some(group) = &self.share {
             if group.is_empty() || group.contains(['/', '+', '#']) {
                 return Err(format!(
@@ -115,6 +139,13 @@ impl Config {
         self.client_id
             .clone()
             .unwrap_or_else(|| DEFAULT_CLIENT_ID.to_string())
+    }
+
+    /// The Sparkplug host id: `--sparkplug-host-id`, else the client id.
+    pub fn sparkplug_host_id(&self) -> String {
+        self.sparkplug_host_id
+            .clone()
+            .unwrap_or_else(|| self.client_id())
     }
 
     /// The ingest mapping: `--ingest` in order, or the built-in default.
@@ -189,6 +220,34 @@ mod tests {
                 "$share/persisters//sensor/#",
                 "$share/persisters//replay/+/gone"
             ]
+        );
+    }
+
+    #[test]
+    fn a_sparkplug_host_sees_every_message_and_names_its_state_topic() {
+        let config = parse(&["--ingest", "sparkplug,tasmota"]);
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.sparkplug_host_id(), DEFAULT_CLIENT_ID);
+        let shared = parse(&[
+            "--ingest",
+            "sparkplug",
+            "--share",
+            "g",
+            "--client-id",
+            "p-1",
+        ]);
+        let error = shared.validate().expect_err("a shared host");
+        assert!(
+            error.contains("--share") && error.contains("seq"),
+            "{error}"
+        );
+        let error = parse(&["--sparkplug-host-id", "a/b"])
+            .validate()
+            .expect_err("a level");
+        assert!(error.contains("--sparkplug-host-id"), "{error}");
+        assert_eq!(
+            parse(&["--sparkplug-host-id", "scada-1"]).sparkplug_host_id(),
+            "scada-1"
         );
     }
 

@@ -15,13 +15,15 @@
 //!
 //! [`config`] holds the settings, [`persister`] the run itself ([`Persister`]: start,
 //! one message, one batch written, drain and close), [`writer`] the database side,
-//! [`repair`] the self-healing, [`retire`] and [`ready`] their own small jobs.
+//! [`repair`] the self-healing, [`sparkplug`] the Sparkplug B host's state and
+//! commands, [`retire`] and [`ready`] their own small jobs.
 
 pub mod config;
 pub mod persister;
 pub mod ready;
 pub mod repair;
 pub mod retire;
+pub mod sparkplug;
 pub mod writer;
 
 use tokio_util::sync::CancellationToken;

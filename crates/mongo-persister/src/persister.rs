@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::ready::{report_subscription, ReadyFile, SUBSCRIBED_CHECK};
 use crate::repair;
 use crate::retire::{end_session, Retiring};
+use crate::sparkplug::{self, Sparkplug};
 use crate::writer::{self, Pending, Retention, Stats, Writer, DATABASE_CHECK};
 
 /// How long a stopping persister keeps trying to write what it holds.
@@ -34,6 +35,8 @@ pub struct Persister {
     /// Whether the subscriptions are shared (`--share`).
     shared: bool,
     mapping: Mapping,
+    /// The Sparkplug B host, with `--ingest sparkplug`.
+    sparkplug: Option<Sparkplug>,
     /// The topic filters, and the same inside `$share/GROUP/` when shared.
     topics: Vec<String>,
     filters: Vec<String>,
@@ -76,6 +79,15 @@ impl Persister {
             .mapping()
             .map_err(|error| anyhow::anyhow!("cannot load the ingest mapping: {error}"))?;
         let (topics, filters) = (config.topics(&mapping), config.filters(&mapping));
+        let sparkplug = (mapping.reads_sparkplug() && !config.retire).then(|| {
+            Sparkplug::new(
+                &config.sparkplug_host_id(),
+                config.sparkplug_reorder_timeout,
+            )
+        });
+        if let Some(sparkplug) = &sparkplug {
+            sparkplug.set_will(&mut options);
+        }
         log_start(config, &broker, &client_id, &filters);
         ops::health().set(SUBSCRIBED_CHECK, Err("not subscribed yet".into()));
         ops::health().set(
@@ -88,7 +100,7 @@ impl Persister {
         ops::serve(
             config.metrics_address.as_deref(),
             shutdown.clone(),
-            writer::METRICS,
+            &[writer::METRICS, sparkplug::METRICS].concat(),
         )
         .await?;
 
@@ -119,6 +131,7 @@ impl Persister {
             client_id,
             shared: config.share.is_some(),
             mapping,
+            sparkplug,
             retiring: config.retire.then(|| Retiring::new(filters.len())),
             topics,
             filters,
@@ -146,6 +159,7 @@ impl Persister {
         let mut stats_ticks = tokio::time::interval(stats_interval);
         stats_ticks.reset();
         let mut lag_ticks = tokio::time::interval(Duration::from_secs(1));
+        let mut sparkplug_ticks = tokio::time::interval(sparkplug::TICK);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
@@ -154,6 +168,7 @@ impl Persister {
                 _ = lag_ticks.tick() => self.lag.report(),
                 Some(request) = self.requests.recv() => self.send_request(request).await?,
                 _ = stats_ticks.tick() => self.log_stats(),
+                _ = sparkplug_ticks.tick(), if self.sparkplug.is_some() => self.send_rebirths().await?,
             }
             if self.retire_step().await? {
                 return Ok(());
@@ -203,6 +218,9 @@ impl Persister {
             retiring.connected();
             return Ok(());
         }
+        if let Some(sparkplug) = &self.sparkplug {
+            sparkplug.publish_state(&mut self.connection, true).await?;
+        }
         // Every time: a kept session may hold other subscriptions than these (a run with
         // other settings); retained messages replayed by subscribing again are
         // recognised and not stored twice.
@@ -235,35 +253,18 @@ impl Persister {
     async fn on_message(&mut self, publish: Publish, ack: Ack) -> anyhow::Result<()> {
         self.stats.received.add(1);
         self.lag.received();
-        let record = self
-            .mapping
-            .read(&publish.topic, &publish.payload, Utc::now());
-        match &record {
-            Record::Readings {
-                documents,
-                keyed: true,
-            } => {
-                if let Some((device, boot, seq)) = documents.first().and_then(reading_key) {
-                    repair::offer(&self.seen, repair::Seen::Reading { device, boot, seq });
-                }
-            }
-            Record::Unparsed { document } => {
-                self.stats.unparsed.add(1);
-                if let Ok(identity) = document.get_str("identity") {
-                    metrics::counter!("iot_persister_identity_flagged_total", "identity" => identity.to_string()).increment(1);
-                    tracing::warn!(
-                        topic = publish.topic,
-                        identity,
-                        claimed = document.get_str("claimed_device").unwrap_or_default(),
-                        "stored flagged: the payload names a device its topic does not vouch for"
-                    );
-                }
-            }
-            Record::Nothing { why } => {
-                self.stats.ignored.add(1);
-                tracing::debug!(topic = publish.topic, "nothing to store: {why}");
-            }
-            _ => {}
+        let record = self.mapping.read_with(
+            self.sparkplug.as_mut().map(|sparkplug| &mut sparkplug.host),
+            &publish.topic,
+            &publish.payload,
+            Utc::now(),
+        );
+        for part in record.parts() {
+            self.count(&publish.topic, part);
+        }
+        if self.sparkplug.is_some() {
+            // Data the host could not name asks its Rebirth at once.
+            self.send_rebirths().await?;
         }
         let replay = publish.retain;
         // Room was checked before reading, and only this task sends.
@@ -280,6 +281,45 @@ impl Persister {
             anyhow::bail!("the database writer stopped");
         }
         Ok(())
+    }
+
+    /// Shows a keyed reading to the repairer, counts what is flagged or not stored.
+    fn count(&self, topic: &str, record: &Record) {
+        match record {
+            Record::Readings {
+                documents,
+                keyed: true,
+            } => {
+                if let Some((device, boot, seq)) = documents.first().and_then(reading_key) {
+                    repair::offer(&self.seen, repair::Seen::Reading { device, boot, seq });
+                }
+            }
+            Record::Unparsed { document } => {
+                self.stats.unparsed.add(1);
+                if let Ok(identity) = document.get_str("identity") {
+                    metrics::counter!("iot_persister_identity_flagged_total", "identity" => identity.to_string()).increment(1);
+                    tracing::warn!(
+                        topic,
+                        identity,
+                        claimed = document.get_str("claimed_device").unwrap_or_default(),
+                        "stored flagged: the payload names a device its topic does not vouch for"
+                    );
+                }
+            }
+            Record::Nothing { why } => {
+                self.stats.ignored.add(1);
+                tracing::debug!(topic, "nothing to store: {why}");
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends the Sparkplug Rebirth commands that are due.
+    async fn send_rebirths(&mut self) -> anyhow::Result<()> {
+        match &mut self.sparkplug {
+            Some(sparkplug) => sparkplug.send_due(&mut self.connection).await,
+            None => Ok(()),
+        }
     }
 
     /// One batch written: its messages are acknowledged to the broker.
@@ -362,6 +402,11 @@ impl Persister {
         }
         tracing::info!("{}", self.stats.line(0));
         self.ready.clear();
+        if let Some(sparkplug) = &self.sparkplug {
+            // A clean disconnect sends no will: edge nodes learn from this that the host
+            // is away.
+            sparkplug.publish_state(&mut self.connection, false).await?;
+        }
         self.connection.close(Duration::from_secs(5)).await?;
         let client_id = &self.client_id;
         match self.retiring {

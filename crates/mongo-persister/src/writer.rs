@@ -339,7 +339,8 @@ impl Writer {
         let replays: Vec<&Document> = batch
             .iter()
             .filter(|pending| pending.replay)
-            .flat_map(|pending| match &pending.record {
+            .flat_map(|pending| pending.record.parts())
+            .flat_map(|record| match record {
                 Record::Readings {
                     documents,
                     keyed: false,
@@ -351,9 +352,16 @@ impl Writer {
         let stored = self.newest_of_topics(&replays).await?;
         let mut readings = Vec::new();
         let mut statuses: BTreeMap<&str, Vec<(bool, &Document)>> = BTreeMap::new();
-        for pending in batch {
+        let records = batch.iter().flat_map(|pending| {
             let check_replay = pending.replay;
-            match &pending.record {
+            pending
+                .record
+                .parts()
+                .iter()
+                .map(move |record| (check_replay, record))
+        });
+        for (check_replay, record) in records {
+            match record {
                 Record::Status {
                     device,
                     online,
@@ -379,7 +387,7 @@ impl Writer {
                 }
                 Record::Readings { documents, .. } => readings.extend(documents.iter()),
                 Record::Unparsed { document } => readings.push(document),
-                Record::Nothing { .. } => {}
+                Record::Nothing { .. } | Record::Several(_) => {}
             }
         }
         // Device times of the readings, for the delay until they are stored.

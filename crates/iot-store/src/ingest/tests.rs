@@ -21,6 +21,51 @@ fn mapping(sources: &[&str]) -> Mapping {
     Mapping::load(&sources, berlin()).unwrap_or_else(|error| panic!("{error}"))
 }
 
+#[test]
+fn the_sparkplug_preset_hands_its_namespace_to_the_host() {
+    let sparkplug = mapping(&["sparkplug", "tasmota"]);
+    assert!(sparkplug.reads_sparkplug());
+    assert!(!mapping(&["tasmota"]).reads_sparkplug());
+    assert!(sparkplug.filters().contains(&"spBv1.0/#".to_string()));
+    let birth = crate::sparkplug::proto::Payload {
+        seq: Some(0),
+        ..Default::default()
+    };
+    let payload = prost::Message::encode_to_vec(&birth);
+    let topic = "spBv1.0/plant/NBIRTH/press-1";
+    // Without the host, flagged; with it, a birth (a status change).
+    assert!(matches!(
+        sparkplug.read(topic, &payload, at()),
+        Record::Unparsed { .. }
+    ));
+    let mut host = crate::sparkplug::Host::new(std::time::Duration::from_secs(2));
+    let record = sparkplug.read_with(Some(&mut host), topic, &payload, at());
+    assert!(
+        matches!(&record, Record::Status { device, online: true, .. } if device == "plant/press-1"),
+        "{record:?}"
+    );
+    // Other presets' topics are theirs still.
+    let tasmota = sparkplug.read_with(Some(&mut host), "tele/plug/STATE", b"{}", at());
+    assert!(matches!(tasmota, Record::Nothing { .. }), "{tasmota:?}");
+    // The rule names the namespace and nothing else; the preset takes no layout.
+    for (text, expected) in [
+        (
+            "[[rule]]\ntopic = \"spBv1.0/+/NDATA/#\"\nkind = \"sparkplug\"\n",
+            "topic = \"spBv1.0/#\"",
+        ),
+        (
+            "[[rule]]\ntopic = \"spBv1.0/#\"\nkind = \"sparkplug\"\npayload = \"json\"\n",
+            "nothing else",
+        ),
+    ] {
+        let error = parse("f.toml", text, None).expect_err("refused");
+        assert!(error.contains(expected), "{error}");
+    }
+    let error =
+        Mapping::load(&["sparkplug:topic_prefix=x".to_string()], berlin()).expect_err("no layout");
+    assert!(error.contains("sparkplug"), "{error}");
+}
+
 /// Checks what `mapping` makes of the fixture messages of `preset` (every preset's
 /// when `None`).
 fn check_fixtures(mapping: &Mapping, preset: Option<&str>) {
