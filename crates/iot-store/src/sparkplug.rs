@@ -19,7 +19,8 @@
 //! for longer than the reorder timeout, or data the host cannot name, gets the Rebirth
 //! command (`NCMD` `Node Control/Rebirth`), at most once per timeout per node
 //! ([`Host::due`]). Every table is bounded ([`MAX_NODES`], [`MAX_DEVICES`],
-//! [`MAX_METRICS`], [`MAX_KNOWN_METRICS`]).
+//! [`MAX_METRICS`], [`MAX_KNOWN_METRICS`]), and what one edge node id (the account the
+//! broker binds it to) may take of them ([`MAX_GROUPS`], [`MAX_NODE_METRICS`]).
 
 pub mod proto;
 
@@ -47,6 +48,11 @@ pub const MAX_DEVICES: usize = 1_000;
 /// The most metric definitions kept from all births together (about 100 bytes and the
 /// name each).
 pub const MAX_KNOWN_METRICS: usize = 1_000_000;
+/// The most groups one edge node id (one device account) is followed in.
+pub const MAX_GROUPS: usize = 16;
+/// The most metric definitions of one edge node id, its groups and devices together:
+/// one account alone cannot fill [`MAX_KNOWN_METRICS`].
+pub const MAX_NODE_METRICS: usize = 100_000;
 /// The latest metric time taken as one: 9999-12-31T23:59:59.999Z, in ms.
 const MAX_TS: u64 = 253_402_300_799_999;
 
@@ -309,7 +315,16 @@ pub struct Host {
     /// Rebirths asked since [`Host::due`] was last called.
     asked: Vec<Rebirth>,
     known_metrics: usize,
+    /// What each edge node id takes of the tables, by id.
+    usage: HashMap<String, Usage>,
     skipped: Skipped,
+}
+
+/// The groups and metric definitions of one edge node id.
+#[derive(Debug, Default, Clone, Copy)]
+struct Usage {
+    groups: usize,
+    metrics: usize,
 }
 
 impl Host {
@@ -319,6 +334,7 @@ impl Host {
             reorder_timeout,
             asked: Vec::new(),
             known_metrics: 0,
+            usage: HashMap::new(),
             skipped: Skipped::default(),
         }
     }
@@ -409,11 +425,11 @@ impl Host {
                 return;
             }
             node.rebirth_at = Some(now);
-        } else if !self.make_room() {
+        } else if !self.may_add(key) || !self.make_room() {
             return;
         } else {
-            self.nodes.insert(
-                key.to_string(),
+            self.add(
+                key,
                 Node {
                     rebirth_at: Some(now),
                     last_seen: Some(now),
@@ -436,15 +452,43 @@ impl Host {
             .filter(|(_, node)| !node.online)
             .min_by_key(|(_, node)| node.last_seen)
             .map(|(key, _)| key.clone());
-        match oldest {
-            Some(key) => {
-                if let Some(node) = self.nodes.remove(&key) {
-                    self.known_metrics -= node.known_metrics();
-                }
-                true
+        let Some((key, node)) = oldest.and_then(|key| self.nodes.remove_entry(&key)) else {
+            return false;
+        };
+        let known = node.known_metrics();
+        account(
+            &mut self.usage,
+            &mut self.known_metrics,
+            node_id(&key),
+            known,
+            0,
+        );
+        if let Some(usage) = self.usage.get_mut(node_id(&key)) {
+            usage.groups -= 1;
+            if usage.groups == 0 {
+                self.usage.remove(node_id(&key));
             }
-            None => false,
         }
+        true
+    }
+
+    /// Follows a new node.
+    fn add(&mut self, key: &str, node: Node) {
+        self.usage
+            .entry(node_id(key).to_string())
+            .or_default()
+            .groups += 1;
+        self.nodes.insert(key.to_string(), node);
+    }
+
+    /// Whether one more group of `key`'s edge node id may be followed.
+    fn may_add(&self, key: &str) -> bool {
+        self.usage.get(node_id(key)).map_or(0, |usage| usage.groups) < MAX_GROUPS
+    }
+
+    /// The metric definitions of `node_id`'s births, in all its groups.
+    fn own_metrics(&self, node_id: &str) -> usize {
+        self.usage.get(node_id).map_or(0, |usage| usage.metrics)
     }
 
     fn take(&mut self, message: &Message<'_>, now: Instant) -> Result<Record, String> {
@@ -472,20 +516,38 @@ impl Host {
         now: Instant,
     ) -> Result<Record, String> {
         let metrics = Metrics::learn(&message.payload.metrics)?;
-        if !self.nodes.contains_key(key) && !self.make_room() {
-            return Err(format!(
-                "{MAX_NODES} edge nodes are online already, the most this host follows"
-            ));
+        if !self.nodes.contains_key(key) {
+            if !self.may_add(key) {
+                return Err(format!(
+                    "edge node {} is in {MAX_GROUPS} groups already, the most this host follows",
+                    message.parts.node
+                ));
+            }
+            if !self.make_room() {
+                return Err(format!(
+                    "{MAX_NODES} edge nodes are online already, the most this host follows"
+                ));
+            }
+            self.add(key, Node::default());
         }
+        let before = self.nodes.get(key).map_or(0, Node::known_metrics);
+        let own = self.own_metrics(message.parts.node);
+        check_budget(
+            message.parts.node,
+            [own, self.known_metrics],
+            before,
+            metrics.len(),
+        )?;
         let node = self.nodes.entry(key.to_string()).or_default();
-        let before = node.known_metrics();
-        if self.known_metrics - before + metrics.len() > MAX_KNOWN_METRICS {
-            return Err(format!(
-                "the births of all edge nodes would define more than {MAX_KNOWN_METRICS} metrics"
-            ));
-        }
         let readings = readings(message, &metrics, &mut self.skipped.metrics);
-        self.known_metrics = self.known_metrics - before + metrics.len();
+        let node_id = message.parts.node;
+        account(
+            &mut self.usage,
+            &mut self.known_metrics,
+            node_id,
+            before,
+            metrics.len(),
+        );
         *node = Node {
             online: true,
             bd_seq: bd_seq(message.payload),
@@ -548,6 +610,7 @@ impl Host {
     ) -> Result<Record, String> {
         let device_id = message.parts.device.unwrap_or_default();
         let metrics = Metrics::learn(&message.payload.metrics)?;
+        let own = self.own_metrics(message.parts.node);
         let Some(node) = born(&mut self.nodes, key) else {
             self.ask(
                 key,
@@ -561,15 +624,27 @@ impl Host {
                 "edge node {key} has {MAX_DEVICES} devices, the most this host follows"
             ));
         }
+        let before = node
+            .devices
+            .get(device_id)
+            .and_then(|device| device.metrics.as_ref())
+            .map_or(0, Metrics::len);
+        check_budget(
+            message.parts.node,
+            [own, self.known_metrics],
+            before,
+            metrics.len(),
+        )?;
         let device = node.devices.entry(device_id.to_string()).or_default();
-        let before = device.metrics.as_ref().map_or(0, Metrics::len);
-        if self.known_metrics - before + metrics.len() > MAX_KNOWN_METRICS {
-            return Err(format!(
-                "the births of all edge nodes would define more than {MAX_KNOWN_METRICS} metrics"
-            ));
-        }
         let readings = readings(message, &metrics, &mut self.skipped.metrics);
-        self.known_metrics = self.known_metrics - before + metrics.len();
+        let node_id = message.parts.node;
+        account(
+            &mut self.usage,
+            &mut self.known_metrics,
+            node_id,
+            before,
+            metrics.len(),
+        );
         device.online = true;
         device.metrics = Some(metrics);
         let status = status(message, &message.parts.stored_device(), true, None);
@@ -633,6 +708,46 @@ fn born<'n>(nodes: &'n mut HashMap<String, Node>, key: &str) -> Option<&'n mut N
     nodes
         .get_mut(key)
         .filter(|node| node.online && node.metrics.is_some())
+}
+
+/// Whether a birth of `node_id` that replaces `before` definitions with `after` fits
+/// its own budget and the host's, given what each holds (`[own, all]`).
+fn check_budget(
+    node_id: &str,
+    [own, all]: [usize; 2],
+    before: usize,
+    after: usize,
+) -> Result<(), String> {
+    if own - before + after > MAX_NODE_METRICS {
+        return Err(format!(
+            "the births of edge node {node_id} would define more than {MAX_NODE_METRICS} metrics"
+        ));
+    }
+    if all - before + after > MAX_KNOWN_METRICS {
+        return Err(format!(
+            "the births of all edge nodes would define more than {MAX_KNOWN_METRICS} metrics"
+        ));
+    }
+    Ok(())
+}
+
+/// Counts `after` metric definitions of `node_id` in place of `before`.
+fn account(
+    usage: &mut HashMap<String, Usage>,
+    known: &mut usize,
+    node_id: &str,
+    before: usize,
+    after: usize,
+) {
+    *known = *known - before + after;
+    if let Some(usage) = usage.get_mut(node_id) {
+        usage.metrics = usage.metrics - before + after;
+    }
+}
+
+/// The edge node id of a `<group>/<node>` key.
+fn node_id(key: &str) -> &str {
+    key.split_once('/').map_or(key, |(_, node)| node)
 }
 
 /// Whether a Rebirth may be asked of `node` at `now`.

@@ -502,3 +502,53 @@ fn births_are_bounded_in_metrics_and_the_host_in_nodes() {
     assert_eq!(statuses(&taken), [("g/one-more".to_string(), true)]);
     assert_eq!(host.nodes(), MAX_NODES);
 }
+
+#[test]
+fn one_edge_node_id_takes_a_bounded_share_of_the_host() {
+    let (mut host, now) = (host(), Instant::now());
+    let birth = |group: usize| format!("spBv1.0/g{group}/NBIRTH/press-1");
+    for group in 0..MAX_GROUPS {
+        let record = host.read(&birth(group), &node_birth(1), at(), now);
+        assert_eq!(statuses(&record).len(), 1, "{record:?}");
+    }
+    let refused = host.read(&birth(MAX_GROUPS), &node_birth(1), at(), now);
+    assert!(flagged_why(&refused).contains("16 groups"), "{refused:?}");
+    // Nor is it followed by asking: data in yet another group asks nothing.
+    host.read(
+        "spBv1.0/g99/NDATA/press-1",
+        &by_alias(1, 1, Value::DoubleValue(1.0), T0),
+        at(),
+        now,
+    );
+    assert!(host.due(now).is_empty());
+    // Another account's node is followed as ever.
+    let other = host.read("spBv1.0/g0/NBIRTH/press-2", &node_birth(1), at(), now);
+    assert_eq!(statuses(&other), [("g0/press-2".to_string(), true)]);
+
+    // Metric definitions: 100 000 for one edge node id, its groups and devices together.
+    let (mut host, now) = (self::host(), Instant::now());
+    let tags = |count: usize| {
+        let metrics = (0..count)
+            .map(|n| {
+                metric(
+                    Some(&format!("Tag/{n}")),
+                    Some(n as u64),
+                    DataType::Double,
+                    Value::DoubleValue(1.0),
+                )
+            })
+            .collect();
+        encode(Some(0), metrics)
+    };
+    for group in 0..10 {
+        host.read(&birth(group), &tags(MAX_METRICS), at(), now);
+    }
+    let over = host.read(&birth(10), &tags(1), at(), now);
+    assert!(
+        flagged_why(&over).contains("more than 100000 metrics"),
+        "{over:?}"
+    );
+    // A new birth of a followed node replaces its definitions: within the budget.
+    let again = host.read(&birth(3), &tags(MAX_METRICS), at(), now);
+    assert_eq!(statuses(&again).len(), 1);
+}
