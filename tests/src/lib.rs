@@ -1205,6 +1205,23 @@ pub mod stored {
 
     use crate::{Brokers, Service};
 
+    /// The status changes stored for `device` (`online`, `offline`), oldest first.
+    pub async fn status_history(db: &Database, device: &str) -> Vec<String> {
+        let documents: Vec<Document> = db
+            .collection::<Document>("status")
+            .find(doc! { "device": device })
+            .sort(doc! { "change": 1 })
+            .await
+            .expect("find")
+            .try_collect()
+            .await
+            .expect("status changes");
+        documents
+            .iter()
+            .map(|document| document.get_str("status").expect("status").to_string())
+            .collect()
+    }
+
     /// How many readings match `filter` (0 while the database does not answer).
     pub async fn count(db: &Database, filter: Document) -> u64 {
         db.collection::<Document>("readings")

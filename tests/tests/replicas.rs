@@ -2,11 +2,12 @@
 //! a replica restarted or retired, status changes split between replicas. Real brokers
 //! from `mosquitto/`, the real `mongo-persister`, a real MongoDB-wire-protocol server.
 
-use bson::{doc, Document};
-use futures_util::TryStreamExt;
+use bson::doc;
 use mongodb::Database;
 use rumqttc::QoS;
-use tests::stored::{assert_exactly_once, start_sensor, stored_seqs, wait_for_readings};
+use tests::stored::{
+    assert_exactly_once, start_sensor, status_history, stored_seqs, wait_for_readings,
+};
 use tests::{spawn_brokers, spawn_mongo, wait_for, Brokers, MongoServer, Service, TestClient};
 
 const SHARE: [&str; 2] = ["--share", "persisters"];
@@ -125,23 +126,6 @@ async fn a_replica_restarted_under_its_id_stores_what_came_while_it_was_down() {
     assert_stored_once(&db, "down", 300).await;
     a.stop_cleanly().await;
     b.stop_cleanly().await;
-}
-
-/// The device's stored status changes, oldest first.
-async fn status_history(db: &Database, device: &str) -> Vec<String> {
-    let documents: Vec<Document> = db
-        .collection::<Document>("status")
-        .find(doc! { "device": device })
-        .sort(doc! { "change": 1 })
-        .await
-        .expect("find")
-        .try_collect()
-        .await
-        .expect("documents");
-    documents
-        .iter()
-        .map(|d| d.get_str("status").expect("status").to_string())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

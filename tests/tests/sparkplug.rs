@@ -17,7 +17,7 @@ use iot_store::sparkplug::proto::{metric::Value, DataType, Metric, Payload};
 use prost::Message as _;
 use rumqttc::QoS;
 use serde_json::Value as Json;
-use tests::stored::count;
+use tests::stored::{count, status_history};
 use tests::{
     free_port, prometheus, repo_root, spawn_brokers, spawn_mongo, wait_for, Service, TestClient,
 };
@@ -67,23 +67,6 @@ async fn values(db: &mongodb::Database, device: &str, measurement: &str) -> Vec<
     documents
         .iter()
         .map(|document| document.get_f64("value").expect("value"))
-        .collect()
-}
-
-/// The status changes stored for `device`, in order.
-async fn changes(db: &mongodb::Database, device: &str) -> Vec<String> {
-    let documents: Vec<Document> = db
-        .collection::<Document>(iot_store::STATUS)
-        .find(doc! { "device": device })
-        .sort(doc! { "change": 1 })
-        .await
-        .expect("find")
-        .try_collect()
-        .await
-        .expect("statuses");
-    documents
-        .iter()
-        .map(|document| document.get_str("status").expect("status").to_string())
         .collect()
 }
 
@@ -180,13 +163,13 @@ async fn an_edge_node_written_by_others_is_stored_as_its_births_define() {
     node.kill().await;
     wait_for(
         "the node's death",
-        || changes(&db, "plant/press-1"),
+        || status_history(&db, "plant/press-1"),
         |changes| changes == &["online", "offline"],
     )
     .await;
     wait_for(
         "the device's death with its node",
-        || changes(&db, "plant/press-1/gauge"),
+        || status_history(&db, "plant/press-1/gauge"),
         |changes| changes == &["online", "offline"],
     )
     .await;
@@ -203,7 +186,7 @@ async fn an_edge_node_written_by_others_is_stored_as_its_births_define() {
     for device in ["plant/press-1", "plant/press-1/gauge"] {
         wait_for(
             "the second session's births",
-            || changes(&db, device),
+            || status_history(&db, device),
             |changes| changes == &["online", "offline", "online"],
         )
         .await;
@@ -245,6 +228,11 @@ async fn an_edge_node_written_by_others_is_stored_as_its_births_define() {
     node.kill().await;
 }
 
+/// Publishes as the edge node does its messages: QoS 0, not retained.
+async fn send(node: &mut TestClient, topic: &str, payload: &[u8]) {
+    node.publish(topic, QoS::AtMostOnce, false, payload).await;
+}
+
 fn encode(seq: Option<u64>, metrics: Vec<Metric>) -> Vec<u8> {
     Payload {
         timestamp: Some(now_ms()),
@@ -253,6 +241,11 @@ fn encode(seq: Option<u64>, metrics: Vec<Metric>) -> Vec<u8> {
         ..Payload::default()
     }
     .encode_to_vec()
+}
+
+/// Data of one metric by alias, as nodes send it after their birth.
+fn by_alias(seq: u64, alias: u64, value: f64) -> Vec<u8> {
+    encode(Some(seq), vec![tag(None, alias, value)])
 }
 
 fn now_ms() -> u64 {
@@ -286,23 +279,9 @@ async fn what_the_host_cannot_read_is_flagged_and_the_rest_is_stored() {
     let flagged = |error: &str| doc! { "unparsed": true, "error": { "$regex": error } };
 
     // Not protobuf at all.
-    device
-        .publish(
-            &topic("NBIRTH"),
-            QoS::AtMostOnce,
-            false,
-            b"\x0a\xff\xff\xff",
-        )
-        .await;
+    send(&mut device, &topic("NBIRTH"), b"\x0a\xff\xff\xff").await;
     // Data before any birth: flagged, and the node is asked for its birth.
-    device
-        .publish(
-            &topic("NDATA"),
-            QoS::AtMostOnce,
-            false,
-            &encode(Some(5), vec![tag(None, 1, 1.0)]),
-        )
-        .await;
+    send(&mut device, &topic("NDATA"), &by_alias(5, 1, 1.0)).await;
     let command = device.next_message().await;
     let command = Payload::decode(command.payload.as_ref()).expect("a Sparkplug payload");
     assert_eq!(
@@ -322,30 +301,9 @@ async fn what_the_host_cannot_read_is_flagged_and_the_rest_is_stored() {
         value: Some(Value::LongValue(3)),
         ..Metric::default()
     });
-    device
-        .publish(
-            &topic("NBIRTH"),
-            QoS::AtMostOnce,
-            false,
-            &encode(Some(0), metrics),
-        )
-        .await;
-    device
-        .publish(
-            &topic("NDATA"),
-            QoS::AtMostOnce,
-            false,
-            &encode(Some(1), vec![tag(None, 42_424, 1.0)]),
-        )
-        .await;
-    device
-        .publish(
-            &topic("NDATA"),
-            QoS::AtMostOnce,
-            false,
-            &encode(Some(2), vec![tag(None, 9_998, 0.5)]),
-        )
-        .await;
+    send(&mut device, &topic("NBIRTH"), &encode(Some(0), metrics)).await;
+    send(&mut device, &topic("NDATA"), &by_alias(1, 42_424, 1.0)).await;
+    send(&mut device, &topic("NDATA"), &by_alias(2, 9_998, 0.5)).await;
     let last = doc! { "device": "cell/line-7", "measurement": "Tag/09998", "value": 0.5 };
     wait_for(
         "the value after the unknown alias",
@@ -387,7 +345,7 @@ async fn what_the_host_cannot_read_is_flagged_and_the_rest_is_stored() {
             &forged,
         )
         .await;
-    let next = encode(Some(3), vec![tag(None, 1, 2.0)]);
+    let next = by_alias(3, 1, 2.0);
     device
         .publish(&topic("NDATA"), QoS::AtLeastOnce, false, &next)
         .await;

@@ -456,12 +456,11 @@ impl Host {
             return false;
         };
         let known = node.known_metrics();
-        account(
+        release(
             &mut self.usage,
             &mut self.known_metrics,
             node_id(&key),
             known,
-            0,
         );
         if let Some(usage) = self.usage.get_mut(node_id(&key)) {
             usage.groups -= 1;
@@ -484,11 +483,6 @@ impl Host {
     /// Whether one more group of `key`'s edge node id may be followed.
     fn may_add(&self, key: &str) -> bool {
         self.usage.get(node_id(key)).map_or(0, |usage| usage.groups) < MAX_GROUPS
-    }
-
-    /// The metric definitions of `node_id`'s births, in all its groups.
-    fn own_metrics(&self, node_id: &str) -> usize {
-        self.usage.get(node_id).map_or(0, |usage| usage.metrics)
     }
 
     fn take(&mut self, message: &Message<'_>, now: Instant) -> Result<Record, String> {
@@ -531,23 +525,10 @@ impl Host {
             self.add(key, Node::default());
         }
         let before = self.nodes.get(key).map_or(0, Node::known_metrics);
-        let own = self.own_metrics(message.parts.node);
-        check_budget(
-            message.parts.node,
-            [own, self.known_metrics],
-            before,
-            metrics.len(),
-        )?;
+        let (usage, known) = (&mut self.usage, &mut self.known_metrics);
+        reserve(usage, known, message.parts.node, before, metrics.len())?;
         let node = self.nodes.entry(key.to_string()).or_default();
         let readings = readings(message, &metrics, &mut self.skipped.metrics);
-        let node_id = message.parts.node;
-        account(
-            &mut self.usage,
-            &mut self.known_metrics,
-            node_id,
-            before,
-            metrics.len(),
-        );
         *node = Node {
             online: true,
             bd_seq: bd_seq(message.payload),
@@ -610,7 +591,6 @@ impl Host {
     ) -> Result<Record, String> {
         let device_id = message.parts.device.unwrap_or_default();
         let metrics = Metrics::learn(&message.payload.metrics)?;
-        let own = self.own_metrics(message.parts.node);
         let Some(node) = born(&mut self.nodes, key) else {
             self.ask(
                 key,
@@ -629,22 +609,10 @@ impl Host {
             .get(device_id)
             .and_then(|device| device.metrics.as_ref())
             .map_or(0, Metrics::len);
-        check_budget(
-            message.parts.node,
-            [own, self.known_metrics],
-            before,
-            metrics.len(),
-        )?;
+        let (usage, known) = (&mut self.usage, &mut self.known_metrics);
+        reserve(usage, known, message.parts.node, before, metrics.len())?;
         let device = node.devices.entry(device_id.to_string()).or_default();
         let readings = readings(message, &metrics, &mut self.skipped.metrics);
-        let node_id = message.parts.node;
-        account(
-            &mut self.usage,
-            &mut self.known_metrics,
-            node_id,
-            before,
-            metrics.len(),
-        );
         device.online = true;
         device.metrics = Some(metrics);
         let status = status(message, &message.parts.stored_device(), true, None);
@@ -710,38 +678,39 @@ fn born<'n>(nodes: &'n mut HashMap<String, Node>, key: &str) -> Option<&'n mut N
         .filter(|node| node.online && node.metrics.is_some())
 }
 
-/// Whether a birth of `node_id` that replaces `before` definitions with `after` fits
-/// its own budget and the host's, given what each holds (`[own, all]`).
-fn check_budget(
-    node_id: &str,
-    [own, all]: [usize; 2],
-    before: usize,
-    after: usize,
-) -> Result<(), String> {
-    if own - before + after > MAX_NODE_METRICS {
-        return Err(format!(
-            "the births of edge node {node_id} would define more than {MAX_NODE_METRICS} metrics"
-        ));
-    }
-    if all - before + after > MAX_KNOWN_METRICS {
-        return Err(format!(
-            "the births of all edge nodes would define more than {MAX_KNOWN_METRICS} metrics"
-        ));
-    }
-    Ok(())
-}
-
-/// Counts `after` metric definitions of `node_id` in place of `before`.
-fn account(
+/// Counts `after` metric definitions of `node_id`'s birth in place of its `before`,
+/// when that fits the node id's own budget and the host's (`known`, all of them).
+fn reserve(
     usage: &mut HashMap<String, Usage>,
     known: &mut usize,
     node_id: &str,
     before: usize,
     after: usize,
-) {
-    *known = *known - before + after;
+) -> Result<(), String> {
+    let own = usage.get(node_id).map_or(0, |usage| usage.metrics);
+    if own - before + after > MAX_NODE_METRICS {
+        return Err(format!(
+            "the births of edge node {node_id} would define more than {MAX_NODE_METRICS} metrics"
+        ));
+    }
+    if *known - before + after > MAX_KNOWN_METRICS {
+        return Err(format!(
+            "the births of all edge nodes would define more than {MAX_KNOWN_METRICS} metrics"
+        ));
+    }
+    release(usage, known, node_id, before);
+    *known += after;
     if let Some(usage) = usage.get_mut(node_id) {
-        usage.metrics = usage.metrics - before + after;
+        usage.metrics += after;
+    }
+    Ok(())
+}
+
+/// Forgets `count` metric definitions of `node_id`.
+fn release(usage: &mut HashMap<String, Usage>, known: &mut usize, node_id: &str, count: usize) {
+    *known -= count;
+    if let Some(usage) = usage.get_mut(node_id) {
+        usage.metrics -= count;
     }
 }
 
