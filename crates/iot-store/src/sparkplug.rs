@@ -392,12 +392,18 @@ impl Host {
         }
     }
 
-    /// The Rebirths to send now: those asked for data the host could not name, and one
-    /// for each node whose `seq` gap outlasted the reorder timeout; each node at most
-    /// once per timeout.
+    /// The Rebirths asked since the last call, for messages the host could not name:
+    /// cheap, for after every message.
+    pub fn asked(&mut self) -> Vec<Rebirth> {
+        std::mem::take(&mut self.asked)
+    }
+
+    /// The Rebirths to send now: those [`Host::asked`], and one for each node whose
+    /// `seq` gap outlasted the reorder timeout; each node at most once per timeout.
+    /// Looks at every node: for a timer, not for every message.
     pub fn due(&mut self, now: Instant) -> Vec<Rebirth> {
         let timeout = self.reorder_timeout;
-        let mut due = std::mem::take(&mut self.asked);
+        let mut due = self.asked();
         for (key, node) in &mut self.nodes {
             let Some(since) = node.gap_since else {
                 continue;
@@ -592,12 +598,8 @@ impl Host {
         let device_id = message.parts.device.unwrap_or_default();
         let metrics = Metrics::learn(&message.payload.metrics)?;
         let Some(node) = born(&mut self.nodes, key) else {
-            self.ask(
-                key,
-                now,
-                format!("a birth of device {device_id} before its node's"),
-            );
-            return Err("a device birth before its edge node's birth".into());
+            let why = format!("a birth of device {device_id} before its edge node's birth");
+            return Err(self.refuse(key, now, why));
         };
         if !node.devices.contains_key(device_id) && node.devices.len() >= MAX_DEVICES {
             return Err(format!(
@@ -627,12 +629,8 @@ impl Host {
     ) -> Result<Record, String> {
         let device_id = message.parts.device.unwrap_or_default();
         let Some(node) = born(&mut self.nodes, key) else {
-            self.ask(
-                key,
-                now,
-                format!("a death of device {device_id} before its node's birth"),
-            );
-            return Err("a device death before its edge node's birth".into());
+            let why = format!("a death of device {device_id} before its edge node's birth");
+            return Err(self.refuse(key, now, why));
         };
         if let Some(device) = node.devices.get_mut(device_id) {
             device.online = false;
@@ -655,19 +653,23 @@ impl Host {
                 Some(device) => format!("device {device}"),
                 None => "edge node".to_string(),
             };
-            self.ask(key, now, format!("data of {whose} without its birth"));
-            return Err(format!("data of {whose} without a birth the host has seen"));
+            let why = format!("data of {whose} without a birth the host has seen");
+            return Err(self.refuse(key, now, why));
         };
         match readings(message, metrics, &mut self.skipped.metrics) {
             Ok(Record::Readings { documents, .. }) if documents.is_empty() => Ok(Record::Nothing {
                 why: Cow::Borrowed("no measurement in the Sparkplug message"),
             }),
             Ok(record) => Ok(record),
-            Err(why) => {
-                self.ask(key, now, why.clone());
-                Err(why)
-            }
+            Err(why) => Err(self.refuse(key, now, why)),
         }
+    }
+
+    /// Asks `key`'s node for a Rebirth because of `why`, which it gives back: why the
+    /// message is stored flagged.
+    fn refuse(&mut self, key: &str, now: Instant, why: String) -> String {
+        self.ask(key, now, why.clone());
+        why
     }
 }
 

@@ -262,9 +262,9 @@ impl Persister {
         for part in record.parts() {
             self.count(&publish.topic, part);
         }
-        if self.sparkplug.is_some() {
+        if let Some(sparkplug) = &mut self.sparkplug {
             // Data the host could not name asks its Rebirth at once.
-            self.send_rebirths().await?;
+            sparkplug.send_asked(&mut self.connection).await?;
         }
         let replay = publish.retain;
         // Room was checked before reading, and only this task sends.

@@ -84,21 +84,17 @@ impl Sparkplug {
             .await
     }
 
-    /// Sends the Rebirths that are due (QoS 0, as the specification has commands) and
-    /// brings the counters up to date.
+    /// Sends the Rebirths asked while reading messages (data the host could not name).
+    pub async fn send_asked(&mut self, connection: &mut Connection) -> anyhow::Result<()> {
+        let asked = self.host.asked();
+        send(connection, asked).await
+    }
+
+    /// Sends the Rebirths that are due (a `seq` gap past the reorder timeout, and those
+    /// asked) and brings the counters up to date; every [`TICK`].
     pub async fn send_due(&mut self, connection: &mut Connection) -> anyhow::Result<()> {
-        let due: Vec<Rebirth> = self.host.due(Instant::now());
-        for rebirth in due {
-            tracing::info!(
-                node = rebirth.node,
-                "Sparkplug Rebirth requested: {}",
-                rebirth.why
-            );
-            metrics::counter!("iot_persister_sparkplug_rebirths_total").increment(1);
-            connection
-                .publish(&rebirth.topic, QoS::AtMostOnce, false, rebirth.payload)
-                .await?;
-        }
+        let due = self.host.due(Instant::now());
+        send(connection, due).await?;
         let skipped = self.host.skipped();
         metrics::counter!("iot_persister_sparkplug_skipped_metrics_total")
             .increment(skipped.metrics - self.reported.metrics);
@@ -109,4 +105,20 @@ impl Sparkplug {
         metrics::gauge!("iot_persister_sparkplug_nodes").set(self.host.nodes() as f64);
         Ok(())
     }
+}
+
+/// Publishes Rebirth commands at QoS 0, as the specification has commands.
+async fn send(connection: &mut Connection, rebirths: Vec<Rebirth>) -> anyhow::Result<()> {
+    for rebirth in rebirths {
+        tracing::info!(
+            node = rebirth.node,
+            "Sparkplug Rebirth requested: {}",
+            rebirth.why
+        );
+        metrics::counter!("iot_persister_sparkplug_rebirths_total").increment(1);
+        connection
+            .publish(&rebirth.topic, QoS::AtMostOnce, false, rebirth.payload)
+            .await?;
+    }
+    Ok(())
 }

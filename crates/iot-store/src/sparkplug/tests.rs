@@ -552,3 +552,36 @@ fn one_edge_node_id_takes_a_bounded_share_of_the_host() {
     let again = host.read(&birth(3), &tags(MAX_METRICS), at(), now);
     assert_eq!(statuses(&again).len(), 1);
 }
+
+#[test]
+fn times_and_seq_numbers_out_of_their_range_are_not_taken() {
+    let (mut host, now) = (host(), Instant::now());
+    host.read(NBIRTH, &node_birth(1), at(), now);
+    // A metric time past 9999-12-31: the payload's time instead.
+    let far = host.read(
+        NDATA,
+        &by_alias(1, 1, Value::DoubleValue(1.0), 253_402_300_800_000),
+        at(),
+        now,
+    );
+    assert_eq!(
+        documents_of(&far)[0]
+            .get_datetime("ts")
+            .map(|ts| ts.timestamp_millis()),
+        Ok(i64::try_from(T0).expect("fits"))
+    );
+    // A seq past 255 is no number of Sparkplug's: not followed, no gap.
+    host.read(
+        NDATA,
+        &by_alias(300, 1, Value::DoubleValue(1.0), T0),
+        at(),
+        now,
+    );
+    host.read(
+        NDATA,
+        &by_alias(2, 1, Value::DoubleValue(1.0), T0),
+        at(),
+        now,
+    );
+    assert!(host.due(now + Duration::from_secs(10)).is_empty());
+}
