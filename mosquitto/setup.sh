@@ -24,14 +24,19 @@
 #     CLOUD_TLS_NAMES     names in a generated certificate (default: mosquitto-cloud
 #                         localhost 127.0.0.1); the bridge must use one of them
 #   local broker only:
-#     CLOUD_BRIDGE_HOST   cloud broker host for the bridge (default localhost)
-#     CLOUD_BRIDGE_PORT   its TLS port (default 8883)
-#     BRIDGE_CLIENT_ID    the bridge's client id on the cloud broker, unique per edge site
-#                         (default edge-bridge)
+#     EDGE_FORWARDER      what carries the edge's messages to the cloud: bridge (default:
+#                         Mosquitto's bridge, local-bridge.conf.template) or relay
+#                         (edge-relay with its on-disk log, logging in as `edge-relay`)
+#     CLOUD_BRIDGE_HOST   bridge only: cloud broker host (default localhost)
+#     CLOUD_BRIDGE_PORT   bridge only: its TLS port (default 8883)
+#     BRIDGE_CLIENT_ID    bridge only: its client id on the cloud broker, unique per edge
+#                         site (default edge-bridge)
 #   passwords, local:  TEMPERATURE_SENSOR_PASSWORD PRESSURE_SENSOR_PASSWORD
-#                      DEVICE_STATUS_PASSWORD MQTT_SUBSCRIBER_PASSWORD BRIDGE_PASSWORD
+#                      DEVICE_STATUS_PASSWORD MQTT_SUBSCRIBER_PASSWORD, and
+#                      EDGE_RELAY_PASSWORD (relay) or BRIDGE_PASSWORD (bridge)
 #   passwords, cloud:  BRIDGE_PASSWORD MQTT_SUBSCRIBER_PASSWORD MONGO_PERSISTER_PASSWORD
-#                      DASHBOARD_PASSWORD (optional: without it there is no dashboard user)
+#                      EDGE_RELAY_PASSWORD (optional: without it there are no edge-relay
+#                      users) DASHBOARD_PASSWORD (optional: without it no dashboard user)
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -40,11 +45,19 @@ die() { echo "mosquitto/setup.sh: $*" >&2; exit 2; }
 [ $# -eq 2 ] || die "usage: setup.sh local|cloud OUT_DIR"
 broker=$1
 out=$2
+forwarder=${EDGE_FORWARDER:-bridge}
+case $forwarder in
+  relay|bridge) ;;
+  *) die "EDGE_FORWARDER is '$forwarder': expected relay or bridge" ;;
+esac
 case $broker in
-  local) users="temperature-sensor pressure-sensor device-status mqtt-subscriber" ;;
+  local) users="temperature-sensor pressure-sensor device-status mqtt-subscriber"
+         if [ "$forwarder" = relay ]; then users="$users edge-relay"; fi ;;
   cloud) users="bridge bridge-replay mqtt-subscriber mongo-persister"
-         # The Node-RED dashboard's user, only when its password is set: a .env from
-         # before the dashboard existed keeps working.
+         # The edge relays' two accounts (forwarding, and requests in), and the Node-RED
+         # dashboard's user, only when their passwords are set: a .env from before they
+         # existed keeps working.
+         [ -z "${EDGE_RELAY_PASSWORD:-}" ] || users="$users edge-relay edge-relay-replay"
          [ -z "${DASHBOARD_PASSWORD:-}" ] || users="$users dashboard" ;;
   *) die "unknown broker '$broker': expected local or cloud" ;;
 esac
@@ -54,8 +67,9 @@ command -v mosquitto_passwd >/dev/null 2>&1 || die "mosquitto_passwd not found: 
 # TEMPERATURE_SENSOR_PASSWORD); exits naming the variable when it is missing or unusable.
 # Called directly, never in $(...), so that its exit ends the script.
 password_of() {
-  # The bridge's two connections (mosquitto/local.conf.template) share one password.
-  case $1 in bridge-replay) set -- bridge ;; esac
+  # The bridge's two connections (mosquitto/local-bridge.conf.template) share one
+  # password, and so do the relay's.
+  case $1 in bridge-replay) set -- bridge ;; edge-relay-replay) set -- edge-relay ;; esac
   var=$(echo "$1" | tr 'a-z-' 'A-Z_')_PASSWORD
   eval "value=\${$var:-}"
   [ -n "$value" ] || die "$var is not set: set it in .env (see .env.example)"
@@ -92,14 +106,16 @@ tls_listener="listener ${MQTT_TLS_PORT:-8883}${MQTT_LISTEN_ADDRESS:+ $MQTT_LISTE
 certs=${MQTT_CERTS_DIR:-$out/../certs}
 bridge_password=""
 if [ "$broker" = local ]; then
-  password_of bridge
-  bridge_password=$value
-  [ -f "$certs/ca.crt" ] || die "no $certs/ca.crt: set up the cloud broker first (it makes the certificates) or put the cloud's CA there"
+  if [ "$forwarder" = bridge ]; then
+    password_of bridge
+    bridge_password=$value
+    [ -f "$certs/ca.crt" ] || die "no $certs/ca.crt: set up the cloud broker first (it makes the certificates) or put the cloud's CA there"
+  fi
 else
   # shellcheck disable=SC2086 # the names are words on purpose
   "$here/certs.sh" "$certs" ${CLOUD_TLS_NAMES:-}
 fi
-certs=$(cd "$certs" && pwd)
+if [ -d "$certs" ]; then certs=$(cd "$certs" && pwd); fi
 
 old_umask=$(umask)
 umask 077
@@ -112,6 +128,13 @@ sed -e "s|@LISTENER@|$(sed_escape "$listener")|" \
     -e "s|@BRIDGE_CLIENT_ID@|$(sed_escape "${BRIDGE_CLIENT_ID:-edge-bridge}")|g" \
     -e "s|@BRIDGE_PASSWORD@|$(sed_escape "$bridge_password")|g" \
     "$here/$broker.conf.template" > "$out/mosquitto.conf"
+if [ "$broker" = local ] && [ "$forwarder" = bridge ]; then
+  sed -e "s|@CERTS_DIR@|$(sed_escape "$certs")|g" \
+      -e "s|@CLOUD_ADDRESS@|$(sed_escape "${CLOUD_BRIDGE_HOST:-localhost}:${CLOUD_BRIDGE_PORT:-8883}")|g" \
+      -e "s|@BRIDGE_CLIENT_ID@|$(sed_escape "${BRIDGE_CLIENT_ID:-edge-bridge}")|g" \
+      -e "s|@BRIDGE_PASSWORD@|$(sed_escape "$bridge_password")|g" \
+      "$here/local-bridge.conf.template" >> "$out/mosquitto.conf"
+fi
 cp "$here/$broker.acl" "$out/acl.services"
 
 # Plain user:password lines, hashed in place (no password ever on a command line).
@@ -133,12 +156,16 @@ sh "$here/device.sh" render "$out"
 if [ "$(id -u)" = 0 ] && id mosquitto >/dev/null 2>&1; then
   chown -R mosquitto:mosquitto "$out" "$data"
   [ "$broker" = local ] || chown mosquitto:mosquitto "$certs/server.key"
-  if ! su -s /bin/sh mosquitto -c "test -r '$out/passwd' && test -r '$out/acl' && test -w '$data' && test -r '$certs/ca.crt'" 2>/dev/null; then
+  ca_check=true
+  if [ "$broker" = cloud ] || [ "$forwarder" = bridge ]; then ca_check="test -r '$certs/ca.crt'"; fi
+  if ! su -s /bin/sh mosquitto -c "test -r '$out/passwd' && test -r '$out/acl' && test -w '$data' && $ca_check" 2>/dev/null; then
     die "the mosquitto user cannot read $out or write $data: every parent folder needs o+x (chmod o+x DIR), or choose an OUT_DIR it can reach"
   fi
 fi
 if [ "$broker" = cloud ]; then
   echo "mosquitto/setup.sh: cloud broker configured in $out ($listener; TLS $tls_listener)" >&2
-else
+elif [ "$forwarder" = bridge ]; then
   echo "mosquitto/setup.sh: local broker configured in $out ($listener; bridge to ${CLOUD_BRIDGE_HOST:-localhost}:${CLOUD_BRIDGE_PORT:-8883} over TLS)" >&2
+else
+  echo "mosquitto/setup.sh: local broker configured in $out ($listener; edge-relay forwards to the cloud, as user edge-relay)" >&2
 fi

@@ -35,12 +35,13 @@ fn password_variable(user: &str) -> String {
     format!("{}_PASSWORD", user.to_uppercase().replace('-', "_"))
 }
 
-const USERS: [&str; 7] = [
+const USERS: [&str; 8] = [
     "temperature-sensor",
     "pressure-sensor",
     "device-status",
     "mqtt-subscriber",
     "bridge",
+    "edge-relay",
     "mongo-persister",
     "dashboard",
 ];
@@ -338,6 +339,35 @@ impl Brokers {
         )
     }
 
+    /// Starts `edge-relay` between the two brokers, logged in as `edge-relay` on both,
+    /// with its log in `log_dir` and `args` added (`--site`, `--max-disk`, ...).
+    pub fn start_relay(&self, log_dir: &Path, args: &[&str]) -> Service {
+        let user = "edge-relay";
+        let env = [
+            ("CLOUD_BROKER", "127.0.0.1".to_string()),
+            ("CLOUD_PORT", self.cloud.port.to_string()),
+            ("CLOUD_USERNAME", user.to_string()),
+            ("CLOUD_PASSWORD", password(user)),
+            ("RELAY_LOG_DIR", log_dir.display().to_string()),
+        ];
+        spawn_service_with_env(
+            "edge-relay",
+            self.dir(),
+            self.local.port,
+            Some(user),
+            args,
+            &env,
+        )
+    }
+
+    /// As [`Brokers::start_relay`], and waits until the relay subscribed on both brokers.
+    pub async fn relay_ready(&self, log_dir: &Path, args: &[&str]) -> Service {
+        let relay = self.start_relay(log_dir, args);
+        relay.wait_for_log("subscribed on the edge broker").await;
+        relay.wait_for_log("subscribed on the cloud broker").await;
+        relay
+    }
+
     /// Starts `mongo-persister` with a new session and waits until both its
     /// subscriptions stand.
     pub async fn persister_ready(&self, mongo: &MongoServer, args: &[&str]) -> Service {
@@ -347,8 +377,8 @@ impl Brokers {
     }
 }
 
-/// Starts a cloud broker, then an edge broker bridged to it over TLS, and waits until
-/// the bridge is connected.
+/// Starts a cloud broker, then an edge broker bridged to it over TLS (Mosquitto's
+/// bridge, `EDGE_FORWARDER=bridge`), and waits until the bridge is connected.
 pub async fn spawn_brokers() -> Brokers {
     let brokers = start_brokers(&[]).await;
     brokers.wait_for_bridge().await;
@@ -356,7 +386,8 @@ pub async fn spawn_brokers() -> Brokers {
 }
 
 /// Starts a cloud broker, then an edge broker bridged to it with `local_env` added to
-/// its set-up, without waiting for the bridge.
+/// its set-up, without waiting for the bridge. `EDGE_FORWARDER=relay` in `local_env`
+/// makes the edge broker one for `edge-relay` instead ([`Brokers::start_relay`]).
 pub async fn start_brokers(local_env: &[(&str, String)]) -> Brokers {
     let dir = tempfile::Builder::new()
         .prefix("iot-e2e-")
@@ -369,10 +400,17 @@ pub async fn start_brokers(local_env: &[(&str, String)]) -> Brokers {
     let mut env = vec![
         ("CLOUD_BRIDGE_HOST", "127.0.0.1".to_string()),
         ("CLOUD_BRIDGE_PORT", bridge_port.to_string()),
+        ("EDGE_FORWARDER", "bridge".to_string()),
     ];
     env.extend(local_env.iter().cloned());
     let local = Broker::spawn("local", dir.path(), &env).await;
     Brokers { local, cloud, dir }
+}
+
+/// A cloud broker and an edge broker set up for `edge-relay` (no bridge); start the
+/// relay with [`Brokers::relay_ready`].
+pub async fn spawn_relay_brokers() -> Brokers {
+    start_brokers(&[("EDGE_FORWARDER", "relay".to_string())]).await
 }
 
 /// Makes a development CA and server certificate in `dir` with `mosquitto/certs.sh`.

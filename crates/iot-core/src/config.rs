@@ -172,29 +172,34 @@ pub fn parse_existing_file(value: &str) -> Result<PathBuf, String> {
 
 /// Declares the clap arguments of one side's broker, with environment fallbacks
 /// `<PREFIX>_BROKER`, `_PORT`, `_USERNAME`, `_PASSWORD`, `_TLS_CA`, `_KEEP_ALIVE`.
+/// `$long` goes before each flag's name (`--local-broker`) for a binary that talks to both
+/// brokers.
 macro_rules! broker_args {
     ($(#[$meta:meta])* $name:ident, $prefix:literal, $heading:literal) => {
+        broker_args!($(#[$meta])* $name, $prefix, $heading, "");
+    };
+    ($(#[$meta:meta])* $name:ident, $prefix:literal, $heading:literal, $long:literal) => {
         $(#[$meta])*
         #[derive(Debug, Clone, clap::Args)]
         #[command(next_help_heading = $heading)]
         pub struct $name {
             /// Host name or address of the broker
-            #[arg(long = "broker", env = concat!($prefix, "_BROKER"), default_value = "localhost")]
+            #[arg(id = concat!($long, "host"), value_name = "HOST", long = concat!($long, "broker"), env = concat!($prefix, "_BROKER"), default_value = "localhost")]
             pub host: String,
             /// Port of the broker [default: 1883, or 8883 with TLS]
-            #[arg(long = "port", env = concat!($prefix, "_PORT"), value_parser = clap::value_parser!(u16).range(1..))]
+            #[arg(id = concat!($long, "port"), value_name = "PORT", long = concat!($long, "port"), env = concat!($prefix, "_PORT"), value_parser = clap::value_parser!(u16).range(1..))]
             pub port: Option<u16>,
             /// User name to log in with
-            #[arg(long = "username", env = concat!($prefix, "_USERNAME"))]
+            #[arg(id = concat!($long, "username"), value_name = "USERNAME", long = concat!($long, "username"), env = concat!($prefix, "_USERNAME"))]
             pub username: Option<String>,
             /// Password to log in with (needs a user name)
-            #[arg(long = "password", env = concat!($prefix, "_PASSWORD"), hide_env_values = true, requires = "username")]
+            #[arg(id = concat!($long, "password"), value_name = "PASSWORD", long = concat!($long, "password"), env = concat!($prefix, "_PASSWORD"), hide_env_values = true, requires = concat!($long, "username"))]
             pub password: Option<String>,
             /// CA certificate file (PEM); setting it turns TLS on
-            #[arg(long = "tls-ca", value_name = "FILE", env = concat!($prefix, "_TLS_CA"), value_parser = parse_existing_file)]
+            #[arg(id = concat!($long, "tls_ca"), long = concat!($long, "tls-ca"), value_name = "FILE", env = concat!($prefix, "_TLS_CA"), value_parser = parse_existing_file)]
             pub tls_ca: Option<PathBuf>,
             /// Seconds between keep-alive pings
-            #[arg(long = "keep-alive", value_name = "SECONDS", env = concat!($prefix, "_KEEP_ALIVE"), default_value = "30", value_parser = clap::value_parser!(u16).range(5..))]
+            #[arg(id = concat!($long, "keep_alive"), long = concat!($long, "keep-alive"), value_name = "SECONDS", env = concat!($prefix, "_KEEP_ALIVE"), default_value = "30", value_parser = clap::value_parser!(u16).range(5..))]
             pub keep_alive: u16,
         }
 
@@ -226,6 +231,22 @@ broker_args!(
     CloudBroker,
     "CLOUD",
     "Cloud broker"
+);
+
+broker_args!(
+    /// The edge broker `edge-relay` takes every message from: `--local-broker` and so on.
+    RelayLocalBroker,
+    "LOCAL",
+    "Local (edge) broker",
+    "local-"
+);
+
+broker_args!(
+    /// The cloud broker `edge-relay` forwards to: `--cloud-broker` and so on.
+    RelayCloudBroker,
+    "CLOUD",
+    "Cloud broker",
+    "cloud-"
 );
 
 /// Largest MQTT packet our clients send or accept: above the brokers' `max_packet_size`
@@ -281,14 +302,50 @@ impl BrokerSettings {
         if let Some(username) = &self.username {
             options.set_credentials(username, self.password.as_deref().unwrap_or_default());
         }
-        if let Some(ca) = &self.tls_ca {
-            let variable = format!("{}_TLS_CA", self.env_prefix);
-            let config = tls_config(ca).with_context(|| format!("{variable}={}", ca.display()))?;
-            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(config),
-            )));
+        if let Some(transport) = self.tls_transport()? {
+            options.set_transport(transport);
         }
         Ok(options)
+    }
+
+    /// MQTT 5 client options for this broker, for a client that must see the retain flag
+    /// as it was published or keep its own publishes from coming back (`edge-relay`): as
+    /// [`BrokerSettings::mqtt_options`], and a persistent session (`clean_start` false)
+    /// that the broker keeps while the client is away, as long as it can (MQTT 5 ends a
+    /// session at disconnect unless its expiry interval says otherwise).
+    pub fn mqtt5_options(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+    ) -> anyhow::Result<rumqttc::v5::MqttOptions> {
+        let mut options = rumqttc::v5::MqttOptions::new(client_id, &self.host, self.port);
+        let max_packet = u32::try_from(MAX_PACKET_SIZE).unwrap_or(u32::MAX);
+        options
+            .set_keep_alive(self.keep_alive)
+            .set_clean_start(clean_start)
+            .set_max_packet_size(Some(max_packet));
+        if !clean_start {
+            options.set_session_expiry_interval(Some(u32::MAX));
+        }
+        if let Some(username) = &self.username {
+            options.set_credentials(username, self.password.as_deref().unwrap_or_default());
+        }
+        if let Some(transport) = self.tls_transport()? {
+            options.set_transport(transport);
+        }
+        Ok(options)
+    }
+
+    /// The TLS transport when a CA file is set.
+    fn tls_transport(&self) -> anyhow::Result<Option<Transport>> {
+        let Some(ca) = &self.tls_ca else {
+            return Ok(None);
+        };
+        let variable = format!("{}_TLS_CA", self.env_prefix);
+        let config = tls_config(ca).with_context(|| format!("{variable}={}", ca.display()))?;
+        Ok(Some(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(config),
+        ))))
     }
 }
 

@@ -151,8 +151,20 @@ pub struct Connection {
 const BARRIER_FILTER: &str = "$iot-pipeline/barrier/never-subscribed";
 
 impl Connection {
-    /// Starts connecting to `broker` with `options` in the background.
+    /// Starts connecting to `broker` with `options` in the background; the readiness
+    /// check [`BROKER_CHECK`] follows the connection.
     pub fn start(broker: &BrokerSettings, options: MqttOptions) -> Self {
+        Self::start_checked(broker, options, Some(BROKER_CHECK))
+    }
+
+    /// As [`Connection::start`], with the readiness check of another name, or none for a
+    /// connection the service is ready without (`edge-relay`'s to the cloud: a cloud
+    /// that is down is what it is there for).
+    pub fn start_checked(
+        broker: &BrokerSettings,
+        options: MqttOptions,
+        check: Option<&'static str>,
+    ) -> Self {
         let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
         // rumqttc writes whole batches of packets at once, so Nagle's algorithm only adds
         // delay: up to 40 ms on the last packets before a pause, against delayed ACKs.
@@ -162,10 +174,12 @@ impl Connection {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (outbound, outbound_rx) = mpsc::unbounded_channel();
         let backlog = Arc::new(Backlog::default());
-        crate::ops::health().set(
-            BROKER_CHECK,
-            Err(format!("not connected to {} yet", broker.address())),
-        );
+        if let Some(check) = check {
+            crate::ops::health().set(
+                check,
+                Err(format!("not connected to {} yet", broker.address())),
+            );
+        }
         metrics::gauge!("iot_mqtt_connected").set(0.0);
         let driver = Driver {
             eventloop,
@@ -177,6 +191,7 @@ impl Connection {
             address: broker.address(),
             broker: broker.clone(),
             backoff: Backoff::default(),
+            check,
             connection: 0,
             unconfirmed: Vec::new(),
             dropped_qos0: 0,
@@ -440,6 +455,8 @@ struct Driver {
     address: String,
     broker: BrokerSettings,
     backoff: Backoff,
+    /// The readiness check that follows this connection, if any.
+    check: Option<&'static str>,
     /// Number of the current (or last) connection, counted from 1; 0 before the first.
     connection: u64,
     /// Our publishes the broker had not acknowledged when the connection dropped.
@@ -521,7 +538,9 @@ impl Driver {
                     metrics::counter!("iot_mqtt_reconnects_total").increment(1);
                 }
                 metrics::gauge!("iot_mqtt_connected").set(1.0);
-                crate::ops::health().set(BROKER_CHECK, Ok(()));
+                if let Some(check) = self.check {
+                    crate::ops::health().set(check, Ok(()));
+                }
                 self.connection += 1;
                 self.backoff.reset();
                 if self.stale_acks > 0 {
@@ -596,10 +615,12 @@ impl Driver {
         // Reconnecting needs the event loop; a service still behind pauses it again.
         self.paused = None;
         metrics::gauge!("iot_mqtt_connected").set(0.0);
-        crate::ops::health().set(
-            BROKER_CHECK,
-            Err(format!("no connection to {}: {error}", self.address)),
-        );
+        if let Some(check) = self.check {
+            crate::ops::health().set(
+                check,
+                Err(format!("no connection to {}: {error}", self.address)),
+            );
+        }
         let delay = self.backoff.next_delay();
         let attempt = self.backoff.attempt();
         if attempt == 1 && self.connection > 0 {

@@ -1,0 +1,201 @@
+//! The relay's settings: flags with their environment variables, and what follows from
+//! them (session names, broker settings).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use iot_core::bounds::check_id;
+use iot_core::config::{parse_duration, BrokerSettings, RelayCloudBroker, RelayLocalBroker};
+
+/// Store-and-forward at the edge: takes every message from the edge broker into an
+/// on-disk log, acknowledges it once it is on disk, and forwards it unchanged to the
+/// cloud broker; carries replay requests and Sparkplug commands from the cloud to the
+/// edge and answers replay requests from its log.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "edge-relay", version)]
+pub struct Config {
+    /// This edge site's name, unique among the sites of one cloud broker: the relay's sessions there are edge-relay-SITE and edge-relay-SITE-replay
+    #[arg(long, env = "EDGE_SITE", default_value = "edge", value_parser = parse_site)]
+    pub site: String,
+    /// Folder of the on-disk log, created when missing; on a disk that survives a restart
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "RELAY_LOG_DIR",
+        default_value = "relay-log"
+    )]
+    pub log_dir: PathBuf,
+    /// Most disk the log may take, in bytes or with a unit (512M, 20G). Forwarded messages make room first; once it is full of messages not forwarded yet, the relay stops acknowledging the edge broker (which then holds what comes) until the cloud takes some
+    #[arg(long, value_name = "BYTES", env = "RELAY_MAX_DISK", default_value = "1G", value_parser = parse_bytes)]
+    pub max_disk: u64,
+    /// How long forwarded messages are kept, to answer replay requests and to refill a cloud broker that lost its state (30m, 24h, 7d); within --max-disk
+    #[arg(long, value_name = "DURATION", env = "RELAY_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub retention: Duration,
+    /// When the cloud broker comes back without the relay's session (it lost what it had not saved yet), what was forwarded this long before the loss is sent again; at least the cloud's autosave_interval (30 s) plus the persister's lag
+    #[arg(long, value_name = "DURATION", env = "RELAY_REFILL_WINDOW", default_value = "2m", value_parser = parse_duration)]
+    pub refill_window: Duration,
+    /// Topic filter taken from the edge broker; repeat for several
+    #[arg(
+        long = "topic",
+        value_name = "FILTER",
+        env = "RELAY_TOPIC",
+        default_value = "#",
+        value_delimiter = ','
+    )]
+    pub topics: Vec<String>,
+    /// Serve Prometheus metrics and health checks (/metrics, /health/live, /health/ready) on HOST:PORT, e.g. 0.0.0.0:9466 [default: off]
+    #[arg(long, value_name = "HOST:PORT", env = "RELAY_METRICS_ADDRESS", value_parser = iot_core::ops::parse_listen_address)]
+    pub metrics_address: Option<String>,
+    #[command(flatten)]
+    pub local: RelayLocalBroker,
+    /// The cloud broker; the relay's second connection (replay requests and Sparkplug commands in) logs in as CLOUD_USERNAME with "-replay" added, with the same password
+    #[command(flatten)]
+    pub cloud: RelayCloudBroker,
+}
+
+/// The smallest disk budget: the store's journals alone may take 64 MiB.
+pub const MIN_DISK: u64 = 128 * 1024 * 1024;
+
+impl Config {
+    /// Checks what one flag's parser cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_disk < MIN_DISK {
+            return Err(format!(
+                "--max-disk (RELAY_MAX_DISK) is {} bytes: expected at least 128M (the store's journals alone may take 64M)",
+                self.max_disk
+            ));
+        }
+        if self.refill_window > self.retention {
+            return Err(
+                "--refill-window (RELAY_REFILL_WINDOW) is longer than --retention (RELAY_RETENTION): what it sends again must still be kept"
+                    .into(),
+            );
+        }
+        if let Some(topic) = self.topics.iter().find(|topic| topic.is_empty()) {
+            return Err(format!("--topic (RELAY_TOPIC) {topic:?} is empty"));
+        }
+        Ok(())
+    }
+
+    pub fn edge_broker(&self) -> BrokerSettings {
+        self.local.clone().into()
+    }
+
+    pub fn cloud_broker(&self) -> BrokerSettings {
+        self.cloud.clone().into()
+    }
+
+    /// The cloud side of the relay's second connection: the same broker, the account
+    /// with `-replay` added.
+    pub fn cloud_replay_broker(&self) -> BrokerSettings {
+        let mut broker = self.cloud_broker();
+        broker.username = broker.username.map(|user| format!("{user}-replay"));
+        broker
+    }
+
+    /// The session on the edge broker (one relay per edge broker).
+    pub fn edge_client_id(&self) -> String {
+        format!("edge-relay-{}", self.site)
+    }
+
+    /// The session that forwards on the cloud broker.
+    pub fn cloud_client_id(&self) -> String {
+        format!("edge-relay-{}", self.site)
+    }
+
+    /// The session that carries requests in from the cloud broker.
+    pub fn cloud_replay_client_id(&self) -> String {
+        format!("edge-relay-{}-replay", self.site)
+    }
+}
+
+/// A site name: one topic level's worth of a device id's characters.
+fn parse_site(value: &str) -> Result<String, String> {
+    check_id("site", value)?;
+    if value.len() > 64 || value.contains(char::is_whitespace) {
+        return Err("expected at most 64 characters without blanks".into());
+    }
+    Ok(value.to_string())
+}
+
+/// Bytes, plain or with a binary unit: `1048576`, `512K`, `512M`, `20G`, `1T` (KiB,
+/// MiB, GiB, TiB; `MB` and `MiB` read the same).
+pub fn parse_bytes(value: &str) -> Result<u64, String> {
+    let bad = || format!("expected a size such as 512M or 20G, not {value:?}");
+    let text = value.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(bad()),
+    };
+    number.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut all = vec!["edge-relay"];
+        all.extend_from_slice(args);
+        Config::try_parse_from(all)
+            .map_err(|error| error.to_string())
+            .and_then(|config| config.validate().map(|()| config))
+    }
+
+    #[test]
+    fn defaults_name_the_sessions_after_the_site() {
+        let config = parse(&["--site", "plant-3"]).expect("valid");
+        assert_eq!(config.edge_client_id(), "edge-relay-plant-3");
+        assert_eq!(config.cloud_replay_client_id(), "edge-relay-plant-3-replay");
+        assert_eq!(config.max_disk, 1 << 30);
+        assert_eq!(config.topics, ["#"]);
+        let config = parse(&[
+            "--cloud-username",
+            "edge-relay",
+            "--cloud-password",
+            "s",
+            "--local-port",
+            "1884",
+        ])
+        .expect("valid");
+        assert_eq!(
+            config.cloud_replay_broker().username.as_deref(),
+            Some("edge-relay-replay")
+        );
+        assert_eq!(config.edge_broker().port, 1884);
+        assert_eq!(config.cloud_broker().port, 1883);
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        for args in [
+            &["--site", "a/b"][..],
+            &["--site", ""],
+            &["--max-disk", "100M"],
+            &["--max-disk", "lots"],
+            &["--retention", "1m", "--refill-window", "5m"],
+            &["--cloud-password", "x"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_read_with_binary_units() {
+        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
+        assert_eq!(parse_bytes("20 GiB"), Ok(20 << 30));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("1.5G").is_err());
+        assert!(parse_bytes("99999999999T").is_err());
+    }
+}

@@ -1,0 +1,194 @@
+//! `edge-relay`: store-and-forward at the edge, in place of Mosquitto's bridge.
+//!
+//! Every message the edge broker gets goes into an on-disk log ([`log`]) and is
+//! acknowledged to the broker only once it is there ([`intake`]); from the log it goes
+//! on, unchanged, to the cloud broker at QoS 1 ([`forward`]). A cloud outage is a
+//! backlog on disk, bounded by `--max-disk`, not a queue in the broker's memory; a full
+//! disk stops the acknowledgements (back-pressure), it never drops a message. Forwarded
+//! messages are kept for `--retention`, so replay requests are answered from the log
+//! even for devices that have since stopped ([`inbound`]), and a cloud broker that comes
+//! back without the relay's session is sent again what it may have lost.
+//! [`keep`] trims the log and reports; [`mqtt5`] is the relay's MQTT 5 connection.
+//!
+//! Four tasks, one per job, joined by the log and three small channels; the first to
+//! fail stops the others, and each finishes what it holds on the way out.
+
+pub mod config;
+pub mod forward;
+pub mod inbound;
+pub mod intake;
+pub mod keep;
+pub mod log;
+pub mod mqtt5;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use iot_core::mqtt::Connection;
+use iot_core::ops::{self, Metric};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// The readiness checks: the edge broker reached and the log open. A cloud that is down
+/// is what the relay is there for; it shows in `iot_mqtt_connected` (the forwarding
+/// connection) and `iot_relay_connected{link="cloud-replay"}`.
+const EDGE_CHECK: &str = "edge broker";
+const LOG_CHECK: &str = "log";
+
+/// The relay's own metrics, beside the common ones.
+pub const METRICS: &[Metric] = &[
+    Metric::gauge("iot_relay_connected", "1 while the link (edge, cloud-replay) is connected; the forwarding connection to the cloud is iot_mqtt_connected"),
+    Metric::counter("iot_relay_logged_total", "messages taken from the edge broker onto disk and acknowledged"),
+    Metric::counter("iot_relay_forwarded_total", "messages the cloud broker acknowledged"),
+    Metric::gauge("iot_relay_backlog", "messages on disk not forwarded yet"),
+    Metric::gauge("iot_relay_oldest_unforwarded_seconds", "age of the oldest message not forwarded yet (0 without a backlog)"),
+    Metric::gauge("iot_relay_disk_bytes", "bytes the log takes on disk"),
+    Metric::gauge("iot_relay_kept", "messages in the log, forwarded or not"),
+    Metric::gauge("iot_relay_back_pressure", "1 while the disk budget is full of messages not forwarded and the edge broker is not acknowledged"),
+    Metric::counter("iot_relay_expired_total", "forwarded messages deleted past --retention"),
+    Metric::counter("iot_relay_evicted_total", "forwarded messages deleted before their retention because the disk budget needed the room"),
+    Metric::counter("iot_relay_replayed_total", "readings answered from the log to replay requests"),
+    Metric::counter("iot_relay_refills_total", "times the cloud broker came back without the relay's session"),
+    Metric::counter("iot_relay_refilled_total", "messages sent again to refill a cloud broker that lost its state"),
+    Metric::counter("iot_relay_unforwardable_total", "messages the cloud broker cannot take (too long for MQTT), passed over"),
+    Metric::counter("iot_relay_unreadable_total", "messages of the log that could not be read back, skipped"),
+    Metric::counter("iot_relay_qos0_dropped_total", "QoS 0 messages dropped because 100 000 waited for the disk"),
+];
+
+/// Relays until `shutdown`: the batch being written is finished and acknowledged, what
+/// is in flight to the cloud given a few seconds, the log synced.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    ops::health().set(EDGE_CHECK, Err("not connected yet".into()));
+    ops::health().set(LOG_CHECK, Err("not open yet".into()));
+    ops::serve(config.metrics_address.as_deref(), shutdown.clone(), METRICS).await?;
+    let log = open_log(&config)?;
+    ops::health().set(LOG_CHECK, Ok(()));
+
+    let (edge_broker, cloud_broker) = (config.edge_broker(), config.cloud_broker());
+    let edge = mqtt5::Link::start(
+        &edge_broker,
+        edge_broker.mqtt5_options(&config.edge_client_id(), false)?,
+        "edge",
+        Some(EDGE_CHECK),
+    );
+    let inbound = mqtt5::Link::start(
+        &cloud_broker,
+        config
+            .cloud_replay_broker()
+            .mqtt5_options(&config.cloud_replay_client_id(), false)?,
+        "cloud-replay",
+        None,
+    );
+    let mut cloud_options = cloud_broker.mqtt_options(&config.cloud_client_id(), false)?;
+    cloud_options.set_inflight(u16::try_from(forward::WINDOW).unwrap_or(u16::MAX));
+    let cloud = Connection::start_checked(&cloud_broker, cloud_options, None);
+    log_start(&config, &edge_broker, &cloud_broker);
+
+    let wake = Arc::new(Notify::new());
+    let (replays_tx, replays) = mpsc::channel(forward::WINDOW);
+    let (full_tx, full) = watch::channel(false);
+    let stop = shutdown.child_token();
+    let edge_client = edge.client.clone();
+    let tasks = [
+        tokio::spawn(intake::run(
+            edge,
+            log.clone(),
+            config.topics.clone(),
+            Arc::clone(&wake),
+            full,
+            stop.clone(),
+        )),
+        tokio::spawn(
+            forward::Forwarder::new(cloud, log.clone(), wake, replays, config.refill_window)
+                .run(stop.clone()),
+        ),
+        tokio::spawn(inbound::run(
+            inbound,
+            log.clone(),
+            edge_client,
+            replays_tx,
+            stop.clone(),
+        )),
+        tokio::spawn(
+            keep::Keeper {
+                log: log.clone(),
+                retention: config.retention,
+                max_disk: config.max_disk,
+                full: full_tx,
+            }
+            .run(stop.clone()),
+        ),
+    ];
+    let mut outcome = Ok(());
+    let mut tasks = futures_join(tasks, &stop).await;
+    for result in tasks.drain(..) {
+        if let Err(error) = result {
+            if outcome.is_ok() {
+                outcome = Err(error);
+            }
+        }
+    }
+    log.sync()?;
+    tracing::info!(
+        backlog = log.backlog(),
+        "edge-relay stopped; the log keeps what was not forwarded"
+    );
+    outcome
+}
+
+fn log_start(
+    config: &Config,
+    edge_broker: &iot_core::config::BrokerSettings,
+    cloud_broker: &iot_core::config::BrokerSettings,
+) {
+    tracing::info!(
+        site = config.site,
+        edge = %edge_broker.address(),
+        cloud = %cloud_broker.address(),
+        log = %config.log_dir.display(),
+        max_disk = config.max_disk,
+        retention = ?config.retention,
+        "edge-relay starting"
+    );
+}
+
+/// Opens the log, saying what it found.
+fn open_log(config: &Config) -> anyhow::Result<log::Log> {
+    let (log, opened) = log::Log::open(&config.log_dir)
+        .with_context(|| format!("--log-dir {}", config.log_dir.display()))?;
+    if let Some((aside, why)) = &opened.set_aside {
+        tracing::error!(
+            "the log could not be opened ({why}); moved aside to {} and started a new one: what it held is not forwarded (kept there for inspection)",
+            aside.display()
+        );
+    }
+    tracing::info!(
+        messages = opened.messages,
+        backlog = opened.backlog,
+        "log open"
+    );
+    Ok(log)
+}
+
+/// Waits for every task; the first to end with an error stops the others.
+async fn futures_join(
+    tasks: [tokio::task::JoinHandle<anyhow::Result<()>>; 4],
+    stop: &CancellationToken,
+) -> Vec<anyhow::Result<()>> {
+    let mut results = Vec::with_capacity(tasks.len());
+    let mut pending: Vec<_> = tasks.into_iter().collect();
+    while !pending.is_empty() {
+        let (result, _, rest) = futures_util::future::select_all(pending).await;
+        pending = rest;
+        let result = result
+            .context("a relay task failed")
+            .and_then(|result| result);
+        if result.is_err() {
+            stop.cancel();
+        }
+        results.push(result);
+    }
+    results
+}

@@ -1,0 +1,194 @@
+//! The log on a real disk: what survives a reopen, what the index finds, what trimming
+//! removes, and a damaged store.
+
+use super::*;
+
+fn entry(topic: &str, payload: &str) -> Entry {
+    Entry {
+        topic: topic.to_string(),
+        payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        received_ms: 1_700_000_000_000,
+    }
+}
+
+fn reading(device: &str, seq: u64) -> Entry {
+    entry(
+        &format!("/sensor/{device}/temperature"),
+        &format!(r#"{{"device":"{device}","boot":"b1","seq":{seq},"value":21.5}}"#),
+    )
+}
+
+#[test]
+fn an_entry_reads_back_as_written() {
+    let mut retained = entry("/sensor/temperature", "23.41");
+    retained.retain = true;
+    retained.qos = QoS::AtMostOnce;
+    for entry in [retained, reading("t-1", 7), entry("a/b", "")] {
+        assert_eq!(Entry::decode(&entry.encode()), Some(entry.clone()));
+    }
+    assert_eq!(Entry::decode(b""), None);
+    assert_eq!(Entry::decode(&[9, 0, 0]), None);
+    let mut wrong = reading("t-1", 7).encode();
+    wrong[0] = 2;
+    assert_eq!(Entry::decode(&wrong), None);
+}
+
+#[test]
+fn only_readings_within_bounds_are_keyed() {
+    assert_eq!(
+        reading("t-1", 7).reading_key(),
+        Some(("t-1".into(), "b1".into(), 7))
+    );
+    for payload in [
+        "23.41",
+        r#"{"device":"t-1","seq":7,"value":1}"#,
+        r#"{"device":"a/b","boot":"b1","seq":7,"value":1}"#,
+        r#"{"device":"t-1","boot":"b1","seq":0,"value":1}"#,
+        "{not json",
+    ] {
+        assert_eq!(entry("x", payload).reading_key(), None, "{payload}");
+    }
+}
+
+#[test]
+fn what_was_appended_survives_a_reopen_with_its_forwarded_mark() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let (log, opened) = Log::open(dir.path()).expect("open");
+        assert_eq!((opened.messages, opened.backlog), (0, 0));
+        log.append(&[reading("t-1", 1), reading("t-1", 2)])
+            .expect("append");
+        log.append(&[reading("t-1", 3)]).expect("append");
+        assert_eq!(log.next(), 4);
+        assert_eq!(log.backlog(), 3);
+        log.mark_forwarded(3).expect("mark");
+        log.sync().expect("sync");
+    }
+    let (log, opened) = Log::open(dir.path()).expect("reopen");
+    assert_eq!((opened.messages, opened.backlog), (3, 1));
+    assert_eq!(log.next(), 4);
+    let unforwarded = log.read_from(log.forwarded(), 10).expect("read");
+    assert_eq!(unforwarded, vec![(3, reading("t-1", 3))]);
+}
+
+#[test]
+fn the_index_finds_a_range_and_a_forgery_does_not_hide_the_genuine_reading() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = Log::open(dir.path()).expect("open");
+    let batch: Vec<Entry> = (1..=10).map(|seq| reading("t-1", seq)).collect();
+    log.append(&batch).expect("append");
+    // Another account's topic, claiming t-1's reading 5.
+    log.append(&[entry(
+        "/sensor/t-2/temperature",
+        r#"{"device":"t-1","boot":"b1","seq":5,"value":99}"#,
+    )])
+    .expect("append");
+    let found = log.readings("t-1", "b1", (4, 6), 100).expect("lookup");
+    assert_eq!(found, vec![(4, 4), (5, 5), (5, 11), (6, 6)]);
+    assert_eq!(log.readings("t-1", "b2", (1, 10), 100).expect("lookup"), []);
+    assert_eq!(
+        log.readings("t-1", "b1", (1, 10), 3).expect("lookup").len(),
+        3
+    );
+}
+
+#[test]
+fn trimming_removes_only_forwarded_messages_and_their_index() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = Log::open(dir.path()).expect("open");
+    let batch: Vec<Entry> = (1..=10).map(|seq| reading("t-1", seq)).collect();
+    log.append(&batch).expect("append");
+    log.mark_forwarded(6).expect("mark");
+    assert_eq!(log.trim(100, |_| true).expect("trim"), 5);
+    assert_eq!(log.first(), 6);
+    assert_eq!(
+        log.readings("t-1", "b1", (1, 10), 100)
+            .expect("lookup")
+            .len(),
+        5
+    );
+    assert_eq!(
+        log.trim(100, |_| true).expect("trim"),
+        0,
+        "6 is not forwarded"
+    );
+    log.mark_forwarded(11).expect("mark");
+    assert_eq!(log.trim(2, |_| true).expect("trim"), 2, "at most the limit");
+    assert_eq!(
+        log.trim(100, |_| false).expect("trim"),
+        0,
+        "kept while asked"
+    );
+    assert_eq!(log.read_from(0, 100).expect("read").len(), 3);
+}
+
+#[test]
+fn a_store_that_cannot_be_opened_is_set_aside_and_a_new_one_started() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let (log, _) = Log::open(dir.path()).expect("open");
+        log.append(&[reading("t-1", 1)]).expect("append");
+    }
+    // Every file of the store overwritten with garbage.
+    for file in walk(&dir.path().join("store")) {
+        std::fs::write(&file, b"not a store").expect("overwrite");
+    }
+    let (log, opened) = Log::open(dir.path()).expect("open a new store");
+    let (aside, why) = opened.set_aside.expect("the damaged store set aside");
+    assert!(aside.starts_with(dir.path()) && aside.exists(), "{aside:?}");
+    assert!(!why.is_empty());
+    assert_eq!((opened.messages, log.next()), (0, 1));
+    log.append(&[reading("t-1", 2)])
+        .expect("the new store takes messages");
+}
+
+#[test]
+fn a_torn_last_write_is_cut_off_and_the_rest_kept() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let (log, _) = Log::open(dir.path()).expect("open");
+        for seq in 1..=20 {
+            log.append(&[reading("t-1", seq)]).expect("append");
+        }
+    }
+    // Half of the last journal's last write cut off, as a power cut mid-write leaves it.
+    let journal = walk(&dir.path().join("store"))
+        .into_iter()
+        .filter(|path| path.extension().is_some_and(|ext| ext == "jnl"))
+        .max_by_key(|path| std::fs::metadata(path).map(|m| m.len()).unwrap_or(0))
+        .expect("a journal file");
+    let length = std::fs::metadata(&journal).expect("journal").len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&journal)
+        .expect("journal");
+    file.set_len(length - 40).expect("truncate");
+    let (log, opened) = Log::open(dir.path()).expect("reopen");
+    assert!(opened.set_aside.is_none(), "recovered in place");
+    // The last write is lost unless the store had flushed it into a table on close.
+    assert!(
+        (19..=20).contains(&opened.messages),
+        "{} kept",
+        opened.messages
+    );
+    assert_eq!(log.next(), opened.messages + 1);
+    assert_eq!(
+        log.read_from(1, 100).expect("read").len() as u64,
+        opened.messages
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}

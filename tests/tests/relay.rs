@@ -1,0 +1,89 @@
+//! `edge-relay` between the project's two brokers (set up with `EDGE_FORWARDER=relay`),
+//! with the persister and a real MongoDB-wire server behind: what crosses it arrives
+//! unchanged (topic, payload, retain flag), and a cloud outage waits in the relay's log,
+//! through a SIGKILL of the relay, to be stored once when the cloud is back.
+
+use std::time::Duration;
+
+use bson::doc;
+use tests::stored::{assert_exactly_once, start_sensor, stored_seqs, wait_for_readings};
+use tests::{free_port, prometheus, spawn_mongo, spawn_relay_brokers, wait_for, TestClient};
+
+/// Time allowed for a backlog to drain after an outage (the reconnect backoff grows
+/// during it, up to 30 s).
+const CATCH_UP: Duration = Duration::from_secs(90);
+
+/// One value of the relay's metrics on `port`.
+async fn metric(port: u16, name: &str) -> Option<f64> {
+    let (_, body) = prometheus::get(port, "/metrics").await;
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            (key == name).then(|| value.parse().ok())?
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_crosses_the_relay_arrives_unchanged_and_a_cloud_outage_waits_on_its_disk() {
+    let (mut brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let log_dir = brokers.dir().join("relay-log");
+    let metrics_port = free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let mut relay = brokers
+        .relay_ready(
+            &log_dir,
+            &["--site", "plant-1", "--metrics-address", &metrics],
+        )
+        .await;
+    let mut persister = brokers.persister_ready(&mongo, &[]).await;
+
+    // The seed's form: a plain value, retained, QoS 0. It is retained on the cloud too.
+    let mut seed = brokers.start_edge("temperature-sensor", &["--count", "1"]);
+    seed.expect_success().await;
+    let db = mongo.database().await;
+    wait_for_readings(&db, doc! { "topic": "/sensor/temperature" }, 1).await;
+    let retained = TestClient::retained(brokers.cloud.port, "/sensor/temperature").await;
+    assert!(retained.retain);
+    let value: f64 = std::str::from_utf8(&retained.payload)
+        .expect("text")
+        .parse()
+        .expect("the plain value, unchanged");
+    assert!((20.0..=30.0).contains(&value), "{value}");
+
+    // Live: 2000 keyed readings, each stored once.
+    start_sensor(&brokers, "relay-1", "2000")
+        .expect_success()
+        .await;
+    wait_for_readings(&db, doc! { "device": "relay-1" }, 2000).await;
+
+    // The cloud down: 3000 readings wait in the relay's log, acknowledged to the edge.
+    brokers.cloud.stop().await;
+    start_sensor(&brokers, "relay-2", "3000")
+        .expect_success()
+        .await;
+    wait_for(
+        "a backlog of 3000 in the relay's log",
+        || metric(metrics_port, "iot_relay_backlog"),
+        |backlog| *backlog == Some(3000.0),
+    )
+    .await;
+    // The relay SIGKILLed with its backlog, and started again.
+    relay.kill().await;
+    let mut relay = brokers.start_relay(&log_dir, &["--site", "plant-1"]);
+    relay.wait_for_log("subscribed on the edge broker").await;
+    assert!(brokers.cloud.start().await, "{}", brokers.cloud.log());
+    tests::wait_for_within(
+        CATCH_UP,
+        "the backlog stored",
+        || tests::stored::count(&db, doc! { "device": "relay-2" }),
+        |n| *n == 3000,
+    )
+    .await;
+
+    for (device, count) in [("relay-1", 2000), ("relay-2", 3000)] {
+        assert_exactly_once(&stored_seqs(&db, device).await, count);
+    }
+    relay.stop_cleanly().await;
+    persister.stop_cleanly().await;
+}
