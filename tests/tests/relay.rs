@@ -1,7 +1,8 @@
 //! `edge-relay` between the project's two brokers (set up with `EDGE_FORWARDER=relay`),
 //! with the persister and a real MongoDB-wire server behind: what crosses it arrives
 //! unchanged (topic, payload, retain flag), and a cloud outage waits in the relay's log,
-//! through a SIGKILL of the relay, to be stored once when the cloud is back.
+//! through a SIGKILL of the relay, to be stored once when the cloud is back; a relay
+//! SIGKILLed mid-stream loses nothing.
 
 use std::time::Duration;
 
@@ -84,6 +85,43 @@ async fn what_crosses_the_relay_arrives_unchanged_and_a_cloud_outage_waits_on_it
     for (device, count) in [("relay-1", 2000), ("relay-2", 3000)] {
         assert_exactly_once(&stored_seqs(&db, device).await, count);
     }
+    relay.stop_cleanly().await;
+    persister.stop_cleanly().await;
+}
+
+/// The relay SIGKILLed twice while a device publishes, and started again each time:
+/// every reading is stored once. The persister asks no device for gaps (`--no-repair`),
+/// so nothing but the relay's own log and the edge broker's session carries them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let log_dir = brokers.dir().join("relay-log");
+    let mut relay = brokers.relay_ready(&log_dir, &[]).await;
+    let mut persister = brokers.persister_ready(&mongo, &["--no-repair"]).await;
+    let db = mongo.database().await;
+
+    // As fast as the relay takes them: many messages between the broker and the disk.
+    let mut sensor = start_sensor(&brokers, "crash-1", "20000");
+    for stored in [500, 2000] {
+        wait_for(
+            &format!("{stored} readings stored"),
+            || tests::stored::count(&db, doc! { "device": "crash-1" }),
+            |n| *n >= stored,
+        )
+        .await;
+        assert!(sensor.is_running(), "the stream ended before the kill");
+        relay.kill().await;
+        relay = brokers.relay_ready(&log_dir, &[]).await;
+    }
+    sensor.expect_success().await;
+    tests::wait_for_within(
+        CATCH_UP,
+        "every reading stored",
+        || tests::stored::count(&db, doc! { "device": "crash-1" }),
+        |n| *n >= 20_000,
+    )
+    .await;
+    assert_exactly_once(&stored_seqs(&db, "crash-1").await, 20_000);
     relay.stop_cleanly().await;
     persister.stop_cleanly().await;
 }

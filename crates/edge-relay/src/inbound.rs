@@ -53,6 +53,10 @@ pub async fn run(
                 if let Err(error) = carry(&message, &log, &edge, &replays).await {
                     break Err(error);
                 }
+                // Handed on (a request that is lost now is asked again by the persister).
+                if let Err(error) = link.ack(&message).await {
+                    break Err(error);
+                }
             }
             Err(error) => break Err(error),
         }

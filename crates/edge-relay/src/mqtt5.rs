@@ -10,10 +10,12 @@
 //!
 //! rumqttc's event loop runs in a task of its own (the driver) that nothing cancels
 //! mid-write; it reconnects with capped, jittered backoff, logging each attempt, and gives
-//! up only on refused credentials. Acknowledgements go through rumqttc's request
-//! channel, which it empties of acknowledgements when a connection drops (the broker
-//! sends those messages again on the next one); [`Link::ack`] also drops any of an
-//! earlier connection, whose packet ids may name other messages on the new one.
+//! up only on refused credentials. rumqttc acknowledges nothing by itself (manual acks):
+//! the relay acknowledges a message once it handled it (on disk, carried on). The
+//! acknowledgements go through rumqttc's request channel, which it empties of them when
+//! a connection drops (the broker sends those messages again on the next one);
+//! [`Link::ack`] also drops any of an earlier connection, whose packet ids may name
+//! other messages on the new one.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -84,6 +86,9 @@ impl Link {
         check: Option<&'static str>,
     ) -> Self {
         options.set_receive_maximum(Some(RECEIVE_MAXIMUM));
+        // What the relay has not handled (on disk, carried on) is not acknowledged: the
+        // broker keeps it for the next connection of the session.
+        options.set_manual_acks(true);
         let mut network = options.network_options();
         network.set_tcp_nodelay(true);
         options.set_network_options(network);
