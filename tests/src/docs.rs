@@ -20,6 +20,7 @@ pub fn binaries() -> Vec<Command> {
         SensorConfig::command(&PRESSURE),
         <device_status::Config as clap::CommandFactory>::command(),
         <mqtt_subscriber::Config as clap::CommandFactory>::command(),
+        <edge_relay::Config as clap::CommandFactory>::command(),
         <mongo_persister::Config as clap::CommandFactory>::command(),
         readings::Cli::command(),
     ]

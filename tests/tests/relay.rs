@@ -133,3 +133,93 @@ async fn a_relay_killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
     relay.stop_cleanly().await;
     persister.stop_cleanly().await;
 }
+
+/// The cloud machine loses power mid-stream (broker and persister SIGKILLed, the
+/// broker's save gone: no sessions, nothing it had accepted), and the device stops
+/// before the cloud is back: the relay refills the cloud from its log once the
+/// persister subscribed again, and every reading is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_that_lost_its_state_is_refilled_from_the_relays_log() {
+    let relay = cloud_power_loss("refill", &["--refill-delay", "10s"]).await;
+    assert!(relay.stderr().contains("sending again what was forwarded"));
+}
+
+/// The same with a refill window too short for the loss: the persister finds the gap
+/// and the relay answers its replay request from the log, the device being gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_devices_gap_is_repaired_from_the_relays_log() {
+    let relay = cloud_power_loss(
+        "repair",
+        &["--refill-delay", "10s", "--refill-window", "1s"],
+    )
+    .await;
+    let answered: u64 = relay
+        .stderr()
+        .lines()
+        .filter(|line| line.contains("replay request answered"))
+        .filter_map(|line| {
+            line.split("from_log=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(
+        answered > 0,
+        "no reading answered from the log: {}",
+        relay.stderr()
+    );
+}
+
+/// Streams 5000 readings of device `device`, cuts the cloud's power after 1000 are
+/// stored, lets the device stop, brings the cloud back and waits until every reading
+/// is stored exactly once; gives back the relay (stopped) for its log.
+async fn cloud_power_loss(device: &str, relay_args: &[&str]) -> tests::Service {
+    let (mut brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let log_dir = brokers.dir().join("relay-log");
+    let mut relay = brokers.relay_ready(&log_dir, relay_args).await;
+    let mut persister = brokers.persister_ready(&mongo, &[]).await;
+    let db = mongo.database().await;
+
+    let mut args = tests::stored::sensor_args(device, "5000");
+    let at = args
+        .iter()
+        .position(|arg| arg == "--interval")
+        .expect("interval")
+        + 1;
+    args[at] = "0.001".into();
+    let mut sensor = brokers.start_edge(
+        "temperature-sensor",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    wait_for(
+        "1000 readings stored",
+        || tests::stored::count(&db, doc! { "device": device }),
+        |n| *n >= 1000,
+    )
+    .await;
+    assert!(sensor.is_running(), "the stream ended before the power cut");
+    brokers.cloud.kill_losing_state().await;
+    persister.kill().await;
+    // The device finishes and stops: it cannot be asked for anything any more.
+    sensor.expect_success().await;
+
+    assert!(brokers.cloud.start().await, "{}", brokers.cloud.log());
+    let mut persister = brokers.persister_ready(&mongo, &[]).await;
+    relay
+        .wait_for_log("the cloud broker came back without this relay's session")
+        .await;
+    tests::wait_for_within(
+        CATCH_UP,
+        "every reading stored",
+        || tests::stored::count(&db, doc! { "device": device }),
+        |n| *n >= 5000,
+    )
+    .await;
+    assert_exactly_once(&stored_seqs(&db, device).await, 5000);
+    relay.stop_cleanly().await;
+    persister.stop_cleanly().await;
+    relay
+}

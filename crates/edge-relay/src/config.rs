@@ -35,6 +35,9 @@ pub struct Config {
     /// When the cloud broker comes back without the relay's session (it lost what it had not saved yet), what was forwarded this long before the loss is sent again; at least the cloud's autosave_interval (30 s) plus the persister's lag
     #[arg(long, value_name = "DURATION", env = "RELAY_REFILL_WINDOW", default_value = "2m", value_parser = parse_duration)]
     pub refill_window: Duration,
+    /// When the cloud broker comes back without the relay's session, how long the relay waits before it forwards anything (the refill and the backlog): the broker lost its subscribers' sessions too, and what it gets before they subscribe again goes to nobody. At least the longest reconnect delay of the cloud's subscribers (30 s for this project's services)
+    #[arg(long, value_name = "DURATION", env = "RELAY_REFILL_DELAY", default_value = "30s", value_parser = parse_duration)]
+    pub refill_delay: Duration,
     /// Topic filter taken from the edge broker; repeat for several
     #[arg(
         long = "topic",
@@ -44,7 +47,7 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub topics: Vec<String>,
-    /// Serve Prometheus metrics and health checks (/metrics, /health/live, /health/ready) on HOST:PORT, e.g. 0.0.0.0:9466 [default: off]
+    /// Serve Prometheus metrics and health checks (/metrics, /health/live, /health/ready) on HOST:PORT, e.g. 0.0.0.0:9469 [default: off]
     #[arg(long, value_name = "HOST:PORT", env = "RELAY_METRICS_ADDRESS", value_parser = iot_core::ops::parse_listen_address)]
     pub metrics_address: Option<String>,
     #[command(flatten)]

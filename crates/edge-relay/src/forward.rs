@@ -4,8 +4,9 @@
 //!
 //! A cloud broker that comes back without the relay's session may have lost what it had
 //! accepted since its last save to disk: the relay sends again what it forwarded within
-//! `--refill-window` before ([`Forwarder::refill_from`]). Replays the relay answers from
-//! its log ([`crate::inbound`]) go out on this connection too.
+//! `--refill-window` before ([`Forwarder::refill_from`]), once `--refill-delay` has given
+//! the broker's subscribers (whose sessions it lost too) time to subscribe again. Replays
+//! the relay answers from its log ([`crate::inbound`]) go out on this connection too.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -55,6 +56,10 @@ pub struct Forwarder {
     /// The next message number to publish.
     cursor: u64,
     refill_window: Duration,
+    refill_delay: Duration,
+    /// Nothing is forwarded before this: the cloud broker came back without the relay's
+    /// session, and its subscribers have not subscribed again yet.
+    paused_until: Option<Instant>,
     /// `(when, forwarded mark then)`, one a second for the refill window.
     marks: VecDeque<(Instant, u64)>,
 }
@@ -65,7 +70,7 @@ impl Forwarder {
         log: Log,
         wake: Arc<Notify>,
         replays: mpsc::Receiver<Replay>,
-        refill_window: Duration,
+        (refill_window, refill_delay): (Duration, Duration),
     ) -> Self {
         let cursor = log.forwarded().max(log.first());
         Self {
@@ -76,6 +81,8 @@ impl Forwarder {
             sent: VecDeque::new(),
             cursor,
             refill_window,
+            refill_delay,
+            paused_until: None,
             marks: VecDeque::new(),
         }
     }
@@ -85,10 +92,16 @@ impl Forwarder {
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut ticks = tokio::time::interval(Duration::from_secs(1));
         loop {
-            self.fill().await?;
+            if self.paused_until.is_none() {
+                self.fill().await?;
+            }
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
+                () = pause_ends(self.paused_until) => {
+                    tracing::info!("forwarding again after the refill delay");
+                    self.paused_until = None;
+                }
                 event = self.connection.recv() => self.heard(event?)?,
                 replay = self.replays.recv(), if self.sent.len() < WINDOW => {
                     if let Some(replay) = replay {
@@ -192,8 +205,10 @@ impl Forwarder {
                         from,
                         count,
                         window = ?self.refill_window,
-                        "the cloud broker came back without this relay's session (it lost its state): sending again what was forwarded within the refill window"
+                        delay = ?self.refill_delay,
+                        "the cloud broker came back without this relay's session (it lost its state): after the refill delay (for its subscribers to subscribe again), sending again what was forwarded within the refill window"
                     );
+                    self.paused_until = Some(Instant::now() + self.refill_delay);
                     metrics::counter!("iot_relay_refills_total").increment(1);
                     metrics::counter!("iot_relay_refilled_total").increment(count);
                     self.cursor = self.cursor.min(from);
@@ -257,5 +272,13 @@ impl Forwarder {
             }
         }
         Ok(low)
+    }
+}
+
+/// Ends at `until`; never without one.
+async fn pause_ends(until: Option<Instant>) {
+    match until {
+        Some(until) => tokio::time::sleep_until(until).await,
+        None => std::future::pending().await,
     }
 }

@@ -90,6 +90,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let (replays_tx, replays) = mpsc::channel(forward::WINDOW);
     let (full_tx, full) = watch::channel(false);
     let stop = shutdown.child_token();
+    let refill = (config.refill_window, config.refill_delay);
     let edge_client = edge.client.clone();
     let tasks = [
         tokio::spawn(intake::run(
@@ -101,8 +102,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             stop.clone(),
         )),
         tokio::spawn(
-            forward::Forwarder::new(cloud, log.clone(), wake, replays, config.refill_window)
-                .run(stop.clone()),
+            forward::Forwarder::new(cloud, log.clone(), wake, replays, refill).run(stop.clone()),
         ),
         tokio::spawn(inbound::run(
             inbound,
