@@ -35,6 +35,7 @@ COPY --from=build \
     /src/target/release/pressure-sensor \
     /src/target/release/device-status \
     /src/target/release/mqtt-subscriber \
+    /src/target/release/edge-relay \
     /src/target/release/mongo-persister \
     /src/target/release/readings \
     /usr/local/bin/
@@ -44,5 +45,7 @@ COPY monitoring/mosquitto-exporter.yaml /usr/local/share/iot-pipeline/mosquitto-
 # A fresh named volume mounted on /certs takes this folder's owner, so the certs
 # service can write there without root.
 RUN mkdir /certs && chown iot /certs
+# The same for edge-relay's log.
+RUN mkdir -p /var/lib/edge-relay && chown iot /var/lib/edge-relay
 USER iot
 WORKDIR /home/iot

@@ -24,9 +24,9 @@
 #     CLOUD_TLS_NAMES     names in a generated certificate (default: mosquitto-cloud
 #                         localhost 127.0.0.1); the bridge must use one of them
 #   local broker only:
-#     EDGE_FORWARDER      what carries the edge's messages to the cloud: bridge (default:
-#                         Mosquitto's bridge, local-bridge.conf.template) or relay
-#                         (edge-relay with its on-disk log, logging in as `edge-relay`)
+#     EDGE_FORWARDER      what carries the edge's messages to the cloud: relay (default:
+#                         edge-relay with its on-disk log, logging in as `edge-relay`) or
+#                         bridge (Mosquitto's bridge, local-bridge.conf.template)
 #     CLOUD_BRIDGE_HOST   bridge only: cloud broker host (default localhost)
 #     CLOUD_BRIDGE_PORT   bridge only: its TLS port (default 8883)
 #     BRIDGE_CLIENT_ID    bridge only: its client id on the cloud broker, unique per edge
@@ -45,7 +45,7 @@ die() { echo "mosquitto/setup.sh: $*" >&2; exit 2; }
 [ $# -eq 2 ] || die "usage: setup.sh local|cloud OUT_DIR"
 broker=$1
 out=$2
-forwarder=${EDGE_FORWARDER:-bridge}
+forwarder=${EDGE_FORWARDER:-relay}
 case $forwarder in
   relay|bridge) ;;
   *) die "EDGE_FORWARDER is '$forwarder': expected relay or bridge" ;;

@@ -236,6 +236,7 @@ fn every_built_service_runs_a_binary_of_the_workspace_that_the_image_has() {
     }
     let expected = [
         "device-status",
+        "edge-relay",
         "mongo-persister",
         "mqtt-subscriber",
         "pressure-sensor",
@@ -323,7 +324,8 @@ const READY_CHECK: [&str; 6] = [
 ];
 
 /// Our long-running services: each serves metrics and health on 9464.
-const OURS: [&str; 5] = [
+const OURS: [&str; 6] = [
+    "edge-relay",
     "mongo-persister",
     "temperature-sensor",
     "pressure-sensor",
@@ -523,4 +525,43 @@ fn the_dashboard_runs_the_pinned_node_red_with_the_projects_flows() {
     assert!(environment["DASHBOARD_PASSWORD"]
         .as_str()
         .is_some_and(|password| !password.is_empty()));
+}
+
+/// edge-relay forwards by default; `compose.bridge.yaml` puts Mosquitto's bridge in
+/// its place and leaves the relay out (under a profile nobody starts).
+#[test]
+fn edge_relay_forwards_by_default_and_compose_bridge_yaml_switches_to_the_bridge() {
+    let forwarder = |config: &Yaml| {
+        config["services"]["mosquitto-local"]["environment"]["EDGE_FORWARDER"]
+            .as_str()
+            .map(String::from)
+    };
+    let default = resolved();
+    assert_eq!(forwarder(&default).as_deref(), Some("relay"));
+    let relay = &default["services"]["edge-relay"];
+    assert!(
+        relay["profiles"].is_badvalue(),
+        "edge-relay runs by default"
+    );
+    let environment = &relay["environment"];
+    assert_eq!(
+        environment["CLOUD_PORT"].as_str(),
+        Some("8883"),
+        "TLS to the cloud"
+    );
+    assert_eq!(environment["CLOUD_TLS_CA"].as_str(), Some("/certs/ca.crt"));
+    let volumes = strings(&relay["volumes"]);
+    assert!(
+        volumes
+            .iter()
+            .any(|volume| volume.starts_with("relay-log:")),
+        "the log on a volume: {volumes:?}"
+    );
+
+    let bridge = resolved_with(compose_files(&["compose.yaml", "compose.bridge.yaml"]));
+    assert_eq!(forwarder(&bridge).as_deref(), Some("bridge"));
+    assert_eq!(
+        strings(&bridge["services"]["edge-relay"]["profiles"]),
+        ["relay-off"]
+    );
 }

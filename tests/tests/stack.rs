@@ -34,12 +34,13 @@ static ONE_STACK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const STACK_START: Duration = Duration::from_secs(60);
 
 /// The services' metrics listeners, each on a port of its own.
-const METRICS_PORTS: [&str; 5] = [
+const METRICS_PORTS: [&str; 6] = [
     "PERSISTER_METRICS_PORT",
     "TEMPERATURE_METRICS_PORT",
     "PRESSURE_METRICS_PORT",
     "STATUS_METRICS_PORT",
     "SUBSCRIBER_METRICS_PORT",
+    "RELAY_METRICS_PORT",
 ];
 
 /// A free port for each of `names`.
@@ -94,6 +95,17 @@ async fn the_native_stack_stores_readings_and_stops_cleanly() {
     )
     .await;
     assert!(stored.contains("temp-0001"), "{stored}");
+    // edge-relay carried them, not Mosquitto's bridge.
+    running
+        .wait_for_stdout("subscribed on the cloud broker to replay requests")
+        .await;
+    let brokers = std::fs::read_to_string(dir.path().join("stack/broker-dir")).expect("broker-dir");
+    let edge = std::path::Path::new(brokers.trim()).join("mosquitto/local/mosquitto.conf");
+    let edge = std::fs::read_to_string(edge).expect("the edge broker's configuration");
+    assert!(
+        !edge.contains("connection "),
+        "the edge broker runs a bridge"
+    );
     // The dashboard logged in to the cloud broker with the password from the env file,
     // and serves its page.
     running.wait_for_stdout("Connected to broker").await;
@@ -108,9 +120,9 @@ async fn the_native_stack_stores_readings_and_stops_cleanly() {
     let prometheus = ports[5].1;
     wait_for_within(
         Duration::from_secs(60),
-        "Prometheus scraping all 7 targets",
+        "Prometheus scraping all 8 targets",
         || query(prometheus, "count(up == 1)"),
-        |up| *up == Some(7.0),
+        |up| *up == Some(8.0),
     )
     .await;
     let written = query(prometheus, "sum(iot_persister_documents_written_total)").await;
