@@ -45,7 +45,8 @@ wait_line() { # file regex [seconds]
 
 # One password for every broker user of the benchmark.
 export TEMPERATURE_SENSOR_PASSWORD=bench PRESSURE_SENSOR_PASSWORD=bench DEVICE_STATUS_PASSWORD=bench \
-  MQTT_SUBSCRIBER_PASSWORD=bench BRIDGE_PASSWORD=bench MONGO_PERSISTER_PASSWORD=bench
+  MQTT_SUBSCRIBER_PASSWORD=bench BRIDGE_PASSWORD=bench MONGO_PERSISTER_PASSWORD=bench \
+  EDGE_RELAY_PASSWORD=bench
 
 # The cloud broker alone from mosquitto/ (plain listener on $cloud_port, TLS on
 # $cloud_tls_port): the benchmarks of one client against one broker use it.
@@ -58,15 +59,31 @@ start_cloud() {
   wait_port "$cloud_port"
 }
 
-# The edge broker from mosquitto/ on $local_port, bridged over TLS to the cloud broker.
-start_local() {
+# The edge broker from mosquitto/ on $local_port (pid $local_pid), bridged over TLS to
+# the cloud broker; with argument `relay`, set up for edge-relay instead (start_relay).
+start_local() { # [bridge|relay]
+  local forwarder=${1:-bridge}
   local_port=$(free_port)
-  MQTT_LISTEN_PORT=$local_port MQTT_LISTEN_ADDRESS=127.0.0.1 MQTT_CERTS_DIR="$work/certs" \
+  rm -rf "$work/local"
+  EDGE_FORWARDER=$forwarder MQTT_LISTEN_PORT=$local_port MQTT_LISTEN_ADDRESS=127.0.0.1 MQTT_CERTS_DIR="$work/certs" \
     CLOUD_BRIDGE_HOST=127.0.0.1 CLOUD_BRIDGE_PORT=$cloud_tls_port \
     mosquitto/setup.sh local "$work/local" 2>/dev/null
   mosquitto -c "$work/local/mosquitto.conf" 2>"$work/local.log" & pids+=($!)
+  local_pid=$!
   wait_port "$local_port"
-  wait_line "$work/cloud.log" "connected from .* as edge-bridge"
+  [ "$forwarder" = relay ] || wait_line "$work/cloud.log" "connected from .* as edge-bridge"
+}
+
+# edge-relay between the edge broker and the cloud broker (TLS), its log in LOG_DIR;
+# its pid in $relay_pid, once it subscribed on both.
+start_relay() { # log_dir
+  LOCAL_BROKER=127.0.0.1 LOCAL_PORT=$local_port LOCAL_USERNAME=edge-relay LOCAL_PASSWORD=bench \
+    CLOUD_BROKER=127.0.0.1 CLOUD_PORT=$cloud_tls_port CLOUD_TLS_CA="$work/certs/ca.crt" \
+    CLOUD_USERNAME=edge-relay CLOUD_PASSWORD=bench RUST_LOG=info \
+    "$bin/edge-relay" --log-dir "$1" 2>"$work/relay.log" >&2 & pids+=($!)
+  relay_pid=$!
+  wait_line "$work/relay.log" "subscribed on the edge broker"
+  wait_line "$work/relay.log" "subscribed on the cloud broker"
 }
 
 # The database as $db_uri: the server MONGODB_URI names when set, else one of our own
@@ -118,3 +135,30 @@ with open(out, "w") as f:
 sys.exit(code)
 PY
 measure=(python3 "$work/measure.py") # usage: [env VAR=...] "${measure[@]}" OUT command...
+
+# Latency of JSON readings at RATE for SECONDS_PER_RUN seconds from a sensor on broker port
+# SENSOR_PORT (user SENSOR_USER) to a subscriber on the cloud broker with client id
+# $id; prints "p50 p99 max" in ms.
+latency_run() { # rate sensor_port sensor_user
+  local rate=$1 count out
+  count=$(calc "max(1, int($rate * $SECONDS_PER_RUN))")
+  out="$work/$id"
+  env LOCAL_BROKER=127.0.0.1 LOCAL_PORT="$cloud_port" LOCAL_USERNAME=mqtt-subscriber LOCAL_PASSWORD=bench \
+    RUST_LOG=info "$bin/mqtt-subscriber" --client-id "$id" --topic /sensor/# --qos 1 \
+    --count "$count" --format json > "$out.jsonl" 2> "$out.log" &
+  local sub=$!
+  wait_line "$out.log" 'subscribed'
+  env LOCAL_BROKER=127.0.0.1 LOCAL_PORT="$2" LOCAL_USERNAME="$3" LOCAL_PASSWORD=bench RUST_LOG=warn \
+    "$bin/pressure-sensor" --rate "$rate" --count "$count" --format json --qos 1 --no-retain
+  wait "$sub"
+  python3 - "$out.jsonl" <<'PY'
+import json, sys
+from datetime import datetime
+def t(text):
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+lat = sorted((t(m["received_at"]) - t(json.loads(m["payload"])["ts"])) * 1000
+             for m in map(json.loads, open(sys.argv[1])))
+pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
+print(f"{pick(0.5):.0f} {pick(0.99):.0f} {lat[-1]:.0f}")
+PY
+}

@@ -141,32 +141,6 @@ if wants publisher; then
   done
 fi
 
-# Latency of JSON readings at RATE for BENCH_SECONDS from a sensor on broker port
-# SENSOR_PORT (user SENSOR_USER) to a subscriber on the cloud broker with client id
-# $id; prints "p50 p99 max" in ms.
-latency_run() { # rate sensor_port sensor_user
-  local rate=$1 count out
-  count=$(calc "max(1, int($rate * $SECONDS_PER_RUN))")
-  out="$work/$id"
-  env "${sub_env[@]}" RUST_LOG=info "$bin/mqtt-subscriber" --client-id "$id" --topic /sensor/# --qos 1 \
-    --count "$count" --format json > "$out.jsonl" 2> "$out.log" &
-  local sub=$!
-  wait_line "$out.log" 'subscribed'
-  env LOCAL_BROKER=127.0.0.1 LOCAL_PORT="$2" LOCAL_USERNAME="$3" LOCAL_PASSWORD=bench RUST_LOG=warn \
-    "$bin/pressure-sensor" --rate "$rate" --count "$count" --format json --qos 1 --no-retain
-  wait "$sub"
-  python3 - "$out.jsonl" <<'PY'
-import json, sys
-from datetime import datetime
-def t(text):
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-lat = sorted((t(m["received_at"]) - t(json.loads(m["payload"])["ts"])) * 1000
-             for m in map(json.loads, open(sys.argv[1])))
-pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
-print(f"{pick(0.5):.0f} {pick(0.99):.0f} {lat[-1]:.0f}")
-PY
-}
-
 if wants bridge; then
   start_local
   declare -A lat_bridge lat_direct

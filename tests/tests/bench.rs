@@ -29,6 +29,39 @@ fn run_script(script: &str, env: &[(&str, &str)]) -> (String, String) {
 }
 
 #[test]
+fn the_relay_benchmark_measures_both_forwarders() {
+    let (stdout, stderr) = run_script(
+        "relay.sh",
+        &[
+            ("BENCH_RELAY_N", "300"),
+            ("BENCH_RUNS", "1"),
+            ("BENCH_SECONDS", "0.3"),
+            ("BENCH_RATES", "1000"),
+        ],
+    );
+    for row in [
+        "| forwarded readings/s (QoS 1 JSON, as fast as they go) | ",
+        "| edge CPU, µs per reading (broker + relay) | ",
+        "| edge bytes written to disk per reading | ",
+        "| latency p50 at 1000 readings/s, ms | ",
+        "| latency p99 at 1000 readings/s, ms | ",
+    ] {
+        assert!(stdout.contains(row), "no row {row:?} in:\n{stdout}");
+    }
+    for line in stdout
+        .lines()
+        .filter(|line| line.starts_with("| ") && !line.starts_with("| figure"))
+    {
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        assert!(
+            cells.iter().all(|cell| !cell.is_empty()),
+            "empty cell in {line:?}"
+        );
+    }
+    assert!(!stderr.contains("Traceback"), "{stderr}");
+}
+
+#[test]
 fn the_benchmark_suite_runs_and_prints_every_table() {
     let (stdout, stderr) = run_script(
         "suite.sh",
