@@ -9,11 +9,13 @@
 #   - the edge's cost of that: CPU seconds and bytes written to disk by the edge broker
 #     and the relay (Mosquitto saves every 30 s, so a short bridge run writes nothing
 #     until then; the relay writes every message once, as it comes);
-#   - latency at each of RATES readings/s for SECONDS s, sensor clock to cloud subscriber.
+#   - latency at each of RATES readings/s for SECONDS s, sensor clock to cloud subscriber;
+#   - then, the cloud broker stopped, a backlog of BACKLOG readings in the relay's log:
+#     disk per message (what a long outage needs, scaled) and the relay's memory.
 #
 #   bench/relay.sh
 #
-# Environment (defaults): BENCH_RELAY_N=20000, BENCH_RUNS=3, BENCH_SECONDS=5,
+# Environment (defaults): BENCH_RELAY_N=20000, BENCH_RELAY_BACKLOG=200000, BENCH_RUNS=3, BENCH_SECONDS=5,
 # BENCH_RATES="1000 5000", BENCH_PROFILE=release. Needs what scripts/test installs.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -22,6 +24,7 @@ N=${BENCH_RELAY_N:-20000}
 RUNS=${BENCH_RUNS:-3}
 SECONDS_PER_RUN=${BENCH_SECONDS:-5}
 RATES=${BENCH_RATES:-1000 5000}
+BACKLOG=${BENCH_RELAY_BACKLOG:-200000}
 FORWARDERS=(bridge relay)
 
 build temperature-sensor pressure-sensor mqtt-subscriber edge-relay
@@ -106,3 +109,24 @@ for rate in $RATES; do
       "$(column "${lat[bridge-$rate]}" "$q")" "$(column "${lat[relay-$rate]}" "$q")"
   done
 done
+
+# A backlog: the cloud broker stopped, BACKLOG readings into the relay's log.
+kill -TERM "$cloud_pid"; wait "$cloud_pid" 2>/dev/null || true
+start_local relay
+metrics_port=$(free_port)
+RELAY_METRICS_ADDRESS=127.0.0.1:$metrics_port start_relay "$work/relay-log-backlog" edge
+say "a backlog of $BACKLOG readings with the cloud broker down"
+LOCAL_BROKER=127.0.0.1 LOCAL_PORT=$local_port LOCAL_USERNAME=temperature-sensor LOCAL_PASSWORD=bench RUST_LOG=warn \
+  "$bin/temperature-sensor" --format json --qos 1 --interval 0 --no-retain --count "$BACKLOG" --device backlog
+metric() { curl -fsS "http://127.0.0.1:$metrics_port/metrics" | awk -v name="$1" '$1 == name { print $2 }'; }
+for _ in $(seq 600); do
+  [ "$(metric iot_relay_backlog)" = "$BACKLOG" ] && break
+  sleep 0.1
+done
+sleep 1.5 # the keeper's next report of disk bytes (every second)
+disk=$(metric iot_relay_disk_bytes)
+per=$(calc "$disk / $BACKLOG")
+echo
+echo "| backlog (cloud broker down) | messages | disk | per message | 24 h at 1 000 readings/s | relay RSS |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+echo "| edge-relay | $(metric iot_relay_backlog) | $(calc "f'{$disk / 1e6:.0f} MB'") | $(calc "f'{$per:.0f} B'") | $(calc "f'{$per * 86400000 / 1e9:.1f} GB'") | $(calc "f'{$(rss "$relay_pid") / 1024:.0f} MiB'") |"

@@ -34,6 +34,7 @@ fn the_relay_benchmark_measures_both_forwarders() {
         "relay.sh",
         &[
             ("BENCH_RELAY_N", "300"),
+            ("BENCH_RELAY_BACKLOG", "300"),
             ("BENCH_RUNS", "1"),
             ("BENCH_SECONDS", "0.3"),
             ("BENCH_RATES", "1000"),
@@ -45,6 +46,7 @@ fn the_relay_benchmark_measures_both_forwarders() {
         "| edge bytes written to disk per reading | ",
         "| latency p50 at 1000 readings/s, ms | ",
         "| latency p99 at 1000 readings/s, ms | ",
+        "| edge-relay | 300 | ",
     ] {
         assert!(stdout.contains(row), "no row {row:?} in:\n{stdout}");
     }
