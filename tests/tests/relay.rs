@@ -223,3 +223,52 @@ async fn cloud_power_loss(device: &str, relay_args: &[&str]) -> tests::Service {
     persister.stop_cleanly().await;
     relay
 }
+
+/// A log the store cannot open on start (every file of it overwritten): the relay says
+/// so, naming where it moved the damaged store, starts a new log and keeps forwarding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_log_is_reported_set_aside_and_the_relay_goes_on() {
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let log_dir = brokers.dir().join("relay-log");
+    let mut relay = brokers.relay_ready(&log_dir, &[]).await;
+    let mut persister = brokers.persister_ready(&mongo, &[]).await;
+    let db = mongo.database().await;
+    start_sensor(&brokers, "damaged-1", "100")
+        .expect_success()
+        .await;
+    wait_for_readings(&db, doc! { "device": "damaged-1" }, 100).await;
+    relay.stop_cleanly().await;
+
+    let mut files = vec![log_dir.join("store")];
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(
+                std::fs::read_dir(&path)
+                    .expect("the log's folder")
+                    .map(|entry| entry.expect("entry").path()),
+            );
+        } else {
+            std::fs::write(&path, b"not a store").expect("overwrite");
+        }
+    }
+    let mut relay = brokers.relay_ready(&log_dir, &[]).await;
+    let said = relay.stderr();
+    let line = said
+        .lines()
+        .find(|line| line.contains("the log could not be opened"))
+        .unwrap_or_else(|| panic!("no word of the damaged log:\n{said}"));
+    assert!(line.contains("ERROR"), "{line}");
+    let aside = line
+        .split("moved aside to ")
+        .nth(1)
+        .and_then(|rest| rest.split(" and started").next())
+        .unwrap_or_else(|| panic!("where it went: {line}"));
+    assert!(std::path::Path::new(aside).is_dir(), "{aside} kept");
+
+    start_sensor(&brokers, "damaged-2", "100")
+        .expect_success()
+        .await;
+    wait_for_readings(&db, doc! { "device": "damaged-2" }, 100).await;
+    relay.stop_cleanly().await;
+    persister.stop_cleanly().await;
+}
