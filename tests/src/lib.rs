@@ -342,6 +342,12 @@ impl Brokers {
     /// Starts `edge-relay` between the two brokers, logged in as `edge-relay` on both,
     /// with its log in `log_dir` and `args` added (`--site`, `--max-disk`, ...).
     pub fn start_relay(&self, log_dir: &Path, args: &[&str]) -> Service {
+        self.start_relay_at(&self.local, log_dir, args)
+    }
+
+    /// As [`Brokers::start_relay`], from edge broker `edge` (another site's,
+    /// [`Brokers::spawn_relay_site`]).
+    pub fn start_relay_at(&self, edge: &Broker, log_dir: &Path, args: &[&str]) -> Service {
         let user = "edge-relay";
         let env = [
             ("CLOUD_BROKER", "127.0.0.1".to_string()),
@@ -350,22 +356,29 @@ impl Brokers {
             ("CLOUD_PASSWORD", password(user)),
             ("RELAY_LOG_DIR", log_dir.display().to_string()),
         ];
-        spawn_service_with_env(
-            "edge-relay",
-            self.dir(),
-            self.local.port,
-            Some(user),
-            args,
-            &env,
-        )
+        spawn_service_with_env("edge-relay", self.dir(), edge.port, Some(user), args, &env)
     }
 
     /// As [`Brokers::start_relay`], and waits until the relay subscribed on both brokers.
     pub async fn relay_ready(&self, log_dir: &Path, args: &[&str]) -> Service {
-        let relay = self.start_relay(log_dir, args);
+        self.relay_ready_at(&self.local, log_dir, args).await
+    }
+
+    /// As [`Brokers::relay_ready`], from edge broker `edge`.
+    pub async fn relay_ready_at(&self, edge: &Broker, log_dir: &Path, args: &[&str]) -> Service {
+        let relay = self.start_relay_at(edge, log_dir, args);
         relay.wait_for_log("subscribed on the edge broker").await;
         relay.wait_for_log("subscribed on the cloud broker").await;
         relay
+    }
+
+    /// The edge broker of another site, set up for `edge-relay` into the same cloud
+    /// broker, in a folder of its own (`<dir>/<site>/local`).
+    pub async fn spawn_relay_site(&self, site: &str) -> Broker {
+        let root = self.dir().join(site);
+        std::fs::create_dir_all(&root).expect("the site's folder");
+        set_mode(&root, 0o755);
+        Broker::spawn("local", &root, &[("EDGE_FORWARDER", "relay".to_string())]).await
     }
 
     /// Starts `mongo-persister` with a new session and waits until both its

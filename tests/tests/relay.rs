@@ -336,3 +336,81 @@ async fn an_edge_power_cut_loses_nothing_the_relay_had_taken() {
     relay.stop_cleanly().await;
     persister.stop_cleanly().await;
 }
+
+/// Three edge sites into one cloud broker, each with its own relay (`--site`), one of
+/// them SIGKILLed mid-stream and started again: every site's readings stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sites_into_one_cloud_each_stored_once() {
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let (second, third) = (
+        brokers.spawn_relay_site("plant-2").await,
+        brokers.spawn_relay_site("plant-3").await,
+    );
+    let sites = [
+        ("plant-1", &brokers.local),
+        ("plant-2", &second),
+        ("plant-3", &third),
+    ];
+    let mut persister = brokers.persister_ready(&mongo, &["--no-repair"]).await;
+    let db = mongo.database().await;
+    let mut relays = Vec::new();
+    let mut sensors = Vec::new();
+    for (site, edge) in sites {
+        let log_dir = brokers.dir().join(format!("{site}-log"));
+        relays.push(
+            brokers
+                .relay_ready_at(edge, &log_dir, &["--site", site])
+                .await,
+        );
+        let mut args = tests::stored::sensor_args(site, "3000");
+        let at = args
+            .iter()
+            .position(|arg| arg == "--interval")
+            .expect("interval")
+            + 1;
+        args[at] = "0.001".into();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        sensors.push(tests::spawn_service(
+            "temperature-sensor",
+            brokers.dir(),
+            edge.port,
+            Some("temperature-sensor"),
+            &args,
+        ));
+    }
+    wait_for(
+        "500 readings of plant-2 stored",
+        || tests::stored::count(&db, doc! { "device": "plant-2" }),
+        |n| *n >= 500,
+    )
+    .await;
+    assert!(
+        sensors[1].is_running(),
+        "plant-2's stream ended before the kill"
+    );
+    relays[1].kill().await;
+    relays[1] = brokers
+        .relay_ready_at(
+            &second,
+            &brokers.dir().join("plant-2-log"),
+            &["--site", "plant-2"],
+        )
+        .await;
+    for sensor in &mut sensors {
+        sensor.expect_success().await;
+    }
+    for (site, _) in sites {
+        tests::wait_for_within(
+            CATCH_UP,
+            &format!("every reading of {site} stored"),
+            || tests::stored::count(&db, doc! { "device": site }),
+            |n| *n >= 3000,
+        )
+        .await;
+        assert_exactly_once(&stored_seqs(&db, site).await, 3000);
+    }
+    for relay in &mut relays {
+        relay.stop_cleanly().await;
+    }
+    persister.stop_cleanly().await;
+}
