@@ -57,6 +57,12 @@ pub struct Config {
     pub cloud: RelayCloudBroker,
 }
 
+/// The longest `--refill-delay`: a cloud without subscribers for longer is down, not
+/// restarting.
+pub const MAX_REFILL_DELAY: Duration = Duration::from_secs(3600);
+/// The longest `--retention` (ten years; more could not be added to a clock).
+pub const MAX_RETENTION: Duration = Duration::from_secs(3650 * 86_400);
+
 /// The smallest disk budget: the store's journals alone may take 64 MiB.
 pub const MIN_DISK: u64 = 128 * 1024 * 1024;
 
@@ -72,6 +78,18 @@ impl Config {
         if self.refill_window > self.retention {
             return Err(
                 "--refill-window (RELAY_REFILL_WINDOW) is longer than --retention (RELAY_RETENTION): what it sends again must still be kept"
+                    .into(),
+            );
+        }
+        if self.refill_delay > MAX_REFILL_DELAY {
+            return Err(
+                "--refill-delay (RELAY_REFILL_DELAY) is longer than 1h: expected the cloud subscribers' reconnect delay, such as 30s"
+                    .into(),
+            );
+        }
+        if self.retention > MAX_RETENTION {
+            return Err(
+                "--retention (RELAY_RETENTION) is longer than 3650d: expected a duration such as 24h or 7d"
                     .into(),
             );
         }
@@ -187,6 +205,8 @@ mod tests {
             &["--max-disk", "100M"],
             &["--max-disk", "lots"],
             &["--retention", "1m", "--refill-window", "5m"],
+            &["--refill-delay", "2h"],
+            &["--retention", "100000d"],
             &["--cloud-password", "x"],
         ] {
             assert!(parse(args).is_err(), "{args:?}");
