@@ -8,11 +8,34 @@ use std::time::Duration;
 
 use bson::doc;
 use tests::stored::{assert_exactly_once, start_sensor, stored_seqs, wait_for_readings};
-use tests::{free_port, prometheus, spawn_mongo, spawn_relay_brokers, wait_for, TestClient};
+use tests::{
+    free_port, prometheus, spawn_mongo, spawn_relay_brokers, wait_for, Brokers, Service, TestClient,
+};
 
 /// Time allowed for a backlog to drain after an outage (the reconnect backoff grows
 /// during it, up to 30 s).
 const CATCH_UP: Duration = Duration::from_secs(90);
+
+/// A `temperature-sensor` on the edge broker at `port` publishing `count` keyed
+/// readings of `device` at QoS 1, at most 1000 a second (so that a crash falls within
+/// the stream).
+fn start_paced_sensor(brokers: &Brokers, port: u16, device: &str, count: &str) -> Service {
+    let mut args = tests::stored::sensor_args(device, count);
+    let at = args
+        .iter()
+        .position(|arg| arg == "--interval")
+        .expect("interval")
+        + 1;
+    args[at] = "0.001".into();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    tests::spawn_service(
+        "temperature-sensor",
+        brokers.dir(),
+        port,
+        Some("temperature-sensor"),
+        &args,
+    )
+}
 
 /// One value of the relay's metrics on `port`.
 async fn metric(port: u16, name: &str) -> Option<f64> {
@@ -183,17 +206,7 @@ async fn cloud_power_loss(device: &str, relay_args: &[&str]) -> tests::Service {
     let mut persister = brokers.persister_ready(&mongo, &[]).await;
     let db = mongo.database().await;
 
-    let mut args = tests::stored::sensor_args(device, "5000");
-    let at = args
-        .iter()
-        .position(|arg| arg == "--interval")
-        .expect("interval")
-        + 1;
-    args[at] = "0.001".into();
-    let mut sensor = brokers.start_edge(
-        "temperature-sensor",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    let mut sensor = start_paced_sensor(&brokers, brokers.local.port, device, "5000");
     wait_for(
         "1000 readings stored",
         || tests::stored::count(&db, doc! { "device": device }),
@@ -289,17 +302,7 @@ async fn an_edge_power_cut_loses_nothing_the_relay_had_taken() {
     let mut persister = brokers.persister_ready(&mongo, &["--no-repair"]).await;
     let db = mongo.database().await;
 
-    let mut args = tests::stored::sensor_args("edge-cut", "8000");
-    let at = args
-        .iter()
-        .position(|arg| arg == "--interval")
-        .expect("interval")
-        + 1;
-    args[at] = "0.001".into();
-    let mut sensor = brokers.start_edge(
-        "temperature-sensor",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    let mut sensor = start_paced_sensor(&brokers, brokers.local.port, "edge-cut", "8000");
     let logged = wait_for(
         "2000 readings on the relay's disk",
         || metric(port, "iot_relay_logged_total"),
@@ -362,21 +365,7 @@ async fn three_sites_into_one_cloud_each_stored_once() {
                 .relay_ready_at(edge, &log_dir, &["--site", site])
                 .await,
         );
-        let mut args = tests::stored::sensor_args(site, "3000");
-        let at = args
-            .iter()
-            .position(|arg| arg == "--interval")
-            .expect("interval")
-            + 1;
-        args[at] = "0.001".into();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        sensors.push(tests::spawn_service(
-            "temperature-sensor",
-            brokers.dir(),
-            edge.port,
-            Some("temperature-sensor"),
-            &args,
-        ));
+        sensors.push(start_paced_sensor(&brokers, edge.port, site, "3000"));
     }
     wait_for(
         "500 readings of plant-2 stored",
