@@ -1,5 +1,5 @@
-//! Prometheus for the end-to-end tests: HTTP GETs that wait politely for a listener, and
-//! queries of Prometheus' HTTP API.
+//! Prometheus for the end-to-end tests: HTTP GETs that wait politely for a listener, a
+//! value read from a `/metrics` text, and queries of Prometheus' HTTP API.
 
 use crate::dashboard::http;
 
@@ -12,6 +12,16 @@ pub async fn get(port: u16, path: &str) -> (u16, String) {
         return (0, String::new());
     }
     http(port, "GET", path, &[], None).await
+}
+
+/// The value of `name` (without labels) in a `/metrics` text.
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            (key == name).then(|| value.parse().ok())?
+        })
 }
 
 /// The one value Prometheus on `port` returns for the instant query `expr`, if it

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bson::doc;
 use serde_json::Value;
 use tests::dashboard::http;
-use tests::prometheus::{get, query};
+use tests::prometheus::{get, query, sample};
 use tests::stored::{count, start_sensor};
 use tests::{
     free_port, password, repo_root, spawn_brokers, spawn_mongo, spawn_stoppable_mongo, wait_for,
@@ -57,16 +57,6 @@ async fn promtool_accepts(service: &str, text: &str) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-}
-
-/// The value of `name` (without labels) in a `/metrics` text.
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (key, value) = line.rsplit_once(' ')?;
-            (key == name).then(|| value.parse().ok())?
-        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@
 //! through a SIGKILL of the relay, to be stored once when the cloud is back; a relay
 //! SIGKILLed mid-stream loses nothing.
 
+use std::path::Path;
 use std::time::Duration;
 
 use bson::doc;
@@ -40,26 +41,28 @@ fn start_paced_sensor(brokers: &Brokers, port: u16, device: &str, count: &str) -
 /// One value of the relay's metrics on `port`.
 async fn metric(port: u16, name: &str) -> Option<f64> {
     let (_, body) = prometheus::get(port, "/metrics").await;
-    body.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (key, value) = line.rsplit_once(' ')?;
-            (key == name).then(|| value.parse().ok())?
-        })
+    prometheus::sample(&body, name)
+}
+
+/// [`Brokers::relay_ready`] with the relay's metrics on a free port: the relay and the
+/// port.
+async fn relay_with_metrics(brokers: &Brokers, log_dir: &Path, args: &[&str]) -> (Service, u16) {
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let args: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain(["--metrics-address", &address])
+        .collect();
+    (brokers.relay_ready(log_dir, &args).await, port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_crosses_the_relay_arrives_unchanged_and_a_cloud_outage_waits_on_its_disk() {
     let (mut brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
     let log_dir = brokers.dir().join("relay-log");
-    let metrics_port = free_port();
-    let metrics = format!("127.0.0.1:{metrics_port}");
-    let mut relay = brokers
-        .relay_ready(
-            &log_dir,
-            &["--site", "plant-1", "--metrics-address", &metrics],
-        )
-        .await;
+    let (mut relay, metrics_port) =
+        relay_with_metrics(&brokers, &log_dir, &["--site", "plant-1"]).await;
     let mut persister = brokers.persister_ready(&mongo, &[]).await;
 
     // The seed's form: a plain value, retained, QoS 0. It is retained on the cloud too.
@@ -119,15 +122,7 @@ async fn what_crosses_the_relay_arrives_unchanged_and_a_cloud_outage_waits_on_it
 async fn a_relay_killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
     let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
     let log_dir = brokers.dir().join("relay-log");
-    let start = || async {
-        let port = free_port();
-        let address = format!("127.0.0.1:{port}");
-        let relay = brokers
-            .relay_ready(&log_dir, &["--metrics-address", &address])
-            .await;
-        (relay, port)
-    };
-    let (mut relay, mut port) = start().await;
+    let (mut relay, mut port) = relay_with_metrics(&brokers, &log_dir, &[]).await;
     let mut persister = brokers.persister_ready(&mongo, &["--no-repair"]).await;
     let db = mongo.database().await;
 
@@ -142,7 +137,7 @@ async fn a_relay_killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
         .await;
         assert!(sensor.is_running(), "the stream ended before the kill");
         relay.kill().await;
-        (relay, port) = start().await;
+        (relay, port) = relay_with_metrics(&brokers, &log_dir, &[]).await;
     }
     sensor.expect_success().await;
     tests::wait_for_within(
@@ -294,11 +289,7 @@ async fn a_damaged_log_is_reported_set_aside_and_the_relay_goes_on() {
 async fn an_edge_power_cut_loses_nothing_the_relay_had_taken() {
     let (mut brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
     let log_dir = brokers.dir().join("relay-log");
-    let port = free_port();
-    let address = format!("127.0.0.1:{port}");
-    let mut relay = brokers
-        .relay_ready(&log_dir, &["--metrics-address", &address])
-        .await;
+    let (mut relay, port) = relay_with_metrics(&brokers, &log_dir, &[]).await;
     let mut persister = brokers.persister_ready(&mongo, &["--no-repair"]).await;
     let db = mongo.database().await;
 
