@@ -51,7 +51,7 @@ down() {
   for pid in "${edge[@]}"; do wait "$pid" 2>/dev/null || true; done
 }
 
-# N readings as fast as they go: "readings_per_second cpu_ms_per_1000 bytes_per_reading".
+# N readings as fast as they go: "readings_per_second cpu_µs_per_reading bytes_per_reading".
 throughput() { # forwarder
   local out="$work/through-$1-$run"
   LOCAL_BROKER=127.0.0.1 LOCAL_PORT=$cloud_port LOCAL_USERNAME=mqtt-subscriber LOCAL_PASSWORD=bench RUST_LOG=info \
@@ -123,6 +123,8 @@ for _ in $(seq 600); do
   [ "$(metric iot_relay_backlog)" = "$BACKLOG" ] && break
   sleep 0.1
 done
+[ "$(metric iot_relay_backlog)" = "$BACKLOG" ] ||
+  { say "the relay's backlog is $(metric iot_relay_backlog), not $BACKLOG, 60 s after the sensor ended"; exit 1; }
 sleep 1.5 # the keeper's next report of disk bytes (every second)
 disk=$(metric iot_relay_disk_bytes)
 per=$(calc "$disk / $BACKLOG")
