@@ -6,9 +6,12 @@
 //! message; a busy one up to [`RECEIVE_MAXIMUM`](crate::mqtt5::RECEIVE_MAXIMUM) messages
 //! per sync (the broker sends no more unacknowledged ones at once).
 //!
-//! Back-pressure: while the disk budget is full of messages not forwarded yet
-//! ([`Room`]), no batch is written and nothing acknowledged; the broker holds what comes
-//! (in the relay's session) and the devices their own buffers. Nothing is dropped.
+//! Back-pressure: a batch is written only as far as the disk budget has room for it
+//! ([`Room`], bytes, measured by the keeper once a second and counted down here as
+//! batches are written, so that a fast stream cannot run past the budget between two
+//! measurements). While there is no room (the budget is full of messages not forwarded
+//! yet), nothing is written and nothing acknowledged; the broker holds what comes (in the
+//! relay's session) and the devices their own buffers. Nothing is dropped.
 
 use std::sync::Arc;
 
@@ -24,9 +27,36 @@ use crate::mqtt5::{filter, Heard, Link, Message};
 /// Most messages held while a batch is written (or while the disk is full).
 const MAX_PENDING: usize = 10_000;
 
-/// Whether the log may take more: `true` while the disk budget is full of messages not
-/// forwarded yet.
-pub type Room = watch::Receiver<bool>;
+/// Bytes the log may still take, as the keeper last measured them: 0 while the disk
+/// budget is full of messages not forwarded yet.
+pub type Room = watch::Receiver<u64>;
+
+/// What a message is counted as against the budget until the keeper measures again:
+/// its topic and payload, and about what the store spends on each besides (key, index
+/// entry, framing). Its journals have their room set aside by the keeper.
+const OVERHEAD: u64 = 128;
+
+fn cost(message: &Message) -> u64 {
+    (message.publish.topic.len() + message.publish.payload.len()) as u64 + OVERHEAD
+}
+
+/// Most bytes of one batch (but always one message): the budget is measured between
+/// batches, so that it is passed by no more than this when a batch overlaps the keeper's
+/// measurement.
+pub const MAX_BATCH_BYTES: u64 = 4 << 20;
+
+/// How many messages of these `costs`, from the first, go into the next batch: as many
+/// as fit in `room` bytes and [`MAX_BATCH_BYTES`]; and what they cost together.
+fn fitting(costs: impl IntoIterator<Item = u64>, room: u64) -> (usize, u64) {
+    let (mut count, mut spent) = (0, 0);
+    for cost in costs {
+        if spent + cost > room || (count > 0 && spent + cost > MAX_BATCH_BYTES) {
+            break;
+        }
+        (count, spent) = (count + 1, spent + cost);
+    }
+    (count, spent)
+}
 
 /// Takes messages from `link` into `log` until `shutdown`; wakes `forward` after each
 /// batch on disk. An error is a failed disk write or refused credentials.
@@ -35,30 +65,16 @@ pub async fn run(
     log: Log,
     topics: Vec<String>,
     forward: Arc<Notify>,
-    mut full: Room,
+    room: Room,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut pending: Vec<Message> = Vec::new();
     let mut writing: Option<JoinHandle<anyhow::Result<Vec<Message>>>> = None;
-    let mut held_back = false;
+    let mut budget = Budget::new(room);
     let result = loop {
-        if writing.is_none() && !pending.is_empty() {
-            if *full.borrow() {
-                if !held_back {
-                    tracing::warn!(
-                        held = pending.len(),
-                        "the log's disk budget is full of messages not forwarded yet: not acknowledging the edge broker until the cloud takes some"
-                    );
-                    metrics::gauge!("iot_relay_back_pressure").set(1.0);
-                    held_back = true;
-                }
-            } else {
-                if held_back {
-                    tracing::info!("room in the log again: acknowledging the edge broker");
-                    metrics::gauge!("iot_relay_back_pressure").set(0.0);
-                    held_back = false;
-                }
-                writing = Some(write(&log, std::mem::take(&mut pending)));
+        if writing.is_none() {
+            if let Some(batch) = budget.next_batch(&mut pending) {
+                writing = Some(write(&log, batch));
             }
         }
         tokio::select! {
@@ -94,10 +110,11 @@ pub async fn run(
                 Ok(Heard::Message(message)) => pending.push(*message),
                 Err(error) => break Err(error),
             },
-            changed = full.changed(), if *full.borrow() => {
+            changed = budget.room.changed(), if budget.held_back => {
                 if changed.is_err() {
                     break Ok(());
                 }
+                budget.spent = 0;
             }
         }
     };
@@ -109,6 +126,59 @@ pub async fn run(
     }
     link.close().await;
     result
+}
+
+/// The disk budget as the intake sees it: the room the keeper last measured, less what
+/// was written since.
+struct Budget {
+    room: Room,
+    /// Bytes written since the keeper last measured the room.
+    spent: u64,
+    /// Whether the edge broker is being held back for want of room.
+    held_back: bool,
+}
+
+impl Budget {
+    fn new(room: Room) -> Self {
+        metrics::gauge!("iot_relay_back_pressure").set(0.0);
+        Self {
+            room,
+            spent: 0,
+            held_back: false,
+        }
+    }
+
+    /// The first of `pending` as far as there is room for them, if any; says so when
+    /// the edge broker is held back, and when no longer.
+    fn next_batch(&mut self, pending: &mut Vec<Message>) -> Option<Vec<Message>> {
+        if self.room.has_changed().unwrap_or(false) {
+            self.room.borrow_and_update();
+            self.spent = 0;
+        }
+        if pending.is_empty() {
+            return None;
+        }
+        let room = self.room.borrow().saturating_sub(self.spent);
+        let (fits, cost) = fitting(pending.iter().map(cost), room);
+        if fits == 0 {
+            if !self.held_back {
+                tracing::warn!(
+                    held = pending.len(),
+                    "the log's disk budget is full of messages not forwarded yet: not acknowledging the edge broker until the cloud takes some"
+                );
+                metrics::gauge!("iot_relay_back_pressure").set(1.0);
+                self.held_back = true;
+            }
+            return None;
+        }
+        if self.held_back {
+            tracing::info!("room in the log again: acknowledging the edge broker");
+            metrics::gauge!("iot_relay_back_pressure").set(0.0);
+            self.held_back = false;
+        }
+        self.spent += cost;
+        Some(pending.drain(..fits).collect())
+    }
 }
 
 async fn ack_all(link: &Link, batch: &[Message]) -> anyhow::Result<()> {
@@ -140,4 +210,26 @@ fn write(log: &Log, batch: Vec<Message>) -> JoinHandle<anyhow::Result<Vec<Messag
         log.append(&entries)?;
         Ok(batch)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fitting, MAX_BATCH_BYTES};
+
+    #[test]
+    fn a_batch_is_written_as_far_as_the_room_goes() {
+        assert_eq!(fitting([100, 100, 100], 1000), (3, 300));
+        assert_eq!(fitting([100, 100, 100], 250), (2, 200));
+        assert_eq!(fitting([100, 100, 100], 200), (2, 200));
+        // The first message bigger than the room holds the whole batch back, and those
+        // behind it keep their order.
+        assert_eq!(fitting([300, 10], 250), (0, 0));
+        assert_eq!(fitting([100, 100], 0), (0, 0));
+        assert_eq!(fitting([], 0), (0, 0));
+        // A batch ends at its byte bound, but one message always goes.
+        let half = MAX_BATCH_BYTES / 2;
+        assert_eq!(fitting([half, half, 1], u64::MAX), (2, MAX_BATCH_BYTES));
+        let big = MAX_BATCH_BYTES + 1;
+        assert_eq!(fitting([big, 1], u64::MAX), (1, big));
+    }
 }

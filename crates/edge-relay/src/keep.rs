@@ -1,7 +1,8 @@
 //! Housekeeping of the log, once a second: forwarded messages past `--retention` are
 //! deleted, the oldest forwarded ones before their time when the disk budget needs the
-//! room, and the budget's state goes to the intake ([`crate::intake::Room`]): full when
-//! only messages not forwarded yet are left to delete. Also the relay's gauges.
+//! room, and the room left goes to the intake ([`crate::intake::Room`]): none when only
+//! messages not forwarded yet are left to delete, until they fill less than 90 % of the
+//! budget again. Also the relay's gauges.
 
 use std::time::Duration;
 
@@ -12,7 +13,8 @@ use crate::log::{now_ms, Log};
 
 /// Most messages deleted in one go.
 const TRIM: usize = 10_000;
-/// Below this share of the budget, a full disk counts as having room again.
+/// From this share of the budget on, forwarded messages are deleted early to make room;
+/// below it, a full disk counts as having room again.
 const RESUME: f64 = 0.9;
 
 #[derive(Debug)]
@@ -20,7 +22,8 @@ pub struct Keeper {
     pub log: Log,
     pub retention: Duration,
     pub max_disk: u64,
-    pub full: watch::Sender<bool>,
+    /// Bytes the log may still take (0: full).
+    pub room: watch::Sender<u64>,
 }
 
 impl Keeper {
@@ -53,32 +56,41 @@ impl Keeper {
         if expired > 0 {
             metrics::counter!("iot_relay_expired_total").increment(expired);
         }
-        let mut disk = self.log.disk_bytes();
-        if disk >= self.max_disk {
-            disk = self.make_room(disk)?;
+        // Room is made before the budget is reached: the intake never writes past it,
+        // and a message bigger than what is left must not wait for forwarded ones to go.
+        let mut used = self.used();
+        if used as f64 >= self.max_disk as f64 * RESUME {
+            used = self.make_room(used)?;
         }
-        let was_full = *self.full.borrow();
+        let was_full = *self.room.borrow() == 0;
         let full = if was_full {
-            disk as f64 >= self.max_disk as f64 * RESUME
+            used as f64 >= self.max_disk as f64 * RESUME
         } else {
-            disk >= self.max_disk
+            used >= self.max_disk
         };
-        if full != was_full {
-            self.full.send_replace(full);
-        }
+        self.room.send_replace(if full {
+            0
+        } else {
+            self.max_disk.saturating_sub(used)
+        });
         self.log.sync()?;
-        self.report(disk);
+        self.report(self.used());
         Ok(())
+    }
+
+    /// What counts against the budget: see [`Log::budget_bytes`].
+    fn used(&self) -> u64 {
+        self.log.budget_bytes()
     }
 
     /// Deletes forwarded messages, oldest first, before their retention, until the
     /// budget has a tenth free (estimated from the bytes a message takes); compacts so
     /// that the disk gets the room now. Returns the bytes taken then.
-    fn make_room(&self, disk: u64) -> anyhow::Result<u64> {
+    fn make_room(&self, used: u64) -> anyhow::Result<u64> {
         let kept = self.log.kept().max(1);
-        let per_message = (disk / kept).max(1);
+        let per_message = (self.log.table_bytes() / kept).max(1);
         let target = (self.max_disk as f64 * (RESUME - 0.1)) as u64;
-        let mut wanted = disk.saturating_sub(target) / per_message + 1;
+        let mut wanted = used.saturating_sub(target) / per_message + 1;
         let mut deleted = 0;
         while wanted > 0 {
             let step = self.log.trim(TRIM.min(wanted as usize), |_| true)?;
@@ -89,7 +101,7 @@ impl Keeper {
             wanted = wanted.saturating_sub(step);
         }
         if deleted == 0 {
-            return Ok(disk);
+            return Ok(used);
         }
         tracing::warn!(
             deleted,
@@ -98,7 +110,7 @@ impl Keeper {
         );
         metrics::counter!("iot_relay_evicted_total").increment(deleted);
         self.log.compact()?;
-        Ok(self.log.disk_bytes())
+        Ok(self.used())
     }
 
     fn report(&self, disk: u64) {

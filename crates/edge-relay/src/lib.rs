@@ -44,7 +44,7 @@ pub const METRICS: &[Metric] = &[
     Metric::counter("iot_relay_forwarded_total", "messages the cloud broker acknowledged"),
     Metric::gauge("iot_relay_backlog", "messages on disk not forwarded yet"),
     Metric::gauge("iot_relay_oldest_unforwarded_seconds", "age of the oldest message not forwarded yet (0 without a backlog)"),
-    Metric::gauge("iot_relay_disk_bytes", "bytes the log takes on disk"),
+    Metric::gauge("iot_relay_disk_bytes", "bytes the log takes on disk as counted against --max-disk: its tables, what waits in memory for them, its journals at their most (64 MiB)"),
     Metric::gauge("iot_relay_kept", "messages in the log, forwarded or not"),
     Metric::gauge("iot_relay_back_pressure", "1 while the disk budget is full of messages not forwarded and the edge broker is not acknowledged"),
     Metric::counter("iot_relay_expired_total", "forwarded messages deleted past --retention"),
@@ -88,7 +88,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let wake = Arc::new(Notify::new());
     let (replays_tx, replays) = mpsc::channel(forward::WINDOW);
-    let (full_tx, full) = watch::channel(false);
+    // The keeper measures the room within a second; until then, what the log may take.
+    let (room_tx, room) = watch::channel(config.max_disk.saturating_sub(log.budget_bytes()));
     let stop = shutdown.child_token();
     let refill = (config.refill_window, config.refill_delay);
     let edge_client = edge.client.clone();
@@ -98,7 +99,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             log.clone(),
             config.topics.clone(),
             Arc::clone(&wake),
-            full,
+            room,
             stop.clone(),
         )),
         tokio::spawn(
@@ -116,7 +117,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 log: log.clone(),
                 retention: config.retention,
                 max_disk: config.max_disk,
-                full: full_tx,
+                room: room_tx,
             }
             .run(stop.clone()),
         ),

@@ -31,6 +31,9 @@ use rumqttc::QoS;
 
 /// Version byte in front of every stored message.
 const FORMAT: u8 = 1;
+/// Most disk the store's journals take (fjall's least setting): a message is written to
+/// a journal first, which is dropped once its memtable is flushed to the tables.
+pub const JOURNAL_RESERVE: u64 = 64 << 20;
 const FORWARDED: &[u8] = b"forwarded";
 
 /// One message as the relay keeps it.
@@ -205,7 +208,7 @@ impl Log {
         // once their memtables are on disk.
         let db = Database::builder(store)
             .cache_size(16 << 20)
-            .max_journaling_size(64 << 20)
+            .max_journaling_size(JOURNAL_RESERVE)
             .open()
             .with_context(|| format!("cannot open the log {}", store.display()))?;
         let keyspace = |name: &str, memtable: u64| {
@@ -354,6 +357,19 @@ impl Log {
     /// Bytes the store takes on disk now.
     pub fn disk_bytes(&self) -> u64 {
         self.db.disk_space().unwrap_or(0)
+    }
+
+    /// What the store takes on disk besides its journals.
+    pub fn table_bytes(&self) -> u64 {
+        let journals = self.db.journal_disk_space().unwrap_or(0);
+        self.disk_bytes().saturating_sub(journals)
+    }
+
+    /// What counts against `--max-disk`: the tables, what waits in memory to be flushed
+    /// to them, and the journals at their most ([`JOURNAL_RESERVE`]; a journal file is
+    /// made that long at once, and what it holds is in the memory counted before).
+    pub fn budget_bytes(&self) -> u64 {
+        self.table_bytes() + self.db.write_buffer_size() + JOURNAL_RESERVE
     }
 
     /// The lowest number still kept.
