@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bson::doc;
+use rumqttc::QoS;
 use tests::stored::{assert_exactly_once, start_sensor, stored_seqs, wait_for_readings};
 use tests::{
     free_port, prometheus, spawn_mongo, spawn_relay_brokers, wait_for, Brokers, Service, TestClient,
@@ -404,4 +405,162 @@ async fn three_sites_into_one_cloud_each_stored_once() {
         relay.stop_cleanly().await;
     }
     persister.stop_cleanly().await;
+}
+
+/// `count` payloads of `size` bytes that no store compresses (an xorshift stream), each
+/// starting with its number.
+fn incompressible(count: usize, size: usize) -> impl Iterator<Item = Vec<u8>> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..count).map(move |n| {
+        let mut payload = format!("{n:08};").into_bytes();
+        while payload.len() < size {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            payload.extend_from_slice(&state.to_le_bytes());
+        }
+        payload.truncate(size);
+        payload
+    })
+}
+
+/// Reads `client`'s messages until every number below `count` came on `topic` (the
+/// first 8 bytes of the payloads of [`incompressible`]). At least once over MQTT: a
+/// copy sent again may come too.
+async fn assert_every_number_arrives(client: &mut TestClient, topic: &str, count: usize) {
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < count {
+        let message = client.next_message().await;
+        if message.topic == topic {
+            let n: usize = std::str::from_utf8(&message.payload[..8])
+                .expect("its number")
+                .parse()
+                .expect("its number");
+            assert!(n < count, "{n}");
+            seen.insert(n);
+        }
+    }
+}
+
+/// The bytes the files under `dir` take on disk, as `du` counts them.
+fn du(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).expect("a folder") {
+        let entry = entry.expect("an entry");
+        let metadata = entry.metadata().expect("its metadata");
+        total += if metadata.is_dir() {
+            du(&entry.path())
+        } else {
+            metadata.blocks() * 512
+        };
+    }
+    total
+}
+
+/// The relay's resident memory, from `/proc`.
+fn rss_bytes(relay: &Service) -> u64 {
+    let pid = relay.pid().expect("the relay runs");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+/// The cloud down until the relay's disk budget (`--max-disk 128M`) is full of messages
+/// not forwarded yet: the relay stops acknowledging (the edge broker holds the rest),
+/// drops QoS 0 past its bound and counts them, keeps its memory bounded; the cloud
+/// back, every QoS 1 message arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_budget_holds_the_edge_back_and_drops_nothing_unforwarded() {
+    const COUNT: usize = 12_000;
+    const SIZE: usize = 16 * 1024;
+    const QOS0: usize = 200_000;
+    let mut brokers = spawn_relay_brokers().await;
+    let log_dir = brokers.dir().join("relay-log");
+    let (mut relay, port) = relay_with_metrics(&brokers, &log_dir, &["--max-disk", "128M"]).await;
+    // A subscriber with a kept session on the cloud, away while the cloud is down: the
+    // cloud broker keeps for it what the relay forwards later.
+    let watcher = "test-disk-full-watcher";
+    let cloud = brokers.cloud.port;
+    let mut away = TestClient::try_connect(cloud, Some("mqtt-subscriber"), watcher, false)
+        .await
+        .expect("the watcher connects");
+    away.subscribe("/sensor/+/temperature").await;
+    drop(away);
+    brokers.cloud.stop().await;
+
+    // 197 MB of QoS 1 for a 128 MB budget: every one acknowledged by the edge broker.
+    let mut device = TestClient::connect(brokers.local.port, "temperature-sensor").await;
+    for payload in incompressible(COUNT, SIZE) {
+        let topic = "/sensor/big-1/temperature";
+        device
+            .publish(topic, QoS::AtLeastOnce, false, &payload)
+            .await;
+    }
+    wait_for(
+        "back-pressure on the relay's metrics",
+        || metric(port, "iot_relay_back_pressure"),
+        |held| *held == Some(1.0),
+    )
+    .await;
+    relay
+        .wait_for_log("the log's disk budget is full of messages not forwarded yet")
+        .await;
+    let backlog = metric(port, "iot_relay_backlog").await.expect("backlog");
+    assert!(
+        backlog < COUNT as f64,
+        "{backlog} logged of {COUNT}: no back-pressure"
+    );
+    // What a user finds on the disk (the relay counts more: its journal at its most).
+    let allocated = du(&log_dir);
+    assert!(allocated <= 128 << 20, "{allocated} bytes on disk for 128M");
+
+    // QoS 0 past the relay's bound while it holds back: dropped and counted, not held.
+    for n in 0..QOS0 {
+        device
+            .publish(
+                "/sensor/small-1/temperature",
+                QoS::AtMostOnce,
+                false,
+                n.to_string().as_bytes(),
+            )
+            .await;
+    }
+    let dropped = wait_for(
+        "QoS 0 messages dropped past the bound",
+        || metric(port, "iot_relay_qos0_dropped_total"),
+        |dropped| dropped.is_some_and(|dropped| dropped > 0.0),
+    )
+    .await
+    .expect("dropped");
+    assert!(dropped < QOS0 as f64, "{dropped}");
+    relay
+        .wait_for_log("QoS 0 messages wait for the log: dropping new ones")
+        .await;
+    // What it holds: at most the receive maximum of QoS 1 messages and the QoS 0 bound.
+    let rss = rss_bytes(&relay);
+    assert!(rss < 512 << 20, "relay RSS {rss} bytes with a full disk");
+
+    // The cloud back: the relay forwards, makes room, acknowledges again.
+    assert!(brokers.cloud.start().await, "{}", brokers.cloud.log());
+    relay
+        .wait_for_log("room in the log again: acknowledging the edge broker")
+        .await;
+    tests::wait_for_within(
+        CATCH_UP,
+        "every QoS 1 message forwarded",
+        || metric(port, "iot_relay_backlog"),
+        |backlog| *backlog == Some(0.0),
+    )
+    .await;
+    let mut back = TestClient::try_connect(cloud, Some("mqtt-subscriber"), watcher, false)
+        .await
+        .expect("the watcher connects again");
+    assert!(back.session_present);
+    assert_every_number_arrives(&mut back, "/sensor/big-1/temperature", COUNT).await;
+    relay.stop_cleanly().await;
 }
