@@ -37,6 +37,10 @@
 #   passwords, cloud:  BRIDGE_PASSWORD MQTT_SUBSCRIBER_PASSWORD MONGO_PERSISTER_PASSWORD
 #                      EDGE_RELAY_PASSWORD (optional: without it there are no edge-relay
 #                      users) DASHBOARD_PASSWORD (optional: without it no dashboard user)
+#                      EDGE_SITES (optional): edge sites with accounts of their own,
+#                      "SITE:PASSWORD SITE:PASSWORD ...": users edge-relay-SITE and
+#                      edge-relay-SITE-replay with the rights of edge-relay, for the relay
+#                      started with --site SITE (CLOUD_USERNAME=edge-relay-SITE)
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -63,16 +67,50 @@ case $broker in
 esac
 command -v mosquitto_passwd >/dev/null 2>&1 || die "mosquitto_passwd not found: install mosquitto"
 
+# The sites of EDGE_SITES (cloud broker only), checked whole before anything is
+# written; their passwords are looked up again by site_password.
+sites=""
+if [ "$broker" = cloud ]; then
+  for pair in ${EDGE_SITES:-}; do
+    site=${pair%%:*}
+    [ "$site" != "$pair" ] && [ -n "${pair#*:}" ] || die "EDGE_SITES: '$site' has no password: expected SITE:PASSWORD entries, separated by blanks"
+    case $site in
+      ""|[!A-Za-z0-9]*|*[!A-Za-z0-9_-]*|replay|*-replay) bad=true ;;
+      *) bad=false ;;
+    esac
+    if $bad || [ "${#site}" -gt 48 ]; then
+      die "EDGE_SITES: site '$site': letters, digits, '_' and '-', starting with a letter or digit, at most 48, not ending in -replay"
+    fi
+    case " $sites " in *" $site "*) die "EDGE_SITES: site '$site' is listed twice" ;; esac
+    sites="$sites $site"
+    users="$users edge-relay-$site edge-relay-$site-replay"
+  done
+fi
+# Sets $value to the password EDGE_SITES gives site $1.
+site_password() {
+  for pair in ${EDGE_SITES:-}; do
+    [ "${pair%%:*}" = "$1" ] && { value=${pair#*:}; return 0; }
+  done
+  die "EDGE_SITES has no password for site $1"
+}
+
 # Sets $value to a user's password, from its variable (temperature-sensor ->
 # TEMPERATURE_SENSOR_PASSWORD); exits naming the variable when it is missing or unusable.
 # Called directly, never in $(...), so that its exit ends the script.
 password_of() {
   # The bridge's two connections (mosquitto/local-bridge.conf.template) share one
-  # password, and so do the relay's.
-  case $1 in bridge-replay) set -- bridge ;; edge-relay-replay) set -- edge-relay ;; esac
-  var=$(echo "$1" | tr 'a-z-' 'A-Z_')_PASSWORD
-  eval "value=\${$var:-}"
-  [ -n "$value" ] || die "$var is not set: set it in .env (see .env.example)"
+  # password, and so do each relay's.
+  case $1 in *-replay) set -- "${1%-replay}" ;; esac
+  case $1 in edge-relay-*) site=${1#edge-relay-} ;; *) site="-" ;; esac
+  case " $sites " in
+    *" $site "*)
+      var="EDGE_SITES (site $site)"
+      site_password "$site" ;;
+    *)
+      var=$(echo "$1" | tr 'a-z-' 'A-Z_')_PASSWORD
+      eval "value=\${$var:-}"
+      [ -n "$value" ] || die "$var is not set: set it in .env (see .env.example)" ;;
+  esac
   case $value in *"
 "*) die "$var must be one line" ;; esac
   # The example's passwords are published: never on a broker others can reach.
@@ -136,6 +174,12 @@ if [ "$broker" = local ] && [ "$forwarder" = bridge ]; then
       "$here/local-bridge.conf.template" >> "$out/mosquitto.conf"
 fi
 cp "$here/$broker.acl" "$out/acl.services"
+# Each site of EDGE_SITES: the edge-relay accounts' two blocks of cloud.acl, renamed.
+for site in $sites; do
+  printf '\n# Site %s (EDGE_SITES), with the rights of edge-relay.\n' "$site" >> "$out/acl.services"
+  sed -n '/^user edge-relay$/,/^$/p; /^user edge-relay-replay$/,/^$/p' "$here/cloud.acl" |
+    sed -e "s/^user edge-relay\(-replay\)\{0,1\}$/user edge-relay-$site\1/" >> "$out/acl.services"
+done
 
 # Plain user:password lines, hashed in place (no password ever on a command line).
 # Every password is checked first, so a refused one leaves no plain-text file behind.

@@ -348,12 +348,24 @@ impl Brokers {
     /// As [`Brokers::start_relay`], from edge broker `edge` (another site's,
     /// [`Brokers::spawn_relay_site`]).
     pub fn start_relay_at(&self, edge: &Broker, log_dir: &Path, args: &[&str]) -> Service {
+        self.start_relay_as(edge, "edge-relay", log_dir, args)
+    }
+
+    /// As [`Brokers::start_relay_at`], logged in to the cloud broker as `cloud_user`
+    /// (a site's own account: `edge-relay-SITE` of [`SITES`]).
+    pub fn start_relay_as(
+        &self,
+        edge: &Broker,
+        cloud_user: &str,
+        log_dir: &Path,
+        args: &[&str],
+    ) -> Service {
         let user = "edge-relay";
         let env = [
             ("CLOUD_BROKER", "127.0.0.1".to_string()),
             ("CLOUD_PORT", self.cloud.port.to_string()),
-            ("CLOUD_USERNAME", user.to_string()),
-            ("CLOUD_PASSWORD", password(user)),
+            ("CLOUD_USERNAME", cloud_user.to_string()),
+            ("CLOUD_PASSWORD", password(cloud_user)),
             ("RELAY_LOG_DIR", log_dir.display().to_string()),
         ];
         spawn_service_with_env("edge-relay", self.dir(), edge.port, Some(user), args, &env)
@@ -366,7 +378,21 @@ impl Brokers {
 
     /// As [`Brokers::relay_ready`], from edge broker `edge`.
     pub async fn relay_ready_at(&self, edge: &Broker, log_dir: &Path, args: &[&str]) -> Service {
-        let relay = self.start_relay_at(edge, log_dir, args);
+        Self::ready(self.start_relay_at(edge, log_dir, args)).await
+    }
+
+    /// As [`Brokers::start_relay_as`], and waits until the relay subscribed on both.
+    pub async fn relay_ready_as(
+        &self,
+        edge: &Broker,
+        cloud_user: &str,
+        log_dir: &Path,
+        args: &[&str],
+    ) -> Service {
+        Self::ready(self.start_relay_as(edge, cloud_user, log_dir, args)).await
+    }
+
+    async fn ready(relay: Service) -> Service {
         relay.wait_for_log("subscribed on the edge broker").await;
         relay.wait_for_log("subscribed on the cloud broker").await;
         relay
@@ -408,7 +434,7 @@ pub async fn start_brokers(local_env: &[(&str, String)]) -> Brokers {
         .expect("cannot create a temporary folder");
     // Mosquitto started as root drops to the `mosquitto` user, who must reach the files.
     set_mode(dir.path(), 0o755);
-    let cloud = Broker::spawn("cloud", dir.path(), &[]).await;
+    let cloud = Broker::spawn("cloud", dir.path(), &[("EDGE_SITES", edge_sites())]).await;
     let bridge_port = cloud.tls_port.expect("the cloud broker's TLS port");
     let mut env = vec![
         ("CLOUD_BRIDGE_HOST", "127.0.0.1".to_string()),
@@ -418,6 +444,18 @@ pub async fn start_brokers(local_env: &[(&str, String)]) -> Brokers {
     env.extend(local_env.iter().cloned());
     let local = Broker::spawn("local", dir.path(), &env).await;
     Brokers { local, cloud, dir }
+}
+
+/// Edge sites with cloud accounts of their own on every test's cloud broker
+/// (`EDGE_SITES`): `edge-relay-SITE`, with [`password`] of that name.
+pub const SITES: [&str; 2] = ["plant-2", "plant-3"];
+
+fn edge_sites() -> String {
+    SITES
+        .iter()
+        .map(|site| format!("{site}:{}", password(&format!("edge-relay-{site}"))))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A cloud broker and an edge broker set up for `edge-relay` (no bridge); start the

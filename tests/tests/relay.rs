@@ -334,6 +334,8 @@ async fn an_edge_power_cut_loses_nothing_the_relay_had_taken() {
 
 /// Three edge sites into one cloud broker, each with its own relay (`--site`), one of
 /// them SIGKILLed mid-stream and started again: every site's readings stored once.
+/// plant-1 logs in to the cloud with the shared `edge-relay` account, plant-2 and
+/// plant-3 with their own (`EDGE_SITES`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_sites_into_one_cloud_each_stored_once() {
     let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
@@ -353,6 +355,10 @@ async fn three_sites_into_one_cloud_each_stored_once() {
     // machine is.
     let metrics_port = free_port();
     let metrics_address = format!("127.0.0.1:{metrics_port}");
+    let account = |site: &str| match site {
+        "plant-1" => "edge-relay".to_string(),
+        _ => format!("edge-relay-{site}"),
+    };
     let mut relays = Vec::new();
     for (site, edge) in sites {
         let log_dir = brokers.dir().join(format!("{site}-log"));
@@ -360,7 +366,19 @@ async fn three_sites_into_one_cloud_each_stored_once() {
         if site == "plant-2" {
             args.extend(["--metrics-address", &metrics_address]);
         }
-        relays.push(brokers.relay_ready_at(edge, &log_dir, &args).await);
+        let account = account(site);
+        relays.push(
+            brokers
+                .relay_ready_as(edge, &account, &log_dir, &args)
+                .await,
+        );
+    }
+    for user in ["edge-relay-plant-2", "edge-relay-plant-3-replay"] {
+        let log = brokers.cloud.log();
+        assert!(
+            log.contains(&format!("u'{user}'")),
+            "{user} not logged in:\n{log}"
+        );
     }
     let counts: [(&str, i64); 3] = [("plant-1", 3000), ("plant-2", 10_000), ("plant-3", 3000)];
     let mut sensors: Vec<Service> = sites
@@ -381,10 +399,12 @@ async fn three_sites_into_one_cloud_each_stored_once() {
         "plant-2's stream ended before the kill"
     );
     relays[1].kill().await;
+    let log_dir = brokers.dir().join("plant-2-log");
     relays[1] = brokers
-        .relay_ready_at(
+        .relay_ready_as(
             &second,
-            &brokers.dir().join("plant-2-log"),
+            &account("plant-2"),
+            &log_dir,
             &["--site", "plant-2"],
         )
         .await;

@@ -414,6 +414,7 @@ async fn add_device_refuses_a_name_that_would_break_or_widen_the_acl() {
         "homeassistant",
         "bridge",
         "mongo-persister",
+        "edge-relay",
         "-a",
         &"a".repeat(65),
     ] {
@@ -528,4 +529,85 @@ fn a_new_env_has_no_published_password_and_setup_refuses_one_on_a_reachable_list
     // The CA's private key is not among the files the brokers read.
     assert!(!dir.path().join("certs/ca.key").exists());
     assert!(dir.path().join("certs-ca-private/ca.key").exists());
+}
+
+/// Per-site cloud accounts (`EDGE_SITES`): each site gets `edge-relay-SITE` and its
+/// `-replay` account with the relay's rights; an entry that would break or widen the
+/// broker's files is refused before any is written.
+#[test]
+fn setup_gives_each_edge_site_its_accounts_and_refuses_a_bad_entry() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let setup = |sites: &str, out: &str| {
+        let mut setup = Command::new(repo_root().join("mosquitto/setup.sh"));
+        setup.arg("cloud").arg(dir.path().join(out));
+        for user in ["BRIDGE", "MQTT_SUBSCRIBER", "MONGO_PERSISTER"] {
+            setup.env(format!("{user}_PASSWORD"), "a-test-secret");
+        }
+        setup
+            .env("MQTT_CERTS_DIR", dir.path().join("certs"))
+            .env("MQTT_LISTEN_ADDRESS", "127.0.0.1")
+            .env("EDGE_SITES", sites)
+            .env_remove("EDGE_RELAY_PASSWORD")
+            .env_remove("DASHBOARD_PASSWORD");
+        setup.output().expect("setup.sh runs")
+    };
+    let made = setup("plant-1:first-secret plant_2:second-secret", "cloud");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let users: Vec<String> = std::fs::read_to_string(dir.path().join("cloud/passwd"))
+        .expect("passwd")
+        .lines()
+        .filter_map(|line| Some(line.split_once(':')?.0.to_string()))
+        .collect();
+    for user in [
+        "edge-relay-plant-1",
+        "edge-relay-plant-1-replay",
+        "edge-relay-plant_2",
+        "edge-relay-plant_2-replay",
+    ] {
+        assert!(users.iter().any(|u| u == user), "no {user} in {users:?}");
+    }
+    // No shared edge-relay account without EDGE_RELAY_PASSWORD.
+    assert!(!users.iter().any(|u| u == "edge-relay"), "{users:?}");
+    let acl = std::fs::read_to_string(dir.path().join("cloud/acl")).expect("acl");
+    let block = |user: &str| {
+        let start = acl
+            .find(&format!("user {user}\n"))
+            .expect("the user's block");
+        acl[start..]
+            .split("\n\n")
+            .next()
+            .expect("a block")
+            .to_string()
+    };
+    assert!(block("edge-relay-plant-1").contains("topic deny /replay/+/request"));
+    assert!(block("edge-relay-plant-1-replay").contains("topic read /replay/+/request"));
+
+    for (n, bad) in [
+        "plant-1",
+        "plant-1:",
+        "replay:secret",
+        "a-replay:secret",
+        ".hidden:secret",
+        "a/b:secret",
+        "a#:secret",
+        "twice:one twice:two",
+        "a:secret\nuser evil",
+        "colon:pass:word",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = format!("bad-{n}");
+        let refused = setup(bad, &out);
+        assert_eq!(refused.status.code(), Some(2), "{bad:?} was not refused");
+        let why = String::from_utf8_lossy(&refused.stderr);
+        assert!(why.contains("EDGE_SITES"), "{bad:?}: {why}");
+        assert!(!dir.path().join(&out).join("passwd").exists(), "{bad:?}");
+    }
 }
