@@ -31,7 +31,7 @@ set -eu
 
 die() { echo "mosquitto/device.sh: $*" >&2; exit 2; }
 # Service accounts of mosquitto/setup.sh: never a device's name.
-services="temperature-sensor pressure-sensor device-status mqtt-subscriber bridge bridge-replay mongo-persister dashboard"
+services="temperature-sensor pressure-sensor device-status mqtt-subscriber bridge bridge-replay edge-relay edge-relay-replay mongo-persister dashboard"
 # Topic roots of the presets and of the project: a device named like one would be given
 # that whole root (esphome's NAME/#, shelly's NAME/#), other devices' topics included.
 reserved="cmnd tele stat tasmotas zigbee2mqtt shellies homeassistant sensor device replay spBv1.0"
