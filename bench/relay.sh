@@ -154,8 +154,19 @@ done
 sync
 disk=$(du -s -B1 "$work/relay-log-backlog" | cut -f1)
 per=$(calc "$disk / $expected")
-fill_rss=$(rss "$relay_pid")
+fill_rss=$(rss "$relay_pid") backlog_count=$expected
 early_rss=$(awk '{ v[NR] = $1 } END { print v[int(NR / 5) + 1] }' "$work/relay-rss")
+
+# The edge as it would be through such an outage: a live stream of 1 000 readings/s
+# into the relay with the backlog on its disk, the probe beside it.
+say "1 000 readings/s live for $((SECONDS_PER_RUN * 4)) s with the backlog on disk"
+( while :; do probe_once "$work/probe-live"; sleep 0.2; done ) &
+probe=$!
+pids+=("$probe")
+LOCAL_BROKER=127.0.0.1 LOCAL_PORT=$local_port LOCAL_USERNAME=pressure-sensor LOCAL_PASSWORD=bench RUST_LOG=warn \
+  "$bin/pressure-sensor" --rate 1000 --count $((SECONDS_PER_RUN * 4000)) --format json --qos 1 --no-retain
+kill "$probe"; wait "$probe" 2>/dev/null || true
+expected=$((expected + SECONDS_PER_RUN * 4000 + $(wc -l < "$work/probe-live")))
 
 say "the cloud broker back: draining $expected messages"
 mosquitto -c "$work/cloud/mosquitto.conf" 2>>"$work/cloud.log" & pids+=($!)
@@ -185,7 +196,7 @@ probe_stats() {
 echo
 echo "| backlog (cloud broker down) | messages | disk | per message | 24 h at 1 000 readings/s | relay RSS at a fifth, at the end |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: |"
-echo "| edge-relay | $expected | $(calc "f'{$disk / 1e6:.0f} MB'") | $(calc "f'{$per:.0f} B'") | $(calc "f'{$per * 86400000 / 1e9:.1f} GB'") | $(calc "f'{$early_rss / 1024:.0f} MiB, {$fill_rss / 1024:.0f} MiB'") |"
+echo "| edge-relay | $backlog_count | $(calc "f'{$disk / 1e6:.0f} MB'") | $(calc "f'{$per:.0f} B'") | $(calc "f'{$per * 86400000 / 1e9:.1f} GB'") | $(calc "f'{$early_rss / 1024:.0f} MiB, {$fill_rss / 1024:.0f} MiB'") |"
 echo
 echo "| the backlog drained into the cloud broker | readings/s | against a 1 000/s live stream |"
 echo "| --- | ---: | ---: |"
@@ -194,5 +205,6 @@ echo
 echo "| a QoS 1 publish to the edge broker (mosquitto_pub, process start included), ms | p50 / p99 / max |"
 echo "| --- | ---: |"
 echo "| idle | $(probe_stats "$work/probe-idle") |"
-echo "| while the backlog fills | $(probe_stats "$work/probe-busy") |"
-echo "| while it drains | $(probe_stats "$work/probe-drain") |"
+echo "| while the backlog fills (one sensor as fast as it goes: the machine's cores busy) | $(probe_stats "$work/probe-busy") |"
+echo "| the backlog on disk, 1 000 readings/s live | $(probe_stats "$work/probe-live") |"
+echo "| while it drains (as fast as the cloud broker takes it) | $(probe_stats "$work/probe-drain") |"
