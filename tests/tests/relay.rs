@@ -332,6 +332,15 @@ async fn an_edge_power_cut_loses_nothing_the_relay_had_taken() {
     persister.stop_cleanly().await;
 }
 
+/// The cloud account of a site's relay: plant-1 the shared `edge-relay`, the others
+/// their own (`tests::SITES`, made by `EDGE_SITES`).
+fn site_account(site: &str) -> String {
+    match site {
+        "plant-1" => "edge-relay".to_string(),
+        _ => format!("edge-relay-{site}"),
+    }
+}
+
 /// Three edge sites into one cloud broker, each with its own relay (`--site`), one of
 /// them SIGKILLed mid-stream and started again: every site's readings stored once.
 /// plant-1 logs in to the cloud with the shared `edge-relay` account, plant-2 and
@@ -355,10 +364,6 @@ async fn three_sites_into_one_cloud_each_stored_once() {
     // machine is.
     let metrics_port = free_port();
     let metrics_address = format!("127.0.0.1:{metrics_port}");
-    let account = |site: &str| match site {
-        "plant-1" => "edge-relay".to_string(),
-        _ => format!("edge-relay-{site}"),
-    };
     let mut relays = Vec::new();
     for (site, edge) in sites {
         let log_dir = brokers.dir().join(format!("{site}-log"));
@@ -366,7 +371,7 @@ async fn three_sites_into_one_cloud_each_stored_once() {
         if site == "plant-2" {
             args.extend(["--metrics-address", &metrics_address]);
         }
-        let account = account(site);
+        let account = site_account(site);
         relays.push(
             brokers
                 .relay_ready_as(edge, &account, &log_dir, &args)
@@ -403,7 +408,7 @@ async fn three_sites_into_one_cloud_each_stored_once() {
     relays[1] = brokers
         .relay_ready_as(
             &second,
-            &account("plant-2"),
+            &site_account("plant-2"),
             &log_dir,
             &["--site", "plant-2"],
         )

@@ -7,10 +7,11 @@
 //!   message as [`Entry::encode`] writes it: its topic, payload, QoS, retain flag and
 //!   when the relay took it.
 //! - `readings`: `device NUL boot NUL seq sequence-number` → nothing, for each message
-//!   that is a JSON reading naming all three (ids within `iot_core::bounds`), so a
-//!   replay request is answered by a range scan. The sequence number is part of the key:
-//!   a forged reading of another device's key sits beside the genuine one instead of
-//!   hiding it, and the persister tells them apart as it always does.
+//!   that is a JSON reading of a device its topic vouches for, with a boot and a seq
+//!   (ids within `iot_core::bounds`; [`Entry::reading_key`]), so a replay request is
+//!   answered by a range scan. A device account's reading that names another device is
+//!   not indexed: it cannot answer for the genuine one. The sequence number is part of
+//!   the key, so two copies of one reading both stay.
 //! - `meta`: `forwarded`, the highest sequence number below which everything was
 //!   acknowledged by the cloud broker.
 //!
@@ -88,12 +89,13 @@ impl Entry {
         })
     }
 
-    /// `(device, boot, seq)` when the payload is a JSON reading naming all three within
-    /// their bounds: what a replay request asks for.
+    /// `(device, boot, seq)` when the payload is a JSON reading with a `boot` and a `seq`
+    /// within their bounds, of a device its topic vouches for ([`vouched_device`]):
+    /// what a replay request asks for.
     pub fn reading_key(&self) -> Option<(String, String, u64)> {
         #[derive(serde::Deserialize)]
         struct Key {
-            device: String,
+            device: Option<String>,
             boot: String,
             seq: u64,
         }
@@ -105,11 +107,41 @@ impl Entry {
             return None;
         }
         let key: Key = serde_json::from_slice(&self.payload).ok()?;
-        check_id("device", &key.device).ok()?;
+        let device = match (vouched_device(&self.topic)?, key.device) {
+            (Vouch::Topic(bound), Some(claimed)) if bound != claimed => return None,
+            (Vouch::Topic(bound), _) => bound.to_string(),
+            (Vouch::Payload, Some(claimed)) => claimed,
+            (Vouch::Payload, None) => return None,
+        };
+        check_id("device", &device).ok()?;
         check_id("boot", &key.boot).ok()?;
         check_seq(key.seq).ok()?;
-        Some((key.device, key.boot, key.seq))
+        Some((device, key.boot, key.seq))
     }
+}
+
+/// Who names the device of a reading on a topic.
+#[derive(Debug, PartialEq, Eq)]
+enum Vouch<'a> {
+    /// The topic: `/sensor/DEVICE/...`, which the edge broker's ACL lets only DEVICE's
+    /// account write.
+    Topic(&'a str),
+    /// The payload: the project's own sensors' topics, which only service accounts write.
+    Payload,
+}
+
+/// Whose readings a topic may carry, as the persister's default mapping reads them; none
+/// for other topics. The log answers a replay request only with readings so vouched
+/// for: a device account's copy naming another device's key (which the persister
+/// flags, never stores as that device) must not stand in for the genuine reading, or the
+/// genuine device would never be asked.
+fn vouched_device(topic: &str) -> Option<Vouch<'_>> {
+    if topic == iot_core::topics::TEMPERATURE || topic == iot_core::topics::PRESSURE {
+        return Some(Vouch::Payload);
+    }
+    let device = topic.strip_prefix("/sensor/")?.split('/').next()?;
+    let deeper = topic.len() > "/sensor/".len() + device.len();
+    (deeper && !device.is_empty()).then_some(Vouch::Topic(device))
 }
 
 /// The index key of reading `(device, boot, seq)` kept as message `number`.

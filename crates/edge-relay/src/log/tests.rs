@@ -50,6 +50,26 @@ fn only_readings_within_bounds_are_keyed() {
     ] {
         assert_eq!(entry("x", payload).reading_key(), None, "{payload}");
     }
+    // Whose reading it is: the topic's device (the payload may leave it out, never name
+    // another), or the payload's on the project's own sensors' topics, or nobody's.
+    let key = |topic: &str, payload: &str| entry(topic, payload).reading_key();
+    let t1 = Some(("t-1".to_string(), "b1".to_string(), 7));
+    let claim = r#"{"device":"t-1","boot":"b1","seq":7,"value":1}"#;
+    let anonymous = r#"{"boot":"b1","seq":7,"value":1}"#;
+    assert_eq!(key("/sensor/t-1/temperature", anonymous), t1);
+    assert_eq!(key("/sensor/t-1/a/b", claim), t1);
+    assert_eq!(key("/sensor/temperature", claim), t1);
+    assert_eq!(key("/sensor/pressure", claim), t1);
+    for topic in [
+        "/sensor/evil/temperature",
+        "/sensor/t-1",
+        "/sensor//x",
+        "/plant/t-1/x",
+        "x",
+    ] {
+        assert_eq!(key(topic, claim), None, "{topic}");
+    }
+    assert_eq!(key("/sensor/temperature", anonymous), None);
 }
 
 #[test]
@@ -74,19 +94,27 @@ fn what_was_appended_survives_a_reopen_with_its_forwarded_mark() {
 }
 
 #[test]
-fn the_index_finds_a_range_and_a_forgery_does_not_hide_the_genuine_reading() {
+fn the_index_finds_a_range_and_never_a_forgery() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (log, _) = Log::open(dir.path()).expect("open");
     let batch: Vec<Entry> = (1..=10).map(|seq| reading("t-1", seq)).collect();
     log.append(&batch).expect("append");
-    // Another account's topic, claiming t-1's reading 5.
-    log.append(&[entry(
-        "/sensor/t-2/temperature",
-        r#"{"device":"t-1","boot":"b1","seq":5,"value":99}"#,
-    )])
-    .expect("append");
+    // Another account's topic, claiming t-1's readings 5 (which the log has) and 12
+    // (which it has not: the request for it must go on to t-1).
+    for seq in [5, 12] {
+        log.append(&[entry(
+            "/sensor/t-2/temperature",
+            &format!(r#"{{"device":"t-1","boot":"b1","seq":{seq},"value":99}}"#),
+        )])
+        .expect("append");
+    }
     let found = log.readings("t-1", "b1", (4, 6), 100).expect("lookup");
-    assert_eq!(found, vec![(4, 4), (5, 5), (5, 11), (6, 6)]);
+    assert_eq!(found, vec![(4, 4), (5, 5), (6, 6)]);
+    assert_eq!(
+        log.readings("t-1", "b1", (12, 12), 100).expect("lookup"),
+        []
+    );
+    assert_eq!(log.readings("t-2", "b1", (1, 20), 100).expect("lookup"), []);
     assert_eq!(log.readings("t-1", "b2", (1, 10), 100).expect("lookup"), []);
     assert_eq!(
         log.readings("t-1", "b1", (1, 10), 3).expect("lookup").len(),
