@@ -373,12 +373,8 @@ impl Brokers {
 
     /// As [`Brokers::start_relay`], and waits until the relay subscribed on both brokers.
     pub async fn relay_ready(&self, log_dir: &Path, args: &[&str]) -> Service {
-        self.relay_ready_at(&self.local, log_dir, args).await
-    }
-
-    /// As [`Brokers::relay_ready`], from edge broker `edge`.
-    pub async fn relay_ready_at(&self, edge: &Broker, log_dir: &Path, args: &[&str]) -> Service {
-        Self::ready(self.start_relay_at(edge, log_dir, args)).await
+        self.relay_ready_as(&self.local, "edge-relay", log_dir, args)
+            .await
     }
 
     /// As [`Brokers::start_relay_as`], and waits until the relay subscribed on both.
@@ -389,10 +385,7 @@ impl Brokers {
         log_dir: &Path,
         args: &[&str],
     ) -> Service {
-        Self::ready(self.start_relay_as(edge, cloud_user, log_dir, args)).await
-    }
-
-    async fn ready(relay: Service) -> Service {
+        let relay = self.start_relay_as(edge, cloud_user, log_dir, args);
         relay.wait_for_log("subscribed on the edge broker").await;
         relay.wait_for_log("subscribed on the cloud broker").await;
         relay
