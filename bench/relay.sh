@@ -126,6 +126,8 @@ start_local relay
 metrics_port=$(free_port)
 RELAY_METRICS_ADDRESS=127.0.0.1:$metrics_port RELAY_MAX_DISK=${BENCH_RELAY_MAX_DISK:-8G} \
   start_relay "$work/relay-log-backlog" edge
+# Lines in a file, 0 when there is none (a probe that never finished one).
+lines() { if [ -f "$1" ]; then wc -l < "$1"; else echo 0; fi; }
 metric() { curl -fsS "http://127.0.0.1:$metrics_port/metrics" | awk -v name="$1" '$1 == name { print $2 }'; }
 probe_once() { # file
   local start
@@ -141,7 +143,7 @@ say "a backlog of $BACKLOG readings with the cloud broker down"
 LOCAL_BROKER=127.0.0.1 LOCAL_PORT=$local_port LOCAL_USERNAME=temperature-sensor LOCAL_PASSWORD=bench RUST_LOG=warn \
   "$bin/temperature-sensor" --format json --qos 1 --interval 0 --no-retain --count "$BACKLOG" --device backlog
 kill "$probe"; wait "$probe" 2>/dev/null || true
-probes=$(( $(wc -l < "$work/probe-idle") + $(wc -l < "$work/probe-busy") ))
+probes=$(( $(lines "$work/probe-idle") + $(lines "$work/probe-busy") ))
 expected=$((BACKLOG + probes))
 for _ in $(seq 600); do
   [ "$(metric iot_relay_backlog)" = "$expected" ] && break
@@ -159,14 +161,15 @@ early_rss=$(awk '{ v[NR] = $1 } END { print v[int(NR / 5) + 1] }' "$work/relay-r
 
 # The edge as it would be through such an outage: a live stream of 1 000 readings/s
 # into the relay with the backlog on its disk, the probe beside it.
-say "1 000 readings/s live for $((SECONDS_PER_RUN * 4)) s with the backlog on disk"
+live=$(calc "max(1, int(4000 * $SECONDS_PER_RUN))")
+say "1 000 readings/s live for $(calc "$live / 1000") s with the backlog on disk"
 ( while :; do probe_once "$work/probe-live"; sleep 0.2; done ) &
 probe=$!
 pids+=("$probe")
 LOCAL_BROKER=127.0.0.1 LOCAL_PORT=$local_port LOCAL_USERNAME=pressure-sensor LOCAL_PASSWORD=bench RUST_LOG=warn \
-  "$bin/pressure-sensor" --rate 1000 --count $((SECONDS_PER_RUN * 4000)) --format json --qos 1 --no-retain
+  "$bin/pressure-sensor" --rate 1000 --count "$live" --format json --qos 1 --no-retain
 kill "$probe"; wait "$probe" 2>/dev/null || true
-expected=$((expected + SECONDS_PER_RUN * 4000 + $(wc -l < "$work/probe-live")))
+expected=$((expected + live + $(lines "$work/probe-live")))
 
 say "the cloud broker back: draining $expected messages"
 mosquitto -c "$work/cloud/mosquitto.conf" 2>>"$work/cloud.log" & pids+=($!)
