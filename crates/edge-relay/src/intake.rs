@@ -26,6 +26,9 @@ use crate::mqtt5::{filter, Heard, Link, Message};
 
 /// Most messages held while a batch is written (or while the disk is full).
 const MAX_PENDING: usize = 10_000;
+/// Most payload bytes held so; what waits behind them the link bounds (its QoS 0
+/// bounds, the receive maximum).
+const MAX_PENDING_BYTES: usize = 64 << 20;
 
 /// Bytes the log may still take, as the keeper last measured them: 0 while the disk
 /// budget is full of messages not forwarded yet.
@@ -71,9 +74,12 @@ pub async fn run(
     let mut pending: Vec<Message> = Vec::new();
     let mut writing: Option<JoinHandle<anyhow::Result<Vec<Message>>>> = None;
     let mut budget = Budget::new(room);
+    // Payload bytes of `pending`.
+    let mut held = 0;
     let result = loop {
         if writing.is_none() {
             if let Some(batch) = budget.next_batch(&mut pending) {
+                held -= batch.iter().map(|m| m.publish.payload.len()).sum::<usize>();
                 writing = Some(write(&log, batch));
             }
         }
@@ -99,7 +105,7 @@ pub async fn run(
                 }
             }
             () = shutdown.cancelled(), if writing.is_none() => break Ok(()),
-            heard = link.recv(), if pending.len() < MAX_PENDING => match heard {
+            heard = link.recv(), if pending.len() < MAX_PENDING && held < MAX_PENDING_BYTES => match heard {
                 Ok(Heard::Connected { .. }) => {
                     let filters = topics.iter().map(|topic| filter(topic, QoS::AtLeastOnce));
                     if link.client.subscribe_many(filters).await.is_err() {
@@ -107,7 +113,10 @@ pub async fn run(
                     }
                     tracing::info!(topics = ?topics, "subscribed on the edge broker");
                 }
-                Ok(Heard::Message(message)) => pending.push(*message),
+                Ok(Heard::Message(message)) => {
+                    held += message.publish.payload.len();
+                    pending.push(*message);
+                }
                 Err(error) => break Err(error),
             },
             changed = budget.room.changed(), if budget.held_back => {

@@ -28,11 +28,14 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
 use tokio::sync::mpsc;
 
-/// Most QoS 0 messages waiting for the relay; past it new ones are dropped and counted,
-/// as a broker drops QoS 0 for a slow client. QoS 1 and 2 are bounded by the receive
-/// maximum the relay announces ([`RECEIVE_MAXIMUM`]): the broker sends no more until
-/// some are acknowledged.
+/// Most QoS 0 messages waiting for the relay, and most bytes of them ([`QOS0_BYTES`]);
+/// past either, new ones are dropped and counted, as a broker drops QoS 0 for a slow
+/// client. QoS 1 and 2 are bounded by the receive maximum the relay announces
+/// ([`RECEIVE_MAXIMUM`]): the broker sends no more until some are acknowledged.
 pub const QOS0_BACKLOG: usize = 100_000;
+/// Most bytes of QoS 0 payloads waiting for the relay (a device account could otherwise
+/// fill its memory with 100 000 messages of 2 MiB).
+pub const QOS0_BYTES: usize = 64 << 20;
 /// Unacknowledged QoS 1/2 messages the broker may send the relay at once: the largest
 /// batch one disk sync covers.
 pub const RECEIVE_MAXIMUM: u16 = 1000;
@@ -58,7 +61,7 @@ pub struct Link {
     heard: mpsc::UnboundedReceiver<Heard>,
     /// Number of the current connection, counted from 1.
     connection: Arc<AtomicU64>,
-    qos0: Arc<AtomicUsize>,
+    qos0: Arc<Waiting>,
     driver: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     name: &'static str,
 }
@@ -95,7 +98,7 @@ impl Link {
         let (client, eventloop) = AsyncClient::new(options, usize::from(u16::MAX));
         let (heard_tx, heard) = mpsc::unbounded_channel();
         let connection = Arc::new(AtomicU64::new(0));
-        let qos0 = Arc::new(AtomicUsize::new(0));
+        let qos0 = Arc::new(Waiting::default());
         metrics::gauge!("iot_relay_connected", "link" => name).set(0.0);
         let driver = Driver {
             eventloop,
@@ -123,7 +126,7 @@ impl Link {
             Some(heard) => {
                 if let Heard::Message(message) = &heard {
                     if message.publish.qos == QoS::AtMostOnce {
-                        self.qos0.fetch_sub(1, Ordering::Relaxed);
+                        self.qos0.release(message.publish.payload.len());
                     }
                 }
                 Ok(heard)
@@ -172,11 +175,39 @@ impl Message {
     }
 }
 
+/// QoS 0 messages handed to the relay and not taken from the link yet: counted by the
+/// driver (the one that adds) and the link (the one that takes away).
+#[derive(Debug, Default)]
+struct Waiting {
+    count: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Waiting {
+    /// Counts a message of `len` bytes in, unless that would pass [`QOS0_BACKLOG`] or
+    /// [`QOS0_BYTES`].
+    fn take(&self, len: usize) -> bool {
+        let count = self.count.load(Ordering::Acquire);
+        let bytes = self.bytes.load(Ordering::Acquire);
+        if count >= QOS0_BACKLOG || bytes + len > QOS0_BYTES {
+            return false;
+        }
+        self.count.fetch_add(1, Ordering::AcqRel);
+        self.bytes.fetch_add(len, Ordering::AcqRel);
+        true
+    }
+
+    fn release(&self, len: usize) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.bytes.fetch_sub(len, Ordering::AcqRel);
+    }
+}
+
 struct Driver {
     eventloop: EventLoop,
     heard: mpsc::UnboundedSender<Heard>,
     connection: Arc<AtomicU64>,
-    qos0: Arc<AtomicUsize>,
+    qos0: Arc<Waiting>,
     broker: BrokerSettings,
     name: &'static str,
     check: Option<&'static str>,
@@ -206,10 +237,7 @@ impl Driver {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    if publish.qos == QoS::AtMostOnce
-                        && self.qos0.fetch_add(1, Ordering::Relaxed) >= QOS0_BACKLOG
-                    {
-                        self.qos0.fetch_sub(1, Ordering::Relaxed);
+                    if publish.qos == QoS::AtMostOnce && !self.qos0.take(publish.payload.len()) {
                         self.drop_qos0();
                         continue;
                     }
@@ -256,7 +284,7 @@ impl Driver {
         if self.dropped == 0 {
             tracing::warn!(
                 link = self.name,
-                "{QOS0_BACKLOG} QoS 0 messages wait for the log: dropping new ones until it catches up"
+                "{QOS0_BACKLOG} QoS 0 messages (or {QOS0_BYTES} bytes of them) wait for the log: dropping new ones until it catches up"
             );
         }
         self.dropped += 1;
@@ -274,4 +302,27 @@ fn is_final(code: ConnectReturnCode) -> bool {
             | ConnectReturnCode::Banned
             | ConnectReturnCode::BadAuthenticationMethod
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Waiting, QOS0_BACKLOG, QOS0_BYTES};
+
+    #[test]
+    fn qos0_waits_up_to_its_count_and_its_bytes() {
+        let waiting = Waiting::default();
+        for _ in 0..QOS0_BACKLOG {
+            assert!(waiting.take(1));
+        }
+        assert!(!waiting.take(1), "past the count");
+        waiting.release(1);
+        assert!(waiting.take(1), "room again");
+
+        let waiting = Waiting::default();
+        assert!(waiting.take(QOS0_BYTES - 10));
+        assert!(!waiting.take(11), "past the bytes");
+        assert!(waiting.take(10));
+        waiting.release(QOS0_BYTES - 10);
+        assert!(waiting.take(2 << 20), "a 2 MiB message once there is room");
+    }
 }
