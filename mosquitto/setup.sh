@@ -42,6 +42,9 @@
 #                      edge-relay-SITE-replay with the rights of edge-relay, for the relay
 #                      started with --site SITE (CLOUD_USERNAME=edge-relay-SITE)
 set -eu
+# No pathname expansion: word lists such as EDGE_SITES carry passwords, which may hold
+# '*' or '?'.
+set -f
 
 here=$(cd "$(dirname "$0")" && pwd)
 die() { echo "mosquitto/setup.sh: $*" >&2; exit 2; }
@@ -71,9 +74,13 @@ command -v mosquitto_passwd >/dev/null 2>&1 || die "mosquitto_passwd not found: 
 # written; their passwords are looked up again by site_password.
 sites=""
 if [ "$broker" = cloud ]; then
+  entry=0
   for pair in ${EDGE_SITES:-}; do
+    entry=$((entry + 1))
     site=${pair%%:*}
-    [ "$site" != "$pair" ] && [ -n "${pair#*:}" ] || die "EDGE_SITES: '$site' has no password: expected SITE:PASSWORD entries, separated by blanks"
+    # Without its ':', an entry may be a password: never print it.
+    [ "$site" != "$pair" ] || die "EDGE_SITES: entry $entry has no ':': expected SITE:PASSWORD entries, separated by blanks"
+    [ -n "${pair#*:}" ] || die "EDGE_SITES: site '$site' has no password: expected SITE:PASSWORD"
     case $site in
       ""|[!A-Za-z0-9]*|*[!A-Za-z0-9_-]*|replay|*-replay) bad=true ;;
       *) bad=false ;;

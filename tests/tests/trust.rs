@@ -599,6 +599,8 @@ fn setup_gives_each_edge_site_its_accounts_and_refuses_a_bad_entry() {
         "twice:one twice:two",
         "a:secret\nuser evil",
         "colon:pass:word",
+        "plant-1:ok s3cret-without-colon",
+        "star:a* what?:b",
     ]
     .into_iter()
     .enumerate()
@@ -608,6 +610,7 @@ fn setup_gives_each_edge_site_its_accounts_and_refuses_a_bad_entry() {
         assert_eq!(refused.status.code(), Some(2), "{bad:?} was not refused");
         let why = String::from_utf8_lossy(&refused.stderr);
         assert!(why.contains("EDGE_SITES"), "{bad:?}: {why}");
+        assert!(!why.contains("s3cret"), "a password in the message: {why}");
         assert!(!dir.path().join(&out).join("passwd").exists(), "{bad:?}");
     }
 }
