@@ -30,8 +30,10 @@ static ONE_STACK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// How long a whole stack may take from its start to both sensors' first readings
 /// stored: a dozen processes (the dashboard and Prometheus in one test) on two cores
-/// beside the rest of the suite.
-const STACK_START: Duration = Duration::from_secs(60);
+/// beside the rest of the suite, and edge-relay, which starts with the brokers and, when
+/// the cloud broker is slow to listen, waits out its reconnect backoff (up to 30 s)
+/// before it forwards the first readings.
+const STACK_START: Duration = Duration::from_secs(120);
 
 /// The services' metrics listeners, each on a port of its own.
 const METRICS_PORTS: [&str; 6] = [
