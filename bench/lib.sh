@@ -6,6 +6,11 @@
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib.sh
+# The settings several scripts share: runs per figure (medians), and the latency runs'
+# rates and length (latency_run).
+RUNS=${BENCH_RUNS:-3}
+SECONDS_PER_RUN=${BENCH_SECONDS:-5}
+RATES=${BENCH_RATES:-1000 5000}
 BENCH_PROFILE=${BENCH_PROFILE:-release}
 bin=${CARGO_TARGET_DIR:-target}/$BENCH_PROFILE
 work=$(mktemp -d /tmp/iot-bench-XXXXXX)

@@ -26,7 +26,6 @@ source "$(dirname "$0")/lib.sh"
 
 N=${BENCH_PEERS_N:-5000}
 PERSISTER_ARGS=${BENCH_PERSISTER_ARGS:-}
-RUNS=${BENCH_RUNS:-3}
 python=.venv/bin/python
 node_red=nodered/node_modules/.bin/node-red
 for need in "$python" "$node_red" bench/peers/node_modules/node-red-contrib-mongodb4/package.json; do

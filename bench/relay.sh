@@ -25,9 +25,6 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 N=${BENCH_RELAY_N:-20000}
-RUNS=${BENCH_RUNS:-3}
-SECONDS_PER_RUN=${BENCH_SECONDS:-5}
-RATES=${BENCH_RATES:-1000 5000}
 BACKLOG=${BENCH_RELAY_BACKLOG:-5000000}
 FORWARDERS=(bridge relay)
 
