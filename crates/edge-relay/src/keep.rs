@@ -58,7 +58,7 @@ impl Keeper {
         }
         // Room is made before the budget is reached: the intake never writes past it,
         // and a message bigger than what is left must not wait for forwarded ones to go.
-        let mut used = self.used();
+        let mut used = self.log.budget_bytes();
         if used as f64 >= self.max_disk as f64 * RESUME {
             used = self.make_room(used)?;
         }
@@ -74,13 +74,8 @@ impl Keeper {
             self.max_disk.saturating_sub(used)
         });
         self.log.sync()?;
-        self.report(self.used());
+        self.report(used);
         Ok(())
-    }
-
-    /// What counts against the budget: see [`Log::budget_bytes`].
-    fn used(&self) -> u64 {
-        self.log.budget_bytes()
     }
 
     /// Deletes forwarded messages, oldest first, before their retention, until the
@@ -110,7 +105,7 @@ impl Keeper {
         );
         metrics::counter!("iot_relay_evicted_total").increment(deleted);
         self.log.compact()?;
-        Ok(self.used())
+        Ok(self.log.budget_bytes())
     }
 
     fn report(&self, disk: u64) {
