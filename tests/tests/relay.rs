@@ -588,3 +588,61 @@ async fn a_full_disk_budget_holds_the_edge_back_and_drops_nothing_unforwarded() 
     assert_every_number_arrives(&mut back, "/sensor/big-1/temperature", COUNT).await;
     relay.stop_cleanly().await;
 }
+
+/// QoS 1 messages of 1 MiB from one device account while the disk budget is full: the
+/// receive maximum alone would let 1 000 of them (1 GiB) wait in the relay's memory.
+/// Past 64 MiB waiting it stops reading, the edge broker keeps the rest, and once the
+/// cloud is back each arrives in the log once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_qos1_messages_past_a_full_budget_wait_in_the_broker_not_in_the_relay() {
+    const COUNT: usize = 700;
+    const SIZE: usize = 1 << 20;
+    let mut brokers = spawn_relay_brokers().await;
+    let log_dir = brokers.dir().join("relay-log");
+    let (mut relay, port) = relay_with_metrics(&brokers, &log_dir, &["--max-disk", "128M"]).await;
+    brokers.cloud.stop().await;
+
+    let mut device = TestClient::connect(brokers.local.port, "temperature-sensor").await;
+    for payload in incompressible(COUNT, SIZE) {
+        let topic = "/sensor/big-3/temperature";
+        device
+            .publish(topic, QoS::AtLeastOnce, false, &payload)
+            .await;
+    }
+    relay
+        .wait_for_log("the log's disk budget is full of messages not forwarded yet")
+        .await;
+    wait_for(
+        "the relay to stop reading from the edge broker",
+        || metric(port, "iot_relay_reading_paused_total{link=\"edge\"}"),
+        |paused| paused.is_some_and(|paused| paused > 0.0),
+    )
+    .await;
+    let logged = metric(port, "iot_relay_logged_total").await.unwrap_or(0.0);
+    assert!(logged < COUNT as f64 / 2.0, "{logged} of {COUNT} logged");
+    // Held: 64 MiB for the disk, 64 MiB waiting (and the message that passed the bound),
+    // what the log keeps in memory until it flushes; seen: 312 MiB, and 900 MiB without
+    // the bound on what waits.
+    let rss = rss_bytes(&relay);
+    assert!(
+        rss < 448 << 20,
+        "relay RSS {rss} bytes with {} MiB waiting on the edge",
+        COUNT - logged as usize
+    );
+
+    assert!(brokers.cloud.start().await, "{}", brokers.cloud.log());
+    tests::wait_for_within(
+        CATCH_UP,
+        "every message logged and forwarded",
+        || async {
+            let logged = metric(port, "iot_relay_logged_total").await;
+            let backlog = metric(port, "iot_relay_backlog").await;
+            (logged, backlog)
+        },
+        |(logged, backlog)| *logged >= Some(COUNT as f64) && *backlog == Some(0.0),
+    )
+    .await;
+    let logged = metric(port, "iot_relay_logged_total").await;
+    assert_eq!(logged, Some(COUNT as f64), "each message in the log once");
+    relay.stop_cleanly().await;
+}

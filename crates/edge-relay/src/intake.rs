@@ -78,6 +78,7 @@ pub async fn run(
     let mut held = 0;
     let result = loop {
         if writing.is_none() {
+            held -= drop_resent(&link, &mut pending);
             if let Some(batch) = budget.next_batch(&mut pending) {
                 held -= batch.iter().map(|m| m.publish.payload.len()).sum::<usize>();
                 writing = Some(write(&log, batch));
@@ -188,6 +189,28 @@ impl Budget {
         self.spent += cost;
         Some(pending.drain(..fits).collect())
     }
+}
+
+/// Drops from `pending` the messages the broker sends again (they came on a connection
+/// that has since been replaced, with the session kept), so that the log takes each
+/// once; returns their payload bytes.
+fn drop_resent(link: &Link, pending: &mut Vec<Message>) -> usize {
+    let before = pending.len();
+    let mut bytes = 0;
+    pending.retain(|message| {
+        let again = link.comes_again(message);
+        if again {
+            bytes += message.publish.payload.len();
+        }
+        !again
+    });
+    if pending.len() < before {
+        tracing::debug!(
+            count = before - pending.len(),
+            "dropped messages of an earlier edge connection: the broker sends them again"
+        );
+    }
+    bytes
 }
 
 async fn ack_all(link: &Link, batch: &[Message]) -> anyhow::Result<()> {

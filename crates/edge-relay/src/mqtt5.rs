@@ -15,7 +15,15 @@
 //! acknowledgements go through rumqttc's request channel, which it empties of them when
 //! a connection drops (the broker sends those messages again on the next one);
 //! [`Link::ack`] also drops any of an earlier connection, whose packet ids may name
-//! other messages on the new one.
+//! other messages on the new one, and [`Link::comes_again`] says which of them the
+//! broker sends again (all, unless it lost the session meanwhile).
+//!
+//! What waits for the relay is bounded: QoS 0 by count and bytes (past them new ones are
+//! dropped and counted), QoS 1 and 2 by the receive maximum and by [`RELIABLE_BYTES`]:
+//! past those bytes the driver stops reading until the relay has taken half of them. The
+//! broker keeps the rest meanwhile (they are not acknowledged). Should the pause outlast
+//! the keep-alive (the disk budget full for long), the broker closes the connection and
+//! sends them again on the next one.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -26,7 +34,7 @@ use iot_core::config::BrokerSettings;
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Filter, Packet, Publish, RetainForwardRule};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 /// Most QoS 0 messages waiting for the relay, and most bytes of them ([`QOS0_BYTES`]);
 /// past either, new ones are dropped and counted, as a broker drops QoS 0 for a slow
@@ -39,6 +47,9 @@ pub const QOS0_BYTES: usize = 64 << 20;
 /// Unacknowledged QoS 1/2 messages the broker may send the relay at once: the largest
 /// batch one disk sync covers.
 pub const RECEIVE_MAXIMUM: u16 = 1000;
+/// Most bytes of QoS 1/2 payloads waiting for the relay before the driver stops reading
+/// (the receive maximum alone would let 1 000 messages of 2 MiB, 2 GiB, wait).
+pub const RELIABLE_BYTES: usize = 64 << 20;
 
 /// What the relay hears from a link.
 #[derive(Debug)]
@@ -59,9 +70,11 @@ pub struct Message {
 pub struct Link {
     pub client: AsyncClient,
     heard: mpsc::UnboundedReceiver<Heard>,
-    /// Number of the current connection, counted from 1.
-    connection: Arc<AtomicU64>,
+    /// Number of the current connection, counted from 1, and of the last one that
+    /// found no session (the broker had nothing to send again).
+    connection: Arc<Connections>,
     qos0: Arc<Waiting>,
+    reliable: Arc<Held>,
     driver: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     name: &'static str,
 }
@@ -97,14 +110,16 @@ impl Link {
         options.set_network_options(network);
         let (client, eventloop) = AsyncClient::new(options, usize::from(u16::MAX));
         let (heard_tx, heard) = mpsc::unbounded_channel();
-        let connection = Arc::new(AtomicU64::new(0));
+        let connection = Arc::new(Connections::default());
         let qos0 = Arc::new(Waiting::default());
+        let reliable = Arc::new(Held::default());
         metrics::gauge!("iot_relay_connected", "link" => name).set(0.0);
         let driver = Driver {
             eventloop,
             heard: heard_tx,
             connection: Arc::clone(&connection),
             qos0: Arc::clone(&qos0),
+            reliable: Arc::clone(&reliable),
             broker: broker.clone(),
             name,
             check,
@@ -115,6 +130,7 @@ impl Link {
             heard,
             connection,
             qos0,
+            reliable,
             driver: Some(tokio::spawn(driver.run())),
             name,
         }
@@ -125,8 +141,11 @@ impl Link {
         match self.heard.recv().await {
             Some(heard) => {
                 if let Heard::Message(message) = &heard {
+                    let len = message.publish.payload.len();
                     if message.publish.qos == QoS::AtMostOnce {
-                        self.qos0.release(message.publish.payload.len());
+                        self.qos0.release(len);
+                    } else {
+                        self.reliable.release(len);
                     }
                 }
                 Ok(heard)
@@ -139,7 +158,7 @@ impl Link {
     /// sends it again on this one, and that copy is acknowledged).
     pub async fn ack(&self, message: &Message) -> anyhow::Result<()> {
         if message.publish.qos == QoS::AtMostOnce
-            || message.connection != self.connection.load(Ordering::Acquire)
+            || message.connection != self.connection.current.load(Ordering::Acquire)
         {
             return Ok(());
         }
@@ -147,6 +166,14 @@ impl Link {
             .ack(&message.publish)
             .await
             .map_err(|_| anyhow!("the {} connection is closed", self.name))
+    }
+
+    /// Whether the broker sends `message` again, so that this copy is not to be handled:
+    /// a QoS 1/2 message of an earlier connection, when no connection since found its
+    /// session gone. (One that did, the broker lost what it had not delivered: the copy
+    /// the relay holds is then the only one.)
+    pub fn comes_again(&self, message: &Message) -> bool {
+        message.publish.qos != QoS::AtMostOnce && self.connection.sends_again(message.connection)
     }
 
     /// Disconnects and waits (briefly) for the driver to end.
@@ -172,6 +199,60 @@ impl Link {
 impl Message {
     pub fn topic(&self) -> Result<&str, std::str::Utf8Error> {
         std::str::from_utf8(&self.publish.topic)
+    }
+}
+
+/// The connections of a link, counted by the driver.
+#[derive(Debug, Default)]
+struct Connections {
+    /// The current one, counted from 1.
+    current: AtomicU64,
+    /// The last one whose broker had no session for the relay.
+    lost: AtomicU64,
+}
+
+impl Connections {
+    /// A connection began; `session_present` as its CONNACK said.
+    fn connected(&self, session_present: bool) -> u64 {
+        let number = self.current.load(Ordering::Acquire) + 1;
+        if !session_present {
+            self.lost.store(number, Ordering::Release);
+        }
+        self.current.store(number, Ordering::Release);
+        number
+    }
+
+    /// Whether the broker sends again what it did not have acknowledged on connection
+    /// `number`: one came since, and none since found the session gone.
+    fn sends_again(&self, number: u64) -> bool {
+        let current = self.current.load(Ordering::Acquire);
+        number < current && self.lost.load(Ordering::Acquire) <= number
+    }
+}
+
+/// QoS 1/2 payload bytes handed to the relay and not taken from the link yet; the driver
+/// waits for [`Held::room`] once they pass [`RELIABLE_BYTES`].
+#[derive(Debug, Default)]
+struct Held {
+    bytes: AtomicUsize,
+    room: Notify,
+}
+
+impl Held {
+    /// Counts `len` bytes in; whether the driver is to stop reading now.
+    fn take(&self, len: usize) -> bool {
+        self.bytes.fetch_add(len, Ordering::AcqRel) + len > RELIABLE_BYTES
+    }
+
+    fn release(&self, len: usize) {
+        let before = self.bytes.fetch_sub(len, Ordering::AcqRel);
+        if before > RELIABLE_BYTES / 2 && before - len <= RELIABLE_BYTES / 2 {
+            self.room.notify_one();
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.bytes.load(Ordering::Acquire) <= RELIABLE_BYTES / 2
     }
 }
 
@@ -206,8 +287,9 @@ impl Waiting {
 struct Driver {
     eventloop: EventLoop,
     heard: mpsc::UnboundedSender<Heard>,
-    connection: Arc<AtomicU64>,
+    connection: Arc<Connections>,
     qos0: Arc<Waiting>,
+    reliable: Arc<Held>,
     broker: BrokerSettings,
     name: &'static str,
     check: Option<&'static str>,
@@ -218,11 +300,11 @@ struct Driver {
 impl Driver {
     async fn run(mut self) -> anyhow::Result<()> {
         let address = self.broker.address();
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::starting();
         loop {
             let heard = match self.eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    let number = self.connection.fetch_add(1, Ordering::AcqRel) + 1;
+                    let number = self.connection.connected(ack.session_present);
                     let verb = if number == 1 {
                         "connected"
                     } else {
@@ -237,14 +319,23 @@ impl Driver {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    if publish.qos == QoS::AtMostOnce && !self.qos0.take(publish.payload.len()) {
+                    let len = publish.payload.len();
+                    if publish.qos == QoS::AtMostOnce && !self.qos0.take(len) {
                         self.drop_qos0();
                         continue;
                     }
-                    Heard::Message(Box::new(Message {
+                    let full = publish.qos != QoS::AtMostOnce && self.reliable.take(len);
+                    let message = Message {
                         publish,
-                        connection: self.connection.load(Ordering::Acquire),
-                    }))
+                        connection: self.connection.current.load(Ordering::Acquire),
+                    };
+                    if self.heard.send(Heard::Message(Box::new(message))).is_err() {
+                        return Ok(());
+                    }
+                    if full && !wait_for_room(&self.reliable, &self.heard, self.name).await {
+                        return Ok(());
+                    }
+                    continue;
                 }
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return Ok(()),
                 Ok(_) => continue,
@@ -292,6 +383,27 @@ impl Driver {
     }
 }
 
+/// Keeps the driver from reading until the relay took half of the QoS 1/2 bytes waiting
+/// for it; `false` when the relay is gone.
+async fn wait_for_room(
+    reliable: &Held,
+    heard: &mpsc::UnboundedSender<Heard>,
+    name: &'static str,
+) -> bool {
+    tracing::debug!(
+        link = name,
+        "{RELIABLE_BYTES} bytes of QoS 1/2 messages wait for the relay: reading no more until it takes half"
+    );
+    metrics::counter!("iot_relay_reading_paused_total", "link" => name).increment(1);
+    while !reliable.has_room() {
+        tokio::select! {
+            () = reliable.room.notified() => {}
+            () = heard.closed() => return false,
+        }
+    }
+    true
+}
+
 fn is_final(code: ConnectReturnCode) -> bool {
     matches!(
         code,
@@ -306,7 +418,36 @@ fn is_final(code: ConnectReturnCode) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{Waiting, QOS0_BACKLOG, QOS0_BYTES};
+    use super::{Connections, Held, Waiting, QOS0_BACKLOG, QOS0_BYTES, RELIABLE_BYTES};
+
+    #[test]
+    fn what_an_earlier_connection_left_unacknowledged_comes_again_unless_the_session_went() {
+        let connections = Connections::default();
+        connections.connected(false);
+        assert!(!connections.sends_again(1), "still the current connection");
+        connections.connected(true);
+        assert!(connections.sends_again(1), "the session was kept");
+        connections.connected(false);
+        assert!(
+            !connections.sends_again(1) && !connections.sends_again(2),
+            "the broker lost the session: the relay's copies are the only ones"
+        );
+        connections.connected(true);
+        assert!(connections.sends_again(3), "kept since the loss");
+        assert!(!connections.sends_again(2), "lost after it");
+    }
+
+    #[test]
+    fn reading_stops_past_the_reliable_bytes_until_half_are_taken() {
+        let held = Held::default();
+        assert!(!held.take(RELIABLE_BYTES), "up to the bound");
+        assert!(held.take(1), "past it");
+        assert!(!held.has_room());
+        held.release(RELIABLE_BYTES / 2);
+        assert!(!held.has_room(), "just over half");
+        held.release(1);
+        assert!(held.has_room(), "half taken");
+    }
 
     #[test]
     fn qos0_waits_up_to_its_count_and_its_bytes() {
