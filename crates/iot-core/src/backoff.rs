@@ -20,7 +20,12 @@ pub struct Backoff {
     delays: ExponentialBackoff,
     cap: Duration,
     attempt: u32,
+    /// The short delays of [`Backoff::starting`] and how many attempts are left to them.
+    eager: Option<(ExponentialBackoff, u32)>,
 }
+
+/// Attempts of [`Backoff::starting`] with its short delays: about a minute.
+const EAGER_ATTEMPTS: u32 = 40;
 
 impl Backoff {
     pub fn new(initial: Duration, cap: Duration) -> Self {
@@ -34,12 +39,40 @@ impl Backoff {
             builder,
             cap,
             attempt: 0,
+            eager: None,
+        }
+    }
+
+    /// For a connection never made yet: 1–2 s between attempts for about a minute, then
+    /// the [`Backoff::default`] delays, which [`Backoff::reset`] also goes back to. A
+    /// service started together with its broker (the native stack, compose) reaches it
+    /// within 2 s of its listening, instead of after a delay grown to 30 s while it
+    /// started; a broker lost later is waited for with the full backoff.
+    pub fn starting() -> Self {
+        let second = Duration::from_secs(1);
+        let eager = ExponentialBuilder::default()
+            .with_min_delay(second)
+            .with_max_delay(second)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        Self {
+            eager: Some((eager, EAGER_ATTEMPTS)),
+            ..Self::default()
         }
     }
 
     /// The delay to wait before the next attempt.
     pub fn next_delay(&mut self) -> Duration {
         self.attempt += 1;
+        if let Some((delays, left)) = &mut self.eager {
+            *left -= 1;
+            let delay = delays.next().unwrap_or(self.cap);
+            if *left == 0 {
+                self.eager = None;
+            }
+            return delay;
+        }
         // Without a limit on attempts, the sequence never ends.
         self.delays.next().unwrap_or(self.cap)
     }
@@ -53,6 +86,7 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.delays = self.builder.build();
         self.attempt = 0;
+        self.eager = None;
     }
 }
 
@@ -138,6 +172,32 @@ mod tests {
         backoff.reset();
         assert_eq!(backoff.attempt(), 0);
         assert!(backoff.next_delay() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_connection_never_made_is_tried_every_one_to_two_seconds_for_a_minute() {
+        let mut backoff = Backoff::starting();
+        let eager: Vec<Duration> = (0..EAGER_ATTEMPTS).map(|_| backoff.next_delay()).collect();
+        assert!(
+            eager
+                .iter()
+                .all(|delay| *delay >= Duration::from_secs(1) && *delay < Duration::from_secs(2)),
+            "{eager:?}"
+        );
+        let total: Duration = eager.iter().sum();
+        assert!(total >= Duration::from_secs(40) && total < Duration::from_secs(80));
+        assert!(
+            backoff.next_delay() < Duration::from_millis(500),
+            "then the default's"
+        );
+        backoff.reset();
+        for _ in 0..6 {
+            backoff.next_delay();
+        }
+        assert!(
+            backoff.next_delay() >= Duration::from_secs(15),
+            "after a connection, a lost broker gets the full backoff"
+        );
     }
 
     #[test]

@@ -190,7 +190,7 @@ impl Connection {
             batch: Vec::with_capacity(ACK_BATCH),
             address: broker.address(),
             broker: broker.clone(),
-            backoff: Backoff::default(),
+            backoff: Backoff::starting(),
             check,
             connection: 0,
             unconfirmed: Vec::new(),
