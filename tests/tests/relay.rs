@@ -378,12 +378,9 @@ async fn three_sites_into_one_cloud_each_stored_once() {
                 .await,
         );
     }
+    // Each relay's two cloud sessions log in with the site's own accounts.
     for user in ["edge-relay-plant-2", "edge-relay-plant-3-replay"] {
-        let log = brokers.cloud.log();
-        assert!(
-            log.contains(&format!("u'{user}'")),
-            "{user} not logged in:\n{log}"
-        );
+        brokers.cloud.wait_for_log(&format!("u'{user}'")).await;
     }
     let counts: [(&str, i64); 3] = [("plant-1", 3000), ("plant-2", 10_000), ("plant-3", 3000)];
     let mut sensors: Vec<Service> = sites
@@ -599,7 +596,10 @@ async fn large_qos1_messages_past_a_full_budget_wait_in_the_broker_not_in_the_re
     const SIZE: usize = 1 << 20;
     let mut brokers = spawn_relay_brokers().await;
     let log_dir = brokers.dir().join("relay-log");
-    let (mut relay, port) = relay_with_metrics(&brokers, &log_dir, &["--max-disk", "128M"]).await;
+    // A short keep-alive, so that the pause outlasts it: the edge broker closes the
+    // connection, and sends again on the next what the relay had not acknowledged.
+    let args = ["--max-disk", "128M", "--local-keep-alive", "5"];
+    let (mut relay, port) = relay_with_metrics(&brokers, &log_dir, &args).await;
     brokers.cloud.stop().await;
 
     let mut device = TestClient::connect(brokers.local.port, "temperature-sensor").await;
@@ -630,6 +630,11 @@ async fn large_qos1_messages_past_a_full_budget_wait_in_the_broker_not_in_the_re
         COUNT - logged as usize
     );
 
+    brokers
+        .local
+        .wait_for_log("edge-relay-edge has exceeded timeout")
+        .await;
+
     assert!(brokers.cloud.start().await, "{}", brokers.cloud.log());
     tests::wait_for_within(
         CATCH_UP,
@@ -644,5 +649,11 @@ async fn large_qos1_messages_past_a_full_budget_wait_in_the_broker_not_in_the_re
     .await;
     let logged = metric(port, "iot_relay_logged_total").await;
     assert_eq!(logged, Some(COUNT as f64), "each message in the log once");
+    assert!(
+        relay
+            .stderr()
+            .contains("acknowledging copies the edge broker sent again"),
+        "no acknowledgement was lost with a connection: the test saw no copies"
+    );
     relay.stop_cleanly().await;
 }

@@ -3,7 +3,7 @@
 //!
 //! Group commit without a timer: while one batch is being synced, the next gathers what
 //! arrives, and is written as soon as the first is done. A quiet edge costs one sync per
-//! message; a busy one up to [`RECEIVE_MAXIMUM`](crate::mqtt5::RECEIVE_MAXIMUM) messages
+//! message; a busy one up to [`RECEIVE_MAXIMUM`] messages
 //! per sync (the broker sends no more unacknowledged ones at once).
 //!
 //! Back-pressure: a batch is written only as far as the disk budget has room for it
@@ -12,7 +12,14 @@
 //! measurements). While there is no room (the budget is full of messages not forwarded
 //! yet), nothing is written and nothing acknowledged; the broker holds what comes (in the
 //! relay's session) and the devices their own buffers. Nothing is dropped.
+//!
+//! Each message into the log once, across reconnects: copies of an earlier connection
+//! that the broker sends again are dropped before they are written, and a copy of one
+//! written whose acknowledgement was lost with the connection is known by `Recent`
+//! and acknowledged without being written again.
 
+use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -22,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::log::{now_ms, Entry, Log};
-use crate::mqtt5::{filter, Heard, Link, Message};
+use crate::mqtt5::{filter, Heard, Link, Message, RECEIVE_MAXIMUM};
 
 /// Most messages held while a batch is written (or while the disk is full).
 const MAX_PENDING: usize = 10_000;
@@ -72,8 +79,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut pending: Vec<Message> = Vec::new();
-    let mut writing: Option<JoinHandle<anyhow::Result<Vec<Message>>>> = None;
+    let mut writing: Option<JoinHandle<anyhow::Result<Written>>> = None;
     let mut budget = Budget::new(room);
+    let mut recent = Recent::default();
     // Payload bytes of `pending`.
     let mut held = 0;
     let result = loop {
@@ -81,7 +89,8 @@ pub async fn run(
             held -= drop_resent(&link, &mut pending);
             if let Some(batch) = budget.next_batch(&mut pending) {
                 held -= batch.iter().map(|m| m.publish.payload.len()).sum::<usize>();
-                writing = Some(write(&log, batch));
+                let copies = batch.iter().map(|m| recent.has(&link, m)).collect();
+                writing = Some(write(&log, batch, copies));
             }
         }
         tokio::select! {
@@ -95,19 +104,23 @@ pub async fn run(
                 writing = None;
                 // A batch the disk refused is not acknowledged: the broker sends it again
                 // to whoever takes the session next.
-                let batch = match written.context("the log's writer failed").and_then(|batch| batch) {
-                    Ok(batch) => batch,
+                let written = match written.context("the log's writer failed").and_then(|batch| batch) {
+                    Ok(written) => written,
                     Err(error) => break Err(error),
                 };
-                metrics::counter!("iot_relay_logged_total").increment(batch.len() as u64);
+                metrics::counter!("iot_relay_logged_total").increment(written.logged as u64);
                 forward.notify_one();
-                if let Err(error) = ack_all(&link, &batch).await {
+                recent.remember(written.remembered);
+                if let Err(error) = ack_all(&link, &written.batch).await {
                     break Err(error);
                 }
             }
             () = shutdown.cancelled(), if writing.is_none() => break Ok(()),
             heard = link.recv(), if pending.len() < MAX_PENDING && held < MAX_PENDING_BYTES => match heard {
-                Ok(Heard::Connected { .. }) => {
+                Ok(Heard::Connected { session_present }) => {
+                    if !session_present {
+                        recent.forget();
+                    }
                     let filters = topics.iter().map(|topic| filter(topic, QoS::AtLeastOnce));
                     if link.client.subscribe_many(filters).await.is_err() {
                         break Err(anyhow::anyhow!("the edge connection closed"));
@@ -220,13 +233,28 @@ async fn ack_all(link: &Link, batch: &[Message]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `batch` to the log in a blocking task; gives it back once it is on disk.
-fn write(log: &Log, batch: Vec<Message>) -> JoinHandle<anyhow::Result<Vec<Message>>> {
+/// A batch on disk: the messages to acknowledge, how many of them the log took (not
+/// counting copies it had), and what to remember of those.
+struct Written {
+    batch: Vec<Message>,
+    logged: usize,
+    remembered: Vec<Sent>,
+}
+
+/// Writes `batch` to the log in a blocking task, but for the messages `copies` marks
+/// (the log has them already); gives it back once it is on disk.
+fn write(log: &Log, batch: Vec<Message>, copies: Vec<bool>) -> JoinHandle<anyhow::Result<Written>> {
     let log = log.clone();
     tokio::task::spawn_blocking(move || {
         let received_ms = now_ms();
-        let entries: Vec<Entry> = batch
-            .iter()
+        let fresh = || {
+            batch
+                .iter()
+                .zip(&copies)
+                .filter(|(_, copy)| !**copy)
+                .map(|(m, _)| m)
+        };
+        let entries: Vec<Entry> = fresh()
             .map(|message| Entry {
                 topic: String::from_utf8_lossy(&message.publish.topic).into_owned(),
                 payload: message.publish.payload.clone(),
@@ -239,9 +267,90 @@ fn write(log: &Log, batch: Vec<Message>) -> JoinHandle<anyhow::Result<Vec<Messag
                 received_ms,
             })
             .collect();
-        log.append(&entries)?;
-        Ok(batch)
+        if !entries.is_empty() {
+            log.append(&entries)?;
+        }
+        // Copies too, as of this connection: their acknowledgement may be lost again.
+        let remembered = batch.iter().filter_map(Sent::of).collect();
+        let logged = entries.len();
+        if logged < batch.len() {
+            tracing::info!(
+                count = batch.len() - logged,
+                "acknowledging copies the edge broker sent again of messages the log has (their acknowledgement was lost with a connection)"
+            );
+        }
+        Ok(Written {
+            batch,
+            logged,
+            remembered,
+        })
     })
+}
+
+/// Messages written to the log that the broker may send again, for
+/// [`RECENT`] of them: the last ones written, whose acknowledgements may have been lost
+/// with a connection. (The broker has at most [`RECEIVE_MAXIMUM`] unacknowledged at once,
+/// and the relay acknowledges in order, so those lost are among the last written.)
+const RECENT: usize = 2 * RECEIVE_MAXIMUM as usize;
+
+/// What is remembered of a QoS 1/2 message written to the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Sent {
+    pkid: u16,
+    connection: u64,
+    fingerprint: u64,
+}
+
+impl Sent {
+    fn of(message: &Message) -> Option<Self> {
+        (message.publish.qos != QoS::AtMostOnce).then(|| Self {
+            pkid: message.publish.pkid,
+            connection: message.connection(),
+            fingerprint: fingerprint(message),
+        })
+    }
+}
+
+fn fingerprint(message: &Message) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    message.publish.topic.hash(&mut hasher);
+    message.publish.payload.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The last [`RECENT`] messages written, by which a copy the broker sends again (DUP set,
+/// the same packet id in the same session, the same topic and payload) is known for one
+/// the log has: it is acknowledged, not written twice.
+#[derive(Debug, Default)]
+struct Recent {
+    sent: VecDeque<Sent>,
+}
+
+impl Recent {
+    fn remember(&mut self, written: Vec<Sent>) {
+        self.sent.extend(written);
+        let excess = self.sent.len().saturating_sub(RECENT);
+        self.sent.drain(..excess);
+    }
+
+    /// The broker lost the session: its packet ids start again.
+    fn forget(&mut self) {
+        self.sent.clear();
+    }
+
+    fn has(&self, link: &Link, message: &Message) -> bool {
+        if !message.publish.dup
+            || message.publish.qos == QoS::AtMostOnce
+            || !link.session_kept_since(message.connection())
+        {
+            return false;
+        }
+        let pkid = message.publish.pkid;
+        let mut earlier = self.sent.iter().filter(|sent| sent.pkid == pkid);
+        earlier.any(|sent| {
+            link.session_kept_since(sent.connection) && sent.fingerprint == fingerprint(message)
+        })
+    }
 }
 
 #[cfg(test)]

@@ -176,6 +176,13 @@ impl Link {
         message.publish.qos != QoS::AtMostOnce && self.connection.sends_again(message.connection)
     }
 
+    /// Whether connection `number` (a [`Message::connection`]) is of the broker's current
+    /// session: no connection since found it gone. A packet id names one message only
+    /// within a session.
+    pub fn session_kept_since(&self, number: u64) -> bool {
+        self.connection.lost.load(Ordering::Acquire) <= number
+    }
+
     /// Disconnects and waits (briefly) for the driver to end.
     pub async fn close(mut self) {
         let _ = self.client.try_disconnect();
@@ -197,6 +204,11 @@ impl Link {
 }
 
 impl Message {
+    /// The connection it came on, counted from 1.
+    pub fn connection(&self) -> u64 {
+        self.connection
+    }
+
     pub fn topic(&self) -> Result<&str, std::str::Utf8Error> {
         std::str::from_utf8(&self.publish.topic)
     }
