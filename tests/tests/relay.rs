@@ -7,7 +7,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use bson::doc;
+use bson::{doc, Document};
+use futures_util::TryStreamExt;
 use rumqttc::QoS;
 use tests::stored::{assert_exactly_once, start_sensor, stored_seqs, wait_for_readings};
 use tests::{
@@ -156,11 +157,53 @@ async fn a_relay_killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
 /// The cloud machine loses power mid-stream (broker and persister SIGKILLed, the
 /// broker's save gone: no sessions, nothing it had accepted), and the device stops
 /// before the cloud is back: the relay refills the cloud from its log once the
-/// persister subscribed again, and every reading is stored once.
+/// persister subscribed again, and every keyed reading is stored once. Unkeyed
+/// readings (plain values) of a second device meanwhile: none lost; those the cloud had
+/// stored before the cut, inside the refill window, are stored a second time (what the
+/// persister cannot tell from new ones).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cloud_that_lost_its_state_is_refilled_from_the_relays_log() {
-    let relay = cloud_power_loss("refill", &["--refill-delay", "10s"]).await;
+    let relay = cloud_power_loss("refill", &["--refill-delay", "10s"], UNKEYED).await;
     assert!(relay.stderr().contains("sending again what was forwarded"));
+}
+
+/// Plain values of the refill test, 1 to this, on [`UNKEYED_TOPIC`].
+const UNKEYED: u32 = 3000;
+const UNKEYED_TOPIC: &str = "/sensor/plain-1/temperature";
+
+/// Publishes the plain values 1..=`count` at QoS 1 to the edge broker at `port`, about
+/// one a millisecond (so that a power cut falls among them).
+fn publish_unkeyed(port: u16, count: u32) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut device = TestClient::connect(port, "temperature-sensor").await;
+        for value in 1..=count {
+            let payload = value.to_string();
+            device
+                .publish(UNKEYED_TOPIC, QoS::AtLeastOnce, false, payload.as_bytes())
+                .await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+}
+
+/// The plain values stored for [`UNKEYED_TOPIC`]: how many of 1..=`count` at least
+/// once, and how many documents in all.
+async fn unkeyed_stored(db: &mongodb::Database, count: u32) -> (usize, usize) {
+    let documents: Vec<Document> = db
+        .collection::<Document>("readings")
+        .find(doc! { "topic": UNKEYED_TOPIC })
+        .await
+        .expect("find")
+        .try_collect()
+        .await
+        .expect("documents");
+    let values: std::collections::BTreeSet<i64> = documents
+        .iter()
+        .filter_map(|d| d.get_f64("value").ok())
+        .map(|value| value as i64)
+        .filter(|value| (1..=i64::from(count)).contains(value))
+        .collect();
+    (values.len(), documents.len())
 }
 
 /// The same with a refill window too short for the loss: the persister finds the gap
@@ -170,6 +213,7 @@ async fn a_stopped_devices_gap_is_repaired_from_the_relays_log() {
     let relay = cloud_power_loss(
         "repair",
         &["--refill-delay", "10s", "--refill-window", "1s"],
+        0,
     )
     .await;
     let answered: u64 = relay
@@ -192,10 +236,11 @@ async fn a_stopped_devices_gap_is_repaired_from_the_relays_log() {
     );
 }
 
-/// Streams 8000 readings of device `device`, cuts the cloud's power after 1000 are
-/// stored, lets the device stop, brings the cloud back and waits until every reading
-/// is stored exactly once; gives back the relay (stopped) for its log.
-async fn cloud_power_loss(device: &str, relay_args: &[&str]) -> tests::Service {
+/// Streams 8000 readings of device `device` (and `unkeyed` plain values), cuts the
+/// cloud's power after 1000 are stored, lets the device stop, brings the cloud back and
+/// waits until every reading is stored exactly once (every plain value at least once);
+/// gives back the relay (stopped) for its log.
+async fn cloud_power_loss(device: &str, relay_args: &[&str], unkeyed: u32) -> tests::Service {
     let (mut brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
     let log_dir = brokers.dir().join("relay-log");
     let mut relay = brokers.relay_ready(&log_dir, relay_args).await;
@@ -203,6 +248,7 @@ async fn cloud_power_loss(device: &str, relay_args: &[&str]) -> tests::Service {
     let db = mongo.database().await;
 
     let mut sensor = start_paced_sensor(&brokers, brokers.local.port, device, "8000");
+    let plain = publish_unkeyed(brokers.local.port, unkeyed);
     wait_for(
         "1000 readings stored",
         || tests::stored::count(&db, doc! { "device": device }),
@@ -212,8 +258,10 @@ async fn cloud_power_loss(device: &str, relay_args: &[&str]) -> tests::Service {
     assert!(sensor.is_running(), "the stream ended before the power cut");
     brokers.cloud.kill_losing_state().await;
     persister.kill().await;
+    let (_, unkeyed_before) = unkeyed_stored(&db, unkeyed).await;
     // The device finishes and stops: it cannot be asked for anything any more.
     sensor.expect_success().await;
+    plain.await.expect("the plain values published");
 
     assert!(brokers.cloud.start().await, "{}", brokers.cloud.log());
     let mut persister = brokers.persister_ready(&mongo, &[]).await;
@@ -228,6 +276,23 @@ async fn cloud_power_loss(device: &str, relay_args: &[&str]) -> tests::Service {
     )
     .await;
     assert_exactly_once(&stored_seqs(&db, device).await, 8000);
+    if unkeyed > 0 {
+        let (distinct, stored) = tests::wait_for_within(
+            CATCH_UP,
+            "every plain value stored",
+            || unkeyed_stored(&db, unkeyed),
+            |(distinct, _)| *distinct == unkeyed as usize,
+        )
+        .await;
+        let twice = stored - distinct;
+        eprintln!(
+            "unkeyed: {unkeyed} published, {unkeyed_before} stored before the cut, {twice} stored twice"
+        );
+        assert!(
+            twice <= unkeyed_before,
+            "{twice} stored twice, of {unkeyed_before} stored before the power cut"
+        );
+    }
     relay.stop_cleanly().await;
     persister.stop_cleanly().await;
     relay

@@ -92,7 +92,9 @@ impl Forwarder {
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut ticks = tokio::time::interval(Duration::from_secs(1));
         loop {
-            if self.paused_until.is_none() {
+            // Not while the connection is down: what is published meanwhile would go out
+            // first on the next connection, before a refill delay.
+            if self.paused_until.is_none() && self.connection.is_connected() {
                 self.fill().await?;
             }
             tokio::select! {
@@ -195,26 +197,53 @@ impl Forwarder {
                 }
                 self.settle()?;
             }
-            Event::Connected { session_present } => {
-                // Forwarded before (in this run or an earlier one), and the cloud has no
-                // session of ours: it lost its state since it last saved.
-                if !session_present && self.log.forwarded() > self.log.first() {
-                    let from = self.refill_from()?;
-                    let count = self.cursor.saturating_sub(from);
-                    tracing::warn!(
-                        from,
-                        count,
-                        window = ?self.refill_window,
-                        delay = ?self.refill_delay,
-                        "the cloud broker came back without this relay's session (it lost its state): after the refill delay (for its subscribers to subscribe again), sending again what was forwarded within the refill window"
-                    );
-                    self.paused_until = Some(Instant::now() + self.refill_delay);
-                    metrics::counter!("iot_relay_refills_total").increment(1);
-                    metrics::counter!("iot_relay_refilled_total").increment(count);
-                    self.cursor = self.cursor.min(from);
-                }
-            }
+            Event::Connected {
+                session_present: false,
+                forgotten,
+            } => self.lost_session(forgotten)?,
+            Event::Connected { .. } => {}
             Event::Subscribed(_) | Event::Message { .. } | Event::Unsubscribed => {}
+        }
+        Ok(())
+    }
+
+    /// The cloud broker came back without the relay's session: the `forgotten` publishes
+    /// it had not acknowledged (the connection does not send them again, see
+    /// [`iot_core::mqtt::Unconfirmed::Forget`]) are sent again from the log, after the refill delay when
+    /// the broker may have lost what it had accepted (anything forwarded before, in this
+    /// run or an earlier one), from the start of the refill window.
+    fn lost_session(&mut self, forgotten: u64) -> anyhow::Result<()> {
+        let mut again = self.cursor;
+        let mut left = forgotten;
+        while left > 0 {
+            match self.sent.pop_front() {
+                Some(Sent::Message(number)) => {
+                    again = again.min(number);
+                    left -= 1;
+                }
+                // Not a publish: read and passed over again.
+                Some(Sent::Skipped(number)) => again = again.min(number),
+                // A replay request asked again (the persister repeats it).
+                Some(Sent::Replay) => left -= 1,
+                None => break,
+            }
+        }
+        self.cursor = again;
+        self.settle()?;
+        if self.log.forwarded() > self.log.first() {
+            let from = self.refill_from()?;
+            let count = self.cursor.saturating_sub(from);
+            tracing::warn!(
+                from,
+                count,
+                window = ?self.refill_window,
+                delay = ?self.refill_delay,
+                "the cloud broker came back without this relay's session (it lost its state): after the refill delay (for its subscribers to subscribe again), sending again what was forwarded within the refill window"
+            );
+            self.paused_until = Some(Instant::now() + self.refill_delay);
+            metrics::counter!("iot_relay_refills_total").increment(1);
+            metrics::counter!("iot_relay_refilled_total").increment(count);
+            self.cursor = self.cursor.min(from);
         }
         Ok(())
     }

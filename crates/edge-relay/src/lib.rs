@@ -24,7 +24,7 @@ pub mod mqtt5;
 use std::sync::Arc;
 
 use anyhow::Context;
-use iot_core::mqtt::Connection;
+use iot_core::mqtt::{Connection, Unconfirmed};
 use iot_core::ops::{self, Metric};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -83,7 +83,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
     let mut cloud_options = cloud_broker.mqtt_options(&config.cloud_client_id(), false)?;
     cloud_options.set_inflight(u16::try_from(forward::WINDOW).unwrap_or(u16::MAX));
-    let cloud = Connection::start_checked(&cloud_broker, cloud_options, None);
+    let cloud = Connection::start_checked(&cloud_broker, cloud_options, None, Unconfirmed::Forget);
     log_start(&config, &edge_broker, &cloud_broker);
 
     let wake = Arc::new(Notify::new());

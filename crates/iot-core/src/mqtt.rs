@@ -31,7 +31,7 @@
 //! events, packet writing through `MqttState`); the version is pinned exactly in the
 //! workspace's `Cargo.toml` and each of those behaviours has a test below.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,6 +66,8 @@ struct Backlog {
     reliable: AtomicUsize,
     /// Wakes a driver that stopped reading, once the service took enough.
     room: Notify,
+    /// Whether the driver is connected (set at the broker's CONNACK, cleared at a loss).
+    connected: AtomicBool,
 }
 
 impl Backlog {
@@ -84,8 +86,12 @@ impl Backlog {
 /// What the service hears from its connection.
 #[derive(Debug)]
 pub enum Event {
-    /// A connection (or reconnection) was accepted.
-    Connected { session_present: bool },
+    /// A connection (or reconnection) was accepted; `forgotten` of the service's publishes
+    /// the broker had not acknowledged are not sent again (see [`Unconfirmed::Forget`]).
+    Connected {
+        session_present: bool,
+        forgotten: u64,
+    },
     /// The broker answered a subscription; one code per topic filter.
     Subscribed(Vec<SubscribeReasonCode>),
     /// A message arrived; `ack` acknowledges it (with manual acknowledgements on).
@@ -94,6 +100,18 @@ pub enum Event {
     Acked,
     /// The broker answered an unsubscribe.
     Unsubscribed,
+}
+
+/// What becomes of the service's QoS 1/2 publishes the broker had not acknowledged when
+/// a connection dropped, once it comes back without the session (it lost its state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unconfirmed {
+    /// Sent again: they arrive at least once (a sensor's readings).
+    Resend,
+    /// Not sent again, and counted in [`Event::Connected`]: for a service that sends them
+    /// again itself when it is ready (`edge-relay`'s refill, once the broker's subscribers
+    /// are back), which would otherwise deliver them twice.
+    Forget,
 }
 
 /// How to acknowledge one received message: its packet id on the connection it came
@@ -154,16 +172,18 @@ impl Connection {
     /// Starts connecting to `broker` with `options` in the background; the readiness
     /// check [`BROKER_CHECK`] follows the connection.
     pub fn start(broker: &BrokerSettings, options: MqttOptions) -> Self {
-        Self::start_checked(broker, options, Some(BROKER_CHECK))
+        Self::start_checked(broker, options, Some(BROKER_CHECK), Unconfirmed::Resend)
     }
 
     /// As [`Connection::start`], with the readiness check of another name, or none for a
     /// connection the service is ready without (`edge-relay`'s to the cloud: a cloud
-    /// that is down is what it is there for).
+    /// that is down is what it is there for), and `unconfirmed` saying what becomes of
+    /// unacknowledged publishes when the broker lost the session.
     pub fn start_checked(
         broker: &BrokerSettings,
         options: MqttOptions,
         check: Option<&'static str>,
+        unconfirmed: Unconfirmed,
     ) -> Self {
         let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
         // rumqttc writes whole batches of packets at once, so Nagle's algorithm only adds
@@ -194,6 +214,7 @@ impl Connection {
             check,
             connection: 0,
             unconfirmed: Vec::new(),
+            without_session: unconfirmed,
             dropped_qos0: 0,
             stale_acks: 0,
         };
@@ -301,6 +322,10 @@ impl Connection {
                     Event::Message { .. } => {
                         metrics::counter!("iot_mqtt_received_total").increment(1);
                     }
+                    Event::Connected { forgotten, .. } => {
+                        self.unacked = self.unacked.saturating_sub(*forgotten);
+                        metrics::gauge!("iot_mqtt_unacknowledged").set(self.unacked as f64);
+                    }
                     _ => {}
                 }
                 self.backlog.taken(&event);
@@ -308,6 +333,14 @@ impl Connection {
             }
             None => Err(self.why_stopped().await),
         }
+    }
+
+    /// Whether the connection is up, as far as the driver knows (a broker gone without a
+    /// word is noticed at the keep-alive). What is published meanwhile waits in rumqttc's
+    /// queue and goes out first on the next connection, whether the session survived or
+    /// not.
+    pub fn is_connected(&self) -> bool {
+        self.backlog.connected.load(Ordering::Acquire)
     }
 
     /// How many QoS 1/2 publishes the broker acknowledged so far.
@@ -461,6 +494,8 @@ struct Driver {
     connection: u64,
     /// Our publishes the broker had not acknowledged when the connection dropped.
     unconfirmed: Vec<Request>,
+    /// What becomes of them when the broker comes back without the session.
+    without_session: Unconfirmed,
     /// QoS 0 messages dropped since the last warning, because the service lagged.
     dropped_qos0: u64,
     /// Acknowledgements of an earlier connection's messages, not written.
@@ -542,6 +577,7 @@ impl Driver {
                     crate::ops::health().set(check, Ok(()));
                 }
                 self.connection += 1;
+                self.backlog.connected.store(true, Ordering::Release);
                 self.backoff.reset();
                 if self.stale_acks > 0 {
                     tracing::debug!(
@@ -552,9 +588,16 @@ impl Driver {
                 }
                 // Sent again whatever the broker remembers: rumqttc would forget them
                 // when it comes back without our session (after a crash, say).
-                self.eventloop.pending.extend(self.unconfirmed.drain(..));
+                let mut forgotten = 0;
+                if ack.session_present || self.without_session == Unconfirmed::Resend {
+                    self.eventloop.pending.extend(self.unconfirmed.drain(..));
+                } else {
+                    forgotten = self.unconfirmed.len() as u64;
+                    self.unconfirmed.clear();
+                }
                 Event::Connected {
                     session_present: ack.session_present,
+                    forgotten,
                 }
             }
             rumqttc::Event::Incoming(Packet::Publish(publish)) => {
@@ -612,6 +655,7 @@ impl Driver {
             }
         }
         keep_unconfirmed(&mut self.eventloop, &mut self.unconfirmed);
+        self.backlog.connected.store(false, Ordering::Release);
         // Reconnecting needs the event loop; a service still behind pauses it again.
         self.paused = None;
         metrics::gauge!("iot_mqtt_connected").set(0.0);

@@ -179,7 +179,9 @@ impl Persister {
     /// One event from the broker.
     async fn on_event(&mut self, event: Event) -> anyhow::Result<()> {
         match event {
-            Event::Connected { session_present } => self.on_connected(session_present).await,
+            Event::Connected {
+                session_present, ..
+            } => self.on_connected(session_present).await,
             Event::Subscribed(codes) => {
                 if report_subscription(&self.filters, &codes) {
                     self.ready.mark()?;

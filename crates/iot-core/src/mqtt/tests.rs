@@ -102,7 +102,10 @@ async fn next_message(connection: &mut Connection) -> (String, Ack) {
 
 async fn wait_connected(connection: &mut Connection) -> bool {
     loop {
-        if let Event::Connected { session_present } = next_event(connection).await {
+        if let Event::Connected {
+            session_present, ..
+        } = next_event(connection).await
+        {
             return session_present;
         }
     }
