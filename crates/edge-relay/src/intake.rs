@@ -89,7 +89,8 @@ pub async fn run(
             held -= drop_resent(&link, &mut pending);
             if let Some(batch) = budget.next_batch(&mut pending) {
                 held -= batch.iter().map(|m| m.publish.payload.len()).sum::<usize>();
-                let copies = batch.iter().map(|m| recent.has(&link, m)).collect();
+                let kept = |connection| link.session_kept_since(connection);
+                let copies = batch.iter().map(|m| recent.has(kept, m)).collect();
                 writing = Some(write(&log, batch, copies));
             }
         }
@@ -338,24 +339,83 @@ impl Recent {
         self.sent.clear();
     }
 
-    fn has(&self, link: &Link, message: &Message) -> bool {
+    /// Whether `message` is a copy of one written; `kept` says whether a connection is
+    /// of the broker's current session ([`Link::session_kept_since`]).
+    fn has(&self, kept: impl Fn(u64) -> bool, message: &Message) -> bool {
         if !message.publish.dup
             || message.publish.qos == QoS::AtMostOnce
-            || !link.session_kept_since(message.connection())
+            || !kept(message.connection())
         {
             return false;
         }
         let pkid = message.publish.pkid;
         let mut earlier = self.sent.iter().filter(|sent| sent.pkid == pkid);
-        earlier.any(|sent| {
-            link.session_kept_since(sent.connection) && sent.fingerprint == fingerprint(message)
-        })
+        earlier.any(|sent| kept(sent.connection) && sent.fingerprint == fingerprint(message))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{fitting, MAX_BATCH_BYTES};
+    use rumqttc::v5::mqttbytes::v5::Publish;
+    use rumqttc::v5::mqttbytes::QoS;
+
+    use super::{fitting, Message, Recent, Sent, MAX_BATCH_BYTES, RECENT};
+
+    fn message(pkid: u16, payload: &str, dup: bool, connection: u64) -> Message {
+        let mut publish = Publish::new(
+            "/sensor/plain-1/temperature",
+            QoS::AtLeastOnce,
+            payload.to_owned(),
+            None,
+        );
+        publish.pkid = pkid;
+        publish.dup = dup;
+        Message::new(publish, connection)
+    }
+
+    #[test]
+    fn a_copy_of_a_message_written_is_known_by_packet_id_session_and_content() {
+        let mut recent = Recent::default();
+        recent.remember(vec![Sent::of(&message(7, "21.5", false, 1)).expect("QoS 1")]);
+        let kept = |_| true;
+        assert!(
+            recent.has(kept, &message(7, "21.5", true, 2)),
+            "the broker's copy"
+        );
+        assert!(
+            !recent.has(kept, &message(7, "21.5", false, 2)),
+            "a first delivery"
+        );
+        assert!(
+            !recent.has(kept, &message(8, "21.5", true, 2)),
+            "another packet id"
+        );
+        assert!(
+            !recent.has(kept, &message(7, "21.6", true, 2)),
+            "another payload"
+        );
+        // A session lost since (the broker's packet ids start again): no copy.
+        let lost_at_2 = |connection| connection >= 2;
+        assert!(!recent.has(lost_at_2, &message(7, "21.5", true, 2)));
+        recent.forget();
+        assert!(!recent.has(kept, &message(7, "21.5", true, 2)), "forgotten");
+    }
+
+    #[test]
+    fn only_the_last_messages_written_are_remembered() {
+        let mut recent = Recent::default();
+        let written = (0..=RECENT).map(|i| {
+            let pkid = u16::try_from(i % 60_000 + 1).expect("packet id");
+            Sent::of(&message(pkid, &i.to_string(), false, 1)).expect("QoS 1")
+        });
+        recent.remember(written.collect());
+        assert_eq!(recent.sent.len(), RECENT);
+        assert!(
+            !recent.has(|_| true, &message(1, "0", true, 2)),
+            "the oldest went"
+        );
+        assert!(recent.has(|_| true, &message(2, "1", true, 2)));
+    }
 
     #[test]
     fn a_batch_is_written_as_far_as_the_room_goes() {

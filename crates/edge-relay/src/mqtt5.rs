@@ -204,6 +204,14 @@ impl Link {
 }
 
 impl Message {
+    #[cfg(test)]
+    pub fn new(publish: Publish, connection: u64) -> Self {
+        Self {
+            publish,
+            connection,
+        }
+    }
+
     /// The connection it came on, counted from 1.
     pub fn connection(&self) -> u64 {
         self.connection
