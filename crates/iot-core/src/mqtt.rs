@@ -26,6 +26,9 @@
 //!   one request per turn, behind a batch of up to ten incoming packets, so a consumer
 //!   draining a long queue fell ever further behind. The driver writes all that wait in
 //!   one go instead, but only while connected: a connection attempt is never cancelled.
+//!   QoS 1 and 2 publishes likewise: as many as rumqttc's in-flight window has room
+//!   for, one flush for all (rumqttc wrote and flushed each on its own, a system call
+//!   per publish), their packet ids and retries still rumqttc's state's.
 //!
 //! The driver relies on rumqttc internals (its pending queue, its state's leftover
 //! events, packet writing through `MqttState`); the version is pinned exactly in the
@@ -52,6 +55,9 @@ use crate::config::BrokerSettings;
 const REQUEST_CAPACITY: usize = u16::MAX as usize;
 /// Most acknowledgements written in one go.
 const ACK_BATCH: usize = 4096;
+/// Most QoS 1/2 publishes written in one go (and no more than the in-flight window has
+/// room for).
+const PUBLISH_BATCH: usize = 1000;
 /// Most QoS 0 messages waiting for the service; more are dropped (see the header).
 pub const QOS0_BACKLOG: usize = 100_000;
 /// QoS 1 and 2 messages waiting for the service at which the driver stops reading (see
@@ -155,6 +161,8 @@ pub struct Connection {
     backlog: Arc<Backlog>,
     /// Acknowledgements (and barriers) for the driver to write, in order.
     outbound: mpsc::UnboundedSender<Outbound>,
+    /// QoS 1/2 publishes for the driver to write, in order.
+    publishes: mpsc::Sender<Publish>,
     /// The event loop task; taken once its outcome was collected.
     driver: Option<JoinHandle<anyhow::Result<()>>>,
     /// QoS 1/2 publishes sent through [`Connection::publish`] and not yet acknowledged.
@@ -193,6 +201,7 @@ impl Connection {
         eventloop.set_network_options(network);
         let (events_tx, events) = mpsc::unbounded_channel();
         let (outbound, outbound_rx) = mpsc::unbounded_channel();
+        let (publishes, publishes_rx) = mpsc::channel(REQUEST_CAPACITY);
         let backlog = Arc::new(Backlog::default());
         if let Some(check) = check {
             crate::ops::health().set(
@@ -208,6 +217,8 @@ impl Connection {
             paused: None,
             outbound: outbound_rx,
             batch: Vec::with_capacity(ACK_BATCH),
+            publishes: publishes_rx,
+            to_publish: Vec::with_capacity(PUBLISH_BATCH),
             address: broker.address(),
             broker: broker.clone(),
             backoff: Backoff::starting(),
@@ -223,6 +234,7 @@ impl Connection {
             events,
             backlog,
             outbound,
+            publishes,
             driver: Some(tokio::spawn(driver.run())),
             unacked: 0,
             acknowledged: 0,
@@ -274,8 +286,8 @@ impl Connection {
         Ok(())
     }
 
-    /// Queues a publish; waits only while rumqttc's request channel is full. QoS 1 and 2
-    /// publishes are counted until the broker acknowledges them. A packet the protocol
+    /// Queues a publish; waits only while its queue (the driver's for QoS 1 and 2,
+    /// rumqttc's request channel for QoS 0) is full. QoS 1 and 2 publishes are counted until the broker acknowledges them. A packet the protocol
     /// or the broker cannot take is refused at once as an [`Unencodable`] error of this
     /// publish alone (written, rumqttc would cut a long topic's length to 16 bits and
     /// the broker read a different packet, or drop the connection and be sent it again
@@ -291,12 +303,17 @@ impl Connection {
             metrics::counter!("iot_mqtt_publishes_refused_total").increment(1);
             return Err(refused.into());
         }
-        if self
-            .client
-            .publish(topic, qos, retain, payload)
-            .await
-            .is_err()
-        {
+        let queued = if qos == QoS::AtMostOnce {
+            self.client
+                .publish(topic, qos, retain, payload)
+                .await
+                .is_ok()
+        } else {
+            let mut publish = Publish::new(topic, qos, payload);
+            publish.retain = retain;
+            self.publishes.send(publish).await.is_ok()
+        };
+        if !queued {
             return Err(self.why_stopped().await);
         }
         metrics::counter!("iot_mqtt_published_total").increment(1);
@@ -485,6 +502,8 @@ struct Driver {
     paused: Option<Instant>,
     outbound: mpsc::UnboundedReceiver<Outbound>,
     batch: Vec<Outbound>,
+    publishes: mpsc::Receiver<Publish>,
+    to_publish: Vec<Publish>,
     address: String,
     broker: BrokerSettings,
     backoff: Backoff,
@@ -522,6 +541,7 @@ impl Driver {
                 self.eventloop.state.await_pingresp = false;
             }
             let ping_at = self.paused.unwrap_or_else(Instant::now);
+            let publish_room = self.publish_room();
             let polled = tokio::select! {
                 biased;
                 // Acknowledgements first, all that wait, but only on a live connection: one
@@ -535,6 +555,17 @@ impl Driver {
                         return Ok(()); // the service is gone
                     }
                     match self.write_outbound().await {
+                        Ok(()) => continue,
+                        Err(error) => Err(error),
+                    }
+                }
+                taken = self.publishes.recv_many(&mut self.to_publish, publish_room),
+                    if publish_room > 0 =>
+                {
+                    if taken == 0 {
+                        return Ok(()); // the service is gone
+                    }
+                    match self.write_publishes().await {
                         Ok(()) => continue,
                         Err(error) => Err(error),
                     }
@@ -702,6 +733,53 @@ impl Driver {
         let result = within(timeout, write).await;
         if result.is_err() {
             self.eventloop.clean();
+        }
+        result
+    }
+
+    /// How many QoS 1/2 publishes the driver may write now: as many as rumqttc's in-flight
+    /// window has room for, on a live connection, once what rumqttc sends again after a
+    /// reconnect (with their packet ids) is out, and while no packet id collided.
+    fn publish_room(&self) -> usize {
+        let eventloop = &self.eventloop;
+        if eventloop.network.is_none()
+            || !eventloop.pending.is_empty()
+            || eventloop.state.collision.is_some()
+        {
+            return 0;
+        }
+        let free = eventloop
+            .mqtt_options
+            .inflight()
+            .saturating_sub(eventloop.state.inflight());
+        usize::from(free).min(PUBLISH_BATCH)
+    }
+
+    /// Writes the waiting publishes in one go, with one flush; rumqttc's state gives them
+    /// their packet ids and keeps them until acknowledged, as for those it writes itself.
+    /// On failure the connection is dropped, and those not written yet wait in rumqttc's
+    /// pending queue with the ones it keeps.
+    async fn write_publishes(&mut self) -> Result<(), ConnectionError> {
+        let Some(network) = self.eventloop.network.as_mut() else {
+            return Ok(()); // not reached: only called while connected
+        };
+        let state = &mut self.eventloop.state;
+        let timeout = Duration::from_secs(self.eventloop.network_options.connection_timeout());
+        let mut publishes = std::mem::take(&mut self.to_publish).into_iter();
+        let write = async {
+            for publish in publishes.by_ref() {
+                if let Some(packet) = state.handle_outgoing_packet(Request::Publish(publish))? {
+                    network.write(packet).await?;
+                }
+            }
+            network.flush().await
+        };
+        let result = within(timeout, write).await;
+        if result.is_err() {
+            self.eventloop.clean();
+            self.eventloop
+                .pending
+                .extend(publishes.map(Request::Publish));
         }
         result
     }
