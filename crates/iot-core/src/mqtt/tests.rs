@@ -186,6 +186,109 @@ async fn a_publish_never_confirmed_is_sent_again_to_a_broker_that_forgot_the_ses
     assert!(all && acknowledged == 1);
 }
 
+/// Reads one PUBLISH: its packet id and payload.
+async fn read_publish(stream: &mut TcpStream, topic: &str) -> (u16, Vec<u8>) {
+    let (kind, body) = read_packet(stream).await;
+    assert_eq!(kind, 3, "PUBLISH");
+    let rest = &body[2 + topic.len()..];
+    (u16::from_be_bytes([rest[0], rest[1]]), rest[2..].to_vec())
+}
+
+async fn puback(stream: &mut TcpStream, pkid: u16) {
+    let [high, low] = pkid.to_be_bytes();
+    stream
+        .write_all(&[0x40, 0x02, high, low])
+        .await
+        .expect("PUBACK");
+}
+
+#[tokio::test]
+async fn publishes_go_out_in_order_as_far_as_the_in_flight_window_has_room() {
+    // The driver writes QoS 1 publishes itself: rumqttc's state still numbers them and
+    // holds the fourth of a window of three until the first is acknowledged.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let broker = settings(&listener);
+    let mut options = broker.mqtt_options("window-test", true).expect("options");
+    options.set_inflight(3);
+    let mut connection = Connection::start(&broker, options);
+    for n in 0..5 {
+        let payload = n.to_string().into_bytes();
+        connection
+            .publish("/sensor/t", QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("queued");
+    }
+    let mut stream = accept(&listener, false).await;
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(read_publish(&mut stream, "/sensor/t").await);
+    }
+    let first: Vec<(u16, &[u8])> = seen.iter().map(|(id, p)| (*id, p.as_slice())).collect();
+    assert_eq!(first, [(1, &b"0"[..]), (2, b"1"), (3, b"2")]);
+    // Each acknowledgement makes room for one more, under the packet id it freed.
+    puback(&mut stream, 1).await;
+    assert_eq!(
+        read_publish(&mut stream, "/sensor/t").await,
+        (1, b"3".to_vec())
+    );
+    puback(&mut stream, 2).await;
+    assert_eq!(
+        read_publish(&mut stream, "/sensor/t").await,
+        (2, b"4".to_vec())
+    );
+    for pkid in [3, 1, 2] {
+        puback(&mut stream, pkid).await;
+    }
+    assert!(connection
+        .wait_acknowledged(WAIT)
+        .await
+        .expect("connection"));
+    assert_eq!(connection.acknowledged(), 5);
+}
+
+#[tokio::test]
+async fn unconfirmed_publishes_are_forgotten_on_a_lost_session_when_the_service_says_so() {
+    // edge-relay's refill sends them again itself; the connection does not, and says
+    // how many it did not.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let broker = settings(&listener);
+    let options = broker.mqtt_options("forget-test", false).expect("options");
+    let mut connection = Connection::start_checked(&broker, options, None, Unconfirmed::Forget);
+    connection
+        .publish("/sensor/t", QoS::AtLeastOnce, false, b"first".to_vec())
+        .await
+        .expect("queued");
+    let stream = {
+        let mut stream = accept(&listener, false).await;
+        assert_eq!(read_publish(&mut stream, "/sensor/t").await.1, b"first");
+        stream
+    };
+    assert!(matches!(
+        next_event(&mut connection).await,
+        Event::Connected { forgotten: 0, .. }
+    ));
+    drop(stream);
+
+    let mut stream = accept(&listener, false).await;
+    assert!(matches!(
+        next_event(&mut connection).await,
+        Event::Connected {
+            session_present: false,
+            forgotten: 1
+        }
+    ));
+    assert!(connection
+        .wait_acknowledged(WAIT)
+        .await
+        .expect("connection"));
+    connection
+        .publish("/sensor/t", QoS::AtLeastOnce, false, b"second".to_vec())
+        .await
+        .expect("queued");
+    let (_, payload) = read_publish(&mut stream, "/sensor/t").await;
+    assert_eq!(payload, b"second", "the first not sent again");
+}
+
 #[tokio::test]
 async fn an_acknowledgement_is_written_only_on_the_connection_its_message_came_on() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
