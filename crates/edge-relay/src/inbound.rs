@@ -193,6 +193,7 @@ mod tests {
             qos: rumqttc::QoS::AtLeastOnce,
             retain: false,
             received_ms: 0,
+            edge_pkid: 0,
         }
     }
 

@@ -15,8 +15,9 @@
 //!
 //! Each message into the log once, across reconnects: copies of an earlier connection
 //! that the broker sends again are dropped before they are written, and a copy of one
-//! written whose acknowledgement was lost with the connection is known by `Recent`
-//! and acknowledged without being written again.
+//! written whose acknowledgement was lost with the connection (or with a relay killed
+//! meanwhile: the log keeps the edge broker's packet ids) is known by `Recent` and
+//! acknowledged without being written again.
 
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
@@ -81,7 +82,14 @@ pub async fn run(
     let mut pending: Vec<Message> = Vec::new();
     let mut writing: Option<JoinHandle<anyhow::Result<Written>>> = None;
     let mut budget = Budget::new(room);
-    let mut recent = Recent::default();
+    // What the log took last before a restart: copies the broker sends again of those
+    // whose acknowledgements it had not read are known too.
+    let mut recent = {
+        let log = log.clone();
+        tokio::task::spawn_blocking(move || Recent::from_log(&log))
+            .await
+            .context("reading the log's last messages failed")??
+    };
     // Payload bytes of `pending`.
     let mut held = 0;
     let result = loop {
@@ -266,6 +274,7 @@ fn write(log: &Log, batch: Vec<Message>, copies: Vec<bool>) -> JoinHandle<anyhow
                 },
                 retain: message.publish.retain,
                 received_ms,
+                edge_pkid: message.publish.pkid,
             })
             .collect();
         if !entries.is_empty() {
@@ -313,9 +322,13 @@ impl Sent {
 }
 
 fn fingerprint(message: &Message) -> u64 {
+    fingerprint_of(&message.publish.topic, &message.publish.payload)
+}
+
+fn fingerprint_of(topic: &[u8], payload: &[u8]) -> u64 {
     let mut hasher = std::hash::DefaultHasher::new();
-    message.publish.topic.hash(&mut hasher);
-    message.publish.payload.hash(&mut hasher);
+    topic.hash(&mut hasher);
+    payload.hash(&mut hasher);
     hasher.finish()
 }
 
@@ -328,6 +341,32 @@ struct Recent {
 }
 
 impl Recent {
+    /// The last [`RECENT`] messages of `log`, as of connection 0 (the relay's run before:
+    /// they count while its first connection finds the session kept). Read a few at a
+    /// time, as their payloads may be large.
+    fn from_log(log: &Log) -> anyhow::Result<Self> {
+        let mut recent = Self::default();
+        let mut from = log.next().saturating_sub(RECENT as u64).max(log.first());
+        loop {
+            let read = log.read_from(from, 16)?;
+            let Some(&(last, _)) = read.last() else {
+                return Ok(recent);
+            };
+            let sent = read
+                .iter()
+                .filter(|(_, entry)| entry.qos != rumqttc::QoS::AtMostOnce && entry.edge_pkid != 0);
+            recent.remember(
+                sent.map(|(_, entry)| Sent {
+                    pkid: entry.edge_pkid,
+                    connection: 0,
+                    fingerprint: fingerprint_of(entry.topic.as_bytes(), &entry.payload),
+                })
+                .collect(),
+            );
+            from = last + 1;
+        }
+    }
+
     fn remember(&mut self, written: Vec<Sent>) {
         self.sent.extend(written);
         let excess = self.sent.len().saturating_sub(RECENT);
@@ -399,6 +438,29 @@ mod tests {
         assert!(!recent.has(lost_at_2, &message(7, "21.5", true, 2)));
         recent.forget();
         assert!(!recent.has(kept, &message(7, "21.5", true, 2)), "forgotten");
+    }
+
+    #[test]
+    fn a_relay_started_again_knows_copies_of_what_its_log_took_last() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (log, _) = crate::log::Log::open(dir.path()).expect("open");
+        let written = message(9, "21.5", false, 1);
+        let entry = crate::log::Entry {
+            topic: "/sensor/plain-1/temperature".into(),
+            payload: written.publish.payload.clone(),
+            qos: rumqttc::QoS::AtLeastOnce,
+            retain: false,
+            received_ms: 0,
+            edge_pkid: 9,
+        };
+        log.append(&[entry]).expect("append");
+        let recent = Recent::from_log(&log).expect("read");
+        let session_kept = |_| true;
+        assert!(recent.has(session_kept, &message(9, "21.5", true, 1)));
+        assert!(!recent.has(session_kept, &message(9, "21.6", true, 1)));
+        // The first connection found the session gone: the broker's ids start again.
+        let lost_at_1 = |connection| connection >= 1;
+        assert!(!recent.has(lost_at_1, &message(9, "21.5", true, 1)));
     }
 
     #[test]

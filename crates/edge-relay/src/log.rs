@@ -30,8 +30,9 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use iot_core::bounds::{check_id, check_seq};
 use rumqttc::QoS;
 
-/// Version byte in front of every stored message.
-const FORMAT: u8 = 1;
+/// Version byte in front of every stored message: 2 since messages keep the edge
+/// broker's packet id; 1 (without it) is still read.
+const FORMAT: u8 = 2;
 /// Most disk the store's journals take (fjall's least setting): a message is written to
 /// a journal first, which is dropped once its memtable is flushed to the tables.
 pub const JOURNAL_RESERVE: u64 = 64 << 20;
@@ -46,16 +47,21 @@ pub struct Entry {
     pub retain: bool,
     /// When the relay took it from the edge broker, milliseconds since 1970.
     pub received_ms: i64,
+    /// The packet id the edge broker delivered it under (0 for QoS 0, and in messages of
+    /// format 1): by it a relay started again knows the broker's copies of what it had
+    /// written and could not acknowledge.
+    pub edge_pkid: u16,
 }
 
 impl Entry {
-    /// `FORMAT, flags (bit 0 retain, bits 1-2 QoS), received_ms (8 bytes), topic length
-    /// (2 bytes), topic, payload`.
+    /// `FORMAT, flags (bit 0 retain, bits 1-2 QoS), received_ms (8 bytes), edge packet id
+    /// (2 bytes), topic length (2 bytes), topic, payload`; format 1 had no packet id.
     pub fn encode(&self) -> Vec<u8> {
-        let mut value = Vec::with_capacity(12 + self.topic.len() + self.payload.len());
+        let mut value = Vec::with_capacity(14 + self.topic.len() + self.payload.len());
         value.push(FORMAT);
         value.push(u8::from(self.retain) | ((self.qos as u8) << 1));
         value.extend_from_slice(&self.received_ms.to_be_bytes());
+        value.extend_from_slice(&self.edge_pkid.to_be_bytes());
         // The topic came in an MQTT packet, whose topic length is 16 bits.
         let length = u16::try_from(self.topic.len()).unwrap_or(u16::MAX);
         value.extend_from_slice(&length.to_be_bytes());
@@ -68,9 +74,17 @@ impl Entry {
     pub fn decode(value: &[u8]) -> Option<Self> {
         let (&[format, flags], rest) = value.split_first_chunk::<2>()?;
         let (received, rest) = rest.split_first_chunk::<8>()?;
+        let (edge_pkid, rest) = match format {
+            1 => (0, rest),
+            FORMAT => {
+                let (pkid, rest) = rest.split_first_chunk::<2>()?;
+                (u16::from_be_bytes(*pkid), rest)
+            }
+            _ => return None,
+        };
         let (length, rest) = rest.split_first_chunk::<2>()?;
         let length = usize::from(u16::from_be_bytes(*length));
-        if format != FORMAT || rest.len() < length {
+        if rest.len() < length {
             return None;
         }
         let (topic, payload) = rest.split_at(length);
@@ -86,6 +100,7 @@ impl Entry {
             qos,
             retain: flags & 1 == 1,
             received_ms: i64::from_be_bytes(*received),
+            edge_pkid,
         })
     }
 

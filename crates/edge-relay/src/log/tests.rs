@@ -10,6 +10,7 @@ fn entry(topic: &str, payload: &str) -> Entry {
         qos: QoS::AtLeastOnce,
         retain: false,
         received_ms: 1_700_000_000_000,
+        edge_pkid: 7,
     }
 }
 
@@ -31,8 +32,15 @@ fn an_entry_reads_back_as_written() {
     assert_eq!(Entry::decode(b""), None);
     assert_eq!(Entry::decode(&[9, 0, 0]), None);
     let mut wrong = reading("t-1", 7).encode();
-    wrong[0] = 2;
+    wrong[0] = 3;
     assert_eq!(Entry::decode(&wrong), None);
+    // Format 1, as relays before the edge packet id wrote it: read, packet id 0.
+    let mut old = reading("t-1", 7);
+    let mut written = old.encode();
+    written[0] = 1;
+    written.drain(10..12);
+    old.edge_pkid = 0;
+    assert_eq!(Entry::decode(&written), Some(old));
 }
 
 #[test]
