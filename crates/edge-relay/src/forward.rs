@@ -201,17 +201,20 @@ impl Forwarder {
                 session_present: false,
                 forgotten,
             } => self.lost_session(forgotten)?,
-            Event::Connected { .. } => {}
-            Event::Subscribed(_) | Event::Message { .. } | Event::Unsubscribed => {}
+            Event::Connected { .. }
+            | Event::Subscribed(_)
+            | Event::Message { .. }
+            | Event::Unsubscribed => {}
         }
         Ok(())
     }
 
     /// The cloud broker came back without the relay's session: the `forgotten` publishes
-    /// it had not acknowledged (the connection does not send them again, see
-    /// [`iot_core::mqtt::Unconfirmed::Forget`]) are sent again from the log, after the refill delay when
-    /// the broker may have lost what it had accepted (anything forwarded before, in this
-    /// run or an earlier one), from the start of the refill window.
+    /// it had not acknowledged, or that were still queued (the connection does not send
+    /// them, see [`iot_core::mqtt::Unconfirmed::Forget`]), are sent again from the log;
+    /// when the broker may have lost what it had accepted (anything forwarded before, in
+    /// this run or an earlier one), after the refill delay and from the start of the
+    /// refill window.
     fn lost_session(&mut self, forgotten: u64) -> anyhow::Result<()> {
         let mut again = self.cursor;
         let mut left = forgotten;

@@ -387,9 +387,9 @@ impl Recent {
         {
             return false;
         }
-        let pkid = message.publish.pkid;
+        let (pkid, fingerprint) = (message.publish.pkid, fingerprint(message));
         let mut earlier = self.sent.iter().filter(|sent| sent.pkid == pkid);
-        earlier.any(|sent| kept(sent.connection) && sent.fingerprint == fingerprint(message))
+        earlier.any(|sent| kept(sent.connection) && sent.fingerprint == fingerprint)
     }
 }
 

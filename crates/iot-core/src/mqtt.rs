@@ -114,9 +114,10 @@ pub enum Event {
 pub enum Unconfirmed {
     /// Sent again: they arrive at least once (a sensor's readings).
     Resend,
-    /// Not sent again, and counted in [`Event::Connected`]: for a service that sends them
-    /// again itself when it is ready (`edge-relay`'s refill, once the broker's subscribers
-    /// are back), which would otherwise deliver them twice.
+    /// Not sent again, nor those queued since the connection dropped, and counted in
+    /// [`Event::Connected`]: for a service that sends them again itself when it is ready
+    /// (`edge-relay`'s refill, once the broker's subscribers are back), which would
+    /// otherwise deliver them twice.
     Forget,
 }
 
@@ -353,9 +354,9 @@ impl Connection {
     }
 
     /// Whether the connection is up, as far as the driver knows (a broker gone without a
-    /// word is noticed at the keep-alive). What is published meanwhile waits in rumqttc's
-    /// queue and goes out first on the next connection, whether the session survived or
-    /// not.
+    /// word is noticed at the keep-alive). What is published meanwhile waits in the
+    /// driver's queue (QoS 1/2) or rumqttc's (QoS 0) and goes out first on the next
+    /// connection, unless [`Unconfirmed::Forget`] drops it there.
     pub fn is_connected(&self) -> bool {
         self.backlog.connected.load(Ordering::Acquire)
     }
@@ -623,8 +624,13 @@ impl Driver {
                 if ack.session_present || self.without_session == Unconfirmed::Resend {
                     self.eventloop.pending.extend(self.unconfirmed.drain(..));
                 } else {
+                    // Those written and, after a lost connection, those still queued:
+                    // all the service published before this connection, in order.
                     forgotten = self.unconfirmed.len() as u64;
                     self.unconfirmed.clear();
+                    while self.connection > 1 && self.publishes.try_recv().is_ok() {
+                        forgotten += 1;
+                    }
                 }
                 Event::Connected {
                     session_present: ack.session_present,
@@ -765,7 +771,7 @@ impl Driver {
         };
         let state = &mut self.eventloop.state;
         let timeout = Duration::from_secs(self.eventloop.network_options.connection_timeout());
-        let mut publishes = std::mem::take(&mut self.to_publish).into_iter();
+        let mut publishes = self.to_publish.drain(..);
         let write = async {
             for publish in publishes.by_ref() {
                 if let Some(packet) = state.handle_outgoing_packet(Request::Publish(publish))? {

@@ -268,13 +268,19 @@ async fn unconfirmed_publishes_are_forgotten_on_a_lost_session_when_the_service_
         Event::Connected { forgotten: 0, .. }
     ));
     drop(stream);
+    // Published while the connection drops: written to the dead socket or still queued,
+    // it is forgotten too.
+    connection
+        .publish("/sensor/t", QoS::AtLeastOnce, false, b"meanwhile".to_vec())
+        .await
+        .expect("queued");
 
     let mut stream = accept(&listener, false).await;
     assert!(matches!(
         next_event(&mut connection).await,
         Event::Connected {
             session_present: false,
-            forgotten: 1
+            forgotten: 2
         }
     ));
     assert!(connection
