@@ -132,14 +132,27 @@ probe_once() { # file
   mosquitto_pub -h 127.0.0.1 -p "$local_port" -u temperature-sensor -P bench -q 1 \
     -t /sensor/probe/temperature -m 1 && echo $(( ($(date +%s%N) - start) / 1000000 )) >> "$1"
 }
+# The probe every 0.2 s into a file until stop_probe, which lets the publish under way
+# finish and be counted (a probe killed between its publish and its line left one
+# message in the relay's backlog that no line counted); with "rss", the relay's memory
+# too.
+start_probe() { # file [rss]
+  rm -f "$work/probe-stop"
+  ( while [ ! -e "$work/probe-stop" ]; do
+      probe_once "$1"
+      [ "${2:-}" != rss ] || rss "$relay_pid" >> "$work/relay-rss"
+      sleep 0.2
+    done ) &
+  probe=$!
+  pids+=("$probe")
+}
+stop_probe() { touch "$work/probe-stop"; wait "$probe" 2>/dev/null || true; }
 for _ in $(seq 25); do probe_once "$work/probe-idle"; sleep 0.2; done
-( while :; do probe_once "$work/probe-busy"; rss "$relay_pid" >> "$work/relay-rss"; sleep 0.2; done ) &
-probe=$!
-pids+=("$probe")
+start_probe "$work/probe-busy" rss
 say "a backlog of $BACKLOG readings with the cloud broker down"
 LOCAL_BROKER=127.0.0.1 LOCAL_PORT=$local_port LOCAL_USERNAME=temperature-sensor LOCAL_PASSWORD=bench RUST_LOG=warn \
   "$bin/temperature-sensor" --format json --qos 1 --interval 0 --no-retain --count "$BACKLOG" --device backlog
-kill "$probe"; wait "$probe" 2>/dev/null || true
+stop_probe
 probes=$(( $(lines "$work/probe-idle") + $(lines "$work/probe-busy") ))
 expected=$((BACKLOG + probes))
 for _ in $(seq 600); do
@@ -160,20 +173,16 @@ early_rss=$(awk '{ v[NR] = $1 } END { print v[int(NR / 5) + 1] }' "$work/relay-r
 # into the relay with the backlog on its disk, the probe beside it.
 live=$(calc "max(1, int(4000 * $SECONDS_PER_RUN))")
 say "1 000 readings/s live for $(calc "$live / 1000") s with the backlog on disk"
-( while :; do probe_once "$work/probe-live"; sleep 0.2; done ) &
-probe=$!
-pids+=("$probe")
+start_probe "$work/probe-live"
 LOCAL_BROKER=127.0.0.1 LOCAL_PORT=$local_port LOCAL_USERNAME=pressure-sensor LOCAL_PASSWORD=bench RUST_LOG=warn \
   "$bin/pressure-sensor" --rate 1000 --count "$live" --format json --qos 1 --no-retain
-kill "$probe"; wait "$probe" 2>/dev/null || true
+stop_probe
 expected=$((expected + live + $(lines "$work/probe-live")))
 
 say "the cloud broker back: draining $expected messages"
 mosquitto -c "$work/cloud/mosquitto.conf" 2>>"$work/cloud.log" & pids+=($!)
 forwarded0=$(metric iot_relay_forwarded_total)
-( while :; do probe_once "$work/probe-drain"; sleep 0.2; done ) &
-probe=$!
-pids+=("$probe")
+start_probe "$work/probe-drain"
 # From the first message forwarded (the relay's reconnect backoff is not the drain).
 for _ in $(seq 1200); do
   [ "$(metric iot_relay_forwarded_total)" != "$forwarded0" ] && break
@@ -186,7 +195,7 @@ for _ in $(seq 36000); do
 done
 [ "$(metric iot_relay_backlog)" = 0 ] || { say "the backlog did not drain within an hour"; exit 1; }
 drain_rate=$(calc "($(metric iot_relay_forwarded_total) - $drained0) / ($(date +%s.%N) - $drain_start)")
-kill "$probe"; wait "$probe" 2>/dev/null || true
+stop_probe
 # "p50 p99 max" of the probe times in a file.
 probe_stats() {
   [ -s "$1" ] || { echo "none taken (too short)"; return; }
