@@ -3,23 +3,37 @@
 #
 #   docker build -t iot-pipeline .
 #
-# Stages: cargo-chef caches the dependency build in its own layer (rebuilt only when
-# Cargo.toml or Cargo.lock change), then the workspace is built, then the binaries go
-# into a slim Debian image that runs as an unprivileged user.
+# Stages: the planner keeps only the workspace's manifests, every target an empty stub,
+# so that the dependencies are built in a layer of their own (rebuilt only when a
+# Cargo.toml or Cargo.lock changes); then the workspace is built; then the binaries go
+# into a slim Debian image that runs as an unprivileged user. (The classic builder
+# computes COPY's cache key from the files' contents, not their times.)
 
-FROM rust:1-bookworm AS chef
-RUN cargo install cargo-chef --locked
+FROM rust:1-bookworm AS planner
 WORKDIR /src
-
-FROM chef AS planner
 COPY . .
-RUN cargo chef prepare --recipe-path recipe.json
+RUN set -eu; \
+    mkdir /skeleton; \
+    cp Cargo.toml Cargo.lock /skeleton/; \
+    for manifest in crates/*/Cargo.toml tests/Cargo.toml; do \
+      dir=${manifest%/Cargo.toml}; \
+      mkdir -p "/skeleton/$dir"; \
+      cp "$manifest" "/skeleton/$dir/"; \
+      for target in "$dir"/src/lib.rs "$dir"/src/main.rs "$dir"/benches/*.rs; do \
+        [ -f "$target" ] || continue; \
+        mkdir -p "/skeleton/${target%/*}"; \
+        echo 'fn main() {}' > "/skeleton/$target"; \
+      done; \
+    done
 
-FROM chef AS build
-COPY --from=planner /src/recipe.json recipe.json
-RUN cargo chef cook --release --recipe-path recipe.json
-COPY . .
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY --from=planner /skeleton/ ./
 RUN cargo build --release --workspace --bins
+COPY . .
+# The sources are older than the stubs built above: newer, so cargo builds them.
+RUN find crates tests -name '*.rs' -exec touch {} + \
+    && cargo build --release --workspace --bins
 
 FROM debian:bookworm-slim AS runtime
 # ca-certificates for TLS to brokers and databases; openssl for mosquitto/certs.sh (the
@@ -42,10 +56,11 @@ COPY --from=build \
 COPY mosquitto/certs.sh /usr/local/bin/certs.sh
 COPY monitoring/mosquitto-exporter.sh /usr/local/bin/mosquitto-exporter
 COPY monitoring/mosquitto-exporter.yaml /usr/local/share/iot-pipeline/mosquitto-exporter.yaml
-# A fresh named volume mounted on /certs takes this folder's owner, so the certs
-# service can write there without root.
-RUN mkdir /certs && chown iot /certs
-# The same for edge-relay's log.
-RUN mkdir -p /var/lib/edge-relay && chown iot /var/lib/edge-relay
+# A fresh named volume takes the owner of the folder it is mounted on: the certs
+# service writes the certificates (/certs) and keeps the CA's key apart (/ca-private,
+# its own only), and edge-relay its log, without root.
+RUN mkdir -p /certs /ca-private /var/lib/edge-relay \
+    && chown iot /certs /ca-private /var/lib/edge-relay \
+    && chmod 700 /ca-private
 USER iot
 WORKDIR /home/iot
