@@ -1,6 +1,6 @@
 //! Self-healing end to end: readings lost on the way (the persister's session lost, as
 //! a cloud broker that lost its state loses it) are asked of the device again and
-//! stored once;
+//! stored once, and so are a boot's first readings that were never stored;
 //! what a device no longer has is recorded as lost, without endless requests; a request
 //! the device cannot read is ignored.
 
@@ -538,6 +538,60 @@ async fn an_earlier_boots_gap_is_filled_from_disk_after_the_sensor_restarts() {
         first.stderr()
     );
     stop_stream(second).await;
+    persister.stop_cleanly().await;
+}
+
+/// A boot's first readings reached the cloud while nothing carried them to the
+/// database (at a real site: they reached the edge broker before the forwarder
+/// subscribed): the first reading the persister stores is not seq 1, and seq 1 up to it
+/// is asked of the device like any other lasting hole, and stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boots_first_readings_never_stored_are_asked_for_from_seq_1() {
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    // The sensor starts before any persister: its first 100 readings cross the cloud
+    // broker with no session to keep them.
+    let mut watcher = TestClient::connect(brokers.cloud.port, "mqtt-subscriber").await;
+    watcher.subscribe("/sensor/#").await;
+    let sensor = stream(&brokers, "rep-8", "100", &[]);
+    for _ in 0..100 {
+        watcher.next_message().await;
+    }
+    drop(watcher);
+    let args = ["--repair-after", "2", "--client-id", "late"];
+    let mut persister = brokers.persister_ready(&mongo, &args).await;
+    wait_stored(&db, "rep-8", 1).await;
+    let first = stored_seqs(&db, "rep-8").await[0].1;
+    assert!(
+        first > 100,
+        "seq {first} stored: the first 100 were carried"
+    );
+
+    // 1 up to the first stored is asked for, and stored.
+    wait_for_within(
+        REPAIRED_WITHIN,
+        "seq 1 of rep-8 stored",
+        || count(&db, doc! { "device": "rep-8", "seq": 1 }),
+        |n| *n == 1,
+    )
+    .await;
+    wait_repaired(&mongo, "rep-8", first as u64 + 100).await;
+    let from_one = db
+        .collection::<Document>("repairs")
+        .count_documents(doc! { "device": "rep-8", "outcome": "asked", "from": 1 })
+        .await
+        .expect("count");
+    assert!(from_one >= 1, "no request from seq 1 recorded");
+    // readings gaps sees the boot whole from seq 1.
+    let output = run_readings(
+        mongo.uri(),
+        mongo.database_name(),
+        &["gaps", "--device", "rep-8", "--format", "json"],
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(rows[0]["first"], 1, "{rows}");
+    assert_eq!(rows[0]["missing"], 0, "{rows}");
+    assert_all_stored_once(&mongo, sensor, &persister, "rep-8").await;
     persister.stop_cleanly().await;
 }
 

@@ -1,7 +1,9 @@
 //! Repairs gaps in what devices sent (the replay protocol of `iot_core::replay`).
 //!
 //! Every `(device, boot)` whose readings carry a `seq` is followed as ranges of
-//! numbers seen. A hole that lasts `--repair-after` is checked against the database
+//! numbers seen. A boot counts from 1, so what is missing before the first reading
+//! heard is a hole too, unless readings before it were stored when this run began
+//! (an earlier run's, whose holes were its own to ask for). A hole that lasts `--repair-after` is checked against the database
 //! (another replica may have stored it), and what is missing there is asked of the
 //! device on `/replay/<device>/request`, again with backoff while it stays missing,
 //! a bounded number of requests per second. Asks are recorded in the `repairs`
@@ -110,9 +112,8 @@ struct Hole {
 struct Series {
     seen: Vec<(u64, u64)>,
     holes: BTreeMap<u64, Hole>,
-    /// Whether what lies below the first stored reading was set aside: readings before
-    /// it are not this run's to repair (an earlier run stored them, or a retention
-    /// removed them).
+    /// Whether the database was asked where the series stands below what this run
+    /// heard (see [`Series::floor`]): until then its holes are not asked for.
     floored: bool,
     /// When a reading of it last arrived.
     last_seen: Option<Instant>,
@@ -148,6 +149,20 @@ impl Series {
             // Nothing below the first reading: no need to look it up.
             self.floored = true;
         }
+    }
+    /// Sets aside what lies below the series' first stored reading, `first_stored`,
+    /// when that reading is older than what this run heard: those before it are not
+    /// this run's to repair (an earlier run, or another replica, stored them and asked
+    /// for what they missed; a retention may have removed some since). When this run
+    /// heard the first stored reading itself, nothing was stored before it: the boot
+    /// started at 1, so `1..first` is a hole like any other (the device's first
+    /// readings were published while nothing carried them).
+    fn floor(&mut self, first_stored: u64) {
+        let first_heard = self.seen.first().map(|&(from, _)| from);
+        if first_stored > 1 && first_heard.is_some_and(|heard| first_stored < heard) {
+            self.see(1, first_stored - 1);
+        }
+        self.floored = true;
     }
     /// The holes now: below the first range (from seq 1) and between ranges; a hole
     /// keeps its history while it stays, shrinks as readings arrive.
@@ -449,9 +464,10 @@ impl Repairer {
             .chain(devices.take_while(served))
     }
 
-    /// Sets aside, for new series that started above 1, what lies below their first
-    /// stored reading: up to [`FLOORS_PER_SECOND`] series, one per device in turn, in one
-    /// query. A series with nothing stored yet is looked up again next time.
+    /// Looks up, for new series that started above 1, their first stored reading, and
+    /// sets aside what lies below it when an earlier run stored it ([`Series::floor`]):
+    /// up to [`FLOORS_PER_SECOND`] series, one per device in turn, in one query. A
+    /// series with nothing stored yet is looked up again next time.
     async fn floor(&mut self) -> anyhow::Result<()> {
         let wanted: Vec<(String, String)> = self
             .in_turn()
@@ -474,10 +490,7 @@ impl Repairer {
                 .get_mut(&device)
                 .and_then(|known| known.boots.get_mut(&boot))
             {
-                if first > 1 {
-                    series.see(1, first - 1);
-                }
-                series.floored = true;
+                series.floor(first);
             }
         }
         Ok(())
@@ -972,6 +985,71 @@ mod tests {
             [(10, 12), (25, 30), (40, 42)]
         );
         assert!(intersect(&[(6, 9)], &[]).is_empty());
+    }
+
+    fn holes(series: &Series) -> Vec<(u64, u64)> {
+        series
+            .holes
+            .iter()
+            .map(|(from, hole)| (*from, hole.to))
+            .collect()
+    }
+
+    #[test]
+    fn what_is_below_the_first_reading_heard_is_a_hole_unless_stored_before() {
+        let now = Instant::now();
+        // The boot's first readings were published while nothing carried them: the
+        // first stored is the first this run heard, 1-4 are missing.
+        let mut series = Series::default();
+        series.see(5, 9);
+        series.floor(5);
+        series.update_holes(now);
+        assert!(series.floored);
+        assert_eq!(holes(&series), [(1, 4)]);
+        // The same when the reading heard is not written yet but a later one is
+        // (another replica's).
+        let mut series = Series::default();
+        series.see(5, 5);
+        series.floor(7);
+        series.update_holes(now);
+        assert_eq!(holes(&series), [(1, 4)]);
+        // A run that hears the boot from the middle: an earlier run stored it from 100
+        // (what came before was its to ask for, or a retention removed it); what lies
+        // between is checked against the database before it is asked for.
+        let mut series = Series::default();
+        series.see(500, 510);
+        series.floor(100);
+        series.update_holes(now);
+        assert_eq!(holes(&series), [(100, 499)]);
+        // Stored from 1 by an earlier run: nothing set aside, all checked.
+        let mut series = Series::default();
+        series.see(500, 510);
+        series.floor(1);
+        series.update_holes(now);
+        assert_eq!(holes(&series), [(1, 499)]);
+    }
+
+    #[tokio::test]
+    async fn a_hole_below_the_first_reading_is_due_like_any_other() {
+        let mut repairer = repairer();
+        for seq in 3..=20 {
+            repairer.see("late".into(), "b".into(), seq);
+        }
+        // Nothing is due before the database said where the series stands.
+        let now = Instant::now();
+        assert!(repairer.due(now + Duration::from_secs(60)).is_empty());
+        repairer
+            .devices
+            .get_mut("late")
+            .expect("followed")
+            .boots
+            .get_mut("b")
+            .expect("the boot")
+            .floor(3);
+        assert!(repairer.due(now).is_empty(), "not before --repair-after");
+        let due = repairer.due(now + repairer.after);
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].from, due[0].to), (1, 2));
     }
 
     #[test]
