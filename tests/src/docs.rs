@@ -41,6 +41,7 @@ pub fn configuration_reference() -> String {
          variable, exit code 2. `--help` shows the same, and `--version` the version.\n\n"
     ));
     let commands = binaries();
+    page.push_str(&without_variable(&commands));
     for command in &commands {
         let name = command.get_name();
         let _ = writeln!(page, "- [`{name}`](#{name})");
@@ -52,6 +53,101 @@ pub fn configuration_reference() -> String {
     page.truncate(page.trim_end().len());
     page.push('\n');
     page
+}
+
+/// Why a flag has no environment variable. A standing setting of a service has one; what
+/// one invocation asks or does has none, so that a variable left set in a shell or a
+/// `.env` cannot change every later run. A flag with neither makes the page panic.
+fn why_no_variable(command: &str, flag: &str) -> Option<&'static str> {
+    match (command, flag) {
+        ("readings range" | "readings stats" | "readings gaps", _) => Some(
+            "they say what one query asks (and `gaps --repair` asks the devices once): a \
+             variable left set would change the answer of every later query",
+        ),
+        ("mongo-persister", "retire") => Some(
+            "a one-off action on a replica removed for good; a variable would repeat it on \
+             every start",
+        ),
+        ("mongo-persister", "no-repair") => Some(
+            "a switch for tests and benchmarks, which give it where they start the \
+             persister; a service keeps self-healing on",
+        ),
+        ("temperature-sensor" | "pressure-sensor", "no-retain") => Some(
+            "the variable of `--retain` says the same (`TEMPERATURE_RETAIN=false`, \
+             `PRESSURE_RETAIN=false`)",
+        ),
+        _ => None,
+    }
+}
+
+/// The paragraph naming every flag without an environment variable, grouped by why.
+fn without_variable(commands: &[Command]) -> String {
+    fn walk<'a>(command: &'a Command, path: String, top: bool, found: &mut Vec<(String, &'a Arg)>) {
+        for arg in command.get_arguments() {
+            if arg.get_env().is_none()
+                && !matches!(arg.get_id().as_str(), "help" | "version")
+                && (top || !arg.is_global_set())
+            {
+                found.push((path.clone(), arg));
+            }
+        }
+        for subcommand in command.get_subcommands() {
+            walk(
+                subcommand,
+                format!("{path} {}", subcommand.get_name()),
+                false,
+                found,
+            );
+        }
+    }
+    let mut found = Vec::new();
+    for command in commands {
+        walk(command, command.get_name().to_string(), true, &mut found);
+    }
+    // Reasons in the order they first come, each with its commands' flags.
+    type Flags = Vec<(String, Vec<String>)>;
+    let mut reasons: Vec<(&str, Flags)> = Vec::new();
+    for (path, arg) in found {
+        let flag = arg.get_long().unwrap_or(arg.get_id().as_str()).to_string();
+        let Some(why) = why_no_variable(&path, &flag) else {
+            panic!(
+                "`{path} --{flag}` has no environment variable: give it one (clap's `env`), \
+                 or say why not in why_no_variable (tests/src/docs.rs)"
+            );
+        };
+        let at = match reasons.iter().position(|(reason, _)| *reason == why) {
+            Some(at) => at,
+            None => {
+                reasons.push((why, Vec::new()));
+                reasons.len() - 1
+            }
+        };
+        let flags = &mut reasons[at].1;
+        match flags.iter_mut().find(|(command, _)| *command == path) {
+            Some((_, list)) => list.push(flag),
+            None => flags.push((path, vec![flag])),
+        }
+    }
+    let mut text =
+        String::from("Flags without an environment variable (`—` in the tables), and why:\n\n");
+    for (why, flags) in reasons {
+        let named: Vec<String> = flags
+            .iter()
+            .map(|(command, list)| match list.as_slice() {
+                [one] => format!("`{command} --{one}`"),
+                many => format!(
+                    "`{command}` {}",
+                    many.iter()
+                        .map(|flag| format!("`--{flag}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+            .collect();
+        let _ = writeln!(text, "- {}: {why}.", named.join("; "));
+    }
+    text.push('\n');
+    text
 }
 
 /// A command's section: what it is, its flags grouped by their help heading, then its

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use pulldown_cmark::{Event, Parser, Tag, TagEnd};
-use tests::docs::{configuration_reference, REGENERATE};
+use tests::docs::{binaries, configuration_reference, REGENERATE};
 use tests::repo_root;
 
 #[test]
@@ -31,6 +31,26 @@ fn the_configuration_reference_is_what_the_binaries_say() {
             committed.lines().nth(first),
             generated.lines().nth(first),
         );
+    }
+}
+
+/// The page promises `--version`: every binary prints its name and version, exit 0.
+#[test]
+fn every_binary_prints_its_version() {
+    let binaries = binaries();
+    assert!(binaries.len() >= 7, "{} binaries", binaries.len());
+    for command in binaries {
+        let name = command.get_name().to_string();
+        match command.try_get_matches_from([name.as_str(), "--version"]) {
+            Err(shown) if shown.kind() == clap::error::ErrorKind::DisplayVersion => {
+                assert_eq!(shown.exit_code(), 0, "{name}");
+                assert_eq!(
+                    shown.to_string().trim(),
+                    format!("{name} {}", env!("CARGO_PKG_VERSION"))
+                );
+            }
+            other => panic!("{name} --version: {other:?}"),
+        }
     }
 }
 

@@ -9,7 +9,8 @@ use std::collections::VecDeque;
 use iot_core::replay::{mark_replay, Ranges, MAX_PER_REQUEST};
 
 /// The readings to send again by default: ten minutes' worth at `per_second` readings
-/// a second per device, at least 100 and at most 100 000 (about 20 MB).
+/// a second per device, at least 100 and at most 100 000 (about 17 MB: a JSON reading of
+/// about 110 bytes is kept in serde_json's buffer of 128, plus its slot in the queue).
 pub fn default_capacity(per_second: Option<f64>) -> usize {
     match per_second {
         Some(rate) => ((rate * 600.0).ceil() as usize).clamp(100, 100_000),

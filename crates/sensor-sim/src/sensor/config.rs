@@ -14,6 +14,7 @@ use crate::sensor::SensorKind;
 /// Flags of a sensor binary. Defaults that depend on the kind are filled in by
 /// [`SensorConfig::command`].
 #[derive(Debug, Clone, Parser)]
+#[command(version)]
 pub struct SensorConfig {
     /// Topic to publish to; `{device}` in it gives every device its own topic
     /// (e.g. /sensor/{device}/temperature)
@@ -64,7 +65,8 @@ pub struct SensorConfig {
     #[arg(long, value_name = "HOST:PORT", value_parser = ops::parse_listen_address)]
     pub metrics_address: Option<String>,
     /// Readings each device keeps to publish again when the cloud asks (JSON form only;
-    /// about 200 bytes each) [default: 10 minutes' worth, 100 to 100 000]; 0 keeps none
+    /// about 170 bytes of memory each) [default: 10 minutes' worth, 100 to 100 000]; 0
+    /// keeps none
     #[arg(long, value_name = "N")]
     pub replay_buffer: Option<usize>,
     /// Keep the replay buffer on disk too, in DIR/<device>/ (as many readings as
@@ -182,6 +184,24 @@ mod tests {
         let pressure = parse(&PRESSURE, &[]);
         assert_eq!(pressure.topic, "/sensor/pressure");
         assert_eq!(pressure.interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn version_is_printed_not_refused() {
+        for kind in [&TEMPERATURE, &PRESSURE] {
+            let line = [kind.name, "--version"];
+            match config::try_parse::<SensorConfig>(SensorConfig::command(kind), line) {
+                Err(config::ParseOutcome::Exit(shown)) => {
+                    assert_eq!(shown.exit_code(), 0);
+                    let text = shown.render().to_string();
+                    assert_eq!(
+                        text.trim(),
+                        format!("{} {}", kind.name, env!("CARGO_PKG_VERSION"))
+                    );
+                }
+                other => panic!("{} --version: {other:?}", kind.name),
+            }
+        }
     }
 
     #[test]
