@@ -31,7 +31,9 @@ use std::sync::Arc;
 use anyhow::anyhow;
 use iot_core::backoff::Backoff;
 use iot_core::config::BrokerSettings;
-use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Filter, Packet, Publish, RetainForwardRule};
+use rumqttc::v5::mqttbytes::v5::{
+    ConnectReturnCode, Filter, Packet, Publish, RetainForwardRule, SubscribeReasonCode,
+};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
 use tokio::sync::{mpsc, Notify};
@@ -94,7 +96,8 @@ pub fn filter(path: &str, qos: QoS) -> Filter {
 impl Link {
     /// Starts connecting to `broker` in the background; `name` ("edge", "cloud-replay")
     /// names it in logs and the `iot_relay_connected{link}` gauge; `check`, if any, is
-    /// the readiness check that follows it.
+    /// the readiness check that follows it: it passes once the link's subscription
+    /// stands ([`on_connack`], [`on_suback`]), not merely once connected.
     pub fn start(
         broker: &BrokerSettings,
         mut options: MqttOptions,
@@ -332,7 +335,7 @@ impl Driver {
                     };
                     tracing::info!(broker = %address, link = self.name, "{verb}");
                     metrics::gauge!("iot_relay_connected", "link" => self.name).set(1.0);
-                    self.health(Ok(()));
+                    self.health(on_connack(ack.session_present));
                     backoff.reset();
                     Heard::Connected {
                         session_present: ack.session_present,
@@ -355,6 +358,10 @@ impl Driver {
                     if full && !wait_for_room(&self.reliable, &self.heard, self.name).await {
                         return Ok(());
                     }
+                    continue;
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    self.health(on_suback(&ack.return_codes));
                     continue;
                 }
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return Ok(()),
@@ -424,6 +431,32 @@ async fn wait_for_room(
     true
 }
 
+/// A link's readiness on a CONNACK: a broker that kept the session keeps its
+/// subscription, and delivers to it at once; a new session has none until the broker
+/// acknowledges the one the relay sends on connecting ([`on_suback`]), and a message
+/// published meanwhile goes to no one.
+fn on_connack(session_present: bool) -> Result<(), String> {
+    if session_present {
+        Ok(())
+    } else {
+        Err("connected, not subscribed yet (a new session)".into())
+    }
+}
+
+/// A link's readiness on a SUBACK: its subscription stands when the broker granted
+/// every filter of it.
+fn on_suback(codes: &[SubscribeReasonCode]) -> Result<(), String> {
+    let refused: Vec<&SubscribeReasonCode> = codes
+        .iter()
+        .filter(|code| !matches!(code, SubscribeReasonCode::Success(_)))
+        .collect();
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("the broker refused the subscription: {refused:?}"))
+    }
+}
+
 fn is_final(code: ConnectReturnCode) -> bool {
     matches!(
         code,
@@ -438,7 +471,16 @@ fn is_final(code: ConnectReturnCode) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{Connections, Held, Waiting, QOS0_BACKLOG, QOS0_BYTES, RELIABLE_BYTES};
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    use iot_core::config::BrokerSettings;
+    use rumqttc::v5::mqttbytes::QoS;
+
+    use super::{
+        filter, Connections, Heard, Held, Link, Waiting, QOS0_BACKLOG, QOS0_BYTES, RELIABLE_BYTES,
+    };
 
     #[test]
     fn what_an_earlier_connection_left_unacknowledged_comes_again_unless_the_session_went() {
@@ -485,5 +527,132 @@ mod tests {
         assert!(waiting.take(10));
         waiting.release(QOS0_BYTES - 10);
         assert!(waiting.take(2 << 20), "a 2 MiB message once there is room");
+    }
+
+    /// The check of the test below, apart from any other test's in this process.
+    const CHECK: &str = "edge broker (test)";
+
+    /// Why [`CHECK`] fails, or `None` when it passes.
+    fn failing() -> Option<String> {
+        let why = iot_core::ops::health().ready().err()?;
+        why.split("; ")
+            .find_map(|part| part.strip_prefix(&format!("{CHECK}: ")))
+            .map(str::to_string)
+    }
+
+    async fn until_passes() {
+        for _ in 0..200 {
+            if failing().is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{CHECK} still fails: {:?}", failing());
+    }
+
+    /// One MQTT packet read from `socket`: its first byte and the rest.
+    fn read_packet(socket: &mut TcpStream) -> (u8, Vec<u8>) {
+        let mut byte = [0];
+        socket.read_exact(&mut byte).expect("a packet");
+        let kind = byte[0];
+        let (mut length, mut shift) = (0usize, 0);
+        loop {
+            socket.read_exact(&mut byte).expect("its length");
+            length |= usize::from(byte[0] & 0x7f) << shift;
+            if byte[0] & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+        let mut rest = vec![0; length];
+        socket.read_exact(&mut rest).expect("its body");
+        (kind, rest)
+    }
+
+    /// Accepts the link's next connection and answers its CONNECT.
+    fn accept(listener: &TcpListener, session_present: bool) -> TcpStream {
+        let (mut socket, _) = listener.accept().expect("the link connects");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("a timeout");
+        assert_eq!(read_packet(&mut socket).0, 0x10, "CONNECT");
+        socket
+            .write_all(&[0x20, 3, u8::from(session_present), 0, 0])
+            .expect("CONNACK");
+        socket
+    }
+
+    /// Reads the link's SUBSCRIBE and answers it with `reason` for its one filter.
+    fn answer_subscribe(socket: &mut TcpStream, reason: u8) {
+        let (kind, body) = read_packet(socket);
+        assert_eq!(kind, 0x82, "SUBSCRIBE");
+        socket
+            .write_all(&[0x90, 4, body[0], body[1], 0, reason])
+            .expect("SUBACK");
+    }
+
+    async fn subscribe(link: &mut Link, session_present: bool) {
+        match link.recv().await.expect("the link runs") {
+            Heard::Connected {
+                session_present: present,
+            } => assert_eq!(present, session_present),
+            Heard::Message(_) => panic!("a message before CONNACK"),
+        }
+        link.client
+            .subscribe_many([filter("#", QoS::AtLeastOnce)])
+            .await
+            .expect("SUBSCRIBE queued");
+    }
+
+    /// A new session has no subscription until the broker acknowledges it: the edge
+    /// check waits for the SUBACK (what the edge broker takes meanwhile goes to no one),
+    /// but not on a session the broker kept. A refused subscription is not ready.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_edge_check_passes_once_a_new_sessions_subscription_is_acknowledged() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a port");
+        let broker = BrokerSettings {
+            host: "127.0.0.1".into(),
+            port: listener.local_addr().expect("its address").port(),
+            username: None,
+            password: None,
+            tls_ca: None,
+            keep_alive: Duration::from_secs(30),
+            env_prefix: "LOCAL",
+        };
+        let options = broker.mqtt5_options("relay-test", false).expect("options");
+        let mut link = Link::start(&broker, options, "edge-test", Some(CHECK));
+
+        // A new session: connected, not subscribed yet.
+        let mut socket = tokio::task::block_in_place(|| accept(&listener, false));
+        subscribe(&mut link, false).await;
+        let why = failing().expect("not ready before the SUBACK");
+        assert!(why.contains("not subscribed yet"), "{why}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(failing().is_some(), "still not ready");
+        tokio::task::block_in_place(|| answer_subscribe(&mut socket, 1));
+        until_passes().await;
+
+        // The connection drops; the broker kept the session: ready on the CONNACK.
+        drop(socket);
+        let mut socket = tokio::task::block_in_place(|| accept(&listener, true));
+        subscribe(&mut link, true).await;
+        assert_eq!(failing(), None, "the kept session has the subscription");
+        tokio::task::block_in_place(|| answer_subscribe(&mut socket, 1));
+
+        // A new session whose subscription the broker refuses.
+        drop(socket);
+        let mut socket = tokio::task::block_in_place(|| accept(&listener, false));
+        subscribe(&mut link, false).await;
+        tokio::task::block_in_place(|| answer_subscribe(&mut socket, 0x87));
+        for _ in 0..200 {
+            if failing().is_some_and(|why| why.contains("refused")) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let why = failing().expect("a refused subscription is not ready");
+        assert!(why.contains("refused"), "{why}");
+        drop(socket);
+        link.close().await;
     }
 }
