@@ -141,6 +141,11 @@ esac
 # Escapes a value for the replacement side of a sed s||| command.
 sed_escape() { printf '%s' "$1" | sed -e 's/[\\|&]/\\&/g'; }
 
+# Every password is checked before anything is written (folders, certificates, files),
+# so a refused one changes nothing and leaves no plain-text file behind.
+for user in $users; do password_of "$user"; done
+if [ "$broker" = local ] && [ "$forwarder" = bridge ]; then password_of bridge; fi
+
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 data=${MQTT_DATA_DIR:-$out/data}
@@ -189,8 +194,6 @@ for site in $sites; do
 done
 
 # Plain user:password lines, hashed in place (no password ever on a command line).
-# Every password is checked first, so a refused one leaves no plain-text file behind.
-for user in $users; do password_of "$user"; done
 : > "$out/passwd.services"
 for user in $users; do
   password_of "$user"
