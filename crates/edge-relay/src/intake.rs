@@ -134,7 +134,7 @@ pub async fn run(
                     if link.client.subscribe_many(filters).await.is_err() {
                         break Err(anyhow::anyhow!("the edge connection closed"));
                     }
-                    tracing::info!(topics = ?topics, "subscribed on the edge broker");
+                    tracing::debug!(topics = ?topics, "subscribing on the edge broker");
                 }
                 Ok(Heard::Message(message)) => {
                     held += message.publish.payload.len();

@@ -361,7 +361,7 @@ impl Driver {
                     continue;
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    self.health(on_suback(&ack.return_codes));
+                    self.subscribed(&address, &ack.return_codes);
                     continue;
                 }
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return Ok(()),
@@ -390,6 +390,22 @@ impl Driver {
                 return Ok(());
             }
         }
+    }
+
+    /// The broker's answer to the link's subscription: the readiness check that
+    /// follows the link passes once it granted every filter (the link without a check
+    /// logs its own subscription).
+    fn subscribed(&self, address: &str, codes: &[SubscribeReasonCode]) {
+        let state = on_suback(codes);
+        if self.check.is_some() {
+            match &state {
+                Ok(()) => {
+                    tracing::info!(broker = %address, "subscribed on the {} broker", self.name)
+                }
+                Err(why) => tracing::error!(broker = %address, link = self.name, "{why}"),
+            }
+        }
+        self.health(state);
     }
 
     fn health(&self, state: Result<(), String>) {
