@@ -31,7 +31,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
-/// The readiness checks: the edge broker reached and the log open. A cloud that is down
+/// The readiness checks: the subscription on the edge broker standing (acknowledged,
+/// for a new session) and the log open. A cloud that is down
 /// is what the relay is there for; it shows in `iot_mqtt_connected` (the forwarding
 /// connection) and `iot_relay_connected{link="cloud-replay"}`.
 const EDGE_CHECK: &str = "edge broker";
