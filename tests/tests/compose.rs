@@ -685,6 +685,7 @@ fn the_edge_and_the_cloud_are_two_networks_that_only_the_forwarder_joins() {
                 &["compose.yaml", "compose.bridge.yaml"],
                 &["edge-relay", "mosquitto-local"],
             ),
+            (&["compose.yaml", "compose.replicas.yaml"], &["edge-relay"]),
         ] {
             let config = resolved_with(compose_files(files));
             let mut on_both = Vec::new();
