@@ -350,6 +350,70 @@ async fn a_damaged_log_is_reported_set_aside_and_the_relay_goes_on() {
     persister.stop_cleanly().await;
 }
 
+/// Names in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("a folder")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Publishes `count` plain values on `topic` to the edge broker and waits until each
+/// arrived at `subscriber` (on the cloud broker).
+async fn crosses(edge_port: u16, subscriber: &mut TestClient, topic: &str, count: usize) {
+    let mut device = TestClient::connect(edge_port, "temperature-sensor").await;
+    for payload in incompressible(count, 16) {
+        device
+            .publish(topic, QoS::AtLeastOnce, false, &payload)
+            .await;
+    }
+    assert_every_number_arrives(subscriber, topic, count).await;
+}
+
+/// A second relay started on a log another relay holds: it refuses to start (exit 2),
+/// naming the lock and the process holding it, and touches nothing; the first relay
+/// goes on forwarding from the same folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_on_a_held_log_is_refused_and_touches_nothing() {
+    let brokers = spawn_relay_brokers().await;
+    let log_dir = brokers.dir().join("relay-log");
+    let mut first = brokers.relay_ready(&log_dir, &[]).await;
+    let mut subscriber = TestClient::connect(brokers.cloud.port, "mqtt-subscriber").await;
+    let topic = "/sensor/held-1/temperature";
+    subscriber.subscribe(topic).await;
+    crosses(brokers.local.port, &mut subscriber, topic, 100).await;
+    let (folder, store) = (listing(&log_dir), listing(&log_dir.join("store")));
+
+    let mut second = brokers.start_relay(&log_dir, &[]);
+    let status = second.wait_exit().await;
+    let said = second.stderr();
+    assert_eq!(status.code(), Some(2), "{said}");
+    let lock = log_dir.join("store").join("lock");
+    let pid = first.pid().expect("the first relay runs");
+    let line = said
+        .lines()
+        .find(|line| line.contains("the log is in use"))
+        .unwrap_or_else(|| panic!("no word of the held log:\n{said}"));
+    assert!(line.contains(&lock.display().to_string()), "{line}");
+    assert!(line.contains(&format!("process {pid}")), "{line}");
+    assert!(!said.contains("moved aside"), "{said}");
+    assert_eq!(listing(&log_dir), folder, "the log's folder changed");
+    assert_eq!(listing(&log_dir.join("store")), store, "the store changed");
+
+    // The first relay goes on.
+    crosses(brokers.local.port, &mut subscriber, topic, 100).await;
+    assert!(first.is_running());
+    first.stop_cleanly().await;
+}
+
 /// The edge machine loses power mid-stream: edge broker and relay SIGKILLed together,
 /// the broker's save gone. Every reading the relay had taken onto its disk arrives;
 /// what remains open is what the broker had acknowledged to the device and not yet

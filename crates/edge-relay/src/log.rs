@@ -192,6 +192,62 @@ pub struct Opened {
     pub set_aside: Option<(PathBuf, String)>,
 }
 
+/// The store is held by another process (another relay on the same `--log-dir`): not
+/// damage, nothing of it is touched.
+#[derive(Debug)]
+pub struct Held {
+    /// The store's lock file.
+    pub lock: PathBuf,
+    /// The process holding it, when `/proc/locks` says.
+    pub pid: Option<u32>,
+}
+
+impl std::fmt::Display for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let holder = match self.pid {
+            Some(pid) => format!("process {pid}"),
+            None => "another process".to_string(),
+        };
+        write!(
+            f,
+            "the log is in use: {holder} holds its lock {} (another edge-relay on this --log-dir?); not starting, nothing touched",
+            self.lock.display()
+        )
+    }
+}
+
+impl std::error::Error for Held {}
+
+/// Whether opening failed because another process holds the store's lock.
+fn is_locked(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<fjall::Error>(),
+            Some(fjall::Error::Locked)
+        )
+    })
+}
+
+/// The process holding a lock on `lock`, from `/proc/locks` (Linux): the line of the
+/// file's device and inode.
+fn lock_holder(lock: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(lock).ok()?;
+    let dev = metadata.dev();
+    let (major, minor) = (
+        ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
+        (dev & 0xff) | ((dev >> 12) & !0xff),
+    );
+    let file = format!("{major:02x}:{minor:02x}:{}", metadata.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    // `1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF`
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let at = fields.iter().position(|field| *field == file)?;
+        fields.get(at.checked_sub(1)?)?.parse().ok()
+    })
+}
+
 /// The log; cheap to clone (every clone is the same store).
 #[derive(Clone)]
 pub struct Log {
@@ -227,6 +283,11 @@ impl Log {
         let store = dir.join("store");
         let (log, set_aside) = match Self::open_store(&store) {
             Ok(log) => (log, None),
+            Err(error) if is_locked(&error) => {
+                let lock = store.join("lock");
+                let pid = lock_holder(&lock);
+                return Err(Held { lock, pid }.into());
+            }
             Err(error) => {
                 let why = format!("{error:#}");
                 let aside = dir.join(format!("damaged-{}", now_ms() / 1000));
