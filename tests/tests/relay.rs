@@ -414,6 +414,51 @@ async fn a_second_relay_on_a_held_log_is_refused_and_touches_nothing() {
     first.stop_cleanly().await;
 }
 
+/// The largest publish the edge broker accepts (remaining length 2 097 151: Mosquitto
+/// counts a packet as its remaining length + 1 against `max_packet_size` 2 MiB) is
+/// logged and forwarded to the cloud unchanged; one byte more is refused by the edge
+/// broker itself, so the relay never has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_message_the_brokers_accept_is_forwarded() {
+    let brokers = spawn_relay_brokers().await;
+    let log_dir = brokers.dir().join("relay-log");
+    let (mut relay, port) = relay_with_metrics(&brokers, &log_dir, &[]).await;
+    let topic = "/sensor/largest-1/temperature";
+    let mut subscriber = TestClient::connect(brokers.cloud.port, "mqtt-subscriber").await;
+    subscriber.subscribe(topic).await;
+
+    // Remaining length: topic length (2) and topic, packet id (2), payload.
+    let largest = iot_core::mqtt::MAX_OUTGOING_PACKET - 1 - 2 - topic.len() - 2;
+    let payload = incompressible(1, largest).next().expect("a payload");
+    let mut device = TestClient::connect(brokers.local.port, "temperature-sensor").await;
+    assert!(device.try_publish(topic, false, &payload).await, "refused");
+    let arrived = subscriber.next_message().await;
+    assert_eq!(arrived.topic, topic);
+    assert!(arrived.payload == payload, "changed on the way");
+
+    let mut device = TestClient::connect(brokers.local.port, "temperature-sensor").await;
+    let one_more = incompressible(1, largest + 1).next().expect("a payload");
+    assert!(
+        !device.try_publish(topic, false, &one_more).await,
+        "the edge broker took a packet past its max_packet_size"
+    );
+    // Nothing of it reached the relay: a marker behind it is the next message it logs.
+    let mut device = TestClient::connect(brokers.local.port, "temperature-sensor").await;
+    device
+        .publish(topic, QoS::AtLeastOnce, false, b"00000001;marker")
+        .await;
+    let marker = subscriber.next_message().await;
+    assert_eq!(&marker.payload[..], b"00000001;marker");
+    assert_eq!(metric(port, "iot_relay_logged_total").await, Some(2.0));
+    assert_eq!(
+        metric(port, "iot_relay_unforwardable_total")
+            .await
+            .unwrap_or(0.0),
+        0.0
+    );
+    relay.stop_cleanly().await;
+}
+
 /// The edge machine loses power mid-stream: edge broker and relay SIGKILLed together,
 /// the broker's save gone. Every reading the relay had taken onto its disk arrives;
 /// what remains open is what the broker had acknowledged to the device and not yet
