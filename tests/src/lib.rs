@@ -1227,6 +1227,24 @@ impl TestClient {
         }
     }
 
+    /// Publishes at QoS 1: whether the broker acknowledged it (false: it closed the
+    /// connection instead, as for a packet past its `max_packet_size`).
+    pub async fn try_publish(&mut self, topic: &str, retain: bool, payload: &[u8]) -> bool {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload.to_vec())
+            .await
+            .expect("publish request");
+        loop {
+            match tokio::time::timeout(WAIT, self.packets.recv()).await {
+                Ok(Some(Packet::PubAck(_))) => return true,
+                Ok(Some(Packet::Publish(publish))) => self.early.push_back(publish),
+                Ok(Some(Packet::Disconnect)) | Ok(None) => return false,
+                Ok(Some(_)) => {}
+                Err(_) => panic!("no answer to a publish within {WAIT:?}"),
+            }
+        }
+    }
+
     /// The next message; panics after [`WAIT`].
     pub async fn next_message(&mut self) -> Publish {
         if let Some(publish) = self.early.pop_front() {

@@ -350,6 +350,302 @@ async fn a_damaged_log_is_reported_set_aside_and_the_relay_goes_on() {
     persister.stop_cleanly().await;
 }
 
+/// Names in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("a folder")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Publishes `count` plain values on `topic` to the edge broker and waits until each
+/// arrived at `subscriber` (on the cloud broker).
+async fn crosses(edge_port: u16, subscriber: &mut TestClient, topic: &str, count: usize) {
+    let mut device = TestClient::connect(edge_port, "temperature-sensor").await;
+    for payload in incompressible(count, 16) {
+        device
+            .publish(topic, QoS::AtLeastOnce, false, &payload)
+            .await;
+    }
+    assert_every_number_arrives(subscriber, topic, count).await;
+}
+
+/// A second relay started on a log another relay holds: it refuses to start (exit 2),
+/// naming the lock and the process holding it, and touches nothing; the first relay
+/// goes on forwarding from the same folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_on_a_held_log_is_refused_and_touches_nothing() {
+    let brokers = spawn_relay_brokers().await;
+    let log_dir = brokers.dir().join("relay-log");
+    let mut first = brokers.relay_ready(&log_dir, &[]).await;
+    let mut subscriber = TestClient::connect(brokers.cloud.port, "mqtt-subscriber").await;
+    let topic = "/sensor/held-1/temperature";
+    subscriber.subscribe(topic).await;
+    crosses(brokers.local.port, &mut subscriber, topic, 100).await;
+    let (folder, store) = (listing(&log_dir), listing(&log_dir.join("store")));
+
+    let mut second = brokers.start_relay(&log_dir, &[]);
+    let status = second.wait_exit().await;
+    let said = second.stderr();
+    assert_eq!(status.code(), Some(2), "{said}");
+    let lock = log_dir.join("store").join("lock");
+    let pid = first.pid().expect("the first relay runs");
+    let line = said
+        .lines()
+        .find(|line| line.contains("the log is in use"))
+        .unwrap_or_else(|| panic!("no word of the held log:\n{said}"));
+    assert!(line.contains(&lock.display().to_string()), "{line}");
+    assert!(line.contains(&format!("process {pid}")), "{line}");
+    assert!(!said.contains("moved aside"), "{said}");
+    assert_eq!(listing(&log_dir), folder, "the log's folder changed");
+    assert_eq!(listing(&log_dir.join("store")), store, "the store changed");
+
+    // The first relay goes on.
+    crosses(brokers.local.port, &mut subscriber, topic, 100).await;
+    assert!(first.is_running());
+    first.stop_cleanly().await;
+}
+
+/// The largest publish the edge broker accepts (remaining length 2 097 151: Mosquitto
+/// counts a packet as its remaining length + 1 against `max_packet_size` 2 MiB) is
+/// logged and forwarded to the cloud unchanged; one byte more is refused by the edge
+/// broker itself, so the relay never has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_message_the_brokers_accept_is_forwarded() {
+    let brokers = spawn_relay_brokers().await;
+    let log_dir = brokers.dir().join("relay-log");
+    let (mut relay, port) = relay_with_metrics(&brokers, &log_dir, &[]).await;
+    let topic = "/sensor/largest-1/temperature";
+    let mut subscriber = TestClient::connect(brokers.cloud.port, "mqtt-subscriber").await;
+    subscriber.subscribe(topic).await;
+
+    // Remaining length: topic length (2) and topic, packet id (2), payload.
+    let largest = iot_core::mqtt::MAX_OUTGOING_PACKET - 1 - 2 - topic.len() - 2;
+    let payload = incompressible(1, largest).next().expect("a payload");
+    let mut device = TestClient::connect(brokers.local.port, "temperature-sensor").await;
+    assert!(device.try_publish(topic, false, &payload).await, "refused");
+    let arrived = subscriber.next_message().await;
+    assert_eq!(arrived.topic, topic);
+    assert!(arrived.payload == payload, "changed on the way");
+
+    let mut device = TestClient::connect(brokers.local.port, "temperature-sensor").await;
+    let one_more = incompressible(1, largest + 1).next().expect("a payload");
+    assert!(
+        !device.try_publish(topic, false, &one_more).await,
+        "the edge broker took a packet past its max_packet_size"
+    );
+    // Nothing of it reached the relay: a marker behind it is the next message it logs.
+    let mut device = TestClient::connect(brokers.local.port, "temperature-sensor").await;
+    device
+        .publish(topic, QoS::AtLeastOnce, false, b"00000001;marker")
+        .await;
+    let marker = subscriber.next_message().await;
+    assert_eq!(&marker.payload[..], b"00000001;marker");
+    assert_eq!(metric(port, "iot_relay_logged_total").await, Some(2.0));
+    assert_eq!(
+        metric(port, "iot_relay_unforwardable_total")
+            .await
+            .unwrap_or(0.0),
+        0.0
+    );
+    relay.stop_cleanly().await;
+}
+
+/// Messages of [`damaged_log`]: 7 000 of 3 000 bytes (21 MB, past the 16 MiB after
+/// which the log flushes its messages from memory and journal into a table; below the
+/// 4 KiB from which the journal compresses a value).
+const DAMAGE_COUNT: usize = 7000;
+const DAMAGE_SIZE: usize = 3000;
+
+/// A stopped relay's log holding [`DAMAGE_COUNT`] messages not forwarded yet is
+/// damaged by `damage` (given the store's folder); the relay started again with the
+/// cloud up. Returns what the relay said about it (the first line mentioning `needle`),
+/// how many messages it counted as lost (`iot_relay_set_aside_total`), and how many
+/// distinct ones arrived at the cloud once its backlog was forwarded.
+async fn damaged_log(
+    brokers: &mut Brokers,
+    name: &str,
+    needle: &str,
+    damage: impl FnOnce(&Path),
+) -> (String, u64, usize) {
+    let log_dir = brokers.dir().join(format!("{name}-log"));
+    let topic = format!("/sensor/{name}/temperature");
+    let (mut relay, port) = relay_with_metrics(brokers, &log_dir, &[]).await;
+    brokers.cloud.stop().await;
+    let device = TestClient::connect(brokers.local.port, "temperature-sensor").await;
+    for payload in incompressible(DAMAGE_COUNT, DAMAGE_SIZE) {
+        device
+            .client
+            .publish(&topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("publish request");
+    }
+    wait_for(
+        "every message on the relay's disk",
+        || metric(port, "iot_relay_backlog"),
+        |backlog| *backlog == Some(DAMAGE_COUNT as f64),
+    )
+    .await;
+    relay.stop_cleanly().await;
+    damage(&log_dir.join("store"));
+
+    assert!(brokers.cloud.start().await, "{}", brokers.cloud.log());
+    let mut subscriber = TestClient::connect(brokers.cloud.port, "mqtt-subscriber").await;
+    subscriber.subscribe(&topic).await;
+    let (mut relay, port) = relay_with_metrics(brokers, &log_dir, &[]).await;
+    let said = relay.stderr();
+    let line = said
+        .lines()
+        .find(|line| line.contains(needle))
+        .unwrap_or_else(|| panic!("no word of the damage ({needle}):\n{said}"))
+        .to_string();
+    assert!(line.contains("ERROR"), "{line}");
+    tests::wait_for_within(
+        CATCH_UP,
+        "the readable backlog forwarded",
+        || metric(port, "iot_relay_backlog"),
+        |backlog| *backlog == Some(0.0),
+    )
+    .await;
+    let lost = metric(port, "iot_relay_set_aside_total")
+        .await
+        .unwrap_or(0.0) as u64;
+    let mut seen = std::collections::BTreeSet::new();
+    for message in subscriber.messages_so_far().await {
+        let n: usize = std::str::from_utf8(&message.payload[..8])
+            .expect("its number")
+            .parse()
+            .expect("its number");
+        seen.insert(n);
+    }
+    eprintln!(
+        "{name}: {} of {DAMAGE_COUNT} forwarded, {lost} counted as lost: {line}",
+        seen.len()
+    );
+    relay.stop_cleanly().await;
+    (line, lost, seen.len())
+}
+
+/// Every file under `dir`.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("a folder") {
+        let path = entry.expect("an entry").path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// The message table: the largest table file of the store.
+fn message_table(store: &Path) -> std::path::PathBuf {
+    files_under(store)
+        .into_iter()
+        .filter(|path| {
+            path.parent()
+                .is_some_and(|parent| parent.ends_with("tables"))
+        })
+        .max_by_key(|path| std::fs::metadata(path).expect("a table").len())
+        .expect("a table: the log flushed")
+}
+
+/// Flips one bit of the byte at `at` of `file`.
+fn flip(file: &Path, at: usize) {
+    let mut bytes = std::fs::read(file).expect("the file");
+    bytes[at] ^= 0x10;
+    std::fs::write(file, bytes).expect("written back");
+}
+
+/// One byte flipped in a data block of the message table (in its middle: the blocks
+/// of data come first, its index at the end): the relay starts, moves the damaged store
+/// aside after copying what reads, forwards every other message and says how many it
+/// lost. Before, it exited on every start ("cannot count the log").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_block_of_the_log_costs_its_messages_not_the_edge() {
+    let mut brokers = spawn_relay_brokers().await;
+    let (line, lost, arrived) =
+        damaged_log(&mut brokers, "block-1", "unreadable blocks", |store| {
+            let table = message_table(store);
+            let length = std::fs::metadata(&table).expect("the table").len() as usize;
+            flip(&table, length / 2);
+        })
+        .await;
+    assert!(lost > 0 && lost < 100, "{lost} lost: {line}");
+    assert_eq!(arrived + lost as usize, DAMAGE_COUNT, "{line}");
+}
+
+/// One byte flipped in the newest journal (what the log holds in memory, not yet in a
+/// table), at 10, 50 and 90 % of what was written to it: the relay starts and forwards everything the log's tables hold and every intact batch
+/// of the journal; what is lost is the damaged batch's messages that no table had, and
+/// it says how many. Before, the whole store was moved aside (nothing forwarded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_journal_costs_at_most_its_damaged_batch() {
+    let mut brokers = spawn_relay_brokers().await;
+    for percent in [10, 50, 90] {
+        let name = format!("journal-{percent}");
+        let (line, lost, arrived) =
+            damaged_log(&mut brokers, &name, "journal could not be read", |store| {
+                let journal = files_under(store)
+                    .into_iter()
+                    .filter(|path| path.extension().is_some_and(|ext| ext == "jnl"))
+                    .max_by_key(|path| {
+                        let id = path.file_stem().and_then(|stem| stem.to_str());
+                        id.and_then(|id| id.parse::<u64>().ok())
+                            .expect("a journal's number")
+                    })
+                    .expect("a journal");
+                let bytes = std::fs::read(&journal).expect("the journal");
+                // What was written: the file is made longer at once and filled with zeros.
+                let written = bytes.iter().rposition(|byte| *byte != 0).expect("written");
+                flip(&journal, written * percent / 100);
+            })
+            .await;
+        assert!(line.contains("could not be read"), "{line}");
+        // One batch of the relay at most: 4 MiB of messages.
+        let batch = edge_relay::intake::MAX_BATCH_BYTES as usize / DAMAGE_SIZE + 1;
+        assert!(lost as usize <= batch, "{lost} lost at {percent} %: {line}");
+        if line.contains("could not be parsed") {
+            assert!(arrived + lost as usize <= DAMAGE_COUNT, "{line}");
+            assert!(arrived + batch >= DAMAGE_COUNT, "{arrived} arrived: {line}");
+        } else {
+            assert_eq!(
+                arrived + lost as usize,
+                DAMAGE_COUNT,
+                "at {percent} %: {line}"
+            );
+        }
+    }
+}
+
+/// The message keyspace's `current` file removed (fjall took the keyspace for a
+/// half-made one and deleted its tables: `messages=0 backlog=0`, nothing said): written
+/// again from the keyspace's newest version file, said, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_current_file_is_made_again_and_nothing_is_lost() {
+    let mut brokers = spawn_relay_brokers().await;
+    let (line, lost, arrived) = damaged_log(&mut brokers, "current-1", "was missing", |store| {
+        let keyspace = message_table(store)
+            .parent()
+            .and_then(Path::parent)
+            .expect("the keyspace's folder")
+            .to_path_buf();
+        std::fs::remove_file(keyspace.join("current")).expect("current removed");
+    })
+    .await;
+    assert_eq!((lost, arrived), (0, DAMAGE_COUNT), "{line}");
+}
+
 /// The edge machine loses power mid-stream: edge broker and relay SIGKILLed together,
 /// the broker's save gone. Every reading the relay had taken onto its disk arrives;
 /// what remains open is what the broker had acknowledged to the device and not yet

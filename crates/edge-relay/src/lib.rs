@@ -55,6 +55,7 @@ pub const METRICS: &[Metric] = &[
     Metric::counter("iot_relay_refilled_total", "messages sent again to refill a cloud broker that lost its state"),
     Metric::counter("iot_relay_unforwardable_total", "messages the cloud broker cannot take (too long for MQTT), passed over"),
     Metric::counter("iot_relay_unreadable_total", "messages of the log that could not be read back, skipped"),
+    Metric::counter("iot_relay_set_aside_total", "messages not forwarded yet that damage to the log's files cost, counted at start (moved aside with the damaged part)"),
     Metric::counter("iot_relay_qos0_dropped_total", "QoS 0 messages dropped because 100 000 waited for the disk"),
 ];
 
@@ -156,10 +157,13 @@ fn log_start(
     );
 }
 
-/// Opens the log, saying what it found.
+/// Opens the log, saying what it found: damage as errors, with what it cost.
 fn open_log(config: &Config) -> anyhow::Result<log::Log> {
     let (log, opened) = log::Log::open(&config.log_dir)
         .with_context(|| format!("--log-dir {}", config.log_dir.display()))?;
+    for damage in &opened.damage {
+        tracing::error!(lost = opened.lost, "{damage}");
+    }
     if let Some((aside, why)) = &opened.set_aside {
         tracing::error!(
             "the log could not be opened ({why}); moved aside to {} and started a new one: what it held is not forwarded (kept there for inspection)",
@@ -169,6 +173,7 @@ fn open_log(config: &Config) -> anyhow::Result<log::Log> {
     tracing::info!(
         messages = opened.messages,
         backlog = opened.backlog,
+        set_aside = opened.lost,
         "log open"
     );
     Ok(log)

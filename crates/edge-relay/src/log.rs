@@ -181,15 +181,115 @@ fn number_of(key: &[u8]) -> Option<u64> {
 }
 
 /// What opening the log found.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Opened {
     /// Messages kept, forwarded or not.
     pub messages: u64,
     /// Of them, not forwarded yet.
     pub backlog: u64,
-    /// A store that could not be opened, moved aside to this folder (the relay starts
+    /// A store that could not be opened, moved aside whole to this folder (the relay starts
     /// with a new one).
     pub set_aside: Option<(PathBuf, String)>,
+    /// Damage found and what was done about it, one line each.
+    pub damage: Vec<String>,
+    /// Messages not forwarded yet that the damage cost (counted where the damaged part
+    /// can still be read for its numbers).
+    pub lost: u64,
+}
+
+/// Moves `path` into the folder `aside` (made if need be); returns where it went.
+fn move_into(path: &Path, aside: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(aside).with_context(|| format!("cannot make {}", aside.display()))?;
+    let to = aside.join(path.file_name().unwrap_or_default());
+    std::fs::rename(path, &to).with_context(|| {
+        format!(
+            "the damaged {} cannot be moved aside to {}",
+            path.display(),
+            to.display()
+        )
+    })?;
+    Ok(to)
+}
+
+/// What is wrong with the first damaged journal of `store`, if one is: checked before
+/// fjall reads it, which refuses a batch that fails its checksum and, past a damaged
+/// length or tag, cuts off the rest as if a crash had torn it.
+fn damaged_journal(store: &Path) -> Option<String> {
+    for journal in salvage::journal_files(store).ok()? {
+        let Ok(read) = salvage::read_journal(&journal, false) else {
+            continue;
+        };
+        if read.is_damaged() {
+            return Some(format!(
+                "{} is damaged: {} batches fail their checksum, {} bytes cannot be parsed",
+                journal.display(),
+                read.damaged_batches,
+                read.unparsed
+            ));
+        }
+    }
+    None
+}
+
+/// Whether another process holds the store's lock (a relay running on it).
+fn held(store: &Path) -> bool {
+    lock_holder(&store.join("lock")).is_some()
+}
+
+/// The store is held by another process (another relay on the same `--log-dir`): not
+/// damage, nothing of it is touched.
+#[derive(Debug)]
+pub struct Held {
+    /// The store's lock file.
+    pub lock: PathBuf,
+    /// The process holding it, when `/proc/locks` says.
+    pub pid: Option<u32>,
+}
+
+impl std::fmt::Display for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let holder = match self.pid {
+            Some(pid) => format!("process {pid}"),
+            None => "another process".to_string(),
+        };
+        write!(
+            f,
+            "the log is in use: {holder} holds its lock {} (another edge-relay on this --log-dir?); not starting, nothing touched",
+            self.lock.display()
+        )
+    }
+}
+
+impl std::error::Error for Held {}
+
+/// Whether opening failed because another process holds the store's lock.
+fn is_locked(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<fjall::Error>(),
+            Some(fjall::Error::Locked)
+        )
+    })
+}
+
+/// The process holding a lock on `lock`, from `/proc/locks` (Linux): the line of the
+/// file's device and inode.
+fn lock_holder(lock: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(lock).ok()?;
+    let dev = metadata.dev();
+    let (major, minor) = (
+        ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
+        (dev & 0xff) | ((dev >> 12) & !0xff),
+    );
+    let file = format!("{major:02x}:{minor:02x}:{}", metadata.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    // `1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF`
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let at = fields.iter().position(|field| *field == file)?;
+        fields.get(at.checked_sub(1)?)?.parse().ok()
+    })
 }
 
 /// The log; cheap to clone (every clone is the same store).
@@ -205,6 +305,8 @@ pub struct Log {
     forwarded: Arc<AtomicU64>,
     /// The lowest sequence number still kept.
     first: Arc<AtomicU64>,
+    /// Stretches of message numbers that cannot be read, `[from, to)`: skipped.
+    unreadable: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
 }
 
 impl std::fmt::Debug for Log {
@@ -217,36 +319,278 @@ impl std::fmt::Debug for Log {
 }
 
 impl Log {
-    /// Opens (or creates) the log in `dir`. A store that cannot be opened (damaged
-    /// beyond what fjall's recovery repairs by itself: a torn last write is cut off and
-    /// the rest kept) is moved aside, whole, to `dir/damaged-<time>` and a new one
-    /// started, so the edge keeps flowing; what that store held is not forwarded.
+    /// Opens (or creates) the log in `dir`. Damage costs what the damaged part held, and
+    /// is said in [`Opened::damage`]:
+    /// - a keyspace's `current` file missing or cut short (fjall would take the keyspace
+    ///   for a half-made one and delete it): written again from its newest version file;
+    /// - a journal fjall cannot recover (a checksum mismatch before its end): moved aside
+    ///   to `dir/damaged-<time>`, the store opened from its tables, and the journal's
+    ///   intact batches written again: only the damaged batch is lost;
+    /// - unreadable blocks of the tables: the store copied without them into a new one,
+    ///   the damaged one moved aside;
+    /// - a store that still cannot be opened: moved aside whole and a new one started.
+    ///
+    /// A torn last write is cut off by fjall's own recovery. A store another process
+    /// holds is no damage: [`Held`], and nothing is touched.
     pub fn open(dir: &Path) -> anyhow::Result<(Self, Opened)> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the log folder {}", dir.display()))?;
         let store = dir.join("store");
-        let (log, set_aside) = match Self::open_store(&store) {
-            Ok(log) => (log, None),
-            Err(error) => {
-                let why = format!("{error:#}");
-                let aside = dir.join(format!("damaged-{}", now_ms() / 1000));
-                std::fs::rename(&store, &aside).with_context(|| {
-                    format!(
-                        "the log {} cannot be opened ({why}) nor moved aside",
-                        store.display()
-                    )
-                })?;
-                let log = Self::open_store(&store)?;
-                (log, Some((aside, why)))
+        let mut opened = Opened::default();
+        let aside = dir.join(format!("damaged-{}", now_ms()));
+        if store.is_dir() && !held(&store) {
+            match salvage::restore_current_files(&store) {
+                Ok(said) => opened.damage.extend(said),
+                Err(error) => {
+                    // fjall would delete the keyspace: everything kept for inspection.
+                    move_into(&store, &aside)?;
+                    opened.set_aside = Some((aside.clone(), format!("{error:#}")));
+                }
             }
+        }
+        let journal_damage = if store.is_dir() && !held(&store) {
+            damaged_journal(&store)
+        } else {
+            None
         };
-        let messages = log.messages.len().context("cannot count the log")? as u64;
-        let opened = Opened {
-            messages,
-            backlog: log.backlog(),
-            set_aside,
+        let opening = match journal_damage {
+            Some(why) => Err(anyhow::anyhow!(why)),
+            None => Self::open_store(&store),
         };
+        let log = match opening {
+            Ok(log) => log,
+            Err(error) if is_locked(&error) => {
+                let lock = store.join("lock");
+                let pid = lock_holder(&lock);
+                return Err(Held { lock, pid }.into());
+            }
+            Err(error) => Self::open_damaged(&store, &aside, &error, &mut opened)?,
+        };
+        let log = log.without_unreadable(&store, &aside, &mut opened)?;
+        if opened.lost > 0 {
+            metrics::counter!("iot_relay_set_aside_total").increment(opened.lost);
+        }
+        opened.messages = log.kept();
+        opened.backlog = log.backlog();
         Ok((log, opened))
+    }
+
+    /// A store fjall cannot open: without its journals if that opens (their intact
+    /// batches written again), else a new one.
+    fn open_damaged(
+        store: &Path,
+        aside: &Path,
+        error: &anyhow::Error,
+        opened: &mut Opened,
+    ) -> anyhow::Result<Self> {
+        let why = format!("{error:#}");
+        let journals = salvage::journal_files(store).unwrap_or_default();
+        if !journals.is_empty() {
+            let mut moved = Vec::new();
+            for journal in &journals {
+                moved.push(move_into(journal, aside)?);
+            }
+            if let Ok(log) = Self::open_store(store) {
+                log.replay(&moved, aside, &why, opened)?;
+                return Ok(log);
+            }
+        }
+        move_into(store, aside)?;
+        opened.set_aside = Some((aside.to_path_buf(), why));
+        Self::open_store(store)
+    }
+
+    /// Writes again what the moved journals' intact batches hold (what is in the
+    /// tables already is written again unchanged), and counts the messages of their
+    /// damaged batches that the tables do not have.
+    fn replay(
+        &self,
+        journals: &[PathBuf],
+        aside: &Path,
+        why: &str,
+        opened: &mut Opened,
+    ) -> anyhow::Result<()> {
+        let keyspaces = [&self.messages, &self.readings, &self.meta];
+        let (mut written, mut damaged, mut unparsed) = (0, Vec::new(), 0);
+        for journal in journals {
+            let read = salvage::read_journal(journal, true)?;
+            let mut batch = self.db.batch();
+            for (id, key, value) in read.items {
+                let Some(keyspace) = keyspaces.iter().find(|keyspace| keyspace.id() == id) else {
+                    continue;
+                };
+                match value {
+                    Some(value) => batch.insert(keyspace, key, value),
+                    None => batch.remove(keyspace, key),
+                }
+                written += 1;
+            }
+            batch.commit().context("cannot write to the log")?;
+            damaged.extend(read.damaged);
+            unparsed += read.unparsed;
+        }
+        self.sync()?;
+        self.load_positions()?;
+        let forwarded = self.forwarded();
+        let (mut lost, mut unforwarded) = (0, 0);
+        for (id, key, value) in damaged {
+            if id != self.messages.id() || value.is_none() {
+                continue;
+            }
+            let Some(number) = number_of(&key).filter(|_| key.len() == 8) else {
+                continue;
+            };
+            if !self.messages.contains_key(&key).unwrap_or(false) {
+                lost += 1;
+                unforwarded += u64::from(number >= forwarded);
+            }
+        }
+        opened.lost += unforwarded;
+        opened.damage.push(format!(
+            "the log's journal could not be read ({why}): moved aside to {}; the log opened from its tables and {written} writes of the journal's intact batches, {lost} messages lost with its damaged batches ({unforwarded} of them not forwarded yet){}",
+            aside.display(),
+            if unparsed > 0 {
+                format!(", and {unparsed} bytes of it could not be parsed (what they held is not counted)")
+            } else {
+                String::new()
+            }
+        ));
+        Ok(())
+    }
+
+    /// The same log without its unreadable blocks: when the tables have any, what is
+    /// readable is copied into a new store and the damaged one moved aside.
+    fn without_unreadable(
+        self,
+        store: &Path,
+        aside: &Path,
+        opened: &mut Opened,
+    ) -> anyhow::Result<Self> {
+        let damaged = self
+            .unreadable
+            .lock()
+            .map(|ranges| ranges.clone())
+            .unwrap_or_default();
+        let index_damaged = self.readings.iter().any(|guard| guard.key().is_err());
+        if damaged.is_empty() && !index_damaged {
+            return Ok(self);
+        }
+        let forwarded = self.forwarded();
+        let (mut lost, mut unforwarded) = (0, 0);
+        for &(from, to) in &damaged {
+            lost += to - from;
+            unforwarded += to.saturating_sub(from.max(forwarded));
+        }
+        let rebuilt = store.with_file_name("store.rebuilt");
+        if rebuilt.exists() {
+            std::fs::remove_dir_all(&rebuilt)
+                .with_context(|| format!("cannot remove {}", rebuilt.display()))?;
+        }
+        let copied = {
+            let fresh = Self::open_store(&rebuilt)?;
+            let copied = self.copy_into(&fresh, &damaged)?;
+            fresh.sync()?;
+            copied
+        };
+        drop(self);
+        let moved = move_into(store, aside)?;
+        std::fs::rename(&rebuilt, store)
+            .with_context(|| format!("cannot move {} to {}", rebuilt.display(), store.display()))?;
+        let log = Self::open_store(store)?;
+        let ranges: Vec<String> = damaged
+            .iter()
+            .map(|(from, to)| format!("{from}..{}", to - 1))
+            .collect();
+        opened.lost += unforwarded;
+        opened.damage.push(format!(
+            "the log's tables have unreadable blocks (messages {}{}): the {copied} readable messages copied into a new store, the damaged one moved aside to {}; {lost} messages lost ({unforwarded} of them not forwarded yet)",
+            if ranges.is_empty() { "none".to_string() } else { ranges.join(", ") },
+            if index_damaged { "; the readings index too, made again" } else { "" },
+            moved.display()
+        ));
+        Ok(log)
+    }
+
+    /// Copies every readable message into `fresh`, with its index entry and the
+    /// forwarded mark; returns how many.
+    fn copy_into(&self, fresh: &Self, damaged: &[(u64, u64)]) -> anyhow::Result<u64> {
+        let mut copied = 0;
+        let mut batch = fresh.db.batch();
+        let mut bytes = 0;
+        for (number, entry) in self.readable(damaged) {
+            let value = entry.encode();
+            bytes += value.len();
+            batch.insert(&fresh.messages, number.to_be_bytes(), value);
+            if let Some((device, boot, seq)) = entry.reading_key() {
+                batch.insert(&fresh.readings, index_key(&device, &boot, seq, number), []);
+            }
+            copied += 1;
+            if bytes > 4 << 20 {
+                batch.commit().context("cannot write the new log")?;
+                batch = fresh.db.batch();
+                bytes = 0;
+            }
+        }
+        batch.insert(&fresh.meta, FORWARDED, self.forwarded().to_be_bytes());
+        batch.commit().context("cannot write the new log")?;
+        Ok(copied)
+    }
+
+    /// Every readable message, in order, around the `damaged` ranges.
+    fn readable<'a>(
+        &'a self,
+        damaged: &'a [(u64, u64)],
+    ) -> impl Iterator<Item = (u64, Entry)> + 'a {
+        let mut at = 0u64;
+        let mut pending: std::vec::IntoIter<(u64, Entry)> = Vec::new().into_iter();
+        std::iter::from_fn(move || loop {
+            if let Some(next) = pending.next() {
+                return Some(next);
+            }
+            if at == u64::MAX {
+                return None;
+            }
+            let read = self.read_run(at, 1024, damaged);
+            let &(last, _) = read.last()?;
+            at = last.saturating_add(1);
+            pending = read.into_iter();
+        })
+    }
+
+    /// Up to `limit` readable messages from `from` on, skipping the `damaged` ranges.
+    fn read_run(&self, mut from: u64, limit: usize, damaged: &[(u64, u64)]) -> Vec<(u64, Entry)> {
+        let mut read = Vec::new();
+        'runs: while read.len() < limit {
+            if let Some(&(_, to)) = damaged
+                .iter()
+                .find(|(start, to)| (*start..*to).contains(&from))
+            {
+                from = to;
+            }
+            let stop = damaged
+                .iter()
+                .map(|(start, _)| *start)
+                .filter(|start| *start > from)
+                .min()
+                .unwrap_or(u64::MAX);
+            for guard in self.messages.range(from.to_be_bytes()..stop.to_be_bytes()) {
+                let Ok((key, value)) = guard.into_inner() else {
+                    break 'runs;
+                };
+                let (Some(number), Some(entry)) = (number_of(&key), Entry::decode(&value)) else {
+                    continue;
+                };
+                read.push((number, entry));
+                if read.len() >= limit {
+                    break 'runs;
+                }
+            }
+            if stop == u64::MAX {
+                break;
+            }
+            from = stop;
+        }
+        read
     }
 
     fn open_store(store: &Path) -> anyhow::Result<Self> {
@@ -264,31 +608,95 @@ impl Log {
             })
             .with_context(|| format!("cannot open the log's {name}"))
         };
-        let messages = keyspace("messages", 16 << 20)?;
-        let readings = keyspace("readings", 8 << 20)?;
-        let meta = keyspace("meta", 1 << 20)?;
-        let first_key = |guard: Option<fjall::Guard>| -> anyhow::Result<Option<u64>> {
-            match guard {
-                Some(guard) => Ok(number_of(&guard.key()?)),
-                None => Ok(None),
-            }
+        let log = Self {
+            messages: keyspace("messages", 16 << 20)?,
+            readings: keyspace("readings", 8 << 20)?,
+            meta: keyspace("meta", 1 << 20)?,
+            db,
+            next: Arc::new(AtomicU64::new(1)),
+            forwarded: Arc::new(AtomicU64::new(0)),
+            first: Arc::new(AtomicU64::new(1)),
+            unreadable: Arc::default(),
         };
-        let last = first_key(messages.last_key_value())?;
-        let first = first_key(messages.first_key_value())?;
-        let forwarded = meta
-            .get(FORWARDED)?
+        log.load_positions()?;
+        Ok(log)
+    }
+
+    /// Reads the first and last message numbers and the forwarded mark, by a scan of
+    /// the messages that notes the unreadable ranges on the way.
+    fn load_positions(&self) -> anyhow::Result<()> {
+        let forwarded = self
+            .meta
+            .get(FORWARDED)
+            .context("cannot read the log's forwarded mark")?
             .and_then(|value| number_of(&value))
             .unwrap_or(0);
-        let next = last.map_or(1, |last| last + 1).max(forwarded);
-        Ok(Self {
-            db,
-            messages,
-            readings,
-            meta,
-            next: Arc::new(AtomicU64::new(next)),
-            forwarded: Arc::new(AtomicU64::new(forwarded.min(next))),
-            first: Arc::new(AtomicU64::new(first.unwrap_or(next))),
-        })
+        let (mut first, mut last) = (None, None);
+        let mut damaged = Vec::new();
+        let mut at = 0u64;
+        'scan: loop {
+            for guard in self.messages.range(at.to_be_bytes()..) {
+                match guard.key() {
+                    Ok(key) => {
+                        if let Some(number) = number_of(&key) {
+                            first.get_or_insert(number);
+                            last = Some(number);
+                            at = number.saturating_add(1);
+                        }
+                    }
+                    Err(_) => {
+                        let resume = self.readable_after(at);
+                        damaged.push((at, resume));
+                        at = resume;
+                        continue 'scan;
+                    }
+                }
+            }
+            break;
+        }
+        let end = damaged.last().map_or(0, |&(_, to)| to);
+        let next = last.map_or(1, |last| last + 1).max(end).max(forwarded);
+        let first = first
+            .unwrap_or(next)
+            .min(damaged.first().map_or(u64::MAX, |&(from, _)| from));
+        self.next.store(next, Ordering::Release);
+        self.forwarded.store(forwarded.min(next), Ordering::Release);
+        self.first.store(first, Ordering::Release);
+        if let Ok(mut known) = self.unreadable.lock() {
+            *known = damaged;
+        }
+        Ok(())
+    }
+
+    /// The first number after `from` from which the messages read again: the end of
+    /// the damaged stretch that `from` falls in (reads fail from within it, and succeed
+    /// from anywhere past it).
+    fn readable_after(&self, from: u64) -> u64 {
+        let reads = |number: u64| {
+            self.messages
+                .range(number.to_be_bytes()..)
+                .next()
+                .is_none_or(|guard| guard.key().is_ok())
+        };
+        // Galloping, then bisection: `low` fails, `high` reads.
+        let (mut low, mut step) = (from, 1u64);
+        let mut high = loop {
+            let probe = from.saturating_add(step);
+            if probe == u64::MAX || reads(probe) {
+                break probe;
+            }
+            low = probe;
+            step = step.saturating_mul(2);
+        };
+        while high - low > 1 {
+            let middle = low + (high - low) / 2;
+            if reads(middle) {
+                high = middle;
+            } else {
+                low = middle;
+            }
+        }
+        high
     }
 
     /// Writes `batch` and syncs it to disk: when this returns `Ok`, every message of it
@@ -323,23 +731,68 @@ impl Log {
         self.next().saturating_sub(self.forwarded().max(1))
     }
 
-    /// Up to `limit` messages from number `from` on, in order.
+    /// Up to `limit` messages from number `from` on, in order. A stretch that cannot be
+    /// read (a block damaged since the start) is skipped, said and counted once.
     pub fn read_from(&self, from: u64, limit: usize) -> anyhow::Result<Vec<(u64, Entry)>> {
         let mut read = Vec::with_capacity(limit.min(1024));
-        for guard in self.messages.range(from.to_be_bytes()..).take(limit) {
-            let (key, value) = guard.into_inner().context("cannot read the log")?;
-            let Some(number) = number_of(&key) else {
-                continue;
-            };
-            match Entry::decode(&value) {
-                Some(entry) => read.push((number, entry)),
-                None => {
-                    tracing::error!(number, "message {number} of the log is unreadable; skipped");
-                    metrics::counter!("iot_relay_unreadable_total").increment(1);
+        let mut at = from;
+        'runs: loop {
+            let known = self
+                .unreadable
+                .lock()
+                .map(|ranges| ranges.clone())
+                .unwrap_or_default();
+            if let Some(&(_, to)) = known.iter().find(|(start, to)| (*start..*to).contains(&at)) {
+                at = to;
+            }
+            let mut seen = 0;
+            for guard in self.messages.range(at.to_be_bytes()..).take(limit) {
+                let (key, value) = match guard.into_inner() {
+                    Ok(read) => read,
+                    Err(error) if seen == 0 => {
+                        // Nothing before it: past the damage, and on.
+                        at = self.skip_unreadable(at, &error);
+                        continue 'runs;
+                    }
+                    // What was read first; the damage at the next call.
+                    Err(_) => break 'runs,
+                };
+                seen += 1;
+                let Some(number) = number_of(&key) else {
+                    continue;
+                };
+                match Entry::decode(&value) {
+                    Some(entry) => read.push((number, entry)),
+                    None => {
+                        tracing::error!(
+                            number,
+                            "message {number} of the log is unreadable; skipped"
+                        );
+                        metrics::counter!("iot_relay_unreadable_total").increment(1);
+                    }
                 }
             }
+            break;
         }
         Ok(read)
+    }
+
+    /// Notes the damaged stretch from `from` on, so that reads go past it.
+    fn skip_unreadable(&self, from: u64, error: &fjall::Error) -> u64 {
+        let to = self.readable_after(from);
+        let unforwarded = to.saturating_sub(from.max(self.forwarded()));
+        tracing::error!(
+            from,
+            to = to - 1,
+            unforwarded,
+            "messages {from} to {} of the log cannot be read ({error}): skipped, {unforwarded} of them not forwarded yet; the next start moves them aside",
+            to - 1
+        );
+        metrics::counter!("iot_relay_unreadable_total").increment(to - from);
+        if let Ok(mut known) = self.unreadable.lock() {
+            known.push((from, to));
+        }
+        to
     }
 
     /// The message `number`, if kept.
@@ -485,5 +938,6 @@ pub fn now_ms() -> i64 {
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
 }
 
+mod salvage;
 #[cfg(test)]
 mod tests;

@@ -10,5 +10,12 @@ async fn main() -> ExitCode {
     }
     iot_core::logging::init();
     let shutdown = iot_core::shutdown::on_signal();
-    iot_core::exit_code(edge_relay::run(config, shutdown).await)
+    match edge_relay::run(config, shutdown).await {
+        // Another relay's log: a setting to change, not a failure to restart on.
+        Err(error) if error.downcast_ref::<edge_relay::log::Held>().is_some() => {
+            tracing::error!("{error:#}");
+            ExitCode::from(2)
+        }
+        outcome => iot_core::exit_code(outcome),
+    }
 }

@@ -470,7 +470,17 @@ pub struct Unencodable {
     pub why: &'static str,
 }
 
-/// Whether a PUBLISH of `topic` and `payload_bytes` can be written.
+/// The remaining length of an MQTT 3.1.1 PUBLISH: topic length and topic, packet id,
+/// payload. Mosquitto measures a packet against its `max_packet_size` as this plus one
+/// (the first byte of the fixed header, not the bytes of the length itself): the largest
+/// publish the brokers accept has a remaining length of 2 097 151.
+pub fn remaining_length(topic: &str, qos: QoS, payload_bytes: usize) -> usize {
+    let packet_id = if qos == QoS::AtMostOnce { 0 } else { 2 };
+    2 + topic.len() + packet_id + payload_bytes
+}
+
+/// Whether a PUBLISH of `topic` and `payload_bytes` can be written: the brokers take it
+/// as Mosquitto counts ([`remaining_length`] + 1 within [`MAX_OUTGOING_PACKET`]).
 pub fn encodable(topic: &str, qos: QoS, payload_bytes: usize) -> Result<(), Unencodable> {
     let refuse = |why| {
         Err(Unencodable {
@@ -485,9 +495,7 @@ pub fn encodable(topic: &str, qos: QoS, payload_bytes: usize) -> Result<(), Unen
     if topic.len() > MAX_TOPIC_BYTES {
         return refuse("a topic is at most 65535 bytes");
     }
-    // Fixed header (at most 5 bytes), topic length and topic, packet id, payload.
-    let packet_id = if qos == QoS::AtMostOnce { 0 } else { 2 };
-    if 5 + 2 + topic.len() + packet_id + payload_bytes > MAX_OUTGOING_PACKET {
+    if remaining_length(topic, qos, payload_bytes) + 1 > MAX_OUTGOING_PACKET {
         return refuse("a packet is at most 2 MiB (the brokers' max_packet_size)");
     }
     Ok(())

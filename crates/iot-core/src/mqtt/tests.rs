@@ -142,6 +142,14 @@ async fn a_packet_mqtt_cannot_encode_is_an_error_of_that_publish_alone() {
     assert_eq!(kind, 3, "PUBLISH");
     assert!(body.ends_with(b"21.50"));
     assert!(encodable(&"t".repeat(MAX_TOPIC_BYTES), QoS::AtMostOnce, 0).is_ok());
+    // At the edge as Mosquitto counts it: remaining length + 1 within 2 MiB.
+    let largest = MAX_OUTGOING_PACKET - 1 - 2 - "/t".len() - 2;
+    assert_eq!(
+        remaining_length("/t", QoS::AtLeastOnce, largest),
+        MAX_OUTGOING_PACKET - 1
+    );
+    assert!(encodable("/t", QoS::AtLeastOnce, largest).is_ok());
+    assert!(encodable("/t", QoS::AtLeastOnce, largest + 1).is_err());
     assert!(encodable("/a/+/b", QoS::AtMostOnce, 0).is_err());
 }
 
