@@ -1024,3 +1024,80 @@ async fn large_qos1_messages_past_a_full_budget_wait_in_the_broker_not_in_the_re
     );
     relay.stop_cleanly().await;
 }
+
+/// Seconds of CPU a process has spent (user and system), from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("its stat");
+    // Fields after the command (in parentheses, which may hold blanks): utime and stime
+    // are the 14th and 15th of the line, the 12th and 13th after the parenthesis.
+    let after = &stat[stat.rfind(')').expect("the command") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // The kernel's clock ticks per second (USER_HZ), 100 on Linux.
+    ticks as f64 / 100.0
+}
+
+/// 500 messages of 2 MB (1 GB) through the relay and forwarded, then the relay idle
+/// with them kept for its retention: within 10 s its memory is back under the idle
+/// figure plus the bound `docs/edge-relay.md` states, and it spends next to no CPU (its
+/// housekeeping learns the messages' ages from a small index, not by reading them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_relay_after_a_gigabyte_forwarded_is_back_to_its_idle_memory_and_cpu() {
+    const COUNT: usize = 500;
+    const SIZE: usize = 2_000_000;
+    let brokers = spawn_relay_brokers().await;
+    let log_dir = brokers.dir().join("relay-log");
+    let (mut relay, port) = relay_with_metrics(&brokers, &log_dir, &["--max-disk", "4G"]).await;
+    let pid = relay.pid().expect("the relay runs");
+    let idle = rss_bytes(&relay);
+    eprintln!("idle RSS at start: {} MiB", idle >> 20);
+
+    let mut device = TestClient::connect(brokers.local.port, "temperature-sensor").await;
+    for payload in incompressible(COUNT, SIZE) {
+        let topic = "/sensor/big-5/temperature";
+        device
+            .publish(topic, QoS::AtLeastOnce, false, &payload)
+            .await;
+    }
+    tests::wait_for_within(
+        CATCH_UP,
+        "every message forwarded",
+        || metric(port, "iot_relay_forwarded_total"),
+        |forwarded| forwarded.is_some_and(|n| n >= COUNT as f64),
+    )
+    .await;
+    // Kept for the retention (the keeper's gauges follow within a second).
+    wait_for(
+        "every message kept",
+        || metric(port, "iot_relay_kept"),
+        |kept| *kept == Some(COUNT as f64),
+    )
+    .await;
+
+    // Within 10 s (the store compacts what it took meanwhile): memory back, and a
+    // second of next to no CPU.
+    let bound = idle + edge_relay::IDLE_MEMORY_BOUND;
+    let share_over = |seconds: u64| async move {
+        let (before, started) = (cpu_seconds(pid), std::time::Instant::now());
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        (cpu_seconds(pid) - before) / started.elapsed().as_secs_f64()
+    };
+    let (rss, _) = tests::wait_for_within(
+        Duration::from_secs(10),
+        "the relay's memory back to idle, its CPU near zero",
+        || async { (rss_bytes(&relay), share_over(1).await) },
+        |(rss, share)| *rss <= bound && *share < 0.05,
+    )
+    .await;
+    // And so it stays: over 5 s, as a share of one core.
+    let share = share_over(5).await;
+    eprintln!(
+        "idle after {COUNT} messages of {SIZE} B forwarded: RSS {} MiB (idle {} MiB), CPU {:.1} % of a core",
+        rss >> 20,
+        idle >> 20,
+        share * 100.0
+    );
+    assert!(share < 0.05, "{:.1} % of a core while idle", share * 100.0);
+    relay.stop_cleanly().await;
+}

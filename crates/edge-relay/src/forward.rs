@@ -22,8 +22,13 @@ use crate::log::{now_ms, Log};
 
 /// Publishes waiting for the cloud broker's acknowledgement at most.
 pub const WINDOW: usize = 1000;
+/// Payload bytes waiting for the cloud broker's acknowledgement at most (but always one
+/// message): the window alone would let 1000 messages of 2 MiB, 2 GiB, wait in memory.
+pub const WINDOW_BYTES: usize = 64 << 20;
 /// Messages read from the log at once.
 const READ: usize = 256;
+/// Bytes of messages read from the log at once (but always one message).
+const READ_BYTES: usize = 8 << 20;
 /// How long a stop waits for the cloud to acknowledge what is in flight.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -52,7 +57,10 @@ pub struct Forwarder {
     /// New messages in the log.
     wake: Arc<Notify>,
     replays: mpsc::Receiver<Replay>,
-    sent: VecDeque<Sent>,
+    /// With the payload bytes of each.
+    sent: VecDeque<(Sent, usize)>,
+    /// Payload bytes of `sent`.
+    sent_bytes: usize,
     /// The next message number to publish.
     cursor: u64,
     refill_window: Duration,
@@ -79,6 +87,7 @@ impl Forwarder {
             wake,
             replays,
             sent: VecDeque::new(),
+            sent_bytes: 0,
             cursor,
             refill_window,
             refill_delay,
@@ -132,14 +141,16 @@ impl Forwarder {
 
     /// Publishes from the log until the window is full or the log is done.
     async fn fill(&mut self) -> anyhow::Result<()> {
-        while self.sent.len() < WINDOW {
+        while self.sent.len() < WINDOW && self.sent_bytes < WINDOW_BYTES {
             let want = (WINDOW - self.sent.len()).min(READ);
             let cursor = self.cursor.max(self.log.first());
-            let read = self.log.read_from(cursor, want)?;
+            let bytes = READ_BYTES.min(WINDOW_BYTES - self.sent_bytes);
+            let read = self.log.read_from(cursor, want, bytes)?;
             let Some(&(last, _)) = read.last() else {
                 return Ok(());
             };
             for (number, entry) in read {
+                let bytes = entry.payload.len();
                 let published = self
                     .connection
                     .publish(
@@ -150,14 +161,14 @@ impl Forwarder {
                     )
                     .await;
                 match published {
-                    Ok(()) => self.sent.push_back(Sent::Message(number)),
+                    Ok(()) => self.push(Sent::Message(number), bytes),
                     Err(error) if error.is::<Unencodable>() => {
                         tracing::warn!(
                             number,
                             "the cloud broker cannot take message {number}: {error}; passed over"
                         );
                         metrics::counter!("iot_relay_unforwardable_total").increment(1);
-                        self.sent.push_back(Sent::Skipped(number));
+                        self.push(Sent::Skipped(number), 0);
                     }
                     Err(error) => return Err(error),
                 }
@@ -169,13 +180,14 @@ impl Forwarder {
     }
 
     async fn send_replay(&mut self, replay: Replay) -> anyhow::Result<()> {
+        let bytes = replay.payload.len();
         match self
             .connection
             .publish(&replay.topic, QoS::AtLeastOnce, false, replay.payload)
             .await
         {
             Ok(()) => {
-                self.sent.push_back(Sent::Replay);
+                self.push(Sent::Replay, bytes);
                 metrics::counter!("iot_relay_replayed_total").increment(1);
                 Ok(())
             }
@@ -187,7 +199,7 @@ impl Forwarder {
     fn heard(&mut self, event: Event) -> anyhow::Result<()> {
         match event {
             Event::Acked => {
-                match self.sent.pop_front() {
+                match self.pop() {
                     Some(Sent::Message(number)) => {
                         self.log.mark_forwarded(number + 1)?;
                         metrics::counter!("iot_relay_forwarded_total").increment(1);
@@ -219,7 +231,7 @@ impl Forwarder {
         let mut again = self.cursor;
         let mut left = forgotten;
         while left > 0 {
-            match self.sent.pop_front() {
+            match self.pop() {
                 Some(Sent::Message(number)) => {
                     again = again.min(number);
                     left -= 1;
@@ -251,10 +263,21 @@ impl Forwarder {
         Ok(())
     }
 
+    fn push(&mut self, sent: Sent, bytes: usize) {
+        self.sent.push_back((sent, bytes));
+        self.sent_bytes += bytes;
+    }
+
+    fn pop(&mut self) -> Option<Sent> {
+        let (sent, bytes) = self.sent.pop_front()?;
+        self.sent_bytes -= bytes;
+        Some(sent)
+    }
+
     /// Messages passed over at the front count as forwarded.
     fn settle(&mut self) -> anyhow::Result<()> {
-        while let Some(&Sent::Skipped(number)) = self.sent.front() {
-            self.sent.pop_front();
+        while let Some(&(Sent::Skipped(number), _)) = self.sent.front() {
+            self.pop();
             self.log.mark_forwarded(number + 1)?;
         }
         Ok(())
@@ -297,9 +320,8 @@ impl Forwarder {
         let (mut low, mut high) = (self.log.first(), self.log.next());
         while low < high {
             let middle = low + (high - low) / 2;
-            let taken = self.log.read_from(middle, 1)?;
-            match taken.first() {
-                Some((number, entry)) if entry.received_ms < since_ms => low = number + 1,
+            match self.log.taken_at(middle)? {
+                Some((number, received_ms)) if received_ms < since_ms => low = number + 1,
                 _ => high = middle,
             }
         }

@@ -348,7 +348,7 @@ impl Recent {
         let mut recent = Self::default();
         let mut from = log.next().saturating_sub(RECENT as u64).max(log.first());
         loop {
-            let read = log.read_from(from, 16)?;
+            let read = log.read_from(from, 16, 16 << 20)?;
             let Some(&(last, _)) = read.last() else {
                 return Ok(recent);
             };

@@ -47,7 +47,7 @@ impl Keeper {
         let keep_from = now_ms() - i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX);
         let mut expired = 0;
         loop {
-            let deleted = self.log.trim(TRIM, |entry| entry.received_ms < keep_from)?;
+            let deleted = self.log.trim(TRIM, |received_ms| received_ms < keep_from)?;
             expired += deleted;
             if deleted < TRIM as u64 {
                 break;
@@ -113,10 +113,10 @@ impl Keeper {
         metrics::gauge!("iot_relay_backlog").set(backlog as f64);
         metrics::gauge!("iot_relay_disk_bytes").set(disk as f64);
         metrics::gauge!("iot_relay_kept").set(self.log.kept() as f64);
-        let oldest = match self.log.read_from(self.log.forwarded().max(1), 1) {
-            Ok(first) if backlog > 0 => first.first().map_or(0.0, |(_, entry)| {
-                (now_ms() - entry.received_ms).max(0) as f64 / 1000.0
-            }),
+        let oldest = match self.log.taken_at(self.log.forwarded().max(1)) {
+            Ok(Some((_, received_ms))) if backlog > 0 => {
+                (now_ms() - received_ms).max(0) as f64 / 1000.0
+            }
             _ => 0.0,
         };
         metrics::gauge!("iot_relay_oldest_unforwarded_seconds").set(oldest);

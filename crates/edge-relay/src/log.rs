@@ -2,7 +2,7 @@
 //! see docs/benchmarks.md): every message taken from the edge broker under a sequence
 //! number of the relay's own, until it is forwarded and past its retention.
 //!
-//! Three keyspaces:
+//! Four keyspaces:
 //! - `messages`: sequence number (8 bytes, big-endian, so keys sort in order) → the
 //!   message as [`Entry::encode`] writes it: its topic, payload, QoS, retain flag and
 //!   when the relay took it.
@@ -12,8 +12,15 @@
 //!   answered by a range scan. A device account's reading that names another device is
 //!   not indexed: it cannot answer for the genuine one. The sequence number is part of
 //!   the key, so two copies of one reading both stay.
+//! - `ages`: sequence number → when the relay took the message (8 bytes) and its
+//!   `readings` key if it has one: what retention, the disk budget's trimming and the
+//!   refill window need to know of a message, so that they never read its payload
+//!   (messages may be 2 MiB each; reading them to learn their age took gigabytes).
+//!   Written in the same batch as the message. A log of relays before it (no `ages`
+//!   mark in `meta`) has its index built once when opened.
 //! - `meta`: `forwarded`, the highest sequence number below which everything was
-//!   acknowledged by the cloud broker.
+//!   acknowledged by the cloud broker; `ages`, once every kept message has its age
+//!   in `ages`.
 //!
 //! A batch is written with one `fdatasync` ([`Log::append`]): the relay acknowledges a
 //! message to the edge broker only once that returned. Everything else (the forwarded
@@ -37,6 +44,12 @@ const FORMAT: u8 = 2;
 /// a journal first, which is dropped once its memtable is flushed to the tables.
 pub const JOURNAL_RESERVE: u64 = 64 << 20;
 const FORWARDED: &[u8] = b"forwarded";
+/// In `meta` once every kept message has its entry in `ages`.
+const AGES: &[u8] = b"ages";
+/// Most messages (or, whichever comes first, [`INDEX_BYTES`] of them) read at once while
+/// the `ages` index of an older log is built.
+const INDEX_BATCH: usize = 1000;
+const INDEX_BYTES: usize = 16 << 20;
 
 /// One message as the relay keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,6 +189,24 @@ fn index_prefix(device: &str, boot: &str) -> Vec<u8> {
     key
 }
 
+/// The `ages` entry of `entry`: when it was taken, then its `readings` key if any.
+fn age_value(entry: &Entry, number: u64) -> Vec<u8> {
+    let mut value = entry.received_ms.to_be_bytes().to_vec();
+    if let Some((device, boot, seq)) = entry.reading_key() {
+        value.extend_from_slice(&index_key(&device, &boot, seq, number));
+    }
+    value
+}
+
+/// What an `ages` entry holds: when the message was taken (0, so that it expires,
+/// if unreadable) and its `readings` key, if any.
+fn read_age(value: &[u8]) -> (i64, &[u8]) {
+    match value.split_first_chunk::<8>() {
+        Some((received, index)) => (i64::from_be_bytes(*received), index),
+        None => (0, &[]),
+    }
+}
+
 fn number_of(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(*key.first_chunk::<8>()?))
 }
@@ -298,6 +329,7 @@ pub struct Log {
     db: Database,
     messages: Keyspace,
     readings: Keyspace,
+    ages: Keyspace,
     meta: Keyspace,
     /// The next sequence number to give.
     next: Arc<AtomicU64>,
@@ -410,7 +442,7 @@ impl Log {
         why: &str,
         opened: &mut Opened,
     ) -> anyhow::Result<()> {
-        let keyspaces = [&self.messages, &self.readings, &self.meta];
+        let keyspaces = [&self.messages, &self.readings, &self.ages, &self.meta];
         let (mut written, mut damaged, mut unparsed) = (0, Vec::new(), 0);
         for journal in journals {
             let read = salvage::read_journal(journal, true)?;
@@ -521,9 +553,11 @@ impl Log {
             let value = entry.encode();
             bytes += value.len();
             batch.insert(&fresh.messages, number.to_be_bytes(), value);
-            if let Some((device, boot, seq)) = entry.reading_key() {
-                batch.insert(&fresh.readings, index_key(&device, &boot, seq, number), []);
+            let age = age_value(&entry, number);
+            if let (_, index @ [_, ..]) = read_age(&age) {
+                batch.insert(&fresh.readings, index, []);
             }
+            batch.insert(&fresh.ages, number.to_be_bytes(), age);
             copied += 1;
             if bytes > 4 << 20 {
                 batch.commit().context("cannot write the new log")?;
@@ -594,7 +628,7 @@ impl Log {
     }
 
     fn open_store(store: &Path) -> anyhow::Result<Self> {
-        // Memory does not grow with the backlog: at most 16 + 8 + 1 MiB of memtables and
+        // Memory does not grow with the backlog: at most 16 + 8 + 1 + 1 MiB of memtables and
         // a 16 MiB block cache; journals (64 MiB at most, fjall's least) are dropped
         // once their memtables are on disk.
         let db = Database::builder(store)
@@ -611,6 +645,7 @@ impl Log {
         let log = Self {
             messages: keyspace("messages", 16 << 20)?,
             readings: keyspace("readings", 8 << 20)?,
+            ages: keyspace("ages", 1 << 20)?,
             meta: keyspace("meta", 1 << 20)?,
             db,
             next: Arc::new(AtomicU64::new(1)),
@@ -619,6 +654,15 @@ impl Log {
             unreadable: Arc::default(),
         };
         log.load_positions()?;
+        // A log of a relay before the `ages` index gets it once; a damaged one is
+        // copied into a new store first (`without_unreadable`), which writes it.
+        let damaged = log
+            .unreadable
+            .lock()
+            .map_or(true, |ranges| !ranges.is_empty());
+        if !damaged && log.meta.get(AGES)?.is_none() {
+            log.index_ages()?;
+        }
         Ok(log)
     }
 
@@ -699,6 +743,46 @@ impl Log {
         high
     }
 
+    /// Builds the `ages` index of a log written by a relay before it (once: the mark
+    /// `ages` in `meta` says it is done), reading its messages once, a few at a time.
+    fn index_ages(&self) -> anyhow::Result<()> {
+        let mut indexed = 0;
+        let mut write = self.db.batch();
+        let (mut count, mut bytes) = (0, 0);
+        for guard in self.messages.iter() {
+            let (key, value) = guard.into_inner().context("cannot read the log")?;
+            let Some(number) = number_of(&key) else {
+                continue;
+            };
+            let age = Entry::decode(&value).map_or_else(
+                // Unreadable: its age unknown, it goes first.
+                || 0i64.to_be_bytes().to_vec(),
+                |entry| age_value(&entry, number),
+            );
+            write.insert(&self.ages, key, age);
+            (count, bytes) = (count + 1, bytes + value.len());
+            if count >= INDEX_BATCH || bytes >= INDEX_BYTES {
+                write.commit().context("cannot write to the log")?;
+                write = self.db.batch();
+                indexed += count;
+                (count, bytes) = (0, 0);
+            }
+        }
+        indexed += count;
+        write.insert(&self.meta, AGES, []);
+        write
+            .durability(Some(PersistMode::SyncData))
+            .commit()
+            .context("cannot write to the log")?;
+        if indexed > 0 {
+            tracing::info!(
+                indexed,
+                "indexed the ages of a log written by an earlier relay (once)"
+            );
+        }
+        Ok(())
+    }
+
     /// Writes `batch` and syncs it to disk: when this returns `Ok`, every message of it
     /// survives a crash or a power cut. Called by one task at a time.
     pub fn append(&self, batch: &[Entry]) -> anyhow::Result<()> {
@@ -706,9 +790,11 @@ impl Log {
         let mut write = self.db.batch().durability(Some(PersistMode::SyncData));
         for (number, entry) in (first..).zip(batch) {
             write.insert(&self.messages, number.to_be_bytes(), entry.encode());
-            if let Some((device, boot, seq)) = entry.reading_key() {
-                write.insert(&self.readings, index_key(&device, &boot, seq, number), []);
+            let age = age_value(entry, number);
+            if let (_, index @ [_, ..]) = read_age(&age) {
+                write.insert(&self.readings, index, []);
             }
+            write.insert(&self.ages, number.to_be_bytes(), age);
         }
         write.commit().context("cannot write to the log")?;
         self.next
@@ -731,10 +817,17 @@ impl Log {
         self.next().saturating_sub(self.forwarded().max(1))
     }
 
-    /// Up to `limit` messages from number `from` on, in order. A stretch that cannot be
-    /// read (a block damaged since the start) is skipped, said and counted once.
-    pub fn read_from(&self, from: u64, limit: usize) -> anyhow::Result<Vec<(u64, Entry)>> {
+    /// Up to `limit` messages from number `from` on, in order, and no more than `bytes`
+    /// of them (but always one). A stretch that cannot be read (a block damaged since
+    /// the start) is skipped, said and counted once.
+    pub fn read_from(
+        &self,
+        from: u64,
+        limit: usize,
+        bytes: usize,
+    ) -> anyhow::Result<Vec<(u64, Entry)>> {
         let mut read = Vec::with_capacity(limit.min(1024));
+        let mut taken = 0;
         let mut at = from;
         'runs: loop {
             let known = self
@@ -747,6 +840,9 @@ impl Log {
             }
             let mut seen = 0;
             for guard in self.messages.range(at.to_be_bytes()..).take(limit) {
+                if taken >= bytes && !read.is_empty() {
+                    break 'runs;
+                }
                 let (key, value) = match guard.into_inner() {
                     Ok(read) => read,
                     Err(error) if seen == 0 => {
@@ -758,6 +854,7 @@ impl Log {
                     Err(_) => break 'runs,
                 };
                 seen += 1;
+                taken += value.len();
                 let Some(number) = number_of(&key) else {
                     continue;
                 };
@@ -877,9 +974,20 @@ impl Log {
         self.first.load(Ordering::Acquire)
     }
 
-    /// Deletes forwarded messages from the oldest on, while `drop(entry)` says so, at
-    /// most `limit` of them; returns how many it deleted.
-    pub fn trim(&self, limit: usize, mut drop: impl FnMut(&Entry) -> bool) -> anyhow::Result<u64> {
+    /// When the relay took the first message kept from number `from` on: its number
+    /// and time, from the `ages` index (no payload is read).
+    pub fn taken_at(&self, from: u64) -> anyhow::Result<Option<(u64, i64)>> {
+        let Some(guard) = self.ages.range(from.to_be_bytes()..).next() else {
+            return Ok(None);
+        };
+        let (key, value) = guard.into_inner().context("cannot read the log's ages")?;
+        Ok(number_of(&key).map(|number| (number, read_age(&value).0)))
+    }
+
+    /// Deletes forwarded messages from the oldest on, while `drop(received_ms)` says so
+    /// of when the relay took them, at most `limit` of them; returns how many it
+    /// deleted. Reads only the `ages` index, never a message.
+    pub fn trim(&self, limit: usize, mut drop: impl FnMut(i64) -> bool) -> anyhow::Result<u64> {
         let forwarded = self.forwarded();
         let from = self.first();
         // Only forwarded messages are deleted: none of the rest is read.
@@ -891,13 +999,19 @@ impl Log {
         let mut write = self.db.batch();
         let mut deleted = 0;
         let mut new_first = from;
-        for (number, entry) in self.read_from(from, limit)? {
-            if number >= forwarded || !drop(&entry) {
+        for guard in self.ages.range(from.to_be_bytes()..).take(limit) {
+            let (key, value) = guard.into_inner().context("cannot read the log's ages")?;
+            let Some(number) = number_of(&key) else {
+                continue;
+            };
+            let (received_ms, index) = read_age(&value);
+            if number >= forwarded || !drop(received_ms) {
                 break;
             }
-            write.remove(&self.messages, number.to_be_bytes());
-            if let Some((device, boot, seq)) = entry.reading_key() {
-                write.remove(&self.readings, index_key(&device, &boot, seq, number));
+            write.remove(&self.messages, key.clone());
+            write.remove(&self.ages, key);
+            if !index.is_empty() {
+                write.remove(&self.readings, index);
             }
             deleted += 1;
             new_first = number + 1;
@@ -914,7 +1028,7 @@ impl Log {
     /// Writes deletions out and compacts, so that their room is given back to the disk
     /// now: for a disk budget that is full (without new writes, fjall would not compact).
     pub fn compact(&self) -> anyhow::Result<()> {
-        for keyspace in [&self.messages, &self.readings] {
+        for keyspace in [&self.messages, &self.readings, &self.ages] {
             keyspace
                 .rotate_memtable_and_wait()
                 .context("cannot flush the log")?;

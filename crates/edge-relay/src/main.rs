@@ -2,6 +2,12 @@
 
 use std::process::ExitCode;
 
+/// mimalloc gives back to the system what a burst of large messages passed through:
+/// glibc kept it in its arenas (612 MiB still held after 1 GB of 2 MB messages were
+/// forwarded, against 55 MiB at start; about half that with mimalloc).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config: edge_relay::Config = iot_core::config::load();

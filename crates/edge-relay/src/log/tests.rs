@@ -97,7 +97,9 @@ fn what_was_appended_survives_a_reopen_with_its_forwarded_mark() {
     let (log, opened) = Log::open(dir.path()).expect("reopen");
     assert_eq!((opened.messages, opened.backlog), (3, 1));
     assert_eq!(log.next(), 4);
-    let unforwarded = log.read_from(log.forwarded(), 10).expect("read");
+    let unforwarded = log
+        .read_from(log.forwarded(), 10, usize::MAX)
+        .expect("read");
     assert_eq!(unforwarded, vec![(3, reading("t-1", 3))]);
 }
 
@@ -157,7 +159,39 @@ fn trimming_removes_only_forwarded_messages_and_their_index() {
         0,
         "kept while asked"
     );
-    assert_eq!(log.read_from(0, 100).expect("read").len(), 3);
+    assert_eq!(log.read_from(0, 100, usize::MAX).expect("read").len(), 3);
+}
+
+#[test]
+fn a_log_of_an_earlier_relay_gets_its_ages_indexed_once_and_trims() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let (log, _) = Log::open(dir.path()).expect("open");
+        let mut batch: Vec<Entry> = (1..=4).map(|seq| reading("t-1", seq)).collect();
+        batch[3].received_ms += 60_000;
+        log.append(&batch).expect("append");
+        log.mark_forwarded(5).expect("mark");
+        // As a relay before the index wrote it: no ages, no mark.
+        for number in 1..=4u64 {
+            log.ages.remove(number.to_be_bytes()).expect("remove");
+        }
+        log.meta.remove(AGES).expect("remove");
+        log.sync().expect("sync");
+    }
+    let (log, _) = Log::open(dir.path()).expect("open again");
+    assert_eq!(log.ages.len().expect("count"), 4, "indexed");
+    assert_eq!(log.taken_at(2).expect("age"), Some((2, 1_700_000_000_000)));
+    // The first three are older than the fourth: retention takes them and their index.
+    let keep_from = 1_700_000_000_000 + 1;
+    assert_eq!(
+        log.trim(100, |received| received < keep_from)
+            .expect("trim"),
+        3
+    );
+    assert_eq!(log.first(), 4);
+    let left = log.readings("t-1", "b1", (1, 10), 100).expect("lookup");
+    assert_eq!(left, [(4, 4)]);
+    assert_eq!(log.ages.len().expect("count"), 1);
 }
 
 #[test]
@@ -211,7 +245,7 @@ fn a_torn_last_write_is_cut_off_and_the_rest_kept() {
     );
     assert_eq!(log.next(), opened.messages + 1);
     assert_eq!(
-        log.read_from(1, 100).expect("read").len() as u64,
+        log.read_from(1, 100, usize::MAX).expect("read").len() as u64,
         opened.messages
     );
 }
@@ -254,7 +288,7 @@ fn a_block_damaged_while_running_is_skipped_once() {
     let mut numbers = Vec::new();
     let mut at = 1;
     loop {
-        let read = log.read_from(at, 256).expect("read");
+        let read = log.read_from(at, 256, usize::MAX).expect("read");
         let Some(&(last, _)) = read.last() else {
             break;
         };
