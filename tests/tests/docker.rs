@@ -871,7 +871,7 @@ async fn docker_tier_the_stack_as_users_run_it_keeps_every_reading_once() {
         String::from_utf8_lossy(&stack.compose(&["logs", "--no-color", "edge-relay"]).stdout)
             .into_owned();
     assert!(
-        !relay_log.contains("without the relay's session"),
+        !relay_log.contains("without this relay's session"),
         "the cloud broker lost the relay's session across down and up:\n{relay_log}"
     );
     stored_once(&stack, "down, then up").await;
@@ -937,6 +937,16 @@ async fn docker_tier_the_bridge_and_the_replicas_store_every_reading_once() {
         "--retire",
     ]);
     eprintln!("retired: {retired}");
+    let stored: u64 = retired
+        .split("stored ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("--retire said: {retired}"));
+    assert!(
+        stored > 0,
+        "nothing waited for the stopped replica: {retired}"
+    );
     stored_once(
         &replicas,
         "compose.replicas.yaml, the second replica retired",
