@@ -465,11 +465,16 @@ async fn stored_more_than(db: &mongodb::Database, than: u64, within: Duration) -
     }
 }
 
-/// `mosquitto_pub` to the host's `port`: its exit status and stderr.
+/// `mosquitto_pub` of a reading on `/sensor/temperature` to the host's `port`: its exit
+/// status and stderr.
 fn publish_on_host(port: u16, extra: &[&str]) -> (bool, String) {
+    publish_to_host(port, "/sensor/temperature", extra)
+}
+
+fn publish_to_host(port: u16, topic: &str, extra: &[&str]) -> (bool, String) {
     let output = Command::new("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(["-t", "/sensor/temperature", "-m", "99.99", "-q", "1"])
+        .args(["-t", topic, "-m", "21.50", "-q", "1"])
         .args(extra)
         .output()
         .expect("mosquitto_pub runs (apt-get install mosquitto-clients)");
@@ -860,7 +865,30 @@ async fn docker_tier_the_stack_as_users_run_it_keeps_every_reading_once() {
     let boots_cut = stored_once(&stack, "link cut two minutes, then a bad link").await;
     assert!(boots_cut.len() > boots_first.len());
 
-    // down, then up: the readings, the brokers' sessions and the accounts are kept.
+    // down, then up: the readings, the brokers' sessions and the accounts are kept. A
+    // device account added as the docs say (scripts/add-device --compose) included.
+    let added = Command::new("scripts/add-device")
+        .args(["tier-plug", "--compose"])
+        .env("COMPOSE_PROJECT_NAME", &stack.project)
+        .current_dir(&stack.root)
+        .output()
+        .expect("scripts/add-device runs");
+    let said = String::from_utf8_lossy(&added.stdout).into_owned();
+    assert!(
+        added.status.success(),
+        "add-device: {said}{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let device_password = said
+        .lines()
+        .find_map(|line| line.strip_prefix("password: "))
+        .unwrap_or_else(|| panic!("add-device printed no password: {said}"))
+        .trim()
+        .to_string();
+    let device = ["-u", "tier-plug", "-P", device_password.as_str()];
+    let plug_topic = "/sensor/tier-plug/temperature";
+    let (ok, why) = publish_to_host(1883, plug_topic, &device);
+    assert!(ok, "the new device account cannot log in: {why}");
     let kept = count(&db).await;
     stack.compose_ok(&["down", "--timeout", "20"]);
     stack.up(&healthy);
@@ -874,6 +902,8 @@ async fn docker_tier_the_stack_as_users_run_it_keeps_every_reading_once() {
         !relay_log.contains("without this relay's session"),
         "the cloud broker lost the relay's session across down and up:\n{relay_log}"
     );
+    let (ok, why) = publish_to_host(1883, plug_topic, &device);
+    assert!(ok, "the device account is gone after down and up: {why}");
     stored_once(&stack, "down, then up").await;
 
     // down -v: a clean start, and again readings from seq 1.
@@ -881,6 +911,8 @@ async fn docker_tier_the_stack_as_users_run_it_keeps_every_reading_once() {
     let took = stack.up(&healthy);
     eprintln!("after down -v: every service healthy {took:?} after `up --build -d`");
     let db = stack.database().await;
+    let (ok, _) = publish_to_host(1883, plug_topic, &device);
+    assert!(!ok, "the device account outlived down -v");
     let boots_again = stored_once(&stack, "down -v, then up").await;
     for boot in &boots_again {
         assert!(
