@@ -28,12 +28,17 @@ RUN set -eu; \
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
+# The shipped binaries only (not the tests package's tools, nor its features).
+ENV BINARIES="-p temperature-sensor -p pressure-sensor -p device-status -p mqtt-subscriber -p edge-relay -p mongo-persister -p readings"
 COPY --from=planner /skeleton/ ./
-RUN cargo build --release --workspace --bins
-COPY . .
+RUN cargo build --release --locked $BINARIES
+# What the binaries are built from (docs and the rest do not rebuild them): the crates
+# and the presets they embed.
+COPY crates crates
+COPY ingest ingest
 # The sources are older than the stubs built above: newer, so cargo builds them.
-RUN find crates tests -name '*.rs' -exec touch {} + \
-    && cargo build --release --workspace --bins
+RUN find crates -name '*.rs' -exec touch {} + \
+    && cargo build --release --locked $BINARIES
 
 FROM debian:bookworm-slim AS runtime
 # ca-certificates for TLS to brokers and databases; openssl for mosquitto/certs.sh (the
@@ -57,10 +62,11 @@ COPY mosquitto/certs.sh /usr/local/bin/certs.sh
 COPY monitoring/mosquitto-exporter.sh /usr/local/bin/mosquitto-exporter
 COPY monitoring/mosquitto-exporter.yaml /usr/local/share/iot-pipeline/mosquitto-exporter.yaml
 # A fresh named volume takes the owner of the folder it is mounted on: the certs
-# service writes the certificates (/certs) and keeps the CA's key apart (/ca-private,
-# its own only), and edge-relay its log, without root.
-RUN mkdir -p /certs /ca-private /var/lib/edge-relay \
-    && chown iot /certs /ca-private /var/lib/edge-relay \
+# service writes the cloud broker's certificate and key (/certs), the CA's certificate
+# for the edge (/ca), and keeps the CA's key apart (/ca-private, its own only), and
+# edge-relay its log, without root.
+RUN mkdir -p /certs /ca /ca-private /var/lib/edge-relay \
+    && chown iot /certs /ca /ca-private /var/lib/edge-relay \
     && chmod 700 /ca-private
 USER iot
 WORKDIR /home/iot

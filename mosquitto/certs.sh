@@ -10,6 +10,9 @@
 #
 # The CA's private key signs nothing after this: it is kept apart, in CA_KEY_DIR
 # (default: CERTS_DIR-ca-private, beside it), never in the folder the brokers read.
+# With CA_PUBLIC_DIR set, a copy of ca.crt goes there too (every run, so real
+# certificates put in CERTS_DIR reach it): the folder for the services that only verify
+# the cloud broker (the edge site's), which must not hold its private key.
 set -eu
 die() { echo "mosquitto/certs.sh: $*" >&2; exit 2; }
 
@@ -21,7 +24,16 @@ shift
 ca_dir=${CA_KEY_DIR:-${dir%/}-ca-private}
 mkdir -p "$dir" "$ca_dir"
 chmod 700 "$ca_dir"
+# Copies ca.crt to CA_PUBLIC_DIR, when set; the script's last step.
+publish_ca() {
+  [ -n "${CA_PUBLIC_DIR:-}" ] || return 0
+  mkdir -p "$CA_PUBLIC_DIR"
+  cp "$dir/ca.crt" "$CA_PUBLIC_DIR/ca.crt.new"
+  chmod 644 "$CA_PUBLIC_DIR/ca.crt.new"
+  mv "$CA_PUBLIC_DIR/ca.crt.new" "$CA_PUBLIC_DIR/ca.crt"
+}
 if [ -f "$dir/ca.crt" ] && [ -f "$dir/server.crt" ] && [ -f "$dir/server.key" ]; then
+  publish_ca
   exit 0
 fi
 command -v openssl >/dev/null 2>&1 || die "openssl not found: install it (apt-get install openssl)"
@@ -48,3 +60,4 @@ rm -f "$dir/server.csr" "$dir/server.ext" "$dir/ca.srl"
 umask "$old_umask"
 chmod 644 "$dir/ca.crt" "$dir/server.crt"
 echo "mosquitto/certs.sh: development certificates for $* in $dir" >&2
+publish_ca

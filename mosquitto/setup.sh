@@ -163,7 +163,7 @@ if [ "$broker" = local ]; then
   fi
 else
   # shellcheck disable=SC2086 # the names are words on purpose
-  "$here/certs.sh" "$certs" ${CLOUD_TLS_NAMES:-}
+  sh "$here/certs.sh" "$certs" ${CLOUD_TLS_NAMES:-}
 fi
 if [ -d "$certs" ]; then certs=$(cd "$certs" && pwd); fi
 

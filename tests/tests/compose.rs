@@ -707,6 +707,26 @@ fn the_edge_and_the_cloud_are_two_networks_that_only_the_forwarder_joins() {
             assert_eq!(on_both, forwarders, "{files:?}");
         }
         let config = resolved();
+        // The cloud broker's private key stays in the cloud: the edge site mounts the
+        // CA's certificate alone.
+        for (name, service) in services(&config) {
+            let mounts_key = volumes(&service["volumes"])
+                .iter()
+                .any(|volume| volume.starts_with("certs:"));
+            assert_eq!(
+                mounts_key,
+                ["certs", "mosquitto-cloud"].contains(&name.as_str()),
+                "{name} and the certs volume"
+            );
+        }
+        for edge in ["mosquitto-local", "edge-relay"] {
+            assert!(
+                volumes(&config["services"][edge]["volumes"])
+                    .iter()
+                    .any(|volume| volume.starts_with("ca:/certs:ro")),
+                "{edge} lacks the CA's certificate"
+            );
+        }
         for edge in [
             "temperature-sensor",
             "pressure-sensor",
