@@ -26,6 +26,25 @@ use futures_util::TryStreamExt;
 use tests::dashboard::Browser;
 use tests::{repo_root, skipped};
 
+/// `docker ARGS...` under a time limit, so that no call of the tier hangs it (an `up`
+/// waiting on a dependency that never becomes healthy, say): ten minutes for a build,
+/// two for anything else.
+fn docker(first: &str) -> Command {
+    let limit = if first == "compose" { "600" } else { "120" };
+    let mut command = Command::new("timeout");
+    command.args(["--kill-after=10", limit, "docker", first]);
+    command
+}
+
+/// Projects this tier makes; one an interrupted run left behind would hold the ports.
+const PROJECTS: [&str; 5] = [
+    "iot-tier-build",
+    "iot-tier-default",
+    "iot-tier-bridge",
+    "iot-tier-replicas",
+    "iot-tier-example-env",
+];
+
 /// One stack at a time: they share the host's published ports.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -57,7 +76,24 @@ async fn tier() -> Option<tokio::sync::MutexGuard<'static, ()>> {
         skipped(&format!("the Docker tier needs an engine: {why}"));
         return None;
     }
-    Some(ONE_AT_A_TIME.lock().await)
+    let tier = ONE_AT_A_TIME.lock().await;
+    static CLEARED: std::sync::Once = std::sync::Once::new();
+    CLEARED.call_once(|| {
+        for project in PROJECTS {
+            let _ = docker("compose")
+                .args([
+                    "-p",
+                    project,
+                    "down",
+                    "-v",
+                    "--remove-orphans",
+                    "--timeout",
+                    "5",
+                ])
+                .output();
+        }
+    });
+    Some(tier)
 }
 
 /// Every long-running service of the default stack, with a healthcheck each.
@@ -142,9 +178,8 @@ impl Stack {
 
     /// `docker compose` on this stack's files and profiles.
     fn command(&self) -> Command {
-        let mut command = Command::new("docker");
+        let mut command = docker("compose");
         command
-            .arg("compose")
             .current_dir(&self.root)
             .args(["-p", &self.project])
             .args(self.files.iter().flat_map(|file| ["-f", file]))
@@ -195,8 +230,8 @@ impl Stack {
         if ids.is_empty() {
             return BTreeMap::new();
         }
-        let output = Command::new("docker")
-            .args(["inspect", "--format", "{{index .Config.Labels \"com.docker.compose.service\"}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}"])
+        let output = docker("inspect")
+            .args(["--format", "{{index .Config.Labels \"com.docker.compose.service\"}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}"])
             .args(&ids)
             .output()
             .expect("docker inspect");
@@ -276,6 +311,8 @@ impl Stack {
             service,
             "curl",
             "-fsS",
+            "--max-time",
+            "10",
             "http://127.0.0.1:9464/metrics",
         ]);
         let text = String::from_utf8_lossy(&output.stdout);
@@ -292,16 +329,16 @@ impl Stack {
 
     /// The host PID of `service`'s main process, for its network namespace.
     fn pid(&self, service: &str) -> String {
-        let output = Command::new("docker")
-            .args([
-                "inspect",
-                "--format",
-                "{{.State.Pid}}",
-                &self.container(service),
-            ])
+        let output = docker("inspect")
+            .args(["--format", "{{.State.Pid}}", &self.container(service)])
             .output()
             .expect("docker inspect");
-        String::from_utf8_lossy(&output.stdout).trim().to_string()
+        let pid = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        assert!(
+            output.status.success() && pid.parse::<u32>().is_ok_and(|pid| pid > 0),
+            "{service} has no running process: {pid}"
+        );
+        pid
     }
 
     /// The compose network `name` of this project (`<project>_<name>`).
@@ -489,8 +526,8 @@ fn published(stack: &Stack) -> Vec<String> {
     let ids = stack.compose_ok(&["ps", "-q"]);
     let mut ports = Vec::new();
     for id in ids.split_whitespace() {
-        let output = Command::new("docker")
-            .args(["inspect", "--format", "{{range $p, $b := .NetworkSettings.Ports}}{{range $b}}{{.HostIp}}:{{.HostPort}}->{{$p}} {{end}}{{end}}", id])
+        let output = docker("inspect")
+            .args(["--format", "{{range $p, $b := .NetworkSettings.Ports}}{{range $b}}{{.HostIp}}:{{.HostPort}}->{{$p}} {{end}}{{end}}", id])
             .output()
             .expect("docker inspect");
         ports.extend(
@@ -514,8 +551,8 @@ async fn docker_tier_the_images_build_from_a_fresh_copy() {
     stack.compose_ok(&["build"]);
     eprintln!("images built in {:?}", started.elapsed());
     for image in ["iot-pipeline:local", "iot-pipeline-nodered:local"] {
-        let found = Command::new("docker")
-            .args(["image", "inspect", "--format", "{{.Config.User}}", image])
+        let found = docker("image")
+            .args(["inspect", "--format", "{{.Config.User}}", image])
             .output()
             .expect("docker image inspect");
         let user = String::from_utf8_lossy(&found.stdout).trim().to_string();
@@ -696,18 +733,24 @@ async fn docker_tier_the_stack_as_users_run_it_keeps_every_reading_once() {
     // The right one is (so the refusals above are the broker's, not a closed port).
     let (ok, why) = publish_on_host(1883, &["-u", "temperature-sensor", "-P", &password]);
     assert!(ok, "the sensor's own password refused on 1883: {why}");
-    for id in stack.compose_ok(&["ps", "-q"]).split_whitespace() {
-        let output = Command::new("docker")
-            .args(["top", id, "-eo", "uid,comm"])
-            .output()
-            .expect("docker top");
-        let top = String::from_utf8_lossy(&output.stdout);
-        let root: Vec<&str> = top
+    // Each service's main process (healthchecks run as the image's user, briefly, and
+    // a broker's entrypoint renders its files as root before Mosquitto drops to its own
+    // user: what runs is PID 1).
+    for (service, _) in stack.states() {
+        if service == "certs" {
+            continue;
+        }
+        let pid = stack.pid(&service);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("{service}: /proc/{pid}/status: {e}"));
+        let uids = status
             .lines()
-            .skip(1)
-            .filter(|line| line.split_whitespace().next() == Some("0"))
-            .collect();
-        assert!(root.is_empty(), "{id} runs as root: {root:?}\n{top}");
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .unwrap_or_else(|| panic!("{service}: no Uid in /proc/{pid}/status"));
+        assert!(
+            uids.split_whitespace().all(|uid| uid != "0"),
+            "{service} runs as root (uids {uids})"
+        );
     }
 
     // The dashboard profile: both sensors on the page, in a real browser.
@@ -725,7 +768,12 @@ async fn docker_tier_the_stack_as_users_run_it_keeps_every_reading_once() {
     // file points at answers.
     let prometheus = |path: &str| -> serde_json::Value {
         let output = Command::new("curl")
-            .args(["-fsS", &format!("http://127.0.0.1:9090{path}")])
+            .args([
+                "-fsS",
+                "--max-time",
+                "10",
+                &format!("http://127.0.0.1:9090{path}"),
+            ])
             .output()
             .expect("curl");
         serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null)
@@ -785,8 +833,8 @@ async fn docker_tier_the_stack_as_users_run_it_keeps_every_reading_once() {
     let relay = stack.container("edge-relay");
     stack.wait_healthy(&HEALTHY, Duration::from_secs(120));
     let cloud = stack.network("cloud");
-    let cut = Command::new("docker")
-        .args(["network", "disconnect", &cloud, &relay])
+    let cut = docker("network")
+        .args(["disconnect", &cloud, &relay])
         .status()
         .expect("docker network disconnect");
     assert!(cut.success(), "cannot cut the relay from {cloud}");
@@ -800,8 +848,8 @@ async fn docker_tier_the_stack_as_users_run_it_keeps_every_reading_once() {
         );
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
-    let healed = Command::new("docker")
-        .args(["network", "connect", &cloud, &relay])
+    let healed = docker("network")
+        .args(["connect", &cloud, &relay])
         .status()
         .expect("docker network connect");
     assert!(
@@ -828,9 +876,8 @@ async fn docker_tier_the_stack_as_users_run_it_keeps_every_reading_once() {
 
     // A bad link on the relay's cloud side (BadLink).
     let pid = stack.pid("edge-relay");
-    let address = Command::new("docker")
+    let address = docker("inspect")
         .args([
-            "inspect",
             "--format",
             &format!("{{{{(index .NetworkSettings.Networks \"{cloud}\").IPAddress}}}}"),
             &relay,
