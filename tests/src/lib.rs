@@ -62,6 +62,37 @@ pub fn free_port() -> u16 {
         .expect("no free port on 127.0.0.1")
 }
 
+/// Copies the working tree's files (tracked, and new ones not ignored) to `to`, as a
+/// fresh clone of this state would have them.
+pub fn copy_checkout(to: &std::path::Path) {
+    let listed = std::process::Command::new("git")
+        .args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ])
+        .current_dir(repo_root())
+        .output()
+        .expect("git ls-files");
+    assert!(listed.status.success(), "git ls-files failed");
+    for file in listed
+        .stdout
+        .split(|byte| *byte == 0)
+        .filter(|f| !f.is_empty())
+    {
+        let file = std::path::Path::new(std::str::from_utf8(file).expect("UTF-8 path"));
+        let from = repo_root().join(file);
+        if !from.is_file() {
+            continue; // deleted in the working tree
+        }
+        let target = to.join(file);
+        std::fs::create_dir_all(target.parent().expect("a parent")).expect("mkdir");
+        std::fs::copy(&from, &target).expect("copy");
+    }
+}
+
 /// Waits until `condition` holds, polling every 20 ms; panics with `what` after [`WAIT`].
 pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;

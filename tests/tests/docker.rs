@@ -16,7 +16,7 @@
 #![allow(clippy::too_many_lines)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use bson::{doc, Document};
 use futures_util::TryStreamExt;
 use tests::dashboard::Browser;
-use tests::{repo_root, skipped};
+use tests::skipped;
 
 /// `docker ARGS...` under a time limit, so that no call of the tier hangs it (an `up`
 /// waiting on a dependency that never becomes healthy, say): ten minutes for a build,
@@ -132,29 +132,7 @@ impl Stack {
             .expect("tempdir");
         let root = dir.path().join("pipeline");
         std::fs::create_dir(&root).expect("copy's folder");
-        let listed = Command::new("git")
-            .args([
-                "ls-files",
-                "-z",
-                "--cached",
-                "--others",
-                "--exclude-standard",
-            ])
-            .current_dir(repo_root())
-            .output()
-            .expect("git runs");
-        assert!(listed.status.success(), "git ls-files failed");
-        for file in listed.stdout.split(|&b| b == 0).filter(|f| !f.is_empty()) {
-            let file = Path::new(std::str::from_utf8(file).expect("utf-8 path"));
-            let from = repo_root().join(file);
-            // A tracked file deleted in the working tree is not in a clone of it either.
-            if !from.is_file() {
-                continue;
-            }
-            let to = root.join(file);
-            std::fs::create_dir_all(to.parent().expect("parent")).expect("folder");
-            std::fs::copy(&from, &to).unwrap_or_else(|e| panic!("copy {from:?}: {e}"));
-        }
+        tests::copy_checkout(&root);
         let made = Command::new("scripts/new-env")
             .current_dir(&root)
             .output()

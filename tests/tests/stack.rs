@@ -152,37 +152,6 @@ async fn the_native_stack_stores_readings_and_stops_cleanly() {
     );
 }
 
-/// Copies the working tree's files (tracked, and new ones not ignored) to `to`, as a
-/// fresh clone of this state would have them.
-fn copy_checkout(to: &std::path::Path) {
-    let listed = std::process::Command::new("git")
-        .args([
-            "ls-files",
-            "-z",
-            "--cached",
-            "--others",
-            "--exclude-standard",
-        ])
-        .current_dir(repo_root())
-        .output()
-        .expect("git ls-files");
-    assert!(listed.status.success(), "git ls-files failed");
-    for file in listed
-        .stdout
-        .split(|byte| *byte == 0)
-        .filter(|f| !f.is_empty())
-    {
-        let file = std::path::Path::new(std::str::from_utf8(file).expect("UTF-8 path"));
-        let from = repo_root().join(file);
-        if !from.is_file() {
-            continue; // deleted in the working tree
-        }
-        let target = to.join(file);
-        std::fs::create_dir_all(target.parent().expect("a parent")).expect("mkdir");
-        std::fs::copy(&from, &target).expect("copy");
-    }
-}
-
 /// Removes the folder outside the checkout where dev-stack, run as root, keeps the
 /// brokers' files when the `mosquitto` user cannot enter the checkout: one per
 /// checkout path, so one per run of this test.
@@ -222,7 +191,7 @@ async fn a_fresh_checkout_in_a_private_folder_stores_every_reading_from_the_firs
             .expect("chmod 0700");
     }
     let checkout = home.path().join("iot");
-    copy_checkout(&checkout);
+    tests::copy_checkout(&checkout);
     let _brokers_state = BrokerStateOutside(checkout.join(".data"));
     // What scripts/test installed already (honcho among it).
     std::os::unix::fs::symlink(repo_root().join(".venv"), checkout.join(".venv"))
