@@ -518,13 +518,23 @@ async fn damaged_log(
     let lost = metric(port, "iot_relay_set_aside_total")
         .await
         .unwrap_or(0.0) as u64;
+    // The cloud broker acknowledged everything; what it still holds for the subscriber
+    // past its in-flight window comes after (a QoS 1 queue), so the count is read until
+    // every message is accounted for, or no later than a few seconds on.
     let mut seen = std::collections::BTreeSet::new();
-    for message in subscriber.messages_so_far().await {
-        let n: usize = std::str::from_utf8(&message.payload[..8])
-            .expect("its number")
-            .parse()
-            .expect("its number");
-        seen.insert(n);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        for message in subscriber.messages_so_far().await {
+            let n: usize = std::str::from_utf8(&message.payload[..8])
+                .expect("its number")
+                .parse()
+                .expect("its number");
+            seen.insert(n);
+        }
+        if seen.len() + lost as usize >= DAMAGE_COUNT || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     eprintln!(
         "{name}: {} of {DAMAGE_COUNT} forwarded, {lost} counted as lost: {line}",

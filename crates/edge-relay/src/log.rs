@@ -387,7 +387,7 @@ impl Log {
         };
         let opening = match journal_damage {
             Some(why) => Err(anyhow::anyhow!(why)),
-            None => Self::open_store(&store),
+            None => Self::open_store_guarded(&store),
         };
         let log = match opening {
             Ok(log) => log,
@@ -464,7 +464,7 @@ impl Log {
         self.sync()?;
         self.load_positions()?;
         let forwarded = self.forwarded();
-        let (mut lost, mut unforwarded) = (0, 0);
+        let (mut lost, mut unforwarded, mut end) = (0, 0, self.next());
         for (id, key, value) in damaged {
             if id != self.messages.id() || value.is_none() {
                 continue;
@@ -475,8 +475,23 @@ impl Log {
             if !self.messages.contains_key(&key).unwrap_or(false) {
                 lost += 1;
                 unforwarded += u64::from(number >= forwarded);
+                // A number near the log's end (a damaged key may read as any number).
+                if number < self.next().saturating_add(1 << 20) {
+                    end = end.max(number + 1);
+                }
             }
         }
+        // The damaged byte may fall in an item's own keyspace id or key, which then
+        // names no message: the unforwarded messages lost are the numbers missing
+        // between the forwarded mark and the last message the journal named.
+        let present = self
+            .messages
+            .range(forwarded.to_be_bytes()..end.to_be_bytes())
+            .filter_map(|guard| guard.key().ok())
+            .count() as u64;
+        let missing = end.saturating_sub(forwarded.max(1)).saturating_sub(present);
+        lost += missing.saturating_sub(unforwarded);
+        unforwarded = unforwarded.max(missing);
         opened.lost += unforwarded;
         opened.damage.push(format!(
             "the log's journal could not be read ({why}): moved aside to {}; the log opened from its tables and {written} writes of the journal's intact batches, {lost} messages lost with its damaged batches ({unforwarded} of them not forwarded yet){}",
@@ -625,6 +640,23 @@ impl Log {
             from = stop;
         }
         read
+    }
+
+    /// [`Self::open_store`], with a panic of the store's own recovery (fjall asserts on
+    /// some damaged journals rather than returning an error) taken as damage like any
+    /// error, so that the journals are set aside and the tables opened without them.
+    fn open_store_guarded(store: &Path) -> anyhow::Result<Self> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Self::open_store(store)))
+            .unwrap_or_else(|panic| {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("no message");
+                Err(anyhow::anyhow!(
+                    "the store's recovery failed on damaged files ({why})"
+                ))
+            })
     }
 
     fn open_store(store: &Path) -> anyhow::Result<Self> {
