@@ -498,6 +498,10 @@ impl Log {
             aside.display(),
             if unparsed > 0 {
                 format!(", and {unparsed} bytes of it could not be parsed (what they held is not counted)")
+            } else if why.contains("recovery failed") {
+                // The store's own recovery stopped on a part this reading took for a
+                // torn end: what lay past it is not counted.
+                ", and its end could not be parsed (what it held is not counted)".to_string()
             } else {
                 String::new()
             }
