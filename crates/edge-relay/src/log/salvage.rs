@@ -106,6 +106,10 @@ pub fn read_journal(path: &Path, keep_items: bool) -> anyhow::Result<Journal> {
     Ok(journal)
 }
 
+/// Longer than any value the log writes: a message (at most 2 MiB as the brokers count
+/// it) with its topic and header.
+const MAX_VALUE: usize = 4 << 20;
+
 /// The batch at `at`: where it ends, its writes, whether its checksum holds.
 fn batch(bytes: &[u8], mut at: usize) -> Option<(usize, Vec<Item>, bool)> {
     fn take<'a>(bytes: &'a [u8], at: &mut usize, n: usize) -> Option<&'a [u8]> {
@@ -133,6 +137,11 @@ fn batch(bytes: &[u8], mut at: usize) -> Option<(usize, Vec<Item>, bool)> {
                 let key_length = usize::from(u16::from_le_bytes([head[10], head[11]]));
                 let value_length = u32_at(&head[12..16]) as usize;
                 let stored_length = u32_at(&head[16..20]) as usize;
+                // No value of the log is longer (a message is at most 2 MiB): a length
+                // past it is damage, not an allocation of up to 4 GiB to decompress.
+                if value_length > MAX_VALUE {
+                    return None;
+                }
                 let key = take(&mut at, key_length)?.to_vec();
                 let stored = take(&mut at, stored_length)?;
                 // A damaged compressed value: the batch fails its checksum below.
