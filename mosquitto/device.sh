@@ -26,15 +26,26 @@
 # Layouts: tasmota:fulltopic=F (F as Tasmota shows it, %prefix% and %topic% in it),
 # zigbee2mqtt:base_topic=B, homeassistant:base_topic=B, esphome:topic_prefix=P and
 # shelly:topic_prefix=P (Gen2+; {device} in P where NAME goes, or P ending in NAME).
+# A new account's topics may not reach another's: add refuses (exit 2, no file changed)
+# one whose topic filters match a services' topic where the payload names the device,
+# another preset's or the pipeline's space, or another device account's topics.
 # Environment: BROKER_ADDRESS (host:port, for the hint printed by add).
 set -eu
 
 die() { echo "mosquitto/device.sh: $*" >&2; exit 2; }
 # Service accounts of mosquitto/setup.sh: never a device's name.
 services="temperature-sensor pressure-sensor device-status mqtt-subscriber bridge bridge-replay edge-relay edge-relay-replay mongo-persister dashboard"
+# The last levels of the services' own topics (/sensor/temperature, /device/status):
+# never a device's name. A device named so would cover that topic, where the payload's
+# device is believed (/sensor/temperature/# matches /sensor/temperature itself).
+seed_levels="temperature pressure status"
 # Topic roots of the presets and of the project: a device named like one would be given
 # that whole root (esphome's NAME/#, shelly's NAME/#), other devices' topics included.
 reserved="cmnd tele stat tasmotas zigbee2mqtt shellies homeassistant sensor device replay spBv1.0"
+# The topic spaces of the presets and of the project, PRESET:FILTER: an account's
+# topics may reach into its own preset's spaces only ("-": no device's). Where a
+# payload's device is believed (the seed topics of acl.services), no device at all.
+spaces="default:/sensor/# default:/device/# default:/replay/# tasmota:cmnd/# tasmota:tele/# tasmota:stat/# zigbee2mqtt:zigbee2mqtt/# shelly:shellies/# homeassistant:homeassistant/# sparkplug:spBv1.0/# -:\$SYS/# -:\$share/#"
 
 conf_dir() {
   [ -f "$1/mosquitto.conf" ] || die "$1 is not a broker folder made by mosquitto/setup.sh (no mosquitto.conf)"
@@ -116,12 +127,15 @@ own_prefix() {
 }
 
 # A name (check_name passed) for a new account of preset $2: none of the services',
-# and, for the presets whose topics start with the device's prefix (esphome, shelly's
+# none of the services' topics' last levels, and, for the presets whose topics start with the device's prefix (esphome, shelly's
 # Gen2+: NAME, or the layout's), no topic root of others as its first level.
 check_new_name() {
   lower=$(printf '%s' "$1" | tr 'A-Z' 'a-z')
   for service in $services; do
     [ "$lower" != "$service" ] || die "'$1' is a service's account, not a device name"
+  done
+  for taken in $seed_levels; do
+    [ "$lower" != "$taken" ] || die "'$1' is the last level of a service's own topic (/sensor/temperature, /sensor/pressure, /device/status), whose payload names the device: choose another name"
   done
   case $2 in esphome|shelly) ;; *) return 0 ;; esac
   first=$(own_prefix "$1")
@@ -130,6 +144,72 @@ check_new_name() {
   for taken in $reserved; do
     [ "$lower" != "$(printf '%s' "$taken" | tr 'A-Z' 'a-z')" ] \
       || die "'$first' is the topic root of other devices or of the pipeline ($taken/...): choose another name or prefix"
+  done
+}
+
+# Whether MQTT topic filters $1 and $2 match some topic in common, as the broker
+# matches them: '+' any one level, '#' any levels after it and its parent level too
+# (a/# matches a).
+overlap() {
+  a=$1 b=$2
+  while :; do
+    level_a=${a%%/*} level_b=${b%%/*}
+    if [ "$level_a" = "#" ] || [ "$level_b" = "#" ]; then return 0; fi
+    if [ "$level_a" != + ] && [ "$level_b" != + ] && [ "$level_a" != "$level_b" ]; then return 1; fi
+    case $a in */*) a=${a#*/} more_a=true ;; *) more_a=false ;; esac
+    case $b in */*) b=${b#*/} more_b=true ;; *) more_b=false ;; esac
+    if ! $more_a && ! $more_b; then return 0; fi
+    # One ended: the other matches its topic only with a last '#'.
+    if ! $more_a; then [ "$b" = "#" ]; return; fi
+    if ! $more_b; then [ "$a" = "#" ]; return; fi
+  done
+}
+
+# The grants of an esphome node inside Home Assistant's space, by design: its discovery
+# (homeassistant/+/NAME/#) and Home Assistant's status.
+shared_by_design() {
+  [ "$2" = esphome ] || return 1
+  case $1 in "homeassistant/+/$3/#"|homeassistant/status) return 0 ;; esac
+  return 1
+}
+
+# Refuses (exit 2, nothing written) an account whose ACL lines (stdin, from acl_of) for
+# device $1 of preset $2 reach another topic space: a seed topic of the services, the
+# space of another preset or of the pipeline, or another device account's topics (two
+# accounts may only both read the same topics, like Tasmota's group commands).
+check_reach() {
+  seeds=$(sed -n 's/^topic write \([^+#]*\)$/\1/p' "$3/acl.services")
+  while read -r kind mode filter; do
+    [ "$kind" = topic ] || continue
+    for seed in $seeds; do
+      if overlap "$filter" "$seed"; then
+        die "'$filter' would let device $1 reach $seed, where the payload names the device: choose another name or layout"
+      fi
+    done
+    for space in $spaces; do
+      owner=${space%%:*} space=${space#*:}
+      [ "$owner" != "$2" ] || continue
+      shared_by_design "$filter" "$2" "$1" && continue
+      whose="$owner devices'"
+      [ "$owner" != - ] || whose="the broker's"
+      if overlap "$filter" "$space"; then
+        die "'$filter' reaches into $space, $whose topics: choose another name or layout"
+      fi
+    done
+    for other in "$4"/*.acl; do
+      [ -f "$other" ] || continue
+      other_name=$(basename "$other" .acl)
+      other_preset=$(sed -n 's/^# device .*, preset \([^:]*\).*$/\1/p' "$other")
+      while read -r other_kind other_mode other_filter; do
+        [ "$other_kind" = topic ] || continue
+        [ "$mode" = read ] && [ "$other_mode" = read ] && continue
+        shared_by_design "$filter" "$2" "$1" && continue
+        shared_by_design "$other_filter" "$other_preset" "$other_name" && continue
+        if overlap "$filter" "$other_filter"; then
+          die "'$filter' overlaps '$other_filter' of device $other_name: choose another name or layout"
+        fi
+      done < "$other"
+    done
   done
 }
 
@@ -248,10 +328,11 @@ case $1 in
     check_name "$name"
     parse_preset "$spec" "$name"
     check_new_name "$name" "$preset"
-    acl_of "$name" "$preset" > /dev/null
-    command -v mosquitto_passwd >/dev/null 2>&1 || die "mosquitto_passwd not found: install mosquitto"
     devices=$(devices_dir "$dir")
     [ ! -f "$devices/$name.passwd" ] || die "device '$name' exists already: remove-device it first to give it a new password"
+    lines=$(acl_of "$name" "$preset")
+    printf '%s\n' "$lines" | check_reach "$name" "$preset" "$dir" "$devices" || exit 2
+    command -v mosquitto_passwd >/dev/null 2>&1 || die "mosquitto_passwd not found: install mosquitto"
     mkdir -p "$devices"
     # Made by scripts/add-device (scripts/lib.sh's random_secret); anything else must
     # be what Mosquitto's password file holds unchanged.

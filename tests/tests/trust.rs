@@ -430,7 +430,22 @@ async fn add_device_refuses_a_name_that_would_break_or_widen_the_acl() {
             "{name:?}"
         );
     }
-    // Layouts that would widen an account or break its ACL line.
+    // Names whose own topics would cover a service's, where the payload names the
+    // device (/sensor/temperature/# matches /sensor/temperature), under every preset.
+    for name in ["temperature", "pressure", "status", "Temperature"] {
+        for preset in PRESETS {
+            let output = Command::new(repo_root().join("scripts/add-device"))
+                .args([name, "--preset", preset, "--conf-dir"])
+                .arg(&conf_dir)
+                .output()
+                .expect("add-device runs");
+            assert_eq!(output.status.code(), Some(2), "{name} as {preset}");
+            let said = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(said.lines().count(), 1, "{said}");
+        }
+    }
+    // Layouts that would widen an account, reach another preset's or the pipeline's
+    // topics, or break its ACL line.
     for preset in [
         "esphome:topic_prefix=zigbee2mqtt/{device}",
         "esphome:topic_prefix=home/someone-else",
@@ -438,6 +453,15 @@ async fn add_device_refuses_a_name_that_would_break_or_widen_the_acl() {
         "tasmota:fulltopic=%prefix%/%topic%/ x",
         "zigbee2mqtt:base_topic=a\nuser bridge",
         "default:base_topic=x",
+        "zigbee2mqtt:base_topic=spBv1.0",
+        "zigbee2mqtt:base_topic=spBv1.0/STATE",
+        "homeassistant:base_topic=tele",
+        "homeassistant:base_topic=cmnd/node_1",
+        "homeassistant:base_topic=shellies",
+        "zigbee2mqtt:base_topic=homeassistant",
+        "tasmota:fulltopic=zigbee2mqtt/%prefix%/%topic%/",
+        "tasmota:fulltopic=spBv1.0/%prefix%/%topic%/",
+        "shelly:topic_prefix=tele/{device}",
     ] {
         let output = Command::new(repo_root().join("scripts/add-device"))
             .args(["node_1", "--preset", preset, "--conf-dir"])
@@ -463,6 +487,168 @@ async fn add_device_refuses_a_name_that_would_break_or_widen_the_acl() {
         .await;
     let first = watcher.next_message().await;
     assert_eq!(first.topic, "/sensor/temperature");
+}
+
+/// Every preset of `scripts/add-device`.
+const PRESETS: [&str; 7] = [
+    "default",
+    "tasmota",
+    "zigbee2mqtt",
+    "esphome",
+    "shelly",
+    "homeassistant",
+    "sparkplug",
+];
+
+/// One account of each preset, as `scripts/add-device` makes it: `(name, preset, the
+/// topics of [`PROBES`] it may publish)`.
+const ACCOUNTS: [(&str, &str, &[&str]); 7] = [
+    (
+        "dev-a",
+        "default",
+        &["/sensor/dev-a/temperature", "/device/dev-a/status"],
+    ),
+    (
+        "plug-a",
+        "tasmota",
+        &["tele/plug-a/SENSOR", "stat/plug-a/POWER"],
+    ),
+    ("zb-a", "zigbee2mqtt:base_topic=zb-a", &["zb-a/lamp"]),
+    (
+        "node-a",
+        "esphome",
+        &[
+            "node-a/sensor/t/state",
+            "homeassistant/sensor/node-a/t/config",
+        ],
+    ),
+    (
+        "shelly-a",
+        "shelly",
+        &["shellies/shelly-a/relay/0", "shelly-a/status/switch:0"],
+    ),
+    // Home Assistant's space holds the discovery of ESPHome nodes, by design.
+    (
+        "hass-a",
+        "homeassistant",
+        &[
+            "homeassistant/sensor.kitchen/state",
+            "homeassistant/sensor/node-a/t/config",
+            "homeassistant/status",
+        ],
+    ),
+    (
+        "edge-a",
+        "sparkplug",
+        &["spBv1.0/g1/NBIRTH/edge-a", "spBv1.0/g1/DDATA/edge-a/d1"],
+    ),
+];
+
+/// What every account tries to publish: each account's own topics, the services' topics
+/// whose payload names the device, the commands, requests and STATE others read.
+const PROBES: [&str; 25] = [
+    "/sensor/temperature",
+    "/sensor/pressure",
+    "/device/status",
+    "/sensor/dev-b/temperature",
+    "/replay/dev-a/request",
+    "/sensor/dev-a/temperature",
+    "/device/dev-a/status",
+    "tele/plug-a/SENSOR",
+    "stat/plug-a/POWER",
+    "cmnd/plug-a/POWER",
+    "cmnd/tasmotas/POWER",
+    "zb-a/lamp",
+    "zigbee2mqtt/lamp",
+    "node-a/sensor/t/state",
+    "homeassistant/sensor/node-a/t/config",
+    "homeassistant/status",
+    "shellies/shelly-a/relay/0",
+    "shelly-a/status/switch:0",
+    "shellies/command",
+    "homeassistant/sensor.kitchen/state",
+    "spBv1.0/g1/NBIRTH/edge-a",
+    "spBv1.0/g1/DDATA/edge-a/d1",
+    "spBv1.0/g1/NCMD/edge-a",
+    "spBv1.0/STATE/mongo-persister",
+    "spBv1.0/g1/NBIRTH/edge-b",
+];
+
+/// The listing of what each kind of device account reaches on the project's edge
+/// broker: one account of every preset publishes to every topic of [`PROBES`], and the
+/// catch-all subscriber sees exactly each account's own topics. None of them reaches a
+/// topic whose payload names the device (`/sensor/temperature`, `/sensor/pressure`,
+/// `/device/status`): only the services write there. And an account whose topics
+/// would overlap another's is refused, with nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_device_account_reaches_its_own_topics_only() {
+    let brokers = spawn_brokers().await;
+    let mut watcher = TestClient::connect(brokers.local.port, "mqtt-subscriber").await;
+    watcher.subscribe("#").await;
+    let mut devices = Vec::new();
+    for (name, preset, _) in ACCOUNTS {
+        let password = brokers.local.add_device(name, preset);
+        devices.push(brokers.local.log_in(name, &password).await);
+    }
+    for (device, (name, _, own)) in devices.iter_mut().zip(ACCOUNTS) {
+        for topic in PROBES {
+            device
+                .publish(topic, QoS::AtLeastOnce, false, name.as_bytes())
+                .await;
+        }
+        // In order after the probes: once it arrives, so have they.
+        device
+            .publish(own[0], QoS::AtLeastOnce, false, b"done")
+            .await;
+    }
+    let mut reached: std::collections::BTreeMap<&str, Vec<String>> = ACCOUNTS
+        .iter()
+        .map(|(name, ..)| (*name, Vec::new()))
+        .collect();
+    let mut done = 0;
+    while done < ACCOUNTS.len() {
+        let message = watcher.next_message().await;
+        if message.payload.as_ref() == b"done" {
+            done += 1;
+        } else if let Some(topics) = std::str::from_utf8(&message.payload)
+            .ok()
+            .and_then(|name| reached.get_mut(name))
+        {
+            topics.push(message.topic);
+        }
+    }
+    for (name, _, own) in ACCOUNTS {
+        let mut own = own.to_vec();
+        own.sort_unstable();
+        let mut reached = reached[name].clone();
+        reached.sort_unstable();
+        assert_eq!(reached, own, "what {name} reaches");
+    }
+
+    // A second account into one's space: the same Zigbee2MQTT base topic, an ESPHome
+    // prefix under another's, a Home Assistant base topic that is a node's prefix.
+    let conf_dir = brokers.local.conf_dir().to_path_buf();
+    let data_dir = brokers.dir().join("local/data");
+    let before = (snapshot(&conf_dir), snapshot(&data_dir));
+    for (name, preset) in [
+        ("zb-b", "zigbee2mqtt:base_topic=zb-a"),
+        ("zb-c", "zigbee2mqtt:base_topic=zb-a/room"),
+        ("node-b", "esphome:topic_prefix=zb-a/{device}"),
+        ("hass-b", "homeassistant:base_topic=node-a"),
+        ("hass-c", "homeassistant"),
+        ("shelly-a", "esphome"),
+    ] {
+        let output = Command::new(repo_root().join("scripts/add-device"))
+            .args([name, "--preset", preset, "--conf-dir"])
+            .arg(&conf_dir)
+            .output()
+            .expect("add-device runs");
+        assert_eq!(output.status.code(), Some(2), "{name} as {preset}");
+    }
+    assert!(
+        (snapshot(&conf_dir), snapshot(&data_dir)) == before,
+        "a refused account changed a file"
+    );
 }
 
 #[test]
