@@ -10,6 +10,8 @@
 #![allow(clippy::too_many_lines)]
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use bson::{doc, Document};
 use futures_util::TryStreamExt;
@@ -362,5 +364,144 @@ async fn what_the_host_cannot_read_is_flagged_and_the_rest_is_stored() {
     assert_eq!(
         count(&db, doc! { "topic": "spBv1.0/cell/NDATA/line-8" }).await,
         0
+    );
+}
+
+/// The most resident memory of `service` until `stop`, sampled every 100 ms.
+fn peak_rss(service: &Service, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(u64, u64)> {
+    let pid = service.pid().expect("the service runs");
+    tokio::spawn(async move {
+        let (mut first, mut peak) = (0, 0);
+        let mut ticks = tokio::time::interval(std::time::Duration::from_millis(100));
+        while !stop.load(Ordering::Acquire) {
+            ticks.tick().await;
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let kib: u64 = status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+            if first == 0 {
+                first = kib * 1024;
+            }
+            peak = peak.max(kib * 1024);
+        }
+        (first, peak)
+    })
+}
+
+/// One Sparkplug account floods: a birth of 10 000 metrics, then data carrying all 10 000
+/// by alias, 160 kB each, five a second for 30 s (the persister once grew past 6 GiB
+/// and stored 8 of an honest sensor's 261 readings meanwhile). The node's budget takes
+/// the birth whole and refuses most of the data, counted; the persister stays under
+/// 128 MiB; an honest JSON QoS 1 sensor beside it has every reading stored once, each
+/// received within 5 s of its time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_account_flooding_metrics_costs_the_others_nothing_and_memory_stays_bounded() {
+    let (brokers, mongo) = (spawn_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    let password = brokers.local.add_device("flood-1", "sparkplug");
+    let metrics_port = free_port();
+    let address = format!("127.0.0.1:{metrics_port}");
+    let persister = brokers
+        .persister_ready(
+            &mongo,
+            &[
+                "--ingest",
+                "sparkplug",
+                "--ingest",
+                "default",
+                "--metrics-address",
+                &address,
+            ],
+        )
+        .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = peak_rss(&persister, Arc::clone(&stop));
+    let honest_args = [
+        "--format",
+        "json",
+        "--qos",
+        "1",
+        "--interval",
+        "0.05",
+        "--no-retain",
+        "--count",
+        "500",
+        "--device",
+        "honest-1",
+    ];
+    let mut honest = brokers.start_edge("temperature-sensor", &honest_args);
+
+    let mut node = TestClient::try_connect_as(brokers.local.port, "flood-1", &password)
+        .await
+        .expect("the node's account logs in");
+    let topic = |kind: &str| format!("spBv1.0/line/{kind}/flood-1");
+    let mut metrics: Vec<Metric> = (0..9_999_u32)
+        .map(|n| tag(Some(format!("Tag/{n:05}")), u64::from(n), f64::from(n)))
+        .collect();
+    metrics.push(Metric {
+        name: Some("bdSeq".into()),
+        datatype: Some(DataType::Int64.number()),
+        value: Some(Value::LongValue(1)),
+        ..Metric::default()
+    });
+    send(&mut node, &topic("NBIRTH"), &encode(Some(0), metrics)).await;
+    let mut ticks = tokio::time::interval(std::time::Duration::from_millis(200));
+    for seq in 1..=150_u64 {
+        ticks.tick().await;
+        let data = (0..9_999_u32)
+            .map(|n| tag(None, u64::from(n), f64::from(n) + seq as f64))
+            .collect();
+        send(&mut node, &topic("NDATA"), &encode(Some(seq % 256), data)).await;
+    }
+    honest.expect_success().await;
+    tests::wait_for_within(
+        std::time::Duration::from_secs(60),
+        "every honest reading stored",
+        || count(&db, doc! { "device": "honest-1" }),
+        |stored| *stored >= 500,
+    )
+    .await;
+    stop.store(true, Ordering::Release);
+    let (idle, peak) = peak.await.expect("sampled");
+
+    tests::stored::assert_exactly_once(&tests::stored::stored_seqs(&db, "honest-1").await, 500);
+    let honest: Vec<Document> = db
+        .collection::<Document>(iot_store::READINGS)
+        .find(doc! { "device": "honest-1" })
+        .await
+        .expect("find")
+        .try_collect()
+        .await
+        .expect("readings");
+    let slowest = honest
+        .iter()
+        .map(|document| {
+            let ts = document.get_datetime("ts").expect("ts").timestamp_millis();
+            let received = document.get_datetime("received_at").expect("received_at");
+            received.timestamp_millis() - ts
+        })
+        .max()
+        .expect("readings");
+    assert!(slowest <= 5_000, "an honest reading waited {slowest} ms");
+    let refused = metric(metrics_port, "iot_persister_over_budget_total").await;
+    let stored = count(&db, doc! { "device": "line/flood-1" }).await;
+    assert!(refused > 0.0, "nothing of the flood was refused");
+    // The birth, and no more than the budget's rate (1 000 a second beyond one a
+    // message) over the flood's 30 s after it.
+    assert!(
+        stored <= 10_000 + 31 * 1_000 + 150,
+        "{stored} of the flood stored"
+    );
+    assert!(
+        peak < 128 << 20,
+        "the persister peaked at {} MiB",
+        peak >> 20
+    );
+    eprintln!(
+        "flood: {stored} stored, {refused} refused; honest: slowest {slowest} ms; persister {} MiB at the start, peak {} MiB",
+        idle >> 20,
+        peak >> 20
     );
 }

@@ -9,15 +9,15 @@
 //! Three rules keep a slow service from losing data or its connection:
 //! - The driver never waits for the service. Events go into an unbounded queue, so the
 //!   event loop keeps reading and sending keep-alive pings however long the service
-//!   takes, with one bound: once [`MESSAGE_BACKLOG`] QoS 1 and 2 messages wait for the
-//!   service, the driver stops reading until it has taken half of them, and writes the
+//!   takes, with one bound: once [`MESSAGE_BACKLOG`] QoS 1 and 2 messages (or
+//!   [`MESSAGE_BACKLOG_BYTES`] of payloads) wait for the service, the driver stops reading until it has taken half of them, and writes the
 //!   keep-alive pings itself meanwhile. The broker keeps the rest (they are not
 //!   acknowledged). Its in-flight window is no such bound: Mosquitto 2.0.11 with
 //!   `max_inflight_messages 1000` had 41 000 messages unacknowledged to a consumer that
 //!   acknowledged in batches of 500 at half the rate they came (a persister behind a slow
 //!   database grew by 20 MiB a minute). QoS 0 messages do not count there; beyond
-//!   [`QOS0_BACKLOG`] of them waiting, new ones are dropped and counted, as a broker
-//!   drops QoS 0 for a slow client.
+//!   [`QOS0_BACKLOG`] of them (or [`QOS0_BACKLOG_BYTES`]) waiting, new ones are dropped
+//!   and counted, as a broker drops QoS 0 for a slow client.
 //! - An acknowledgement belongs to the connection its message came on ([`Ack`]). After
 //!   a reconnect the broker delivers unacknowledged messages again, and only those
 //!   copies are acknowledged: a packet id of the old connection may name another
@@ -60,16 +60,23 @@ const ACK_BATCH: usize = 4096;
 const PUBLISH_BATCH: usize = 1000;
 /// Most QoS 0 messages waiting for the service; more are dropped (see the header).
 pub const QOS0_BACKLOG: usize = 100_000;
+/// Most payload bytes of QoS 0 messages waiting for the service (but always one); more
+/// are dropped likewise: 100 000 messages of 2 MiB would be 200 GiB.
+pub const QOS0_BACKLOG_BYTES: usize = 8 << 20;
 /// QoS 1 and 2 messages waiting for the service at which the driver stops reading (see
 /// the header); it reads again once no more than half of them wait.
 pub const MESSAGE_BACKLOG: usize = 1000;
+/// The same in payload bytes: 1000 messages of 2 MiB would be 2 GiB.
+pub const MESSAGE_BACKLOG_BYTES: usize = 16 << 20;
 
 /// Messages the driver handed over and the service has not taken yet.
 #[derive(Debug, Default)]
 struct Backlog {
     qos0: AtomicUsize,
+    qos0_bytes: AtomicUsize,
     /// QoS 1 and 2.
     reliable: AtomicUsize,
+    reliable_bytes: AtomicUsize,
     /// Wakes a driver that stopped reading, once the service took enough.
     room: Notify,
     /// Whether the driver is connected (set at the broker's CONNACK, cleared at a loss).
@@ -80,12 +87,24 @@ impl Backlog {
     /// The service took `event` from the queue.
     fn taken(&self, event: &Event) {
         if let Event::Message { publish, .. } = event {
+            let bytes = publish.payload.len();
             if publish.qos == QoS::AtMostOnce {
                 self.qos0.fetch_sub(1, Ordering::Relaxed);
-            } else if self.reliable.fetch_sub(1, Ordering::Relaxed) == MESSAGE_BACKLOG / 2 + 1 {
-                self.room.notify_one();
+                self.qos0_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            } else {
+                let count = self.reliable.fetch_sub(1, Ordering::Relaxed) - 1;
+                let bytes = self.reliable_bytes.fetch_sub(bytes, Ordering::Relaxed) - bytes;
+                if count <= MESSAGE_BACKLOG / 2 && bytes <= MESSAGE_BACKLOG_BYTES / 2 {
+                    self.room.notify_one();
+                }
             }
         }
+    }
+
+    /// Whether a driver that stopped reading may read again.
+    fn has_room(&self) -> bool {
+        self.reliable.load(Ordering::Relaxed) <= MESSAGE_BACKLOG / 2
+            && self.reliable_bytes.load(Ordering::Relaxed) <= MESSAGE_BACKLOG_BYTES / 2
     }
 }
 
@@ -541,9 +560,7 @@ impl Driver {
     /// credentials; reconnects with backoff in between.
     async fn run(mut self) -> anyhow::Result<()> {
         loop {
-            if self.paused.is_some()
-                && self.backlog.reliable.load(Ordering::Relaxed) <= MESSAGE_BACKLOG / 2
-            {
+            if self.paused.is_some() && self.backlog.has_room() {
                 self.paused = None;
                 // The answer to rumqttc's last ping may still sit behind publishes not
                 // read yet; it would take it as lost at its next ping.
@@ -646,21 +663,33 @@ impl Driver {
                 }
             }
             rumqttc::Event::Incoming(Packet::Publish(publish)) => {
+                let bytes = publish.payload.len();
                 if publish.qos == QoS::AtMostOnce {
-                    if self.backlog.qos0.load(Ordering::Relaxed) >= QOS0_BACKLOG {
+                    if self.backlog.qos0.load(Ordering::Relaxed) >= QOS0_BACKLOG
+                        || self.backlog.qos0_bytes.load(Ordering::Relaxed) >= QOS0_BACKLOG_BYTES
+                    {
                         self.drop_qos0();
                         return None;
                     }
                     self.backlog.qos0.fetch_add(1, Ordering::Relaxed);
-                } else if self.backlog.reliable.fetch_add(1, Ordering::Relaxed) + 1
-                    >= MESSAGE_BACKLOG
-                    && self.paused.is_none()
-                {
-                    tracing::debug!(
-                        "the service is {MESSAGE_BACKLOG} messages behind: not reading until it takes half"
+                    self.backlog.qos0_bytes.fetch_add(bytes, Ordering::Relaxed);
+                } else {
+                    let count = self.backlog.reliable.fetch_add(1, Ordering::Relaxed) + 1;
+                    let held = self
+                        .backlog
+                        .reliable_bytes
+                        .fetch_add(bytes, Ordering::Relaxed)
+                        + bytes;
+                    if (count >= MESSAGE_BACKLOG || held >= MESSAGE_BACKLOG_BYTES)
+                        && self.paused.is_none()
+                    {
+                        tracing::debug!(
+                        "the service is {MESSAGE_BACKLOG} messages or {} MiB behind: not reading until it takes half",
+                        MESSAGE_BACKLOG_BYTES >> 20
                     );
-                    metrics::counter!("iot_mqtt_read_pauses_total").increment(1);
-                    self.paused = Some(Instant::now() + self.keep_alive());
+                        metrics::counter!("iot_mqtt_read_pauses_total").increment(1);
+                        self.paused = Some(Instant::now() + self.keep_alive());
+                    }
                 }
                 let ack = Ack::of(&publish, self.connection);
                 Event::Message { publish, ack }
@@ -680,7 +709,7 @@ impl Driver {
     fn drop_qos0(&mut self) {
         if self.dropped_qos0 == 0 {
             tracing::warn!(
-                "the service is {QOS0_BACKLOG} QoS 0 messages behind: dropping new ones until it catches up (use QoS 1 to have the broker hold them)"
+                "the service is {QOS0_BACKLOG} QoS 0 messages or {} MiB behind: dropping new ones until it catches up (use QoS 1 to have the broker hold them)", QOS0_BACKLOG_BYTES >> 20
             );
         }
         self.dropped_qos0 += 1;

@@ -51,9 +51,17 @@ pub struct Config {
     /// The same for the status history
     #[arg(long, value_name = "DURATION", env = "PERSISTER_STATUS_RETENTION", value_parser = parse_retention)]
     pub status_retention: Option<Duration>,
-    /// Most documents written in one insert
+    /// Documents gathered into one write; a message's documents are never split, so one batch holds up to one message more. The writer's queue holds at most four batches' worth of documents and 8 MiB of payloads
     #[arg(long, env = "PERSISTER_BATCH_SIZE", default_value = "500", value_parser = clap::value_parser!(u16).range(1..))]
     pub batch_size: u16,
+    /// Documents one device's messages may expand into per second beyond one a message (a Sparkplug message's metrics, a preset's JSON fields), with a burst of ten seconds' worth and never less than 10 000 (a whole Sparkplug birth); past it, that message's readings are refused and counted (iot_persister_over_budget_total), the device's statuses and everyone else's readings go on. 0: no budget
+    #[arg(
+        long,
+        value_name = "DOCUMENTS",
+        env = "PERSISTER_DEVICE_DOCUMENTS_PER_SECOND",
+        default_value = "1000"
+    )]
+    pub device_documents_per_second: u32,
     /// Seconds a batch waits to fill before it is written anyway; fractions allowed
     #[arg(long, value_name = "SECONDS", env = "PERSISTER_FLUSH_INTERVAL", default_value = "0.2", value_parser = parse_positive_seconds)]
     pub flush_interval: Duration,

@@ -18,6 +18,7 @@
 //! [`repair`] the self-healing, [`sparkplug`] the Sparkplug B host's state and
 //! commands, [`retire`] and [`ready`] their own small jobs.
 
+pub mod budget;
 pub mod config;
 pub mod persister;
 pub mod ready;

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::{self, DeviceBudget, Queued};
 use crate::config::Config;
 use crate::ready::{report_subscription, ReadyFile, SUBSCRIBED_CHECK};
 use crate::repair;
@@ -42,8 +43,12 @@ pub struct Persister {
     filters: Vec<String>,
     connection: Connection,
     stats: Arc<Stats>,
-    /// Messages to the writer: when full, no more are read from the broker.
+    /// Messages to the writer: when full, or `queued` is, no more are read from the
+    /// broker.
     pending: mpsc::Sender<Pending>,
+    queued: Arc<Queued>,
+    /// What each device's messages may expand into.
+    budget: DeviceBudget,
     /// Acknowledgements of the batches the writer wrote, in order.
     written: mpsc::UnboundedReceiver<Vec<Ack>>,
     writer: JoinHandle<usize>,
@@ -106,7 +111,9 @@ impl Persister {
 
         let stats = Arc::new(Stats::default());
         let batch_size = usize::from(config.batch_size);
-        let (pending, pending_rx) = mpsc::channel::<Pending>(batch_size * 4);
+        // Bounded in documents and bytes by `queued`; in messages, by as many documents.
+        let queued = Arc::new(Queued::new(batch_size));
+        let (pending, pending_rx) = mpsc::channel::<Pending>(batch_size * budget::QUEUE_BATCHES);
         let (written_tx, written) = mpsc::unbounded_channel();
         let retention = Retention {
             readings: config.retention,
@@ -116,9 +123,9 @@ impl Persister {
             &db,
             config.mongo.redacted_uri(),
             retention,
-            batch_size,
-            config.flush_interval,
+            (batch_size, config.flush_interval),
             Arc::clone(&stats),
+            Arc::clone(&queued),
         );
         let stop_writing = CancellationToken::new();
         let writer = tokio::spawn(writer.run(pending_rx, written_tx, stop_writing.clone()));
@@ -137,6 +144,8 @@ impl Persister {
             filters,
             stats,
             pending,
+            queued,
+            budget: DeviceBudget::new(config.device_documents_per_second),
             written,
             writer,
             stop_writing,
@@ -163,7 +172,7 @@ impl Persister {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                event = self.connection.recv(), if self.pending.capacity() > 0 => self.on_event(event?).await?,
+                event = self.connection.recv(), if self.pending.capacity() > 0 && self.queued.has_room() => self.on_event(event?).await?,
                 Some(written) = self.written.recv() => self.on_written(written).await?,
                 _ = lag_ticks.tick() => self.lag.report(),
                 Some(request) = self.requests.recv() => self.send_request(request).await?,
@@ -255,7 +264,7 @@ impl Persister {
     async fn on_message(&mut self, publish: Publish, ack: Ack) -> anyhow::Result<()> {
         self.stats.received.add(1);
         self.lag.received();
-        let record = self.mapping.read_with(
+        let mut record = self.mapping.read_with(
             self.sparkplug.as_mut().map(|sparkplug| &mut sparkplug.host),
             &publish.topic,
             &publish.payload,
@@ -264,11 +273,21 @@ impl Persister {
         for part in record.parts() {
             self.count(&publish.topic, part);
         }
+        // After the repairer saw its keyed readings: a refused one is no hole to ask for.
+        let spender = budget::spender(&publish.topic, &record).to_string();
+        let refused = self
+            .budget
+            .spend(&spender, &mut record, std::time::Instant::now());
+        if refused > 0 {
+            metrics::counter!("iot_persister_over_budget_total").increment(refused as u64);
+        }
         if let Some(sparkplug) = &mut self.sparkplug {
             // Data the host could not name asks its Rebirth at once.
             sparkplug.send_asked(&mut self.connection).await?;
         }
         let replay = publish.retain;
+        let (documents, bytes) = (budget::documents(&record), publish.payload.len());
+        self.queued.add(documents, bytes);
         // Room was checked before reading, and only this task sends.
         if self
             .pending
@@ -276,6 +295,8 @@ impl Persister {
                 record,
                 replay,
                 ack,
+                documents,
+                bytes,
             })
             .await
             .is_err()

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::budget::Queued;
 use bson::{doc, Document};
 use futures_util::TryStreamExt;
 use iot_core::backoff::retry;
@@ -37,6 +38,9 @@ pub struct Pending {
     pub replay: bool,
     /// Sent to the broker once the record is written.
     pub ack: Ack,
+    /// Documents of `record`, and the payload's bytes: what it counts in [`Queued`].
+    pub documents: usize,
+    pub bytes: usize,
 }
 
 /// The persister's metrics (the connection's are common to every service).
@@ -74,6 +78,14 @@ pub const METRICS: &[ops::Metric] = &[
         "Device status changes stored",
     ),
     ops::Metric::counter("iot_persister_batches_total", "Batches written"),
+    ops::Metric::counter(
+        "iot_persister_over_budget_total",
+        "Reading documents refused: the device's messages expanded past its budget (--device-documents-per-second)",
+    ),
+    ops::Metric::gauge(
+        "iot_persister_queued_documents",
+        "Documents handed to the writer and not written yet",
+    ),
     ops::Metric::histogram(
         "iot_persister_batch_write_seconds",
         "Time to write one batch, the successful attempt",
@@ -190,9 +202,12 @@ impl Stats {
 pub struct Writer {
     readings: Collection<Document>,
     status: Collection<Document>,
+    /// Documents a batch gathers before it is written (one message may go past it).
     batch_size: usize,
     flush_interval: Duration,
     stats: Arc<Stats>,
+    /// What is handed over and not written yet; a batch written is taken out of it.
+    queued: Arc<Queued>,
     database: Database,
     /// The database's address (password hidden), for log lines.
     address: String,
@@ -222,15 +237,16 @@ impl Writer {
         db: &Database,
         address: String,
         retention: Retention,
-        batch_size: usize,
-        flush_interval: Duration,
+        (batch_size, flush_interval): (usize, Duration),
         stats: Arc<Stats>,
+        queued: Arc<Queued>,
     ) -> Self {
         Self {
             readings: db.collection(READINGS),
             status: db.collection(STATUS),
             batch_size,
             flush_interval,
+            queued,
             stats,
             database: db.clone(),
             address,
@@ -281,17 +297,22 @@ impl Writer {
         if !self.wait_for_schema(&stop).await {
             return pending.len();
         }
-        let mut batch: Vec<Pending> = Vec::with_capacity(self.batch_size);
+        let mut batch: Vec<Pending> = Vec::new();
         loop {
             let Some(first) = pending.recv().await else {
                 return 0;
             };
+            let mut documents = first.documents;
             batch.push(first);
             let deadline = Instant::now() + self.flush_interval;
-            while batch.len() < self.batch_size {
+            // In documents, not messages: one message may be ten thousand of them.
+            while documents < self.batch_size {
                 tokio::select! {
                     next = pending.recv() => match next {
-                        Some(next) => batch.push(next),
+                        Some(next) => {
+                            documents += next.documents;
+                            batch.push(next);
+                        }
                         None => break,
                     },
                     () = tokio::time::sleep_until(deadline) => break,
@@ -300,6 +321,8 @@ impl Writer {
             if !self.write_until_done(&batch, &stop).await {
                 return batch.len() + pending.len();
             }
+            let bytes = batch.iter().map(|pending| pending.bytes).sum();
+            self.queued.written(documents, bytes);
             let acks = batch.drain(..).map(|pending| pending.ack).collect();
             if written.send(acks).is_err() {
                 return 0;
