@@ -110,25 +110,13 @@ impl Persister {
         .await?;
 
         let stats = Arc::new(Stats::default());
-        let batch_size = usize::from(config.batch_size);
-        // Bounded in documents and bytes by `queued`; in messages, by as many documents.
-        let queued = Arc::new(Queued::new(batch_size));
-        let (pending, pending_rx) = mpsc::channel::<Pending>(batch_size * budget::QUEUE_BATCHES);
-        let (written_tx, written) = mpsc::unbounded_channel();
-        let retention = Retention {
-            readings: config.retention,
-            status: config.status_retention,
-        };
-        let writer = Writer::new(
-            &db,
-            config.mongo.redacted_uri(),
-            retention,
-            (batch_size, config.flush_interval),
-            Arc::clone(&stats),
-            Arc::clone(&queued),
-        );
-        let stop_writing = CancellationToken::new();
-        let writer = tokio::spawn(writer.run(pending_rx, written_tx, stop_writing.clone()));
+        let WriterTask {
+            pending,
+            queued,
+            written,
+            writer,
+            stop_writing,
+        } = spawn_writer(config, &db, &stats);
 
         let (seen, requests, stop_repairing) = spawn_repairer(config, &db, &client_id);
 
@@ -450,6 +438,44 @@ impl Persister {
             ),
             None => Ok(()),
         }
+    }
+}
+
+/// The writer's task and what goes to and comes from it.
+struct WriterTask {
+    pending: mpsc::Sender<Pending>,
+    queued: Arc<Queued>,
+    written: mpsc::UnboundedReceiver<Vec<Ack>>,
+    writer: JoinHandle<usize>,
+    stop_writing: CancellationToken,
+}
+
+fn spawn_writer(config: &Config, db: &mongodb::Database, stats: &Arc<Stats>) -> WriterTask {
+    let batch_size = usize::from(config.batch_size);
+    // Bounded in documents and bytes by `queued`; in messages, by as many documents.
+    let queued = Arc::new(Queued::new(batch_size));
+    let (pending, pending_rx) = mpsc::channel::<Pending>(batch_size * budget::QUEUE_BATCHES);
+    let (written_tx, written) = mpsc::unbounded_channel();
+    let retention = Retention {
+        readings: config.retention,
+        status: config.status_retention,
+    };
+    let writer = Writer::new(
+        db,
+        config.mongo.redacted_uri(),
+        retention,
+        (batch_size, config.flush_interval),
+        Arc::clone(stats),
+        Arc::clone(&queued),
+    );
+    let stop_writing = CancellationToken::new();
+    let writer = tokio::spawn(writer.run(pending_rx, written_tx, stop_writing.clone()));
+    WriterTask {
+        pending,
+        queued,
+        written,
+        writer,
+        stop_writing,
     }
 }
 
