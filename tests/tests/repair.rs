@@ -684,3 +684,134 @@ async fn each_device_of_a_fleet_fills_its_own_holes() {
     }
     persister.stop_cleanly().await;
 }
+
+/// One value of a service's metrics on `port`.
+async fn metric(port: u16, name: &str) -> f64 {
+    let (_, body) = tests::prometheus::get(port, "/metrics").await;
+    tests::prometheus::sample(&body, name).unwrap_or(0.0)
+}
+
+/// One account's junk: 40 readings of 1 MB with a valid boot and seq and a `value` that
+/// is no number, then a good one. Once, the persister asked for the 40 again and again
+/// (flagged, they stayed a hole) and the relay answered each time with all of them from
+/// its log. Now a flagged reading of a vouched device keeps its key: received, no hole,
+/// nothing asked, nothing sent again, each stored flagged once. A request repeated
+/// within a minute is answered from the log once. An honest sensor beside it: every
+/// reading stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_readings_are_no_hole_to_ask_for_and_a_range_is_answered_once() {
+    let (brokers, mongo) = (tests::spawn_relay_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    let metrics_port = tests::free_port();
+    let address = format!("127.0.0.1:{metrics_port}");
+    let log_dir = brokers.dir().join("relay-log");
+    let _relay = brokers
+        .relay_ready(&log_dir, &["--metrics-address", &address])
+        .await;
+    let persister_port = tests::free_port();
+    let persister_address = format!("127.0.0.1:{persister_port}");
+    let _persister = brokers
+        .persister_ready(
+            &mongo,
+            &[
+                "--repair-after",
+                "2",
+                "--metrics-address",
+                &persister_address,
+            ],
+        )
+        .await;
+    let mut honest = tests::stored::start_sensor(&brokers, "honest-5", "2000");
+    let password = brokers.local.add_device("junk-1", "default");
+    let mut device = brokers.local.log_in("junk-1", &password).await;
+    let topic = "/sensor/junk-1/temperature";
+    let pad = "x".repeat(1 << 20);
+    for seq in 1..=40 {
+        let junk = format!(r#"{{"boot":"b1","seq":{seq},"value":"junk","pad":"{pad}"}}"#);
+        device
+            .publish(topic, QoS::AtLeastOnce, false, junk.as_bytes())
+            .await;
+    }
+    device
+        .publish(
+            topic,
+            QoS::AtLeastOnce,
+            false,
+            br#"{"boot":"b1","seq":41,"value":21.5}"#,
+        )
+        .await;
+    let flagged = doc! { "device": "junk-1", "unparsed": true };
+    wait_for_within(
+        REPAIRED_WITHIN,
+        "the 40 junk readings stored flagged and the good one",
+        || async {
+            (
+                count(&db, flagged.clone()).await,
+                count(&db, doc! { "device": "junk-1", "seq": 41, "value": 21.5 }).await,
+            )
+        },
+        |stored| *stored == (40, 1),
+    )
+    .await;
+    // Nothing to wait for can show that nothing is asked: three --repair-after windows
+    // pass, and the repairer would have asked within the first.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(count(&db, flagged.clone()).await, 40, "stored once each");
+    let asked = db
+        .collection::<Document>("repairs")
+        .count_documents(doc! { "_id.device": "junk-1" })
+        .await
+        .expect("count");
+    assert_eq!(asked, 0, "junk-1 was asked for readings it had sent");
+    assert_eq!(metric(metrics_port, "iot_relay_replayed_total").await, 0.0);
+
+    // The same range asked twice, as a persister whose answer is on its way would: the
+    // log answers once. Then all 40 of 1 MB: the device's budget of 32 MiB a minute
+    // sends 32, the rest waits.
+    let mut persister = TestClient::connect(brokers.cloud.port, "mongo-persister").await;
+    for ranges in ["[[41,41]]", "[[41,41]]", "[[1,40]]"] {
+        let request = format!(r#"{{"boot":"b1","ranges":{ranges}}}"#);
+        persister
+            .publish(
+                "/replay/junk-1/request",
+                QoS::AtLeastOnce,
+                false,
+                request.as_bytes(),
+            )
+            .await;
+    }
+    wait_for(
+        "the rest of the third answer left for later",
+        || metric(metrics_port, "iot_relay_replays_over_budget_total"),
+        |over| *over >= 8.0,
+    )
+    .await;
+    assert_eq!(
+        metric(metrics_port, "iot_relay_replay_requests_held_total").await,
+        1.0
+    );
+    assert_eq!(metric(metrics_port, "iot_relay_replayed_total").await, 33.0);
+    // The 33 answers are what is stored already: refused as duplicates, flagged ones too.
+    wait_for(
+        "the answers refused as duplicates",
+        || metric(persister_port, "iot_persister_duplicates_total"),
+        |duplicates| *duplicates >= 33.0,
+    )
+    .await;
+    assert_eq!(
+        count(&db, flagged).await,
+        40,
+        "a replay is not stored again"
+    );
+    assert_eq!(count(&db, doc! { "device": "junk-1", "seq": 41 }).await, 1);
+
+    honest.expect_success().await;
+    wait_for_within(
+        REPAIRED_WITHIN,
+        "every honest reading",
+        || count(&db, doc! { "device": "honest-5" }),
+        |stored| *stored >= 2000,
+    )
+    .await;
+    tests::stored::assert_exactly_once(&stored_seqs(&db, "honest-5").await, 2000);
+}

@@ -7,6 +7,16 @@
 //! sleeps or never kept a buffer is repaired all the same. Only the ranges the log does
 //! not have go on to the device, which answers `gone` for what it has not either.
 //! Sparkplug NCMD and STATE go on to the edge unchanged, retained as published.
+//!
+//! What one device can make the relay send again is bounded: an answer is read from the
+//! log and sent a few messages at a time ([`ANSWER_BYTES`]), never built whole (10 000
+//! readings of 2 MiB would be 20 GiB); a range answered from the log is not answered
+//! again within [`HOLD`] (the persister asks again for a hole whose answer is still on
+//! its way, or that it flagged); and each device may have [`BUDGET_BYTES`] a minute
+//! sent again from the log, the rest of an answer left for a later request.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use iot_core::replay::{mark_replay, request_topic, Ranges, MAX_PER_REQUEST, REQUESTS};
 use rumqttc::v5::mqttbytes::QoS;
@@ -17,6 +27,20 @@ use tokio_util::sync::CancellationToken;
 use crate::forward::Replay;
 use crate::log::Log;
 use crate::mqtt5::{filter, Heard, Link, Message};
+
+/// Replays waiting for the forwarder at most.
+pub const REPLAY_QUEUE: usize = 16;
+/// Bytes of an answer read from the log at once (but always one reading).
+pub const ANSWER_BYTES: usize = 4 << 20;
+/// How long a range answered from the log is not answered again.
+pub const HOLD: Duration = Duration::from_secs(60);
+/// Bytes one device may have sent again from the log a minute (and at once).
+pub const BUDGET_BYTES: u64 = 32 << 20;
+/// `(device, boot)` series whose answered ranges are remembered, at most; past it the
+/// oldest answers are forgotten first (and may be answered again).
+const MAX_REMEMBERED: usize = 10_000;
+/// Answered ranges remembered per series.
+const MAX_RANGES_REMEMBERED: usize = 64;
 
 /// What the relay carries in from the cloud.
 pub const FILTERS: [(&str, QoS); 3] = [
@@ -34,6 +58,7 @@ pub async fn run(
     replays: mpsc::Sender<Replay>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let mut answered = Answered::default();
     let result = loop {
         let heard = tokio::select! {
             () = shutdown.cancelled() => break Ok(()),
@@ -50,7 +75,7 @@ pub async fn run(
                 );
             }
             Ok(Heard::Message(message)) => {
-                if let Err(error) = carry(&message, &log, &edge, &replays).await {
+                if let Err(error) = carry(&message, &log, &edge, &replays, &mut answered).await {
                     break Err(error);
                 }
                 // Handed on (a request that is lost now is asked again by the persister).
@@ -70,6 +95,7 @@ async fn carry(
     log: &Log,
     edge: &AsyncClient,
     replays: &mpsc::Sender<Replay>,
+    answered: &mut Answered,
 ) -> anyhow::Result<()> {
     let Ok(topic) = message.topic() else {
         return Ok(());
@@ -81,28 +107,48 @@ async fn carry(
             .map_err(|_| anyhow::anyhow!("the edge connection closed"))?;
         return Ok(());
     };
-    let request = match Ranges::parse(&publish.payload) {
+    let mut request = match Ranges::parse(&publish.payload) {
         Ok(request) => request,
         Err(why) => {
             tracing::warn!(device, "replay request not carried: {why}");
             return Ok(());
         }
     };
-    let device = device.to_string();
-    let lookup = log.clone();
-    let asked = request.clone();
-    let answer = tokio::task::spawn_blocking(move || answer(&lookup, &device, &asked)).await??;
-    let (from_log, to_device) = (answer.replays.len(), answer.rest.len());
-    for replay in answer.replays {
-        if replays.send(replay).await.is_err() {
-            return Ok(()); // stopping
-        }
+    let now = Instant::now();
+    let asked = request.ranges.len();
+    request.ranges = answered.not_answered(device, &request.boot, &request.ranges, now);
+    if request.ranges.is_empty() {
+        tracing::info!(
+            device,
+            boot = request.boot,
+            ranges = asked,
+            "replay request not answered again: its ranges were answered from the log within {HOLD:?}"
+        );
+        metrics::counter!("iot_relay_replay_requests_held_total").increment(1);
+        return Ok(());
     }
-    let device = device_of_request(topic).unwrap_or_default();
-    if !answer.rest.is_empty() {
+    let (owned_device, lookup, asked) = (device.to_string(), log.clone(), request.clone());
+    let plan = tokio::task::spawn_blocking(move || plan(&lookup, &owned_device, &asked)).await??;
+    let (from_log, to_device) = (plan.numbers.len(), plan.rest.len());
+    let budget = answered.budget(device, now);
+    let sent = send_answer(log, &plan.numbers, budget, replays).await?;
+    answered.spent(device, sent.bytes, now);
+    answered.answered(device, &request.boot, &plan.numbers[..sent.readings], now);
+    if sent.readings < from_log {
+        tracing::warn!(
+            device,
+            sent = sent.readings,
+            asked = from_log,
+            "replay answer cut short: the device's budget of {} MiB a minute sent again from the log is spent; the rest waits for a later request",
+            BUDGET_BYTES >> 20
+        );
+        metrics::counter!("iot_relay_replays_over_budget_total")
+            .increment((from_log - sent.readings) as u64);
+    }
+    if !plan.rest.is_empty() {
         let rest = Ranges {
             boot: request.boot.clone(),
-            ranges: answer.rest,
+            ranges: plan.rest,
         };
         edge.publish(
             request_topic(device),
@@ -116,11 +162,182 @@ async fn carry(
     tracing::info!(
         device,
         boot = request.boot,
-        from_log,
+        from_log = sent.readings,
         ranges_asked_of_device = to_device,
         "replay request answered"
     );
     Ok(())
+}
+
+/// What an answer sent: readings, and their payload bytes.
+#[derive(Debug, Default)]
+struct Sent {
+    readings: usize,
+    bytes: u64,
+}
+
+/// Sends the kept readings `numbers` (`(seq, message number)`) from the log to the
+/// cloud, a few at a time, while `budget` bytes last.
+async fn send_answer(
+    log: &Log,
+    numbers: &[(u64, u64)],
+    budget: u64,
+    replays: &mpsc::Sender<Replay>,
+) -> anyhow::Result<Sent> {
+    let mut sent = Sent::default();
+    while sent.readings < numbers.len() && sent.bytes < budget {
+        let (lookup, chunk) = (log.clone(), numbers[sent.readings..].to_vec());
+        let left = budget.saturating_sub(sent.bytes);
+        let read =
+            tokio::task::spawn_blocking(move || read_answer(&lookup, &chunk, left)).await??;
+        for replay in read {
+            sent.readings += 1;
+            let Some(replay) = replay else {
+                continue; // no longer kept
+            };
+            sent.bytes += replay.payload.len() as u64;
+            if replays.send(replay).await.is_err() {
+                return Ok(sent); // stopping
+            }
+        }
+    }
+    Ok(sent)
+}
+
+/// The next readings of `numbers` from the log, up to [`ANSWER_BYTES`] and `left` bytes
+/// (but always one), one for each number: none for a reading no longer kept.
+fn read_answer(
+    log: &Log,
+    numbers: &[(u64, u64)],
+    left: u64,
+) -> anyhow::Result<Vec<Option<Replay>>> {
+    let mut read = Vec::new();
+    let mut bytes = 0_u64;
+    for &(_, number) in numbers {
+        if !read.is_empty() && (bytes >= ANSWER_BYTES as u64 || bytes >= left) {
+            break;
+        }
+        let replay = log.get(number)?.and_then(|entry| {
+            Some(Replay {
+                payload: mark_replay(&entry.payload)?,
+                topic: entry.topic,
+            })
+        });
+        bytes += replay
+            .as_ref()
+            .map_or(0, |replay| replay.payload.len() as u64);
+        read.push(replay);
+    }
+    Ok(read)
+}
+
+/// A device and one of its boots.
+type Series = (String, String);
+
+/// Per device and boot, the ranges answered from the log lately; per device, the bytes
+/// it may still have sent again (see the module header).
+#[derive(Debug, Default)]
+struct Answered {
+    ranges: HashMap<Series, Vec<(u64, u64, Instant)>>,
+    budgets: HashMap<String, (f64, Instant)>,
+}
+
+impl Answered {
+    /// `ranges` without what was answered within [`HOLD`].
+    fn not_answered(
+        &mut self,
+        device: &str,
+        boot: &str,
+        ranges: &[(u64, u64)],
+        now: Instant,
+    ) -> Vec<(u64, u64)> {
+        let key = (device.to_string(), boot.to_string());
+        let Some(held) = self.ranges.get_mut(&key) else {
+            return ranges.to_vec();
+        };
+        held.retain(|&(_, _, at)| now.saturating_duration_since(at) < HOLD);
+        let mut left = ranges.to_vec();
+        for &(from, to, _) in held.iter() {
+            left = left
+                .into_iter()
+                .flat_map(|(start, end)| without(start, end, from, to))
+                .collect();
+        }
+        left
+    }
+
+    /// Remembers the seqs of `numbers` as answered.
+    fn answered(&mut self, device: &str, boot: &str, numbers: &[(u64, u64)], now: Instant) {
+        let Some(&(first, _)) = numbers.first() else {
+            return;
+        };
+        if self.ranges.len() >= MAX_REMEMBERED {
+            self.ranges.retain(|_, held| {
+                held.iter()
+                    .any(|&(_, _, at)| now.saturating_duration_since(at) < HOLD)
+            });
+        }
+        if self.ranges.len() >= MAX_REMEMBERED {
+            return;
+        }
+        let held = self
+            .ranges
+            .entry((device.to_string(), boot.to_string()))
+            .or_default();
+        // Runs of consecutive seqs, one range each.
+        let mut start = first;
+        let mut last = first;
+        for &(seq, _) in &numbers[1..] {
+            if seq != last + 1 {
+                held.push((start, last, now));
+                start = seq;
+            }
+            last = seq;
+        }
+        held.push((start, last, now));
+        if held.len() > MAX_RANGES_REMEMBERED {
+            let excess = held.len() - MAX_RANGES_REMEMBERED;
+            held.drain(..excess);
+        }
+    }
+
+    /// The bytes `device` may still have sent again now.
+    fn budget(&mut self, device: &str, now: Instant) -> u64 {
+        let (tokens, at) = self
+            .budgets
+            .entry(device.to_string())
+            .or_insert((BUDGET_BYTES as f64, now));
+        let refill = now.saturating_duration_since(*at).as_secs_f64() / 60.0 * BUDGET_BYTES as f64;
+        *tokens = (*tokens + refill).min(BUDGET_BYTES as f64);
+        *at = now;
+        *tokens as u64
+    }
+
+    fn spent(&mut self, device: &str, bytes: u64, now: Instant) {
+        if let Some((tokens, _)) = self.budgets.get_mut(device) {
+            *tokens = (*tokens - bytes as f64).max(0.0);
+        }
+        if self.budgets.len() > MAX_REMEMBERED {
+            // Full again after a minute: those idle longer are as good as new.
+            self.budgets
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < Duration::from_secs(60));
+        }
+    }
+}
+
+/// `start..=end` without `from..=to`: none, one or two ranges.
+fn without(start: u64, end: u64, from: u64, to: u64) -> Vec<(u64, u64)> {
+    if to < start || from > end {
+        return vec![(start, end)];
+    }
+    let mut left = Vec::new();
+    if from > start {
+        left.push((start, from - 1));
+    }
+    if to < end {
+        left.push((to + 1, end));
+    }
+    left
 }
 
 /// The device of a `/replay/<device>/request` topic.
@@ -131,9 +348,9 @@ fn device_of_request(topic: &str) -> Option<&str> {
 
 /// What the log answers to a request.
 #[derive(Debug, Default, PartialEq)]
-pub struct Answer {
-    /// Readings to publish again, marked as replays.
-    pub replays: Vec<Replay>,
+pub struct Plan {
+    /// Kept readings to publish again, marked as replays: `(seq, message number)`.
+    pub numbers: Vec<(u64, u64)>,
     /// Asked ranges the log does not have: for the device.
     pub rest: Vec<(u64, u64)>,
 }
@@ -144,11 +361,11 @@ impl PartialEq for Replay {
     }
 }
 
-/// The log's answer to `request` for `device`: at most [`MAX_PER_REQUEST`] readings (the
-/// cloud asks again for the rest; ranges past that bound are neither answered nor
-/// passed on this time).
-pub fn answer(log: &Log, device: &str, request: &Ranges) -> anyhow::Result<Answer> {
-    let mut answer = Answer::default();
+/// The log's answer to `request` for `device`, from its index alone: at most
+/// [`MAX_PER_REQUEST`] readings (the cloud asks again for the rest; ranges past that
+/// bound are neither answered nor passed on this time).
+pub fn plan(log: &Log, device: &str, request: &Ranges) -> anyhow::Result<Plan> {
+    let mut plan = Plan::default();
     let mut left = MAX_PER_REQUEST as usize;
     for &(from, to) in &request.ranges {
         if left == 0 {
@@ -156,27 +373,18 @@ pub fn answer(log: &Log, device: &str, request: &Ranges) -> anyhow::Result<Answe
         }
         let mut next = from;
         for (seq, number) in log.readings(device, &request.boot, (from, to), left)? {
-            let Some(entry) = log.get(number)? else {
-                continue;
-            };
-            let Some(payload) = mark_replay(&entry.payload) else {
-                continue;
-            };
             if seq > next {
-                answer.rest.push((next, seq - 1));
+                plan.rest.push((next, seq - 1));
             }
             next = next.max(seq + 1);
-            answer.replays.push(Replay {
-                topic: entry.topic,
-                payload,
-            });
+            plan.numbers.push((seq, number));
             left -= 1;
         }
         if left > 0 && next <= to {
-            answer.rest.push((next, to));
+            plan.rest.push((next, to));
         }
     }
-    Ok(answer)
+    Ok(plan)
 }
 
 #[cfg(test)]
@@ -210,7 +418,7 @@ mod tests {
             boot: "b1".into(),
             ranges: vec![(1, 5), (7, 10), (20, 20)],
         };
-        let answer = answer(&log, "t-1", &request).expect("answer");
+        let answer = answer_of(&log, "t-1", &request);
         assert_eq!(answer.rest, [(1, 2), (7, 7), (10, 10), (20, 20)]);
         let seqs: Vec<String> = answer
             .replays
@@ -258,8 +466,86 @@ mod tests {
         );
     }
 
+    /// What the log answers, read whole.
+    #[derive(Debug)]
+    struct Answer {
+        replays: Vec<Replay>,
+        rest: Vec<(u64, u64)>,
+    }
+
     fn answer_of(log: &Log, device: &str, request: &Ranges) -> Answer {
-        answer(log, device, request).expect("answer")
+        let plan = plan(log, device, request).expect("plan");
+        let mut replays = Vec::new();
+        let mut at = 0;
+        while at < plan.numbers.len() {
+            let read = read_answer(log, &plan.numbers[at..], u64::MAX).expect("read");
+            at += read.len();
+            replays.extend(read.into_iter().flatten());
+        }
+        Answer {
+            replays,
+            rest: plan.rest,
+        }
+    }
+
+    #[test]
+    fn an_answer_is_read_a_few_megabytes_at_a_time() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (log, _) = Log::open(dir.path()).expect("open");
+        let big = |seq: u64| Entry {
+            payload: format!(
+                r#"{{"device":"t-1","boot":"b1","seq":{seq},"value":1.5,"pad":"{}"}}"#,
+                "x".repeat(1 << 20)
+            )
+            .into_bytes()
+            .into(),
+            ..reading("/sensor/t-1/temperature", "t-1", seq)
+        };
+        log.append(&(1..=10).map(big).collect::<Vec<_>>())
+            .expect("append");
+        let request = Ranges {
+            boot: "b1".into(),
+            ranges: vec![(1, 10)],
+        };
+        let plan = plan(&log, "t-1", &request).expect("plan");
+        assert_eq!(plan.numbers.len(), 10);
+        let first = read_answer(&log, &plan.numbers, u64::MAX).expect("read");
+        assert_eq!(first.len(), 4, "4 MiB at a time, the one past it included");
+        let budgeted = read_answer(&log, &plan.numbers, 1).expect("read");
+        assert_eq!(budgeted.len(), 1, "always one");
+    }
+
+    #[test]
+    fn a_range_answered_is_not_answered_again_within_the_hold() {
+        let mut answered = Answered::default();
+        let now = Instant::now();
+        answered.answered("d", "b1", &[(3, 30), (4, 31), (5, 32), (9, 40)], now);
+        assert_eq!(
+            answered.not_answered("d", "b1", &[(1, 10)], now),
+            [(1, 2), (6, 8), (10, 10)]
+        );
+        assert_eq!(answered.not_answered("d", "b2", &[(1, 10)], now), [(1, 10)]);
+        assert_eq!(answered.not_answered("e", "b1", &[(4, 4)], now), [(4, 4)]);
+        let later = now + HOLD;
+        assert_eq!(
+            answered.not_answered("d", "b1", &[(1, 10)], later),
+            [(1, 10)]
+        );
+    }
+
+    #[test]
+    fn a_device_has_its_budget_a_minute() {
+        let mut answered = Answered::default();
+        let now = Instant::now();
+        assert_eq!(answered.budget("d", now), BUDGET_BYTES);
+        answered.spent("d", BUDGET_BYTES, now);
+        assert_eq!(answered.budget("d", now), 0);
+        assert_eq!(answered.budget("e", now), BUDGET_BYTES);
+        let half = answered.budget("d", now + Duration::from_secs(30));
+        assert!(
+            (BUDGET_BYTES / 2 - 1..=BUDGET_BYTES / 2).contains(&half),
+            "{half}"
+        );
     }
 
     #[test]

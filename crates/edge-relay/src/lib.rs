@@ -60,6 +60,14 @@ pub const METRICS: &[Metric] = &[
     Metric::counter("iot_relay_expired_total", "forwarded messages deleted past --retention"),
     Metric::counter("iot_relay_evicted_total", "forwarded messages deleted before their retention because the disk budget needed the room"),
     Metric::counter("iot_relay_replayed_total", "readings answered from the log to replay requests"),
+    Metric::counter(
+        "iot_relay_replay_requests_held_total",
+        "replay requests not answered again: their ranges were answered from the log within a minute",
+    ),
+    Metric::counter(
+        "iot_relay_replays_over_budget_total",
+        "readings of replay answers left for a later request: the device's budget of 32 MiB a minute sent again was spent",
+    ),
     Metric::counter("iot_relay_refills_total", "times the cloud broker came back without the relay's session"),
     Metric::counter("iot_relay_refilled_total", "messages sent again to refill a cloud broker that lost its state"),
     Metric::counter("iot_relay_unforwardable_total", "messages the cloud broker cannot take (too long for MQTT), passed over"),
@@ -98,7 +106,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     log_start(&config, &edge_broker, &cloud_broker);
 
     let wake = Arc::new(Notify::new());
-    let (replays_tx, replays) = mpsc::channel(forward::WINDOW);
+    // Few: each may be a message of 2 MiB, and an answer waits here for the forwarder.
+    let (replays_tx, replays) = mpsc::channel(inbound::REPLAY_QUEUE);
     // The keeper measures the room within a second; until then, what the log may take.
     let (room_tx, room) = watch::channel(config.max_disk.saturating_sub(log.budget_bytes()));
     let stop = shutdown.child_token();

@@ -942,7 +942,11 @@ fn reading_form(
                 Err(why) => return flagged(topic, payload, received, &why),
             }
         }
-        Err(error) => return flagged(topic, payload, received, &error.to_string()),
+        Err(error) => {
+            let mut record = flagged(topic, payload, received, &error.to_string());
+            key_flagged(&mut record, payload, topic_device.as_deref(), trusted);
+            return record;
+        }
     };
     document.insert("received_at", received);
     Record::Readings {
@@ -1005,6 +1009,48 @@ fn json_reading(
             .unwrap_or(received),
     );
     Ok(keyed)
+}
+
+/// A JSON reading flagged for its content (a `value` that is no number), whose device
+/// is vouched for as a reading's would be and whose `boot` and `seq` are within their
+/// bounds: keyed like the reading, `_id: {device, boot, seq}` and the three beside it.
+/// So it is no hole to ask the device for again (it was received; asking again brings
+/// the same), and a replay of it is refused as a duplicate rather than flagged twice.
+fn key_flagged(record: &mut Record, payload: &[u8], topic_device: Option<&str>, trusted: bool) {
+    #[derive(Deserialize)]
+    struct Key {
+        device: Option<String>,
+        boot: Option<String>,
+        seq: Option<u64>,
+    }
+    let Record::Unparsed { document } = record else {
+        return;
+    };
+    let Ok(Key { device, boot, seq }) = serde_json::from_slice::<Key>(payload) else {
+        return;
+    };
+    let device = match (topic_device, device) {
+        (Some(bound), Some(claimed)) if bound != claimed => return,
+        (Some(bound), _) => bound.to_string(),
+        (None, Some(claimed)) if trusted => claimed,
+        _ => return,
+    };
+    let (Some(boot), Some(seq)) = (boot, seq) else {
+        return;
+    };
+    if check_id("device", &device).is_err()
+        || check_id("boot", &boot).is_err()
+        || check_seq(seq).is_err()
+    {
+        return;
+    }
+    document.insert(
+        "_id",
+        doc! { "device": &device, "boot": &boot, "seq": seq as i64 },
+    );
+    document.insert("device", device);
+    document.insert("boot", boot);
+    document.insert("seq", seq as i64);
 }
 
 /// A payload whose `device` is not the one its topic names (`topic_device`), or names a

@@ -307,6 +307,10 @@ impl Persister {
             }
             Record::Unparsed { document } => {
                 self.stats.unparsed.add(1);
+                // Flagged for its content, yet received: no hole to ask for again.
+                if let Some((device, boot, seq)) = reading_key(document) {
+                    repair::offer(&self.seen, repair::Seen::Reading { device, boot, seq });
+                }
                 if let Ok(identity) = document.get_str("identity") {
                     metrics::counter!("iot_persister_identity_flagged_total", "identity" => identity.to_string()).increment(1);
                     tracing::warn!(

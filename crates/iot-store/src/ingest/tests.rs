@@ -525,3 +525,53 @@ mod properties {
         }
     }
 }
+
+/// A reading flagged for its value keeps its key where its device is vouched for (the
+/// device's own topic, or a service's seed topic), so it is no hole to ask for again;
+/// nowhere else.
+#[test]
+fn a_reading_flagged_for_its_value_is_keyed_where_its_device_is_vouched_for() {
+    let default = mapping(&["default"]);
+    let junk = br#"{"device":"evil","boot":"b1","seq":7,"value":"junk"}"#;
+    let key_of = |topic: &str, payload: &[u8]| match default.read(topic, payload, at()) {
+        Record::Unparsed { document } => document.get_document("_id").ok().map(|key| {
+            (
+                key.get_str("device").expect("device").to_string(),
+                key.get_i64("seq").expect("seq"),
+            )
+        }),
+        other => panic!("flagged, not {other:?}"),
+    };
+    assert_eq!(
+        key_of("/sensor/evil/temperature", junk),
+        Some(("evil".to_string(), 7))
+    );
+    // Without a device of its own, the topic's.
+    assert_eq!(
+        key_of(
+            "/sensor/evil/temperature",
+            br#"{"boot":"b1","seq":7,"value":[]}"#
+        ),
+        Some(("evil".to_string(), 7))
+    );
+    // The seed's topic: written by services only, so the payload's device is believed.
+    assert_eq!(
+        key_of("/sensor/temperature", junk),
+        Some(("evil".to_string(), 7))
+    );
+    // Another device's name, no boot, a seq past its bound, not JSON: flagged unkeyed.
+    for (topic, payload) in [
+        ("/sensor/other/temperature", &junk[..]),
+        (
+            "/sensor/evil/temperature",
+            br#"{"seq":7,"value":"junk"}"#.as_slice(),
+        ),
+        (
+            "/sensor/evil/temperature",
+            br#"{"boot":"b1","seq":0,"value":"junk"}"#.as_slice(),
+        ),
+        ("/sensor/evil/temperature", b"junk".as_slice()),
+    ] {
+        assert_eq!(key_of(topic, payload), None, "{topic} {payload:?}");
+    }
+}
