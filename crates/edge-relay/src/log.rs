@@ -843,6 +843,12 @@ impl Log {
         self.next.load(Ordering::Acquire)
     }
 
+    /// Whether no message was ever written to this log (created now, or started again
+    /// after the damaged one was moved aside): its numbers start from 1 again.
+    pub fn is_new(&self) -> bool {
+        self.next() <= 1 && self.forwarded() <= 1
+    }
+
     /// Everything below this was acknowledged by the cloud broker.
     pub fn forwarded(&self) -> u64 {
         self.forwarded.load(Ordering::Acquire)
