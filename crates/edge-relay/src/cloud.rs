@@ -35,7 +35,9 @@ pub enum Heard {
     Packet(Packet),
 }
 
-type Connecting = Pin<Box<dyn Future<Output = (Box<EventLoop>, Polled)> + Send>>;
+/// A connection attempt: the event loop back, the outcome, and whether a clean session
+/// was made first (see [`Cloud::clean_first`]).
+type Connecting = Pin<Box<dyn Future<Output = (Box<EventLoop>, Polled, bool)> + Send>>;
 type Polled = Result<rumqttc::Event, ConnectionError>;
 
 enum State {
@@ -70,6 +72,29 @@ pub struct Cloud {
     ping_at: Instant,
     awaiting_pong: bool,
     write_timeout: Duration,
+}
+
+/// A connection attempt, all in one future that is kept across cancellations: a clean
+/// session first when `clean_first`, closed at once, then the persistent one.
+fn attempt(mut eventloop: Box<EventLoop>, clean_first: bool) -> Connecting {
+    Box::pin(async move {
+        if clean_first {
+            eventloop.mqtt_options.set_clean_session(true);
+            let polled = eventloop.poll().await;
+            if polled.is_err() {
+                return (eventloop, polled, false);
+            }
+            if let Some(network) = eventloop.network.as_mut() {
+                // Closing the socket ends a clean session as well.
+                let _ = network.write(Packet::Disconnect).await;
+                let _ = network.flush().await;
+            }
+            eventloop.clean();
+            eventloop.mqtt_options.set_clean_session(false);
+        }
+        let polled = eventloop.poll().await;
+        (eventloop, polled, clean_first)
+    })
 }
 
 impl std::fmt::Debug for Cloud {
@@ -137,21 +162,24 @@ impl Cloud {
             match &mut self.state {
                 State::Down { retry_at, .. } => {
                     tokio::time::sleep_until(*retry_at).await;
-                    let State::Down { mut eventloop, .. } =
+                    let State::Down { eventloop, .. } =
                         std::mem::replace(&mut self.state, State::Moving)
                     else {
                         unreachable!("matched above")
                     };
-                    eventloop.mqtt_options.set_clean_session(self.clean_first);
-                    self.state = State::Connecting(Box::pin(async move {
-                        let polled = eventloop.poll().await;
-                        (eventloop, polled)
-                    }));
+                    self.state = State::Connecting(attempt(eventloop, self.clean_first));
                 }
                 State::Connecting(attempt) => {
-                    let (eventloop, polled) = attempt.await;
-                    self.state = State::Moving;
-                    if let Some(heard) = self.connected(eventloop, polled).await? {
+                    let (eventloop, polled, cleared) = attempt.await;
+                    if cleared {
+                        self.clean_first = false;
+                        tracing::info!(
+                            broker = %self.address,
+                            "a new log: cleared this relay's session on the cloud broker (its packet ids are the new log's)"
+                        );
+                    }
+                    self.state = State::Up(eventloop);
+                    if let Some(heard) = self.connected(polled)? {
                         return Ok(heard);
                     }
                 }
@@ -202,16 +230,12 @@ impl Cloud {
         }
     }
 
-    /// The outcome of a connection attempt: what to hand over, if anything.
-    async fn connected(
-        &mut self,
-        mut eventloop: Box<EventLoop>,
-        polled: Polled,
-    ) -> anyhow::Result<Option<Heard>> {
+    /// The outcome of a connection attempt, its event loop back in `Up`: what to hand
+    /// over, if anything (a failed attempt is down again until the backoff's delay).
+    fn connected(&mut self, polled: Polled) -> anyhow::Result<Option<Heard>> {
         let ack = match polled {
             Ok(rumqttc::Event::Incoming(Packet::ConnAck(ack))) => ack,
             Ok(other) => {
-                self.state = State::Up(eventloop);
                 self.lost(format!("expected CONNACK, got {other:?}"), true);
                 return Ok(None);
             }
@@ -219,35 +243,14 @@ impl Cloud {
                 if let Some(error) = refused_for_good(&self.broker, code) {
                     return Err(error);
                 }
-                self.state = State::Up(eventloop);
                 self.lost(format!("connection refused: {code:?}"), true);
                 return Ok(None);
             }
             Err(error) => {
-                self.state = State::Up(eventloop);
                 self.lost(&error, true);
                 return Ok(None);
             }
         };
-        if self.clean_first {
-            // Made only to end the session's state on the broker: closed at once, and the
-            // next attempt made now, persistent.
-            if let Some(network) = eventloop.network.as_mut() {
-                let _ = network.write(Packet::Disconnect).await;
-                let _ = network.flush().await;
-            }
-            eventloop.clean();
-            self.clean_first = false;
-            tracing::info!(
-                broker = %self.address,
-                "a new log: cleared this relay's session on the cloud broker (its packet ids are the new log's)"
-            );
-            self.state = State::Down {
-                eventloop,
-                retry_at: Instant::now(),
-            };
-            return Ok(None);
-        }
         if self.connections == 0 {
             tracing::info!(broker = %self.address, "connected");
         } else {
@@ -260,7 +263,6 @@ impl Cloud {
         self.read.clear();
         self.awaiting_pong = false;
         self.ping_at = Instant::now() + self.keep_alive;
-        self.state = State::Up(eventloop);
         Ok(Some(Heard::Connected {
             session_present: ack.session_present,
         }))

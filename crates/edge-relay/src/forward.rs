@@ -200,7 +200,11 @@ impl Forwarder {
                     }
                 }
                 () = self.wake.notified() => {}
-                _ = ticks.tick() => self.keep_mark(),
+                _ = ticks.tick() => {
+                    self.keep_mark();
+                    // Whatever moved the mark without a burst's end (passed-over messages).
+                    self.sync_mark();
+                }
             }
         }
         self.finish().await
@@ -342,14 +346,7 @@ impl Forwarder {
                 self.connected_once = true;
                 self.lost_session()?;
             }
-            Heard::Packet(Packet::PubRec(rec)) => {
-                self.received_by_broker(rec.pkid).await;
-                if !self.cloud.has_read() {
-                    // The end of a burst: the mark, and its sync.
-                    self.settle()?;
-                    self.sync_mark();
-                }
-            }
+            Heard::Packet(Packet::PubRec(rec)) => self.received_by_broker(rec.pkid).await,
             Heard::Packet(Packet::PubComp(comp)) => {
                 if let Some(at) = self.find(comp.pkid) {
                     let slot = &mut self.slots[at];
@@ -360,7 +357,6 @@ impl Forwarder {
                         }
                     }
                 }
-                self.settle()?;
             }
             Heard::Packet(Packet::PubAck(ack)) => {
                 if let Some(at) = self.replaying.iter().position(|(pid, ..)| *pid == ack.pkid) {
@@ -372,6 +368,13 @@ impl Forwarder {
                 }
             }
             Heard::Packet(_) => {}
+        }
+        if !self.cloud.has_read() {
+            // The end of a burst: the mark, and one sync for all it moved; what a mark
+            // already on disk covers (a refill sends again below it) is released now.
+            self.settle()?;
+            self.release().await;
+            self.sync_mark();
         }
         Ok(())
     }
@@ -452,10 +455,17 @@ impl Forwarder {
     }
 
     /// The forwarded mark `mark` is on disk: what it covers is released (PUBREL), so that
-    /// a relay killed from now on does not send it again. Not written (the connection is
-    /// gone): written again on the next connection.
+    /// a relay killed from now on does not send it again.
     async fn synced(&mut self, mark: u64) -> anyhow::Result<()> {
         self.durable = self.durable.max(mark);
+        self.release().await;
+        self.sync_mark();
+        Ok(())
+    }
+
+    /// Releases (PUBREL) what was received below the mark on disk. Not written (the
+    /// connection is gone): written again on the next connection.
+    async fn release(&mut self) {
         let mut releases = Vec::new();
         for slot in &mut self.slots {
             if slot.number >= self.durable {
@@ -471,8 +481,6 @@ impl Forwarder {
         if !releases.is_empty() {
             self.cloud.write(releases).await;
         }
-        self.sync_mark();
-        Ok(())
     }
 
     /// Connected with the relay's session kept: what the broker has not completed is

@@ -175,3 +175,22 @@ async fn a_run_after_a_crash_releases_what_the_last_may_have_left_and_sends_the_
     assert!(fresh.slots.is_empty());
     assert!(fresh.paused_until.is_some());
 }
+
+#[tokio::test]
+async fn what_is_sent_again_below_the_mark_on_disk_is_released_without_another_sync() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut forwarder = forwarder(dir.path());
+    // A refill: the cloud lost its state, and what it had is sent again from before the
+    // mark, which is on disk already and does not move for these.
+    forwarder.log.mark_forwarded(100).expect("mark");
+    forwarder.durable = 100;
+    forwarder.cursor = 50;
+    send(&mut forwarder, 50..53);
+    let rec = Heard::Packet(Packet::PubRec(rumqttc::PubRec::new(message_pid(51))));
+    forwarder.heard(rec).await.expect("heard");
+    assert_eq!(
+        stages(&forwarder),
+        [(50, Stage::Sent), (51, Stage::Released), (52, Stage::Sent)]
+    );
+    assert!(forwarder.syncing.is_none(), "no sync needed");
+}
