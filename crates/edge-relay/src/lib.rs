@@ -52,7 +52,7 @@ pub const IDLE_MEMORY_BOUND: u64 = 320 << 20;
 pub const METRICS: &[Metric] = &[
     Metric::gauge("iot_relay_connected", "1 while the link (edge, cloud-replay) is connected; the forwarding connection to the cloud is iot_mqtt_connected"),
     Metric::counter("iot_relay_logged_total", "messages taken from the edge broker onto disk and acknowledged"),
-    Metric::counter("iot_relay_forwarded_total", "messages the cloud broker acknowledged"),
+    Metric::counter("iot_relay_forwarded_total", "messages the cloud broker received (QoS 2 PUBREC); its subscribers get them once the forwarded mark is on disk"),
     Metric::gauge("iot_relay_backlog", "messages on disk not forwarded yet"),
     Metric::gauge("iot_relay_oldest_unforwarded_seconds", "age of the oldest message not forwarded yet (0 without a backlog)"),
     Metric::gauge("iot_relay_disk_bytes", "bytes the log takes on disk as counted against --max-disk: its tables, what waits in memory for them, its journals at their most (64 MiB)"),
