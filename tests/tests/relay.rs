@@ -252,6 +252,9 @@ async fn a_relay_killed_again_and_again_forwards_nothing_twice() {
         "{KILLS} kills: {COUNT} plain values, {distinct} stored, {} stored twice",
         stored_at_end - distinct
     );
+    if stored_at_end > distinct {
+        say_who_sent_again(&persister, &brokers, &relay);
+    }
     assert_eq!(
         (distinct, stored, stored_at_end),
         (COUNT as usize, COUNT as usize, COUNT as usize),
@@ -396,6 +399,23 @@ fn comp(pid: u16) -> rumqttc::Packet {
 
 fn puback(pid: u16) -> rumqttc::Packet {
     rumqttc::Packet::PubAck(rumqttc::PubAck::new(pid))
+}
+
+/// What the hops said that may have sent a message again: warnings and errors of the
+/// persister (its reconnects), the cloud broker (a reused packet id) and the relay.
+fn say_who_sent_again(persister: &Service, brokers: &Brokers, relay: &Service) {
+    let said = |log: &str| {
+        log.lines()
+            .filter(|line| {
+                line.contains("WARN") || line.contains("ERROR") || line.contains("Reused")
+            })
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    eprintln!("persister:\n{}", said(&persister.stderr()));
+    eprintln!("cloud broker:\n{}", said(&brokers.cloud.log()));
+    eprintln!("relay (last run):\n{}", said(&relay.stderr()));
 }
 
 /// The cloud machine loses power mid-stream (broker and persister SIGKILLed, the

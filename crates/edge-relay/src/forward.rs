@@ -125,6 +125,9 @@ pub struct Forwarder {
     bytes: usize,
     /// The next message number to publish.
     cursor: u64,
+    /// The forwarded mark: everything below it received by the broker (or passed over).
+    /// Written to the log with its sync ([`Forwarder::sync_mark`]).
+    mark: u64,
     /// The forwarded mark as last synced to disk: messages below it may be released.
     durable: u64,
     /// A sync of the log under way, to the mark it returns.
@@ -161,6 +164,7 @@ impl Forwarder {
             next_replay_pid: FIRST_REPLAY_PID,
             bytes: 0,
             cursor,
+            mark: durable,
             durable,
             syncing: None,
             connected_once: false,
@@ -228,6 +232,8 @@ impl Forwarder {
         if let Some(syncing) = self.syncing.take() {
             syncing.await.context("the log's sync failed")??;
         }
+        // What was received since the last sync: released on the next start.
+        self.log.mark_forwarded(self.mark)?;
         if self.in_flight() > 0 {
             tracing::info!(
                 in_flight = self.in_flight(),
@@ -300,7 +306,7 @@ impl Forwarder {
                 // Not written: the connection is gone, and they go out again on the next.
                 self.cloud.write(packets).await;
             }
-            self.settle()?;
+            self.settle();
         }
         Ok(())
     }
@@ -380,7 +386,7 @@ impl Forwarder {
         if !self.cloud.has_read() {
             // The end of a burst: the mark, and one sync for all it moved; what a mark
             // already on disk covers (a refill sends again below it) is released now.
-            self.settle()?;
+            self.settle();
             self.release().await;
             self.sync_mark();
         }
@@ -423,7 +429,7 @@ impl Forwarder {
 
     /// Moves the forwarded mark past the messages received, and lets go of the complete
     /// ones at the front.
-    fn settle(&mut self) -> anyhow::Result<()> {
+    fn settle(&mut self) {
         while self
             .slots
             .get(self.received)
@@ -445,20 +451,19 @@ impl Forwarder {
             .slots
             .get(self.received)
             .map_or(self.cursor, |slot| slot.number);
-        self.log.mark_forwarded(mark)
+        self.mark = self.mark.max(mark);
     }
 
-    /// Starts a sync of the log for the forwarded mark, unless one runs (it starts again
-    /// when done: what came meanwhile is one more sync, not one each).
+    /// Writes the forwarded mark to the log and syncs it, unless a sync runs (it starts
+    /// again when done: what came meanwhile is one more sync, not one each). Both off the
+    /// forwarder's task: the write waits for the journal, which the intake's syncs hold.
     fn sync_mark(&mut self) {
-        if self.syncing.is_some() || self.log.forwarded() <= self.durable {
+        if self.syncing.is_some() || self.mark <= self.durable {
             return;
         }
-        let log = self.log.clone();
+        let (log, mark) = (self.log.clone(), self.mark);
         self.syncing = Some(tokio::task::spawn_blocking(move || {
-            // Read before the sync: the sync covers it.
-            let mark = log.forwarded();
-            log.sync().map(|()| mark)
+            log.mark_forwarded(mark).map(|()| mark)
         }));
     }
 
@@ -563,7 +568,7 @@ impl Forwarder {
         self.replaying.clear();
         self.bytes = 0;
         self.gauge();
-        if self.log.forwarded() > self.log.first() {
+        if self.mark > self.log.first() {
             let from = self.refill_from()?;
             let count = self.cursor.saturating_sub(from);
             tracing::warn!(
@@ -584,7 +589,7 @@ impl Forwarder {
     /// Once a second: the forwarded mark, for the refill window.
     fn keep_mark(&mut self) {
         let now = Instant::now();
-        self.marks.push_back((now, self.log.forwarded()));
+        self.marks.push_back((now, self.mark));
         while self
             .marks
             .front()
