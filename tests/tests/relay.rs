@@ -2,7 +2,8 @@
 //! with the persister and a real MongoDB-wire server behind: what crosses it arrives
 //! unchanged (topic, payload, retain flag), and a cloud outage waits in the relay's log,
 //! through a SIGKILL of the relay, to be stored once when the cloud is back; a relay
-//! SIGKILLed mid-stream loses nothing.
+//! SIGKILLed mid-stream loses nothing, and SIGKILLed again and again forwards nothing
+//! twice (plain values included), by what the cloud broker does with QoS 2.
 
 use std::path::Path;
 use std::time::Duration;
@@ -23,13 +24,24 @@ const CATCH_UP: Duration = Duration::from_secs(90);
 /// readings of `device` at QoS 1, at most 1000 a second (so that a crash falls within
 /// the stream).
 fn start_paced_sensor(brokers: &Brokers, port: u16, device: &str, count: &str) -> Service {
+    start_sensor_every(brokers, port, device, count, "0.001")
+}
+
+/// As [`start_paced_sensor`], one reading every `interval` seconds at most.
+fn start_sensor_every(
+    brokers: &Brokers,
+    port: u16,
+    device: &str,
+    count: &str,
+    interval: &str,
+) -> Service {
     let mut args = tests::stored::sensor_args(device, count);
     let at = args
         .iter()
         .position(|arg| arg == "--interval")
         .expect("interval")
         + 1;
-    args[at] = "0.001".into();
+    args[at] = interval.into();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     tests::spawn_service(
         "temperature-sensor",
@@ -165,6 +177,247 @@ async fn a_relay_killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
     persister.stop_cleanly().await;
 }
 
+/// The relay SIGKILLed 15 times while it forwards a stream of plain values (about 500 a
+/// second, which the persister cannot tell apart: a payload that is just a number) and
+/// a keyed JSON stream beside it: every plain value 1..=N is stored exactly once, none
+/// missing and none twice, and so is every keyed reading. The relay forwards at QoS 2
+/// and makes its forwarded mark durable before it releases what the cloud received, so
+/// what it sends again after a crash is what the cloud broker holds unreleased, and
+/// takes as the duplicate it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_again_and_again_forwards_nothing_twice() {
+    const KILLS: usize = 15;
+    const COUNT: u32 = 20_000;
+    const EVERY: Duration = Duration::from_millis(2);
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let log_dir = brokers.dir().join("relay-log");
+    let (mut relay, mut port) = relay_with_metrics(&brokers, &log_dir, &[]).await;
+    let mut persister = brokers.persister_ready(&mongo, &["--no-repair"]).await;
+    let db = mongo.database().await;
+
+    let plain = publish_unkeyed_every(brokers.local.port, COUNT, EVERY);
+    let mut sensor = start_sensor_every(
+        &brokers,
+        brokers.local.port,
+        "again-1",
+        &COUNT.to_string(),
+        "0.002",
+    );
+    for kill in 0..KILLS {
+        // Each kill with this relay forwarding (a few hundred acknowledged by the cloud,
+        // more at each kill so that they fall at different points of the window), and
+        // while the plain values still come.
+        let at = 300.0 + 40.0 * kill as f64;
+        wait_for(
+            "messages forwarded by this relay",
+            || metric(port, "iot_relay_forwarded_total"),
+            |forwarded| forwarded.is_some_and(|forwarded| forwarded >= at),
+        )
+        .await;
+        assert!(
+            !plain.is_finished(),
+            "the plain values ended before kill {}",
+            kill + 1
+        );
+        relay.kill().await;
+        (relay, port) = relay_with_metrics(&brokers, &log_dir, &[]).await;
+    }
+    plain.await.expect("the plain values published");
+    sensor.expect_success().await;
+
+    let (distinct, stored) = tests::wait_for_within(
+        CATCH_UP,
+        "every plain value stored",
+        || unkeyed_stored(&db, COUNT),
+        |(distinct, _)| *distinct == COUNT as usize,
+    )
+    .await;
+    tests::wait_for_within(
+        CATCH_UP,
+        "every keyed reading stored",
+        || tests::stored::count(&db, doc! { "device": "again-1" }),
+        |n| *n >= u64::from(COUNT),
+    )
+    .await;
+    // What was in flight at the last kill has arrived by now: the relay forwarded its
+    // whole log.
+    wait_for(
+        "the relay's backlog forwarded",
+        || metric(port, "iot_relay_backlog"),
+        |backlog| *backlog == Some(0.0),
+    )
+    .await;
+    let (_, stored_at_end) = unkeyed_stored(&db, COUNT).await;
+    eprintln!(
+        "{KILLS} kills: {COUNT} plain values, {distinct} stored, {} stored twice",
+        stored_at_end - distinct
+    );
+    if stored_at_end > distinct {
+        say_who_sent_again(&persister, &brokers, &relay);
+    }
+    assert_eq!(
+        (distinct, stored, stored_at_end),
+        (COUNT as usize, COUNT as usize, COUNT as usize),
+        "plain values stored more than once"
+    );
+    assert_exactly_once(&stored_seqs(&db, "again-1").await, i64::from(COUNT));
+    relay.stop_cleanly().await;
+    persister.stop_cleanly().await;
+}
+
+/// What the relay's exactly-once forwarding relies on, asked of the project's cloud
+/// broker (Mosquitto 2.0) over the relay's own connection ([`edge_relay::cloud::Cloud`]):
+/// a QoS 2 message it received (PUBREC) is delivered only at the PUBREL; sent again under
+/// the same packet id by a client that crashed meanwhile and came back to its kept
+/// session, it is a duplicate (PUBREC again) and delivered once; a PUBREL for an id it
+/// does not hold is answered PUBCOMP; and a clean session first drops what it held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cloud_broker_takes_a_qos2_message_sent_again_under_its_id_as_a_duplicate() {
+    use rumqttc::{Packet, PubRel};
+
+    let brokers = spawn_relay_brokers().await;
+    let port = brokers.cloud.port;
+    let mut watcher = TestClient::connect(port, "mqtt-subscriber").await;
+    watcher.subscribe(QOS2_TOPIC).await;
+
+    // A new log: the first connection ends whatever the session held.
+    let mut cloud = qos2_client(port, true, false).await;
+    qos2_exchange(
+        &mut cloud,
+        qos2_publish(7, QoS::ExactlyOnce, "held"),
+        rec(7),
+    )
+    .await;
+    // Received, not released: a QoS 1 message after it is delivered first.
+    let first = qos2_publish(60_001, QoS::AtLeastOnce, "first");
+    qos2_exchange(&mut cloud, first, puback(60_001)).await;
+    // The relay killed (no DISCONNECT), and started again on its kept session.
+    drop(cloud);
+    let mut cloud = qos2_client(port, false, true).await;
+    let Packet::Publish(mut again) = qos2_publish(7, QoS::ExactlyOnce, "held") else {
+        unreachable!()
+    };
+    again.dup = true;
+    qos2_exchange(&mut cloud, Packet::Publish(again), rec(7)).await;
+    qos2_exchange(&mut cloud, Packet::PubRel(PubRel::new(7)), comp(7)).await;
+    // An id the broker does not hold: answered all the same.
+    qos2_exchange(&mut cloud, Packet::PubRel(PubRel::new(9)), comp(9)).await;
+    let last = qos2_publish(60_002, QoS::AtLeastOnce, "last");
+    qos2_exchange(&mut cloud, last, puback(60_002)).await;
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("last") {
+        let message = watcher.next_message().await;
+        seen.push(String::from_utf8(message.payload.to_vec()).expect("text"));
+    }
+    assert_eq!(
+        seen,
+        ["first", "held", "last"],
+        "the held message once, at its release"
+    );
+
+    // Received and not released, then a new log (a clean session first): dropped.
+    qos2_exchange(
+        &mut cloud,
+        qos2_publish(11, QoS::ExactlyOnce, "stale"),
+        rec(11),
+    )
+    .await;
+    drop(cloud);
+    let mut cloud = qos2_client(port, true, false).await;
+    qos2_exchange(&mut cloud, Packet::PubRel(PubRel::new(11)), comp(11)).await;
+    let end = qos2_publish(60_003, QoS::AtLeastOnce, "end");
+    qos2_exchange(&mut cloud, end, puback(60_003)).await;
+    let message = watcher.next_message().await;
+    assert_eq!(
+        &message.payload[..],
+        b"end",
+        "the stale message was not dropped"
+    );
+    cloud.close().await;
+}
+
+const QOS2_TOPIC: &str = "/sensor/dup-1/temperature";
+
+/// The relay's connection to the cloud broker at `port` as `edge-relay`, under a client
+/// id of its own, connected (a session kept or not, as `present` says).
+async fn qos2_client(port: u16, new_log: bool, present: bool) -> edge_relay::cloud::Cloud {
+    let broker = iot_core::config::BrokerSettings {
+        host: "127.0.0.1".into(),
+        port,
+        username: Some("edge-relay".into()),
+        password: Some(tests::password("edge-relay")),
+        tls_ca: None,
+        keep_alive: Duration::from_secs(30),
+        env_prefix: "CLOUD",
+    };
+    let options = broker
+        .mqtt_options("test-qos2-relay", false)
+        .expect("options");
+    let mut cloud = edge_relay::cloud::Cloud::new(&broker, options, new_log);
+    match qos2_next(&mut cloud).await {
+        edge_relay::cloud::Heard::Connected { session_present } => {
+            assert_eq!(session_present, present, "the session kept");
+        }
+        other => panic!("{other:?} instead of a connection"),
+    }
+    cloud
+}
+
+async fn qos2_next(cloud: &mut edge_relay::cloud::Cloud) -> edge_relay::cloud::Heard {
+    tokio::time::timeout(Duration::from_secs(10), cloud.next())
+        .await
+        .expect("the broker answers")
+        .expect("connected")
+}
+
+/// Writes `packet` and expects the broker to answer `answer`.
+async fn qos2_exchange(
+    cloud: &mut edge_relay::cloud::Cloud,
+    packet: rumqttc::Packet,
+    answer: rumqttc::Packet,
+) {
+    assert!(cloud.write([packet]).await, "written");
+    match qos2_next(cloud).await {
+        edge_relay::cloud::Heard::Packet(packet) => assert_eq!(packet, answer),
+        other => panic!("{other:?} instead of {answer:?}"),
+    }
+}
+
+fn qos2_publish(pid: u16, qos: QoS, payload: &str) -> rumqttc::Packet {
+    let mut publish = rumqttc::Publish::new(QOS2_TOPIC, qos, payload.as_bytes().to_vec());
+    publish.pkid = pid;
+    rumqttc::Packet::Publish(publish)
+}
+
+fn rec(pid: u16) -> rumqttc::Packet {
+    rumqttc::Packet::PubRec(rumqttc::PubRec::new(pid))
+}
+
+fn comp(pid: u16) -> rumqttc::Packet {
+    rumqttc::Packet::PubComp(rumqttc::PubComp::new(pid))
+}
+
+fn puback(pid: u16) -> rumqttc::Packet {
+    rumqttc::Packet::PubAck(rumqttc::PubAck::new(pid))
+}
+
+/// What the hops said that may have sent a message again: warnings and errors of the
+/// persister (its reconnects), the cloud broker (a reused packet id) and the relay.
+fn say_who_sent_again(persister: &Service, brokers: &Brokers, relay: &Service) {
+    let said = |log: &str| {
+        log.lines()
+            .filter(|line| {
+                line.contains("WARN") || line.contains("ERROR") || line.contains("Reused")
+            })
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    eprintln!("persister:\n{}", said(&persister.stderr()));
+    eprintln!("cloud broker:\n{}", said(&brokers.cloud.log()));
+    eprintln!("relay (last run):\n{}", said(&relay.stderr()));
+}
+
 /// The cloud machine loses power mid-stream (broker and persister SIGKILLed, the
 /// broker's save gone: no sessions, nothing it had accepted), and the device stops
 /// before the cloud is back: the relay refills the cloud from its log once the
@@ -193,6 +446,23 @@ fn publish_unkeyed(port: u16, count: u32) -> tokio::task::JoinHandle<()> {
                 .publish(UNKEYED_TOPIC, QoS::AtLeastOnce, false, payload.as_bytes())
                 .await;
             tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+}
+
+/// Publishes the plain values 1..=`count` at QoS 1 to the edge broker at `port`, one
+/// every `every` at most (each waits for the broker's acknowledgement).
+fn publish_unkeyed_every(port: u16, count: u32, every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut device = TestClient::connect(port, "temperature-sensor").await;
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for value in 1..=count {
+            ticks.tick().await;
+            let payload = value.to_string();
+            device
+                .publish(UNKEYED_TOPIC, QoS::AtLeastOnce, false, payload.as_bytes())
+                .await;
         }
     })
 }

@@ -2,7 +2,8 @@
 //!
 //! Every message the edge broker gets goes into an on-disk log ([`log`]) and is
 //! acknowledged to the broker only once it is there ([`intake`]); from the log it goes
-//! on, unchanged, to the cloud broker at QoS 1 ([`forward`]). A cloud outage is a
+//! on, unchanged, to the cloud broker at QoS 2, so that a relay killed at any moment
+//! forwards nothing twice ([`forward`], over [`cloud`]). A cloud outage is a
 //! backlog on disk, bounded by `--max-disk`, not a queue in the broker's memory; a full
 //! disk stops the acknowledgements (back-pressure), it never drops a message. Forwarded
 //! messages are kept for `--retention`, so replay requests are answered from the log
@@ -13,6 +14,7 @@
 //! Four tasks, one per job, joined by the log and three small channels; the first to
 //! fail stops the others, and each finishes what it holds on the way out.
 
+pub mod cloud;
 pub mod config;
 pub mod forward;
 pub mod inbound;
@@ -24,7 +26,6 @@ pub mod mqtt5;
 use std::sync::Arc;
 
 use anyhow::Context;
-use iot_core::mqtt::{Connection, Unconfirmed};
 use iot_core::ops::{self, Metric};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -51,7 +52,7 @@ pub const IDLE_MEMORY_BOUND: u64 = 320 << 20;
 pub const METRICS: &[Metric] = &[
     Metric::gauge("iot_relay_connected", "1 while the link (edge, cloud-replay) is connected; the forwarding connection to the cloud is iot_mqtt_connected"),
     Metric::counter("iot_relay_logged_total", "messages taken from the edge broker onto disk and acknowledged"),
-    Metric::counter("iot_relay_forwarded_total", "messages the cloud broker acknowledged"),
+    Metric::counter("iot_relay_forwarded_total", "messages the cloud broker received (QoS 2 PUBREC); its subscribers get them once the forwarded mark is on disk"),
     Metric::gauge("iot_relay_backlog", "messages on disk not forwarded yet"),
     Metric::gauge("iot_relay_oldest_unforwarded_seconds", "age of the oldest message not forwarded yet (0 without a backlog)"),
     Metric::gauge("iot_relay_disk_bytes", "bytes the log takes on disk as counted against --max-disk: its tables, what waits in memory for them, its journals at their most (64 MiB)"),
@@ -100,9 +101,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         "cloud-replay",
         None,
     );
-    let mut cloud_options = cloud_broker.mqtt_options(&config.cloud_client_id(), false)?;
-    cloud_options.set_inflight(u16::try_from(forward::WINDOW).unwrap_or(u16::MAX));
-    let cloud = Connection::start_checked(&cloud_broker, cloud_options, None, Unconfirmed::Forget);
+    let cloud = cloud::Cloud::new(
+        &cloud_broker,
+        cloud_broker.mqtt_options(&config.cloud_client_id(), false)?,
+        log.is_new(),
+    );
     log_start(&config, &edge_broker, &cloud_broker);
 
     let wake = Arc::new(Notify::new());

@@ -23,9 +23,10 @@
 //!   in `ages`.
 //!
 //! A batch is written with one `fdatasync` ([`Log::append`]): the relay acknowledges a
-//! message to the edge broker only once that returned. Everything else (the forwarded
-//! mark, deletions) rides on the next sync: after a crash a few messages are forwarded
-//! again, never lost.
+//! message to the edge broker only once that returned. The forwarded mark is synced as
+//! it is written ([`Log::mark_forwarded`]), before the forwarder lets the cloud broker
+//! release what it covers ([`crate::forward`]): after a crash nothing is forwarded twice.
+//! Deletions ride on the next sync.
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -843,6 +844,12 @@ impl Log {
         self.next.load(Ordering::Acquire)
     }
 
+    /// Whether no message was ever written to this log (created now, or started again
+    /// after the damaged one was moved aside): its numbers start from 1 again.
+    pub fn is_new(&self) -> bool {
+        self.next() <= 1 && self.forwarded() <= 1
+    }
+
     /// Everything below this was acknowledged by the cloud broker.
     pub fn forwarded(&self) -> u64 {
         self.forwarded.load(Ordering::Acquire)
@@ -937,19 +944,22 @@ impl Log {
         Ok(value.and_then(|value| Entry::decode(&value)))
     }
 
-    /// Records that the cloud broker acknowledged everything below `below` (written with
-    /// the next sync).
+    /// Records on disk that the cloud broker received everything below `below`: written
+    /// and synced before [`Log::forwarded`] says so, so that the forwarder releases, and
+    /// the keeper deletes, only what a mark on disk covers. Called by one task at a time.
     pub fn mark_forwarded(&self, below: u64) -> anyhow::Result<()> {
-        let previous = self.forwarded.fetch_max(below, Ordering::AcqRel);
-        if below > previous {
-            self.meta
-                .insert(FORWARDED, below.to_be_bytes())
-                .context("cannot write to the log")?;
+        if below <= self.forwarded() {
+            return Ok(());
         }
+        self.meta
+            .insert(FORWARDED, below.to_be_bytes())
+            .context("cannot write to the log")?;
+        self.sync()?;
+        self.forwarded.fetch_max(below, Ordering::AcqRel);
         Ok(())
     }
 
-    /// Syncs what was written without a sync of its own (the forwarded mark, deletions).
+    /// Syncs what was written without a sync of its own (deletions).
     pub fn sync(&self) -> anyhow::Result<()> {
         self.db
             .persist(PersistMode::SyncData)

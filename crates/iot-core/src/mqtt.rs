@@ -895,6 +895,13 @@ fn keep_unconfirmed(eventloop: &mut EventLoop, unconfirmed: &mut Vec<Request>) {
     }
 }
 
+/// The error to stop on when a broker refused a connection with `code` for good (wrong
+/// credentials, a rejected client id, another protocol); `None` for a refusal a retry
+/// may fix. For connections of a service's own that reconnect like the driver does.
+pub fn refused_for_good(broker: &BrokerSettings, code: ConnectReturnCode) -> Option<anyhow::Error> {
+    is_final(code).then(|| refused(broker, code))
+}
+
 /// Refusals that no retry can fix.
 fn is_final(code: ConnectReturnCode) -> bool {
     matches!(
