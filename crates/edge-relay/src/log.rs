@@ -686,6 +686,9 @@ impl Log {
                     .map(String::as_str)
                     .or_else(|| panic.downcast_ref::<&str>().copied())
                     .unwrap_or("no message");
+                // On one line, as the relay's log says the rest (an assertion's message
+                // spans three).
+                let why = why.split_whitespace().collect::<Vec<_>>().join(" ");
                 Err(anyhow::anyhow!(
                     "the store's recovery failed on damaged files ({why})"
                 ))
