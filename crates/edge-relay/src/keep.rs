@@ -135,7 +135,9 @@ impl Keeper {
                 .log
                 .trim(at_once, |received_ms| received_ms < keep_from)?;
             expired += deleted;
-            if deleted < at_once as u64 {
+            // On a nearly full file system one step a turn: its journal writes are
+            // buffered, and the free space measured does not show them yet.
+            if deleted < at_once as u64 || at_once < TRIM {
                 break;
             }
         }
@@ -252,6 +254,9 @@ impl Keeper {
             }
             deleted += step;
             wanted = wanted.saturating_sub(step);
+            if at_once < TRIM {
+                break;
+            }
         }
         if deleted == 0 {
             return Ok(used);
