@@ -1221,7 +1221,13 @@ async fn a_full_file_system_holds_the_edge_back_and_the_relay_goes_on() {
     let (relay, logged) = fill_with_the_cloud_down(&mut brokers, &small, &log_dir).await;
     let (mut relay, mut back) = start_on_a_full_file_system(&mut brokers, &small, relay).await;
     let mut seen = std::collections::BTreeSet::new();
-    numbers_until(&mut back, FULL_FS_TOPIC, &mut seen, logged).await;
+    let held = numbers_until(&mut back, FULL_FS_TOPIC, &mut seen, logged, CATCH_UP).await;
+    assert!(
+        held,
+        "{} of the {logged} messages the log held arrived; the relay logged:\n{}",
+        seen.len(),
+        relay.0.stderr()
+    );
     tests::wait_for_within(
         CATCH_UP,
         "what the log held forwarded",
@@ -1240,7 +1246,8 @@ async fn a_full_file_system_holds_the_edge_back_and_the_relay_goes_on() {
         .open(&filler)
         .and_then(|file| file.set_len(length.saturating_sub(1 << 20)))
         .expect("the filler shrinks");
-    tests::wait_for(
+    tests::wait_for_within(
+        CATCH_UP,
         "room in the log again",
         || async {
             let resumed = relay
@@ -1254,8 +1261,14 @@ async fn a_full_file_system_holds_the_edge_back_and_the_relay_goes_on() {
     .await;
 
     std::fs::remove_file(&filler).expect("the filler goes");
-    let all = numbers_until(&mut back, FULL_FS_TOPIC, &mut seen, FULL_FS_COUNT);
-    if tokio::time::timeout(3 * CATCH_UP, all).await.is_err() {
+    let all = numbers_until(
+        &mut back,
+        FULL_FS_TOPIC,
+        &mut seen,
+        FULL_FS_COUNT,
+        3 * CATCH_UP,
+    );
+    if !all.await {
         panic!(
             "{} of {FULL_FS_COUNT} messages arrived; the relay logged:\n{}",
             seen.len(),
@@ -1263,9 +1276,13 @@ async fn a_full_file_system_holds_the_edge_back_and_the_relay_goes_on() {
         );
     }
     let sent = a_write_the_file_system_refuses(&small, &relay, brokers.local.port).await;
-    let all = numbers_until(&mut back, FULL_FS_TOPIC, &mut seen, FULL_FS_COUNT + sent);
-    if tokio::time::timeout(CATCH_UP, all).await.is_err() {
-        panic!("the message of a failed write did not arrive: {seen:?}");
+    let all = FULL_FS_COUNT + sent;
+    if !numbers_until(&mut back, FULL_FS_TOPIC, &mut seen, all, CATCH_UP).await {
+        panic!(
+            "the message of a failed write did not arrive ({} of {all}); the relay logged:\n{}",
+            seen.len(),
+            relay.0.stderr()
+        );
     }
     assert!(relay.0.is_running(), "{}", relay.0.stderr());
     relay.0.stop_cleanly().await;
@@ -1418,23 +1435,32 @@ async fn relay_on_edge(brokers: &Brokers, log_dir: &Path, args: &[&str]) -> (Ser
 }
 
 /// Reads `client`'s messages on `topic` into `seen` (the numbers of [`incompressible`])
-/// until it holds `count` of them.
+/// until it holds `count` of them, for `within` at most (however long the relay pauses
+/// between two, as beside other tests on a busy machine): whether it does.
 async fn numbers_until(
     client: &mut TestClient,
     topic: &str,
     seen: &mut std::collections::BTreeSet<usize>,
     count: usize,
-) {
+    within: Duration,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
     while seen.len() < count {
-        let message = client.next_message().await;
-        if message.topic == topic {
-            let n: usize = std::str::from_utf8(&message.payload[..8])
-                .expect("its number")
-                .parse()
-                .expect("its number");
-            seen.insert(n);
+        for message in client.messages_so_far().await {
+            if message.topic == topic {
+                let n: usize = std::str::from_utf8(&message.payload[..8])
+                    .expect("its number")
+                    .parse()
+                    .expect("its number");
+                seen.insert(n);
+            }
         }
+        if tokio::time::Instant::now() > deadline {
+            return seen.len() >= count;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    true
 }
 
 /// The bytes the files under `dir` take on disk, as `du` counts them, while the relay
