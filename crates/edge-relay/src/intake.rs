@@ -116,11 +116,11 @@ pub async fn run(
     let result = loop {
         if writing.is_none() {
             held -= drop_resent(&link, &mut pending);
-            if let Some((batch, slack)) = budget.next_batch(&mut pending) {
+            if let Some(batch) = budget.next_batch(&mut pending) {
                 held -= batch.iter().map(|m| m.publish.payload.len()).sum::<usize>();
                 let kept = |connection| link.session_kept_since(connection);
                 let copies = batch.iter().map(|m| recent.has(kept, m)).collect();
-                writing = Some(write(&log, batch, copies, slack));
+                writing = Some(write(&log, batch, copies));
             }
         }
         tokio::select! {
@@ -205,9 +205,9 @@ impl Budget {
         }
     }
 
-    /// The first of `pending` as far as there is room for them, if any, and the room
-    /// left after them; says so when the edge broker is held back, and when no longer.
-    fn next_batch(&mut self, pending: &mut Vec<Message>) -> Option<(Vec<Message>, u64)> {
+    /// The first of `pending` as far as there is room for them, if any; says so when
+    /// the edge broker is held back, and when no longer.
+    fn next_batch(&mut self, pending: &mut Vec<Message>) -> Option<Vec<Message>> {
         if self.room.has_changed().unwrap_or(false) {
             self.room.borrow_and_update();
             self.spent = 0;
@@ -246,7 +246,7 @@ impl Budget {
             self.held_back = false;
         }
         self.spent += cost;
-        Some((pending.drain(..fits).collect(), room - cost))
+        Some(pending.drain(..fits).collect())
     }
 }
 
@@ -289,13 +289,7 @@ struct Written {
 
 /// Writes `batch` to the log in a blocking task, but for the messages `copies` marks
 /// (the log has them already); gives it back once it is on disk.
-/// `slack`: the room left after it, which the journals may take past their 64 MiB.
-fn write(
-    log: &Log,
-    batch: Vec<Message>,
-    copies: Vec<bool>,
-    slack: u64,
-) -> JoinHandle<anyhow::Result<Written>> {
+fn write(log: &Log, batch: Vec<Message>, copies: Vec<bool>) -> JoinHandle<anyhow::Result<Written>> {
     let log = log.clone();
     tokio::task::spawn_blocking(move || {
         let received_ms = now_ms();
@@ -322,7 +316,7 @@ fn write(
             .collect();
         if !entries.is_empty() {
             // The store's journals within their part of the budget first.
-            let waited = log.wait_for_journals(slack)?;
+            let waited = log.wait_for_journals()?;
             if waited > std::time::Duration::from_secs(5) {
                 tracing::warn!(
                     ?waited,

@@ -55,8 +55,7 @@ const FORMAT: u8 = 2;
 /// current one past 64 000 000 bytes, and drops the old one only once every memtable
 /// with a write in it is flushed; under a fast stream of large messages its journals
 /// took 132 MiB (73 + 59) and the log 192 MiB for a 128M budget. So a batch is written
-/// only while they take less than [`JOURNAL_GATE`] and the room the budget has left
-/// ([`Log::wait_for_journals`]).
+/// only while they take less than [`JOURNAL_GATE`] ([`Log::wait_for_journals`]).
 pub const JOURNAL_RESERVE: u64 = 64 << 20;
 /// The journals' disk past which no batch is written until the store flushed them: above
 /// fjall's 64 000 000 bytes, so that its current journal reaches the size at which it
@@ -891,17 +890,13 @@ impl Log {
         Ok(())
     }
 
-    /// Waits until the journals take less than [`JOURNAL_GATE`] and `slack` (the room
-    /// the budget has left besides), asking the store to flush every memtable meanwhile
-    /// (a memtable with a write in an old journal keeps it), for [`JOURNAL_PATIENCE`] at
-    /// most. Returns how long it waited. With room to spare the journals run past their
-    /// 64 MiB as fjall lets them: waiting for its flushes at each journal cost a third of
-    /// the speed of a stream of 2 MB messages (1 GB forwarded in 79 s, not 51 s).
-    pub fn wait_for_journals(&self, slack: u64) -> anyhow::Result<std::time::Duration> {
-        let gate = JOURNAL_GATE.saturating_add(slack);
+    /// Waits until the journals take less than [`JOURNAL_GATE`], asking the store to
+    /// flush every memtable meanwhile (a memtable with a write in an old journal keeps it),
+    /// for [`JOURNAL_PATIENCE`] at most. Returns how long it waited.
+    pub fn wait_for_journals(&self) -> anyhow::Result<std::time::Duration> {
         let started = std::time::Instant::now();
         let mut asked: Option<std::time::Instant> = None;
-        while self.journal_bytes() >= gate && started.elapsed() < JOURNAL_PATIENCE {
+        while self.journal_bytes() >= JOURNAL_GATE && started.elapsed() < JOURNAL_PATIENCE {
             if asked.is_none_or(|at| at.elapsed() > std::time::Duration::from_secs(1)) {
                 for keyspace in [&self.messages, &self.readings, &self.ages, &self.meta] {
                     keyspace.rotate_memtable().context("cannot flush the log")?;
@@ -1101,9 +1096,11 @@ impl Log {
 
     /// What counts against `--max-disk`: the tables, what waits in memory to be flushed
     /// to them, and the journals at their most ([`JOURNAL_RESERVE`]; a journal file is
-    /// made that long at once, and what it holds is in the memory counted before).
+    /// made that long at once, and what it holds is in the memory counted before), or as
+    /// they are when past it (by up to a batch: [`JOURNAL_GATE`]).
     pub fn budget_bytes(&self) -> u64 {
-        self.table_bytes() + self.db.write_buffer_size() + JOURNAL_RESERVE
+        let journals = JOURNAL_RESERVE.max(self.journal_bytes());
+        self.table_bytes() + self.db.write_buffer_size() + journals
     }
 
     /// The lowest number still kept.
