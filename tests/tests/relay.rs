@@ -1389,3 +1389,496 @@ async fn an_idle_relay_after_a_gigabyte_forwarded_is_back_to_its_idle_memory_and
     assert!(share < 0.05, "{:.1} % of a core while idle", share * 100.0);
     relay.stop_cleanly().await;
 }
+
+/// A tmpfs of its own for one test, unmounted when dropped (a failed test too).
+#[derive(Debug)]
+struct SmallFileSystem {
+    dir: std::path::PathBuf,
+}
+
+impl SmallFileSystem {
+    /// Mounts a tmpfs of `size` (`200m`) on `dir`; why not, when it cannot.
+    fn mount(dir: &Path, size: &str) -> Result<Self, String> {
+        std::fs::create_dir_all(dir).map_err(|error| error.to_string())?;
+        let output = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .map_err(|error| format!("cannot run mount: {error}"))?;
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).trim().to_string());
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Bytes free on it, as `df` says.
+    fn available(&self) -> u64 {
+        let output = std::process::Command::new("df")
+            .args(["-B1", "--output=avail"])
+            .arg(&self.dir)
+            .output()
+            .expect("df runs");
+        let text = String::from_utf8_lossy(&output.stdout);
+        text.lines()
+            .nth(1)
+            .and_then(|line| line.trim().parse().ok())
+            .expect("df's figure")
+    }
+
+    /// Fills what is free with one file, to the last byte (the file system full of
+    /// something else); returns the file.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.dir.join("filler");
+        // At once where fallocate can (a few milliseconds, where writing it took up to
+        // a few hundred beside other tests), then written to the last byte.
+        let _ = std::process::Command::new("fallocate")
+            .args(["-l", &self.available().to_string()])
+            .arg(&path)
+            .status();
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .expect("the filler");
+        let block = vec![0xA5u8; 64 * 1024];
+        let mut left = block.len();
+        // Down to single bytes: the file system's last partial page too.
+        while left > 0 {
+            match file.write(&block[..left]) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) => left /= 2,
+            }
+        }
+        let _ = file.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallFileSystem {
+    fn drop(&mut self) {
+        // Lazily: a relay still running on it when the test failed goes on the way out.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// The relay's log on a 200 MiB file system with `--max-disk 1G`, the cloud down, a
+/// stream larger than the file system: the relay stops taking from the edge broker
+/// before the file system is full (the broker keeps the rest), never exits, starts on a
+/// file system filled to the last byte (forwarding what it has, and trimming it once the
+/// cloud took it as soon as a little room is free), and goes on when the file system
+/// fills under a write (the store refuses every write after one that failed: it is
+/// opened again). Every message the edge broker acknowledged to the device arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_file_system_holds_the_edge_back_and_the_relay_goes_on() {
+    let mut brokers = spawn_relay_brokers().await;
+    let small = match SmallFileSystem::mount(&brokers.dir().join("small"), "200m") {
+        Ok(small) => small,
+        Err(why) => {
+            tests::skipped(&format!(
+                "cannot mount a 200M tmpfs for the relay's log: {why}"
+            ));
+            return;
+        }
+    };
+    let log_dir = small.dir.join("relay-log");
+    let (relay, logged) = fill_with_the_cloud_down(&mut brokers, &small, &log_dir).await;
+    let (mut relay, mut back) = start_on_a_full_file_system(&mut brokers, &small, relay).await;
+    let mut seen = std::collections::BTreeSet::new();
+    let held = numbers_until(&mut back, FULL_FS_TOPIC, &mut seen, logged, CATCH_UP).await;
+    assert!(
+        held,
+        "{} of the {logged} messages the log held arrived; the relay logged:\n{}",
+        seen.len(),
+        relay.0.stderr()
+    );
+    tests::wait_for_within(
+        CATCH_UP,
+        "what the log held forwarded",
+        || metric(relay.1, "iot_relay_backlog"),
+        |backlog| *backlog == Some(0.0),
+    )
+    .await;
+    assert!(relay.0.is_running(), "{}", relay.0.stderr());
+
+    // A little room (1 MiB, less than what the relay keeps free): it trims what was
+    // forwarded, so that the file system has room again, and takes the rest.
+    let filler = small.dir.join("filler");
+    let length = std::fs::metadata(&filler).expect("the filler").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .and_then(|file| file.set_len(length.saturating_sub(1 << 20)))
+        .expect("the filler shrinks");
+    tests::wait_for_within(
+        CATCH_UP,
+        "room in the log again",
+        || async {
+            let resumed = relay
+                .0
+                .stderr()
+                .contains("room in the log again: acknowledging the edge broker");
+            (resumed, small.available(), du_files(&log_dir))
+        },
+        |(resumed, ..)| *resumed,
+    )
+    .await;
+
+    std::fs::remove_file(&filler).expect("the filler goes");
+    let all = numbers_until(
+        &mut back,
+        FULL_FS_TOPIC,
+        &mut seen,
+        FULL_FS_COUNT,
+        3 * CATCH_UP,
+    );
+    if !all.await {
+        panic!(
+            "{} of {FULL_FS_COUNT} messages arrived; the relay logged:\n{}",
+            seen.len(),
+            relay.0.stderr()
+        );
+    }
+    let sent = a_write_the_file_system_refuses(&small, &relay, brokers.local.port).await;
+    let all = FULL_FS_COUNT + sent;
+    if !numbers_until(&mut back, FULL_FS_TOPIC, &mut seen, all, CATCH_UP).await {
+        panic!(
+            "the message of a failed write did not arrive ({} of {all}); the relay logged:\n{}",
+            seen.len(),
+            relay.0.stderr()
+        );
+    }
+    assert!(relay.0.is_running(), "{}", relay.0.stderr());
+    relay.0.stop_cleanly().await;
+}
+
+/// The file system filled by another writer after the relay measured its room, and a
+/// message then: the relay writes it, the file system refuses, the store refuses every
+/// write after that, and the relay opens it again (the message, not acknowledged, comes
+/// again). Tried until the relay's write came before its next measurement (once a
+/// second); returns the messages sent.
+async fn a_write_the_file_system_refuses(
+    small: &SmallFileSystem,
+    relay: &(Service, u16),
+    edge: u16,
+) -> usize {
+    let mut device = TestClient::connect(edge, "temperature-sensor").await;
+    for attempt in 0..10 {
+        tests::wait_for(
+            "room measured",
+            || metric(relay.1, "iot_relay_room_bytes"),
+            |room| room.is_some_and(|room| room > (1 << 20) as f64),
+        )
+        .await;
+        let filler = small.fill();
+        let payload = incompressible(FULL_FS_COUNT + attempt + 1, 64 * 1024)
+            .last()
+            .expect("a payload");
+        device
+            .publish(FULL_FS_TOPIC, QoS::AtLeastOnce, false, &payload)
+            .await;
+        let (reopened, _) = tests::wait_for(
+            "the write refused, or the room measured first",
+            || async {
+                let reopened = relay.0.stderr().contains("opening the log again");
+                (reopened, metric(relay.1, "iot_relay_room_bytes").await)
+            },
+            |(reopened, room)| *reopened || *room == Some(0.0),
+        )
+        .await;
+        std::fs::remove_file(&filler).expect("the filler goes");
+        if reopened {
+            let stderr = relay.0.stderr();
+            let said = stderr
+                .lines()
+                .find(|line| line.contains("opening the log again"));
+            eprintln!("at attempt {attempt}: {}", said.unwrap_or_default());
+            return attempt + 1;
+        }
+    }
+    panic!("the relay measured the full file system before each write");
+}
+
+/// Messages of [`a_full_file_system_holds_the_edge_back_and_the_relay_goes_on`]: 312 MiB
+/// for a 200 MiB file system.
+const FULL_FS_COUNT: usize = 2500;
+const FULL_FS_SIZE: usize = 128 * 1024;
+const FULL_FS_TOPIC: &str = "/sensor/big-6/temperature";
+const FULL_FS_WATCHER: &str = "test-full-fs-watcher";
+const FULL_FS_ARGS: [&str; 2] = ["--max-disk", "1G"];
+
+/// The relay on `log_dir`, the cloud down, every message published and acknowledged by
+/// the edge broker: until the relay holds the edge back for the file system. The relay
+/// and how many messages it logged.
+async fn fill_with_the_cloud_down(
+    brokers: &mut Brokers,
+    small: &SmallFileSystem,
+    log_dir: &Path,
+) -> (Service, usize) {
+    let (relay, port) = relay_with_metrics(brokers, log_dir, &FULL_FS_ARGS).await;
+    let pid = relay.pid();
+    let peak = DuPeak::watch(log_dir);
+    let cloud = brokers.cloud.port;
+    let mut away = TestClient::try_connect(cloud, Some("mqtt-subscriber"), FULL_FS_WATCHER, false)
+        .await
+        .expect("the watcher connects");
+    away.subscribe(FULL_FS_TOPIC).await;
+    drop(away);
+    brokers.cloud.stop().await;
+
+    let mut device = TestClient::connect(brokers.local.port, "temperature-sensor").await;
+    for payload in incompressible(FULL_FS_COUNT, FULL_FS_SIZE) {
+        device
+            .publish(FULL_FS_TOPIC, QoS::AtLeastOnce, false, &payload)
+            .await;
+    }
+    relay
+        .wait_for_log("the file system of the log is nearly full")
+        .await;
+    wait_for(
+        "back-pressure on the relay's metrics",
+        || metric(port, "iot_relay_back_pressure"),
+        |held| *held == Some(1.0),
+    )
+    .await;
+    let logged = metric(port, "iot_relay_logged_total").await.unwrap_or(0.0);
+    eprintln!(
+        "held back at {logged} of {FULL_FS_COUNT} messages logged; {} MiB free, the log {} MiB (at most {} MiB) of the 200 MiB file system",
+        small.available() >> 20,
+        du(log_dir) >> 20,
+        peak.peak() >> 20
+    );
+    assert!(
+        logged < FULL_FS_COUNT as f64,
+        "{logged} logged: no back-pressure"
+    );
+    assert!(relay.pid() == pid, "the relay was started again");
+    (relay, logged as usize)
+}
+
+/// The relay killed, the file system filled to the last byte, the relay started again
+/// and the cloud back: the relay (and its metrics port) and the watcher, back on the
+/// cloud with its kept session.
+async fn start_on_a_full_file_system(
+    brokers: &mut Brokers,
+    small: &SmallFileSystem,
+    mut relay: Service,
+) -> ((Service, u16), TestClient) {
+    relay.kill().await;
+    small.fill();
+    assert_eq!(small.available(), 0, "the file system is full");
+    let log_dir = small.dir.join("relay-log");
+    let (relay, port) = relay_on_edge(brokers, &log_dir, &FULL_FS_ARGS).await;
+    // "full: writing nothing" while nothing is free, "nearly full" once the store's
+    // recovery gave back a little (it cuts its journal at the last whole batch).
+    relay.wait_for_log("the file system of the log is").await;
+    assert!(brokers.cloud.start().await, "{}", brokers.cloud.log());
+    relay.wait_for_log("subscribed on the cloud broker").await;
+    let cloud = brokers.cloud.port;
+    let back = TestClient::try_connect(cloud, Some("mqtt-subscriber"), FULL_FS_WATCHER, false)
+        .await
+        .expect("the watcher connects again");
+    assert!(back.session_present);
+    ((relay, port), back)
+}
+
+/// The relay with its metrics on a free port, once started (the cloud may be down; the
+/// edge broker's subscription acknowledgement may wait behind the messages of a kept
+/// session that a full disk holds back).
+async fn relay_on_edge(brokers: &Brokers, log_dir: &Path, args: &[&str]) -> (Service, u16) {
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let args: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain(["--metrics-address", &address])
+        .collect();
+    let relay = brokers.start_relay(log_dir, &args);
+    relay.wait_for_log("edge-relay starting").await;
+    (relay, port)
+}
+
+/// Reads `client`'s messages on `topic` into `seen` (the numbers of [`incompressible`])
+/// until it holds `count` of them, for `within` at most (however long the relay pauses
+/// between two, as beside other tests on a busy machine): whether it does.
+async fn numbers_until(
+    client: &mut TestClient,
+    topic: &str,
+    seen: &mut std::collections::BTreeSet<usize>,
+    count: usize,
+    within: Duration,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while seen.len() < count {
+        for message in client.messages_so_far().await {
+            if message.topic == topic {
+                let n: usize = std::str::from_utf8(&message.payload[..8])
+                    .expect("its number")
+                    .parse()
+                    .expect("its number");
+                seen.insert(n);
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            return seen.len() >= count;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    true
+}
+
+/// The bytes the files under `dir` take on disk, as `du` counts them, while the relay
+/// changes them: a file gone meanwhile counts nothing.
+fn du_now(dir: &Path) -> u64 {
+    du_files(dir).iter().map(|(bytes, _)| bytes).sum()
+}
+
+/// The files under `dir` and the bytes each takes on disk, largest first.
+fn du_files(dir: &Path) -> Vec<(u64, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut files = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return files;
+    };
+    for entry in entries.flatten() {
+        match entry.metadata() {
+            Ok(metadata) if metadata.is_dir() => files.extend(du_files(&entry.path())),
+            Ok(metadata) => {
+                files.push((metadata.blocks() * 512, entry.path().display().to_string()))
+            }
+            Err(_) => {}
+        }
+    }
+    files.sort_unstable_by(|a, b| b.cmp(a));
+    files
+}
+
+/// The most `du` of `dir` reached, sampled every 10 ms until dropped, and what took it.
+#[derive(Debug)]
+struct DuPeak {
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    files: std::sync::Arc<std::sync::Mutex<Vec<(u64, String)>>>,
+}
+
+impl DuPeak {
+    fn watch(dir: &Path) -> Self {
+        use std::sync::atomic::Ordering;
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let files: std::sync::Arc<std::sync::Mutex<Vec<(u64, String)>>> = std::sync::Arc::default();
+        let (at, done, dir, listing) = (
+            std::sync::Arc::clone(&peak),
+            std::sync::Arc::clone(&stop),
+            dir.to_path_buf(),
+            std::sync::Arc::clone(&files),
+        );
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                let now = du_files(&dir);
+                let total = now.iter().map(|(bytes, _)| bytes).sum();
+                if at.fetch_max(total, Ordering::Relaxed) < total {
+                    if let Ok(mut files) = listing.lock() {
+                        *files = now;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Self { peak, stop, files }
+    }
+
+    /// The files at the peak, one a line, the largest first.
+    fn files(&self) -> String {
+        let files = self
+            .files
+            .lock()
+            .map(|files| files.clone())
+            .unwrap_or_default();
+        files
+            .iter()
+            .take(40)
+            .map(|(bytes, path)| format!("{:>10} {path}\n", bytes >> 10))
+            .collect()
+    }
+
+    fn peak(&self) -> u64 {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for DuPeak {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// `--max-disk 128M` under a fast stream of large incompressible messages, first with
+/// the cloud down (the budget fills with messages not forwarded yet), then with it back
+/// (forwarded messages deleted early to make room while the stream goes on): `du` of the
+/// log, sampled every 10 ms throughout, never passes the bound docs/edge-relay.md states.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_stays_within_max_disk_under_a_fast_stream_of_large_messages() {
+    const SIZE: usize = 256 * 1024;
+    const DOWN: usize = 800;
+    const UP: usize = 1600;
+    const TOPIC: &str = "/sensor/big-7/temperature";
+    let max_disk: u64 = 128 << 20;
+    let mut brokers = spawn_relay_brokers().await;
+    let log_dir = brokers.dir().join("relay-log");
+    let (mut relay, port) = relay_with_metrics(&brokers, &log_dir, &["--max-disk", "128M"]).await;
+    let peak = DuPeak::watch(&log_dir);
+    brokers.cloud.stop().await;
+
+    let mut device = TestClient::connect(brokers.local.port, "temperature-sensor").await;
+    let mut payloads = incompressible(DOWN + UP, SIZE);
+    for payload in payloads.by_ref().take(DOWN) {
+        device
+            .publish(TOPIC, QoS::AtLeastOnce, false, &payload)
+            .await;
+    }
+    relay
+        .wait_for_log("the log's disk budget is full of messages not forwarded yet")
+        .await;
+    let held = peak.peak();
+    assert!(brokers.cloud.start().await, "{}", brokers.cloud.log());
+    for payload in payloads {
+        device
+            .publish(TOPIC, QoS::AtLeastOnce, false, &payload)
+            .await;
+    }
+    tests::wait_for_within(
+        3 * CATCH_UP,
+        "every message logged and forwarded",
+        || async {
+            let logged = metric(port, "iot_relay_logged_total").await;
+            let backlog = metric(port, "iot_relay_backlog").await;
+            let kept = metric(port, "iot_relay_kept").await;
+            let disk = metric(port, "iot_relay_disk_bytes").await;
+            (logged, backlog, kept, disk, du_now(&log_dir))
+        },
+        |(logged, backlog, ..)| *logged >= Some((DOWN + UP) as f64) && *backlog == Some(0.0),
+    )
+    .await;
+    let bound = edge_relay::disk_bound(max_disk);
+    eprintln!(
+        "du of the log at most {} MiB while held back, {} MiB in all, for --max-disk {} MiB (bound {} MiB)",
+        held >> 20,
+        peak.peak() >> 20,
+        max_disk >> 20,
+        bound >> 20
+    );
+    assert!(
+        peak.peak() <= bound,
+        "du reached {} bytes for --max-disk {max_disk} (bound {bound}); KiB then:\n{}",
+        peak.peak(),
+        peak.files()
+    );
+    relay.stop_cleanly().await;
+}

@@ -6,12 +6,15 @@
 //! message; a busy one up to [`RECEIVE_MAXIMUM`] messages
 //! per sync (the broker sends no more unacknowledged ones at once).
 //!
-//! Back-pressure: a batch is written only as far as the disk budget has room for it
-//! ([`Room`], bytes, measured by the keeper once a second and counted down here as
-//! batches are written, so that a fast stream cannot run past the budget between two
-//! measurements). While there is no room (the budget is full of messages not forwarded
-//! yet), nothing is written and nothing acknowledged; the broker holds what comes (in the
-//! relay's session) and the devices their own buffers. Nothing is dropped.
+//! Back-pressure: a batch is written only as far as the disk budget and the file system
+//! have room for it ([`Room`], bytes, measured by the keeper once a second and counted
+//! down here as batches are written, so that a fast stream cannot run past the budget
+//! between two measurements). While there is no room (the budget, or the file system
+//! less what the store needs for its own writes, is full of messages not forwarded yet),
+//! nothing is written and nothing acknowledged; the broker holds what comes (in the
+//! relay's session) and the devices their own buffers. Nothing is dropped. A batch the
+//! disk refuses all the same is not acknowledged either: the relay opens its log again
+//! (`crate::run`) and the broker sends the batch again.
 //!
 //! Each message into the log once, across reconnects: copies of an earlier connection
 //! that the broker sends again are dropped before they are written, and a copy of one
@@ -38,9 +41,27 @@ const MAX_PENDING: usize = 10_000;
 /// bounds, the receive maximum).
 const MAX_PENDING_BYTES: usize = 64 << 20;
 
-/// Bytes the log may still take, as the keeper last measured them: 0 while the disk
-/// budget is full of messages not forwarded yet.
-pub type Room = watch::Receiver<u64>;
+/// The room the keeper last measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    /// Bytes the log may still take: 0 while the disk budget or the file system is full
+    /// of messages not forwarded yet.
+    pub bytes: u64,
+    /// Whether the file system, not `--max-disk`, is what limits it.
+    pub file_system: bool,
+}
+
+impl Space {
+    pub fn budget(bytes: u64) -> Self {
+        Self {
+            bytes,
+            file_system: false,
+        }
+    }
+}
+
+/// The room in the log, as the keeper last measured it.
+pub type Room = watch::Receiver<Space>;
 
 /// What a message is counted as against the budget until the keeper measures again:
 /// its topic and payload, and about what the store spends on each besides (key, index
@@ -142,7 +163,7 @@ pub async fn run(
                 }
                 Err(error) => break Err(error),
             },
-            changed = budget.room.changed(), if budget.held_back => {
+            changed = budget.room.changed(), if budget.waiting => {
                 if changed.is_err() {
                     break Ok(());
                 }
@@ -166,7 +187,10 @@ struct Budget {
     room: Room,
     /// Bytes written since the keeper last measured the room.
     spent: u64,
-    /// Whether the edge broker is being held back for want of room.
+    /// Whether the next batch waits for the keeper to measure the room again.
+    waiting: bool,
+    /// Whether the edge broker is being held back for want of room: what the keeper
+    /// measured does not take the next message (not merely spent since).
     held_back: bool,
 }
 
@@ -176,6 +200,7 @@ impl Budget {
         Self {
             room,
             spent: 0,
+            waiting: false,
             held_back: false,
         }
     }
@@ -187,17 +212,29 @@ impl Budget {
             self.room.borrow_and_update();
             self.spent = 0;
         }
+        self.waiting = false;
         if pending.is_empty() {
             return None;
         }
-        let room = self.room.borrow().saturating_sub(self.spent);
+        let space = *self.room.borrow();
+        let room = space.bytes.saturating_sub(self.spent);
         let (fits, cost) = fitting(pending.iter().map(cost), room);
         if fits == 0 {
-            if !self.held_back {
-                tracing::warn!(
-                    held = pending.len(),
-                    "the log's disk budget is full of messages not forwarded yet: not acknowledging the edge broker until the cloud takes some"
-                );
+            self.waiting = true;
+            // Room spent since the last measurement is no back-pressure: the keeper
+            // measures again within a second.
+            if !self.held_back && self.spent == 0 {
+                if space.file_system {
+                    tracing::warn!(
+                        held = pending.len(),
+                        "the file system of the log is nearly full (what is left is kept for the store's own writes): not acknowledging the edge broker until the cloud takes some and forwarded messages are deleted; the edge broker keeps what comes"
+                    );
+                } else {
+                    tracing::warn!(
+                        held = pending.len(),
+                        "the log's disk budget is full of messages not forwarded yet: not acknowledging the edge broker until the cloud takes some"
+                    );
+                }
                 metrics::gauge!("iot_relay_back_pressure").set(1.0);
                 self.held_back = true;
             }
@@ -278,6 +315,14 @@ fn write(log: &Log, batch: Vec<Message>, copies: Vec<bool>) -> JoinHandle<anyhow
             })
             .collect();
         if !entries.is_empty() {
+            // The store's journals within their part of the budget first.
+            let waited = log.wait_for_journals()?;
+            if waited > std::time::Duration::from_secs(5) {
+                tracing::warn!(
+                    ?waited,
+                    "the log's journals were slow to be flushed: the batch waited for them"
+                );
+            }
             log.append(&entries)?;
         }
         // Copies too, as of this connection: their acknowledgement may be lost again.

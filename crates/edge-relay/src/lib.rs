@@ -12,7 +12,11 @@
 //! [`keep`] trims the log and reports; [`mqtt5`] is the relay's MQTT 5 connection.
 //!
 //! Four tasks, one per job, joined by the log and three small channels; the first to
-//! fail stops the others, and each finishes what it holds on the way out.
+//! fail stops the others, and each finishes what it holds on the way out. A failure of
+//! the store (a write the file system refused, which leaves fjall refusing every write
+//! after it) does not end the relay: the tasks stop, the log is opened again and they
+//! start again, as at a start, without exiting ([`run`]). What was not on disk was not
+//! acknowledged, and the edge broker sends it again.
 
 pub mod cloud;
 pub mod config;
@@ -24,10 +28,11 @@ pub mod log;
 pub mod mqtt5;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use iot_core::ops::{self, Metric};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -57,6 +62,7 @@ pub const METRICS: &[Metric] = &[
     Metric::gauge("iot_relay_oldest_unforwarded_seconds", "age of the oldest message not forwarded yet (0 without a backlog)"),
     Metric::gauge("iot_relay_disk_bytes", "bytes the log takes on disk as counted against --max-disk: its tables, what waits in memory for them, its journals at their most (64 MiB)"),
     Metric::gauge("iot_relay_kept", "messages in the log, forwarded or not"),
+    Metric::gauge("iot_relay_room_bytes", "bytes the log may still take, as last measured: the lesser of what --max-disk and the file system (its free space less what the store needs for its own writes, halved) leave"),
     Metric::gauge("iot_relay_back_pressure", "1 while the disk budget is full of messages not forwarded and the edge broker is not acknowledged"),
     Metric::counter("iot_relay_expired_total", "forwarded messages deleted past --retention"),
     Metric::counter("iot_relay_evicted_total", "forwarded messages deleted before their retention because the disk budget needed the room"),
@@ -77,13 +83,44 @@ pub const METRICS: &[Metric] = &[
     Metric::counter("iot_relay_qos0_dropped_total", "QoS 0 messages dropped because 100 000 waited for the disk"),
 ];
 
+/// The longest wait before the log is opened again after a failure of the store.
+const REOPEN_BACKOFF: Duration = Duration::from_secs(30);
+
 /// Relays until `shutdown`: the batch being written is finished and acknowledged, what
-/// is in flight to the cloud given a few seconds, the log synced.
+/// is in flight to the cloud given a few seconds, the log synced. A failure of the store
+/// opens the log again (after 1 s, doubling up to [`REOPEN_BACKOFF`] while it fails
+/// again within a minute) rather than ending the relay.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     ops::health().set(EDGE_CHECK, Err("not connected yet".into()));
     ops::health().set(LOG_CHECK, Err("not open yet".into()));
     ops::serve(config.metrics_address.as_deref(), shutdown.clone(), METRICS).await?;
-    let log = open_log(&config)?;
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let started = tokio::time::Instant::now();
+        let error = match relay(&config, &shutdown).await {
+            Err(error) if log::is_store_failure(&error) && !shutdown.is_cancelled() => error,
+            // The store of the run that failed, not closed yet.
+            Err(error) if held_by_this_process(&error) && !shutdown.is_cancelled() => error,
+            outcome => return outcome,
+        };
+        ops::health().set(LOG_CHECK, Err(format!("{error:#}")));
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = Duration::from_secs(1);
+        }
+        tracing::error!(
+            "the log's store failed ({error:#}): what was not on disk was not acknowledged to the edge broker, which sends it again; opening the log again in {backoff:?}"
+        );
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(REOPEN_BACKOFF);
+    }
+}
+
+/// One run of the relay on the log opened once: until `shutdown` or a failure.
+async fn relay(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let log = open_log(config)?;
     ops::health().set(LOG_CHECK, Ok(()));
 
     let (edge_broker, cloud_broker) = (config.edge_broker(), config.cloud_broker());
@@ -106,13 +143,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         cloud_broker.mqtt_options(&config.cloud_client_id(), false)?,
         log.is_new(),
     );
-    log_start(&config, &edge_broker, &cloud_broker);
+    log_start(config, &edge_broker, &cloud_broker);
 
     let wake = Arc::new(Notify::new());
     // Few: each may be a message of 2 MiB, and an answer waits here for the forwarder.
     let (replays_tx, replays) = mpsc::channel(inbound::REPLAY_QUEUE);
-    // The keeper measures the room within a second; until then, what the log may take.
-    let (room_tx, room) = watch::channel(config.max_disk.saturating_sub(log.budget_bytes()));
+    let (keeper, room) = keep::Keeper::new(
+        log.clone(),
+        config.log_dir.clone(),
+        config.retention,
+        config.max_disk,
+    )?;
     let stop = shutdown.child_token();
     let refill = (config.refill_window, config.refill_delay);
     let edge_client = edge.client.clone();
@@ -135,15 +176,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             replays_tx,
             stop.clone(),
         )),
-        tokio::spawn(
-            keep::Keeper {
-                log: log.clone(),
-                retention: config.retention,
-                max_disk: config.max_disk,
-                room: room_tx,
-            }
-            .run(stop.clone()),
-        ),
+        tokio::spawn(keeper.run(stop.clone())),
     ];
     let mut outcome = Ok(());
     let mut tasks = futures_join(tasks, &stop).await;
@@ -154,11 +187,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
         }
     }
-    log.sync()?;
-    tracing::info!(
-        backlog = log.backlog(),
-        "edge-relay stopped; the log keeps what was not forwarded"
-    );
+    // Not on a file system without room: the forwarded mark waits for the next start
+    // (what it would have saved is forwarded again, never lost).
+    let room = log::free_bytes(&config.log_dir).map_or(true, |free| free >= keep::MIN_FREE);
+    if outcome.is_ok() && room {
+        outcome = log.sync();
+    }
+    if outcome.is_ok() {
+        tracing::info!(
+            backlog = log.backlog(),
+            "edge-relay stopped; the log keeps what was not forwarded"
+        );
+    }
     outcome
 }
 
@@ -176,6 +216,14 @@ fn log_start(
         retention = ?config.retention,
         "edge-relay starting"
     );
+}
+
+/// Whether `error` says the log is held by this very process: the store of a run that
+/// failed, still closing.
+fn held_by_this_process(error: &anyhow::Error) -> bool {
+    error
+        .downcast_ref::<log::Held>()
+        .is_some_and(|held| held.pid == Some(std::process::id()))
 }
 
 /// Opens the log, saying what it found: damage as errors, with what it cost.
@@ -219,4 +267,13 @@ async fn futures_join(
         results.push(result);
     }
     results
+}
+
+/// The most `du` of the log reaches for a `--max-disk` of `max_disk` bytes (on a file
+/// system with room for it): the budget (the tables, the memtables, the journals at 64
+/// MiB) and one batch, which may overlap the keeper's measurement (the journals take
+/// less than 62 MiB before a batch, at most 4 MiB more after it). Measured: 120 to 127
+/// MiB for 128M under a fast stream of 256 KiB messages (docs/edge-relay.md).
+pub fn disk_bound(max_disk: u64) -> u64 {
+    max_disk + intake::MAX_BATCH_BYTES
 }

@@ -19,8 +19,17 @@
 //!   Written in the same batch as the message. A log of relays before it (no `ages`
 //!   mark in `meta`) has its index built once when opened.
 //! - `meta`: `forwarded`, the highest sequence number below which everything was
-//!   acknowledged by the cloud broker; `ages`, once every kept message has its age
-//!   in `ages`.
+//!   acknowledged by the cloud broker; `first`, the lowest number still kept; `ages`,
+//!   once every kept message has its age in `ages`.
+//!
+//! Deleting the oldest messages writes no tombstones into `messages` and `ages`: it moves
+//! `first` on, and the tables wholly below it are dropped as files ([`Log::release`]).
+//! A tombstone for each deleted key made every table the store flushed span from the
+//! oldest kept key to the newest, so that its compactions rewrote every table kept in
+//! between: the disk then held the kept messages twice for a while, past `--max-disk`
+//! (du 153 MiB for 128M). Without them the tables' key ranges do not overlap, and what
+//! lies below `first` in the one table that straddles it is never read (every read
+//! starts at `first`) and goes with that table once `first` passes it.
 //!
 //! A batch is written with one `fdatasync` ([`Log::append`]): the relay acknowledges a
 //! message to the edge broker only once that returned. The forwarded mark is synced as
@@ -34,7 +43,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{AbstractTree, Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use iot_core::bounds::{check_id, check_seq};
 use rumqttc::QoS;
 
@@ -43,8 +52,21 @@ use rumqttc::QoS;
 const FORMAT: u8 = 2;
 /// Most disk the store's journals take (fjall's least setting): a message is written to
 /// a journal first, which is dropped once its memtable is flushed to the tables.
+/// fjall lets them grow past it: it starts a new journal only at a flush that finds the
+/// current one past 64 000 000 bytes, and drops the old one only once every memtable
+/// with a write in it is flushed; under a fast stream of large messages its journals
+/// took 132 MiB (73 + 59) and the log 192 MiB for a 128M budget. So a batch is written
+/// only while they take less than [`JOURNAL_GATE`] ([`Log::wait_for_journals`]).
 pub const JOURNAL_RESERVE: u64 = 64 << 20;
+/// The journals' disk past which no batch is written until the store flushed them: above
+/// fjall's 64 000 000 bytes, so that its current journal reaches the size at which it
+/// starts a new one, and one batch (4 MiB) below [`JOURNAL_RESERVE`] plus 2 MiB.
+const JOURNAL_GATE: u64 = 62 << 20;
+/// How long a batch waits for the journals to be flushed at most; then it is written.
+const JOURNAL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 const FORWARDED: &[u8] = b"forwarded";
+/// In `meta`: the lowest message number kept (what lies below it is deleted).
+const FIRST: &[u8] = b"first";
 /// In `meta` once every kept message has its entry in `ages`.
 const AGES: &[u8] = b"ages";
 /// Most messages (or, whichever comes first, [`INDEX_BYTES`] of them) read at once while
@@ -336,10 +358,16 @@ pub struct Log {
     next: Arc<AtomicU64>,
     /// Everything below this was acknowledged by the cloud broker.
     forwarded: Arc<AtomicU64>,
+    /// The forwarded mark as last written.
+    saved_forwarded: Arc<AtomicU64>,
+    /// The first kept number when the deleted tables were last dropped.
+    released: Arc<AtomicU64>,
     /// The lowest sequence number still kept.
     first: Arc<AtomicU64>,
     /// Stretches of message numbers that cannot be read, `[from, to)`: skipped.
     unreadable: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
+    /// The store's folder.
+    store: Arc<PathBuf>,
 }
 
 impl std::fmt::Debug for Log {
@@ -586,6 +614,7 @@ impl Log {
             }
         }
         batch.insert(&fresh.meta, FORWARDED, self.forwarded().to_be_bytes());
+        batch.insert(&fresh.meta, FIRST, self.first().to_be_bytes());
         batch.commit().context("cannot write the new log")?;
         Ok(copied)
     }
@@ -595,7 +624,7 @@ impl Log {
         &'a self,
         damaged: &'a [(u64, u64)],
     ) -> impl Iterator<Item = (u64, Entry)> + 'a {
-        let mut at = 0u64;
+        let mut at = self.first();
         let mut pending: std::vec::IntoIter<(u64, Entry)> = Vec::new().into_iter();
         std::iter::from_fn(move || loop {
             if let Some(next) = pending.next() {
@@ -658,6 +687,9 @@ impl Log {
                     .map(String::as_str)
                     .or_else(|| panic.downcast_ref::<&str>().copied())
                     .unwrap_or("no message");
+                // On one line, as the relay's log says the rest (an assertion's message
+                // spans three).
+                let why = why.split_whitespace().collect::<Vec<_>>().join(" ");
                 Err(anyhow::anyhow!(
                     "the store's recovery failed on damaged files ({why})"
                 ))
@@ -687,8 +719,11 @@ impl Log {
             db,
             next: Arc::new(AtomicU64::new(1)),
             forwarded: Arc::new(AtomicU64::new(0)),
+            saved_forwarded: Arc::new(AtomicU64::new(0)),
+            released: Arc::new(AtomicU64::new(0)),
             first: Arc::new(AtomicU64::new(1)),
             unreadable: Arc::default(),
+            store: Arc::new(store.to_path_buf()),
         };
         log.load_positions()?;
         // A log of a relay before the `ages` index gets it once; a damaged one is
@@ -712,9 +747,16 @@ impl Log {
             .context("cannot read the log's forwarded mark")?
             .and_then(|value| number_of(&value))
             .unwrap_or(0);
+        // What lies below it is deleted (it may linger in a table straddling it).
+        let kept_from = self
+            .meta
+            .get(FIRST)
+            .context("cannot read the log's first number")?
+            .and_then(|value| number_of(&value))
+            .unwrap_or(0);
         let (mut first, mut last) = (None, None);
         let mut damaged = Vec::new();
-        let mut at = 0u64;
+        let mut at = kept_from;
         'scan: loop {
             for guard in self.messages.range(at.to_be_bytes()..) {
                 match guard.key() {
@@ -736,12 +778,18 @@ impl Log {
             break;
         }
         let end = damaged.last().map_or(0, |&(_, to)| to);
-        let next = last.map_or(1, |last| last + 1).max(end).max(forwarded);
+        let next = last
+            .map_or(1, |last| last + 1)
+            .max(end)
+            .max(forwarded)
+            .max(kept_from);
         let first = first
             .unwrap_or(next)
             .min(damaged.first().map_or(u64::MAX, |&(from, _)| from));
         self.next.store(next, Ordering::Release);
         self.forwarded.store(forwarded.min(next), Ordering::Release);
+        self.saved_forwarded
+            .store(forwarded.min(next), Ordering::Release);
         self.first.store(first, Ordering::Release);
         if let Ok(mut known) = self.unreadable.lock() {
             *known = damaged;
@@ -820,6 +868,47 @@ impl Log {
         Ok(())
     }
 
+    /// The disk the store's journals take (their blocks: a journal file is made 64 MiB
+    /// long, with nothing in it).
+    pub fn journal_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        salvage::journal_files(&self.store)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|journal| std::fs::metadata(journal).ok())
+            .map(|metadata| metadata.blocks() * 512)
+            .sum()
+    }
+
+    /// Asks the store to flush every memtable when journals besides the current one are
+    /// kept (a memtable with a write in an old journal keeps it), so that they go.
+    pub fn flush_sealed_journals(&self) -> anyhow::Result<()> {
+        if self.db.journal_count() > 1 {
+            for keyspace in [&self.messages, &self.readings, &self.ages, &self.meta] {
+                keyspace.rotate_memtable().context("cannot flush the log")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the journals take less than [`JOURNAL_GATE`], asking the store to
+    /// flush every memtable meanwhile (a memtable with a write in an old journal keeps it),
+    /// for [`JOURNAL_PATIENCE`] at most. Returns how long it waited.
+    pub fn wait_for_journals(&self) -> anyhow::Result<std::time::Duration> {
+        let started = std::time::Instant::now();
+        let mut asked: Option<std::time::Instant> = None;
+        while self.journal_bytes() >= JOURNAL_GATE && started.elapsed() < JOURNAL_PATIENCE {
+            if asked.is_none_or(|at| at.elapsed() > std::time::Duration::from_secs(1)) {
+                for keyspace in [&self.messages, &self.readings, &self.ages, &self.meta] {
+                    keyspace.rotate_memtable().context("cannot flush the log")?;
+                }
+                asked = Some(std::time::Instant::now());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Ok(started.elapsed())
+    }
+
     /// Writes `batch` and syncs it to disk: when this returns `Ok`, every message of it
     /// survives a crash or a power cut. Called by one task at a time.
     pub fn append(&self, batch: &[Entry]) -> anyhow::Result<()> {
@@ -871,7 +960,8 @@ impl Log {
     ) -> anyhow::Result<Vec<(u64, Entry)>> {
         let mut read = Vec::with_capacity(limit.min(1024));
         let mut taken = 0;
-        let mut at = from;
+        // Below the first kept number lies what was deleted.
+        let mut at = from.max(self.first());
         'runs: loop {
             let known = self
                 .unreadable
@@ -947,6 +1037,8 @@ impl Log {
     /// Records on disk that the cloud broker received everything below `below`: written
     /// and synced before [`Log::forwarded`] says so, so that the forwarder releases, and
     /// the keeper deletes, only what a mark on disk covers. Called by one task at a time.
+    /// A few bytes of journal: on a file system without them the store fails like at any
+    /// write, and the relay opens it again ([`crate::run`]).
     pub fn mark_forwarded(&self, below: u64) -> anyhow::Result<()> {
         if below <= self.forwarded() {
             return Ok(());
@@ -954,16 +1046,28 @@ impl Log {
         self.meta
             .insert(FORWARDED, below.to_be_bytes())
             .context("cannot write to the log")?;
-        self.sync()?;
+        self.db
+            .persist(PersistMode::SyncData)
+            .context("cannot sync the log")?;
+        self.saved_forwarded.fetch_max(below, Ordering::AcqRel);
         self.forwarded.fetch_max(below, Ordering::AcqRel);
         Ok(())
     }
 
-    /// Syncs what was written without a sync of its own (deletions).
+    /// Syncs what was written without a sync of its own (deletions), and the forwarded
+    /// mark should it be ahead of the one on disk (a log opened with a mark in memory).
     pub fn sync(&self) -> anyhow::Result<()> {
+        let forwarded = self.forwarded();
+        if forwarded > self.saved_forwarded.load(Ordering::Acquire) {
+            self.meta
+                .insert(FORWARDED, forwarded.to_be_bytes())
+                .context("cannot write to the log")?;
+        }
         self.db
             .persist(PersistMode::SyncData)
-            .context("cannot sync the log")
+            .context("cannot sync the log")?;
+        self.saved_forwarded.fetch_max(forwarded, Ordering::AcqRel);
+        Ok(())
     }
 
     /// The numbers of the kept readings `(device, boot, from..=to)`, at most `limit`, in
@@ -1010,9 +1114,11 @@ impl Log {
 
     /// What counts against `--max-disk`: the tables, what waits in memory to be flushed
     /// to them, and the journals at their most ([`JOURNAL_RESERVE`]; a journal file is
-    /// made that long at once, and what it holds is in the memory counted before).
+    /// made that long at once, and what it holds is in the memory counted before), or as
+    /// they are when past it (by up to a batch: [`JOURNAL_GATE`]).
     pub fn budget_bytes(&self) -> u64 {
-        self.table_bytes() + self.db.write_buffer_size() + JOURNAL_RESERVE
+        let journals = JOURNAL_RESERVE.max(self.journal_bytes());
+        self.table_bytes() + self.db.write_buffer_size() + journals
     }
 
     /// The lowest number still kept.
@@ -1054,8 +1160,6 @@ impl Log {
             if number >= forwarded || !drop(received_ms) {
                 break;
             }
-            write.remove(&self.messages, key.clone());
-            write.remove(&self.ages, key);
             if !index.is_empty() {
                 write.remove(&self.readings, index);
             }
@@ -1063,10 +1167,42 @@ impl Log {
             new_first = number + 1;
         }
         if deleted > 0 {
+            write.insert(&self.meta, FIRST, new_first.to_be_bytes());
             write.commit().context("cannot delete from the log")?;
             self.first.store(new_first, Ordering::Release);
         }
         Ok(deleted)
+    }
+
+    /// Gives the disk back what was deleted: drops the tables of messages and ages that
+    /// lie wholly below the first kept number, as files, without rewriting anything (a
+    /// compaction would need room for the kept tables a second time). Only when the first
+    /// kept number moved since, unless `again` (a table being compacted then is left).
+    pub fn release(&self, again: bool) -> anyhow::Result<()> {
+        let first = self.first();
+        if !again && self.released.load(Ordering::Acquire) == first {
+            return Ok(());
+        }
+        let below = first.to_be_bytes();
+        let tables = |log: &Self| log.messages.table_count() + log.ages.table_count();
+        let before = tables(self);
+        for keyspace in [&self.messages, &self.ages] {
+            keyspace
+                .tree
+                .drop_range(..below)
+                .context("cannot drop the log's deleted tables")?;
+        }
+        self.released.store(first, Ordering::Release);
+        if tables(self) < before {
+            // The dropped tables' files go with the store's old versions, which it lets
+            // go when a memtable is rotated: on a relay holding the edge back nothing
+            // else rotates one (seen: 100 MiB of dropped tables kept on a full file
+            // system). `meta` has the first kept number in its memtable, a few bytes.
+            self.meta
+                .rotate_memtable()
+                .context("cannot flush the log")?;
+        }
+        Ok(())
     }
 }
 
@@ -1088,6 +1224,29 @@ impl Log {
     pub fn kept(&self) -> u64 {
         self.next().saturating_sub(self.first())
     }
+}
+
+/// Bytes free for an unprivileged writer on the file system of `dir` (what `df` shows
+/// as available).
+pub fn free_bytes(dir: &Path) -> anyhow::Result<u64> {
+    let stat = rustix::fs::statvfs(dir)
+        .with_context(|| format!("cannot measure the file system of {}", dir.display()))?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// Whether `error` is the store's: a write or sync it failed (the file system full, an
+/// I/O error), or a store stopped by such a failure before (fjall refuses every write
+/// after one: "poisoned"). The relay opens the log again rather than exiting: what was
+/// not written was not acknowledged, and the edge broker sends it again.
+pub fn is_store_failure(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        if let Some(error) = cause.downcast_ref::<fjall::Error>() {
+            return !matches!(error, fjall::Error::Locked);
+        }
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|error| error.kind() == std::io::ErrorKind::StorageFull)
+    })
 }
 
 /// Milliseconds since 1970, now.
