@@ -18,7 +18,8 @@
 //!   (messages may be 2 MiB each; reading them to learn their age took gigabytes).
 //!   Written in the same batch as the message. A log of relays before it (no `ages`
 //!   mark in `meta`) has its index built once when opened.
-//! - `meta`: `forwarded`, the highest sequence number below which everything was
+//! - `meta`: `id`, the log's own, made with it (names its messages in the NATS
+//!   stream); `forwarded`, the highest sequence number below which everything was
 //!   acknowledged by the cloud broker; `ages`, once every kept message has its age
 //!   in `ages`.
 //!
@@ -44,6 +45,8 @@ const FORMAT: u8 = 2;
 /// a journal first, which is dropped once its memtable is flushed to the tables.
 pub const JOURNAL_RESERVE: u64 = 64 << 20;
 const FORWARDED: &[u8] = b"forwarded";
+/// In `meta`: the log's own id, made with it.
+const ID: &[u8] = b"id";
 /// In `meta` once every kept message has its entry in `ages`.
 const AGES: &[u8] = b"ages";
 /// Most messages (or, whichever comes first, [`INDEX_BYTES`] of them) read at once while
@@ -339,6 +342,8 @@ pub struct Log {
     first: Arc<AtomicU64>,
     /// Stretches of message numbers that cannot be read, `[from, to)`: skipped.
     unreadable: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
+    /// This log's own id, made when it was ([`Log::id`]).
+    id: Arc<str>,
 }
 
 impl std::fmt::Debug for Log {
@@ -562,8 +567,8 @@ impl Log {
         Ok(log)
     }
 
-    /// Copies every readable message into `fresh`, with its index entry and the
-    /// forwarded mark; returns how many.
+    /// Copies every readable message into `fresh`, with its index entry, the
+    /// forwarded mark and the log's id; returns how many.
     fn copy_into(&self, fresh: &Self, damaged: &[(u64, u64)]) -> anyhow::Result<u64> {
         let mut copied = 0;
         let mut batch = fresh.db.batch();
@@ -585,6 +590,8 @@ impl Log {
             }
         }
         batch.insert(&fresh.meta, FORWARDED, self.forwarded().to_be_bytes());
+        // The same messages under the same numbers: the same log, as the cloud knows it.
+        batch.insert(&fresh.meta, ID, self.id().as_bytes());
         batch.commit().context("cannot write the new log")?;
         Ok(copied)
     }
@@ -688,6 +695,11 @@ impl Log {
             forwarded: Arc::new(AtomicU64::new(0)),
             first: Arc::new(AtomicU64::new(1)),
             unreadable: Arc::default(),
+            id: Arc::from(""),
+        };
+        let log = Self {
+            id: log.load_id()?.into(),
+            ..log
         };
         log.load_positions()?;
         // A log of a relay before the `ages` index gets it once; a damaged one is
@@ -700,6 +712,24 @@ impl Log {
             log.index_ages()?;
         }
         Ok(log)
+    }
+
+    /// The log's id from `meta`, made (random, 64 bits) and synced for a new log, or
+    /// one of a relay before ids: a message's number is unique only within one log, and
+    /// a log moved aside starts again from 1.
+    fn load_id(&self) -> anyhow::Result<String> {
+        let kept = self.meta.get(ID).context("cannot read the log's id")?;
+        if let Some(id) = kept.and_then(|value| String::from_utf8(value.to_vec()).ok()) {
+            return Ok(id);
+        }
+        let id = format!("{:016x}", rand::random::<u64>());
+        self.meta
+            .insert(ID, id.as_bytes())
+            .context("cannot write to the log")?;
+        // Before any message is sent under it: another id after a crash would make
+        // copies the cloud cannot recognise.
+        self.sync()?;
+        Ok(id)
     }
 
     /// Reads the first and last message numbers and the forwarded mark, by a scan of
@@ -836,6 +866,12 @@ impl Log {
         self.next
             .store(first + batch.len() as u64, Ordering::Release);
         Ok(())
+    }
+
+    /// The log's own id, made when the log was: with a message's number, it names the
+    /// message beyond this log's life (a log moved aside starts its numbers again).
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// The next sequence number to be given: every message below it is on disk.
