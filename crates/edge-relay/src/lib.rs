@@ -12,9 +12,14 @@
 //!
 //! Four tasks, one per job, joined by the log and three small channels; the first to
 //! fail stops the others, and each finishes what it holds on the way out.
+//!
+//! With `nats://` addresses in `--cloud-broker` the cloud is a NATS JetStream cluster
+//! instead ([`forward_nats`]): the log is published into its stream, and nothing comes
+//! back from the cloud yet (no replay requests, no Sparkplug commands).
 
 pub mod config;
 pub mod forward;
+pub mod forward_nats;
 pub mod inbound;
 pub mod intake;
 pub mod keep;
@@ -84,6 +89,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     ops::serve(config.metrics_address.as_deref(), shutdown.clone(), METRICS).await?;
     let log = open_log(&config)?;
     ops::health().set(LOG_CHECK, Ok(()));
+    if let Some(nats) = config.cloud_nats().map_err(anyhow::Error::msg)? {
+        return run_nats(&config, &nats, log, shutdown).await;
+    }
 
     let (edge_broker, cloud_broker) = (config.edge_broker(), config.cloud_broker());
     let edge = mqtt5::Link::start(
@@ -142,9 +150,73 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .run(stop.clone()),
         ),
     ];
+    finish(futures_join(tasks, &stop).await, &log)
+}
+
+/// As [`run`], into a NATS JetStream cluster: intake, forwarding and keeping; the
+/// fourth task (replay requests in) has nothing to do yet and waits for the stop.
+async fn run_nats(
+    config: &Config,
+    nats: &iot_core::nats::NatsSettings,
+    log: log::Log,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let edge_broker = config.edge_broker();
+    let edge = mqtt5::Link::start(
+        &edge_broker,
+        edge_broker.mqtt5_options(&config.edge_client_id(), false)?,
+        "edge",
+        Some(EDGE_CHECK),
+    );
+    tracing::info!(
+        site = config.site,
+        edge = %edge_broker.address(),
+        cloud = %nats.address(),
+        subject = iot_core::nats::site_subject(&config.site),
+        log = %config.log_dir.display(),
+        log_id = log.id(),
+        max_disk = config.max_disk,
+        retention = ?config.retention,
+        "edge-relay starting, into the NATS stream (replay requests are not carried over NATS yet)"
+    );
+    let wake = Arc::new(Notify::new());
+    let (room_tx, room) = watch::channel(config.max_disk.saturating_sub(log.budget_bytes()));
+    let stop = shutdown.child_token();
+    let forwarder =
+        forward_nats::NatsForwarder::start(nats, &config.site, log.clone(), Arc::clone(&wake))
+            .await?;
+    let idle = stop.clone();
+    let tasks = [
+        tokio::spawn(intake::run(
+            edge,
+            log.clone(),
+            config.topics.clone(),
+            wake,
+            room,
+            stop.clone(),
+        )),
+        tokio::spawn(forwarder.run(stop.clone())),
+        tokio::spawn(async move {
+            idle.cancelled().await;
+            Ok(())
+        }),
+        tokio::spawn(
+            keep::Keeper {
+                log: log.clone(),
+                retention: config.retention,
+                max_disk: config.max_disk,
+                room: room_tx,
+            }
+            .run(stop.clone()),
+        ),
+    ];
+    finish(futures_join(tasks, &stop).await, &log)
+}
+
+/// The first error of the tasks, after the log is synced.
+fn finish(mut results: Vec<anyhow::Result<()>>, log: &log::Log) -> anyhow::Result<()> {
     let mut outcome = Ok(());
-    let mut tasks = futures_join(tasks, &stop).await;
-    for result in tasks.drain(..) {
+    for result in results.drain(..) {
         if let Err(error) = result {
             if outcome.is_ok() {
                 outcome = Err(error);
