@@ -236,3 +236,70 @@ async fn each_nats_user_may_do_only_its_own_job() {
     assert_eq!(info.state.messages, 1);
     assert_eq!(info.config.num_replicas, 3);
 }
+
+/// The relay SIGKILLed mid-stream and started again (it sends again what the stream
+/// acknowledged after its last synced mark: refused there by message id), then the
+/// persister SIGKILLed with a batch in hand and started again (the stream delivers the
+/// unacknowledged messages again: refused by the database by `_id`, the stream sequence
+/// for plain values): every reading stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_and_a_persister_killed_mid_stream_store_nothing_twice() {
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let cluster = NatsCluster::spawn(&["plant-1"]).await;
+    // What the killed persister held comes back within 5 s, not the default minute.
+    let args = ["--no-repair", "--nats-ack-wait", "5s"];
+    let mut persister = cluster.start_persister(&brokers, &mongo, &args);
+    persister.wait_for_log("the NATS stream is set up").await;
+    let log_dir = brokers.dir().join("relay-log");
+    let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
+    relay.wait_for_log("subscribed on the edge broker").await;
+    let db = mongo.database().await;
+
+    let mut sensor = start_paced_sensor(&brokers, "nats-2", &KEYED.to_string());
+    let plain = publish_unkeyed(brokers.local.port, UNKEYED);
+    let stored = |n: u64| {
+        let db = db.clone();
+        async move {
+            wait_for(
+                &format!("{n} readings stored"),
+                || tests::stored::count(&db, doc! { "device": "nats-2" }),
+                |stored| *stored >= n,
+            )
+            .await
+        }
+    };
+    stored(1000).await;
+    relay.kill().await;
+    let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
+    relay.wait_for_log("subscribed on the edge broker").await;
+    stored(3000).await;
+    assert!(sensor.is_running(), "the stream ended before the kills");
+    persister.kill().await;
+    let mut persister = cluster.start_persister(&brokers, &mongo, &args);
+    sensor.expect_success().await;
+    plain.await.expect("the plain values published");
+
+    wait_for_within(
+        CATCH_UP,
+        "every keyed reading stored",
+        || tests::stored::count(&db, doc! { "device": "nats-2" }),
+        |n| *n >= KEYED as u64,
+    )
+    .await;
+    let (distinct, stored) = wait_for_within(
+        CATCH_UP,
+        "every plain value stored",
+        || unkeyed_stored(&db, UNKEYED),
+        |(distinct, _)| *distinct == UNKEYED as usize,
+    )
+    .await;
+    assert_exactly_once(&stored_seqs(&db, "nats-2").await, KEYED);
+    assert_eq!(stored, distinct, "plain values stored twice");
+    relay.stop_cleanly().await;
+    persister.stop_cleanly().await;
+    for line in persister.stderr().lines() {
+        if line.contains("duplicates=") {
+            eprintln!("{line}");
+        }
+    }
+}

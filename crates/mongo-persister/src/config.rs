@@ -107,6 +107,9 @@ pub struct Config {
     /// NATS cloud: messages the shared consumer hands out unacknowledged at most, over all replicas
     #[arg(long, value_name = "N", env = "PERSISTER_NATS_MAX_ACK_PENDING", default_value = "10000", value_parser = clap::value_parser!(i64).range(1..), help_heading = "NATS JetStream")]
     pub nats_max_ack_pending: i64,
+    /// NATS cloud: how long a message handed to a persister may wait for its acknowledgement (its write) before the stream hands it out again; a persister that died leaves its messages waiting this long
+    #[arg(long, value_name = "DURATION", env = "PERSISTER_NATS_ACK_WAIT", default_value = "60s", value_parser = parse_duration, help_heading = "NATS JetStream")]
+    pub nats_ack_wait: Duration,
     #[command(flatten)]
     pub broker: PersisterCloudBroker,
     #[command(flatten)]

@@ -31,11 +31,6 @@ use crate::persister::{spawn_writer, WriterTask, STOP_GRACE};
 use crate::ready::{ReadyFile, SUBSCRIBED_CHECK};
 use crate::writer::{self, Pending, Stats, DATABASE_CHECK};
 
-/// How long a delivered message may wait unacknowledged (a batch being written, the
-/// database down) before the stream hands it to another replica. Longer than a write
-/// retried a few times; a message delivered twice is refused as a duplicate anyway.
-const ACK_WAIT: Duration = Duration::from_secs(60);
-
 /// A JetStream message's acknowledgement, kept until its write succeeded.
 pub struct NatsAck(Acker);
 
@@ -110,6 +105,10 @@ async fn set_up(
 ) -> Option<jetstream::consumer::Consumer<pull::Config>> {
     let stream_settings = config.stream_settings();
     let max_ack_pending = config.nats_max_ack_pending;
+    // How long a delivered message may wait unacknowledged (a batch being written, the
+    // database down) before the stream hands it out again: a message delivered twice
+    // is refused as a duplicate, so a short wait costs writes, never copies.
+    let ack_wait = config.nats_ack_wait;
     retry(
         shutdown,
         || async {
@@ -128,7 +127,7 @@ async fn set_up(
                 .create_consumer(pull::Config {
                     durable_name: Some(nats::CONSUMER.to_string()),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: ACK_WAIT,
+                    ack_wait,
                     max_deliver: -1,
                     max_ack_pending,
                     ..Default::default()
