@@ -204,6 +204,7 @@ impl Reader {
         let mut stats_ticks = tokio::time::interval(config.stats_interval);
         stats_ticks.reset();
         let batch = usize::from(config.batch_size);
+        let mut last_line = String::new();
         'connect: loop {
             let mut messages = match consumer
                 .stream()
@@ -237,8 +238,12 @@ impl Reader {
                     },
                     Some(acks) = written.recv() => acknowledge(acks).await,
                     _ = stats_ticks.tick() => {
-                        let buffered = pending.max_capacity() - pending.capacity();
-                        tracing::info!("{}", self.stats.line(buffered));
+                        // As on MQTT: a line only when it changed, not every ten seconds of an idle stream.
+                        let line = self.stats.line(pending.max_capacity() - pending.capacity());
+                        if line != last_line {
+                            tracing::info!("{line}");
+                            last_line = line;
+                        }
                     }
                 }
             }
