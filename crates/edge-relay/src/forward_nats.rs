@@ -67,6 +67,8 @@ pub struct NatsForwarder {
     backoff: Backoff,
     /// Whether the forwarded mark moved since the last sync.
     marked: bool,
+    /// `--refill-window`: what the stream's duplicate window should cover at least.
+    refill_window: Duration,
 }
 
 impl std::fmt::Debug for NatsForwarder {
@@ -87,6 +89,7 @@ impl NatsForwarder {
         site: &str,
         log: Log,
         wake: Arc<Notify>,
+        refill_window: Duration,
     ) -> anyhow::Result<Self> {
         let client = settings.connect(&format!("edge-relay-{site}")).await?;
         let js = jetstream::ContextBuilder::new()
@@ -107,13 +110,14 @@ impl NatsForwarder {
             held_until: None,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             marked: false,
+            refill_window,
         })
     }
 
     /// Forwards until `shutdown`, then waits a little for what is in flight. An error is
     /// a log that cannot be read or written.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let checked = tokio::spawn(check_stream(self.js.clone()));
+        let checked = tokio::spawn(check_stream(self.js.clone(), self.refill_window));
         let mut ticks = tokio::time::interval(Duration::from_secs(1));
         loop {
             if self.held_until.is_none() {
@@ -279,13 +283,19 @@ async fn hold_ends(until: Option<Instant>) {
 }
 
 /// Says once whether the stream is there, and warns when its duplicate window is
-/// shorter than what a relay may send again.
-async fn check_stream(js: jetstream::Context) {
+/// shorter than `--refill-window`, what this relay's settings say it may send again.
+async fn check_stream(js: jetstream::Context, refill_window: Duration) {
     let mut backoff = Backoff::default();
     loop {
         match js.get_stream(nats::STREAM).await.context("stream info") {
             Ok(mut stream) => {
                 match stream.info().await {
+                    Ok(info) if info.config.duplicate_window < refill_window => tracing::warn!(
+                        stream = nats::STREAM,
+                        duplicate_window = ?info.config.duplicate_window,
+                        refill_window = ?refill_window,
+                        "the NATS stream's duplicate window is shorter than --refill-window: a message sent again after it is stored twice when it has no (device, boot, seq); raise the persister's --nats-duplicate-window"
+                    ),
                     Ok(info) => tracing::info!(
                         stream = nats::STREAM,
                         replicas = info.config.num_replicas,

@@ -182,9 +182,14 @@ async fn run_nats(
     let wake = Arc::new(Notify::new());
     let (room_tx, room) = watch::channel(config.max_disk.saturating_sub(log.budget_bytes()));
     let stop = shutdown.child_token();
-    let forwarder =
-        forward_nats::NatsForwarder::start(nats, &config.site, log.clone(), Arc::clone(&wake))
-            .await?;
+    let forwarder = forward_nats::NatsForwarder::start(
+        nats,
+        &config.site,
+        log.clone(),
+        Arc::clone(&wake),
+        config.refill_window,
+    )
+    .await?;
     let idle = stop.clone();
     let tasks = [
         tokio::spawn(intake::run(
