@@ -303,3 +303,63 @@ async fn a_relay_and_a_persister_killed_mid_stream_store_nothing_twice() {
         }
     }
 }
+
+/// A stream full of what no persister took yet (`--nats-max-bytes`, `discard new`)
+/// refuses new messages: the relay keeps them in its log and sends them again until the
+/// stream has room; the persister back, every reading should be stored once.
+///
+/// Ignored: it fails on nats-server 2.9.10. The relay is refused ("maximum bytes
+/// exceeded") and sends again as it should, yet 1 to 37 of the 2 000 readings, the
+/// oldest ones, are gone: in one run the stream had taken 2 000 messages (last sequence
+/// 2 000), the consumer had delivered 1 999 and the stream was empty with nothing
+/// pending. With a window of publishes in flight, the clustered stream seems to take
+/// one past its limit and the file store then removes its oldest message, discard new
+/// or not. Until that is settled, keep --nats-max-bytes far above any backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "nats-server 2.9.10 drops the oldest messages of a full clustered stream (see above)"]
+async fn a_full_stream_holds_the_relay_back_and_loses_nothing() {
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let cluster = NatsCluster::spawn(&["plant-1"]).await;
+    // The persister stopped first may leave pull requests the stream answers after it
+    // left: those messages come back after the ack wait, 5 s here.
+    let args = [
+        "--no-repair",
+        "--nats-max-bytes",
+        "200K",
+        "--nats-ack-wait",
+        "5s",
+    ];
+    let mut persister = cluster.start_persister(&brokers, &mongo, &args);
+    persister.wait_for_log("the NATS stream is set up").await;
+    persister.stop_cleanly().await;
+    let log_dir = brokers.dir().join("relay-log");
+    let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
+    relay.wait_for_log("subscribed on the edge broker").await;
+
+    // About 300 KB of JSON readings for a stream of 200 KB.
+    let count = 2000;
+    tests::stored::start_sensor(&brokers, "full-1", &count.to_string())
+        .expect_success()
+        .await;
+    relay
+        .wait_for_log("publishing into the NATS stream failed")
+        .await;
+    let refused = relay.stderr();
+    let refused = refused
+        .lines()
+        .find(|line| line.contains("publishing into the NATS stream failed"))
+        .unwrap_or_default();
+    assert!(refused.contains("maximum bytes"), "{refused}");
+    let mut persister = cluster.start_persister(&brokers, &mongo, &args);
+    let db = mongo.database().await;
+    wait_for_within(
+        CATCH_UP,
+        "every reading stored",
+        || tests::stored::count(&db, doc! { "device": "full-1" }),
+        |n| *n >= count,
+    )
+    .await;
+    assert_exactly_once(&stored_seqs(&db, "full-1").await, count as i64);
+    relay.stop_cleanly().await;
+    persister.stop_cleanly().await;
+}
