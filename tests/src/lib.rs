@@ -8,6 +8,7 @@
 
 pub mod dashboard;
 pub mod docs;
+pub mod nats;
 pub mod prometheus;
 
 use std::path::{Path, PathBuf};

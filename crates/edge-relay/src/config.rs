@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use iot_core::bounds::check_id;
+pub use iot_core::config::parse_bytes;
 use iot_core::config::{parse_duration, BrokerSettings, RelayCloudBroker, RelayLocalBroker};
 
 /// Store-and-forward at the edge: takes every message from the edge broker into an
@@ -96,7 +97,23 @@ impl Config {
         if let Some(topic) = self.topics.iter().find(|topic| topic.is_empty()) {
             return Err(format!("--topic (RELAY_TOPIC) {topic:?} is empty"));
         }
+        if self.cloud_nats()?.is_some() {
+            if let Some(why) = iot_core::nats::site_token_error(&self.site) {
+                return Err(format!(
+                    "--site (EDGE_SITE) {:?}: {why}; the site names its NATS subject",
+                    self.site
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The NATS JetStream cluster to publish into when `--cloud-broker` holds
+    /// `nats://` addresses; `None` for a cloud MQTT broker.
+    pub fn cloud_nats(&self) -> Result<Option<iot_core::nats::NatsSettings>, String> {
+        self.cloud_broker()
+            .nats(self.cloud.port.is_some())
+            .map_err(|why| format!("--cloud-broker: {why}"))
     }
 
     pub fn edge_broker(&self) -> BrokerSettings {
@@ -138,27 +155,6 @@ fn parse_site(value: &str) -> Result<String, String> {
         return Err("expected at most 64 characters without blanks".into());
     }
     Ok(value.to_string())
-}
-
-/// Bytes, plain or with a binary unit: `1048576`, `512K`, `512M`, `20G`, `1T` (KiB,
-/// MiB, GiB, TiB; `MB` and `MiB` read the same).
-pub fn parse_bytes(value: &str) -> Result<u64, String> {
-    let bad = || format!("expected a size such as 512M or 20G, not {value:?}");
-    let text = value.trim();
-    let digits = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(digits);
-    let number: u64 = number.parse().map_err(|_| bad())?;
-    let shift = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        _ => return Err(bad()),
-    };
-    number.checked_mul(1 << shift).ok_or_else(bad)
 }
 
 #[cfg(test)]
@@ -208,9 +204,21 @@ mod tests {
             &["--refill-delay", "2h"],
             &["--retention", "100000d"],
             &["--cloud-password", "x"],
+            &["--cloud-broker", "nats://a:4222", "--cloud-port", "4222"],
+            &["--cloud-broker", "nats://a"],
+            &["--cloud-broker", "nats://a:4222", "--site", "plant.1"],
         ] {
             assert!(parse(args).is_err(), "{args:?}");
         }
+    }
+
+    #[test]
+    fn a_nats_cloud_is_a_list_of_nodes() {
+        let config = parse(&["--cloud-broker", "nats://a:4222,nats://b:4223"]).expect("valid");
+        let nats = config.cloud_nats().expect("valid").expect("nats");
+        assert_eq!(nats.servers, ["nats://a:4222", "nats://b:4223"]);
+        let config = parse(&[]).expect("valid");
+        assert!(config.cloud_nats().expect("valid").is_none());
     }
 
     #[test]

@@ -17,10 +17,15 @@
 //! after it) does not end the relay: the tasks stop, the log is opened again and they
 //! start again, as at a start, without exiting ([`run`]). What was not on disk was not
 //! acknowledged, and the edge broker sends it again.
+//!
+//! With `nats://` addresses in `--cloud-broker` the cloud is a NATS JetStream cluster
+//! instead ([`forward_nats`]): the log is published into its stream, and nothing comes
+//! back from the cloud yet (no replay requests, no Sparkplug commands).
 
 pub mod cloud;
 pub mod config;
 pub mod forward;
+pub mod forward_nats;
 pub mod inbound;
 pub mod intake;
 pub mod keep;
@@ -122,6 +127,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 async fn relay(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let log = open_log(config)?;
     ops::health().set(LOG_CHECK, Ok(()));
+    if let Some(nats) = config.cloud_nats().map_err(anyhow::Error::msg)? {
+        return run_nats(config, &nats, log, shutdown).await;
+    }
 
     let (edge_broker, cloud_broker) = (config.edge_broker(), config.cloud_broker());
     let edge = mqtt5::Link::start(
@@ -178,9 +186,79 @@ async fn relay(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<
         )),
         tokio::spawn(keeper.run(stop.clone())),
     ];
+    finish(futures_join(tasks, &stop).await, &log, config)
+}
+
+/// As [`run`], into a NATS JetStream cluster: intake, forwarding and keeping; the
+/// fourth task (replay requests in) has nothing to do yet and waits for the stop.
+async fn run_nats(
+    config: &Config,
+    nats: &iot_core::nats::NatsSettings,
+    log: log::Log,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let edge_broker = config.edge_broker();
+    let edge = mqtt5::Link::start(
+        &edge_broker,
+        edge_broker.mqtt5_options(&config.edge_client_id(), false)?,
+        "edge",
+        Some(EDGE_CHECK),
+    );
+    tracing::info!(
+        site = config.site,
+        edge = %edge_broker.address(),
+        cloud = %nats.address(),
+        subject = iot_core::nats::site_subject(&config.site),
+        log = %config.log_dir.display(),
+        log_id = log.id(),
+        max_disk = config.max_disk,
+        retention = ?config.retention,
+        "edge-relay starting, into the NATS stream (replay requests are not carried over NATS yet)"
+    );
+    let wake = Arc::new(Notify::new());
+    let (keeper, room) = keep::Keeper::new(
+        log.clone(),
+        config.log_dir.clone(),
+        config.retention,
+        config.max_disk,
+    )?;
+    let stop = shutdown.child_token();
+    let forwarder = forward_nats::NatsForwarder::start(
+        nats,
+        &config.site,
+        log.clone(),
+        Arc::clone(&wake),
+        config.refill_window,
+    )
+    .await?;
+    let idle = stop.clone();
+    let tasks = [
+        tokio::spawn(intake::run(
+            edge,
+            log.clone(),
+            config.topics.clone(),
+            wake,
+            room,
+            stop.clone(),
+        )),
+        tokio::spawn(forwarder.run(stop.clone())),
+        tokio::spawn(async move {
+            idle.cancelled().await;
+            Ok(())
+        }),
+        tokio::spawn(keeper.run(stop.clone())),
+    ];
+    finish(futures_join(tasks, &stop).await, &log, config)
+}
+
+/// The first error of the tasks, after the log is synced.
+fn finish(
+    mut results: Vec<anyhow::Result<()>>,
+    log: &log::Log,
+    config: &Config,
+) -> anyhow::Result<()> {
     let mut outcome = Ok(());
-    let mut tasks = futures_join(tasks, &stop).await;
-    for result in tasks.drain(..) {
+    for result in results.drain(..) {
         if let Err(error) = result {
             if outcome.is_ok() {
                 outcome = Err(error);

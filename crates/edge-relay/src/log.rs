@@ -18,7 +18,8 @@
 //!   (messages may be 2 MiB each; reading them to learn their age took gigabytes).
 //!   Written in the same batch as the message. A log of relays before it (no `ages`
 //!   mark in `meta`) has its index built once when opened.
-//! - `meta`: `forwarded`, the highest sequence number below which everything was
+//! - `meta`: `id`, the log's own, made with it (names its messages in the NATS
+//!   stream); `forwarded`, the highest sequence number below which everything was
 //!   acknowledged by the cloud broker; `first`, the lowest number still kept; `ages`,
 //!   once every kept message has its age in `ages`.
 //!
@@ -67,6 +68,8 @@ const JOURNAL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30)
 const FORWARDED: &[u8] = b"forwarded";
 /// In `meta`: the lowest message number kept (what lies below it is deleted).
 const FIRST: &[u8] = b"first";
+/// In `meta`: the log's own id, made with it.
+const ID: &[u8] = b"id";
 /// In `meta` once every kept message has its entry in `ages`.
 const AGES: &[u8] = b"ages";
 /// Most messages (or, whichever comes first, [`INDEX_BYTES`] of them) read at once while
@@ -368,6 +371,8 @@ pub struct Log {
     unreadable: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
     /// The store's folder.
     store: Arc<PathBuf>,
+    /// This log's own id, made when it was ([`Log::id`]).
+    id: Arc<str>,
 }
 
 impl std::fmt::Debug for Log {
@@ -591,8 +596,8 @@ impl Log {
         Ok(log)
     }
 
-    /// Copies every readable message into `fresh`, with its index entry and the
-    /// forwarded mark; returns how many.
+    /// Copies every readable message into `fresh`, with its index entry, the
+    /// forwarded mark and the log's id; returns how many.
     fn copy_into(&self, fresh: &Self, damaged: &[(u64, u64)]) -> anyhow::Result<u64> {
         let mut copied = 0;
         let mut batch = fresh.db.batch();
@@ -615,6 +620,8 @@ impl Log {
         }
         batch.insert(&fresh.meta, FORWARDED, self.forwarded().to_be_bytes());
         batch.insert(&fresh.meta, FIRST, self.first().to_be_bytes());
+        // The same messages under the same numbers: the same log, as the cloud knows it.
+        batch.insert(&fresh.meta, ID, self.id().as_bytes());
         batch.commit().context("cannot write the new log")?;
         Ok(copied)
     }
@@ -724,6 +731,11 @@ impl Log {
             first: Arc::new(AtomicU64::new(1)),
             unreadable: Arc::default(),
             store: Arc::new(store.to_path_buf()),
+            id: Arc::from(""),
+        };
+        let log = Self {
+            id: log.load_id()?.into(),
+            ..log
         };
         log.load_positions()?;
         // A log of a relay before the `ages` index gets it once; a damaged one is
@@ -736,6 +748,24 @@ impl Log {
             log.index_ages()?;
         }
         Ok(log)
+    }
+
+    /// The log's id from `meta`, made (random, 64 bits) and synced for a new log, or
+    /// one of a relay before ids: a message's number is unique only within one log, and
+    /// a log moved aside starts again from 1.
+    fn load_id(&self) -> anyhow::Result<String> {
+        let kept = self.meta.get(ID).context("cannot read the log's id")?;
+        if let Some(id) = kept.and_then(|value| String::from_utf8(value.to_vec()).ok()) {
+            return Ok(id);
+        }
+        let id = format!("{:016x}", rand::random::<u64>());
+        self.meta
+            .insert(ID, id.as_bytes())
+            .context("cannot write to the log")?;
+        // Before any message is sent under it: another id after a crash would make
+        // copies the cloud cannot recognise.
+        self.sync()?;
+        Ok(id)
     }
 
     /// Reads the first and last message numbers and the forwarded mark, by a scan of
@@ -928,6 +958,12 @@ impl Log {
         Ok(())
     }
 
+    /// The log's own id, made when the log was: with a message's number, it names the
+    /// message beyond this log's life (a log moved aside starts its numbers again).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     /// The next sequence number to be given: every message below it is on disk.
     pub fn next(&self) -> u64 {
         self.next.load(Ordering::Acquire)
@@ -1052,6 +1088,14 @@ impl Log {
         self.saved_forwarded.fetch_max(below, Ordering::AcqRel);
         self.forwarded.fetch_max(below, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// Records in memory that the cloud acknowledged everything below `below`;
+    /// [`Log::sync`] writes it. For a cloud that knows a message sent again by its id
+    /// (the NATS stream's duplicate window), where a mark a second old costs nothing
+    /// twice and a sync per acknowledgement would cost a sync per message.
+    pub fn note_forwarded(&self, below: u64) {
+        self.forwarded.fetch_max(below, Ordering::AcqRel);
     }
 
     /// Syncs what was written without a sync of its own (deletions), and the forwarded

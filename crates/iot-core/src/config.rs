@@ -160,6 +160,27 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// Bytes, plain or with a binary unit: `1048576`, `512K`, `512M`, `20G`, `1T` (KiB,
+/// MiB, GiB, TiB; `MB` and `MiB` read the same).
+pub fn parse_bytes(value: &str) -> Result<u64, String> {
+    let bad = || format!("expected a size such as 512M or 20G, not {value:?}");
+    let text = value.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(bad()),
+    };
+    number.checked_mul(1 << shift).ok_or_else(bad)
+}
+
 /// Parses a path that must name a readable file.
 pub fn parse_existing_file(value: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(value);
@@ -176,14 +197,14 @@ pub fn parse_existing_file(value: &str) -> Result<PathBuf, String> {
 /// brokers.
 macro_rules! broker_args {
     ($(#[$meta:meta])* $name:ident, $prefix:literal, $heading:literal) => {
-        broker_args!($(#[$meta])* $name, $prefix, $heading, "");
+        broker_args!($(#[$meta])* $name, $prefix, $heading, "", "Host name or address of the broker");
     };
-    ($(#[$meta:meta])* $name:ident, $prefix:literal, $heading:literal, $long:literal) => {
+    ($(#[$meta:meta])* $name:ident, $prefix:literal, $heading:literal, $long:literal, $host_help:literal) => {
         $(#[$meta])*
         #[derive(Debug, Clone, clap::Args)]
         #[command(next_help_heading = $heading)]
         pub struct $name {
-            /// Host name or address of the broker
+            #[doc = $host_help]
             #[arg(id = concat!($long, "host"), value_name = "HOST", long = concat!($long, "broker"), env = concat!($prefix, "_BROKER"), default_value = "localhost")]
             pub host: String,
             /// Port of the broker [default: 1883, or 8883 with TLS]
@@ -227,10 +248,19 @@ broker_args!(
 );
 
 broker_args!(
-    /// The cloud broker `mongo-persister` reads from.
+    /// The cloud broker, for `readings` (which asks devices for missing readings over it).
     CloudBroker,
     "CLOUD",
     "Cloud broker"
+);
+
+broker_args!(
+    /// The cloud broker `mongo-persister` reads from, or the NATS JetStream cluster.
+    PersisterCloudBroker,
+    "CLOUD",
+    "Cloud broker",
+    "",
+    "Host name or address of the broker; or the NATS JetStream cluster instead, as nats://HOST:PORT of its nodes separated by commas (no --port, no TLS yet)"
 );
 
 broker_args!(
@@ -238,7 +268,8 @@ broker_args!(
     RelayLocalBroker,
     "LOCAL",
     "Local (edge) broker",
-    "local-"
+    "local-",
+    "Host name or address of the broker"
 );
 
 broker_args!(
@@ -246,7 +277,8 @@ broker_args!(
     RelayCloudBroker,
     "CLOUD",
     "Cloud broker",
-    "cloud-"
+    "cloud-",
+    "Host name or address of the broker; or the NATS JetStream cluster instead, as nats://HOST:PORT of its nodes separated by commas (no --cloud-port, no TLS yet)"
 );
 
 /// Largest MQTT packet our clients send or accept: above the brokers' `max_packet_size`
@@ -282,6 +314,29 @@ impl std::fmt::Debug for BrokerSettings {
 }
 
 impl BrokerSettings {
+    /// The NATS cluster when the host is `nats://…` addresses, `None` for an MQTT
+    /// broker; a one-line error naming the setting when the addresses are malformed or
+    /// come with a port or a CA file (TLS to NATS is not there yet).
+    pub fn nats(&self, port_given: bool) -> Result<Option<crate::nats::NatsSettings>, String> {
+        if !crate::nats::is_nats(&self.host) {
+            return Ok(None);
+        }
+        let prefix = self.env_prefix;
+        if port_given {
+            return Err(format!(
+                "{prefix}_PORT with a nats:// address in {prefix}_BROKER: give each node's port in the address"
+            ));
+        }
+        if self.tls_ca.is_some() {
+            return Err(format!(
+                "{prefix}_TLS_CA with a nats:// address in {prefix}_BROKER: TLS to NATS is not supported yet"
+            ));
+        }
+        crate::nats::NatsSettings::parse(&self.host, self.username.clone(), self.password.clone())
+            .map(Some)
+            .map_err(|why| format!("{prefix}_BROKER: {why}"))
+    }
+
     /// `host:port`, with `tls://` in front when TLS is on; never the password.
     pub fn address(&self) -> String {
         let scheme = if self.tls_ca.is_some() { "tls://" } else { "" };

@@ -3,8 +3,8 @@
 //! What every service uses lives here once: broker settings and the MQTT connection
 //! that keeps itself alive ([`config`], [`mqtt`], [`backoff`]), the payload codec
 //! ([`payload`]), topic names ([`topics`]), the shutdown signal ([`shutdown`]),
-//! tracing set-up ([`logging`]), metrics and health checks ([`ops`]), the replay
-//! protocol ([`replay`]) and the bounds on what a device sends ([`bounds`]). The
+//! tracing set-up ([`logging`]), metrics and health checks ([`ops`]), the NATS JetStream
+//! cloud tier's shared pieces ([`nats`]), the replay protocol ([`replay`]) and the bounds on what a device sends ([`bounds`]). The
 //! MongoDB side is the `iot-store` crate, the simulated devices the `sensor-sim` crate.
 
 pub mod backoff;
@@ -12,6 +12,7 @@ pub mod bounds;
 pub mod config;
 pub mod logging;
 pub mod mqtt;
+pub mod nats;
 pub mod ops;
 pub mod payload;
 pub mod replay;

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use chrono_tz::Tz;
 use clap::Parser;
-use iot_core::config::{parse_positive_seconds, CloudBroker};
+use iot_core::config::{
+    parse_duration, parse_positive_seconds, BrokerSettings, PersisterCloudBroker,
+};
+use iot_core::nats::{NatsSettings, StreamSettings};
 use iot_core::replay;
 use iot_store::{parse_retention, Mapping, MongoSettings};
 
@@ -89,8 +92,26 @@ pub struct Config {
     /// Seconds a gap in an edge node's seq numbers may last (messages arriving out of order) before the node is sent a Rebirth command; fractions allowed
     #[arg(long, value_name = "SECONDS", env = "PERSISTER_SPARKPLUG_REORDER_TIMEOUT", default_value = "2", value_parser = parse_positive_seconds, help_heading = "Sparkplug B")]
     pub sparkplug_reorder_timeout: Duration,
+    /// NATS cloud (--broker nats://...): most bytes the stream holds; past it, new messages are refused and the relays keep them on their disks (discard new)
+    #[arg(long, value_name = "BYTES", env = "PERSISTER_NATS_MAX_BYTES", default_value = "1G", value_parser = iot_core::config::parse_bytes, help_heading = "NATS JetStream")]
+    pub nats_max_bytes: u64,
+    /// NATS cloud: a message no persister stored within this is removed from the stream
+    #[arg(long, value_name = "DURATION", env = "PERSISTER_NATS_MAX_AGE", default_value = "7d", value_parser = parse_duration, help_heading = "NATS JetStream")]
+    pub nats_max_age: Duration,
+    /// NATS cloud: how long the stream remembers a message's id and refuses a copy; at least the relays' --refill-window
+    #[arg(long, value_name = "DURATION", env = "PERSISTER_NATS_DUPLICATE_WINDOW", default_value = "2m", value_parser = parse_duration, help_heading = "NATS JetStream")]
+    pub nats_duplicate_window: Duration,
+    /// NATS cloud: copies of the stream, one per node (3 survives the loss of any one)
+    #[arg(long, value_name = "N", env = "PERSISTER_NATS_REPLICAS", default_value = "3", value_parser = clap::value_parser!(u8).range(1..=5), help_heading = "NATS JetStream")]
+    pub nats_replicas: u8,
+    /// NATS cloud: messages the shared consumer hands out unacknowledged at most, over all replicas
+    #[arg(long, value_name = "N", env = "PERSISTER_NATS_MAX_ACK_PENDING", default_value = "10000", value_parser = clap::value_parser!(i64).range(1..), help_heading = "NATS JetStream")]
+    pub nats_max_ack_pending: i64,
+    /// NATS cloud: how long a message handed to a persister may wait for its acknowledgement (its write) before the stream hands it out again; a persister that died leaves its messages waiting this long
+    #[arg(long, value_name = "DURATION", env = "PERSISTER_NATS_ACK_WAIT", default_value = "60s", value_parser = parse_duration, help_heading = "NATS JetStream")]
+    pub nats_ack_wait: Duration,
     #[command(flatten)]
-    pub broker: CloudBroker,
+    pub broker: PersisterCloudBroker,
     #[command(flatten)]
     pub mongo: MongoSettings,
 }
@@ -109,6 +130,7 @@ impl Config {
     /// does not load; the message names them.
     pub fn validate(&self) -> Result<(), String> {
         self.mapping()?;
+        self.validate_nats()?;
         if let (Some(group), None) = (&self.share, &self.client_id) {
             return Err(format!(
                 "--share {group} (PERSISTER_SHARE) needs --client-id (PERSISTER_CLIENT_ID), the same on every start: \
@@ -139,6 +161,38 @@ impl Config {
                     "--share {group:?} (PERSISTER_SHARE): a group name is not empty and has no '/', '+' or '#'"
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The NATS JetStream cluster to read from when `--broker` holds `nats://`
+    /// addresses; `None` for a cloud MQTT broker.
+    pub fn nats(&self) -> Result<Option<NatsSettings>, String> {
+        BrokerSettings::from(self.broker.clone())
+            .nats(self.broker.port.is_some())
+            .map_err(|why| format!("--broker: {why}"))
+    }
+
+    /// The stream's settings, from the `--nats-*` flags.
+    pub fn stream_settings(&self) -> StreamSettings {
+        StreamSettings {
+            max_bytes: i64::try_from(self.nats_max_bytes).unwrap_or(i64::MAX),
+            max_age: self.nats_max_age,
+            duplicate_window: self.nats_duplicate_window,
+            replicas: usize::from(self.nats_replicas),
+        }
+    }
+
+    /// What a NATS cloud does not do yet, refused with the reason.
+    fn validate_nats(&self) -> Result<(), String> {
+        if self.nats()?.is_none() {
+            return Ok(());
+        }
+        if self.share.is_some() || self.retire {
+            return Err("--share and --retire with a NATS cloud: every replica reads the one durable consumer, which needs neither".into());
+        }
+        if self.mapping()?.reads_sparkplug() {
+            return Err("--ingest sparkplug with a NATS cloud: its commands and STATE go over MQTT, not carried over NATS yet".into());
         }
         Ok(())
     }
@@ -266,6 +320,30 @@ mod tests {
             parse(&["--retire", "--client-id", "persister-2"]).validate(),
             Ok(())
         );
+    }
+
+    #[test]
+    fn a_nats_cloud_takes_its_nodes_and_refuses_what_it_cannot_do_yet() {
+        let config = parse(&["--broker", "nats://a:4222,nats://b:4222"]);
+        assert_eq!(config.validate(), Ok(()));
+        let nats = config.nats().expect("valid").expect("nats");
+        assert_eq!(nats.servers.len(), 2);
+        assert_eq!(config.stream_settings().replicas, 3);
+        for args in [
+            &["--broker", "nats://a:4222", "--port", "4222"][..],
+            &[
+                "--broker",
+                "nats://a:4222",
+                "--share",
+                "g",
+                "--client-id",
+                "p-1",
+            ],
+            &["--broker", "nats://a:4222", "--ingest", "sparkplug"],
+            &["--broker", "nats://a"],
+        ] {
+            assert!(parse(args).validate().is_err(), "{args:?}");
+        }
     }
 
     #[test]

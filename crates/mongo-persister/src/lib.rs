@@ -13,6 +13,9 @@
 //! removed for good is retired (`--retire`): it stores what waited in its session, then
 //! ends the session.
 //!
+//! With `nats://` addresses in `--broker` it reads a NATS JetStream cluster instead
+//! ([`nats`]): one durable pull consumer shared by every replica.
+//!
 //! [`config`] holds the settings, [`persister`] the run itself ([`Persister`]: start,
 //! one message, one batch written, drain and close), [`writer`] the database side,
 //! [`repair`] the self-healing, [`sparkplug`] the Sparkplug B host's state and
@@ -20,6 +23,7 @@
 
 pub mod budget;
 pub mod config;
+pub mod nats;
 pub mod persister;
 pub mod ready;
 pub mod repair;
@@ -35,6 +39,9 @@ pub use persister::Persister;
 /// Stores messages until `shutdown` (or, retiring, until the session's queue is
 /// drained); then writes the batch in hand, acknowledges it and disconnects.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if let Some(settings) = config.nats().map_err(anyhow::Error::msg)? {
+        return nats::run(&config, &settings, shutdown).await;
+    }
     let mut persister = Persister::start(&config, &shutdown).await?;
     // An error here is the broker connection failing for good (a refused password):
     // nothing more can be acknowledged, so there is nothing to drain.

@@ -26,7 +26,7 @@ use crate::sparkplug::{self, Sparkplug};
 use crate::writer::{self, Pending, Retention, Stats, Writer, DATABASE_CHECK};
 
 /// How long a stopping persister keeps trying to write what it holds.
-const STOP_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// A running persister; see the module documentation.
 #[derive(Debug)]
@@ -446,19 +446,23 @@ impl Persister {
 }
 
 /// The writer's task and what goes to and comes from it.
-struct WriterTask {
-    pending: mpsc::Sender<Pending>,
-    queued: Arc<Queued>,
-    written: mpsc::UnboundedReceiver<Vec<Ack>>,
-    writer: JoinHandle<usize>,
-    stop_writing: CancellationToken,
+pub(crate) struct WriterTask<A = Ack> {
+    pub(crate) pending: mpsc::Sender<Pending<A>>,
+    pub(crate) queued: Arc<Queued>,
+    pub(crate) written: mpsc::UnboundedReceiver<Vec<A>>,
+    pub(crate) writer: JoinHandle<usize>,
+    pub(crate) stop_writing: CancellationToken,
 }
 
-fn spawn_writer(config: &Config, db: &mongodb::Database, stats: &Arc<Stats>) -> WriterTask {
+pub(crate) fn spawn_writer<A: Send + Sync + 'static>(
+    config: &Config,
+    db: &mongodb::Database,
+    stats: &Arc<Stats>,
+) -> WriterTask<A> {
     let batch_size = usize::from(config.batch_size);
     // Bounded in documents and bytes by `queued`; in messages, by as many documents.
     let queued = Arc::new(Queued::new(batch_size));
-    let (pending, pending_rx) = mpsc::channel::<Pending>(batch_size * budget::QUEUE_BATCHES);
+    let (pending, pending_rx) = mpsc::channel::<Pending<A>>(batch_size * budget::QUEUE_BATCHES);
     let (written_tx, written) = mpsc::unbounded_channel();
     let retention = Retention {
         readings: config.retention,

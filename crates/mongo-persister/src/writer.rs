@@ -30,14 +30,15 @@ use tokio_util::sync::CancellationToken;
 /// MongoDB's code for a duplicate key: a reading that is already stored.
 pub(crate) const DUPLICATE_KEY: i32 = 11000;
 
-/// A message on its way to the database.
+/// A message on its way to the database; `A` is how it is acknowledged (an MQTT
+/// packet id by default, a JetStream message's acker with a NATS cloud).
 #[derive(Debug)]
-pub struct Pending {
+pub struct Pending<A = Ack> {
     pub record: Record,
     /// Delivered with the retain flag: a replay of the broker's retained message.
     pub replay: bool,
     /// Sent to the broker once the record is written.
-    pub ack: Ack,
+    pub ack: A,
     /// Documents of `record`, and the payload's bytes: what it counts in [`Queued`].
     pub documents: usize,
     pub bytes: usize,
@@ -288,16 +289,16 @@ impl Writer {
     /// Writes what arrives on `pending` until it closes, sending the acknowledgements of
     /// each written batch to `written`. Returns how many messages it could not write
     /// before `stop` (the broker still holds those: they were never acknowledged).
-    pub async fn run(
+    pub async fn run<A: Send + Sync + 'static>(
         self,
-        mut pending: mpsc::Receiver<Pending>,
-        written: mpsc::UnboundedSender<Vec<Ack>>,
+        mut pending: mpsc::Receiver<Pending<A>>,
+        written: mpsc::UnboundedSender<Vec<A>>,
         stop: CancellationToken,
     ) -> usize {
         if !self.wait_for_schema(&stop).await {
             return pending.len();
         }
-        let mut batch: Vec<Pending> = Vec::new();
+        let mut batch: Vec<Pending<A>> = Vec::new();
         loop {
             let Some(first) = pending.recv().await else {
                 return 0;
@@ -333,7 +334,11 @@ impl Writer {
     /// Writes one batch, retrying with backoff until it succeeds; false if `stop` came
     /// first. Every reading has its `_id` before the first try, so a retry after a
     /// partial write only meets duplicates (and statuses are checked again).
-    async fn write_until_done(&self, batch: &[Pending], stop: &CancellationToken) -> bool {
+    async fn write_until_done<A: Sync>(
+        &self,
+        batch: &[Pending<A>],
+        stop: &CancellationToken,
+    ) -> bool {
         let timed_write = || async {
             let started = Instant::now();
             self.write(batch).await.map(|()| started.elapsed())
@@ -356,7 +361,7 @@ impl Writer {
         true
     }
 
-    async fn write(&self, batch: &[Pending]) -> anyhow::Result<()> {
+    async fn write<A: Sync>(&self, batch: &[Pending<A>]) -> anyhow::Result<()> {
         // Retained replays of readings without a key: stored already when they equal
         // the newest document of their topic and measurement.
         let replays: Vec<&Document> = batch

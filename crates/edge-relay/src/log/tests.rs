@@ -104,6 +104,25 @@ fn what_was_appended_survives_a_reopen_with_its_forwarded_mark() {
 }
 
 #[test]
+fn a_log_keeps_its_id_and_a_new_log_gets_another() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let id = {
+        let (log, _) = Log::open(dir.path()).expect("open");
+        log.append(&[reading("t-1", 1)]).expect("append");
+        log.id().to_string()
+    };
+    assert_eq!(id.len(), 16, "{id}");
+    let (log, _) = Log::open(dir.path()).expect("reopen");
+    assert_eq!(log.id(), id);
+    drop(log);
+    // Moved aside, as damage does: the new log numbers from 1 again, under another id.
+    std::fs::rename(dir.path().join("store"), dir.path().join("aside")).expect("move");
+    let (log, _) = Log::open(dir.path()).expect("new log");
+    assert_eq!(log.next(), 1);
+    assert_ne!(log.id(), id);
+}
+
+#[test]
 fn the_index_finds_a_range_and_never_a_forgery() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (log, _) = Log::open(dir.path()).expect("open");

@@ -1,0 +1,321 @@
+//! The cloud side over NATS JetStream, when `--cloud-broker` holds `nats://` addresses:
+//! what is in the log is published, in order, into the stream on `iot.telemetry.<site>`
+//! with its topic, QoS and retain flag as headers, and counts as forwarded once the
+//! stream acknowledged it (stored on a majority of its replicas).
+//!
+//! Each message carries `Nats-Msg-Id` = site, the log's own id and the message's
+//! number ([`iot_core::nats::message_id`]): whatever is sent again (after a failed
+//! acknowledgement, a reconnect to another node, or a relay killed before its
+//! forwarded mark reached the disk) is refused by the stream as a duplicate within its
+//! duplicate window, and acknowledged as stored. So there is no refill: a JetStream
+//! cluster with three replicas does not lose what it acknowledged with one node.
+//!
+//! Replay requests and Sparkplug commands (cloud to edge) are not carried over NATS
+//! yet: with a NATS cloud the relay forwards only.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::context::PublishError;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, publish::PublishAck};
+use async_nats::HeaderMap;
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use iot_core::backoff::Backoff;
+use iot_core::nats::{self, NatsSettings};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::forward::{WINDOW, WINDOW_BYTES};
+use crate::log::{Entry, Log};
+
+/// Messages read from the log at once.
+const READ: usize = 256;
+/// Bytes of messages read from the log at once (but always one message).
+const READ_BYTES: usize = 8 << 20;
+/// How long a stop waits for the stream to acknowledge what is in flight.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the stream's acknowledgement of one publish is waited for: a node that
+/// died with it is given up on within this, and the message sent again (to another).
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One publish waiting for its acknowledgement: the message's number, its payload's
+/// bytes, and the acknowledgement.
+type InFlight = Pin<
+    Box<dyn std::future::Future<Output = (u64, usize, Result<PublishAck, PublishError>)> + Send>,
+>;
+
+/// Publishes the log into the stream; see the module documentation.
+pub struct NatsForwarder {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    log: Log,
+    /// New messages in the log.
+    wake: Arc<Notify>,
+    subject: String,
+    site: String,
+    /// The next message number to publish.
+    cursor: u64,
+    in_flight: FuturesOrdered<InFlight>,
+    /// Payload bytes of `in_flight`.
+    in_flight_bytes: usize,
+    /// After a failure, nothing is published before this.
+    held_until: Option<Instant>,
+    backoff: Backoff,
+    /// Whether the forwarded mark moved since the last sync.
+    marked: bool,
+    /// `--refill-window`: what the stream's duplicate window should cover at least.
+    refill_window: Duration,
+}
+
+impl std::fmt::Debug for NatsForwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsForwarder")
+            .field("subject", &self.subject)
+            .field("cursor", &self.cursor)
+            .field("in_flight", &self.in_flight.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsForwarder {
+    /// Connects (in the background: a cluster that is down is waited for) as the
+    /// relay of `site`.
+    pub async fn start(
+        settings: &NatsSettings,
+        site: &str,
+        log: Log,
+        wake: Arc<Notify>,
+        refill_window: Duration,
+    ) -> anyhow::Result<Self> {
+        let client = settings.connect(&format!("edge-relay-{site}")).await?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(ACK_TIMEOUT)
+            .max_ack_inflight(WINDOW)
+            .build(client.clone());
+        let cursor = log.forwarded().max(log.first());
+        Ok(Self {
+            client,
+            js,
+            log,
+            wake,
+            subject: nats::site_subject(site),
+            site: site.to_string(),
+            cursor,
+            in_flight: FuturesOrdered::new(),
+            in_flight_bytes: 0,
+            held_until: None,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            marked: false,
+            refill_window,
+        })
+    }
+
+    /// Forwards until `shutdown`, then waits a little for what is in flight. An error is
+    /// a log that cannot be read or written.
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let checked = tokio::spawn(check_stream(self.js.clone(), self.refill_window));
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            if self.held_until.is_none() {
+                self.fill().await?;
+            }
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                Some((number, bytes, acked)) = self.in_flight.next() => {
+                    self.in_flight_bytes -= bytes;
+                    self.acked(number, acked)?;
+                }
+                () = hold_ends(self.held_until) => self.held_until = None,
+                () = self.wake.notified() => {}
+                _ = ticks.tick() => self.sync_mark()?,
+            }
+        }
+        checked.abort();
+        let deadline = Instant::now() + CLOSE_TIMEOUT;
+        while let Ok(Some((number, bytes, acked))) =
+            tokio::time::timeout_at(deadline, self.in_flight.next()).await
+        {
+            self.in_flight_bytes -= bytes;
+            if acked.is_err() {
+                break;
+            }
+            self.acked(number, acked)?;
+        }
+        if !self.in_flight.is_empty() {
+            tracing::info!(
+                in_flight = self.in_flight.len(),
+                "stopping with publishes the stream has not acknowledged: sent again on the next start (the stream knows them by their ids)"
+            );
+        }
+        self.log.sync()?;
+        // What was published and not flushed yet goes out before the connection closes.
+        let _ = self.client.flush().await;
+        Ok(())
+    }
+
+    /// Publishes from the cursor while the window has room.
+    async fn fill(&mut self) -> anyhow::Result<()> {
+        let max_payload = self.client.server_info().max_payload;
+        while self.in_flight.len() < WINDOW
+            && self.in_flight_bytes < WINDOW_BYTES
+            && self.cursor < self.log.next()
+        {
+            let room = WINDOW - self.in_flight.len();
+            let bytes = READ_BYTES.min(WINDOW_BYTES - self.in_flight_bytes);
+            let read = self.log.read_from(self.cursor, READ.min(room), bytes)?;
+            let Some(&(last, _)) = read.last() else {
+                return Ok(());
+            };
+            for (number, entry) in read {
+                // A server that never answered has max_payload 0: it is not known yet.
+                if max_payload > 0 && entry.payload.len() + 1024 > max_payload {
+                    tracing::warn!(
+                        number,
+                        bytes = entry.payload.len(),
+                        max_payload,
+                        "the NATS cluster cannot take message {number} (its max_payload); passed over"
+                    );
+                    metrics::counter!("iot_relay_unforwardable_total").increment(1);
+                    // Counted forwarded with the next acknowledgement after it.
+                    continue;
+                }
+                let bytes = entry.payload.len();
+                let publish = self.message(number, entry);
+                match self.js.send_publish(self.subject.clone(), publish).await {
+                    Ok(ack) => {
+                        self.in_flight
+                            .push_back(Box::pin(async move { (number, bytes, ack.await) }));
+                        self.in_flight_bytes += bytes;
+                    }
+                    Err(error) => {
+                        self.failed(&error.to_string());
+                        return Ok(());
+                    }
+                }
+            }
+            self.cursor = last + 1;
+        }
+        Ok(())
+    }
+
+    /// The stream's message of log message `number`.
+    fn message(&self, number: u64, entry: Entry) -> PublishMessage {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            nats::TOPIC_HEADER,
+            nats::encode_topic(&entry.topic).as_str(),
+        );
+        headers.insert(nats::QOS_HEADER, (entry.qos as u8).to_string().as_str());
+        if entry.retain {
+            headers.insert(nats::RETAIN_HEADER, "1");
+        }
+        PublishMessage::build()
+            .payload(entry.payload)
+            .headers(headers)
+            .message_id(nats::message_id(&self.site, self.log.id(), number))
+    }
+
+    /// The stream's answer to the oldest publish in flight.
+    fn acked(
+        &mut self,
+        number: u64,
+        acked: Result<PublishAck, PublishError>,
+    ) -> anyhow::Result<()> {
+        match acked {
+            Ok(_) => {
+                self.log.note_forwarded(number + 1);
+                self.marked = true;
+                metrics::counter!("iot_relay_forwarded_total").increment(1);
+                if self.backoff.attempt() > 0 {
+                    tracing::info!("the NATS stream acknowledges again");
+                    self.backoff.reset();
+                }
+            }
+            Err(error) => self.failed(&error.to_string()),
+        }
+        Ok(())
+    }
+
+    /// A publish failed (no stream yet, a full stream, a node gone, a timeout): what is in
+    /// flight is given up, and sent again from the forwarded mark after a delay. What the
+    /// stream already had is refused there as a duplicate and acknowledged.
+    fn failed(&mut self, why: &str) {
+        let delay = self.backoff.next_delay();
+        if self.backoff.attempt() == 1 {
+            tracing::warn!(
+                in_flight = self.in_flight.len(),
+                "publishing into the NATS stream failed: {why}; sending again from message {} in {delay:?}",
+                self.log.forwarded().max(self.log.first())
+            );
+        } else {
+            tracing::debug!(
+                attempt = self.backoff.attempt(),
+                "publishing into the NATS stream failed again: {why}"
+            );
+        }
+        self.in_flight = FuturesOrdered::new();
+        self.in_flight_bytes = 0;
+        self.cursor = self.log.forwarded().max(self.log.first());
+        self.held_until = Some(Instant::now() + delay);
+    }
+
+    /// Once a second: the forwarded mark to disk if it moved, so that a relay killed now
+    /// sends again at most a second's worth, well within the stream's duplicate window.
+    fn sync_mark(&mut self) -> anyhow::Result<()> {
+        if std::mem::take(&mut self.marked) {
+            self.log.sync()?;
+        }
+        Ok(())
+    }
+}
+
+/// Ends at `until`; never without one.
+async fn hold_ends(until: Option<Instant>) {
+    match until {
+        Some(until) => tokio::time::sleep_until(until).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Says once whether the stream is there, and warns when its duplicate window is
+/// shorter than `--refill-window`, what this relay's settings say it may send again.
+async fn check_stream(js: jetstream::Context, refill_window: Duration) {
+    let mut backoff = Backoff::default();
+    loop {
+        match js.get_stream(nats::STREAM).await.context("stream info") {
+            Ok(mut stream) => {
+                match stream.info().await {
+                    Ok(info) if info.config.duplicate_window < refill_window => tracing::warn!(
+                        stream = nats::STREAM,
+                        duplicate_window = ?info.config.duplicate_window,
+                        refill_window = ?refill_window,
+                        "the NATS stream's duplicate window is shorter than --refill-window: a message sent again after it is stored twice when it has no (device, boot, seq); raise the persister's --nats-duplicate-window"
+                    ),
+                    Ok(info) => tracing::info!(
+                        stream = nats::STREAM,
+                        replicas = info.config.num_replicas,
+                        duplicate_window = ?info.config.duplicate_window,
+                        "publishing into the NATS stream"
+                    ),
+                    Err(error) => tracing::warn!("cannot read the NATS stream's settings: {error}"),
+                }
+                return;
+            }
+            Err(error) => {
+                let delay = backoff.next_delay();
+                if backoff.attempt() == 1 {
+                    tracing::warn!(
+                        "the NATS stream {} is not there yet ({error:#}); messages wait in the log until a persister makes it",
+                        nats::STREAM
+                    );
+                }
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! The NATS JetStream cloud tier, beside the Mosquitto one: what `edge-relay` and
+//! `mongo-persister` share when their cloud address is `nats://…`.
+//!
+//! One stream ([`STREAM`]) holds every site's messages under `iot.telemetry.<site>`;
+//! each message keeps its MQTT topic, QoS and retain flag as headers ([`TOPIC_HEADER`],
+//! [`QOS_HEADER`], [`RETAIN_HEADER`]) and carries a `Nats-Msg-Id` made of the site, the
+//! relay log's own id and the message's number there ([`message_id`]), so the stream
+//! refuses a copy sent again within its duplicate window. The stream is set up in one
+//! place ([`ensure_stream`]), by the persister, the cloud side's own service: a relay at
+//! an edge site may publish into it and read its settings, never change them.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream;
+use async_nats::jetstream::stream::{DiscardPolicy, RetentionPolicy, StorageType};
+
+/// The stream of every site's messages.
+pub const STREAM: &str = "IOT_TELEMETRY";
+/// Subjects of the stream: a site publishes on `iot.telemetry.<site>`.
+pub const SUBJECT_PREFIX: &str = "iot.telemetry";
+/// The durable pull consumer every persister replica reads: one name, so replicas
+/// share it (each message goes to one of them) rather than each reading everything.
+pub const CONSUMER: &str = "mongo-persister";
+/// The MQTT topic a message was published on (percent-encoded: [`encode_topic`]).
+pub const TOPIC_HEADER: &str = "Mqtt-Topic";
+/// The QoS it was published at, `0`, `1` or `2`.
+pub const QOS_HEADER: &str = "Mqtt-Qos";
+/// `1` when it was published retained.
+pub const RETAIN_HEADER: &str = "Mqtt-Retain";
+
+/// Whether a cloud address names a NATS cluster rather than an MQTT broker's host.
+pub fn is_nats(address: &str) -> bool {
+    address.trim_start().starts_with("nats://")
+}
+
+/// The subject a site publishes on.
+pub fn site_subject(site: &str) -> String {
+    format!("{SUBJECT_PREFIX}.{site}")
+}
+
+/// Why `site` cannot be a subject token (NATS splits subjects on `.`, and `*`, `>` and
+/// blanks are wildcards or separators); `None` when it can.
+pub fn site_token_error(site: &str) -> Option<String> {
+    site.chars()
+        .find(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace())
+        .map(|c| format!("{c:?} cannot be in a NATS subject token"))
+}
+
+/// The `Nats-Msg-Id` of message `number` of the relay log `log_id` at `site`: the
+/// log's id is made when the log is, so a log moved aside and started afresh (its
+/// numbers from 1 again) never repeats an id the stream may still remember.
+pub fn message_id(site: &str, log_id: &str, number: u64) -> String {
+    format!("{site}:{log_id}:{number}")
+}
+
+/// A topic as a header value: `%`, control characters and blanks percent-encoded (a
+/// header value is one line, and its blanks at either end would be trimmed).
+pub fn encode_topic(topic: &str) -> String {
+    let mut encoded = String::with_capacity(topic.len());
+    for c in topic.chars() {
+        if c == '%' || c == ' ' || c.is_control() {
+            let mut bytes = [0; 4];
+            for byte in c.encode_utf8(&mut bytes).bytes() {
+                encoded.push_str(&format!("%{byte:02X}"));
+            }
+        } else {
+            encoded.push(c);
+        }
+    }
+    encoded
+}
+
+/// What [`encode_topic`] wrote; `None` for a value it cannot have written.
+pub fn decode_topic(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        if bytes[at] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(at + 1..at + 3)?).ok()?;
+            decoded.push(u8::from_str_radix(hex, 16).ok()?);
+            at += 3;
+        } else {
+            decoded.push(bytes[at]);
+            at += 1;
+        }
+    }
+    String::from_utf8(decoded).ok()
+}
+
+/// Where and as whom to connect to a NATS cluster.
+#[derive(Clone)]
+pub struct NatsSettings {
+    /// `nats://host:port` of each node (the client also learns the others from them).
+    pub servers: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for NatsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSettings")
+            .field("servers", &self.servers)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+impl NatsSettings {
+    /// `nats://h1:4222,nats://h2:4222` (commas, as the variable holds it) with the
+    /// account; a one-line reason when an address is not `nats://HOST:PORT`.
+    pub fn parse(
+        addresses: &str,
+        username: Option<String>,
+        password: Option<String>,
+    ) -> Result<Self, String> {
+        let mut servers = Vec::new();
+        for address in addresses.split(',').map(str::trim) {
+            let rest = address
+                .strip_prefix("nats://")
+                .ok_or_else(|| format!("{address:?} is not a nats://HOST:PORT address"))?;
+            let (host, port) = rest
+                .rsplit_once(':')
+                .ok_or_else(|| format!("{address:?} has no port (nats://HOST:PORT)"))?;
+            if host.is_empty() || host.contains(['/', '@']) || port.parse::<u16>().is_err() {
+                return Err(format!(
+                    "{address:?} is not a nats://HOST:PORT address (credentials go in the user name and password settings)"
+                ));
+            }
+            servers.push(address.to_string());
+        }
+        Ok(Self {
+            servers,
+            username,
+            password,
+        })
+    }
+
+    /// The servers as given, for log lines (never the password).
+    pub fn address(&self) -> String {
+        self.servers.join(",")
+    }
+
+    /// Connects as `name` (shown by the server's monitoring). Returns at once: the
+    /// client connects, and reconnects to any node of the cluster, in the background,
+    /// for ever; what is sent meanwhile waits in it. Replies come to an inbox under
+    /// `_INBOX.<user>`, so the account's permissions can give each user only its own.
+    pub async fn connect(&self, name: &str) -> anyhow::Result<async_nats::Client> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name(name)
+            .retry_on_initial_connect()
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        metrics::gauge!("iot_nats_connected").set(1.0);
+                        tracing::info!("connected to NATS");
+                    }
+                    async_nats::Event::Disconnected => {
+                        metrics::gauge!("iot_nats_connected").set(0.0);
+                        tracing::warn!("disconnected from NATS; reconnecting");
+                    }
+                    other => tracing::warn!("NATS: {other}"),
+                }
+            });
+        if let Some(user) = &self.username {
+            options = options
+                .user_and_password(user.clone(), self.password.clone().unwrap_or_default())
+                .custom_inbox_prefix(inbox_prefix(user));
+        }
+        options
+            .connect(self.servers.as_slice())
+            .await
+            .with_context(|| format!("cannot set up the NATS connection to {}", self.address()))
+    }
+}
+
+/// The inbox prefix of `user`'s replies: `_INBOX.<user>`.
+pub fn inbox_prefix(user: &str) -> String {
+    format!("_INBOX.{user}")
+}
+
+/// The stream's limits; see [`ensure_stream`].
+#[derive(Debug, Clone, Copy)]
+pub struct StreamSettings {
+    /// Most bytes the stream holds; past it new messages are refused (`discard new`),
+    /// and the relays keep them on their disks.
+    pub max_bytes: i64,
+    /// A message older than this is removed even if no persister stored it.
+    pub max_age: Duration,
+    /// How long the stream remembers a `Nats-Msg-Id`: a copy within it is refused. At
+    /// least the relays' `--refill-window`.
+    pub duplicate_window: Duration,
+    pub replicas: usize,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            max_bytes: 1 << 30,
+            max_age: Duration::from_secs(7 * 86_400),
+            duplicate_window: Duration::from_secs(120),
+            replicas: 3,
+        }
+    }
+}
+
+/// Creates the stream, or updates it to `settings`: idempotent, so every persister
+/// replica runs it at start. Work-queue retention: a message stays until a persister
+/// acknowledges it (after the write that holds it), so the stream's bytes are the
+/// cloud's backlog, and a full stream refuses new messages rather than dropping old ones.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> anyhow::Result<jetstream::stream::Info> {
+    let config = jetstream::stream::Config {
+        name: STREAM.to_string(),
+        subjects: vec![format!("{SUBJECT_PREFIX}.>")],
+        retention: RetentionPolicy::WorkQueue,
+        storage: StorageType::File,
+        num_replicas: settings.replicas,
+        max_bytes: settings.max_bytes,
+        max_age: settings.max_age,
+        discard: DiscardPolicy::New,
+        duplicate_window: settings.duplicate_window,
+        ..Default::default()
+    };
+    js.create_or_update_stream(config)
+        .await
+        .with_context(|| format!("cannot create or update the NATS stream {STREAM}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_survive_the_header() {
+        for topic in [
+            "/sensor/temperature",
+            "a b",
+            " lead",
+            "100%",
+            "line\r\nbreak",
+            "zigbee2mqtt/Küche",
+            "",
+        ] {
+            let encoded = encode_topic(topic);
+            assert!(!encoded.contains([' ', '\r', '\n']), "{encoded:?}");
+            assert_eq!(decode_topic(&encoded).as_deref(), Some(topic));
+        }
+        assert_eq!(encode_topic("/sensor/pressure"), "/sensor/pressure");
+        assert_eq!(decode_topic("%4"), None);
+    }
+
+    #[test]
+    fn addresses_are_nats_urls_with_ports() {
+        let settings =
+            NatsSettings::parse("nats://a:4222, nats://b:4223", None, None).expect("two servers");
+        assert_eq!(settings.servers, ["nats://a:4222", "nats://b:4223"]);
+        for bad in [
+            "a:4222",
+            "nats://a",
+            "nats://:4222",
+            "nats://u:p@a:4222",
+            "nats://a:x",
+        ] {
+            assert!(NatsSettings::parse(bad, None, None).is_err(), "{bad}");
+        }
+        assert!(is_nats("nats://a:1") && !is_nats("localhost"));
+    }
+
+    #[test]
+    fn sites_must_be_one_subject_token() {
+        assert_eq!(site_token_error("plant-1"), None);
+        assert!(site_token_error("plant.1").is_some());
+        assert!(site_token_error("a>").is_some());
+        assert_eq!(site_subject("plant-1"), "iot.telemetry.plant-1");
+        assert_eq!(message_id("s", "ab12", 7), "s:ab12:7");
+    }
+}

@@ -1,0 +1,216 @@
+//! The NATS JetStream cloud tier of a test: three real `nats-server` nodes configured
+//! by the project's own `scripts/nats-cluster config` on free ports, each a process the
+//! test can SIGKILL on its own, with the relay and persister started against them.
+
+use std::path::Path;
+
+use async_nats::jetstream;
+use iot_core::nats::STREAM;
+use tempfile::TempDir;
+
+use crate::{free_port, password, repo_root, service_command, wait_for, Brokers, Service};
+
+/// Three nodes of one cluster.
+#[derive(Debug)]
+pub struct NatsCluster {
+    /// The client port of each node.
+    pub ports: [u16; 3],
+    monitors: [u16; 3],
+    nodes: [Option<Service>; 3],
+    dir: TempDir,
+}
+
+/// `nats-server` from the PATH, or where Debian's package puts it (`/usr/sbin`, not on
+/// every user's PATH).
+fn nats_server() -> std::path::PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|dir| dir.join("nats-server").is_file()))
+        .unwrap_or(false);
+    if on_path {
+        "nats-server".into()
+    } else {
+        "/usr/sbin/nats-server".into()
+    }
+}
+
+/// One HTTP GET on 127.0.0.1:`port`: whether it answered 200.
+async fn http_ok(port: u16, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    answer.starts_with(b"HTTP/1.1 200") || answer.starts_with(b"HTTP/1.0 200")
+}
+
+impl NatsCluster {
+    /// Writes the configuration with relay users for `sites`, starts the three nodes
+    /// and waits until JetStream has a leader (every node's `/healthz` answers 200).
+    pub async fn spawn(sites: &[&str]) -> NatsCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("iot-nats-")
+            .tempdir()
+            .expect("a temporary folder");
+        let ports = [free_port(), free_port(), free_port()];
+        let routes = [free_port(), free_port(), free_port()];
+        let monitors = [free_port(), free_port(), free_port()];
+        let list = |ports: &[u16; 3]| {
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let sites = sites
+            .iter()
+            .map(|site| format!("{site}:{}", password(&format!("edge-relay-{site}"))))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let status = std::process::Command::new(repo_root().join("scripts/nats-cluster"))
+            .args(["config", &dir.path().display().to_string()])
+            .env("NATS_PERSISTER_PASSWORD", password("mongo-persister"))
+            .env("NATS_SITES", sites)
+            .env("NATS_PORTS", list(&ports))
+            .env("NATS_ROUTE_PORTS", list(&routes))
+            .env("NATS_MONITOR_PORTS", list(&monitors))
+            .status()
+            .expect("cannot run scripts/nats-cluster");
+        assert!(status.success(), "scripts/nats-cluster config failed");
+        let mut cluster = NatsCluster {
+            ports,
+            monitors,
+            nodes: [None, None, None],
+            dir,
+        };
+        for node in 0..3 {
+            cluster.start(node);
+        }
+        for port in cluster.monitors {
+            wait_for(
+                "a JetStream leader (every node's /healthz)",
+                || http_ok(port, "/healthz"),
+                |ok| *ok,
+            )
+            .await;
+        }
+        cluster
+    }
+
+    /// Starts node `node` (0, 1 or 2) from its configuration.
+    pub fn start(&mut self, node: usize) {
+        let mut command = tokio::process::Command::new(nats_server());
+        command.arg("-c").arg(self.config(node));
+        self.nodes[node] = Some(Service::spawn(&format!("nats-node-{}", node + 1), command));
+    }
+
+    fn config(&self, node: usize) -> std::path::PathBuf {
+        self.dir.path().join(format!("node-{}.conf", node + 1))
+    }
+
+    /// `nats://127.0.0.1:PORT` of every node, comma-separated: `CLOUD_BROKER`.
+    pub fn address(&self) -> String {
+        self.ports
+            .iter()
+            .map(|port| format!("nats://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// SIGKILLs node `node`.
+    pub async fn kill(&mut self, node: usize) {
+        if let Some(mut service) = self.nodes[node].take() {
+            service.kill().await;
+        }
+    }
+
+    /// What node `node` logged.
+    pub fn log(&self, node: usize) -> String {
+        self.nodes[node]
+            .as_ref()
+            .map(Service::stderr)
+            .unwrap_or_default()
+    }
+
+    /// A JetStream connection as the persister's user (it may read the stream).
+    pub async fn admin(&self) -> jetstream::Context {
+        let client = iot_core::nats::NatsSettings::parse(
+            &self.address(),
+            Some("mongo-persister".into()),
+            Some(password("mongo-persister")),
+        )
+        .expect("the cluster's address")
+        .connect("test")
+        .await
+        .expect("a NATS client");
+        jetstream::new(client)
+    }
+
+    /// The node (0, 1 or 2) that leads the stream now, if it has a leader.
+    pub async fn stream_leader(&self, js: &jetstream::Context) -> Option<usize> {
+        let mut stream = js.get_stream(STREAM).await.ok()?;
+        let info = stream.info().await.ok()?;
+        let leader = info.cluster.as_ref()?.leader.clone()?;
+        leader
+            .strip_prefix("node-")?
+            .parse::<usize>()
+            .ok()?
+            .checked_sub(1)
+    }
+
+    /// Starts `mongo-persister` on the cluster, logged in as its user, with `args`.
+    pub fn start_persister(
+        &self,
+        brokers: &Brokers,
+        mongo: &crate::MongoServer,
+        args: &[&str],
+    ) -> Service {
+        let env = [
+            ("CLOUD_BROKER", self.address()),
+            ("MONGODB_URI", mongo.uri().to_string()),
+            ("MONGODB_DATABASE", mongo.database_name().to_string()),
+        ];
+        let mut command = service_command(
+            "mongo-persister",
+            brokers.dir(),
+            0,
+            Some("mongo-persister"),
+            args,
+            &env,
+        );
+        command.env_remove("CLOUD_PORT");
+        Service::spawn("mongo-persister", command)
+    }
+
+    /// Starts `edge-relay` of `site` from the edge broker of `brokers` into the cluster,
+    /// its log in `log_dir`.
+    pub fn start_relay(
+        &self,
+        brokers: &Brokers,
+        site: &str,
+        log_dir: &Path,
+        args: &[&str],
+    ) -> Service {
+        let user = format!("edge-relay-{site}");
+        let env = [
+            ("CLOUD_BROKER", self.address()),
+            ("CLOUD_USERNAME", user.clone()),
+            ("CLOUD_PASSWORD", password(&user)),
+            ("RELAY_LOG_DIR", log_dir.display().to_string()),
+            ("EDGE_SITE", site.to_string()),
+        ];
+        let command = service_command(
+            "edge-relay",
+            brokers.dir(),
+            brokers.local.port,
+            Some("edge-relay"),
+            args,
+            &env,
+        );
+        Service::spawn("edge-relay", command)
+    }
+}
