@@ -55,6 +55,16 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The resident memory of process `pid`, from `/proc` (`None` once it is gone).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())?;
+    Some(kib * 1024)
+}
+
 /// A free TCP port on the loopback interface, as the OS hands it out.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

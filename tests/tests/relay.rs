@@ -1135,13 +1135,7 @@ fn du(dir: &Path) -> u64 {
 /// The relay's resident memory, from `/proc`.
 fn rss_bytes(relay: &Service) -> u64 {
     let pid = relay.pid().expect("the relay runs");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS");
-    kib * 1024
+    tests::rss_bytes(pid).expect("its VmRSS")
 }
 
 /// The cloud down until the relay's disk budget (`--max-disk 128M`) is full of messages

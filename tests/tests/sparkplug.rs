@@ -253,6 +253,21 @@ fn by_alias(seq: u64, alias: u64, value: f64) -> Vec<u8> {
     encode(Some(seq), vec![tag(None, alias, value)])
 }
 
+/// A birth of the most metrics one message may hold, 10 000: bdSeq `bd_seq` and the
+/// tags `Tag/00000` to `Tag/09998`, each its number as alias and value.
+fn largest_birth(bd_seq: u64) -> Vec<u8> {
+    let mut metrics: Vec<Metric> = (0..9_999_u32)
+        .map(|n| tag(Some(format!("Tag/{n:05}")), u64::from(n), f64::from(n)))
+        .collect();
+    metrics.push(Metric {
+        name: Some("bdSeq".into()),
+        datatype: Some(DataType::Int64.number()),
+        value: Some(Value::LongValue(bd_seq)),
+        ..Metric::default()
+    });
+    encode(Some(0), metrics)
+}
+
 fn now_ms() -> u64 {
     u64::try_from(chrono::Utc::now().timestamp_millis()).expect("after 1970")
 }
@@ -297,16 +312,7 @@ async fn what_the_host_cannot_read_is_flagged_and_the_rest_is_stored() {
 
     // A birth of 10 000 metrics (bdSeq and 9 999 tags), the most one message may
     // hold: every one stored and known by its alias.
-    let mut metrics: Vec<Metric> = (0..9_999_u32)
-        .map(|n| tag(Some(format!("Tag/{n:05}")), u64::from(n), f64::from(n)))
-        .collect();
-    metrics.push(Metric {
-        name: Some("bdSeq".into()),
-        datatype: Some(DataType::Int64.number()),
-        value: Some(Value::LongValue(3)),
-        ..Metric::default()
-    });
-    send(&mut device, &topic("NBIRTH"), &encode(Some(0), metrics)).await;
+    send(&mut device, &topic("NBIRTH"), &largest_birth(3)).await;
     send(&mut device, &topic("NDATA"), &by_alias(1, 42_424, 1.0)).await;
     send(&mut device, &topic("NDATA"), &by_alias(2, 9_998, 0.5)).await;
     let last = doc! { "device": "cell/line-7", "measurement": "Tag/09998", "value": 0.5 };
@@ -375,16 +381,11 @@ fn peak_rss(service: &Service, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle
         let mut ticks = tokio::time::interval(std::time::Duration::from_millis(100));
         while !stop.load(Ordering::Acquire) {
             ticks.tick().await;
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            let kib: u64 = status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmRSS:"))
-                .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-                .unwrap_or(0);
+            let rss = tests::rss_bytes(pid).unwrap_or(0);
             if first == 0 {
-                first = kib * 1024;
+                first = rss;
             }
-            peak = peak.max(kib * 1024);
+            peak = peak.max(rss);
         }
         (first, peak)
     })
@@ -437,16 +438,7 @@ async fn one_account_flooding_metrics_costs_the_others_nothing_and_memory_stays_
         .await
         .expect("the node's account logs in");
     let topic = |kind: &str| format!("spBv1.0/line/{kind}/flood-1");
-    let mut metrics: Vec<Metric> = (0..9_999_u32)
-        .map(|n| tag(Some(format!("Tag/{n:05}")), u64::from(n), f64::from(n)))
-        .collect();
-    metrics.push(Metric {
-        name: Some("bdSeq".into()),
-        datatype: Some(DataType::Int64.number()),
-        value: Some(Value::LongValue(1)),
-        ..Metric::default()
-    });
-    send(&mut node, &topic("NBIRTH"), &encode(Some(0), metrics)).await;
+    send(&mut node, &topic("NBIRTH"), &largest_birth(1)).await;
     let mut ticks = tokio::time::interval(std::time::Duration::from_millis(200));
     for seq in 1..=150_u64 {
         ticks.tick().await;

@@ -381,6 +381,15 @@ async fn a_forged_gone_changes_nothing_and_the_bridge_cannot_ask() {
     );
 }
 
+/// `scripts/add-device NAME --preset PRESET` on the broker folder `conf_dir`.
+fn add_device(conf_dir: &Path, name: &str, preset: &str) -> std::process::Output {
+    Command::new(repo_root().join("scripts/add-device"))
+        .args([name, "--preset", preset, "--conf-dir"])
+        .arg(conf_dir)
+        .output()
+        .expect("add-device runs")
+}
+
 /// Every file under `dir`, with its contents.
 fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut files = Vec::new();
@@ -419,11 +428,7 @@ async fn add_device_refuses_a_name_that_would_break_or_widen_the_acl() {
         &"a".repeat(65),
     ] {
         // esphome: the preset whose account owns NAME/#.
-        let output = Command::new(repo_root().join("scripts/add-device"))
-            .args([name, "--preset", "esphome", "--conf-dir"])
-            .arg(&conf_dir)
-            .output()
-            .expect("add-device runs");
+        let output = add_device(&conf_dir, name, "esphome");
         assert_eq!(output.status.code(), Some(2), "{name:?}");
         assert!(
             !String::from_utf8_lossy(&output.stderr).is_empty(),
@@ -434,11 +439,7 @@ async fn add_device_refuses_a_name_that_would_break_or_widen_the_acl() {
     // device (/sensor/temperature/# matches /sensor/temperature), under every preset.
     for name in ["temperature", "pressure", "status", "Temperature"] {
         for preset in PRESETS {
-            let output = Command::new(repo_root().join("scripts/add-device"))
-                .args([name, "--preset", preset, "--conf-dir"])
-                .arg(&conf_dir)
-                .output()
-                .expect("add-device runs");
+            let output = add_device(&conf_dir, name, preset);
             assert_eq!(output.status.code(), Some(2), "{name} as {preset}");
             let said = String::from_utf8_lossy(&output.stderr);
             assert_eq!(said.lines().count(), 1, "{said}");
@@ -463,11 +464,7 @@ async fn add_device_refuses_a_name_that_would_break_or_widen_the_acl() {
         "tasmota:fulltopic=spBv1.0/%prefix%/%topic%/",
         "shelly:topic_prefix=tele/{device}",
     ] {
-        let output = Command::new(repo_root().join("scripts/add-device"))
-            .args(["node_1", "--preset", preset, "--conf-dir"])
-            .arg(&conf_dir)
-            .output()
-            .expect("add-device runs");
+        let output = add_device(&conf_dir, "node_1", preset);
         assert_eq!(output.status.code(), Some(2), "{preset:?}");
     }
     assert!(
@@ -638,11 +635,7 @@ async fn every_kind_of_device_account_reaches_its_own_topics_only() {
         ("hass-c", "homeassistant"),
         ("shelly-a", "esphome"),
     ] {
-        let output = Command::new(repo_root().join("scripts/add-device"))
-            .args([name, "--preset", preset, "--conf-dir"])
-            .arg(&conf_dir)
-            .output()
-            .expect("add-device runs");
+        let output = add_device(&conf_dir, name, preset);
         assert_eq!(output.status.code(), Some(2), "{name} as {preset}");
     }
     assert!(

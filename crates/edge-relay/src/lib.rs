@@ -189,8 +189,8 @@ async fn relay(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<
     finish(futures_join(tasks, &stop).await, &log, config)
 }
 
-/// As [`run`], into a NATS JetStream cluster: intake, forwarding and keeping; the
-/// fourth task (replay requests in) has nothing to do yet and waits for the stop.
+/// As [`run`], into a NATS JetStream cluster: intake, forwarding and keeping (no
+/// replay requests come in over NATS yet).
 async fn run_nats(
     config: &Config,
     nats: &iot_core::nats::NatsSettings,
@@ -231,7 +231,6 @@ async fn run_nats(
         config.refill_window,
     )
     .await?;
-    let idle = stop.clone();
     let tasks = [
         tokio::spawn(intake::run(
             edge,
@@ -242,10 +241,6 @@ async fn run_nats(
             stop.clone(),
         )),
         tokio::spawn(forwarder.run(stop.clone())),
-        tokio::spawn(async move {
-            idle.cancelled().await;
-            Ok(())
-        }),
         tokio::spawn(keeper.run(stop.clone())),
     ];
     finish(futures_join(tasks, &stop).await, &log, config)
@@ -328,11 +323,11 @@ fn open_log(config: &Config) -> anyhow::Result<log::Log> {
 
 /// Waits for every task; the first to end with an error stops the others.
 async fn futures_join(
-    tasks: [tokio::task::JoinHandle<anyhow::Result<()>>; 4],
+    tasks: impl IntoIterator<Item = tokio::task::JoinHandle<anyhow::Result<()>>>,
     stop: &CancellationToken,
 ) -> Vec<anyhow::Result<()>> {
-    let mut results = Vec::with_capacity(tasks.len());
     let mut pending: Vec<_> = tasks.into_iter().collect();
+    let mut results = Vec::with_capacity(pending.len());
     while !pending.is_empty() {
         let (result, _, rest) = futures_util::future::select_all(pending).await;
         pending = rest;
