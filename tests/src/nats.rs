@@ -17,6 +17,8 @@ pub struct NatsCluster {
     pub ports: [u16; 3],
     monitors: [u16; 3],
     nodes: [Option<Service>; 3],
+    /// The CA certificate that signed the nodes' own, when they speak TLS.
+    ca: Option<std::path::PathBuf>,
     dir: TempDir,
 }
 
@@ -52,10 +54,31 @@ impl NatsCluster {
     /// Writes the configuration with relay users for `sites`, starts the three nodes
     /// and waits until JetStream has a leader (every node's `/healthz` answers 200).
     pub async fn spawn(sites: &[&str]) -> NatsCluster {
+        Self::spawn_with(sites, false).await
+    }
+
+    /// The same with TLS only for clients, certificates from `mosquitto/certs.sh` for
+    /// 127.0.0.1; the relay and persister started by it verify them against its CA.
+    pub async fn spawn_tls(sites: &[&str]) -> NatsCluster {
+        Self::spawn_with(sites, true).await
+    }
+
+    async fn spawn_with(sites: &[&str], tls: bool) -> NatsCluster {
         let dir = tempfile::Builder::new()
             .prefix("iot-nats-")
             .tempdir()
             .expect("a temporary folder");
+        let certs = dir.path().join("certs");
+        if tls {
+            let status = std::process::Command::new("sh")
+                .arg(repo_root().join("mosquitto/certs.sh"))
+                .arg(&certs)
+                .args(["localhost", "127.0.0.1"])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .expect("cannot run mosquitto/certs.sh");
+            assert!(status.success(), "mosquitto/certs.sh failed");
+        }
         let ports = [free_port(), free_port(), free_port()];
         let routes = [free_port(), free_port(), free_port()];
         let monitors = [free_port(), free_port(), free_port()];
@@ -78,6 +101,7 @@ impl NatsCluster {
             .env("NATS_PORTS", list(&ports))
             .env("NATS_ROUTE_PORTS", list(&routes))
             .env("NATS_MONITOR_PORTS", list(&monitors))
+            .envs(tls.then_some(("NATS_CERTS_DIR", &certs)))
             .status()
             .expect("cannot run scripts/nats-cluster");
         assert!(status.success(), "scripts/nats-cluster config failed");
@@ -85,6 +109,7 @@ impl NatsCluster {
             ports,
             monitors,
             nodes: [None, None, None],
+            ca: tls.then(|| certs.join("ca.crt")),
             dir,
         };
         for node in 0..3 {
@@ -136,6 +161,20 @@ impl NatsCluster {
             .unwrap_or_default()
     }
 
+    /// The CA certificate of the nodes, when they speak TLS (`CLOUD_TLS_CA`).
+    pub fn ca(&self) -> Option<&Path> {
+        self.ca.as_deref()
+    }
+
+    /// The environment of a service on the cluster: its address, and its CA with TLS.
+    fn cloud_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![("CLOUD_BROKER", self.address())];
+        if let Some(ca) = &self.ca {
+            env.push(("CLOUD_TLS_CA", ca.display().to_string()));
+        }
+        env
+    }
+
     /// A JetStream connection as the persister's user (it may read the stream).
     pub async fn admin(&self) -> jetstream::Context {
         let client = iot_core::nats::NatsSettings::parse(
@@ -144,6 +183,7 @@ impl NatsCluster {
             Some(password("mongo-persister")),
         )
         .expect("the cluster's address")
+        .with_tls_ca(self.ca.clone())
         .connect("test")
         .await
         .expect("a NATS client");
@@ -169,11 +209,11 @@ impl NatsCluster {
         mongo: &crate::MongoServer,
         args: &[&str],
     ) -> Service {
-        let env = [
-            ("CLOUD_BROKER", self.address()),
+        let mut env = self.cloud_env();
+        env.extend([
             ("MONGODB_URI", mongo.uri().to_string()),
             ("MONGODB_DATABASE", mongo.database_name().to_string()),
-        ];
+        ]);
         let mut command = service_command(
             "mongo-persister",
             brokers.dir(),
@@ -196,13 +236,13 @@ impl NatsCluster {
         args: &[&str],
     ) -> Service {
         let user = format!("edge-relay-{site}");
-        let env = [
-            ("CLOUD_BROKER", self.address()),
+        let mut env = self.cloud_env();
+        env.extend([
             ("CLOUD_USERNAME", user.clone()),
             ("CLOUD_PASSWORD", password(&user)),
             ("RELAY_LOG_DIR", log_dir.display().to_string()),
             ("EDGE_SITE", site.to_string()),
-        ];
+        ]);
         let command = service_command(
             "edge-relay",
             brokers.dir(),

@@ -363,3 +363,70 @@ async fn a_full_stream_holds_the_relay_back_and_loses_nothing() {
     relay.stop_cleanly().await;
     persister.stop_cleanly().await;
 }
+
+/// The cluster with TLS for clients (`NATS_CERTS_DIR`, certificates from
+/// `mosquitto/certs.sh`): the relay and the persister, given the CA (`CLOUD_TLS_CA`),
+/// carry readings through it; a client without that CA is refused at the handshake
+/// (the nodes' certificates are not trusted by default), as is a relay given a CA file
+/// that is not there (one line, exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_speaks_tls_to_its_clients_and_readings_cross_it() {
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let cluster = NatsCluster::spawn_tls(&["plant-1"]).await;
+    let first = format!("nats://127.0.0.1:{}", cluster.ports[0]);
+    let untrusted = async_nats::ConnectOptions::new()
+        .user_and_password("mongo-persister".into(), tests::password("mongo-persister"))
+        .connect(first.as_str())
+        .await;
+    assert!(
+        untrusted.is_err(),
+        "a client that does not trust the cluster's CA got in"
+    );
+
+    let mut persister = cluster.start_persister(&brokers, &mongo, &["--no-repair"]);
+    persister.wait_for_log("the NATS stream is set up").await;
+    let log_dir = brokers.dir().join("relay-log");
+    let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
+    relay.wait_for_log("subscribed on the edge broker").await;
+    assert!(
+        relay.stderr().contains("(TLS)"),
+        "the relay does not say it speaks TLS:\n{}",
+        relay.stderr()
+    );
+    let db = mongo.database().await;
+    let mut sensor = brokers.start_edge(
+        "temperature-sensor",
+        &tests::stored::sensor_args("nats-tls", "200")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    sensor.expect_success().await;
+    wait_for(
+        "200 readings stored through TLS",
+        || tests::stored::count(&db, doc! { "device": "nats-tls" }),
+        |n| *n >= 200,
+    )
+    .await;
+    assert_exactly_once(&stored_seqs(&db, "nats-tls").await, 200);
+    relay.stop_cleanly().await;
+    persister.stop_cleanly().await;
+
+    let missing = brokers.dir().join("no-such-ca.crt");
+    let mut command = tests::service_command(
+        "edge-relay",
+        brokers.dir(),
+        brokers.local.port,
+        Some("edge-relay"),
+        &[],
+        &[
+            ("CLOUD_BROKER", cluster.address()),
+            ("CLOUD_TLS_CA", missing.display().to_string()),
+            ("RELAY_LOG_DIR", log_dir.display().to_string()),
+        ],
+    );
+    let output = command.output().await.expect("edge-relay ran");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("CLOUD_TLS_CA"), "{stderr}");
+}

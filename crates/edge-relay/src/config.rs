@@ -217,6 +217,14 @@ mod tests {
         let config = parse(&["--cloud-broker", "nats://a:4222,nats://b:4223"]).expect("valid");
         let nats = config.cloud_nats().expect("valid").expect("nats");
         assert_eq!(nats.servers, ["nats://a:4222", "nats://b:4223"]);
+        assert_eq!(nats.tls_ca, None);
+        // A CA file turns TLS on for every node.
+        let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let config =
+            parse(&["--cloud-broker", "nats://a:4222", "--cloud-tls-ca", ca]).expect("valid");
+        let nats = config.cloud_nats().expect("valid").expect("nats");
+        assert_eq!(nats.tls_ca, Some(ca.into()));
+        assert!(nats.address().ends_with("(TLS)"), "{}", nats.address());
         let config = parse(&[]).expect("valid");
         assert!(config.cloud_nats().expect("valid").is_none());
     }

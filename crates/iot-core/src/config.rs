@@ -260,7 +260,7 @@ broker_args!(
     "CLOUD",
     "Cloud broker",
     "",
-    "Host name or address of the broker; or the NATS JetStream cluster instead, as nats://HOST:PORT of its nodes separated by commas (no --port, no TLS yet)"
+    "Host name or address of the broker; or the NATS JetStream cluster instead, as nats://HOST:PORT of its nodes separated by commas (no --port; TLS with --tls-ca)"
 );
 
 broker_args!(
@@ -278,7 +278,7 @@ broker_args!(
     "CLOUD",
     "Cloud broker",
     "cloud-",
-    "Host name or address of the broker; or the NATS JetStream cluster instead, as nats://HOST:PORT of its nodes separated by commas (no --cloud-port, no TLS yet)"
+    "Host name or address of the broker; or the NATS JetStream cluster instead, as nats://HOST:PORT of its nodes separated by commas (no --cloud-port; TLS with --cloud-tls-ca)"
 );
 
 /// Largest MQTT packet our clients send or accept: above the brokers' `max_packet_size`
@@ -316,7 +316,7 @@ impl std::fmt::Debug for BrokerSettings {
 impl BrokerSettings {
     /// The NATS cluster when the host is `nats://…` addresses, `None` for an MQTT
     /// broker; a one-line error naming the setting when the addresses are malformed or
-    /// come with a port or a CA file (TLS to NATS is not there yet).
+    /// come with a port. With a CA file, TLS to every node.
     pub fn nats(&self, port_given: bool) -> Result<Option<crate::nats::NatsSettings>, String> {
         if !crate::nats::is_nats(&self.host) {
             return Ok(None);
@@ -327,13 +327,8 @@ impl BrokerSettings {
                 "{prefix}_PORT with a nats:// address in {prefix}_BROKER: give each node's port in the address"
             ));
         }
-        if self.tls_ca.is_some() {
-            return Err(format!(
-                "{prefix}_TLS_CA with a nats:// address in {prefix}_BROKER: TLS to NATS is not supported yet"
-            ));
-        }
         crate::nats::NatsSettings::parse(&self.host, self.username.clone(), self.password.clone())
-            .map(Some)
+            .map(|settings| Some(settings.with_tls_ca(self.tls_ca.clone())))
             .map_err(|why| format!("{prefix}_BROKER: {why}"))
     }
 

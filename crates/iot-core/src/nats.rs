@@ -96,6 +96,9 @@ pub struct NatsSettings {
     pub servers: Vec<String>,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// The CA certificate (PEM) that signed the nodes' certificates: with it the client
+    /// speaks TLS only, and verifies each node's name against its certificate.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for NatsSettings {
@@ -104,6 +107,7 @@ impl std::fmt::Debug for NatsSettings {
             .field("servers", &self.servers)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("tls_ca", &self.tls_ca)
             .finish()
     }
 }
@@ -135,12 +139,21 @@ impl NatsSettings {
             servers,
             username,
             password,
+            tls_ca: None,
         })
     }
 
-    /// The servers as given, for log lines (never the password).
+    /// With TLS to every node, verified against the CA certificate in `ca` (PEM).
+    #[must_use]
+    pub fn with_tls_ca(mut self, ca: Option<std::path::PathBuf>) -> Self {
+        self.tls_ca = ca;
+        self
+    }
+
+    /// The servers as given, for log lines (never the password), with `(TLS)` when on.
     pub fn address(&self) -> String {
-        self.servers.join(",")
+        let tls = if self.tls_ca.is_some() { " (TLS)" } else { "" };
+        format!("{}{tls}", self.servers.join(","))
     }
 
     /// Connects as `name` (shown by the server's monitoring). Returns at once: the
@@ -168,6 +181,13 @@ impl NatsSettings {
             options = options
                 .user_and_password(user.clone(), self.password.clone().unwrap_or_default())
                 .custom_inbox_prefix(inbox_prefix(user));
+        }
+        if let Some(ca) = &self.tls_ca {
+            // Read here, so that a missing or unreadable file is one clear error at
+            // start rather than a reconnect loop.
+            std::fs::metadata(ca)
+                .with_context(|| format!("cannot read the NATS CA certificate {}", ca.display()))?;
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
         options
             .connect(self.servers.as_slice())
