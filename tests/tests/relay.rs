@@ -1566,14 +1566,16 @@ async fn a_full_file_system_holds_the_edge_back_and_the_relay_goes_on() {
 /// message then: the relay writes it, the file system refuses, the store refuses every
 /// write after that, and the relay opens it again (the message, not acknowledged, comes
 /// again). Tried until the relay's write came before its next measurement (once a
-/// second); returns the messages sent.
+/// second): on a loaded machine the write may come later than that many times in a
+/// row (10 tries were not enough once in five runs beside other heavy tests), so up to
+/// [`REFUSED_WRITE_TRIES`]. Returns the messages sent.
 async fn a_write_the_file_system_refuses(
     small: &SmallFileSystem,
     relay: &(Service, u16),
     edge: u16,
 ) -> usize {
     let mut device = TestClient::connect(edge, "temperature-sensor").await;
-    for attempt in 0..10 {
+    for attempt in 0..REFUSED_WRITE_TRIES {
         tests::wait_for(
             "room measured",
             || metric(relay.1, "iot_relay_room_bytes"),
@@ -1608,6 +1610,9 @@ async fn a_write_the_file_system_refuses(
     }
     panic!("the relay measured the full file system before each write");
 }
+
+/// Tries of [`a_write_the_file_system_refuses`], about 2 s each.
+const REFUSED_WRITE_TRIES: usize = 40;
 
 /// Messages of [`a_full_file_system_holds_the_edge_back_and_the_relay_goes_on`]: 312 MiB
 /// for a 200 MiB file system.
