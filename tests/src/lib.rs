@@ -1103,6 +1103,37 @@ pub async fn wait_for<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
     wait_for_within(WAIT, what, ask, check).await
 }
 
+/// Waits until `check` passes on the number `ask` returns, for as long as that number
+/// moves: panics with `what` once it stood still for `stall` (or after `cap` in all).
+/// For a count that a loaded machine makes slow but that must not stop short: what the
+/// test asserts is that it gets there, not how fast.
+pub async fn wait_while_it_moves<F: std::future::Future<Output = u64>>(
+    what: &str,
+    (stall, cap): (Duration, Duration),
+    mut ask: impl FnMut() -> F,
+    check: impl Fn(u64) -> bool,
+) -> u64 {
+    let started = tokio::time::Instant::now();
+    let (mut last, mut moved) = (ask().await, started);
+    loop {
+        if check(last) {
+            return last;
+        }
+        let now = tokio::time::Instant::now();
+        assert!(
+            now.duration_since(moved) < stall && now.duration_since(started) < cap,
+            "{what}: stood at {last} for {:?} ({:?} in all)",
+            now.duration_since(moved),
+            now.duration_since(started)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let answer = ask().await;
+        if answer != last {
+            (last, moved) = (answer, tokio::time::Instant::now());
+        }
+    }
+}
+
 /// [`wait_for`] with a deadline of `within`.
 pub async fn wait_for_within<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
     within: Duration,

@@ -164,12 +164,13 @@ async fn a_relay_killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
         (relay, port) = relay_with_metrics(&brokers, &log_dir, &[]).await;
     }
     sensor.expect_success().await;
-    // Beside this file's other tests the persister stored 36 030 of them in 90 s.
-    tests::wait_for_within(
-        2 * CATCH_UP,
+    // Beside this file's other tests the persister stored 36 030 of them in 90 s; on a
+    // machine loaded further, 36 246 in 180 s: waited for as long as the count moves.
+    tests::wait_while_it_moves(
         "every reading stored",
+        (CATCH_UP, 6 * CATCH_UP),
         || tests::stored::count(&db, doc! { "device": "crash-1" }),
-        |n| *n >= 40_000,
+        |n| n >= 40_000,
     )
     .await;
     assert_exactly_once(&stored_seqs(&db, "crash-1").await, 40_000);
@@ -195,6 +196,9 @@ async fn a_relay_killed_again_and_again_forwards_nothing_twice() {
     let mut persister = brokers.persister_ready(&mongo, &["--no-repair"]).await;
     let db = mongo.database().await;
 
+    // Which hop sends a plain value twice, should one be stored twice: what the cloud
+    // broker delivers to a subscriber of its own, beside the persister.
+    let (stop_watching, watched) = watch_cloud(brokers.cloud.port, UNKEYED_TOPIC).await;
     let plain = publish_unkeyed_every(brokers.local.port, COUNT, EVERY);
     let mut sensor = start_sensor_every(
         &brokers,
@@ -252,17 +256,75 @@ async fn a_relay_killed_again_and_again_forwards_nothing_twice() {
         "{KILLS} kills: {COUNT} plain values, {distinct} stored, {} stored twice",
         stored_at_end - distinct
     );
+    let _ = stop_watching.send(());
+    let delivered = watched.await.expect("the cloud watcher");
+    let twice_by_cloud = delivered.values().filter(|n| **n > 1).count();
+    eprintln!(
+        "the cloud broker delivered {} plain values to a subscriber of its own, {twice_by_cloud} of them more than once",
+        delivered.len()
+    );
+    relay.stop_cleanly().await;
+    persister.stop_cleanly().await;
     if stored_at_end > distinct {
         say_who_sent_again(&persister, &brokers, &relay);
+        let in_log = payloads_logged_twice(&log_dir, UNKEYED_TOPIC);
+        eprintln!("plain values the relay's log holds more than once: {in_log}");
     }
     assert_eq!(
         (distinct, stored, stored_at_end),
         (COUNT as usize, COUNT as usize, COUNT as usize),
         "plain values stored more than once"
     );
+    assert_eq!(
+        twice_by_cloud, 0,
+        "the cloud broker delivered plain values twice"
+    );
     assert_exactly_once(&stored_seqs(&db, "again-1").await, i64::from(COUNT));
-    relay.stop_cleanly().await;
-    persister.stop_cleanly().await;
+}
+
+/// A subscriber of the cloud broker's own on `topic` (QoS 1, clean session) counting
+/// each payload it is delivered, until told to stop (or 20 s pass without one).
+async fn watch_cloud(
+    port: u16,
+    topic: &str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::collections::HashMap<String, usize>>,
+) {
+    let mut client = TestClient::connect(port, "mqtt-subscriber").await;
+    client.subscribe(topic).await;
+    let (stop, mut stopped) = tokio::sync::oneshot::channel();
+    let watched = tokio::spawn(async move {
+        let mut delivered = std::collections::HashMap::new();
+        loop {
+            tokio::select! {
+                _ = &mut stopped => break,
+                message = client.next_message() => {
+                    let payload = String::from_utf8_lossy(&message.payload).into_owned();
+                    *delivered.entry(payload).or_insert(0) += 1;
+                }
+            }
+        }
+        delivered
+    });
+    (stop, watched)
+}
+
+/// How many payloads of `topic` the relay's log in `dir` (the relay stopped) holds more
+/// than once.
+fn payloads_logged_twice(dir: &Path, topic: &str) -> usize {
+    let (log, _) = edge_relay::log::Log::open(dir).expect("the relay's log opens");
+    let mut seen = std::collections::HashMap::<Vec<u8>, usize>::new();
+    let mut from = log.first();
+    loop {
+        let read = log.read_from(from, 1024, 16 << 20).expect("the log reads");
+        let Some(&(last, _)) = read.last() else { break };
+        for (_, entry) in read.into_iter().filter(|(_, entry)| entry.topic == topic) {
+            *seen.entry(entry.payload.to_vec()).or_insert(0) += 1;
+        }
+        from = last + 1;
+    }
+    seen.values().filter(|n| **n > 1).count()
 }
 
 /// What the relay's exactly-once forwarding relies on, asked of the project's cloud
