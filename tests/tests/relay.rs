@@ -469,9 +469,21 @@ fn say_who_sent_again(persister: &Service, brokers: &Brokers, relay: &Service) {
     let said = |log: &str| {
         log.lines()
             .filter(|line| {
-                line.contains("WARN") || line.contains("ERROR") || line.contains("Reused")
+                // Mosquitto says a connection's end without a level: a persister dropped
+                // for its keep-alive is sent its unacknowledged messages again.
+                [
+                    "WARN",
+                    "ERROR",
+                    "Reused",
+                    "disconnect",
+                    "timeout",
+                    "Socket error",
+                    "connected",
+                ]
+                .iter()
+                .any(|word| line.contains(word))
             })
-            .take(40)
+            .take(60)
             .collect::<Vec<_>>()
             .join("\n")
     };
