@@ -207,6 +207,7 @@ async fn a_relay_killed_again_and_again_forwards_nothing_twice() {
         &COUNT.to_string(),
         "0.002",
     );
+    let mut runs_said = Vec::new();
     for kill in 0..KILLS {
         // Each kill with this relay forwarding (a few hundred acknowledged by the cloud,
         // more at each kill so that they fall at different points of the window), and
@@ -224,6 +225,16 @@ async fn a_relay_killed_again_and_again_forwards_nothing_twice() {
             kill + 1
         );
         relay.kill().await;
+        // What each run said of the edge broker's copies, for a failure's message.
+        runs_said.push(
+            relay
+                .stderr()
+                .lines()
+                .filter(|line| line.contains("copies") || line.contains("link=\"edge\""))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
         (relay, port) = relay_with_metrics(&brokers, &log_dir, &[]).await;
     }
     plain.await.expect("the plain values published");
@@ -269,6 +280,9 @@ async fn a_relay_killed_again_and_again_forwards_nothing_twice() {
         say_who_sent_again(&persister, &brokers, &relay);
         let in_log = payloads_logged_twice(&log_dir, UNKEYED_TOPIC);
         eprintln!("plain values the relay's log holds more than once: {in_log}");
+        for (run, said) in runs_said.iter().enumerate() {
+            eprintln!("relay run {}:\n{said}", run + 1);
+        }
     }
     assert_eq!(
         (distinct, stored, stored_at_end),
@@ -311,20 +325,30 @@ async fn watch_cloud(
 }
 
 /// How many payloads of `topic` the relay's log in `dir` (the relay stopped) holds more
-/// than once.
+/// than once; prints the first few: each copy's number in the log and the edge
+/// broker's packet id.
 fn payloads_logged_twice(dir: &Path, topic: &str) -> usize {
     let (log, _) = edge_relay::log::Log::open(dir).expect("the relay's log opens");
-    let mut seen = std::collections::HashMap::<Vec<u8>, usize>::new();
+    let mut seen = std::collections::BTreeMap::<Vec<u8>, Vec<(u64, u16)>>::new();
     let mut from = log.first();
     loop {
         let read = log.read_from(from, 1024, 16 << 20).expect("the log reads");
         let Some(&(last, _)) = read.last() else { break };
-        for (_, entry) in read.into_iter().filter(|(_, entry)| entry.topic == topic) {
-            *seen.entry(entry.payload.to_vec()).or_insert(0) += 1;
+        for (number, entry) in read.into_iter().filter(|(_, entry)| entry.topic == topic) {
+            seen.entry(entry.payload.to_vec())
+                .or_default()
+                .push((number, entry.edge_pkid));
         }
         from = last + 1;
     }
-    seen.values().filter(|n| **n > 1).count()
+    let twice: Vec<_> = seen.iter().filter(|(_, copies)| copies.len() > 1).collect();
+    for (payload, copies) in twice.iter().take(10) {
+        eprintln!(
+            "logged twice: {} as (number, edge packet id) {copies:?}",
+            String::from_utf8_lossy(payload)
+        );
+    }
+    twice.len()
 }
 
 /// What the relay's exactly-once forwarding relies on, asked of the project's cloud
