@@ -167,9 +167,19 @@ else
 fi
 if [ -d "$certs" ]; then certs=$(cd "$certs" && pwd); fi
 
+# What the edge broker holds for a client in memory (local.conf.template): bounded for
+# edge-relay, whose disk is the store; unbounded for the bridge, whose queue is.
+if [ "$forwarder" = relay ]; then
+  max_inflight_bytes=67108864 max_queued_bytes=201326592
+else
+  max_inflight_bytes=0 max_queued_bytes=0
+fi
+
 old_umask=$(umask)
 umask 077
 sed -e "s|@LISTENER@|$(sed_escape "$listener")|" \
+    -e "s|@MAX_QUEUED_BYTES@|$max_queued_bytes|g" \
+    -e "s|@MAX_INFLIGHT_BYTES@|$max_inflight_bytes|g" \
     -e "s|@TLS_LISTENER@|$(sed_escape "$tls_listener")|" \
     -e "s|@CERTS_DIR@|$(sed_escape "$certs")|g" \
     -e "s|@CONF_DIR@|$(sed_escape "$out")|g" \
