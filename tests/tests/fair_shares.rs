@@ -287,19 +287,20 @@ async fn one_accounts_flood_with_the_cloud_down_takes_its_share_and_no_more() {
 }
 
 /// Each device account's largest message, as `add-device --max-message` set it (64K)
-/// or by default (256K): a message of exactly that size is forwarded, one byte more is
+/// or by default (256K), the accounts added while the relay runs: a message of exactly that size is forwarded, one byte more is
 /// acknowledged to the edge broker, not forwarded, and counted, and what the account
 /// sends after it and an honest sensor beside it go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_accounts_message_past_its_limit_is_refused_and_the_rest_goes_on() {
     let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
     let db = mongo.database().await;
+    // The relay first: it reads the accounts added while it runs.
+    let log_dir = brokers.dir().join("relay-log");
+    let (_relay, metrics_port) = relay_with_metrics(&brokers, &log_dir, &[]).await;
     let cam_1 = brokers
         .local
         .add_device_with("cam-1", "tasmota", &["--max-message", "64K"]);
     let plain = brokers.local.add_device("cam-2", "tasmota");
-    let log_dir = brokers.dir().join("relay-log");
-    let (_relay, metrics_port) = relay_with_metrics(&brokers, &log_dir, &[]).await;
     let _persister = brokers.persister_ready(&mongo, &[]).await;
     let mut watcher = TestClient::connect(brokers.cloud.port, "mqtt-subscriber").await;
     watcher.subscribe("tele/#").await;

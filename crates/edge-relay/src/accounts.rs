@@ -20,7 +20,9 @@
 //! and reason. What one account can still cost the others is its share, forwarded ahead
 //! of what they send after it (the log is forwarded in order).
 //!
-//! The file is read again when it changes (checked at most once a second). A file that
+//! The file is read again when it changes (looked at once a second, and before a topic
+//! is taken for a service's, so that a device account just added is known from its
+//! first message). A file that
 //! cannot be read or parsed fails closed: every topic is then one unknown account's,
 //! with a device account's share and size limit, until it can be read again.
 
@@ -265,6 +267,12 @@ impl Accounts {
         let now = Instant::now();
         let mut state = self.lock();
         self.refresh(&mut state, now);
+        if self.source.is_some() && self.account_of(&state, topic).is_none() {
+            // Perhaps a device account added since the last look: its first message
+            // comes once the broker has read the new file, so the file says so now.
+            state.checked = None;
+            self.refresh(&mut state, now);
+        }
         let Some((account, limit)) = self.account_of(&state, topic) else {
             return Ok(());
         };
