@@ -12,7 +12,8 @@
 //! between two measurements). While there is no room (the budget, or the file system
 //! less what the store needs for its own writes, is full of messages not forwarded yet),
 //! nothing is written and nothing acknowledged; the broker holds what comes (in the
-//! relay's session) and the devices their own buffers. Nothing is dropped. A batch the
+//! relay's session) and the devices their own buffers. Nothing is dropped (but what a
+//! device account sends past its share or size limit, below). A batch the
 //! disk refuses all the same is not acknowledged either: the relay opens its log again
 //! (`crate::run`) and the broker sends the batch again.
 //!

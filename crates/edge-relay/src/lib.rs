@@ -5,7 +5,10 @@
 //! on, unchanged, to the cloud broker at QoS 2, so that a relay killed at any moment
 //! forwards nothing twice ([`forward`], over [`cloud`]). A cloud outage is a
 //! backlog on disk, bounded by `--max-disk`, not a queue in the broker's memory; a full
-//! disk stops the acknowledgements (back-pressure), it never drops a message. Forwarded
+//! disk stops the acknowledgements (back-pressure), it never drops a message. A device
+//! account past its share of the log or its size limit is the exception, by design: its
+//! messages are refused (acknowledged, not written, counted), so that one account's
+//! flood costs the others seconds ([`accounts`]). Forwarded
 //! messages are kept for `--retention`, so replay requests are answered from the log
 //! even for devices that have since stopped ([`inbound`]), and a cloud broker that comes
 //! back without the relay's session is sent again what it may have lost.
