@@ -200,7 +200,14 @@ impl Broker {
     /// Gives a device an account on this broker with `scripts/add-device` (the broker
     /// keeps running); returns the password it printed.
     pub fn add_device(&self, name: &str, preset: &str) -> String {
-        let output = self.device_script("add-device", &[name, "--preset", preset]);
+        self.add_device_with(name, preset, &[])
+    }
+
+    /// As [`Broker::add_device`], with more of `add-device`'s options (`--max-message`).
+    pub fn add_device_with(&self, name: &str, preset: &str, options: &[&str]) -> String {
+        let mut args = vec![name, "--preset", preset];
+        args.extend_from_slice(options);
+        let output = self.device_script("add-device", &args);
         let stdout = String::from_utf8_lossy(&output.stdout);
         stdout
             .lines()
@@ -409,6 +416,11 @@ impl Brokers {
             ("CLOUD_USERNAME", cloud_user.to_string()),
             ("CLOUD_PASSWORD", password(cloud_user)),
             ("RELAY_LOG_DIR", log_dir.display().to_string()),
+            // The edge broker's accounts, as the native stack and compose give them.
+            (
+                "RELAY_ACCOUNTS",
+                edge.conf_dir().join("acl").display().to_string(),
+            ),
         ];
         spawn_service_with_env("edge-relay", self.dir(), edge.port, Some(user), args, &env)
     }

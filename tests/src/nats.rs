@@ -242,6 +242,11 @@ impl NatsCluster {
             ("CLOUD_PASSWORD", password(&user)),
             ("RELAY_LOG_DIR", log_dir.display().to_string()),
             ("EDGE_SITE", site.to_string()),
+            // The edge broker's accounts, as the native stack and compose give them.
+            (
+                "RELAY_ACCOUNTS",
+                brokers.local.conf_dir().join("acl").display().to_string(),
+            ),
         ]);
         let command = service_command(
             "edge-relay",

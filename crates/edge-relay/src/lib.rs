@@ -5,7 +5,10 @@
 //! on, unchanged, to the cloud broker at QoS 2, so that a relay killed at any moment
 //! forwards nothing twice ([`forward`], over [`cloud`]). A cloud outage is a
 //! backlog on disk, bounded by `--max-disk`, not a queue in the broker's memory; a full
-//! disk stops the acknowledgements (back-pressure), it never drops a message. Forwarded
+//! disk stops the acknowledgements (back-pressure), it never drops a message. A device
+//! account past its share of the log or its size limit is the exception, by design: its
+//! messages are refused (acknowledged, not written, counted), so that one account's
+//! flood costs the others seconds ([`accounts`]). Forwarded
 //! messages are kept for `--retention`, so replay requests are answered from the log
 //! even for devices that have since stopped ([`inbound`]), and a cloud broker that comes
 //! back without the relay's session is sent again what it may have lost.
@@ -22,6 +25,7 @@
 //! instead ([`forward_nats`]): the log is published into its stream, and nothing comes
 //! back from the cloud yet (no replay requests, no Sparkplug commands).
 
+pub mod accounts;
 pub mod cloud;
 pub mod config;
 pub mod forward;
@@ -85,6 +89,7 @@ pub const METRICS: &[Metric] = &[
     Metric::counter("iot_relay_unforwardable_total", "messages the cloud broker cannot take (too long for MQTT), passed over"),
     Metric::counter("iot_relay_unreadable_total", "messages of the log that could not be read back, skipped"),
     Metric::counter("iot_relay_set_aside_total", "messages not forwarded yet that damage to the log's files cost, counted at start (moved aside with the damaged part)"),
+    Metric::counter("iot_relay_refused_total", "messages of a device account acknowledged to the edge broker and not forwarded: reason too_large (past its --max-message) or over_share (its --account-share of the log not forwarded yet)"),
     Metric::counter("iot_relay_qos0_dropped_total", "QoS 0 messages dropped because 100 000 waited for the disk"),
 ];
 
@@ -153,6 +158,7 @@ async fn relay(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<
     );
     log_start(config, &edge_broker, &cloud_broker);
 
+    let accounts = Arc::new(accounts_of(config));
     let wake = Arc::new(Notify::new());
     // Few: each may be a message of 2 MiB, and an answer waits here for the forwarder.
     let (replays_tx, replays) = mpsc::channel(inbound::REPLAY_QUEUE);
@@ -172,10 +178,12 @@ async fn relay(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<
             config.topics.clone(),
             Arc::clone(&wake),
             room,
+            Arc::clone(&accounts),
             stop.clone(),
         )),
         tokio::spawn(
-            forward::Forwarder::new(cloud, log.clone(), wake, replays, refill).run(stop.clone()),
+            forward::Forwarder::new(cloud, log.clone(), accounts, wake, replays, refill)
+                .run(stop.clone()),
         ),
         tokio::spawn(inbound::run(
             inbound,
@@ -216,6 +224,7 @@ async fn run_nats(
         "edge-relay starting, into the NATS stream (replay requests are not carried over NATS yet)"
     );
     let wake = Arc::new(Notify::new());
+    let accounts = Arc::new(accounts_of(config));
     let (keeper, room) = keep::Keeper::new(
         log.clone(),
         config.log_dir.clone(),
@@ -227,6 +236,7 @@ async fn run_nats(
         nats,
         &config.site,
         log.clone(),
+        Arc::clone(&accounts),
         Arc::clone(&wake),
         config.refill_window,
     )
@@ -238,12 +248,24 @@ async fn run_nats(
             config.topics.clone(),
             wake,
             room,
+            accounts,
             stop.clone(),
         )),
         tokio::spawn(forwarder.run(stop.clone())),
         tokio::spawn(keeper.run(stop.clone())),
     ];
     finish(futures_join(tasks, &stop).await, &log, config)
+}
+
+/// The device accounts of `--accounts`, each with a share of the log and a size limit.
+/// A new run of the relay counts the shares from 0: what an account has in the log from
+/// before is not counted against it.
+fn accounts_of(config: &Config) -> accounts::Accounts {
+    accounts::Accounts::new(
+        config.accounts.clone(),
+        config.max_message,
+        config.account_share,
+    )
 }
 
 /// The first error of the tasks, after the log is synced.
