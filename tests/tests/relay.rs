@@ -1674,12 +1674,21 @@ async fn a_write_the_file_system_refuses(
 ) -> usize {
     let mut device = TestClient::connect(edge, "temperature-sensor").await;
     for attempt in 0..REFUSED_WRITE_TRIES {
-        tests::wait_for(
-            "room measured",
-            || metric(relay.1, "iot_relay_room_bytes"),
-            |room| room.is_some_and(|room| room > (1 << 20) as f64),
-        )
-        .await;
+        // A store that failed is opened again after a backoff of up to 30 s.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let room = metric(relay.1, "iot_relay_room_bytes").await;
+            if room.is_some_and(|room| room > (1 << 20) as f64) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "attempt {attempt}: no room measured within 60 s ({room:?}, {} bytes free); the relay logged:\n{}",
+                small.available(),
+                relay.0.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let filler = small.fill();
         let payload = incompressible(FULL_FS_COUNT + attempt + 1, 64 * 1024)
             .last()
