@@ -23,10 +23,12 @@ pub struct Journal {
     pub damaged: Vec<Item>,
     /// Batches that failed their checksum.
     pub damaged_batches: u64,
-    /// Bytes before an intact batch that could not be parsed (a damaged length or tag).
+    /// Bytes of whole batches (their end written) that could not be parsed (a damaged
+    /// length or tag).
     pub unparsed: u64,
-    /// Bytes at the end that do not make a whole batch: a write cut short by a crash,
-    /// which fjall's recovery cuts off (no damage).
+    /// Bytes at the end with no batch's end after them: a write cut short by a crash,
+    /// which fjall's recovery cuts off (no damage: the relay acknowledges a batch only
+    /// once it is on disk whole).
     pub torn: u64,
 }
 
@@ -93,12 +95,25 @@ pub fn read_journal(path: &Path, keep_items: bool) -> anyhow::Result<Journal> {
             }
             None => {
                 // To the end of the next batch: its start is the next thing written.
-                let next = bytes[at + 1..]
+                let end = bytes[at + 1..]
                     .windows(MAGIC.len())
                     .position(|window| window == MAGIC)
-                    .map_or(bytes.len(), |found| at + 1 + found + MAGIC.len());
-                pending += (next - at) as u64;
-                at = next;
+                    .map(|found| at + 1 + found + MAGIC.len());
+                match end {
+                    // A batch's end written after it: a whole write that cannot be
+                    // parsed is damage, even the last one (fjall would cut it off as
+                    // torn, and with it messages acknowledged long before).
+                    Some(next) => {
+                        journal.unparsed += pending + (next - at) as u64;
+                        pending = 0;
+                        at = next;
+                    }
+                    // No end after it: a write a crash cut short, never acknowledged.
+                    None => {
+                        pending += (bytes.len() - at) as u64;
+                        at = bytes.len();
+                    }
+                }
             }
         }
     }

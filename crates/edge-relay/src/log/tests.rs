@@ -272,6 +272,51 @@ fn a_torn_last_write_is_cut_off_and_the_rest_kept() {
     );
 }
 
+/// The last write of the journal whole (its end written) but damaged where a length or
+/// tag is: damage, said and set aside, not a write a crash tore (which fjall cuts off
+/// without a word, and with it messages acknowledged long before).
+#[test]
+fn a_damaged_last_write_is_not_taken_for_a_torn_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let (log, _) = Log::open(dir.path()).expect("open");
+        for seq in 1..=20 {
+            log.append(&[reading("t-1", seq)]).expect("append");
+        }
+    }
+    let journal = walk(&dir.path().join("store"))
+        .into_iter()
+        .filter(|path| path.extension().is_some_and(|ext| ext == "jnl"))
+        .max_by_key(|path| std::fs::metadata(path).map(|m| m.len()).unwrap_or(0))
+        .expect("a journal file");
+    let mut bytes = std::fs::read(&journal).expect("journal");
+    // The last write begins after the end of the one before it: its first item's tag
+    // after the batch's start (1 byte), count (4) and sequence number (8).
+    let magic = b"FJL\x03";
+    let ends: Vec<usize> = bytes
+        .windows(magic.len())
+        .enumerate()
+        .filter(|(_, window)| *window == magic)
+        .map(|(at, _)| at + magic.len())
+        .collect();
+    let last_start = ends[ends.len() - 2];
+    bytes[last_start + 13] = 0xff;
+    std::fs::write(&journal, bytes).expect("damaged");
+    let read = super::salvage::read_journal(&journal, false).expect("read");
+    assert!(read.is_damaged(), "{read:?}");
+    let (log, opened) = Log::open(dir.path()).expect("reopen");
+    assert!(
+        opened
+            .damage
+            .iter()
+            .any(|said| said.contains("could not be parsed")),
+        "no word of the damage: {opened:?}"
+    );
+    // The writes before the damaged one are all there (the journal's intact batches
+    // written again); the damaged one is lost, and said to be.
+    assert!(log.next() >= 20, "{} kept", opened.messages);
+}
+
 /// A block of the message table damaged while the relay runs (found on reading, not on
 /// opening): reads go past it, it is noted once, and what it held is counted.
 #[test]
