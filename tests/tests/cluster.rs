@@ -2,7 +2,13 @@
 //! `scripts/nats-cluster`, the project's edge broker, and the real `edge-relay` and
 //! `mongo-persister` binaries with `nats://` cloud addresses. The node leading the
 //! stream is SIGKILLed mid-stream: every reading, with `(device, boot, seq)` or without,
-//! is stored exactly once.
+//! is stored exactly once. Requests go the other way over NATS: a hole in the stream
+//! asked of the site and filled from the relay's log, the Sparkplug host's Rebirth and
+//! STATE carried to the edge.
+
+// Each test is one scenario, read top to bottom: the services' 80-line bound
+// (clippy.toml) is not for them.
+#![allow(clippy::too_many_lines)]
 
 use std::time::Duration;
 
@@ -25,13 +31,18 @@ const UNKEYED_TOPIC: &str = "/sensor/plain-1/temperature";
 /// A `temperature-sensor` publishing `count` JSON readings of `device` at QoS 1, about
 /// one a millisecond (so that the kill falls within the stream).
 fn start_paced_sensor(brokers: &Brokers, device: &str, count: &str) -> Service {
+    start_sensor_every(brokers, device, count, "0.001")
+}
+
+/// The same, one reading every `interval` seconds.
+fn start_sensor_every(brokers: &Brokers, device: &str, count: &str, interval: &str) -> Service {
     let mut args = tests::stored::sensor_args(device, count);
     let at = args
         .iter()
         .position(|arg| arg == "--interval")
         .expect("interval")
         + 1;
-    args[at] = "0.001".into();
+    args[at] = interval.into();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     brokers.start_edge("temperature-sensor", &args)
 }
@@ -362,4 +373,212 @@ async fn a_full_stream_holds_the_relay_back_and_loses_nothing() {
     assert_exactly_once(&stored_seqs(&db, "full-1").await, count as i64);
     relay.stop_cleanly().await;
     persister.stop_cleanly().await;
+}
+
+/// A hole in a device's stream: readings the stream dropped while no persister read it
+/// (its `--nats-max-age` of 3 s passed). The persister's repairer asks the device's site
+/// over NATS (`iot.request.plant-1.replay`), the relay answers from its log into the
+/// stream, and every reading is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hole_in_the_stream_is_asked_of_the_site_over_nats_and_filled() {
+    const SENT: i64 = 4000;
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let cluster = NatsCluster::spawn(&["plant-1"]).await;
+    let short = [
+        "--repair-after",
+        "2",
+        "--nats-max-age",
+        "3s",
+        "--nats-duplicate-window",
+        "3s",
+    ];
+    let mut persister = cluster.start_persister(&brokers, &mongo, &short);
+    persister.wait_for_log("the NATS stream is set up").await;
+    let log_dir = brokers.dir().join("relay-log");
+    let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
+    relay
+        .wait_for_log("reading replay requests and Sparkplug commands from NATS")
+        .await;
+    relay.wait_for_log("subscribed on the edge broker").await;
+    let db = mongo.database().await;
+
+    // 200 a second for 20 s.
+    let mut sensor = start_sensor_every(&brokers, "hole-1", &SENT.to_string(), "0.005");
+    wait_for(
+        "300 readings stored",
+        || tests::stored::count(&db, doc! { "device": "hole-1" }),
+        |n| *n >= 300,
+    )
+    .await;
+    persister.stop_cleanly().await;
+    let js = cluster.admin().await;
+    let state = || async {
+        let mut stream = js.get_stream(iot_core::nats::STREAM).await.ok()?;
+        let info = stream.info().await.ok()?;
+        Some((info.state.first_sequence, info.state.last_sequence))
+    };
+    let (_, last) = wait_for("the stream's state", state, Option::is_some)
+        .await
+        .expect("a state");
+    // 200 readings past the persister's stop dropped unread.
+    wait_for("readings dropped by age", state, |state| {
+        state.is_some_and(|(first, _)| first > last + 200)
+    })
+    .await;
+    assert!(sensor.is_running(), "the stream ended before the hole");
+    let mut persister = cluster.start_persister(&brokers, &mongo, &["--repair-after", "2"]);
+    persister
+        .wait_for_log("asking the device for missing readings")
+        .await;
+    sensor.expect_success().await;
+    wait_for_within(
+        CATCH_UP,
+        "every reading stored",
+        || tests::stored::count(&db, doc! { "device": "hole-1" }),
+        |n| *n >= SENT as u64,
+    )
+    .await;
+    assert_exactly_once(&stored_seqs(&db, "hole-1").await, SENT);
+    relay.stop_cleanly().await;
+    persister.stop_cleanly().await;
+    let answered: u64 = relay
+        .stderr()
+        .lines()
+        .filter(|line| line.contains("replay request answered"))
+        .filter_map(|line| {
+            line.split("from_log=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    eprintln!("the relay answered {answered} readings from its log");
+    assert!(answered >= 200, "{}", relay.stderr());
+}
+
+/// Whether a Sparkplug `STATE` says online.
+fn online(publish: &rumqttc::Publish) -> bool {
+    let state: serde_json::Value = serde_json::from_slice(&publish.payload).expect("STATE is JSON");
+    state["online"] == true
+}
+
+/// The next `STATE` `watcher` gets that says `want` (online or not).
+async fn next_state(watcher: &mut TestClient, want: bool) -> rumqttc::Publish {
+    loop {
+        let state = watcher.next_message().await;
+        if online(&state) == want {
+            return state;
+        }
+    }
+}
+
+/// The Sparkplug host over NATS (`--ingest sparkplug`): its STATE reaches the edge
+/// broker retained through the relay, data it cannot name gets its Rebirth (NCMD to the
+/// node's site over NATS, published on the edge by the relay), a birth and data by alias
+/// are stored; a clean stop says offline, and a host SIGKILLed is said offline by the
+/// relay once its STATE is not heard for `STATE_TIMEOUT` (its will).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sparkplug_host_commands_and_states_reach_the_edge_over_nats() {
+    use iot_store::sparkplug::proto::Payload;
+    use prost::Message as _;
+    use tests::sparkplug::{bd_seq, by_alias, encode, tag};
+
+    const HOST: &str = "nats-host";
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    let password = brokers.local.add_device("line-7", "sparkplug");
+    let cluster = NatsCluster::spawn(&["plant-1"]).await;
+    let args = ["--ingest", "sparkplug", "--sparkplug-host-id", HOST];
+    let mut persister = cluster.start_persister(&brokers, &mongo, &args);
+    persister.wait_for_log("the NATS stream is set up").await;
+    let log_dir = brokers.dir().join("relay-log");
+    let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
+    relay
+        .wait_for_log("reading replay requests and Sparkplug commands from NATS")
+        .await;
+    relay.wait_for_log("subscribed on the edge broker").await;
+
+    let state_topic = format!("spBv1.0/STATE/{HOST}");
+    // Sent again every 10 s: the relay carries the first it hears.
+    let mut watcher = TestClient::connect(brokers.local.port, "mqtt-subscriber").await;
+    watcher.subscribe(&state_topic).await;
+    next_state(&mut watcher, true).await;
+    assert!(online(
+        &TestClient::retained(brokers.local.port, &state_topic).await
+    ));
+
+    let mut node = TestClient::try_connect_as(brokers.local.port, "line-7", &password)
+        .await
+        .expect("the node's account logs in");
+    node.subscribe("spBv1.0/cell/NCMD/line-7").await;
+    let topic = |kind: &str| format!("spBv1.0/cell/{kind}/line-7");
+    // Data before any birth: the node is asked for its birth, over NATS.
+    node.publish(
+        &topic("NDATA"),
+        QoS::AtMostOnce,
+        false,
+        &by_alias(5, 1, 1.0),
+    )
+    .await;
+    let command = node.next_message().await;
+    let command = Payload::decode(command.payload.as_ref()).expect("a Sparkplug payload");
+    assert_eq!(
+        command.metrics[0].name.as_deref(),
+        Some("Node Control/Rebirth")
+    );
+    let birth = encode(Some(0), vec![tag(Some("Tag/1".into()), 1, 1.0), bd_seq(1)]);
+    node.publish(&topic("NBIRTH"), QoS::AtMostOnce, false, &birth)
+        .await;
+    node.publish(
+        &topic("NDATA"),
+        QoS::AtMostOnce,
+        false,
+        &by_alias(1, 1, 2.5),
+    )
+    .await;
+    let value = doc! { "device": "cell/line-7", "measurement": "Tag/1", "value": 2.5 };
+    wait_for(
+        "the value by alias",
+        || tests::stored::count(&db, value.clone()),
+        |n| *n == 1,
+    )
+    .await;
+
+    // A clean stop says offline.
+    persister.stop_cleanly().await;
+    next_state(&mut watcher, false).await;
+    // A host killed: the relay publishes its will once it is not heard.
+    let mut persister = cluster.start_persister(&brokers, &mongo, &args);
+    let state = next_state(&mut watcher, true).await;
+    persister.kill().await;
+    let killed = tokio::time::Instant::now();
+    // Asked in turns shorter than the test client's own wait for a message.
+    let deadline = killed + iot_core::nats::STATE_TIMEOUT + Duration::from_secs(30);
+    let will = loop {
+        let turn = tokio::time::timeout(Duration::from_secs(5), next_state(&mut watcher, false));
+        if let Ok(will) = turn.await {
+            break will;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the killed host's will never reached the edge"
+        );
+    };
+    let retained = TestClient::retained(brokers.local.port, &state_topic).await;
+    assert_eq!(retained.payload, will.payload);
+    eprintln!(
+        "the killed host said offline at the edge after {:?}",
+        killed.elapsed()
+    );
+    let (will, state): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_slice(&will.payload).expect("JSON"),
+        serde_json::from_slice(&state.payload).expect("JSON"),
+    );
+    assert_eq!(
+        will["timestamp"], state["timestamp"],
+        "the will of that run"
+    );
+    relay.stop_cleanly().await;
 }
