@@ -162,6 +162,33 @@ impl NatsCluster {
             .checked_sub(1)
     }
 
+    /// A client logged in as `user` (its password from the test's secrets) whose
+    /// server errors (permission violations) come out of the receiver.
+    pub async fn client_as(
+        &self,
+        user: &str,
+    ) -> (
+        async_nats::Client,
+        tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) {
+        let (errors_tx, errors) = tokio::sync::mpsc::unbounded_channel();
+        let client = async_nats::ConnectOptions::new()
+            .user_and_password(user.to_string(), password(user))
+            .custom_inbox_prefix(iot_core::nats::inbox_prefix(user))
+            .event_callback(move |event| {
+                let errors_tx = errors_tx.clone();
+                async move {
+                    if let async_nats::Event::ServerError(error) = event {
+                        let _ = errors_tx.send(error.to_string());
+                    }
+                }
+            })
+            .connect(self.address().split(',').collect::<Vec<_>>())
+            .await
+            .expect("a NATS client");
+        (client, errors)
+    }
+
     /// Starts `mongo-persister` on the cluster, logged in as its user, with `args`.
     pub fn start_persister(
         &self,
@@ -195,6 +222,19 @@ impl NatsCluster {
         log_dir: &Path,
         args: &[&str],
     ) -> Service {
+        self.start_relay_at(brokers, &brokers.local, site, log_dir, args)
+    }
+
+    /// As [`NatsCluster::start_relay`], from edge broker `edge` (another site's,
+    /// [`Brokers::spawn_relay_site`]).
+    pub fn start_relay_at(
+        &self,
+        brokers: &Brokers,
+        edge: &crate::Broker,
+        site: &str,
+        log_dir: &Path,
+        args: &[&str],
+    ) -> Service {
         let user = format!("edge-relay-{site}");
         let env = [
             ("CLOUD_BROKER", self.address()),
@@ -206,7 +246,7 @@ impl NatsCluster {
         let command = service_command(
             "edge-relay",
             brokers.dir(),
-            brokers.local.port,
+            edge.port,
             Some("edge-relay"),
             args,
             &env,

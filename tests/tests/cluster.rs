@@ -582,3 +582,129 @@ async fn the_sparkplug_host_commands_and_states_reach_the_edge_over_nats() {
     );
     relay.stop_cleanly().await;
 }
+
+/// The next server error of a client: a permission violation naming `what`.
+async fn violation(errors: &mut tokio::sync::mpsc::UnboundedReceiver<String>, what: &str) {
+    let error = tokio::time::timeout(tests::WAIT, errors.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no permission violation for {what}"))
+        .expect("the client's events");
+    assert!(
+        error.to_lowercase().contains("permissions violation") && error.contains(what),
+        "{error}"
+    );
+}
+
+/// Two edge sites, each with its own relay and NATS account, into one stream: both
+/// sites' readings stored once (keyed and plain values); one site's account may not
+/// publish into the other's telemetry subject, nor read its requests, nor send requests
+/// or a host's STATE itself (each refused by the cluster as a permission violation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sites_each_with_its_own_account_are_kept_apart() {
+    use iot_core::nats::{mqtt_headers, request_subject, site_requests, site_subject};
+
+    const EACH: i64 = 2000;
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let second_edge = brokers.spawn_relay_site("plant-2").await;
+    let cluster = NatsCluster::spawn(&["plant-1", "plant-2"]).await;
+    let mut persister = cluster.start_persister(&brokers, &mongo, &[]);
+    persister.wait_for_log("the NATS stream is set up").await;
+    let mut relays = Vec::new();
+    for (site, edge) in [("plant-1", &brokers.local), ("plant-2", &second_edge)] {
+        let log_dir = brokers.dir().join(format!("relay-log-{site}"));
+        let relay = cluster.start_relay_at(&brokers, edge, site, &log_dir, &[]);
+        relay.wait_for_log("subscribed on the edge broker").await;
+        relay
+            .wait_for_log("reading replay requests and Sparkplug commands from NATS")
+            .await;
+        relays.push(relay);
+    }
+    let db = mongo.database().await;
+
+    let mut first = start_sensor_every(&brokers, "site-1", &EACH.to_string(), "0.002");
+    let args = tests::stored::sensor_args("site-2", &EACH.to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut second = tests::spawn_service(
+        "temperature-sensor",
+        brokers.dir(),
+        second_edge.port,
+        Some("temperature-sensor"),
+        &args,
+    );
+    let plain = publish_unkeyed(second_edge.port, UNKEYED);
+
+    // Meanwhile, plant-1's account tries plant-2's subjects.
+    let (intruder, mut errors) = cluster.client_as("edge-relay-plant-1").await;
+    let mut own = intruder
+        .subscribe(site_requests("plant-1"))
+        .await
+        .expect("its own requests");
+    let mut other = intruder
+        .subscribe(site_requests("plant-2"))
+        .await
+        .expect("sent");
+    violation(&mut errors, "iot.request.plant-2.>").await;
+    for forged in [
+        site_subject("plant-2"),
+        request_subject("plant-1", "replay"),
+        iot_core::nats::STATE_SUBJECT.to_string(),
+    ] {
+        intruder
+            .publish(forged.clone(), "1".into())
+            .await
+            .expect("sent");
+        intruder.flush().await.expect("flushed");
+        violation(&mut errors, &forged).await;
+    }
+    // A request to each site: plant-1's account gets its own only. The cluster delivers
+    // one connection's messages in order, so plant-2's, sent first, would have come
+    // first.
+    let (persister_client, _) = cluster.client_as("mongo-persister").await;
+    for site in ["plant-2", "plant-1"] {
+        persister_client
+            .publish_with_headers(
+                request_subject(site, "replay"),
+                mqtt_headers("/replay/nobody/request", 1, false),
+                format!("{site} only").into(),
+            )
+            .await
+            .expect("sent");
+    }
+    persister_client.flush().await.expect("flushed");
+    let heard = tokio::time::timeout(tests::WAIT, futures_util::StreamExt::next(&mut own))
+        .await
+        .expect("its own request")
+        .expect("a message");
+    assert_eq!(heard.payload.as_ref(), b"plant-1 only");
+    let leaked = futures_util::FutureExt::now_or_never(futures_util::StreamExt::next(&mut other));
+    assert!(
+        leaked.flatten().is_none(),
+        "plant-1's account read plant-2's request"
+    );
+
+    first.expect_success().await;
+    second.expect_success().await;
+    plain.await.expect("the plain values published");
+    for device in ["site-1", "site-2"] {
+        wait_for_within(
+            CATCH_UP,
+            &format!("every reading of {device} stored"),
+            || tests::stored::count(&db, doc! { "device": device }),
+            |n| *n >= EACH as u64,
+        )
+        .await;
+        assert_exactly_once(&stored_seqs(&db, device).await, EACH);
+    }
+    let (distinct, stored) = wait_for_within(
+        CATCH_UP,
+        "every plain value stored",
+        || unkeyed_stored(&db, UNKEYED),
+        |(distinct, _)| *distinct == UNKEYED as usize,
+    )
+    .await;
+    assert_eq!(stored, distinct, "plain values stored twice");
+    for relay in &mut relays {
+        relay.stop_cleanly().await;
+    }
+    persister.stop_cleanly().await;
+}
