@@ -8,6 +8,7 @@ use async_nats::jetstream;
 use iot_core::nats::STREAM;
 use tempfile::TempDir;
 
+use crate::proxy::Proxy;
 use crate::{free_port, password, repo_root, service_command, wait_for, Brokers, Service};
 
 /// Three nodes of one cluster.
@@ -17,6 +18,9 @@ pub struct NatsCluster {
     pub ports: [u16; 3],
     monitors: [u16; 3],
     nodes: [Option<Service>; 3],
+    /// With [`NatsCluster::spawn_partitionable`]: the route from node `from` to node
+    /// `to` goes through a proxy, `(from, to, proxy)`.
+    links: Vec<(usize, usize, Proxy)>,
     dir: TempDir,
 }
 
@@ -33,25 +37,44 @@ fn nats_server() -> std::path::PathBuf {
     }
 }
 
-/// One HTTP GET on 127.0.0.1:`port`: whether it answered 200.
-async fn http_ok(port: u16, path: &str) -> bool {
+/// One HTTP GET on 127.0.0.1:`port`: the body of a 200 answer.
+async fn http_get(port: u16, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return false;
-    };
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
     let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return false;
-    }
+    stream.write_all(request.as_bytes()).await.ok()?;
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer).await;
-    answer.starts_with(b"HTTP/1.1 200") || answer.starts_with(b"HTTP/1.0 200")
+    let answer = String::from_utf8(answer).ok()?;
+    if !answer.starts_with("HTTP/1.1 200") && !answer.starts_with("HTTP/1.0 200") {
+        return None;
+    }
+    answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+}
+
+/// One HTTP GET on 127.0.0.1:`port`: whether it answered 200.
+async fn http_ok(port: u16, path: &str) -> bool {
+    http_get(port, path).await.is_some()
 }
 
 impl NatsCluster {
     /// Writes the configuration with relay users for `sites`, starts the three nodes
     /// and waits until JetStream has a leader (every node's `/healthz` answers 200).
     pub async fn spawn(sites: &[&str]) -> NatsCluster {
+        Self::spawn_with(sites, false).await
+    }
+
+    /// As [`NatsCluster::spawn`], each node's routes to the others through a proxy of
+    /// the test's ([`Proxy`]), so that a node can be cut off ([`NatsCluster::isolate`]).
+    pub async fn spawn_partitionable(sites: &[&str]) -> NatsCluster {
+        Self::spawn_with(sites, true).await
+    }
+
+    async fn spawn_with(sites: &[&str], partitionable: bool) -> NatsCluster {
         let dir = tempfile::Builder::new()
             .prefix("iot-nats-")
             .tempdir()
@@ -85,8 +108,12 @@ impl NatsCluster {
             ports,
             monitors,
             nodes: [None, None, None],
+            links: Vec::new(),
             dir,
         };
+        if partitionable {
+            cluster.route_through_proxies(routes).await;
+        }
         for node in 0..3 {
             cluster.start(node);
         }
@@ -99,6 +126,55 @@ impl NatsCluster {
             .await;
         }
         cluster
+    }
+
+    /// Rewrites each node's routes to go through a proxy per pair of nodes.
+    async fn route_through_proxies(&mut self, routes: [u16; 3]) {
+        for from in 0..3 {
+            let mut urls = Vec::new();
+            for to in (0..3).filter(|to| *to != from) {
+                let proxy = Proxy::start(routes[to]).await;
+                urls.push(format!("\"nats-route://127.0.0.1:{}\"", proxy.port));
+                self.links.push((from, to, proxy));
+            }
+            let path = self.config(from);
+            let config = std::fs::read_to_string(&path).expect("the node's configuration");
+            let config: Vec<String> = config
+                .lines()
+                .map(|line| {
+                    if line.trim_start().starts_with("routes:") {
+                        format!("  routes: [ {} ]", urls.join(", "))
+                    } else {
+                        line.to_string()
+                    }
+                })
+                .collect();
+            std::fs::write(&path, config.join("\n") + "\n").expect("the node's configuration");
+        }
+    }
+
+    /// Cuts node `node` off from the other two: every route to or from it closed and
+    /// refused, while its clients stay connected to it.
+    pub fn isolate(&self, node: usize) {
+        for (from, to, proxy) in &self.links {
+            if *from == node || *to == node {
+                proxy.cut();
+            }
+        }
+    }
+
+    /// Every route carried again.
+    pub fn heal(&self) {
+        for (_, _, proxy) in &self.links {
+            proxy.heal();
+        }
+    }
+
+    /// The number of routes node `node` has now (its `/routez`), if it answers.
+    pub async fn routes_of(&self, node: usize) -> Option<usize> {
+        let body = http_get(self.monitors[node], "/routez").await?;
+        let value: serde_json::Value = serde_json::from_str(&body).ok()?;
+        value["num_routes"].as_u64().map(|n| n as usize)
     }
 
     /// Starts node `node` (0, 1 or 2) from its configuration.
@@ -138,8 +214,18 @@ impl NatsCluster {
 
     /// A JetStream connection as the persister's user (it may read the stream).
     pub async fn admin(&self) -> jetstream::Context {
+        self.admin_of(&self.address()).await
+    }
+
+    /// The same, connected to node `node` alone.
+    pub async fn admin_at(&self, node: usize) -> jetstream::Context {
+        self.admin_of(&format!("nats://127.0.0.1:{}", self.ports[node]))
+            .await
+    }
+
+    async fn admin_of(&self, address: &str) -> jetstream::Context {
         let client = iot_core::nats::NatsSettings::parse(
-            &self.address(),
+            address,
             Some("mongo-persister".into()),
             Some(password("mongo-persister")),
         )

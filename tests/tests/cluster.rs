@@ -708,3 +708,102 @@ async fn two_sites_each_with_its_own_account_are_kept_apart() {
     }
     persister.stop_cleanly().await;
 }
+
+/// The node leading the stream cut off from the other two (every route to or from it
+/// closed and refused, through the test's proxies; its clients stay connected to it)
+/// while the stream flows, then healed: the other two elect a leader and go on, and
+/// every reading, keyed or not, is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_the_others_and_healed_loses_nothing_and_stores_nothing_twice() {
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let cluster = NatsCluster::spawn_partitionable(&["plant-1"]).await;
+    let mut persister = cluster.start_persister(&brokers, &mongo, &["--no-repair"]);
+    persister.wait_for_log("the NATS stream is set up").await;
+    let log_dir = brokers.dir().join("relay-log");
+    let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
+    relay.wait_for_log("subscribed on the edge broker").await;
+    let db = mongo.database().await;
+    let stored = || tests::stored::count(&db, doc! { "device": "cut-1" });
+
+    let mut sensor = start_sensor_every(&brokers, "cut-1", &KEYED.to_string(), "0.002");
+    let plain = publish_unkeyed(brokers.local.port, UNKEYED);
+    wait_for("1000 readings stored", stored, |n| *n >= 1000).await;
+    let js = cluster.admin().await;
+    let leader = wait_for(
+        "the stream's leader",
+        || cluster.stream_leader(&js),
+        Option::is_some,
+    )
+    .await
+    .expect("a leader");
+    cluster.isolate(leader);
+    let cut = tokio::time::Instant::now();
+    wait_for(
+        "the cut node without routes",
+        || cluster.routes_of(leader),
+        |routes| *routes == Some(0),
+    )
+    .await;
+    let majority = cluster.admin_at((leader + 1) % 3).await;
+    let new_leader = wait_for_within(
+        CATCH_UP,
+        "a leader among the other two",
+        || cluster.stream_leader(&majority),
+        |new| new.is_some_and(|new| new != leader),
+    )
+    .await;
+    let elected = cut.elapsed();
+    let at_election = stored().await;
+    wait_for_within(
+        CATCH_UP,
+        "500 more readings stored while the node is cut off",
+        stored,
+        |n| *n >= at_election + 500,
+    )
+    .await;
+    assert!(sensor.is_running(), "the stream ended before the heal");
+    eprintln!(
+        "cut off node-{} (the stream's leader) at {at_election} readings stored: node-{} led after {elected:?}; healed after {:?}",
+        leader + 1,
+        new_leader.map_or(0, |new| new + 1),
+        cut.elapsed()
+    );
+    cluster.heal();
+    wait_for_within(
+        CATCH_UP,
+        "the node back in the cluster",
+        || cluster.routes_of(leader),
+        |routes| *routes == Some(2),
+    )
+    .await;
+    sensor.expect_success().await;
+    plain.await.expect("the plain values published");
+
+    wait_for_within(CATCH_UP, "every keyed reading stored", stored, |n| {
+        *n >= KEYED as u64
+    })
+    .await;
+    let (distinct, twice) = wait_for_within(
+        CATCH_UP,
+        "every plain value stored",
+        || unkeyed_stored(&db, UNKEYED),
+        |(distinct, _)| *distinct == UNKEYED as usize,
+    )
+    .await;
+    assert_exactly_once(&stored_seqs(&db, "cut-1").await, KEYED);
+    assert_eq!(twice, distinct, "plain values stored twice");
+    let after = wait_for(
+        "the stream's leader after the heal",
+        || cluster.stream_leader(&js),
+        Option::is_some,
+    )
+    .await;
+    assert_ne!(after, Some(leader), "the leader did not move");
+    relay.stop_cleanly().await;
+    persister.stop_cleanly().await;
+    for line in relay.stderr().lines().chain(persister.stderr().lines()) {
+        if line.contains("NATS") && !line.contains("INFO") {
+            eprintln!("{line}");
+        }
+    }
+}
