@@ -70,6 +70,8 @@ pub struct NatsForwarder {
     marked: bool,
     /// `--refill-window`: what the stream's duplicate window should cover at least.
     refill_window: Duration,
+    /// Failures in a row since the last acknowledgement or the last try of another node.
+    failing: u32,
     /// Readings answered from the log, to publish.
     replays: mpsc::Receiver<Replay>,
     /// Replays waiting for the stream's acknowledgement (a failed one is asked again).
@@ -117,6 +119,7 @@ impl NatsForwarder {
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             marked: false,
             refill_window,
+            failing: 0,
             replays,
             replaying: FuturesUnordered::new(),
         })
@@ -259,6 +262,7 @@ impl NatsForwarder {
             Ok(_) => {
                 self.log.note_forwarded(number + 1);
                 self.marked = true;
+                self.failing = 0;
                 metrics::counter!("iot_relay_forwarded_total").increment(1);
                 if self.backoff.attempt() > 0 {
                     tracing::info!("the NATS stream acknowledges again");
@@ -291,6 +295,11 @@ impl NatsForwarder {
         self.in_flight_bytes = 0;
         self.cursor = self.log.forwarded().max(self.log.first());
         self.held_until = Some(Instant::now() + delay);
+        self.failing += 1;
+        if self.failing >= nats::FAILURES_BEFORE_ANOTHER_NODE {
+            self.failing = 0;
+            nats::try_another_node(&self.client);
+        }
     }
 
     /// Once a second: the forwarded mark to disk if it moved, so that a relay killed now

@@ -242,6 +242,29 @@ impl NatsSettings {
     }
 }
 
+/// Failures in a row, on a connection that stands, after which a client tries another
+/// node ([`try_another_node`]).
+pub const FAILURES_BEFORE_ANOTHER_NODE: u32 = 3;
+
+/// Reconnects `client`, to a node picked at random among those it knows: a node cut off
+/// from the others (its routes down) keeps its clients connected yet answers none of
+/// their JetStream requests, and the client would not leave it by itself. Called after
+/// [`FAILURES_BEFORE_ANOTHER_NODE`] failures in a row; in the background.
+pub fn try_another_node(client: &async_nats::Client) {
+    if client.connection_state() != async_nats::connection::State::Connected {
+        return; // already reconnecting
+    }
+    tracing::warn!(
+        "the NATS node this client is connected to fails every request: connecting to another"
+    );
+    let client = client.clone();
+    tokio::spawn(async move {
+        if let Err(error) = client.force_reconnect().await {
+            tracing::debug!("reconnecting to another NATS node: {error}");
+        }
+    });
+}
+
 /// The inbox prefix of `user`'s replies: `_INBOX.<user>`.
 pub fn inbox_prefix(user: &str) -> String {
     format!("_INBOX.{user}")

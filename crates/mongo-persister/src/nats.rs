@@ -292,6 +292,8 @@ impl Reader {
         state_ticks.reset();
         let batch = usize::from(config.batch_size);
         let mut last_line = String::new();
+        // Pull errors since the last message: a node cut off from the others answers none.
+        let mut failing = 0_u32;
         'connect: loop {
             let mut messages = match consumer
                 .stream()
@@ -302,6 +304,7 @@ impl Reader {
                 Ok(messages) => messages,
                 Err(error) => {
                     tracing::warn!("cannot pull from the NATS consumer: {error}; again in 1 s");
+                    self.pull_failed(&mut failing);
                     tokio::select! {
                         () = shutdown.cancelled() => return Ok(()),
                         () = tokio::time::sleep(Duration::from_secs(1)) => continue 'connect,
@@ -313,6 +316,7 @@ impl Reader {
                     () = shutdown.cancelled() => return Ok(()),
                     message = messages.next(), if pending.capacity() > 0 && queued.has_room() => match message {
                         Some(Ok(message)) => {
+                            failing = 0;
                             let item = self.read(message).await;
                             if let Some(sparkplug) = &mut self.sparkplug {
                                 // Data the host could not name asks its Rebirth at once.
@@ -326,7 +330,10 @@ impl Reader {
                             }
                         }
                         // A missed heartbeat, a leader change: the pull goes on.
-                        Some(Err(error)) => tracing::warn!("pulling from the NATS consumer: {error}"),
+                        Some(Err(error)) => {
+                            tracing::warn!("pulling from the NATS consumer: {error}");
+                            self.pull_failed(&mut failing);
+                        }
                         None => continue 'connect,
                     },
                     Some(acks) = written.recv() => acknowledge(acks).await,
@@ -346,6 +353,15 @@ impl Reader {
                     }
                 }
             }
+        }
+    }
+
+    /// One more pull failure in a row; after a few, another node is tried.
+    fn pull_failed(&self, failing: &mut u32) {
+        *failing += 1;
+        if *failing >= nats::FAILURES_BEFORE_ANOTHER_NODE {
+            *failing = 0;
+            nats::try_another_node(&self.client);
         }
     }
 
