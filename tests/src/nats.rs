@@ -139,11 +139,19 @@ impl NatsCluster {
             }
             let path = self.config(from);
             let config = std::fs::read_to_string(&path).expect("the node's configuration");
+            // Nodes tell each other their route address, and connect to one they hear
+            // of and are not connected to: past the proxies, a cut node would be back
+            // at once. A port nobody listens on (it is never needed: every node names
+            // both others) leaves only the proxies.
+            let nowhere = free_port();
             let config: Vec<String> = config
                 .lines()
                 .map(|line| {
                     if line.trim_start().starts_with("routes:") {
-                        format!("  routes: [ {} ]", urls.join(", "))
+                        format!(
+                            "  routes: [ {} ]\n  advertise: \"127.0.0.1:{nowhere}\"",
+                            urls.join(", ")
+                        )
                     } else {
                         line.to_string()
                     }
@@ -195,6 +203,25 @@ impl NatsCluster {
             .map(|port| format!("nats://127.0.0.1:{port}"))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Starts every node that is not running and waits until JetStream has a leader
+    /// again (every node's `/healthz`).
+    pub async fn start_all(&mut self) {
+        for node in 0..3 {
+            if self.nodes[node].is_none() {
+                self.start(node);
+            }
+        }
+        for port in self.monitors {
+            crate::wait_for_within(
+                std::time::Duration::from_secs(60),
+                "a JetStream leader again (every node's /healthz)",
+                || http_ok(port, "/healthz"),
+                |ok| *ok,
+            )
+            .await;
+        }
     }
 
     /// SIGKILLs node `node`.

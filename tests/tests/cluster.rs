@@ -50,6 +50,11 @@ fn start_sensor_every(brokers: &Brokers, device: &str, count: &str, interval: &s
 /// Publishes the plain values 1..=`count` at QoS 1 to the edge broker, about one a
 /// millisecond.
 fn publish_unkeyed(port: u16, count: u32) -> tokio::task::JoinHandle<()> {
+    publish_unkeyed_every(port, count, Duration::from_millis(1))
+}
+
+/// The same, one every `interval`.
+fn publish_unkeyed_every(port: u16, count: u32, interval: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut device = TestClient::connect(port, "temperature-sensor").await;
         for value in 1..=count {
@@ -61,7 +66,7 @@ fn publish_unkeyed(port: u16, count: u32) -> tokio::task::JoinHandle<()> {
                     value.to_string().as_bytes(),
                 )
                 .await;
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            tokio::time::sleep(interval).await;
         }
     })
 }
@@ -715,17 +720,26 @@ async fn two_sites_each_with_its_own_account_are_kept_apart() {
 /// every reading, keyed or not, is stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_the_others_and_healed_loses_nothing_and_stores_nothing_twice() {
+    // About 30 s of readings: the cut, the election and more readings fall within it.
+    const SENT: i64 = 15_000;
     let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
     let cluster = NatsCluster::spawn_partitionable(&["plant-1"]).await;
     let mut persister = cluster.start_persister(&brokers, &mongo, &["--no-repair"]);
     persister.wait_for_log("the NATS stream is set up").await;
     let log_dir = brokers.dir().join("relay-log");
-    let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
+    let metrics = tests::free_port();
+    let address = format!("127.0.0.1:{metrics}");
+    let mut relay = cluster.start_relay(
+        &brokers,
+        "plant-1",
+        &log_dir,
+        &["--metrics-address", &address],
+    );
     relay.wait_for_log("subscribed on the edge broker").await;
     let db = mongo.database().await;
     let stored = || tests::stored::count(&db, doc! { "device": "cut-1" });
 
-    let mut sensor = start_sensor_every(&brokers, "cut-1", &KEYED.to_string(), "0.002");
+    let mut sensor = start_sensor_every(&brokers, "cut-1", &SENT.to_string(), "0.002");
     let plain = publish_unkeyed(brokers.local.port, UNKEYED);
     wait_for("1000 readings stored", stored, |n| *n >= 1000).await;
     let js = cluster.admin().await;
@@ -754,16 +768,23 @@ async fn a_node_cut_off_from_the_others_and_healed_loses_nothing_and_stores_noth
     .await;
     let elected = cut.elapsed();
     let at_election = stored().await;
+    // The stream flows on at the edge while the node is cut off: 1 000 more readings
+    // taken by the relay.
+    let logged = || async {
+        let (_, text) = tests::prometheus::get(metrics, "/metrics").await;
+        tests::prometheus::sample(&text, "iot_relay_logged_total").unwrap_or_default()
+    };
+    let logged_at_election = logged().await;
     wait_for_within(
         CATCH_UP,
-        "500 more readings stored while the node is cut off",
-        stored,
-        |n| *n >= at_election + 500,
+        "1 000 more readings taken by the relay while the node is cut off",
+        logged,
+        |n| *n >= logged_at_election + 1000.0,
     )
     .await;
-    assert!(sensor.is_running(), "the stream ended before the heal");
+    let stored_while_cut = stored().await - at_election;
     eprintln!(
-        "cut off node-{} (the stream's leader) at {at_election} readings stored: node-{} led after {elected:?}; healed after {:?}",
+        "cut off node-{} (the stream's leader) at {at_election} readings stored: node-{} led after {elected:?}; {stored_while_cut} more stored while cut off; healed after {:?}",
         leader + 1,
         new_leader.map_or(0, |new| new + 1),
         cut.elapsed()
@@ -780,7 +801,7 @@ async fn a_node_cut_off_from_the_others_and_healed_loses_nothing_and_stores_noth
     plain.await.expect("the plain values published");
 
     wait_for_within(CATCH_UP, "every keyed reading stored", stored, |n| {
-        *n >= KEYED as u64
+        *n >= SENT as u64
     })
     .await;
     let (distinct, twice) = wait_for_within(
@@ -790,7 +811,7 @@ async fn a_node_cut_off_from_the_others_and_healed_loses_nothing_and_stores_noth
         |(distinct, _)| *distinct == UNKEYED as usize,
     )
     .await;
-    assert_exactly_once(&stored_seqs(&db, "cut-1").await, KEYED);
+    assert_exactly_once(&stored_seqs(&db, "cut-1").await, SENT);
     assert_eq!(twice, distinct, "plain values stored twice");
     let after = wait_for(
         "the stream's leader after the heal",
@@ -806,4 +827,128 @@ async fn a_node_cut_off_from_the_others_and_healed_loses_nothing_and_stores_noth
             eprintln!("{line}");
         }
     }
+}
+
+/// How long [`the_whole_cloud_tier_down_for_a_long_outage_loses_nothing`] keeps the
+/// cloud down: `IOT_NATS_OUTAGE` (90, 30s, 10m), 10 minutes by default.
+fn outage() -> Duration {
+    let value = std::env::var("IOT_NATS_OUTAGE").unwrap_or_else(|_| "10m".into());
+    iot_core::config::parse_duration(&value)
+        .unwrap_or_else(|why| panic!("IOT_NATS_OUTAGE={value}: {why}"))
+}
+
+/// The whole cloud tier down (the three nodes and the persister SIGKILLed) for
+/// `IOT_NATS_OUTAGE` while a sensor goes on at 50 readings a second and plain values at
+/// 10: the relay's log holds what it takes meanwhile (its oldest unforwarded reading
+/// grows as old as the outage), and drains once the cloud is back; every reading stored
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "as long as IOT_NATS_OUTAGE (10 minutes by default): run it on its own, IOT_NATS_OUTAGE=2m for a shorter one"]
+async fn the_whole_cloud_tier_down_for_a_long_outage_loses_nothing() {
+    let outage = outage();
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let mut cluster = NatsCluster::spawn(&["plant-1"]).await;
+    let mut persister = cluster.start_persister(&brokers, &mongo, &["--no-repair"]);
+    persister.wait_for_log("the NATS stream is set up").await;
+    let log_dir = brokers.dir().join("relay-log");
+    let metrics = tests::free_port();
+    let address = format!("127.0.0.1:{metrics}");
+    let mut relay = cluster.start_relay(
+        &brokers,
+        "plant-1",
+        &log_dir,
+        &["--metrics-address", &address],
+    );
+    relay.wait_for_log("subscribed on the edge broker").await;
+    let db = mongo.database().await;
+    let stored = || tests::stored::count(&db, doc! { "device": "out-1" });
+    let relay_metric = |name: &'static str| async move {
+        let (_, text) = tests::prometheus::get(metrics, "/metrics").await;
+        tests::prometheus::sample(&text, name)
+    };
+
+    let mut sensor = brokers.start_edge(
+        "temperature-sensor",
+        &[
+            "--format",
+            "json",
+            "--qos",
+            "1",
+            "--no-retain",
+            "--rate",
+            "50",
+            "--device",
+            "out-1",
+        ],
+    );
+    // Until well after the cloud is back.
+    let plain_count = u32::try_from((outage.as_secs() + 30) * 10).expect("a count");
+    let plain = publish_unkeyed_every(brokers.local.port, plain_count, Duration::from_millis(100));
+    wait_for("200 readings stored", stored, |n| *n >= 200).await;
+    for node in 0..3 {
+        cluster.kill(node).await;
+    }
+    persister.kill().await;
+    let down = tokio::time::Instant::now();
+    let held = wait_for_within(
+        outage + Duration::from_secs(60),
+        "the relay's oldest unforwarded reading as old as the outage",
+        || relay_metric("iot_relay_oldest_unforwarded_seconds"),
+        |age| age.is_some_and(|age| age >= outage.as_secs_f64()),
+    )
+    .await;
+    let backlog = relay_metric("iot_relay_backlog").await.unwrap_or_default();
+    assert!(sensor.is_running(), "the sensor stopped during the outage");
+    eprintln!(
+        "cloud down {:?}: the relay holds {backlog} messages, the oldest {held:?} s old",
+        down.elapsed()
+    );
+
+    cluster.start_all().await;
+    let mut persister = cluster.start_persister(&brokers, &mongo, &["--no-repair"]);
+    let back = tokio::time::Instant::now();
+    wait_for_within(
+        CATCH_UP + outage,
+        "the relay's backlog drained",
+        || relay_metric("iot_relay_backlog"),
+        |backlog| *backlog == Some(0.0),
+    )
+    .await;
+    let drained = back.elapsed();
+    sensor.stop_cleanly().await;
+    let log = sensor.stderr();
+    let sent: i64 = log
+        .lines()
+        .find_map(|line| {
+            line.split("summary: ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no summary:\n{log}"));
+    plain.await.expect("the plain values published");
+    wait_for_within(
+        CATCH_UP + outage,
+        "every keyed reading stored",
+        stored,
+        |n| *n >= sent as u64,
+    )
+    .await;
+    let stored_in = back.elapsed();
+    let (distinct, twice) = wait_for_within(
+        CATCH_UP,
+        "every plain value stored",
+        || unkeyed_stored(&db, plain_count),
+        |(distinct, _)| *distinct == plain_count as usize,
+    )
+    .await;
+    eprintln!(
+        "after {outage:?} down: the relay's {backlog} messages forwarded {drained:?} after the cloud was back, {sent} readings stored {stored_in:?} after"
+    );
+    assert_exactly_once(&stored_seqs(&db, "out-1").await, sent);
+    assert_eq!(twice, distinct, "plain values stored twice");
+    relay.stop_cleanly().await;
+    persister.stop_cleanly().await;
 }
