@@ -535,6 +535,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn requests_go_to_the_site_a_device_or_node_was_heard_from_last() {
+        assert_eq!(
+            node_name("spBv1.0/cell/DDATA/line-7/gauge").as_deref(),
+            Some("node:cell/line-7")
+        );
+        assert_eq!(
+            node_name("spBv1.0/cell/NBIRTH/line-7").as_deref(),
+            Some("node:cell/line-7")
+        );
+        assert_eq!(node_name("spBv1.0/STATE"), None);
+        assert_eq!(node_name("/sensor/t-1/temperature"), None);
+        let mut sites = Sites::default();
+        sites.heard(device_name("t-1"), "plant-1");
+        sites.heard(device_name("t-2"), "plant-2");
+        sites.heard(device_name("t-1"), "plant-3");
+        assert_eq!(sites.of(&device_name("t-1")), Some("plant-3"));
+        assert_eq!(sites.of(&device_name("t-2")), Some("plant-2"));
+        assert_eq!(sites.of(&device_name("t-3")), None);
+    }
+
+    #[test]
     fn unkeyed_documents_are_keyed_by_the_stream_sequence() {
         let mut record = Record::Several(vec![
             Record::Readings {
