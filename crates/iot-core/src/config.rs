@@ -327,13 +327,8 @@ impl BrokerSettings {
                 "{prefix}_PORT with a nats:// address in {prefix}_BROKER: give each node's port in the address"
             ));
         }
-        if self.tls_ca.is_some() {
-            return Err(format!(
-                "{prefix}_TLS_CA with a nats:// address in {prefix}_BROKER: TLS to NATS is not supported yet"
-            ));
-        }
         crate::nats::NatsSettings::parse(&self.host, self.username.clone(), self.password.clone())
-            .map(Some)
+            .map(|settings| Some(settings.with_tls_ca(self.tls_ca.clone())))
             .map_err(|why| format!("{prefix}_BROKER: {why}"))
     }
 

@@ -162,6 +162,9 @@ pub struct NatsSettings {
     pub servers: Vec<String>,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// The CA that signed the nodes' certificates: TLS required, the nodes verified
+    /// against it (`*_TLS_CA`, as for an MQTT broker).
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for NatsSettings {
@@ -170,6 +173,7 @@ impl std::fmt::Debug for NatsSettings {
             .field("servers", &self.servers)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("tls_ca", &self.tls_ca)
             .finish()
     }
 }
@@ -201,12 +205,20 @@ impl NatsSettings {
             servers,
             username,
             password,
+            tls_ca: None,
         })
     }
 
-    /// The servers as given, for log lines (never the password).
+    /// The same, with TLS to the nodes verified against `tls_ca` when there is one.
+    pub fn with_tls_ca(mut self, tls_ca: Option<std::path::PathBuf>) -> Self {
+        self.tls_ca = tls_ca;
+        self
+    }
+
+    /// The servers as given, for log lines (never the password), `tls` when TLS is on.
     pub fn address(&self) -> String {
-        self.servers.join(",")
+        let tls = if self.tls_ca.is_some() { " (tls)" } else { "" };
+        format!("{}{tls}", self.servers.join(","))
     }
 
     /// Connects as `name` (shown by the server's monitoring). Returns at once: the
@@ -234,6 +246,9 @@ impl NatsSettings {
             options = options
                 .user_and_password(user.clone(), self.password.clone().unwrap_or_default())
                 .custom_inbox_prefix(inbox_prefix(user));
+        }
+        if let Some(ca) = &self.tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
         options
             .connect(self.servers.as_slice())
