@@ -21,6 +21,8 @@ pub struct NatsCluster {
     /// With [`NatsCluster::spawn_partitionable`]: the route from node `from` to node
     /// `to` goes through a proxy, `(from, to, proxy)`.
     links: Vec<(usize, usize, Proxy)>,
+    /// With [`NatsCluster::spawn_tls`]: the CA the nodes' certificate is signed by.
+    tls_ca: Option<std::path::PathBuf>,
     dir: TempDir,
 }
 
@@ -65,16 +67,28 @@ impl NatsCluster {
     /// Writes the configuration with relay users for `sites`, starts the three nodes
     /// and waits until JetStream has a leader (every node's `/healthz` answers 200).
     pub async fn spawn(sites: &[&str]) -> NatsCluster {
-        Self::spawn_with(sites, false).await
+        Self::spawn_with(sites, false, false).await
+    }
+
+    /// As [`NatsCluster::spawn`], the clients' listeners on TLS only (a certificate from
+    /// `mosquitto/certs.sh`); the services started by the cluster verify it against
+    /// its CA (`CLOUD_TLS_CA`).
+    pub async fn spawn_tls(sites: &[&str]) -> NatsCluster {
+        Self::spawn_with(sites, false, true).await
+    }
+
+    /// The CA of a cluster spawned with TLS.
+    pub fn tls_ca(&self) -> Option<&Path> {
+        self.tls_ca.as_deref()
     }
 
     /// As [`NatsCluster::spawn`], each node's routes to the others through a proxy of
     /// the test's ([`Proxy`]), so that a node can be cut off ([`NatsCluster::isolate`]).
     pub async fn spawn_partitionable(sites: &[&str]) -> NatsCluster {
-        Self::spawn_with(sites, true).await
+        Self::spawn_with(sites, true, false).await
     }
 
-    async fn spawn_with(sites: &[&str], partitionable: bool) -> NatsCluster {
+    async fn spawn_with(sites: &[&str], partitionable: bool, tls: bool) -> NatsCluster {
         let dir = tempfile::Builder::new()
             .prefix("iot-nats-")
             .tempdir()
@@ -94,7 +108,16 @@ impl NatsCluster {
             .map(|site| format!("{site}:{}", password(&format!("edge-relay-{site}"))))
             .collect::<Vec<_>>()
             .join(" ");
-        let status = std::process::Command::new(repo_root().join("scripts/nats-cluster"))
+        let certs = dir.path().join("certs");
+        let tls_ca = tls.then(|| {
+            crate::make_certificates(&certs);
+            certs.join("ca.crt")
+        });
+        let mut script = std::process::Command::new(repo_root().join("scripts/nats-cluster"));
+        if tls {
+            script.env("NATS_TLS_DIR", &certs);
+        }
+        let status = script
             .args(["config", &dir.path().display().to_string()])
             .env("NATS_PERSISTER_PASSWORD", password("mongo-persister"))
             .env("NATS_SITES", sites)
@@ -109,6 +132,7 @@ impl NatsCluster {
             monitors,
             nodes: [None, None, None],
             links: Vec::new(),
+            tls_ca,
             dir,
         };
         if partitionable {
@@ -257,6 +281,7 @@ impl NatsCluster {
             Some(password("mongo-persister")),
         )
         .expect("the cluster's address")
+        .with_tls_ca(self.tls_ca.clone())
         .connect("test")
         .await
         .expect("a NATS client");
@@ -285,7 +310,11 @@ impl NatsCluster {
         tokio::sync::mpsc::UnboundedReceiver<String>,
     ) {
         let (errors_tx, errors) = tokio::sync::mpsc::unbounded_channel();
-        let client = async_nats::ConnectOptions::new()
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(ca) = &self.tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        let client = options
             .user_and_password(user.to_string(), password(user))
             .custom_inbox_prefix(iot_core::nats::inbox_prefix(user))
             .event_callback(move |event| {
@@ -309,11 +338,14 @@ impl NatsCluster {
         mongo: &crate::MongoServer,
         args: &[&str],
     ) -> Service {
-        let env = [
+        let mut env = vec![
             ("CLOUD_BROKER", self.address()),
             ("MONGODB_URI", mongo.uri().to_string()),
             ("MONGODB_DATABASE", mongo.database_name().to_string()),
         ];
+        if let Some(ca) = &self.tls_ca {
+            env.push(("CLOUD_TLS_CA", ca.display().to_string()));
+        }
         let mut command = service_command(
             "mongo-persister",
             brokers.dir(),
@@ -356,6 +388,10 @@ impl NatsCluster {
             ("RELAY_LOG_DIR", log_dir.display().to_string()),
             ("EDGE_SITE", site.to_string()),
         ];
+        let mut env = env.to_vec();
+        if let Some(ca) = &self.tls_ca {
+            env.push(("CLOUD_TLS_CA", ca.display().to_string()));
+        }
         let command = service_command(
             "edge-relay",
             brokers.dir(),

@@ -952,3 +952,46 @@ async fn the_whole_cloud_tier_down_for_a_long_outage_loses_nothing() {
     relay.stop_cleanly().await;
     persister.stop_cleanly().await;
 }
+
+/// The clients' side of the cluster on TLS (`NATS_TLS_DIR`, a certificate from
+/// `mosquitto/certs.sh`): a client that does not know the CA gets nowhere; the relay and
+/// the persister, given it (`CLOUD_TLS_CA`), carry every reading, stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cloud_tier_on_tls_carries_the_stream_and_refuses_who_cannot_verify_it() {
+    const SENT: i64 = 1000;
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let cluster = NatsCluster::spawn_tls(&["plant-1"]).await;
+    assert!(cluster.tls_ca().is_some());
+    let first = format!("nats://127.0.0.1:{}", cluster.ports[0]);
+    let unverified = async_nats::ConnectOptions::new()
+        .user_and_password("mongo-persister".into(), tests::password("mongo-persister"))
+        .connect(first.as_str())
+        .await;
+    assert!(unverified.is_err(), "a client without the CA got in");
+    let plain = async_nats::ConnectOptions::new()
+        .user_and_password("mongo-persister".into(), tests::password("mongo-persister"))
+        .require_tls(false)
+        .connect(first.as_str())
+        .await;
+    assert!(plain.is_err(), "a client without TLS got in");
+
+    let mut persister = cluster.start_persister(&brokers, &mongo, &[]);
+    persister.wait_for_log("the NATS stream is set up").await;
+    let log_dir = brokers.dir().join("relay-log");
+    let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
+    relay.wait_for_log("subscribed on the edge broker").await;
+    let db = mongo.database().await;
+    let mut sensor = start_sensor_every(&brokers, "tls-1", &SENT.to_string(), "0.002");
+    sensor.expect_success().await;
+    wait_for_within(
+        CATCH_UP,
+        "every reading stored",
+        || tests::stored::count(&db, doc! { "device": "tls-1" }),
+        |n| *n >= SENT as u64,
+    )
+    .await;
+    assert_exactly_once(&stored_seqs(&db, "tls-1").await, SENT);
+    assert!(relay.stderr().contains("(tls)"), "{}", relay.stderr());
+    relay.stop_cleanly().await;
+    persister.stop_cleanly().await;
+}
