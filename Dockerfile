@@ -64,9 +64,10 @@ COPY monitoring/mosquitto-exporter.yaml /usr/local/share/iot-pipeline/mosquitto-
 # A fresh named volume takes the owner of the folder it is mounted on: the certs
 # service writes the cloud broker's certificate and key (/certs), the CA's certificate
 # for the edge (/ca), and keeps the CA's key apart (/ca-private, its own only), and
-# edge-relay its log, without root.
-RUN mkdir -p /certs /ca /ca-private /var/lib/edge-relay \
-    && chown iot /certs /ca /ca-private /var/lib/edge-relay \
-    && chmod 700 /ca-private
+# edge-relay its log, without root; so does compose.cluster.yaml's nats-config, the
+# NATS nodes' configuration and certificates (/nats*).
+RUN mkdir -p /certs /ca /ca-private /var/lib/edge-relay /nats /nats-certs /nats-ca /nats-ca-private \
+    && chown iot /certs /ca /ca-private /var/lib/edge-relay /nats /nats-certs /nats-ca /nats-ca-private \
+    && chmod 700 /ca-private /nats-ca-private
 USER iot
 WORKDIR /home/iot

@@ -29,6 +29,11 @@
 # A new account's topics may not reach another's: add refuses (exit 2, no file changed)
 # one whose topic filters match a services' topic where the payload names the device,
 # another preset's or the pipeline's space, or another device account's topics.
+# Each account's largest message (DEVICE_MAX_MESSAGE, from add-device --max-message:
+# bytes, or with K or M; at most 2M, the broker's max_packet_size) is written in its ACL
+# block as '# max-message BYTES': Mosquitto 2.0 has only one global limit, so edge-relay
+# reads it there (--accounts) and refuses larger messages of the account. Default 256K,
+# 1M for sparkplug (a birth of 10 000 metrics).
 # Environment: BROKER_ADDRESS (host:port, for the hint printed by add).
 set -eu
 
@@ -224,11 +229,35 @@ check_files() {
   [ -z "$bad" ] || die "$2 would have a line that is not user:hash (line ${bad%%:*}): nothing changed"
 }
 
+# The largest message of a new account of preset $1, in bytes: DEVICE_MAX_MESSAGE
+# (bytes, or a number with K or M), else the preset's default.
+max_message() {
+  size=${DEVICE_MAX_MESSAGE:-}
+  if [ -z "$size" ]; then
+    case $1 in sparkplug) echo 1048576 ;; *) echo 262144 ;; esac
+    return 0
+  fi
+  case $size in
+    *[Kk]) number=${size%?} factor=1024 ;;
+    *[Mm]) number=${size%?} factor=1048576 ;;
+    *) number=$size factor=1 ;;
+  esac
+  case $number in
+    ""|*[!0-9]*|0*) die "--max-message '$size': expected bytes, or a number with K or M (64K), from 1 to 2M" ;;
+  esac
+  [ "${#number}" -le 8 ] || die "--max-message '$size': at most 2M (the edge broker's max_packet_size)"
+  bytes=$((number * factor))
+  [ "$bytes" -le 2097152 ] || die "--max-message '$size': at most 2M (the edge broker's max_packet_size)"
+  echo "$bytes"
+}
+
 # The ACL lines of device $1 for preset $2.
 acl_of() {
   name=$1
   echo "# device $name, preset ${spec:-$2}"
   echo "user $name"
+  # Read by edge-relay (--accounts): the account's largest message.
+  echo "# max-message $limit"
   case $2 in
     default) printf '%s\n' "topic write /sensor/$name/#" "topic write /device/$name/status" \
                "topic read /replay/$name/request" "topic write /replay/$name/gone" ;;
@@ -276,6 +305,13 @@ hint() {
 # Writes CONF_DIR's passwd and acl from the services' files and the devices'.
 render() {
   devices=$(devices_dir "$1")
+  # Always there, and its ACL files readable by others (names and topics, no secret):
+  # edge-relay reads them (--accounts) to know each device account's topics and limit.
+  mkdir -p "$devices"
+  chmod 0755 "$devices"
+  for file in "$devices"/*.acl; do
+    if [ -f "$file" ]; then chmod 0644 "$file"; fi
+  done
   old_umask=$(umask)
   umask 077
   cat "$1/passwd.services" > "$1/passwd.new"
@@ -330,6 +366,7 @@ case $1 in
     check_new_name "$name" "$preset"
     devices=$(devices_dir "$dir")
     [ ! -f "$devices/$name.passwd" ] || die "device '$name' exists already: remove-device it first to give it a new password"
+    limit=$(max_message "$preset") || exit 2
     lines=$(acl_of "$name" "$preset")
     printf '%s\n' "$lines" | check_reach "$name" "$preset" "$dir" "$devices" || exit 2
     command -v mosquitto_passwd >/dev/null 2>&1 || die "mosquitto_passwd not found: install mosquitto"
@@ -361,6 +398,7 @@ case $1 in
     echo "user:     $name"
     echo "password: $password"
     sed -n 's/^topic /may:      /p' "$devices/$name.acl"
+    echo "largest message: $limit bytes (edge-relay refuses larger ones)"
     hint "$name" "$preset"
     ;;
   remove)

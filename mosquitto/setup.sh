@@ -27,6 +27,8 @@
 #     EDGE_FORWARDER      what carries the edge's messages to the cloud: relay (default:
 #                         edge-relay with its on-disk log, logging in as `edge-relay`) or
 #                         bridge (Mosquitto's bridge, local-bridge.conf.template)
+#     EDGE_QUEUE_BYTES    relay only: bytes the broker may queue per client beyond
+#                         what is in flight (default 1073741824, 1 GiB)
 #     CLOUD_BRIDGE_HOST   bridge only: cloud broker host (default localhost)
 #     CLOUD_BRIDGE_PORT   bridge only: its TLS port (default 8883)
 #     BRIDGE_CLIENT_ID    bridge only: its client id on the cloud broker, unique per edge
@@ -167,9 +169,26 @@ else
 fi
 if [ -d "$certs" ]; then certs=$(cd "$certs" && pwd); fi
 
+# What the edge broker holds for a client in memory (local.conf.template): bounded for
+# edge-relay, whose disk is the store; unbounded for the bridge, whose queue is. In
+# flight: above what the relay holds before it stops reading (64 MiB for its disk and
+# 64 MiB waiting, and a message). Queued: EDGE_QUEUE_BYTES, default 1 GiB (as much
+# again as the relay's default disk budget, for a relay down or a budget full of the
+# services' messages).
+if [ "$forwarder" = relay ]; then
+  max_inflight_bytes=167772160 max_queued_bytes=${EDGE_QUEUE_BYTES:-1073741824}
+  case $max_queued_bytes in
+    ""|*[!0-9]*) die "EDGE_QUEUE_BYTES is '$max_queued_bytes': expected a number of bytes, such as 1073741824" ;;
+  esac
+else
+  max_inflight_bytes=0 max_queued_bytes=0
+fi
+
 old_umask=$(umask)
 umask 077
 sed -e "s|@LISTENER@|$(sed_escape "$listener")|" \
+    -e "s|@MAX_QUEUED_BYTES@|$max_queued_bytes|g" \
+    -e "s|@MAX_INFLIGHT_BYTES@|$max_inflight_bytes|g" \
     -e "s|@TLS_LISTENER@|$(sed_escape "$tls_listener")|" \
     -e "s|@CERTS_DIR@|$(sed_escape "$certs")|g" \
     -e "s|@CONF_DIR@|$(sed_escape "$out")|g" \

@@ -202,7 +202,14 @@ impl Broker {
     /// Gives a device an account on this broker with `scripts/add-device` (the broker
     /// keeps running); returns the password it printed.
     pub fn add_device(&self, name: &str, preset: &str) -> String {
-        let output = self.device_script("add-device", &[name, "--preset", preset]);
+        self.add_device_with(name, preset, &[])
+    }
+
+    /// As [`Broker::add_device`], with more of `add-device`'s options (`--max-message`).
+    pub fn add_device_with(&self, name: &str, preset: &str, options: &[&str]) -> String {
+        let mut args = vec![name, "--preset", preset];
+        args.extend_from_slice(options);
+        let output = self.device_script("add-device", &args);
         let stdout = String::from_utf8_lossy(&output.stdout);
         stdout
             .lines()
@@ -411,6 +418,11 @@ impl Brokers {
             ("CLOUD_USERNAME", cloud_user.to_string()),
             ("CLOUD_PASSWORD", password(cloud_user)),
             ("RELAY_LOG_DIR", log_dir.display().to_string()),
+            // The edge broker's accounts, as the native stack and compose give them.
+            (
+                "RELAY_ACCOUNTS",
+                edge.conf_dir().join("acl").display().to_string(),
+            ),
         ];
         spawn_service_with_env("edge-relay", self.dir(), edge.port, Some(user), args, &env)
     }
@@ -1103,6 +1115,37 @@ pub async fn wait_for<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
     check: impl Fn(&T) -> bool,
 ) -> T {
     wait_for_within(WAIT, what, ask, check).await
+}
+
+/// Waits until `check` passes on the number `ask` returns, for as long as that number
+/// moves: panics with `what` once it stood still for `stall` (or after `cap` in all).
+/// For a count that a loaded machine makes slow but that must not stop short: what the
+/// test asserts is that it gets there, not how fast.
+pub async fn wait_while_it_moves<F: std::future::Future<Output = u64>>(
+    what: &str,
+    (stall, cap): (Duration, Duration),
+    mut ask: impl FnMut() -> F,
+    check: impl Fn(u64) -> bool,
+) -> u64 {
+    let started = tokio::time::Instant::now();
+    let (mut last, mut moved) = (ask().await, started);
+    loop {
+        if check(last) {
+            return last;
+        }
+        let now = tokio::time::Instant::now();
+        assert!(
+            now.duration_since(moved) < stall && now.duration_since(started) < cap,
+            "{what}: stood at {last} for {:?} ({:?} in all)",
+            now.duration_since(moved),
+            now.duration_since(started)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let answer = ask().await;
+        if answer != last {
+            (last, moved) = (answer, tokio::time::Instant::now());
+        }
+    }
 }
 
 /// [`wait_for`] with a deadline of `within`.

@@ -114,9 +114,6 @@ impl NatsCluster {
             certs.join("ca.crt")
         });
         let mut script = std::process::Command::new(repo_root().join("scripts/nats-cluster"));
-        if tls {
-            script.env("NATS_TLS_DIR", &certs);
-        }
         let status = script
             .args(["config", &dir.path().display().to_string()])
             .env("NATS_PERSISTER_PASSWORD", password("mongo-persister"))
@@ -124,6 +121,7 @@ impl NatsCluster {
             .env("NATS_PORTS", list(&ports))
             .env("NATS_ROUTE_PORTS", list(&routes))
             .env("NATS_MONITOR_PORTS", list(&monitors))
+            .envs(tls.then_some(("NATS_CERTS_DIR", &certs)))
             .status()
             .expect("cannot run scripts/nats-cluster");
         assert!(status.success(), "scripts/nats-cluster config failed");
@@ -263,6 +261,15 @@ impl NatsCluster {
             .unwrap_or_default()
     }
 
+    /// The environment of a service on the cluster: its address, and its CA with TLS.
+    fn cloud_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![("CLOUD_BROKER", self.address())];
+        if let Some(ca) = &self.tls_ca {
+            env.push(("CLOUD_TLS_CA", ca.display().to_string()));
+        }
+        env
+    }
+
     /// A JetStream connection as the persister's user (it may read the stream).
     pub async fn admin(&self) -> jetstream::Context {
         self.admin_of(&self.address()).await
@@ -338,14 +345,11 @@ impl NatsCluster {
         mongo: &crate::MongoServer,
         args: &[&str],
     ) -> Service {
-        let mut env = vec![
-            ("CLOUD_BROKER", self.address()),
+        let mut env = self.cloud_env();
+        env.extend([
             ("MONGODB_URI", mongo.uri().to_string()),
             ("MONGODB_DATABASE", mongo.database_name().to_string()),
-        ];
-        if let Some(ca) = &self.tls_ca {
-            env.push(("CLOUD_TLS_CA", ca.display().to_string()));
-        }
+        ]);
         let mut command = service_command(
             "mongo-persister",
             brokers.dir(),
@@ -381,17 +385,18 @@ impl NatsCluster {
         args: &[&str],
     ) -> Service {
         let user = format!("edge-relay-{site}");
-        let env = [
-            ("CLOUD_BROKER", self.address()),
+        let mut env = self.cloud_env();
+        env.extend([
             ("CLOUD_USERNAME", user.clone()),
             ("CLOUD_PASSWORD", password(&user)),
             ("RELAY_LOG_DIR", log_dir.display().to_string()),
             ("EDGE_SITE", site.to_string()),
-        ];
-        let mut env = env.to_vec();
-        if let Some(ca) = &self.tls_ca {
-            env.push(("CLOUD_TLS_CA", ca.display().to_string()));
-        }
+            // The edge broker's accounts, as the native stack and compose give them.
+            (
+                "RELAY_ACCOUNTS",
+                edge.conf_dir().join("acl").display().to_string(),
+            ),
+        ]);
         let command = service_command(
             "edge-relay",
             brokers.dir(),

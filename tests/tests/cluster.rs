@@ -953,9 +953,10 @@ async fn the_whole_cloud_tier_down_for_a_long_outage_loses_nothing() {
     persister.stop_cleanly().await;
 }
 
-/// The clients' side of the cluster on TLS (`NATS_TLS_DIR`, a certificate from
+/// The clients' side of the cluster on TLS (`NATS_CERTS_DIR`, a certificate from
 /// `mosquitto/certs.sh`): a client that does not know the CA gets nowhere; the relay and
-/// the persister, given it (`CLOUD_TLS_CA`), carry every reading, stored once.
+/// the persister, given it (`CLOUD_TLS_CA`), carry every reading, stored once; a relay
+/// given a CA file that is not there stops with one line, exit 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cloud_tier_on_tls_carries_the_stream_and_refuses_who_cannot_verify_it() {
     const SENT: i64 = 1000;
@@ -991,7 +992,25 @@ async fn the_cloud_tier_on_tls_carries_the_stream_and_refuses_who_cannot_verify_
     )
     .await;
     assert_exactly_once(&stored_seqs(&db, "tls-1").await, SENT);
-    assert!(relay.stderr().contains("(tls)"), "{}", relay.stderr());
+    assert!(relay.stderr().contains("(TLS)"), "{}", relay.stderr());
     relay.stop_cleanly().await;
     persister.stop_cleanly().await;
+
+    let missing = brokers.dir().join("no-such-ca.crt");
+    let mut command = tests::service_command(
+        "edge-relay",
+        brokers.dir(),
+        brokers.local.port,
+        Some("edge-relay"),
+        &[],
+        &[
+            ("CLOUD_BROKER", cluster.address()),
+            ("CLOUD_TLS_CA", missing.display().to_string()),
+            ("RELAY_LOG_DIR", log_dir.display().to_string()),
+        ],
+    );
+    let output = command.output().await.expect("edge-relay ran");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("CLOUD_TLS_CA"), "{stderr}");
 }

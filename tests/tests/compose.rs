@@ -529,9 +529,13 @@ fn one_persister_by_default_and_named_replicas_to_scale_out() {
 
 #[test]
 fn every_variable_compose_needs_is_in_env_example() {
-    let compose_file = ["compose.yaml", "compose.replicas.yaml"]
-        .map(|file| std::fs::read_to_string(repo().join(file)).expect("compose file"))
-        .concat();
+    let compose_file = [
+        "compose.yaml",
+        "compose.replicas.yaml",
+        "compose.cluster.yaml",
+    ]
+    .map(|file| std::fs::read_to_string(repo().join(file)).expect("compose file"))
+    .concat();
     let example = std::fs::read_to_string(repo().join(".env.example")).expect(".env.example");
     let defined: BTreeSet<&str> = example
         .lines()
@@ -548,6 +552,60 @@ fn every_variable_compose_needs_is_in_env_example() {
             has_default || defined.contains(name.as_str()),
             "compose.yaml needs {name}, which .env.example lacks"
         );
+    }
+}
+
+/// `compose.cluster.yaml`, as Compose v2.24+ reads it (it removes `CLOUD_PORT` with
+/// `!reset`, which docker-compose 1.29 does not know): the cloud on three `nats:2.9`
+/// nodes, each run from its own configuration, with the stream's store and the
+/// configuration of `scripts/nats-cluster`; the relay and the persister on `nats://`
+/// addresses of all three, over TLS, without `CLOUD_PORT`, the relay as its site's user;
+/// no cloud Mosquitto.
+#[test]
+fn compose_cluster_yaml_puts_the_cloud_on_three_nats_nodes() {
+    if !implementations().contains(&Implementation::Plugin) {
+        tests::skipped("compose.cluster.yaml needs Compose v2 (`docker compose`)");
+        return;
+    }
+    let mut command = Command::new("docker");
+    command
+        .arg("compose")
+        .current_dir(repo())
+        .args(["--env-file", ".env.example"])
+        .args(["-f", "compose.yaml", "-f", "compose.cluster.yaml"]);
+    let config = resolved_with(command);
+    let names: BTreeSet<String> = services(&config)
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    assert!(!names.contains("mosquitto-cloud"), "{names:?}");
+    for node in 1..=3 {
+        let service = &config["services"][format!("nats-{node}").as_str()];
+        assert_eq!(service["image"].as_str(), Some("nats:2.9"));
+        assert_eq!(
+            strings(&service["command"]),
+            ["-c", &format!("/nats/node-{node}.conf")]
+        );
+    }
+    let setup = strings(&config["services"]["nats-config"]["entrypoint"]).join(" ");
+    assert!(
+        setup.contains("/scripts/nats-cluster config /nats"),
+        "{setup}"
+    );
+    let cloud = "nats://nats-1:4222,nats://nats-2:4222,nats://nats-3:4222";
+    for (name, user) in [
+        ("edge-relay", "edge-relay-edge"),
+        ("mongo-persister", "mongo-persister"),
+    ] {
+        let env = &config["services"][name]["environment"];
+        assert_eq!(env["CLOUD_BROKER"].as_str(), Some(cloud), "{name}");
+        assert_eq!(env["CLOUD_USERNAME"].as_str(), Some(user), "{name}");
+        assert_eq!(
+            env["CLOUD_TLS_CA"].as_str(),
+            Some("/nats-ca/ca.crt"),
+            "{name}"
+        );
+        assert!(env["CLOUD_PORT"].is_badvalue(), "{name} keeps CLOUD_PORT");
     }
 }
 

@@ -37,12 +37,13 @@ fn docker(first: &str) -> Command {
 }
 
 /// Projects this tier makes; one an interrupted run left behind would hold the ports.
-const PROJECTS: [&str; 5] = [
+const PROJECTS: [&str; 6] = [
     "iot-tier-build",
     "iot-tier-default",
     "iot-tier-bridge",
     "iot-tier-replicas",
     "iot-tier-example-env",
+    "iot-tier-cluster",
 ];
 
 /// One stack at a time: they share the host's published ports.
@@ -1009,6 +1010,66 @@ async fn docker_tier_the_bridge_and_the_replicas_store_every_reading_once() {
         "compose.replicas.yaml, the second replica retired",
     )
     .await;
+}
+
+/// `compose.cluster.yaml`: the cloud on three NATS nodes, as the file's header says to
+/// run it. Every service healthy (no cloud Mosquitto), readings stored; one node
+/// SIGKILLed mid-stream: readings go on being stored, and once the sensors stop every
+/// boot is whole (each reading once, from seq 1, none missing). The persister asks
+/// devices for nothing on this tier yet, so nothing here is a repair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_tier_the_cluster_file_stores_every_reading_once_through_a_nodes_loss() {
+    let Some(_tier) = tier().await else { return };
+    let stack = Stack::fresh(
+        "iot-tier-cluster",
+        &["compose.yaml", "compose.cluster.yaml"],
+        &[],
+    );
+    let healthy: Vec<&str> = HEALTHY
+        .iter()
+        .copied()
+        .filter(|service| *service != "mosquitto-cloud")
+        .collect();
+    let took = stack.up(&healthy);
+    eprintln!("compose.cluster.yaml: every service healthy {took:?} after `up --build -d`");
+    let states = stack.states();
+    assert!(
+        !states.contains_key("mosquitto-cloud"),
+        "the cloud Mosquitto runs beside the cluster: {states:?}"
+    );
+    for node in ["nats-1", "nats-2", "nats-3"] {
+        assert_eq!(
+            states.get(node).map(String::as_str),
+            Some("running"),
+            "{states:?}"
+        );
+    }
+    let db = stack.database().await;
+    let before = stored_more_than(&db, 20, Duration::from_secs(90)).await;
+    stack.compose_ok(&["kill", "-s", "SIGKILL", "nats-2"]);
+    stored_more_than(&db, before + 20, Duration::from_secs(90)).await;
+
+    let mut stop = vec!["stop"];
+    stop.extend(SENSORS);
+    stack.compose_ok(&stop);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let boots = boots(&db).await;
+        let twice: Vec<&Boot> = boots.iter().filter(|b| b.stored != b.distinct).collect();
+        assert!(twice.is_empty(), "readings stored twice: {twice:?}");
+        let devices: std::collections::BTreeSet<&str> =
+            boots.iter().map(|b| b.device.as_str()).collect();
+        if devices.len() >= 2 && boots.iter().all(Boot::is_whole) {
+            eprintln!("compose.cluster.yaml, node 2 killed: stored once, from seq 1: {boots:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every reading stored once from seq 1 within 180 s: {boots:?}\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 #[tokio::test]

@@ -164,12 +164,13 @@ async fn a_relay_killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
         (relay, port) = relay_with_metrics(&brokers, &log_dir, &[]).await;
     }
     sensor.expect_success().await;
-    // Beside this file's other tests the persister stored 36 030 of them in 90 s.
-    tests::wait_for_within(
-        2 * CATCH_UP,
+    // Beside this file's other tests the persister stored 36 030 of them in 90 s; on a
+    // machine loaded further, 36 246 in 180 s: waited for as long as the count moves.
+    tests::wait_while_it_moves(
         "every reading stored",
+        (CATCH_UP, 6 * CATCH_UP),
         || tests::stored::count(&db, doc! { "device": "crash-1" }),
-        |n| *n >= 40_000,
+        |n| n >= 40_000,
     )
     .await;
     assert_exactly_once(&stored_seqs(&db, "crash-1").await, 40_000);
@@ -184,6 +185,8 @@ async fn a_relay_killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
 /// and makes its forwarded mark durable before it releases what the cloud received, so
 /// what it sends again after a crash is what the cloud broker holds unreleased, and
 /// takes as the duplicate it is.
+// One scenario read top to bottom, with what it says of the hop at fault when it fails.
+#[allow(clippy::too_many_lines)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_again_and_again_forwards_nothing_twice() {
     const KILLS: usize = 15;
@@ -195,6 +198,13 @@ async fn a_relay_killed_again_and_again_forwards_nothing_twice() {
     let mut persister = brokers.persister_ready(&mongo, &["--no-repair"]).await;
     let db = mongo.database().await;
 
+    // Which hop sends a plain value twice, should one be stored twice: what the edge
+    // broker delivers to a subscriber of its own beside the relay (the device's client
+    // sends again what its broker had not acknowledged when its connection drops: those
+    // are the device's copies, which no one after it can tell apart), and what the cloud
+    // broker delivers to one beside the persister.
+    let (stop_watching, watched) = watch_cloud(brokers.cloud.port, UNKEYED_TOPIC).await;
+    let (stop_watching_edge, watched_edge) = watch_cloud(brokers.local.port, UNKEYED_TOPIC).await;
     let plain = publish_unkeyed_every(brokers.local.port, COUNT, EVERY);
     let mut sensor = start_sensor_every(
         &brokers,
@@ -203,6 +213,7 @@ async fn a_relay_killed_again_and_again_forwards_nothing_twice() {
         &COUNT.to_string(),
         "0.002",
     );
+    let mut runs_said = Vec::new();
     for kill in 0..KILLS {
         // Each kill with this relay forwarding (a few hundred acknowledged by the cloud,
         // more at each kill so that they fall at different points of the window), and
@@ -220,12 +231,22 @@ async fn a_relay_killed_again_and_again_forwards_nothing_twice() {
             kill + 1
         );
         relay.kill().await;
+        // What each run said of the edge broker's copies, for a failure's message.
+        runs_said.push(
+            relay
+                .stderr()
+                .lines()
+                .filter(|line| line.contains("copies") || line.contains("link=\"edge\""))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
         (relay, port) = relay_with_metrics(&brokers, &log_dir, &[]).await;
     }
     plain.await.expect("the plain values published");
     sensor.expect_success().await;
 
-    let (distinct, stored) = tests::wait_for_within(
+    let (distinct, _) = tests::wait_for_within(
         CATCH_UP,
         "every plain value stored",
         || unkeyed_stored(&db, COUNT),
@@ -252,17 +273,94 @@ async fn a_relay_killed_again_and_again_forwards_nothing_twice() {
         "{KILLS} kills: {COUNT} plain values, {distinct} stored, {} stored twice",
         stored_at_end - distinct
     );
-    if stored_at_end > distinct {
-        say_who_sent_again(&persister, &brokers, &relay);
-    }
-    assert_eq!(
-        (distinct, stored, stored_at_end),
-        (COUNT as usize, COUNT as usize, COUNT as usize),
-        "plain values stored more than once"
+    let _ = stop_watching.send(());
+    let _ = stop_watching_edge.send(());
+    let delivered = watched.await.expect("the cloud watcher");
+    let at_edge = watched_edge.await.expect("the edge watcher");
+    let twice_by_cloud = delivered.values().filter(|n| **n > 1).count();
+    let twice_at_edge = at_edge.values().filter(|n| **n > 1).count();
+    // Copies the device sent (its client's own resends): stored twice by right.
+    let device_copies: usize = at_edge.values().map(|n| n - 1).sum();
+    eprintln!(
+        "the cloud broker delivered {} plain values to a subscriber of its own, {twice_by_cloud} of them more than once; the edge broker {}, {twice_at_edge} more than once (the device's client sent them again)",
+        delivered.len(),
+        at_edge.len()
     );
-    assert_exactly_once(&stored_seqs(&db, "again-1").await, i64::from(COUNT));
     relay.stop_cleanly().await;
     persister.stop_cleanly().await;
+    if stored_at_end > distinct + device_copies {
+        say_who_sent_again(&persister, &brokers, &relay);
+        let in_log = payloads_logged_twice(&log_dir, UNKEYED_TOPIC);
+        eprintln!("plain values the relay's log holds more than once: {in_log}");
+        for (run, said) in runs_said.iter().enumerate() {
+            eprintln!("relay run {}:\n{said}", run + 1);
+        }
+    }
+    assert_eq!(
+        (distinct, stored_at_end),
+        (COUNT as usize, COUNT as usize + device_copies),
+        "plain values stored more than once (beyond the {device_copies} copies the device sent)"
+    );
+    assert_eq!(
+        twice_by_cloud, twice_at_edge,
+        "the cloud broker delivered plain values twice that the edge broker delivered once"
+    );
+    assert_exactly_once(&stored_seqs(&db, "again-1").await, i64::from(COUNT));
+}
+
+/// A subscriber of the cloud broker's own on `topic` (QoS 1, clean session) counting
+/// each payload it is delivered, until told to stop (or 20 s pass without one).
+async fn watch_cloud(
+    port: u16,
+    topic: &str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::collections::HashMap<String, usize>>,
+) {
+    let mut client = TestClient::connect(port, "mqtt-subscriber").await;
+    client.subscribe(topic).await;
+    let (stop, mut stopped) = tokio::sync::oneshot::channel();
+    let watched = tokio::spawn(async move {
+        let mut delivered = std::collections::HashMap::new();
+        loop {
+            tokio::select! {
+                _ = &mut stopped => break,
+                message = client.next_message() => {
+                    let payload = String::from_utf8_lossy(&message.payload).into_owned();
+                    *delivered.entry(payload).or_insert(0) += 1;
+                }
+            }
+        }
+        delivered
+    });
+    (stop, watched)
+}
+
+/// How many payloads of `topic` the relay's log in `dir` (the relay stopped) holds more
+/// than once; prints the first few: each copy's number in the log and the edge
+/// broker's packet id.
+fn payloads_logged_twice(dir: &Path, topic: &str) -> usize {
+    let (log, _) = edge_relay::log::Log::open(dir).expect("the relay's log opens");
+    let mut seen = std::collections::BTreeMap::<Vec<u8>, Vec<(u64, u16)>>::new();
+    let mut from = log.first();
+    loop {
+        let read = log.read_from(from, 1024, 16 << 20).expect("the log reads");
+        let Some(&(last, _)) = read.last() else { break };
+        for (number, entry) in read.into_iter().filter(|(_, entry)| entry.topic == topic) {
+            seen.entry(entry.payload.to_vec())
+                .or_default()
+                .push((number, entry.edge_pkid));
+        }
+        from = last + 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, copies)| copies.len() > 1).collect();
+    for (payload, copies) in twice.iter().take(10) {
+        eprintln!(
+            "logged twice: {} as (number, edge packet id) {copies:?}",
+            String::from_utf8_lossy(payload)
+        );
+    }
+    twice.len()
 }
 
 /// What the relay's exactly-once forwarding relies on, asked of the project's cloud
@@ -407,9 +505,21 @@ fn say_who_sent_again(persister: &Service, brokers: &Brokers, relay: &Service) {
     let said = |log: &str| {
         log.lines()
             .filter(|line| {
-                line.contains("WARN") || line.contains("ERROR") || line.contains("Reused")
+                // Mosquitto says a connection's end without a level: a persister dropped
+                // for its keep-alive is sent its unacknowledged messages again.
+                [
+                    "WARN",
+                    "ERROR",
+                    "Reused",
+                    "disconnect",
+                    "timeout",
+                    "Socket error",
+                    "connected",
+                ]
+                .iter()
+                .any(|word| line.contains(word))
             })
-            .take(40)
+            .take(60)
             .collect::<Vec<_>>()
             .join("\n")
     };
@@ -1566,20 +1676,31 @@ async fn a_full_file_system_holds_the_edge_back_and_the_relay_goes_on() {
 /// message then: the relay writes it, the file system refuses, the store refuses every
 /// write after that, and the relay opens it again (the message, not acknowledged, comes
 /// again). Tried until the relay's write came before its next measurement (once a
-/// second); returns the messages sent.
+/// second): on a loaded machine the write may come later than that many times in a
+/// row (10 tries were not enough once in five runs beside other heavy tests), so up to
+/// [`REFUSED_WRITE_TRIES`]. Returns the messages sent.
 async fn a_write_the_file_system_refuses(
     small: &SmallFileSystem,
     relay: &(Service, u16),
     edge: u16,
 ) -> usize {
     let mut device = TestClient::connect(edge, "temperature-sensor").await;
-    for attempt in 0..10 {
-        tests::wait_for(
-            "room measured",
-            || metric(relay.1, "iot_relay_room_bytes"),
-            |room| room.is_some_and(|room| room > (1 << 20) as f64),
-        )
-        .await;
+    for attempt in 0..REFUSED_WRITE_TRIES {
+        // A store that failed is opened again after a backoff of up to 30 s.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let room = metric(relay.1, "iot_relay_room_bytes").await;
+            if room.is_some_and(|room| room > (1 << 20) as f64) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "attempt {attempt}: no room measured within 60 s ({room:?}, {} bytes free); the relay logged:\n{}",
+                small.available(),
+                relay.0.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let filler = small.fill();
         let payload = incompressible(FULL_FS_COUNT + attempt + 1, 64 * 1024)
             .last()
@@ -1608,6 +1729,9 @@ async fn a_write_the_file_system_refuses(
     }
     panic!("the relay measured the full file system before each write");
 }
+
+/// Tries of [`a_write_the_file_system_refuses`], about 2 s each.
+const REFUSED_WRITE_TRIES: usize = 40;
 
 /// Messages of [`a_full_file_system_holds_the_edge_back_and_the_relay_goes_on`]: 312 MiB
 /// for a 200 MiB file system.

@@ -710,8 +710,12 @@ async fn junk_readings_are_no_hole_to_ask_for_and_a_range_is_answered_once() {
     let metrics_port = tests::free_port();
     let address = format!("127.0.0.1:{metrics_port}");
     let log_dir = brokers.dir().join("relay-log");
+    // The junk device's 40 MB at once within its share of the relay's log.
     let _relay = brokers
-        .relay_ready(&log_dir, &["--metrics-address", &address])
+        .relay_ready(
+            &log_dir,
+            &["--metrics-address", &address, "--account-share", "128M"],
+        )
         .await;
     let persister_port = tests::free_port();
     let persister_address = format!("127.0.0.1:{persister_port}");
@@ -727,7 +731,10 @@ async fn junk_readings_are_no_hole_to_ask_for_and_a_range_is_answered_once() {
         )
         .await;
     let mut honest = tests::stored::start_sensor(&brokers, "honest-5", "2000");
-    let password = brokers.local.add_device("junk-1", "default");
+    // Messages of 1 MB: past a device account's default limit (256K).
+    let password = brokers
+        .local
+        .add_device_with("junk-1", "default", &["--max-message", "2M"]);
     let mut device = brokers.local.log_in("junk-1", &password).await;
     let topic = "/sensor/junk-1/temperature";
     let pad = "x".repeat(1 << 20);

@@ -51,9 +51,18 @@ fn free_ports<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<(&'a str, u16
 }
 
 fn stack(dir: &std::path::Path, ports: &[(&str, u16)]) -> tokio::process::Command {
+    stack_with(dir, ports, &["--dashboard", "--monitoring"])
+}
+
+/// `scripts/dev-stack ARGS` in `dir`, on `ports`, building debug binaries.
+fn stack_with(
+    dir: &std::path::Path,
+    ports: &[(&str, u16)],
+    args: &[&str],
+) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(repo_root().join("scripts/dev-stack"));
     command
-        .args(["--dashboard", "--monitoring"])
+        .args(args)
         .current_dir(repo_root())
         .env_remove("MONGODB_URI")
         .env("STACK_DIR", dir.join("stack"))
@@ -146,6 +155,59 @@ async fn the_native_stack_stores_readings_and_stops_cleanly() {
         output.contains("mongo-persister.1 stopped (rc=0)"),
         "{output}"
     );
+    assert!(
+        !output.contains("SIGKILL"),
+        "something had to be killed:\n{output}"
+    );
+}
+
+/// `scripts/dev-stack --cloud nats`: the cloud on three NATS nodes (TLS) in place of the
+/// cloud Mosquitto; both sensors' readings stored, and a clean stop on Ctrl-C.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_native_stack_runs_its_cloud_on_three_nats_nodes() {
+    let _one = ONE_STACK.lock().await;
+    binary("readings"); // builds the debug binaries the stack runs
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = free_ports(
+        ["LOCAL_PORT", "CLOUD_PORT", "CLOUD_TLS_PORT", "MONGO_PORT"]
+            .into_iter()
+            .chain(METRICS_PORTS),
+    );
+    let list = || format!("{} {} {}", free_port(), free_port(), free_port());
+    let mut command = stack_with(dir.path(), &ports, &["--cloud", "nats"]);
+    command
+        .env("NATS_PORTS", list())
+        .env("NATS_ROUTE_PORTS", list())
+        .env("NATS_MONITOR_PORTS", list());
+    let uri = format!("mongodb://127.0.0.1:{}", ports[3].1);
+    let mut running = Service::spawn("dev-stack --cloud nats", command);
+    let stored = wait_for_within(
+        STACK_START,
+        "both sensors' readings in the database",
+        || async { latest(&uri) },
+        |out| out.contains("/sensor/temperature") && out.contains("/sensor/pressure"),
+    )
+    .await;
+    assert!(stored.contains("temp-0001"), "{stored}");
+    let output = running.stdout_lines().join("\n");
+    assert!(
+        output.contains("edge-relay-nats") && output.contains("(TLS)"),
+        "the relay does not forward into NATS over TLS:\n{output}"
+    );
+    assert!(
+        !output.contains("mosquitto-cloud"),
+        "the cloud Mosquitto runs:\n{output}"
+    );
+
+    running.interrupt().await;
+    let output = running.stdout_lines().join("\n");
+    assert!(output.contains("status offline"), "{output}");
+    for process in ["mongo-persister-nats", "edge-relay-nats", "nats-cloud"] {
+        assert!(
+            output.contains(&format!("{process}.1 stopped (rc=0)")),
+            "{process} did not stop cleanly:\n{output}"
+        );
+    }
     assert!(
         !output.contains("SIGKILL"),
         "something had to be killed:\n{output}"

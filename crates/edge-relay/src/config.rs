@@ -48,6 +48,15 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub topics: Vec<String>,
+    /// The edge broker's ACL (the acl file mosquitto/setup.sh renders, or its devices/ folder), read again when it changes: which device account may write a topic and its largest message. A file that cannot be read fails closed (every topic one unknown device account's). Without it, no device account's share or size limit is enforced [default: none]
+    #[arg(long, value_name = "FILE", env = "RELAY_ACCOUNTS")]
+    pub accounts: Option<PathBuf>,
+    /// Most bytes one device account may have in the log not forwarded yet; past it, its messages are acknowledged to the edge broker and not forwarded (counted in iot_relay_refused_total) while the others' go on. What one account's flood can delay the others by: this much forwarded ahead of them
+    #[arg(long, value_name = "BYTES", env = "RELAY_ACCOUNT_SHARE", default_value = "32M", value_parser = parse_bytes)]
+    pub account_share: u64,
+    /// Largest message of a device account whose ACL block names no limit of its own (scripts/add-device --max-message writes one); larger ones are acknowledged and not forwarded (counted in iot_relay_refused_total)
+    #[arg(long, value_name = "BYTES", env = "RELAY_MAX_MESSAGE", default_value = "256K", value_parser = parse_bytes)]
+    pub max_message: u64,
     /// Serve Prometheus metrics and health checks (/metrics, /health/live, /health/ready) on HOST:PORT, e.g. 0.0.0.0:9469 [default: off]
     #[arg(long, value_name = "HOST:PORT", env = "RELAY_METRICS_ADDRESS", value_parser = iot_core::ops::parse_listen_address)]
     pub metrics_address: Option<String>,
@@ -74,6 +83,18 @@ impl Config {
             return Err(format!(
                 "--max-disk (RELAY_MAX_DISK) is {} bytes: expected at least 128M (the store's journals alone may take 64M)",
                 self.max_disk
+            ));
+        }
+        if self.account_share < 4 << 20 || self.account_share > self.max_disk / 2 {
+            return Err(format!(
+                "--account-share (RELAY_ACCOUNT_SHARE) is {} bytes: expected at least 4M (two of the largest messages) and at most half of --max-disk",
+                self.account_share
+            ));
+        }
+        if self.max_message == 0 || self.max_message > 2 << 20 {
+            return Err(format!(
+                "--max-message (RELAY_MAX_MESSAGE) is {} bytes: expected 1 to 2M (the edge broker's max_packet_size)",
+                self.max_message
             ));
         }
         if self.refill_window > self.retention {
@@ -202,6 +223,9 @@ mod tests {
             &["--max-disk", "lots"],
             &["--retention", "1m", "--refill-window", "5m"],
             &["--refill-delay", "2h"],
+            &["--account-share", "1M"],
+            &["--max-disk", "128M", "--account-share", "65M"],
+            &["--max-message", "3M"],
             &["--retention", "100000d"],
             &["--cloud-password", "x"],
             &["--cloud-broker", "nats://a:4222", "--cloud-port", "4222"],
@@ -217,6 +241,14 @@ mod tests {
         let config = parse(&["--cloud-broker", "nats://a:4222,nats://b:4223"]).expect("valid");
         let nats = config.cloud_nats().expect("valid").expect("nats");
         assert_eq!(nats.servers, ["nats://a:4222", "nats://b:4223"]);
+        assert_eq!(nats.tls_ca, None);
+        // A CA file turns TLS on for every node.
+        let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let config =
+            parse(&["--cloud-broker", "nats://a:4222", "--cloud-tls-ca", ca]).expect("valid");
+        let nats = config.cloud_nats().expect("valid").expect("nats");
+        assert_eq!(nats.tls_ca, Some(ca.into()));
+        assert!(nats.address().ends_with("(TLS)"), "{}", nats.address());
         let config = parse(&[]).expect("valid");
         assert!(config.cloud_nats().expect("valid").is_none());
     }

@@ -40,6 +40,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::accounts::Accounts;
 use crate::cloud::{Cloud, Heard};
 use crate::log::{now_ms, Log};
 
@@ -110,6 +111,8 @@ struct Slot {
 pub struct Forwarder {
     cloud: Cloud,
     log: Log,
+    /// Told what leaves the log, so that its account's share has room again.
+    accounts: Arc<Accounts>,
     /// New messages in the log.
     wake: Arc<Notify>,
     replays: mpsc::Receiver<Replay>,
@@ -147,6 +150,7 @@ impl Forwarder {
     pub fn new(
         cloud: Cloud,
         log: Log,
+        accounts: Arc<Accounts>,
         wake: Arc<Notify>,
         replays: mpsc::Receiver<Replay>,
         (refill_window, refill_delay): (Duration, Duration),
@@ -156,6 +160,7 @@ impl Forwarder {
         Self {
             cloud,
             log,
+            accounts,
             wake,
             replays,
             slots: VecDeque::new(),
@@ -281,6 +286,7 @@ impl Forwarder {
                 taken = true;
                 self.cursor = number + 1;
                 let bytes = entry.payload.len();
+                self.accounts.forwarding(number, &entry.topic, bytes);
                 if let Err(error) = encodable(&entry.topic, QoS::ExactlyOnce, bytes) {
                     tracing::warn!(
                         number,

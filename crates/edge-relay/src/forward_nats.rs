@@ -54,6 +54,8 @@ pub struct NatsForwarder {
     client: async_nats::Client,
     js: jetstream::Context,
     log: Log,
+    /// Told what leaves the log, so that its account's share has room again.
+    accounts: Arc<crate::accounts::Accounts>,
     /// New messages in the log.
     wake: Arc<Notify>,
     subject: String,
@@ -95,6 +97,7 @@ impl NatsForwarder {
         settings: &NatsSettings,
         site: &str,
         log: Log,
+        accounts: Arc<crate::accounts::Accounts>,
         wake: Arc<Notify>,
         refill_window: Duration,
         replays: mpsc::Receiver<Replay>,
@@ -109,6 +112,7 @@ impl NatsForwarder {
             client,
             js,
             log,
+            accounts,
             wake,
             subject: nats::site_subject(site),
             site: site.to_string(),
@@ -190,6 +194,8 @@ impl NatsForwarder {
                 return Ok(());
             };
             for (number, entry) in read {
+                self.accounts
+                    .forwarding(number, &entry.topic, entry.payload.len());
                 // A server that never answered has max_payload 0: it is not known yet.
                 if max_payload > 0 && entry.payload.len() + 1024 > max_payload {
                     tracing::warn!(

@@ -12,9 +12,15 @@
 //! between two measurements). While there is no room (the budget, or the file system
 //! less what the store needs for its own writes, is full of messages not forwarded yet),
 //! nothing is written and nothing acknowledged; the broker holds what comes (in the
-//! relay's session) and the devices their own buffers. Nothing is dropped. A batch the
+//! relay's session) and the devices their own buffers. Nothing is dropped (but what a
+//! device account sends past its share or size limit, below). A batch the
 //! disk refuses all the same is not acknowledged either: the relay opens its log again
 //! (`crate::run`) and the broker sends the batch again.
+//!
+//! Device accounts ([`crate::accounts`]): a message larger than its account's limit, or
+//! of an account that has its share of the log not forwarded yet, is refused as it
+//! arrives: acknowledged at once and not written, counted and logged, so that it holds
+//! back neither the batch nor the broker's window to the relay. The others go on.
 //!
 //! Each message into the log once, across reconnects: copies of an earlier connection
 //! that the broker sends again are dropped before they are written, and a copy of one
@@ -32,6 +38,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::accounts::{self, Accounts};
 use crate::log::{now_ms, Entry, Log};
 use crate::mqtt5::{filter, Heard, Link, Message, RECEIVE_MAXIMUM};
 
@@ -63,13 +70,10 @@ impl Space {
 /// The room in the log, as the keeper last measured it.
 pub type Room = watch::Receiver<Space>;
 
-/// What a message is counted as against the budget until the keeper measures again:
-/// its topic and payload, and about what the store spends on each besides (key, index
-/// entry, framing). Its journals have their room set aside by the keeper.
-const OVERHEAD: u64 = 128;
-
+/// What a message is counted as against the budget until the keeper measures again
+/// ([`accounts::cost`]). Its journals have their room set aside by the keeper.
 fn cost(message: &Message) -> u64 {
-    (message.publish.topic.len() + message.publish.payload.len()) as u64 + OVERHEAD
+    accounts::cost(message.publish.topic.len(), message.publish.payload.len())
 }
 
 /// Most bytes of one batch (but always one message): the budget is measured between
@@ -98,28 +102,25 @@ pub async fn run(
     topics: Vec<String>,
     forward: Arc<Notify>,
     room: Room,
+    accounts: Arc<Accounts>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut pending: Vec<Message> = Vec::new();
     let mut writing: Option<JoinHandle<anyhow::Result<Written>>> = None;
     let mut budget = Budget::new(room);
-    // What the log took last before a restart: copies the broker sends again of those
-    // whose acknowledgements it had not read are known too.
-    let mut recent = {
-        let log = log.clone();
-        tokio::task::spawn_blocking(move || Recent::from_log(&log))
-            .await
-            .context("reading the log's last messages failed")??
-    };
+    let mut recent = Recent::read(&log).await?;
     // Payload bytes of `pending`.
     let mut held = 0;
     let result = loop {
         if writing.is_none() {
-            held -= drop_resent(&link, &mut pending);
+            held -= drop_resent(&link, &mut pending, &accounts);
             if let Some(batch) = budget.next_batch(&mut pending) {
                 held -= batch.iter().map(|m| m.publish.payload.len()).sum::<usize>();
                 let kept = |connection| link.session_kept_since(connection);
-                let copies = batch.iter().map(|m| recent.has(kept, m)).collect();
+                let copies: Vec<bool> = batch.iter().map(|m| recent.has(kept, m)).collect();
+                // Copies are not written again: not their account's backlog twice.
+                let unwritten = batch.iter().zip(&copies).filter(|(_, copy)| **copy);
+                unwritten.for_each(|(message, _)| unadmit(&accounts, message));
                 writing = Some(write(&log, batch, copies));
             }
         }
@@ -158,8 +159,15 @@ pub async fn run(
                     tracing::debug!(topics = ?topics, "subscribing on the edge broker");
                 }
                 Ok(Heard::Message(message)) => {
-                    held += message.publish.payload.len();
-                    pending.push(*message);
+                    let topic = String::from_utf8_lossy(&message.publish.topic);
+                    if accounts.admit(&topic, message.publish.payload.len()).is_ok() {
+                        held += message.publish.payload.len();
+                        pending.push(*message);
+                    } else if let Err(error) = link.ack(&message).await {
+                        // Refused (too large, or its account past its share): acknowledged
+                        // at once and not written, so that it holds back no one.
+                        break Err(error);
+                    }
                 }
                 Err(error) => break Err(error),
             },
@@ -253,13 +261,14 @@ impl Budget {
 /// Drops from `pending` the messages the broker sends again (they came on a connection
 /// that has since been replaced, with the session kept), so that the log takes each
 /// once; returns their payload bytes.
-fn drop_resent(link: &Link, pending: &mut Vec<Message>) -> usize {
+fn drop_resent(link: &Link, pending: &mut Vec<Message>, accounts: &Accounts) -> usize {
     let before = pending.len();
     let mut bytes = 0;
     pending.retain(|message| {
         let again = link.comes_again(message);
         if again {
             bytes += message.publish.payload.len();
+            unadmit(accounts, message);
         }
         !again
     });
@@ -270,6 +279,12 @@ fn drop_resent(link: &Link, pending: &mut Vec<Message>) -> usize {
         );
     }
     bytes
+}
+
+/// `message`, admitted, is not written after all.
+fn unadmit(accounts: &Accounts, message: &Message) {
+    let topic = String::from_utf8_lossy(&message.publish.topic);
+    accounts.unadmit(&topic, message.publish.payload.len());
 }
 
 async fn ack_all(link: &Link, batch: &[Message]) -> anyhow::Result<()> {
@@ -386,6 +401,16 @@ struct Recent {
 }
 
 impl Recent {
+    /// What the log took last before a restart, read off the runtime's threads: copies
+    /// the broker sends again of those whose acknowledgements it had not read are known
+    /// too.
+    async fn read(log: &Log) -> anyhow::Result<Self> {
+        let log = log.clone();
+        tokio::task::spawn_blocking(move || Self::from_log(&log))
+            .await
+            .context("reading the log's last messages failed")?
+    }
+
     /// The last [`RECENT`] messages of `log`, as of connection 0 (the relay's run before:
     /// they count while its first connection finds the session kept). Read a few at a
     /// time, as their payloads may be large.

@@ -5,7 +5,10 @@
 //! on, unchanged, to the cloud broker at QoS 2, so that a relay killed at any moment
 //! forwards nothing twice ([`forward`], over [`cloud`]). A cloud outage is a
 //! backlog on disk, bounded by `--max-disk`, not a queue in the broker's memory; a full
-//! disk stops the acknowledgements (back-pressure), it never drops a message. Forwarded
+//! disk stops the acknowledgements (back-pressure), it never drops a message. A device
+//! account past its share of the log or its size limit is the exception, by design: its
+//! messages are refused (acknowledged, not written, counted), so that one account's
+//! flood costs the others seconds ([`accounts`]). Forwarded
 //! messages are kept for `--retention`, so replay requests are answered from the log
 //! even for devices that have since stopped ([`inbound`]), and a cloud broker that comes
 //! back without the relay's session is sent again what it may have lost.
@@ -23,6 +26,7 @@
 //! requests, Sparkplug commands and the host's STATE come in on the site's NATS subjects
 //! ([`inbound_nats`]), carried as from the cloud Mosquitto.
 
+pub mod accounts;
 pub mod cloud;
 pub mod config;
 pub mod forward;
@@ -87,6 +91,7 @@ pub const METRICS: &[Metric] = &[
     Metric::counter("iot_relay_unforwardable_total", "messages the cloud broker cannot take (too long for MQTT), passed over"),
     Metric::counter("iot_relay_unreadable_total", "messages of the log that could not be read back, skipped"),
     Metric::counter("iot_relay_set_aside_total", "messages not forwarded yet that damage to the log's files cost, counted at start (moved aside with the damaged part)"),
+    Metric::counter("iot_relay_refused_total", "messages of a device account acknowledged to the edge broker and not forwarded: reason too_large (past its --max-message) or over_share (its --account-share of the log not forwarded yet)"),
     Metric::counter("iot_relay_qos0_dropped_total", "QoS 0 messages dropped because 100 000 waited for the disk"),
 ];
 
@@ -155,6 +160,7 @@ async fn relay(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<
     );
     log_start(config, &edge_broker, &cloud_broker);
 
+    let accounts = Arc::new(accounts_of(config));
     let wake = Arc::new(Notify::new());
     // Few: each may be a message of 2 MiB, and an answer waits here for the forwarder.
     let (replays_tx, replays) = mpsc::channel(inbound::REPLAY_QUEUE);
@@ -174,10 +180,12 @@ async fn relay(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<
             config.topics.clone(),
             Arc::clone(&wake),
             room,
+            Arc::clone(&accounts),
             stop.clone(),
         )),
         tokio::spawn(
-            forward::Forwarder::new(cloud, log.clone(), wake, replays, refill).run(stop.clone()),
+            forward::Forwarder::new(cloud, log.clone(), accounts, wake, replays, refill)
+                .run(stop.clone()),
         ),
         tokio::spawn(inbound::run(
             inbound,
@@ -221,6 +229,7 @@ async fn run_nats(
     let edge_client = edge.client.clone();
     let (replays_tx, replays) = mpsc::channel(inbound::REPLAY_QUEUE);
     let wake = Arc::new(Notify::new());
+    let accounts = Arc::new(accounts_of(config));
     let (keeper, room) = keep::Keeper::new(
         log.clone(),
         config.log_dir.clone(),
@@ -232,6 +241,7 @@ async fn run_nats(
         nats,
         &config.site,
         log.clone(),
+        Arc::clone(&accounts),
         Arc::clone(&wake),
         config.refill_window,
         replays,
@@ -245,6 +255,7 @@ async fn run_nats(
             config.topics.clone(),
             wake,
             room,
+            accounts,
             stop.clone(),
         )),
         tokio::spawn(inbound_nats::run(
@@ -257,6 +268,17 @@ async fn run_nats(
         tokio::spawn(keeper.run(stop.clone())),
     ];
     finish(futures_join(tasks, &stop).await, &log, config)
+}
+
+/// The device accounts of `--accounts`, each with a share of the log and a size limit.
+/// A new run of the relay counts the shares from 0: what an account has in the log from
+/// before is not counted against it.
+fn accounts_of(config: &Config) -> accounts::Accounts {
+    accounts::Accounts::new(
+        config.accounts.clone(),
+        config.max_message,
+        config.account_share,
+    )
 }
 
 /// The first error of the tasks, after the log is synced.

@@ -260,7 +260,7 @@ broker_args!(
     "CLOUD",
     "Cloud broker",
     "",
-    "Host name or address of the broker; or the NATS JetStream cluster instead, as nats://HOST:PORT of its nodes separated by commas (no --port, no TLS yet)"
+    "Host name or address of the broker; or the NATS JetStream cluster instead, as nats://HOST:PORT of its nodes separated by commas (no --port; TLS with --tls-ca)"
 );
 
 broker_args!(
@@ -278,7 +278,7 @@ broker_args!(
     "CLOUD",
     "Cloud broker",
     "cloud-",
-    "Host name or address of the broker; or the NATS JetStream cluster instead, as nats://HOST:PORT of its nodes separated by commas (no --cloud-port, no TLS yet)"
+    "Host name or address of the broker; or the NATS JetStream cluster instead, as nats://HOST:PORT of its nodes separated by commas (no --cloud-port; TLS with --cloud-tls-ca)"
 );
 
 /// Largest MQTT packet our clients send or accept: above the brokers' `max_packet_size`
@@ -316,7 +316,7 @@ impl std::fmt::Debug for BrokerSettings {
 impl BrokerSettings {
     /// The NATS cluster when the host is `nats://…` addresses, `None` for an MQTT
     /// broker; a one-line error naming the setting when the addresses are malformed or
-    /// come with a port or a CA file (TLS to NATS is not there yet).
+    /// come with a port. With a CA file, TLS to every node.
     pub fn nats(&self, port_given: bool) -> Result<Option<crate::nats::NatsSettings>, String> {
         if !crate::nats::is_nats(&self.host) {
             return Ok(None);

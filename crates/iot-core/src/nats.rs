@@ -162,8 +162,8 @@ pub struct NatsSettings {
     pub servers: Vec<String>,
     pub username: Option<String>,
     pub password: Option<String>,
-    /// The CA that signed the nodes' certificates: TLS required, the nodes verified
-    /// against it (`*_TLS_CA`, as for an MQTT broker).
+    /// The CA certificate (PEM) that signed the nodes' certificates: with it the client
+    /// speaks TLS only, and verifies each node's name against its certificate.
     pub tls_ca: Option<std::path::PathBuf>,
 }
 
@@ -209,15 +209,16 @@ impl NatsSettings {
         })
     }
 
-    /// The same, with TLS to the nodes verified against `tls_ca` when there is one.
-    pub fn with_tls_ca(mut self, tls_ca: Option<std::path::PathBuf>) -> Self {
-        self.tls_ca = tls_ca;
+    /// With TLS to every node, verified against the CA certificate in `ca` (PEM).
+    #[must_use]
+    pub fn with_tls_ca(mut self, ca: Option<std::path::PathBuf>) -> Self {
+        self.tls_ca = ca;
         self
     }
 
-    /// The servers as given, for log lines (never the password), `tls` when TLS is on.
+    /// The servers as given, for log lines (never the password), with `(TLS)` when on.
     pub fn address(&self) -> String {
-        let tls = if self.tls_ca.is_some() { " (tls)" } else { "" };
+        let tls = if self.tls_ca.is_some() { " (TLS)" } else { "" };
         format!("{}{tls}", self.servers.join(","))
     }
 
@@ -248,6 +249,10 @@ impl NatsSettings {
                 .custom_inbox_prefix(inbox_prefix(user));
         }
         if let Some(ca) = &self.tls_ca {
+            // Read here, so that a missing or unreadable file is one clear error at
+            // start rather than a reconnect loop.
+            std::fs::metadata(ca)
+                .with_context(|| format!("cannot read the NATS CA certificate {}", ca.display()))?;
             options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
         options

@@ -31,7 +31,15 @@ fn forwarder_on(log: Log) -> Forwarder {
     let cloud = Cloud::new(&broker, options, false);
     let (_, replays) = mpsc::channel(1);
     let refill = (Duration::from_secs(120), Duration::from_secs(30));
-    Forwarder::new(cloud, log, Arc::new(Notify::new()), replays, refill)
+    let accounts = Arc::new(crate::accounts::Accounts::new(None, 256 << 10, 32 << 20));
+    Forwarder::new(
+        cloud,
+        log,
+        accounts,
+        Arc::new(Notify::new()),
+        replays,
+        refill,
+    )
 }
 
 /// Puts messages `numbers` in flight, as `fill` does.
