@@ -10,6 +10,8 @@ pub mod dashboard;
 pub mod docs;
 pub mod nats;
 pub mod prometheus;
+pub mod proxy;
+pub mod sparkplug;
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};

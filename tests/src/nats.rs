@@ -8,6 +8,7 @@ use async_nats::jetstream;
 use iot_core::nats::STREAM;
 use tempfile::TempDir;
 
+use crate::proxy::Proxy;
 use crate::{free_port, password, repo_root, service_command, wait_for, Brokers, Service};
 
 /// Three nodes of one cluster.
@@ -17,8 +18,11 @@ pub struct NatsCluster {
     pub ports: [u16; 3],
     monitors: [u16; 3],
     nodes: [Option<Service>; 3],
-    /// The CA certificate that signed the nodes' own, when they speak TLS.
-    ca: Option<std::path::PathBuf>,
+    /// With [`NatsCluster::spawn_partitionable`]: the route from node `from` to node
+    /// `to` goes through a proxy, `(from, to, proxy)`.
+    links: Vec<(usize, usize, Proxy)>,
+    /// With [`NatsCluster::spawn_tls`]: the CA the nodes' certificate is signed by.
+    tls_ca: Option<std::path::PathBuf>,
     dir: TempDir,
 }
 
@@ -35,50 +39,60 @@ fn nats_server() -> std::path::PathBuf {
     }
 }
 
-/// One HTTP GET on 127.0.0.1:`port`: whether it answered 200.
-async fn http_ok(port: u16, path: &str) -> bool {
+/// One HTTP GET on 127.0.0.1:`port`: the body of a 200 answer.
+async fn http_get(port: u16, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return false;
-    };
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
     let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return false;
-    }
+    stream.write_all(request.as_bytes()).await.ok()?;
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer).await;
-    answer.starts_with(b"HTTP/1.1 200") || answer.starts_with(b"HTTP/1.0 200")
+    let answer = String::from_utf8(answer).ok()?;
+    if !answer.starts_with("HTTP/1.1 200") && !answer.starts_with("HTTP/1.0 200") {
+        return None;
+    }
+    answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+}
+
+/// One HTTP GET on 127.0.0.1:`port`: whether it answered 200.
+async fn http_ok(port: u16, path: &str) -> bool {
+    http_get(port, path).await.is_some()
 }
 
 impl NatsCluster {
     /// Writes the configuration with relay users for `sites`, starts the three nodes
     /// and waits until JetStream has a leader (every node's `/healthz` answers 200).
     pub async fn spawn(sites: &[&str]) -> NatsCluster {
-        Self::spawn_with(sites, false).await
+        Self::spawn_with(sites, false, false).await
     }
 
-    /// The same with TLS only for clients, certificates from `mosquitto/certs.sh` for
-    /// 127.0.0.1; the relay and persister started by it verify them against its CA.
+    /// As [`NatsCluster::spawn`], the clients' listeners on TLS only (a certificate from
+    /// `mosquitto/certs.sh`); the services started by the cluster verify it against
+    /// its CA (`CLOUD_TLS_CA`).
     pub async fn spawn_tls(sites: &[&str]) -> NatsCluster {
-        Self::spawn_with(sites, true).await
+        Self::spawn_with(sites, false, true).await
     }
 
-    async fn spawn_with(sites: &[&str], tls: bool) -> NatsCluster {
+    /// The CA of a cluster spawned with TLS.
+    pub fn tls_ca(&self) -> Option<&Path> {
+        self.tls_ca.as_deref()
+    }
+
+    /// As [`NatsCluster::spawn`], each node's routes to the others through a proxy of
+    /// the test's ([`Proxy`]), so that a node can be cut off ([`NatsCluster::isolate`]).
+    pub async fn spawn_partitionable(sites: &[&str]) -> NatsCluster {
+        Self::spawn_with(sites, true, false).await
+    }
+
+    async fn spawn_with(sites: &[&str], partitionable: bool, tls: bool) -> NatsCluster {
         let dir = tempfile::Builder::new()
             .prefix("iot-nats-")
             .tempdir()
             .expect("a temporary folder");
-        let certs = dir.path().join("certs");
-        if tls {
-            let status = std::process::Command::new("sh")
-                .arg(repo_root().join("mosquitto/certs.sh"))
-                .arg(&certs)
-                .args(["localhost", "127.0.0.1"])
-                .stdout(std::process::Stdio::null())
-                .status()
-                .expect("cannot run mosquitto/certs.sh");
-            assert!(status.success(), "mosquitto/certs.sh failed");
-        }
         let ports = [free_port(), free_port(), free_port()];
         let routes = [free_port(), free_port(), free_port()];
         let monitors = [free_port(), free_port(), free_port()];
@@ -94,7 +108,13 @@ impl NatsCluster {
             .map(|site| format!("{site}:{}", password(&format!("edge-relay-{site}"))))
             .collect::<Vec<_>>()
             .join(" ");
-        let status = std::process::Command::new(repo_root().join("scripts/nats-cluster"))
+        let certs = dir.path().join("certs");
+        let tls_ca = tls.then(|| {
+            crate::make_certificates(&certs);
+            certs.join("ca.crt")
+        });
+        let mut script = std::process::Command::new(repo_root().join("scripts/nats-cluster"));
+        let status = script
             .args(["config", &dir.path().display().to_string()])
             .env("NATS_PERSISTER_PASSWORD", password("mongo-persister"))
             .env("NATS_SITES", sites)
@@ -109,9 +129,13 @@ impl NatsCluster {
             ports,
             monitors,
             nodes: [None, None, None],
-            ca: tls.then(|| certs.join("ca.crt")),
+            links: Vec::new(),
+            tls_ca,
             dir,
         };
+        if partitionable {
+            cluster.route_through_proxies(routes).await;
+        }
         for node in 0..3 {
             cluster.start(node);
         }
@@ -124,6 +148,63 @@ impl NatsCluster {
             .await;
         }
         cluster
+    }
+
+    /// Rewrites each node's routes to go through a proxy per pair of nodes.
+    async fn route_through_proxies(&mut self, routes: [u16; 3]) {
+        for from in 0..3 {
+            let mut urls = Vec::new();
+            for to in (0..3).filter(|to| *to != from) {
+                let proxy = Proxy::start(routes[to]).await;
+                urls.push(format!("\"nats-route://127.0.0.1:{}\"", proxy.port));
+                self.links.push((from, to, proxy));
+            }
+            let path = self.config(from);
+            let config = std::fs::read_to_string(&path).expect("the node's configuration");
+            // Nodes tell each other their route address, and connect to one they hear
+            // of and are not connected to: past the proxies, a cut node would be back
+            // at once. A port nobody listens on (it is never needed: every node names
+            // both others) leaves only the proxies.
+            let nowhere = free_port();
+            let config: Vec<String> = config
+                .lines()
+                .map(|line| {
+                    if line.trim_start().starts_with("routes:") {
+                        format!(
+                            "  routes: [ {} ]\n  advertise: \"127.0.0.1:{nowhere}\"",
+                            urls.join(", ")
+                        )
+                    } else {
+                        line.to_string()
+                    }
+                })
+                .collect();
+            std::fs::write(&path, config.join("\n") + "\n").expect("the node's configuration");
+        }
+    }
+
+    /// Cuts node `node` off from the other two: every route to or from it closed and
+    /// refused, while its clients stay connected to it.
+    pub fn isolate(&self, node: usize) {
+        for (from, to, proxy) in &self.links {
+            if *from == node || *to == node {
+                proxy.cut();
+            }
+        }
+    }
+
+    /// Every route carried again.
+    pub fn heal(&self) {
+        for (_, _, proxy) in &self.links {
+            proxy.heal();
+        }
+    }
+
+    /// The number of routes node `node` has now (its `/routez`), if it answers.
+    pub async fn routes_of(&self, node: usize) -> Option<usize> {
+        let body = http_get(self.monitors[node], "/routez").await?;
+        let value: serde_json::Value = serde_json::from_str(&body).ok()?;
+        value["num_routes"].as_u64().map(|n| n as usize)
     }
 
     /// Starts node `node` (0, 1 or 2) from its configuration.
@@ -146,6 +227,25 @@ impl NatsCluster {
             .join(",")
     }
 
+    /// Starts every node that is not running and waits until JetStream has a leader
+    /// again (every node's `/healthz`).
+    pub async fn start_all(&mut self) {
+        for node in 0..3 {
+            if self.nodes[node].is_none() {
+                self.start(node);
+            }
+        }
+        for port in self.monitors {
+            crate::wait_for_within(
+                std::time::Duration::from_secs(60),
+                "a JetStream leader again (every node's /healthz)",
+                || http_ok(port, "/healthz"),
+                |ok| *ok,
+            )
+            .await;
+        }
+    }
+
     /// SIGKILLs node `node`.
     pub async fn kill(&mut self, node: usize) {
         if let Some(mut service) = self.nodes[node].take() {
@@ -161,15 +261,10 @@ impl NatsCluster {
             .unwrap_or_default()
     }
 
-    /// The CA certificate of the nodes, when they speak TLS (`CLOUD_TLS_CA`).
-    pub fn ca(&self) -> Option<&Path> {
-        self.ca.as_deref()
-    }
-
     /// The environment of a service on the cluster: its address, and its CA with TLS.
     fn cloud_env(&self) -> Vec<(&'static str, String)> {
         let mut env = vec![("CLOUD_BROKER", self.address())];
-        if let Some(ca) = &self.ca {
+        if let Some(ca) = &self.tls_ca {
             env.push(("CLOUD_TLS_CA", ca.display().to_string()));
         }
         env
@@ -177,13 +272,23 @@ impl NatsCluster {
 
     /// A JetStream connection as the persister's user (it may read the stream).
     pub async fn admin(&self) -> jetstream::Context {
+        self.admin_of(&self.address()).await
+    }
+
+    /// The same, connected to node `node` alone.
+    pub async fn admin_at(&self, node: usize) -> jetstream::Context {
+        self.admin_of(&format!("nats://127.0.0.1:{}", self.ports[node]))
+            .await
+    }
+
+    async fn admin_of(&self, address: &str) -> jetstream::Context {
         let client = iot_core::nats::NatsSettings::parse(
-            &self.address(),
+            address,
             Some("mongo-persister".into()),
             Some(password("mongo-persister")),
         )
         .expect("the cluster's address")
-        .with_tls_ca(self.ca.clone())
+        .with_tls_ca(self.tls_ca.clone())
         .connect("test")
         .await
         .expect("a NATS client");
@@ -200,6 +305,37 @@ impl NatsCluster {
             .parse::<usize>()
             .ok()?
             .checked_sub(1)
+    }
+
+    /// A client logged in as `user` (its password from the test's secrets) whose
+    /// server errors (permission violations) come out of the receiver.
+    pub async fn client_as(
+        &self,
+        user: &str,
+    ) -> (
+        async_nats::Client,
+        tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) {
+        let (errors_tx, errors) = tokio::sync::mpsc::unbounded_channel();
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(ca) = &self.tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        let client = options
+            .user_and_password(user.to_string(), password(user))
+            .custom_inbox_prefix(iot_core::nats::inbox_prefix(user))
+            .event_callback(move |event| {
+                let errors_tx = errors_tx.clone();
+                async move {
+                    if let async_nats::Event::ServerError(error) = event {
+                        let _ = errors_tx.send(error.to_string());
+                    }
+                }
+            })
+            .connect(self.address().split(',').collect::<Vec<_>>())
+            .await
+            .expect("a NATS client");
+        (client, errors)
     }
 
     /// Starts `mongo-persister` on the cluster, logged in as its user, with `args`.
@@ -235,6 +371,19 @@ impl NatsCluster {
         log_dir: &Path,
         args: &[&str],
     ) -> Service {
+        self.start_relay_at(brokers, &brokers.local, site, log_dir, args)
+    }
+
+    /// As [`NatsCluster::start_relay`], from edge broker `edge` (another site's,
+    /// [`Brokers::spawn_relay_site`]).
+    pub fn start_relay_at(
+        &self,
+        brokers: &Brokers,
+        edge: &crate::Broker,
+        site: &str,
+        log_dir: &Path,
+        args: &[&str],
+    ) -> Service {
         let user = format!("edge-relay-{site}");
         let mut env = self.cloud_env();
         env.extend([
@@ -245,13 +394,13 @@ impl NatsCluster {
             // The edge broker's accounts, as the native stack and compose give them.
             (
                 "RELAY_ACCOUNTS",
-                brokers.local.conf_dir().join("acl").display().to_string(),
+                edge.conf_dir().join("acl").display().to_string(),
             ),
         ]);
         let command = service_command(
             "edge-relay",
             brokers.dir(),
-            brokers.local.port,
+            edge.port,
             Some("edge-relay"),
             args,
             &env,

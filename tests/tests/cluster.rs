@@ -2,7 +2,13 @@
 //! `scripts/nats-cluster`, the project's edge broker, and the real `edge-relay` and
 //! `mongo-persister` binaries with `nats://` cloud addresses. The node leading the
 //! stream is SIGKILLed mid-stream: every reading, with `(device, boot, seq)` or without,
-//! is stored exactly once.
+//! is stored exactly once. Requests go the other way over NATS: a hole in the stream
+//! asked of the site and filled from the relay's log, the Sparkplug host's Rebirth and
+//! STATE carried to the edge.
+
+// Each test is one scenario, read top to bottom: the services' 80-line bound
+// (clippy.toml) is not for them.
+#![allow(clippy::too_many_lines)]
 
 use std::time::Duration;
 
@@ -25,13 +31,18 @@ const UNKEYED_TOPIC: &str = "/sensor/plain-1/temperature";
 /// A `temperature-sensor` publishing `count` JSON readings of `device` at QoS 1, about
 /// one a millisecond (so that the kill falls within the stream).
 fn start_paced_sensor(brokers: &Brokers, device: &str, count: &str) -> Service {
+    start_sensor_every(brokers, device, count, "0.001")
+}
+
+/// The same, one reading every `interval` seconds.
+fn start_sensor_every(brokers: &Brokers, device: &str, count: &str, interval: &str) -> Service {
     let mut args = tests::stored::sensor_args(device, count);
     let at = args
         .iter()
         .position(|arg| arg == "--interval")
         .expect("interval")
         + 1;
-    args[at] = "0.001".into();
+    args[at] = interval.into();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     brokers.start_edge("temperature-sensor", &args)
 }
@@ -39,6 +50,11 @@ fn start_paced_sensor(brokers: &Brokers, device: &str, count: &str) -> Service {
 /// Publishes the plain values 1..=`count` at QoS 1 to the edge broker, about one a
 /// millisecond.
 fn publish_unkeyed(port: u16, count: u32) -> tokio::task::JoinHandle<()> {
+    publish_unkeyed_every(port, count, Duration::from_millis(1))
+}
+
+/// The same, one every `interval`.
+fn publish_unkeyed_every(port: u16, count: u32, interval: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut device = TestClient::connect(port, "temperature-sensor").await;
         for value in 1..=count {
@@ -50,7 +66,7 @@ fn publish_unkeyed(port: u16, count: u32) -> tokio::task::JoinHandle<()> {
                     value.to_string().as_bytes(),
                 )
                 .await;
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            tokio::time::sleep(interval).await;
         }
     })
 }
@@ -273,7 +289,13 @@ async fn a_relay_and_a_persister_killed_mid_stream_store_nothing_twice() {
     let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
     relay.wait_for_log("subscribed on the edge broker").await;
     stored(3000).await;
-    assert!(sensor.is_running(), "the stream ended before the kills");
+    // The persister killed with readings still to store (the device itself may be done
+    // by then on a loaded machine: what it sent waits in the stream).
+    let before = tests::stored::count(&db, doc! { "device": "nats-2" }).await;
+    assert!(
+        before < KEYED as u64,
+        "every reading was stored before the persister's kill"
+    );
     persister.kill().await;
     let mut persister = cluster.start_persister(&brokers, &mongo, &args);
     sensor.expect_success().await;
@@ -364,51 +386,619 @@ async fn a_full_stream_holds_the_relay_back_and_loses_nothing() {
     persister.stop_cleanly().await;
 }
 
-/// The cluster with TLS for clients (`NATS_CERTS_DIR`, certificates from
-/// `mosquitto/certs.sh`): the relay and the persister, given the CA (`CLOUD_TLS_CA`),
-/// carry readings through it; a client without that CA is refused at the handshake
-/// (the nodes' certificates are not trusted by default), as is a relay given a CA file
-/// that is not there (one line, exit 2).
+/// A hole in a device's stream: readings the stream dropped while no persister read it
+/// (its `--nats-max-age` of 3 s passed). The persister's repairer asks the device's site
+/// over NATS (`iot.request.plant-1.replay`), the relay answers from its log into the
+/// stream, and every reading is stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cluster_speaks_tls_to_its_clients_and_readings_cross_it() {
+async fn a_hole_in_the_stream_is_asked_of_the_site_over_nats_and_filled() {
+    const SENT: i64 = 4000;
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let cluster = NatsCluster::spawn(&["plant-1"]).await;
+    let short = [
+        "--repair-after",
+        "2",
+        "--nats-max-age",
+        "3s",
+        "--nats-duplicate-window",
+        "3s",
+    ];
+    let mut persister = cluster.start_persister(&brokers, &mongo, &short);
+    persister.wait_for_log("the NATS stream is set up").await;
+    let log_dir = brokers.dir().join("relay-log");
+    let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
+    relay
+        .wait_for_log("reading replay requests and Sparkplug commands from NATS")
+        .await;
+    relay.wait_for_log("subscribed on the edge broker").await;
+    let db = mongo.database().await;
+
+    // 200 a second for 20 s.
+    let mut sensor = start_sensor_every(&brokers, "hole-1", &SENT.to_string(), "0.005");
+    wait_for(
+        "300 readings stored",
+        || tests::stored::count(&db, doc! { "device": "hole-1" }),
+        |n| *n >= 300,
+    )
+    .await;
+    persister.stop_cleanly().await;
+    let js = cluster.admin().await;
+    let state = || async {
+        let mut stream = js.get_stream(iot_core::nats::STREAM).await.ok()?;
+        let info = stream.info().await.ok()?;
+        Some((info.state.first_sequence, info.state.last_sequence))
+    };
+    let (_, last) = wait_for("the stream's state", state, Option::is_some)
+        .await
+        .expect("a state");
+    // 200 readings past the persister's stop dropped unread.
+    wait_for("readings dropped by age", state, |state| {
+        state.is_some_and(|(first, _)| first > last + 200)
+    })
+    .await;
+    assert!(sensor.is_running(), "the stream ended before the hole");
+    let mut persister = cluster.start_persister(&brokers, &mongo, &["--repair-after", "2"]);
+    persister
+        .wait_for_log("asking the device for missing readings")
+        .await;
+    sensor.expect_success().await;
+    wait_for_within(
+        CATCH_UP,
+        "every reading stored",
+        || tests::stored::count(&db, doc! { "device": "hole-1" }),
+        |n| *n >= SENT as u64,
+    )
+    .await;
+    assert_exactly_once(&stored_seqs(&db, "hole-1").await, SENT);
+    relay.stop_cleanly().await;
+    persister.stop_cleanly().await;
+    let answered: u64 = relay
+        .stderr()
+        .lines()
+        .filter(|line| line.contains("replay request answered"))
+        .filter_map(|line| {
+            line.split("from_log=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    eprintln!("the relay answered {answered} readings from its log");
+    assert!(answered >= 200, "{}", relay.stderr());
+}
+
+/// Whether a Sparkplug `STATE` says online.
+fn online(publish: &rumqttc::Publish) -> bool {
+    let state: serde_json::Value = serde_json::from_slice(&publish.payload).expect("STATE is JSON");
+    state["online"] == true
+}
+
+/// The next `STATE` `watcher` gets that says `want` (online or not).
+async fn next_state(watcher: &mut TestClient, want: bool) -> rumqttc::Publish {
+    loop {
+        let state = watcher.next_message().await;
+        if online(&state) == want {
+            return state;
+        }
+    }
+}
+
+/// The Sparkplug host over NATS (`--ingest sparkplug`): its STATE reaches the edge
+/// broker retained through the relay, data it cannot name gets its Rebirth (NCMD to the
+/// node's site over NATS, published on the edge by the relay), a birth and data by alias
+/// are stored; a clean stop says offline, and a host SIGKILLed is said offline by the
+/// relay once its STATE is not heard for `STATE_TIMEOUT` (its will).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sparkplug_host_commands_and_states_reach_the_edge_over_nats() {
+    use iot_store::sparkplug::proto::Payload;
+    use prost::Message as _;
+    use tests::sparkplug::{bd_seq, by_alias, encode, tag};
+
+    const HOST: &str = "nats-host";
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let db = mongo.database().await;
+    let password = brokers.local.add_device("line-7", "sparkplug");
+    let cluster = NatsCluster::spawn(&["plant-1"]).await;
+    let args = ["--ingest", "sparkplug", "--sparkplug-host-id", HOST];
+    let mut persister = cluster.start_persister(&brokers, &mongo, &args);
+    persister.wait_for_log("the NATS stream is set up").await;
+    let log_dir = brokers.dir().join("relay-log");
+    let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
+    relay
+        .wait_for_log("reading replay requests and Sparkplug commands from NATS")
+        .await;
+    relay.wait_for_log("subscribed on the edge broker").await;
+
+    let state_topic = format!("spBv1.0/STATE/{HOST}");
+    // Sent again every 10 s: the relay carries the first it hears.
+    let mut watcher = TestClient::connect(brokers.local.port, "mqtt-subscriber").await;
+    watcher.subscribe(&state_topic).await;
+    next_state(&mut watcher, true).await;
+    assert!(online(
+        &TestClient::retained(brokers.local.port, &state_topic).await
+    ));
+
+    let mut node = TestClient::try_connect_as(brokers.local.port, "line-7", &password)
+        .await
+        .expect("the node's account logs in");
+    node.subscribe("spBv1.0/cell/NCMD/line-7").await;
+    let topic = |kind: &str| format!("spBv1.0/cell/{kind}/line-7");
+    // Data before any birth: the node is asked for its birth, over NATS.
+    node.publish(
+        &topic("NDATA"),
+        QoS::AtMostOnce,
+        false,
+        &by_alias(5, 1, 1.0),
+    )
+    .await;
+    let command = node.next_message().await;
+    let command = Payload::decode(command.payload.as_ref()).expect("a Sparkplug payload");
+    assert_eq!(
+        command.metrics[0].name.as_deref(),
+        Some("Node Control/Rebirth")
+    );
+    let birth = encode(Some(0), vec![tag(Some("Tag/1".into()), 1, 1.0), bd_seq(1)]);
+    node.publish(&topic("NBIRTH"), QoS::AtMostOnce, false, &birth)
+        .await;
+    node.publish(
+        &topic("NDATA"),
+        QoS::AtMostOnce,
+        false,
+        &by_alias(1, 1, 2.5),
+    )
+    .await;
+    let value = doc! { "device": "cell/line-7", "measurement": "Tag/1", "value": 2.5 };
+    wait_for(
+        "the value by alias",
+        || tests::stored::count(&db, value.clone()),
+        |n| *n == 1,
+    )
+    .await;
+
+    // A clean stop says offline.
+    persister.stop_cleanly().await;
+    next_state(&mut watcher, false).await;
+    // A host killed: the relay publishes its will once it is not heard.
+    let mut persister = cluster.start_persister(&brokers, &mongo, &args);
+    let state = next_state(&mut watcher, true).await;
+    persister.kill().await;
+    let killed = tokio::time::Instant::now();
+    // Asked in turns shorter than the test client's own wait for a message.
+    let deadline = killed + iot_core::nats::STATE_TIMEOUT + Duration::from_secs(30);
+    let will = loop {
+        let turn = tokio::time::timeout(Duration::from_secs(5), next_state(&mut watcher, false));
+        if let Ok(will) = turn.await {
+            break will;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the killed host's will never reached the edge"
+        );
+    };
+    let retained = TestClient::retained(brokers.local.port, &state_topic).await;
+    assert_eq!(retained.payload, will.payload);
+    eprintln!(
+        "the killed host said offline at the edge after {:?}",
+        killed.elapsed()
+    );
+    let (will, state): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_slice(&will.payload).expect("JSON"),
+        serde_json::from_slice(&state.payload).expect("JSON"),
+    );
+    assert_eq!(
+        will["timestamp"], state["timestamp"],
+        "the will of that run"
+    );
+    relay.stop_cleanly().await;
+}
+
+/// The next server error of a client: a permission violation naming `what`.
+async fn violation(errors: &mut tokio::sync::mpsc::UnboundedReceiver<String>, what: &str) {
+    let error = tokio::time::timeout(tests::WAIT, errors.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no permission violation for {what}"))
+        .expect("the client's events");
+    assert!(
+        error.to_lowercase().contains("permissions violation") && error.contains(what),
+        "{error}"
+    );
+}
+
+/// Two edge sites, each with its own relay and NATS account, into one stream: both
+/// sites' readings stored once (keyed and plain values); one site's account may not
+/// publish into the other's telemetry subject, nor read its requests, nor send requests
+/// or a host's STATE itself (each refused by the cluster as a permission violation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sites_each_with_its_own_account_are_kept_apart() {
+    use iot_core::nats::{mqtt_headers, request_subject, site_requests, site_subject};
+
+    const EACH: i64 = 2000;
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let second_edge = brokers.spawn_relay_site("plant-2").await;
+    let cluster = NatsCluster::spawn(&["plant-1", "plant-2"]).await;
+    let mut persister = cluster.start_persister(&brokers, &mongo, &[]);
+    persister.wait_for_log("the NATS stream is set up").await;
+    let mut relays = Vec::new();
+    for (site, edge) in [("plant-1", &brokers.local), ("plant-2", &second_edge)] {
+        let log_dir = brokers.dir().join(format!("relay-log-{site}"));
+        let relay = cluster.start_relay_at(&brokers, edge, site, &log_dir, &[]);
+        relay.wait_for_log("subscribed on the edge broker").await;
+        relay
+            .wait_for_log("reading replay requests and Sparkplug commands from NATS")
+            .await;
+        relays.push(relay);
+    }
+    let db = mongo.database().await;
+
+    let mut first = start_sensor_every(&brokers, "site-1", &EACH.to_string(), "0.002");
+    let args = tests::stored::sensor_args("site-2", &EACH.to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut second = tests::spawn_service(
+        "temperature-sensor",
+        brokers.dir(),
+        second_edge.port,
+        Some("temperature-sensor"),
+        &args,
+    );
+    let plain = publish_unkeyed(second_edge.port, UNKEYED);
+
+    // Meanwhile, plant-1's account tries plant-2's subjects.
+    let (intruder, mut errors) = cluster.client_as("edge-relay-plant-1").await;
+    let mut own = intruder
+        .subscribe(site_requests("plant-1"))
+        .await
+        .expect("its own requests");
+    let mut other = intruder
+        .subscribe(site_requests("plant-2"))
+        .await
+        .expect("sent");
+    violation(&mut errors, "iot.request.plant-2.>").await;
+    for forged in [
+        site_subject("plant-2"),
+        request_subject("plant-1", "replay"),
+        iot_core::nats::STATE_SUBJECT.to_string(),
+    ] {
+        intruder
+            .publish(forged.clone(), "1".into())
+            .await
+            .expect("sent");
+        intruder.flush().await.expect("flushed");
+        violation(&mut errors, &forged).await;
+    }
+    // A request to each site: plant-1's account gets its own only. The cluster delivers
+    // one connection's messages in order, so plant-2's, sent first, would have come
+    // first.
+    let (persister_client, _) = cluster.client_as("mongo-persister").await;
+    for site in ["plant-2", "plant-1"] {
+        persister_client
+            .publish_with_headers(
+                request_subject(site, "replay"),
+                mqtt_headers("/replay/nobody/request", 1, false),
+                format!("{site} only").into(),
+            )
+            .await
+            .expect("sent");
+    }
+    persister_client.flush().await.expect("flushed");
+    let heard = tokio::time::timeout(tests::WAIT, futures_util::StreamExt::next(&mut own))
+        .await
+        .expect("its own request")
+        .expect("a message");
+    assert_eq!(heard.payload.as_ref(), b"plant-1 only");
+    let leaked = futures_util::FutureExt::now_or_never(futures_util::StreamExt::next(&mut other));
+    assert!(
+        leaked.flatten().is_none(),
+        "plant-1's account read plant-2's request"
+    );
+
+    first.expect_success().await;
+    second.expect_success().await;
+    plain.await.expect("the plain values published");
+    for device in ["site-1", "site-2"] {
+        wait_for_within(
+            CATCH_UP,
+            &format!("every reading of {device} stored"),
+            || tests::stored::count(&db, doc! { "device": device }),
+            |n| *n >= EACH as u64,
+        )
+        .await;
+        assert_exactly_once(&stored_seqs(&db, device).await, EACH);
+    }
+    let (distinct, stored) = wait_for_within(
+        CATCH_UP,
+        "every plain value stored",
+        || unkeyed_stored(&db, UNKEYED),
+        |(distinct, _)| *distinct == UNKEYED as usize,
+    )
+    .await;
+    assert_eq!(stored, distinct, "plain values stored twice");
+    for relay in &mut relays {
+        relay.stop_cleanly().await;
+    }
+    persister.stop_cleanly().await;
+}
+
+/// The node leading the stream cut off from the other two (every route to or from it
+/// closed and refused, through the test's proxies; its clients stay connected to it)
+/// while the stream flows, then healed: the other two elect a leader and go on, and
+/// every reading, keyed or not, is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_the_others_and_healed_loses_nothing_and_stores_nothing_twice() {
+    // About 30 s of readings: the cut, the election and more readings fall within it.
+    const SENT: i64 = 15_000;
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let cluster = NatsCluster::spawn_partitionable(&["plant-1"]).await;
+    let mut persister = cluster.start_persister(&brokers, &mongo, &["--no-repair"]);
+    persister.wait_for_log("the NATS stream is set up").await;
+    let log_dir = brokers.dir().join("relay-log");
+    let metrics = tests::free_port();
+    let address = format!("127.0.0.1:{metrics}");
+    let mut relay = cluster.start_relay(
+        &brokers,
+        "plant-1",
+        &log_dir,
+        &["--metrics-address", &address],
+    );
+    relay.wait_for_log("subscribed on the edge broker").await;
+    let db = mongo.database().await;
+    let stored = || tests::stored::count(&db, doc! { "device": "cut-1" });
+
+    let mut sensor = start_sensor_every(&brokers, "cut-1", &SENT.to_string(), "0.002");
+    let plain = publish_unkeyed(brokers.local.port, UNKEYED);
+    wait_for("1000 readings stored", stored, |n| *n >= 1000).await;
+    let js = cluster.admin().await;
+    let leader = wait_for(
+        "the stream's leader",
+        || cluster.stream_leader(&js),
+        Option::is_some,
+    )
+    .await
+    .expect("a leader");
+    cluster.isolate(leader);
+    let cut = tokio::time::Instant::now();
+    wait_for(
+        "the cut node without routes",
+        || cluster.routes_of(leader),
+        |routes| *routes == Some(0),
+    )
+    .await;
+    let majority = cluster.admin_at((leader + 1) % 3).await;
+    let new_leader = wait_for_within(
+        CATCH_UP,
+        "a leader among the other two",
+        || cluster.stream_leader(&majority),
+        |new| new.is_some_and(|new| new != leader),
+    )
+    .await;
+    let elected = cut.elapsed();
+    let at_election = stored().await;
+    // The stream flows on at the edge while the node is cut off: 1 000 more readings
+    // taken by the relay.
+    let logged = || async {
+        let (_, text) = tests::prometheus::get(metrics, "/metrics").await;
+        tests::prometheus::sample(&text, "iot_relay_logged_total").unwrap_or_default()
+    };
+    let logged_at_election = logged().await;
+    wait_for_within(
+        CATCH_UP,
+        "1 000 more readings taken by the relay while the node is cut off",
+        logged,
+        |n| *n >= logged_at_election + 1000.0,
+    )
+    .await;
+    let stored_while_cut = stored().await - at_election;
+    eprintln!(
+        "cut off node-{} (the stream's leader) at {at_election} readings stored: node-{} led after {elected:?}; {stored_while_cut} more stored while cut off; healed after {:?}",
+        leader + 1,
+        new_leader.map_or(0, |new| new + 1),
+        cut.elapsed()
+    );
+    cluster.heal();
+    wait_for_within(
+        CATCH_UP,
+        "the node back in the cluster",
+        || cluster.routes_of(leader),
+        |routes| *routes == Some(2),
+    )
+    .await;
+    sensor.expect_success().await;
+    plain.await.expect("the plain values published");
+
+    wait_for_within(CATCH_UP, "every keyed reading stored", stored, |n| {
+        *n >= SENT as u64
+    })
+    .await;
+    let (distinct, twice) = wait_for_within(
+        CATCH_UP,
+        "every plain value stored",
+        || unkeyed_stored(&db, UNKEYED),
+        |(distinct, _)| *distinct == UNKEYED as usize,
+    )
+    .await;
+    assert_exactly_once(&stored_seqs(&db, "cut-1").await, SENT);
+    assert_eq!(twice, distinct, "plain values stored twice");
+    let after = wait_for(
+        "the stream's leader after the heal",
+        || cluster.stream_leader(&js),
+        Option::is_some,
+    )
+    .await;
+    assert_ne!(after, Some(leader), "the leader did not move");
+    relay.stop_cleanly().await;
+    persister.stop_cleanly().await;
+    for line in relay.stderr().lines().chain(persister.stderr().lines()) {
+        if line.contains("NATS") && !line.contains("INFO") {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// How long [`the_whole_cloud_tier_down_for_a_long_outage_loses_nothing`] keeps the
+/// cloud down: `IOT_NATS_OUTAGE` (90, 30s, 10m), 10 minutes by default.
+fn outage() -> Duration {
+    let value = std::env::var("IOT_NATS_OUTAGE").unwrap_or_else(|_| "10m".into());
+    iot_core::config::parse_duration(&value)
+        .unwrap_or_else(|why| panic!("IOT_NATS_OUTAGE={value}: {why}"))
+}
+
+/// The whole cloud tier down (the three nodes and the persister SIGKILLed) for
+/// `IOT_NATS_OUTAGE` while a sensor goes on at 50 readings a second and plain values at
+/// 10: the relay's log holds what it takes meanwhile (its oldest unforwarded reading
+/// grows as old as the outage), and drains once the cloud is back; every reading stored
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "as long as IOT_NATS_OUTAGE (10 minutes by default): run it on its own, IOT_NATS_OUTAGE=2m for a shorter one"]
+async fn the_whole_cloud_tier_down_for_a_long_outage_loses_nothing() {
+    let outage = outage();
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let mut cluster = NatsCluster::spawn(&["plant-1"]).await;
+    let mut persister = cluster.start_persister(&brokers, &mongo, &["--no-repair"]);
+    persister.wait_for_log("the NATS stream is set up").await;
+    let log_dir = brokers.dir().join("relay-log");
+    let metrics = tests::free_port();
+    let address = format!("127.0.0.1:{metrics}");
+    let mut relay = cluster.start_relay(
+        &brokers,
+        "plant-1",
+        &log_dir,
+        &["--metrics-address", &address],
+    );
+    relay.wait_for_log("subscribed on the edge broker").await;
+    let db = mongo.database().await;
+    let stored = || tests::stored::count(&db, doc! { "device": "out-1" });
+    let relay_metric = |name: &'static str| async move {
+        let (_, text) = tests::prometheus::get(metrics, "/metrics").await;
+        tests::prometheus::sample(&text, name)
+    };
+
+    let mut sensor = brokers.start_edge(
+        "temperature-sensor",
+        &[
+            "--format",
+            "json",
+            "--qos",
+            "1",
+            "--no-retain",
+            "--rate",
+            "50",
+            "--device",
+            "out-1",
+        ],
+    );
+    // Until well after the cloud is back.
+    let plain_count = u32::try_from((outage.as_secs() + 30) * 10).expect("a count");
+    let plain = publish_unkeyed_every(brokers.local.port, plain_count, Duration::from_millis(100));
+    wait_for("200 readings stored", stored, |n| *n >= 200).await;
+    for node in 0..3 {
+        cluster.kill(node).await;
+    }
+    persister.kill().await;
+    let down = tokio::time::Instant::now();
+    let held = wait_for_within(
+        outage + Duration::from_secs(60),
+        "the relay's oldest unforwarded reading as old as the outage",
+        || relay_metric("iot_relay_oldest_unforwarded_seconds"),
+        |age| age.is_some_and(|age| age >= outage.as_secs_f64()),
+    )
+    .await;
+    let backlog = relay_metric("iot_relay_backlog").await.unwrap_or_default();
+    assert!(sensor.is_running(), "the sensor stopped during the outage");
+    eprintln!(
+        "cloud down {:?}: the relay holds {backlog} messages, the oldest {held:?} s old",
+        down.elapsed()
+    );
+
+    cluster.start_all().await;
+    let mut persister = cluster.start_persister(&brokers, &mongo, &["--no-repair"]);
+    let back = tokio::time::Instant::now();
+    wait_for_within(
+        CATCH_UP + outage,
+        "the relay's backlog drained",
+        || relay_metric("iot_relay_backlog"),
+        |backlog| *backlog == Some(0.0),
+    )
+    .await;
+    let drained = back.elapsed();
+    sensor.stop_cleanly().await;
+    let log = sensor.stderr();
+    let sent: i64 = log
+        .lines()
+        .find_map(|line| {
+            line.split("summary: ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no summary:\n{log}"));
+    plain.await.expect("the plain values published");
+    wait_for_within(
+        CATCH_UP + outage,
+        "every keyed reading stored",
+        stored,
+        |n| *n >= sent as u64,
+    )
+    .await;
+    let stored_in = back.elapsed();
+    let (distinct, twice) = wait_for_within(
+        CATCH_UP,
+        "every plain value stored",
+        || unkeyed_stored(&db, plain_count),
+        |(distinct, _)| *distinct == plain_count as usize,
+    )
+    .await;
+    eprintln!(
+        "after {outage:?} down: the relay's {backlog} messages forwarded {drained:?} after the cloud was back, {sent} readings stored {stored_in:?} after"
+    );
+    assert_exactly_once(&stored_seqs(&db, "out-1").await, sent);
+    assert_eq!(twice, distinct, "plain values stored twice");
+    relay.stop_cleanly().await;
+    persister.stop_cleanly().await;
+}
+
+/// The clients' side of the cluster on TLS (`NATS_CERTS_DIR`, a certificate from
+/// `mosquitto/certs.sh`): a client that does not know the CA gets nowhere; the relay and
+/// the persister, given it (`CLOUD_TLS_CA`), carry every reading, stored once; a relay
+/// given a CA file that is not there stops with one line, exit 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cloud_tier_on_tls_carries_the_stream_and_refuses_who_cannot_verify_it() {
+    const SENT: i64 = 1000;
     let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
     let cluster = NatsCluster::spawn_tls(&["plant-1"]).await;
+    assert!(cluster.tls_ca().is_some());
     let first = format!("nats://127.0.0.1:{}", cluster.ports[0]);
-    let untrusted = async_nats::ConnectOptions::new()
+    let unverified = async_nats::ConnectOptions::new()
         .user_and_password("mongo-persister".into(), tests::password("mongo-persister"))
         .connect(first.as_str())
         .await;
-    assert!(
-        untrusted.is_err(),
-        "a client that does not trust the cluster's CA got in"
-    );
+    assert!(unverified.is_err(), "a client without the CA got in");
+    let plain = async_nats::ConnectOptions::new()
+        .user_and_password("mongo-persister".into(), tests::password("mongo-persister"))
+        .require_tls(false)
+        .connect(first.as_str())
+        .await;
+    assert!(plain.is_err(), "a client without TLS got in");
 
-    let mut persister = cluster.start_persister(&brokers, &mongo, &["--no-repair"]);
+    let mut persister = cluster.start_persister(&brokers, &mongo, &[]);
     persister.wait_for_log("the NATS stream is set up").await;
     let log_dir = brokers.dir().join("relay-log");
     let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
     relay.wait_for_log("subscribed on the edge broker").await;
-    assert!(
-        relay.stderr().contains("(TLS)"),
-        "the relay does not say it speaks TLS:\n{}",
-        relay.stderr()
-    );
     let db = mongo.database().await;
-    let mut sensor = brokers.start_edge(
-        "temperature-sensor",
-        &tests::stored::sensor_args("nats-tls", "200")
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let mut sensor = start_sensor_every(&brokers, "tls-1", &SENT.to_string(), "0.002");
     sensor.expect_success().await;
-    wait_for(
-        "200 readings stored through TLS",
-        || tests::stored::count(&db, doc! { "device": "nats-tls" }),
-        |n| *n >= 200,
+    wait_for_within(
+        CATCH_UP,
+        "every reading stored",
+        || tests::stored::count(&db, doc! { "device": "tls-1" }),
+        |n| *n >= SENT as u64,
     )
     .await;
-    assert_exactly_once(&stored_seqs(&db, "nats-tls").await, 200);
+    assert_exactly_once(&stored_seqs(&db, "tls-1").await, SENT);
+    assert!(relay.stderr().contains("(TLS)"), "{}", relay.stderr());
     relay.stop_cleanly().await;
     persister.stop_cleanly().await;
 

@@ -185,6 +185,8 @@ async fn a_relay_killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
 /// and makes its forwarded mark durable before it releases what the cloud received, so
 /// what it sends again after a crash is what the cloud broker holds unreleased, and
 /// takes as the duplicate it is.
+// One scenario read top to bottom, with what it says of the hop at fault when it fails.
+#[allow(clippy::too_many_lines)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_again_and_again_forwards_nothing_twice() {
     const KILLS: usize = 15;

@@ -15,10 +15,11 @@ use std::sync::Arc;
 
 use bson::{doc, Document};
 use futures_util::TryStreamExt;
-use iot_store::sparkplug::proto::{metric::Value, DataType, Metric, Payload};
+use iot_store::sparkplug::proto::{metric::Value, Metric, Payload};
 use prost::Message as _;
 use rumqttc::QoS;
 use serde_json::Value as Json;
+use tests::sparkplug::{by_alias, encode, tag};
 use tests::stored::{count, status_history};
 use tests::{
     free_port, prometheus, repo_root, spawn_brokers, spawn_mongo, wait_for, Service, TestClient,
@@ -238,49 +239,14 @@ async fn send(node: &mut TestClient, topic: &str, payload: &[u8]) {
     node.publish(topic, QoS::AtMostOnce, false, payload).await;
 }
 
-fn encode(seq: Option<u64>, metrics: Vec<Metric>) -> Vec<u8> {
-    Payload {
-        timestamp: Some(now_ms()),
-        metrics,
-        seq,
-        ..Payload::default()
-    }
-    .encode_to_vec()
-}
-
-/// Data of one metric by alias, as nodes send it after their birth.
-fn by_alias(seq: u64, alias: u64, value: f64) -> Vec<u8> {
-    encode(Some(seq), vec![tag(None, alias, value)])
-}
-
 /// A birth of the most metrics one message may hold, 10 000: bdSeq `bd_seq` and the
 /// tags `Tag/00000` to `Tag/09998`, each its number as alias and value.
 fn largest_birth(bd_seq: u64) -> Vec<u8> {
     let mut metrics: Vec<Metric> = (0..9_999_u32)
         .map(|n| tag(Some(format!("Tag/{n:05}")), u64::from(n), f64::from(n)))
         .collect();
-    metrics.push(Metric {
-        name: Some("bdSeq".into()),
-        datatype: Some(DataType::Int64.number()),
-        value: Some(Value::LongValue(bd_seq)),
-        ..Metric::default()
-    });
+    metrics.push(tests::sparkplug::bd_seq(bd_seq));
     encode(Some(0), metrics)
-}
-
-fn now_ms() -> u64 {
-    u64::try_from(chrono::Utc::now().timestamp_millis()).expect("after 1970")
-}
-
-fn tag(name: Option<String>, alias: u64, value: f64) -> Metric {
-    Metric {
-        name,
-        alias: Some(alias),
-        timestamp: Some(now_ms()),
-        datatype: Some(DataType::Double.number()),
-        value: Some(Value::DoubleValue(value)),
-        ..Metric::default()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

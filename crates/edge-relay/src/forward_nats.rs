@@ -10,8 +10,10 @@
 //! duplicate window, and acknowledged as stored. So there is no refill: a JetStream
 //! cluster with three replicas does not lose what it acknowledged with one node.
 //!
-//! Replay requests and Sparkplug commands (cloud to edge) are not carried over NATS
-//! yet: with a NATS cloud the relay forwards only.
+//! Readings the relay answers to replay requests from its log ([`crate::inbound_nats`])
+//! go into the stream too, on the same subject but without a message id: a reading
+//! asked again (its first answer lost) must not be refused as a copy; they are keyed
+//! readings, and the database refuses a second one.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,15 +23,14 @@ use anyhow::Context as _;
 use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, publish::PublishAck};
-use async_nats::HeaderMap;
-use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use iot_core::backoff::Backoff;
 use iot_core::nats::{self, NatsSettings};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::forward::{WINDOW, WINDOW_BYTES};
+use crate::forward::{Replay, WINDOW, WINDOW_BYTES};
 use crate::log::{Entry, Log};
 
 /// Messages read from the log at once.
@@ -71,6 +72,12 @@ pub struct NatsForwarder {
     marked: bool,
     /// `--refill-window`: what the stream's duplicate window should cover at least.
     refill_window: Duration,
+    /// Failures in a row since the last acknowledgement or the last try of another node.
+    failing: u32,
+    /// Readings answered from the log, to publish.
+    replays: mpsc::Receiver<Replay>,
+    /// Replays waiting for the stream's acknowledgement (a failed one is asked again).
+    replaying: FuturesUnordered<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
 
 impl std::fmt::Debug for NatsForwarder {
@@ -93,6 +100,7 @@ impl NatsForwarder {
         accounts: Arc<crate::accounts::Accounts>,
         wake: Arc<Notify>,
         refill_window: Duration,
+        replays: mpsc::Receiver<Replay>,
     ) -> anyhow::Result<Self> {
         let client = settings.connect(&format!("edge-relay-{site}")).await?;
         let js = jetstream::ContextBuilder::new()
@@ -115,7 +123,15 @@ impl NatsForwarder {
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             marked: false,
             refill_window,
+            failing: 0,
+            replays,
+            replaying: FuturesUnordered::new(),
         })
+    }
+
+    /// The connection, for what the relay reads from NATS.
+    pub fn client(&self) -> async_nats::Client {
+        self.client.clone()
     }
 
     /// Forwards until `shutdown`, then waits a little for what is in flight. An error is
@@ -136,6 +152,8 @@ impl NatsForwarder {
                 }
                 () = hold_ends(self.held_until) => self.held_until = None,
                 () = self.wake.notified() => {}
+                Some(replay) = self.replays.recv(), if self.replaying.len() < WINDOW => self.send_replay(replay).await,
+                Some(()) = self.replaying.next() => {}
                 _ = ticks.tick() => self.sync_mark()?,
             }
         }
@@ -209,17 +227,31 @@ impl NatsForwarder {
         Ok(())
     }
 
+    /// Publishes a reading answered from the log, at QoS 1 as on MQTT, with no message
+    /// id (see the module documentation).
+    async fn send_replay(&mut self, replay: Replay) {
+        let headers = nats::mqtt_headers(&replay.topic, 1, false);
+        let publish = PublishMessage::build()
+            .payload(replay.payload.into())
+            .headers(headers);
+        match self.js.send_publish(self.subject.clone(), publish).await {
+            Ok(ack) => {
+                metrics::counter!("iot_relay_replayed_total").increment(1);
+                self.replaying.push(Box::pin(async move {
+                    if let Err(error) = ack.await {
+                        tracing::debug!("a replayed reading not acknowledged by the stream ({error}): the persister asks again");
+                    }
+                }));
+            }
+            Err(error) => tracing::debug!(
+                "a replayed reading not published ({error}): the persister asks again"
+            ),
+        }
+    }
+
     /// The stream's message of log message `number`.
     fn message(&self, number: u64, entry: Entry) -> PublishMessage {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            nats::TOPIC_HEADER,
-            nats::encode_topic(&entry.topic).as_str(),
-        );
-        headers.insert(nats::QOS_HEADER, (entry.qos as u8).to_string().as_str());
-        if entry.retain {
-            headers.insert(nats::RETAIN_HEADER, "1");
-        }
+        let headers = nats::mqtt_headers(&entry.topic, entry.qos as u8, entry.retain);
         PublishMessage::build()
             .payload(entry.payload)
             .headers(headers)
@@ -236,6 +268,7 @@ impl NatsForwarder {
             Ok(_) => {
                 self.log.note_forwarded(number + 1);
                 self.marked = true;
+                self.failing = 0;
                 metrics::counter!("iot_relay_forwarded_total").increment(1);
                 if self.backoff.attempt() > 0 {
                     tracing::info!("the NATS stream acknowledges again");
@@ -268,6 +301,11 @@ impl NatsForwarder {
         self.in_flight_bytes = 0;
         self.cursor = self.log.forwarded().max(self.log.first());
         self.held_until = Some(Instant::now() + delay);
+        self.failing += 1;
+        if self.failing >= nats::FAILURES_BEFORE_ANOTHER_NODE {
+            self.failing = 0;
+            nats::try_another_node(&self.client);
+        }
     }
 
     /// Once a second: the forwarded mark to disk if it moved, so that a relay killed now

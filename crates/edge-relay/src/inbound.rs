@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use iot_core::replay::{mark_replay, request_topic, Ranges, MAX_PER_REQUEST, REQUESTS};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::AsyncClient;
@@ -26,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::forward::Replay;
 use crate::log::Log;
-use crate::mqtt5::{filter, Heard, Link, Message};
+use crate::mqtt5::{filter, Heard, Link};
 
 /// Replays waiting for the forwarder at most.
 pub const REPLAY_QUEUE: usize = 16;
@@ -58,7 +59,7 @@ pub async fn run(
     replays: mpsc::Sender<Replay>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut answered = Answered::default();
+    let mut carrier = Carrier::new(log, edge, replays);
     let result = loop {
         let heard = tokio::select! {
             () = shutdown.cancelled() => break Ok(()),
@@ -75,8 +76,14 @@ pub async fn run(
                 );
             }
             Ok(Heard::Message(message)) => {
-                if let Err(error) = carry(&message, &log, &edge, &replays, &mut answered).await {
-                    break Err(error);
+                if let Ok(topic) = message.topic() {
+                    let publish = &message.publish;
+                    let carried = carrier
+                        .carry(topic, publish.qos, publish.retain, &publish.payload)
+                        .await;
+                    if let Err(error) = carried {
+                        break Err(error);
+                    }
                 }
                 // Handed on (a request that is lost now is asked again by the persister).
                 if let Err(error) = link.ack(&message).await {
@@ -90,83 +97,128 @@ pub async fn run(
     result
 }
 
-async fn carry(
-    message: &Message,
-    log: &Log,
-    edge: &AsyncClient,
-    replays: &mpsc::Sender<Replay>,
-    answered: &mut Answered,
-) -> anyhow::Result<()> {
-    let Ok(topic) = message.topic() else {
-        return Ok(());
-    };
-    let publish = &message.publish;
-    let Some(device) = device_of_request(topic) else {
-        edge.publish(topic, publish.qos, publish.retain, publish.payload.clone())
+/// Whether `topic` is one the relay carries in from the cloud: a device's replay
+/// request, a Sparkplug NCMD or a host's STATE (what [`FILTERS`] match).
+pub fn carried(topic: &str) -> bool {
+    let levels: Vec<&str> = topic.split('/').collect();
+    let named = |level: &&str| !level.is_empty() && !level.contains(['+', '#']);
+    match levels.as_slice() {
+        ["", "replay", device, "request"] => named(device),
+        ["spBv1.0", "STATE", host] => named(host),
+        ["spBv1.0", group, "NCMD", node] => named(group) && named(node) && *group != "STATE",
+        _ => false,
+    }
+}
+
+/// What carries requests in, whichever way they came (the cloud Mosquitto, NATS):
+/// replay requests answered from the log, the rest passed on to the edge broker.
+#[derive(Debug)]
+pub struct Carrier {
+    log: Log,
+    edge: AsyncClient,
+    replays: mpsc::Sender<Replay>,
+    answered: Answered,
+}
+
+impl Carrier {
+    pub fn new(log: Log, edge: AsyncClient, replays: mpsc::Sender<Replay>) -> Self {
+        Self {
+            log,
+            edge,
+            replays,
+            answered: Answered::default(),
+        }
+    }
+
+    /// Publishes `payload` on the edge broker as it came; an error is the edge
+    /// connection closed.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        qos: QoS,
+        retain: bool,
+        payload: &Bytes,
+    ) -> anyhow::Result<()> {
+        self.edge
+            .publish(topic, qos, retain, payload.clone())
             .await
-            .map_err(|_| anyhow::anyhow!("the edge connection closed"))?;
-        return Ok(());
-    };
-    let mut request = match Ranges::parse(&publish.payload) {
-        Ok(request) => request,
-        Err(why) => {
-            tracing::warn!(device, "replay request not carried: {why}");
+            .map_err(|_| anyhow::anyhow!("the edge connection closed"))
+    }
+
+    /// One request from the cloud: a replay request is answered from the log (the rest
+    /// of it asked of the device), anything else goes on to the edge unchanged.
+    pub async fn carry(
+        &mut self,
+        topic: &str,
+        qos: QoS,
+        retain: bool,
+        payload: &Bytes,
+    ) -> anyhow::Result<()> {
+        let Some(device) = device_of_request(topic) else {
+            return self.publish(topic, qos, retain, payload).await;
+        };
+        let (log, answered) = (&self.log, &mut self.answered);
+        let mut request = match Ranges::parse(payload) {
+            Ok(request) => request,
+            Err(why) => {
+                tracing::warn!(device, "replay request not carried: {why}");
+                return Ok(());
+            }
+        };
+        let now = Instant::now();
+        let asked = request.ranges.len();
+        request.ranges = answered.not_answered(device, &request.boot, &request.ranges, now);
+        if request.ranges.is_empty() {
+            tracing::info!(
+                device,
+                boot = request.boot,
+                ranges = asked,
+                "replay request not answered again: its ranges were answered from the log within {HOLD:?}"
+            );
+            metrics::counter!("iot_relay_replay_requests_held_total").increment(1);
             return Ok(());
         }
-    };
-    let now = Instant::now();
-    let asked = request.ranges.len();
-    request.ranges = answered.not_answered(device, &request.boot, &request.ranges, now);
-    if request.ranges.is_empty() {
+        let (owned_device, lookup, asked) = (device.to_string(), log.clone(), request.clone());
+        let plan =
+            tokio::task::spawn_blocking(move || plan(&lookup, &owned_device, &asked)).await??;
+        let (from_log, to_device) = (plan.numbers.len(), plan.rest.len());
+        let budget = answered.budget(device, now);
+        let sent = send_answer(log, &plan.numbers, budget, &self.replays).await?;
+        answered.spent(device, sent.bytes, now);
+        answered.answered(device, &request.boot, &plan.numbers[..sent.readings], now);
+        if sent.readings < from_log {
+            tracing::warn!(
+                device,
+                sent = sent.readings,
+                asked = from_log,
+                "replay answer cut short: the device's budget of {} MiB a minute sent again from the log is spent; the rest waits for a later request",
+                BUDGET_BYTES >> 20
+            );
+            metrics::counter!("iot_relay_replays_over_budget_total")
+                .increment((from_log - sent.readings) as u64);
+        }
+        if !plan.rest.is_empty() {
+            let rest = Ranges {
+                boot: request.boot.clone(),
+                ranges: plan.rest,
+            };
+            self.publish(
+                &request_topic(device),
+                QoS::AtLeastOnce,
+                false,
+                &Bytes::from(rest.encode()),
+            )
+            .await?;
+        }
         tracing::info!(
             device,
             boot = request.boot,
-            ranges = asked,
-            "replay request not answered again: its ranges were answered from the log within {HOLD:?}"
+            from_log = sent.readings,
+            ranges_asked_of_device = to_device,
+            "replay request answered"
         );
-        metrics::counter!("iot_relay_replay_requests_held_total").increment(1);
-        return Ok(());
+        Ok(())
     }
-    let (owned_device, lookup, asked) = (device.to_string(), log.clone(), request.clone());
-    let plan = tokio::task::spawn_blocking(move || plan(&lookup, &owned_device, &asked)).await??;
-    let (from_log, to_device) = (plan.numbers.len(), plan.rest.len());
-    let budget = answered.budget(device, now);
-    let sent = send_answer(log, &plan.numbers, budget, replays).await?;
-    answered.spent(device, sent.bytes, now);
-    answered.answered(device, &request.boot, &plan.numbers[..sent.readings], now);
-    if sent.readings < from_log {
-        tracing::warn!(
-            device,
-            sent = sent.readings,
-            asked = from_log,
-            "replay answer cut short: the device's budget of {} MiB a minute sent again from the log is spent; the rest waits for a later request",
-            BUDGET_BYTES >> 20
-        );
-        metrics::counter!("iot_relay_replays_over_budget_total")
-            .increment((from_log - sent.readings) as u64);
-    }
-    if !plan.rest.is_empty() {
-        let rest = Ranges {
-            boot: request.boot.clone(),
-            ranges: plan.rest,
-        };
-        edge.publish(
-            request_topic(device),
-            QoS::AtLeastOnce,
-            false,
-            rest.encode(),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("the edge connection closed"))?;
-    }
-    tracing::info!(
-        device,
-        boot = request.boot,
-        from_log = sent.readings,
-        ranges_asked_of_device = to_device,
-        "replay request answered"
-    );
-    Ok(())
 }
 
 /// What an answer sent: readings, and their payload bytes.
@@ -546,6 +598,30 @@ mod tests {
             (BUDGET_BYTES / 2 - 1..=BUDGET_BYTES / 2).contains(&half),
             "{half}"
         );
+    }
+
+    #[test]
+    fn only_requests_commands_and_states_are_carried() {
+        for topic in [
+            "/replay/t-1/request",
+            "spBv1.0/plant/NCMD/node-1",
+            "spBv1.0/STATE/scada",
+        ] {
+            assert!(carried(topic), "{topic}");
+        }
+        for topic in [
+            "/replay/t-1/gone",
+            "/replay//request",
+            "/sensor/t-1/temperature",
+            "spBv1.0/plant/NDATA/node-1",
+            "spBv1.0/plant/DCMD/node-1/d",
+            "spBv1.0/STATE/+",
+            "spBv1.0/STATE/a/b",
+            "spBv1.0/STATE/NCMD/x",
+            "#",
+        ] {
+            assert!(!carried(topic), "{topic}");
+        }
     }
 
     #[test]

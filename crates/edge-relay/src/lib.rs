@@ -22,8 +22,9 @@
 //! acknowledged, and the edge broker sends it again.
 //!
 //! With `nats://` addresses in `--cloud-broker` the cloud is a NATS JetStream cluster
-//! instead ([`forward_nats`]): the log is published into its stream, and nothing comes
-//! back from the cloud yet (no replay requests, no Sparkplug commands).
+//! instead ([`forward_nats`]): the log is published into its stream, and replay
+//! requests, Sparkplug commands and the host's STATE come in on the site's NATS subjects
+//! ([`inbound_nats`]), carried as from the cloud Mosquitto.
 
 pub mod accounts;
 pub mod cloud;
@@ -31,6 +32,7 @@ pub mod config;
 pub mod forward;
 pub mod forward_nats;
 pub mod inbound;
+pub mod inbound_nats;
 pub mod intake;
 pub mod keep;
 pub mod log;
@@ -197,8 +199,8 @@ async fn relay(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<
     finish(futures_join(tasks, &stop).await, &log, config)
 }
 
-/// As [`run`], into a NATS JetStream cluster: intake, forwarding and keeping (no
-/// replay requests come in over NATS yet).
+/// As [`run`], into a NATS JetStream cluster: intake, forwarding, requests in from NATS
+/// and keeping.
 async fn run_nats(
     config: &Config,
     nats: &iot_core::nats::NatsSettings,
@@ -221,8 +223,11 @@ async fn run_nats(
         log_id = log.id(),
         max_disk = config.max_disk,
         retention = ?config.retention,
-        "edge-relay starting, into the NATS stream (replay requests are not carried over NATS yet)"
+        requests = iot_core::nats::site_requests(&config.site),
+        "edge-relay starting, into the NATS stream"
     );
+    let edge_client = edge.client.clone();
+    let (replays_tx, replays) = mpsc::channel(inbound::REPLAY_QUEUE);
     let wake = Arc::new(Notify::new());
     let accounts = Arc::new(accounts_of(config));
     let (keeper, room) = keep::Keeper::new(
@@ -239,8 +244,10 @@ async fn run_nats(
         Arc::clone(&accounts),
         Arc::clone(&wake),
         config.refill_window,
+        replays,
     )
     .await?;
+    let carrier = inbound::Carrier::new(log.clone(), edge_client, replays_tx);
     let tasks = [
         tokio::spawn(intake::run(
             edge,
@@ -249,6 +256,12 @@ async fn run_nats(
             wake,
             room,
             accounts,
+            stop.clone(),
+        )),
+        tokio::spawn(inbound_nats::run(
+            forwarder.client(),
+            config.site.clone(),
+            carrier,
             stop.clone(),
         )),
         tokio::spawn(forwarder.run(stop.clone())),

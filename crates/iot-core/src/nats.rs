@@ -8,6 +8,19 @@
 //! refuses a copy sent again within its duplicate window. The stream is set up in one
 //! place ([`ensure_stream`]), by the persister, the cloud side's own service: a relay at
 //! an edge site may publish into it and read its settings, never change them.
+//!
+//! Requests go the other way, cloud to edge, as core NATS messages (no stream): replay
+//! requests and Sparkplug NCMD on `iot.request.<site>.<kind>` ([`request_subject`]),
+//! which only that site's relay may read, and the Sparkplug primary host's `STATE` on
+//! [`STATE_SUBJECT`], which every relay reads (it is the same for every site, as the
+//! retained `spBv1.0/STATE/<host>` is on the cloud Mosquitto). They carry the same
+//! headers as telemetry ([`mqtt_headers`]): the relay publishes each on its edge broker
+//! as it would one from the cloud Mosquitto. At most once is enough for each: the
+//! persister asks again for a hole that stays, the Sparkplug host sends a Rebirth again
+//! for data it still cannot name, and it sends its `STATE` again every
+//! [`STATE_EVERY`]; a relay that hears none for [`STATE_TIMEOUT`] while connected
+//! publishes the host's `STATE` offline at the edge, as the MQTT host's last will
+//! would be.
 
 use std::time::Duration;
 
@@ -29,6 +42,16 @@ pub const QOS_HEADER: &str = "Mqtt-Qos";
 /// `1` when it was published retained.
 pub const RETAIN_HEADER: &str = "Mqtt-Retain";
 
+/// Cloud-to-edge requests of a site: `iot.request.<site>.<kind>`.
+pub const REQUEST_PREFIX: &str = "iot.request";
+/// The Sparkplug primary host's `STATE`, for every site.
+pub const STATE_SUBJECT: &str = "iot.state";
+/// How often the persister publishes its Sparkplug `STATE` online again over NATS.
+pub const STATE_EVERY: Duration = Duration::from_secs(10);
+/// How long a relay, connected, waits for the next `STATE` before it takes the host
+/// for gone (three of [`STATE_EVERY`] and a margin).
+pub const STATE_TIMEOUT: Duration = Duration::from_secs(35);
+
 /// Whether a cloud address names a NATS cluster rather than an MQTT broker's host.
 pub fn is_nats(address: &str) -> bool {
     address.trim_start().starts_with("nats://")
@@ -37,6 +60,49 @@ pub fn is_nats(address: &str) -> bool {
 /// The subject a site publishes on.
 pub fn site_subject(site: &str) -> String {
     format!("{SUBJECT_PREFIX}.{site}")
+}
+
+/// The subject of the requests of `kind` (`replay`, `ncmd`) to `site`.
+pub fn request_subject(site: &str, kind: &str) -> String {
+    format!("{REQUEST_PREFIX}.{site}.{kind}")
+}
+
+/// Every request subject of `site`, as its relay subscribes.
+pub fn site_requests(site: &str) -> String {
+    format!("{REQUEST_PREFIX}.{site}.>")
+}
+
+/// The site of a telemetry subject `iot.telemetry.<site>`.
+pub fn site_of_subject(subject: &str) -> Option<&str> {
+    let site = subject.strip_prefix(SUBJECT_PREFIX)?.strip_prefix('.')?;
+    (!site.is_empty() && site_token_error(site).is_none()).then_some(site)
+}
+
+/// An MQTT message's topic, QoS and retain flag as headers.
+pub fn mqtt_headers(topic: &str, qos: u8, retain: bool) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(TOPIC_HEADER, encode_topic(topic).as_str());
+    headers.insert(QOS_HEADER, qos.to_string().as_str());
+    if retain {
+        headers.insert(RETAIN_HEADER, "1");
+    }
+    headers
+}
+
+/// What [`mqtt_headers`] wrote: the topic, the QoS (0 to 2) and the retain flag;
+/// `None` without a readable topic. A QoS that is missing or not 0 to 2 is 0.
+pub fn mqtt_of_headers(headers: Option<&async_nats::HeaderMap>) -> Option<(String, u8, bool)> {
+    let headers = headers?;
+    let topic = decode_topic(headers.get(TOPIC_HEADER)?.as_str())?;
+    let qos = headers
+        .get(QOS_HEADER)
+        .and_then(|value| value.as_str().parse::<u8>().ok())
+        .filter(|qos| *qos <= 2)
+        .unwrap_or(0);
+    let retain = headers
+        .get(RETAIN_HEADER)
+        .is_some_and(|value| value.as_str() == "1");
+    Some((topic, qos, retain))
 }
 
 /// Why `site` cannot be a subject token (NATS splits subjects on `.`, and `*`, `>` and
@@ -196,6 +262,29 @@ impl NatsSettings {
     }
 }
 
+/// Failures in a row, on a connection that stands, after which a client tries another
+/// node ([`try_another_node`]).
+pub const FAILURES_BEFORE_ANOTHER_NODE: u32 = 3;
+
+/// Reconnects `client`, to a node picked at random among those it knows: a node cut off
+/// from the others (its routes down) keeps its clients connected yet answers none of
+/// their JetStream requests, and the client would not leave it by itself. Called after
+/// [`FAILURES_BEFORE_ANOTHER_NODE`] failures in a row; in the background.
+pub fn try_another_node(client: &async_nats::Client) {
+    if client.connection_state() != async_nats::connection::State::Connected {
+        return; // already reconnecting
+    }
+    tracing::warn!(
+        "the NATS node this client is connected to fails every request: connecting to another"
+    );
+    let client = client.clone();
+    tokio::spawn(async move {
+        if let Err(error) = client.force_reconnect().await {
+            tracing::debug!("reconnecting to another NATS node: {error}");
+        }
+    });
+}
+
 /// The inbox prefix of `user`'s replies: `_INBOX.<user>`.
 pub fn inbox_prefix(user: &str) -> String {
     format!("_INBOX.{user}")
@@ -298,5 +387,30 @@ mod tests {
         assert!(site_token_error("a>").is_some());
         assert_eq!(site_subject("plant-1"), "iot.telemetry.plant-1");
         assert_eq!(message_id("s", "ab12", 7), "s:ab12:7");
+        assert_eq!(site_of_subject("iot.telemetry.plant-1"), Some("plant-1"));
+        assert_eq!(site_of_subject("iot.telemetry."), None);
+        assert_eq!(site_of_subject("iot.telemetry.a.b"), None);
+        assert_eq!(site_of_subject("iot.request.a"), None);
+        assert_eq!(
+            request_subject("plant-1", "replay"),
+            "iot.request.plant-1.replay"
+        );
+        assert_eq!(site_requests("plant-1"), "iot.request.plant-1.>");
+    }
+
+    #[test]
+    fn mqtt_headers_come_back_as_written() {
+        let headers = mqtt_headers("spBv1.0/STATE/h 1", 1, true);
+        assert_eq!(
+            mqtt_of_headers(Some(&headers)),
+            Some(("spBv1.0/STATE/h 1".to_string(), 1, true))
+        );
+        let headers = mqtt_headers("/replay/d/request", 0, false);
+        assert_eq!(
+            mqtt_of_headers(Some(&headers)),
+            Some(("/replay/d/request".to_string(), 0, false))
+        );
+        assert_eq!(mqtt_of_headers(None), None);
+        assert_eq!(mqtt_of_headers(Some(&async_nats::HeaderMap::new())), None);
     }
 }

@@ -183,16 +183,13 @@ impl Config {
         }
     }
 
-    /// What a NATS cloud does not do yet, refused with the reason.
+    /// What a NATS cloud does not need, refused with the reason.
     fn validate_nats(&self) -> Result<(), String> {
         if self.nats()?.is_none() {
             return Ok(());
         }
         if self.share.is_some() || self.retire {
             return Err("--share and --retire with a NATS cloud: every replica reads the one durable consumer, which needs neither".into());
-        }
-        if self.mapping()?.reads_sparkplug() {
-            return Err("--ingest sparkplug with a NATS cloud: its commands and STATE go over MQTT, not carried over NATS yet".into());
         }
         Ok(())
     }
@@ -329,6 +326,11 @@ mod tests {
         let nats = config.nats().expect("valid").expect("nats");
         assert_eq!(nats.servers.len(), 2);
         assert_eq!(config.stream_settings().replicas, 3);
+        // Its commands and STATE go over NATS.
+        assert_eq!(
+            parse(&["--broker", "nats://a:4222", "--ingest", "sparkplug"]).validate(),
+            Ok(())
+        );
         for args in [
             &["--broker", "nats://a:4222", "--port", "4222"][..],
             &[
@@ -339,7 +341,6 @@ mod tests {
                 "--client-id",
                 "p-1",
             ],
-            &["--broker", "nats://a:4222", "--ingest", "sparkplug"],
             &["--broker", "nats://a"],
         ] {
             assert!(parse(args).validate().is_err(), "{args:?}");

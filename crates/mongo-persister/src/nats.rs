@@ -9,7 +9,17 @@
 //! refused by the database like a keyed reading's copy, so it too is stored once. The
 //! relays' message ids keep copies out of the stream itself.
 //!
-//! Not over NATS yet: replay requests to devices (self-healing), Sparkplug commands.
+//! Requests go back to the sites as on MQTT, over core NATS (`iot_core::nats`): the
+//! repairer's replay requests and the Sparkplug host's Rebirths to the site whose
+//! subject the device's (the node's) messages last came on
+//! (`iot.request.<site>.replay`, `.ncmd`), the host's `STATE` to every site
+//! (`iot.state`), again every `STATE_EVERY` since NATS has no retained messages and no
+//! last will. Devices' answers that they no longer have some readings
+//! (`/replay/<device>/gone`) come in the stream like any message and go to the
+//! repairer.
+//!
+//! A Sparkplug host must see every message of a node to follow its `seq` numbers: with
+//! `--ingest sparkplug`, run one persister replica on the stream (replicas share it).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,13 +32,18 @@ use futures_util::StreamExt;
 use iot_core::backoff::retry;
 use iot_core::nats::{self, NatsSettings};
 use iot_core::ops;
+use iot_core::replay;
+use iot_store::sparkplug::Rebirth;
 use iot_store::{Mapping, Record};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::{self, DeviceBudget};
 use crate::config::Config;
-use crate::persister::{spawn_writer, WriterTask, STOP_GRACE};
+use crate::persister::{observe, spawn_repairer, spawn_writer, WriterTask, STOP_GRACE};
 use crate::ready::{ReadyFile, SUBSCRIBED_CHECK};
+use crate::repair;
+use crate::sparkplug::{self, Sparkplug};
 use crate::writer::{self, Pending, Stats, DATABASE_CHECK};
 
 /// A JetStream message's acknowledgement, kept until its write succeeded.
@@ -66,32 +81,53 @@ pub async fn run(
     ops::serve(
         config.metrics_address.as_deref(),
         shutdown.clone(),
-        writer::METRICS,
+        &[writer::METRICS, sparkplug::METRICS].concat(),
     )
     .await?;
     tracing::info!(
         cloud = %settings.address(), stream = nats::STREAM, consumer = nats::CONSUMER,
         mongodb = %config.mongo.redacted_uri(), database = config.mongo.database,
-        batch_size = config.batch_size,
-        "storing messages from the NATS stream (replay requests to devices are not sent over NATS yet)"
+        batch_size = config.batch_size, repairs = config.repairs(),
+        ingest = %if config.ingest.is_empty() { "default".to_string() } else { config.ingest.join(",") },
+        "storing messages from the NATS stream"
     );
     let stats = Arc::new(Stats::default());
     let mut task = spawn_writer::<NatsAck>(config, &db, &stats);
+    let (seen, requests, stop_repairing) = spawn_repairer(config, &db, &config.client_id());
     let client = settings.connect(nats::CONSUMER).await?;
     let js = jetstream::new(client.clone());
-    let Some(consumer) = set_up(config, &js, &shutdown).await else {
-        return finish(task, &stats).await;
-    };
-    ready.mark()?;
-    ops::health().set(SUBSCRIBED_CHECK, Ok(()));
+    let sparkplug = mapping.reads_sparkplug().then(|| {
+        Sparkplug::new(
+            &config.sparkplug_host_id(),
+            config.sparkplug_reorder_timeout,
+        )
+    });
     let mut reader = Reader {
         mapping,
         budget: DeviceBudget::new(config.device_documents_per_second),
         stats: Arc::clone(&stats),
+        seen,
+        sparkplug,
+        sites: Sites::default(),
+        client: client.clone(),
     };
-    let outcome = reader.serve(&consumer, &mut task, config, &shutdown).await;
+    reader.publish_state(true).await;
+    let Some(consumer) = set_up(config, &js, &shutdown).await else {
+        stop_repairing.cancel();
+        reader.publish_state(false).await;
+        let _ = client.flush().await;
+        return finish(task, &stats).await;
+    };
+    ready.mark()?;
+    ops::health().set(SUBSCRIBED_CHECK, Ok(()));
+    let outcome = reader
+        .serve(&consumer, &mut task, requests, config, &shutdown)
+        .await;
+    stop_repairing.cancel();
     ready.clear();
     let finished = finish(task, &stats).await;
+    // Edge nodes learn that the host is away, as from a clean MQTT disconnect.
+    reader.publish_state(false).await;
     let _ = client.flush().await;
     outcome.and(finished)
 }
@@ -180,11 +216,58 @@ async fn acknowledge(acks: Vec<NatsAck>) {
     }
 }
 
-/// Maps messages and hands them to the writer.
+/// Sites by device and by Sparkplug node (`<group>/<node>`): where each one's
+/// messages came from last, so its requests go there.
+#[derive(Debug, Default)]
+struct Sites {
+    by_name: std::collections::HashMap<String, String>,
+}
+
+/// Names followed at most; past it they are all forgotten and learnt again from the
+/// messages that follow (a request for one not heard since waits for its next message).
+const MAX_SITES_FOLLOWED: usize = 100_000;
+
+impl Sites {
+    fn heard(&mut self, name: String, site: &str) {
+        if self.by_name.get(&name).is_some_and(|known| known == site) {
+            return;
+        }
+        if self.by_name.len() >= MAX_SITES_FOLLOWED {
+            self.by_name.clear();
+        }
+        self.by_name.insert(name, site.to_string());
+    }
+
+    fn of(&self, name: &str) -> Option<&str> {
+        self.by_name.get(name).map(String::as_str)
+    }
+}
+
+/// `device:<id>` for the site map.
+fn device_name(device: &str) -> String {
+    format!("device:{device}")
+}
+
+/// `node:<group>/<node>` of a Sparkplug topic `spBv1.0/<group>/<type>/<node>[/...]`.
+fn node_name(topic: &str) -> Option<String> {
+    let mut levels = topic.strip_prefix("spBv1.0/")?.split('/');
+    let group = levels.next()?;
+    let _kind = levels.next()?;
+    let node = levels.next()?;
+    Some(format!("node:{group}/{node}"))
+}
+
+/// Maps messages and hands them to the writer; sends the requests back.
 struct Reader {
     mapping: Mapping,
     budget: DeviceBudget,
     stats: Arc<Stats>,
+    /// What the repairer follows.
+    seen: mpsc::Sender<repair::Seen>,
+    /// The Sparkplug B host, with `--ingest sparkplug`.
+    sparkplug: Option<Sparkplug>,
+    sites: Sites,
+    client: async_nats::Client,
 }
 
 impl Reader {
@@ -192,6 +275,7 @@ impl Reader {
         &mut self,
         consumer: &jetstream::consumer::Consumer<pull::Config>,
         task: &mut WriterTask<NatsAck>,
+        mut requests: mpsc::UnboundedReceiver<repair::Request>,
         config: &Config,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
@@ -203,8 +287,13 @@ impl Reader {
         } = task;
         let mut stats_ticks = tokio::time::interval(config.stats_interval);
         stats_ticks.reset();
+        let mut sparkplug_ticks = tokio::time::interval(sparkplug::TICK);
+        let mut state_ticks = tokio::time::interval(nats::STATE_EVERY);
+        state_ticks.reset();
         let batch = usize::from(config.batch_size);
         let mut last_line = String::new();
+        // Pull errors since the last message: a node cut off from the others answers none.
+        let mut failing = 0_u32;
         'connect: loop {
             let mut messages = match consumer
                 .stream()
@@ -215,6 +304,7 @@ impl Reader {
                 Ok(messages) => messages,
                 Err(error) => {
                     tracing::warn!("cannot pull from the NATS consumer: {error}; again in 1 s");
+                    self.pull_failed(&mut failing);
                     tokio::select! {
                         () = shutdown.cancelled() => return Ok(()),
                         () = tokio::time::sleep(Duration::from_secs(1)) => continue 'connect,
@@ -226,17 +316,33 @@ impl Reader {
                     () = shutdown.cancelled() => return Ok(()),
                     message = messages.next(), if pending.capacity() > 0 && queued.has_room() => match message {
                         Some(Ok(message)) => {
-                            let Some(item) = self.read(message) else { continue };
+                            failing = 0;
+                            let item = self.read(message).await;
+                            if let Some(sparkplug) = &mut self.sparkplug {
+                                // Data the host could not name asks its Rebirth at once.
+                                let asked = sparkplug.asked();
+                                self.send_rebirths(asked).await;
+                            }
+                            let Some(item) = item else { continue };
                             queued.add(item.documents, item.bytes);
                             if pending.send(item).await.is_err() {
                                 anyhow::bail!("the database writer stopped");
                             }
                         }
                         // A missed heartbeat, a leader change: the pull goes on.
-                        Some(Err(error)) => tracing::warn!("pulling from the NATS consumer: {error}"),
+                        Some(Err(error)) => {
+                            tracing::warn!("pulling from the NATS consumer: {error}");
+                            self.pull_failed(&mut failing);
+                        }
                         None => continue 'connect,
                     },
                     Some(acks) = written.recv() => acknowledge(acks).await,
+                    Some(request) = requests.recv() => self.send_request(request).await,
+                    _ = sparkplug_ticks.tick(), if self.sparkplug.is_some() => {
+                        let due = self.sparkplug.as_mut().map(Sparkplug::due).unwrap_or_default();
+                        self.send_rebirths(due).await;
+                    }
+                    _ = state_ticks.tick(), if self.sparkplug.is_some() => self.publish_state(true).await,
                     _ = stats_ticks.tick() => {
                         // As on MQTT: a line only when it changed, not every ten seconds of an idle stream.
                         let line = self.stats.line(pending.max_capacity() - pending.capacity());
@@ -250,8 +356,68 @@ impl Reader {
         }
     }
 
-    /// One message: mapped, its unkeyed readings keyed by its stream sequence.
-    fn read(&mut self, message: jetstream::Message) -> Option<Pending<NatsAck>> {
+    /// One more pull failure in a row; after a few, another node is tried.
+    fn pull_failed(&self, failing: &mut u32) {
+        *failing += 1;
+        if *failing >= nats::FAILURES_BEFORE_ANOTHER_NODE {
+            *failing = 0;
+            nats::try_another_node(&self.client);
+        }
+    }
+
+    /// Publishes `payload` as an MQTT message of `topic` on `subject` (core NATS, at
+    /// most once; see the module documentation).
+    async fn request(&self, subject: String, topic: &str, qos: u8, retain: bool, payload: Vec<u8>) {
+        let headers = nats::mqtt_headers(topic, qos, retain);
+        if let Err(error) = self
+            .client
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+        {
+            tracing::warn!(topic, "not sent over NATS: {error}");
+        }
+    }
+
+    /// A replay request of the repairer's, to the device's site.
+    async fn send_request(&self, request: repair::Request) {
+        let Some(site) = self.sites.of(&device_name(&request.device)) else {
+            tracing::warn!(device = request.device, "replay request not sent: no message of the device heard, its site is unknown (asked again later)");
+            return;
+        };
+        let subject = nats::request_subject(site, "replay");
+        let topic = replay::request_topic(&request.device);
+        self.request(subject, &topic, 1, false, request.ranges.encode())
+            .await;
+    }
+
+    /// Rebirth commands, each to its node's site, at QoS 0 as on MQTT.
+    async fn send_rebirths(&self, rebirths: Vec<Rebirth>) {
+        for rebirth in rebirths {
+            let Some(site) = self.sites.of(&format!("node:{}", rebirth.node)) else {
+                tracing::warn!(
+                    node = rebirth.node,
+                    "Rebirth not sent: the node's site is unknown"
+                );
+                continue;
+            };
+            let subject = nats::request_subject(site, "ncmd");
+            self.request(subject, &rebirth.topic, 0, false, rebirth.payload)
+                .await;
+        }
+    }
+
+    /// The Sparkplug host's `STATE` to every site, retained at QoS 1 as on MQTT.
+    async fn publish_state(&self, online: bool) {
+        if let Some(sparkplug) = &self.sparkplug {
+            let (topic, payload) = (sparkplug.state_topic(), sparkplug.state(online));
+            self.request(nats::STATE_SUBJECT.to_string(), topic, 1, true, payload)
+                .await;
+        }
+    }
+
+    /// One message: mapped, its unkeyed readings keyed by its stream sequence; `None`
+    /// for a device's answer to a replay request (for the repairer, acknowledged now).
+    async fn read(&mut self, message: jetstream::Message) -> Option<Pending<NatsAck>> {
         let sequence = match message.info() {
             Ok(info) => info.stream_sequence,
             Err(error) => {
@@ -268,13 +434,54 @@ impl Reader {
             .and_then(|value| nats::decode_topic(value.as_str()))
             // Not from a relay: its subject is the best name it has.
             .unwrap_or_else(|| message.subject.to_string());
-        let mut record = self
-            .mapping
-            .read_with(None, &topic, &message.payload, Utc::now());
-        key_by_sequence(&mut record, sequence);
-        if matches!(record, Record::Unparsed { .. }) {
-            self.stats.unparsed.add(1);
+        let site = nats::site_of_subject(message.subject.as_str());
+        if let Some(device) = replay::device_of_gone(&topic) {
+            if let Some(site) = site {
+                self.sites.heard(device_name(device), site);
+            }
+            match replay::Ranges::parse(&message.payload) {
+                Ok(ranges) => repair::offer(
+                    &self.seen,
+                    repair::Seen::Gone {
+                        device: device.to_string(),
+                        ranges,
+                    },
+                ),
+                Err(why) => tracing::warn!(topic, "answer to a replay request ignored: {why}"),
+            }
+            acknowledge(vec![NatsAck(acker)]).await;
+            return None;
         }
+        let mut record = self.mapping.read_with(
+            self.sparkplug.as_mut().map(|sparkplug| &mut sparkplug.host),
+            &topic,
+            &message.payload,
+            Utc::now(),
+        );
+        if let Some(site) = site {
+            if let Some(node) = node_name(&topic) {
+                self.sites.heard(node, site);
+            }
+            for part in record.parts() {
+                if let Record::Readings {
+                    documents,
+                    keyed: true,
+                } = part
+                {
+                    if let Some(device) = documents
+                        .first()
+                        .and_then(|document| document.get_document("_id").ok())
+                        .and_then(|key| key.get_str("device").ok())
+                    {
+                        self.sites.heard(device_name(device), site);
+                    }
+                }
+            }
+        }
+        for part in record.parts() {
+            observe(&self.seen, &self.stats, &topic, part);
+        }
+        key_by_sequence(&mut record, sequence);
         let spender = budget::spender(&topic, &record).to_string();
         let refused = self
             .budget
@@ -326,6 +533,27 @@ pub fn key_by_sequence(record: &mut Record, sequence: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_go_to_the_site_a_device_or_node_was_heard_from_last() {
+        assert_eq!(
+            node_name("spBv1.0/cell/DDATA/line-7/gauge").as_deref(),
+            Some("node:cell/line-7")
+        );
+        assert_eq!(
+            node_name("spBv1.0/cell/NBIRTH/line-7").as_deref(),
+            Some("node:cell/line-7")
+        );
+        assert_eq!(node_name("spBv1.0/STATE"), None);
+        assert_eq!(node_name("/sensor/t-1/temperature"), None);
+        let mut sites = Sites::default();
+        sites.heard(device_name("t-1"), "plant-1");
+        sites.heard(device_name("t-2"), "plant-2");
+        sites.heard(device_name("t-1"), "plant-3");
+        assert_eq!(sites.of(&device_name("t-1")), Some("plant-3"));
+        assert_eq!(sites.of(&device_name("t-2")), Some("plant-2"));
+        assert_eq!(sites.of(&device_name("t-3")), None);
+    }
 
     #[test]
     fn unkeyed_documents_are_keyed_by_the_stream_sequence() {

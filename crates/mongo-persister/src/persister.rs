@@ -296,37 +296,7 @@ impl Persister {
 
     /// Shows a keyed reading to the repairer, counts what is flagged or not stored.
     fn count(&self, topic: &str, record: &Record) {
-        match record {
-            Record::Readings {
-                documents,
-                keyed: true,
-            } => {
-                if let Some((device, boot, seq)) = documents.first().and_then(reading_key) {
-                    repair::offer(&self.seen, repair::Seen::Reading { device, boot, seq });
-                }
-            }
-            Record::Unparsed { document } => {
-                self.stats.unparsed.add(1);
-                // Flagged for its content, yet received: no hole to ask for again.
-                if let Some((device, boot, seq)) = reading_key(document) {
-                    repair::offer(&self.seen, repair::Seen::Reading { device, boot, seq });
-                }
-                if let Ok(identity) = document.get_str("identity") {
-                    metrics::counter!("iot_persister_identity_flagged_total", "identity" => identity.to_string()).increment(1);
-                    tracing::warn!(
-                        topic,
-                        identity,
-                        claimed = document.get_str("claimed_device").unwrap_or_default(),
-                        "stored flagged: the payload names a device its topic does not vouch for"
-                    );
-                }
-            }
-            Record::Nothing { why } => {
-                self.stats.ignored.add(1);
-                tracing::debug!(topic, "nothing to store: {why}");
-            }
-            _ => {}
-        }
+        observe(&self.seen, &self.stats, topic, record);
     }
 
     /// Sends the Sparkplug Rebirth commands that are due.
@@ -445,6 +415,47 @@ impl Persister {
     }
 }
 
+/// Shows a keyed reading to the repairer (`seen`), counts what is flagged or not
+/// stored.
+pub(crate) fn observe(
+    seen: &mpsc::Sender<repair::Seen>,
+    stats: &Stats,
+    topic: &str,
+    record: &Record,
+) {
+    match record {
+        Record::Readings {
+            documents,
+            keyed: true,
+        } => {
+            if let Some((device, boot, seq)) = documents.first().and_then(reading_key) {
+                repair::offer(seen, repair::Seen::Reading { device, boot, seq });
+            }
+        }
+        Record::Unparsed { document } => {
+            stats.unparsed.add(1);
+            // Flagged for its content, yet received: no hole to ask for again.
+            if let Some((device, boot, seq)) = reading_key(document) {
+                repair::offer(seen, repair::Seen::Reading { device, boot, seq });
+            }
+            if let Ok(identity) = document.get_str("identity") {
+                metrics::counter!("iot_persister_identity_flagged_total", "identity" => identity.to_string()).increment(1);
+                tracing::warn!(
+                    topic,
+                    identity,
+                    claimed = document.get_str("claimed_device").unwrap_or_default(),
+                    "stored flagged: the payload names a device its topic does not vouch for"
+                );
+            }
+        }
+        Record::Nothing { why } => {
+            stats.ignored.add(1);
+            tracing::debug!(topic, "nothing to store: {why}");
+        }
+        _ => {}
+    }
+}
+
 /// The writer's task and what goes to and comes from it.
 pub(crate) struct WriterTask<A = Ack> {
     pub(crate) pending: mpsc::Sender<Pending<A>>,
@@ -489,7 +500,7 @@ pub(crate) fn spawn_writer<A: Send + Sync + 'static>(
 
 /// The repairer's task, when this run repairs: what it follows goes in (bounded), the
 /// requests it makes come out.
-fn spawn_repairer(
+pub(crate) fn spawn_repairer(
     config: &Config,
     db: &mongodb::Database,
     client_id: &str,

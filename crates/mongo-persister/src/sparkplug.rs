@@ -52,7 +52,13 @@ impl Sparkplug {
         }
     }
 
-    fn state(&self, online: bool) -> Vec<u8> {
+    /// `spBv1.0/STATE/<host id>`.
+    pub fn state_topic(&self) -> &str {
+        &self.state_topic
+    }
+
+    /// The `STATE` payload, online or offline, with this run's timestamp.
+    pub fn state(&self, online: bool) -> Vec<u8> {
         serde_json::json!({ "online": online, "timestamp": self.since })
             .to_string()
             .into_bytes()
@@ -86,15 +92,25 @@ impl Sparkplug {
 
     /// Sends the Rebirths asked while reading messages (data the host could not name).
     pub async fn send_asked(&mut self, connection: &mut Connection) -> anyhow::Result<()> {
-        let asked = self.host.asked();
-        send(connection, asked).await
+        send(connection, self.asked()).await
     }
 
     /// Sends the Rebirths that are due (a `seq` gap past the reorder timeout, and those
     /// asked) and brings the counters up to date; every [`TICK`].
     pub async fn send_due(&mut self, connection: &mut Connection) -> anyhow::Result<()> {
+        let due = self.due();
+        send(connection, due).await
+    }
+
+    /// The Rebirths asked while reading messages, logged and counted: to send.
+    pub fn asked(&mut self) -> Vec<Rebirth> {
+        announce(self.host.asked())
+    }
+
+    /// The Rebirths that are due, logged and counted, with the counters brought up to
+    /// date: to send, every [`TICK`].
+    pub fn due(&mut self) -> Vec<Rebirth> {
         let due = self.host.due(Instant::now());
-        send(connection, due).await?;
         let skipped = self.host.skipped();
         metrics::counter!("iot_persister_sparkplug_skipped_metrics_total")
             .increment(skipped.metrics - self.reported.metrics);
@@ -103,19 +119,26 @@ impl Sparkplug {
         self.reported = skipped;
         #[allow(clippy::cast_precision_loss)]
         metrics::gauge!("iot_persister_sparkplug_nodes").set(self.host.nodes() as f64);
-        Ok(())
+        announce(due)
     }
 }
 
-/// Publishes Rebirth commands at QoS 0, as the specification has commands.
-async fn send(connection: &mut Connection, rebirths: Vec<Rebirth>) -> anyhow::Result<()> {
-    for rebirth in rebirths {
+/// Logs and counts Rebirth commands about to be sent.
+fn announce(rebirths: Vec<Rebirth>) -> Vec<Rebirth> {
+    for rebirth in &rebirths {
         tracing::info!(
             node = rebirth.node,
             "Sparkplug Rebirth requested: {}",
             rebirth.why
         );
         metrics::counter!("iot_persister_sparkplug_rebirths_total").increment(1);
+    }
+    rebirths
+}
+
+/// Publishes Rebirth commands at QoS 0, as the specification has commands.
+async fn send(connection: &mut Connection, rebirths: Vec<Rebirth>) -> anyhow::Result<()> {
+    for rebirth in rebirths {
         connection
             .publish(&rebirth.topic, QoS::AtMostOnce, false, rebirth.payload)
             .await?;
