@@ -168,3 +168,15 @@ pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
 print(f"{pick(0.5):.0f} {pick(0.99):.0f} {lat[-1]:.0f}")
 PY
 }
+
+# The top TOP entries of perf.data FILE by self time, then those matching PATTERN (ours
+# and our libraries') by time with what they call (needs frame pointers).
+perf_report() { # file top pattern
+  echo "By self time:"
+  perf report -i "$1" --no-children --sort symbol --stdio 2>/dev/null \
+    | grep -E '^ +[0-9.]+%' | head -n "$2"
+  echo
+  echo "Ours and our libraries', with what they call (needs frame pointers):"
+  perf report -i "$1" --children --sort symbol --stdio -g none 2>/dev/null \
+    | grep -E '^ +[0-9.]+%' | grep -E "$3" | head -n "$2"
+}

@@ -45,11 +45,4 @@ kill -INT "$perf_pid"; wait "$perf_pid" || true
 [ -z "${BENCH_PROFILE_DATA:-}" ] || cp "$work/perf.data" "$BENCH_PROFILE_DATA"
 echo "edge-relay: $(calc "f'{$relay_cpu / $N * 1e6:.1f}'") µs of CPU per reading; the edge broker beside it: $(calc "f'{$edge_cpu / $N * 1e6:.1f}'") µs"
 echo
-echo "By self time:"
-perf report -i "$work/perf.data" --no-children --sort symbol --stdio 2>/dev/null \
-  | grep -E '^ +[0-9.]+%' | head -n "$TOP"
-echo
-echo "Ours and our libraries', with what they call (needs frame pointers, above):"
-perf report -i "$work/perf.data" --children --sort symbol --stdio -g none 2>/dev/null \
-  | grep -E '^ +[0-9.]+%' | grep -E 'edge_relay|iot_core|rumqttc::|fjall|lsm_tree|tokio::|rustls|serde_json::|metrics' \
-  | head -n "$TOP"
+perf_report "$work/perf.data" "$TOP" 'edge_relay|iot_core|rumqttc::|fjall|lsm_tree|tokio::|rustls|serde_json::|metrics'

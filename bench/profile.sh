@@ -47,11 +47,4 @@ kill -INT "$perf_pid"; wait "$perf_pid" || true
 kill -TERM "$pid"; wait "$pid"
 echo "mongo-persister: $N readings, $cpu CPU s in all (start-up included), $(calc "f'{$cpu / $N * 1e6:.1f}'") µs per reading"
 echo
-echo "By self time:"
-perf report -i "$work/perf.data" --no-children --sort symbol --stdio 2>/dev/null \
-  | grep -E '^ +[0-9.]+%' | head -n "$TOP"
-echo
-echo "Ours and our libraries', with what they call (needs frame pointers, above):"
-perf report -i "$work/perf.data" --children --sort symbol --stdio -g none 2>/dev/null \
-  | grep -E '^ +[0-9.]+%' | grep -E 'mongo_persister|iot_store|iot_core|mongodb::|bson::|rumqttc::|serde_json::' \
-  | head -n "$TOP"
+perf_report "$work/perf.data" "$TOP" 'mongo_persister|iot_store|iot_core|mongodb::|bson::|rumqttc::|serde_json::'

@@ -433,6 +433,19 @@ impl Brokers {
             .await
     }
 
+    /// [`Brokers::relay_ready`] with the relay's metrics on a free port: the relay and
+    /// the port.
+    pub async fn relay_with_metrics(&self, log_dir: &Path, args: &[&str]) -> (Service, u16) {
+        let port = free_port();
+        let address = format!("127.0.0.1:{port}");
+        let args: Vec<&str> = args
+            .iter()
+            .copied()
+            .chain(["--metrics-address", &address])
+            .collect();
+        (self.relay_ready(log_dir, &args).await, port)
+    }
+
     /// As [`Brokers::start_relay_as`], and waits until the relay subscribed on both.
     pub async fn relay_ready_as(
         &self,

@@ -19,9 +19,7 @@ use bson::{doc, Document};
 use futures_util::TryStreamExt;
 use rumqttc::QoS;
 use tests::stored::{assert_exactly_once, count, stored_seqs};
-use tests::{
-    free_port, prometheus, spawn_mongo, spawn_relay_brokers, Brokers, Service, TestClient,
-};
+use tests::{prometheus, spawn_mongo, spawn_relay_brokers, Brokers, Service, TestClient};
 
 /// A flooding account's messages: under a device account's default limit (256 KiB),
 /// so that its share, not its size limit, is what holds it.
@@ -46,16 +44,9 @@ async fn metric(port: u16, name: &str) -> f64 {
     prometheus::sample(&body, name).unwrap_or(0.0)
 }
 
-/// [`Brokers::relay_ready`] with the relay's metrics on a free port.
+/// [`Brokers::relay_with_metrics`], as the tests here call it.
 async fn relay_with_metrics(brokers: &Brokers, log_dir: &Path, args: &[&str]) -> (Service, u16) {
-    let port = free_port();
-    let address = format!("127.0.0.1:{port}");
-    let args: Vec<&str> = args
-        .iter()
-        .copied()
-        .chain(["--metrics-address", &address])
-        .collect();
-    (brokers.relay_ready(log_dir, &args).await, port)
+    brokers.relay_with_metrics(log_dir, args).await
 }
 
 /// An honest sensor (the services' `temperature-sensor` account): `count` JSON readings

@@ -58,17 +58,9 @@ async fn metric(port: u16, name: &str) -> Option<f64> {
     prometheus::sample(&body, name)
 }
 
-/// [`Brokers::relay_ready`] with the relay's metrics on a free port: the relay and the
-/// port.
+/// [`Brokers::relay_with_metrics`], as the tests here call it.
 async fn relay_with_metrics(brokers: &Brokers, log_dir: &Path, args: &[&str]) -> (Service, u16) {
-    let port = free_port();
-    let address = format!("127.0.0.1:{port}");
-    let args: Vec<&str> = args
-        .iter()
-        .copied()
-        .chain(["--metrics-address", &address])
-        .collect();
-    (brokers.relay_ready(log_dir, &args).await, port)
+    brokers.relay_with_metrics(log_dir, args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

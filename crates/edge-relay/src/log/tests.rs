@@ -236,21 +236,26 @@ fn a_store_that_cannot_be_opened_is_set_aside_and_a_new_one_started() {
         .expect("the new store takes messages");
 }
 
-#[test]
-fn a_torn_last_write_is_cut_off_and_the_rest_kept() {
-    let dir = tempfile::tempdir().expect("temp dir");
+/// A log in `dir` with 20 writes of one reading each, closed: its largest journal.
+fn twenty_writes(dir: &std::path::Path) -> std::path::PathBuf {
     {
-        let (log, _) = Log::open(dir.path()).expect("open");
+        let (log, _) = Log::open(dir).expect("open");
         for seq in 1..=20 {
             log.append(&[reading("t-1", seq)]).expect("append");
         }
     }
-    // Half of the last journal's last write cut off, as a power cut mid-write leaves it.
-    let journal = walk(&dir.path().join("store"))
+    walk(&dir.join("store"))
         .into_iter()
         .filter(|path| path.extension().is_some_and(|ext| ext == "jnl"))
         .max_by_key(|path| std::fs::metadata(path).map(|m| m.len()).unwrap_or(0))
-        .expect("a journal file");
+        .expect("a journal file")
+}
+
+#[test]
+fn a_torn_last_write_is_cut_off_and_the_rest_kept() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Half of the last journal's last write cut off, as a power cut mid-write leaves it.
+    let journal = twenty_writes(dir.path());
     let length = std::fs::metadata(&journal).expect("journal").len();
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -278,17 +283,7 @@ fn a_torn_last_write_is_cut_off_and_the_rest_kept() {
 #[test]
 fn a_damaged_last_write_is_not_taken_for_a_torn_one() {
     let dir = tempfile::tempdir().expect("temp dir");
-    {
-        let (log, _) = Log::open(dir.path()).expect("open");
-        for seq in 1..=20 {
-            log.append(&[reading("t-1", seq)]).expect("append");
-        }
-    }
-    let journal = walk(&dir.path().join("store"))
-        .into_iter()
-        .filter(|path| path.extension().is_some_and(|ext| ext == "jnl"))
-        .max_by_key(|path| std::fs::metadata(path).map(|m| m.len()).unwrap_or(0))
-        .expect("a journal file");
+    let journal = twenty_writes(dir.path());
     let mut bytes = std::fs::read(&journal).expect("journal");
     // The last write begins after the end of the one before it: its first item's tag
     // after the batch's start (1 byte), count (4) and sequence number (8).
