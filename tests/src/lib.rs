@@ -362,6 +362,17 @@ pub struct Brokers {
     dir: TempDir,
 }
 
+/// `args` and `--metrics-address` on a free port of 127.0.0.1; the port.
+pub fn with_metrics_address(args: &[&str]) -> (Vec<String>, u16) {
+    let port = free_port();
+    let args = args
+        .iter()
+        .map(|arg| (*arg).to_string())
+        .chain(["--metrics-address".into(), format!("127.0.0.1:{port}")])
+        .collect();
+    (args, port)
+}
+
 impl Brokers {
     /// A folder for the test's own files (working directory of the binaries).
     pub fn dir(&self) -> &Path {
@@ -436,13 +447,8 @@ impl Brokers {
     /// [`Brokers::relay_ready`] with the relay's metrics on a free port: the relay and
     /// the port.
     pub async fn relay_with_metrics(&self, log_dir: &Path, args: &[&str]) -> (Service, u16) {
-        let port = free_port();
-        let address = format!("127.0.0.1:{port}");
-        let args: Vec<&str> = args
-            .iter()
-            .copied()
-            .chain(["--metrics-address", &address])
-            .collect();
+        let (args, port) = with_metrics_address(args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         (self.relay_ready(log_dir, &args).await, port)
     }
 

@@ -1812,13 +1812,8 @@ async fn start_on_a_full_file_system(
 /// edge broker's subscription acknowledgement may wait behind the messages of a kept
 /// session that a full disk holds back).
 async fn relay_on_edge(brokers: &Brokers, log_dir: &Path, args: &[&str]) -> (Service, u16) {
-    let port = free_port();
-    let address = format!("127.0.0.1:{port}");
-    let args: Vec<&str> = args
-        .iter()
-        .copied()
-        .chain(["--metrics-address", &address])
-        .collect();
+    let (args, port) = tests::with_metrics_address(args);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let relay = brokers.start_relay(log_dir, &args);
     relay.wait_for_log("edge-relay starting").await;
     (relay, port)

@@ -40,11 +40,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::budget::{self, DeviceBudget};
 use crate::config::Config;
-use crate::persister::{observe, spawn_repairer, spawn_writer, WriterTask, STOP_GRACE};
+use crate::persister::{observe, serve_ops, spawn_repairer, spawn_writer, WriterTask, STOP_GRACE};
 use crate::ready::{ReadyFile, SUBSCRIBED_CHECK};
 use crate::repair;
 use crate::sparkplug::{self, Sparkplug};
-use crate::writer::{self, Pending, Stats, DATABASE_CHECK};
+use crate::writer::{Pending, Stats};
 
 /// A JetStream message's acknowledgement, kept until its write succeeded.
 pub struct NatsAck(Acker);
@@ -67,23 +67,7 @@ pub async fn run(
     let mapping = config
         .mapping()
         .map_err(|error| anyhow::anyhow!("cannot load the ingest mapping: {error}"))?;
-    ops::health().set(
-        SUBSCRIBED_CHECK,
-        Err("the NATS consumer is not set up yet".into()),
-    );
-    ops::health().set(
-        DATABASE_CHECK,
-        Err(format!(
-            "MongoDB at {} not reached yet",
-            config.mongo.redacted_uri()
-        )),
-    );
-    ops::serve(
-        config.metrics_address.as_deref(),
-        shutdown.clone(),
-        &[writer::METRICS, sparkplug::METRICS].concat(),
-    )
-    .await?;
+    serve_ops(config, &shutdown, "the NATS consumer is not set up yet").await?;
     tracing::info!(
         cloud = %settings.address(), stream = nats::STREAM, consumer = nats::CONSUMER,
         mongodb = %config.mongo.redacted_uri(), database = config.mongo.database,

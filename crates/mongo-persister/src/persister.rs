@@ -94,20 +94,7 @@ impl Persister {
             sparkplug.set_will(&mut options);
         }
         log_start(config, &broker, &client_id, &filters);
-        ops::health().set(SUBSCRIBED_CHECK, Err("not subscribed yet".into()));
-        ops::health().set(
-            DATABASE_CHECK,
-            Err(format!(
-                "MongoDB at {} not reached yet",
-                config.mongo.redacted_uri()
-            )),
-        );
-        ops::serve(
-            config.metrics_address.as_deref(),
-            shutdown.clone(),
-            &[writer::METRICS, sparkplug::METRICS].concat(),
-        )
-        .await?;
+        serve_ops(config, shutdown, "not subscribed yet").await?;
 
         let stats = Arc::new(Stats::default());
         let WriterTask {
@@ -413,6 +400,29 @@ impl Persister {
             None => Ok(()),
         }
     }
+}
+
+/// Health checks not passed yet (`subscribed` says why the subscription is not) and
+/// the metrics and health endpoints, on MQTT and on NATS alike.
+pub(crate) async fn serve_ops(
+    config: &Config,
+    shutdown: &CancellationToken,
+    subscribed: &str,
+) -> anyhow::Result<()> {
+    ops::health().set(SUBSCRIBED_CHECK, Err(subscribed.into()));
+    ops::health().set(
+        DATABASE_CHECK,
+        Err(format!(
+            "MongoDB at {} not reached yet",
+            config.mongo.redacted_uri()
+        )),
+    );
+    ops::serve(
+        config.metrics_address.as_deref(),
+        shutdown.clone(),
+        &[writer::METRICS, sparkplug::METRICS].concat(),
+    )
+    .await
 }
 
 /// Shows a keyed reading to the repairer (`seen`), counts what is flagged or not
