@@ -25,11 +25,11 @@
 //! Each message into the log once, across reconnects: copies of an earlier connection
 //! that the broker sends again are dropped before they are written, and a copy of one
 //! written whose acknowledgement was lost with the connection (or with a relay killed
-//! meanwhile: the log keeps the edge broker's packet ids) is known by `Recent` and
-//! acknowledged without being written again.
+//! meanwhile) is known by [`Taken`], the last message written under each of the
+//! broker's packet ids (kept in the log too: [`Log::edge_pkids`]), and acknowledged
+//! without being written again.
 
-use std::collections::VecDeque;
-use std::hash::{Hash, Hasher};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -39,7 +39,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::accounts::{self, Accounts};
-use crate::log::{now_ms, Entry, Log};
+use crate::log::{fingerprint, now_ms, Entry, Log};
 use crate::mqtt5::{filter, Heard, Link, Message, RECEIVE_MAXIMUM};
 
 /// Most messages held while a batch is written (or while the disk is full).
@@ -108,7 +108,7 @@ pub async fn run(
     let mut pending: Vec<Message> = Vec::new();
     let mut writing: Option<JoinHandle<anyhow::Result<Written>>> = None;
     let mut budget = Budget::new(room);
-    let mut recent = Recent::read(&log).await?;
+    let mut taken = Taken::read(&log).await?;
     // Payload bytes of `pending`.
     let mut held = 0;
     let result = loop {
@@ -117,7 +117,7 @@ pub async fn run(
             if let Some(batch) = budget.next_batch(&mut pending) {
                 held -= batch.iter().map(|m| m.publish.payload.len()).sum::<usize>();
                 let kept = |connection| link.session_kept_since(connection);
-                let copies: Vec<bool> = batch.iter().map(|m| recent.has(kept, m)).collect();
+                let copies: Vec<bool> = batch.iter().map(|m| taken.has(kept, m)).collect();
                 // Copies are not written again: not their account's backlog twice.
                 let unwritten = batch.iter().zip(&copies).filter(|(_, copy)| **copy);
                 unwritten.for_each(|(message, _)| unadmit(&accounts, message));
@@ -141,7 +141,7 @@ pub async fn run(
                 };
                 metrics::counter!("iot_relay_logged_total").increment(written.logged as u64);
                 forward.notify_one();
-                recent.remember(written.remembered);
+                taken.remember(written.remembered);
                 if let Err(error) = ack_all(&link, &written.batch).await {
                     break Err(error);
                 }
@@ -150,7 +150,9 @@ pub async fn run(
             heard = link.recv(), if pending.len() < MAX_PENDING && held < MAX_PENDING_BYTES => match heard {
                 Ok(Heard::Connected { session_present }) => {
                     if !session_present {
-                        recent.forget();
+                        if let Err(error) = taken.forget(&log).await {
+                            break Err(error);
+                        }
                     }
                     let filters = topics.iter().map(|topic| filter(topic, QoS::AtLeastOnce));
                     if link.client.subscribe_many(filters).await.is_err() {
@@ -299,7 +301,7 @@ async fn ack_all(link: &Link, batch: &[Message]) -> anyhow::Result<()> {
 struct Written {
     batch: Vec<Message>,
     logged: usize,
-    remembered: Vec<Sent>,
+    remembered: Vec<(u16, Sent)>,
 }
 
 /// Writes `batch` to the log in a blocking task, but for the messages `copies` marks
@@ -357,95 +359,110 @@ fn write(log: &Log, batch: Vec<Message>, copies: Vec<bool>) -> JoinHandle<anyhow
     })
 }
 
-/// Messages written to the log that the broker may send again, for
-/// [`RECENT`] of them: the last ones written, whose acknowledgements may have been lost
-/// with a connection. (The broker has at most [`RECEIVE_MAXIMUM`] unacknowledged at once,
-/// and the relay acknowledges in order, so those lost are among the last written.)
-const RECENT: usize = 2 * RECEIVE_MAXIMUM as usize;
-
-/// What is remembered of a QoS 1/2 message written to the log.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What is remembered of a QoS 1/2 message written to the log, by its packet id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Sent {
-    pkid: u16,
+    /// The edge connection it came on (0: a run of the relay before this one).
     connection: u64,
     fingerprint: u64,
 }
 
 impl Sent {
-    fn of(message: &Message) -> Option<Self> {
-        (message.publish.qos != QoS::AtMostOnce).then(|| Self {
-            pkid: message.publish.pkid,
-            connection: message.connection(),
-            fingerprint: fingerprint(message),
+    fn of(message: &Message) -> Option<(u16, Self)> {
+        (message.publish.qos != QoS::AtMostOnce).then(|| {
+            let sent = Self {
+                connection: message.connection(),
+                fingerprint: fingerprint(&message.publish.topic, &message.publish.payload),
+            };
+            (message.publish.pkid, sent)
         })
     }
 }
 
-fn fingerprint(message: &Message) -> u64 {
-    fingerprint_of(&message.publish.topic, &message.publish.payload)
-}
-
-fn fingerprint_of(topic: &[u8], payload: &[u8]) -> u64 {
-    let mut hasher = std::hash::DefaultHasher::new();
-    topic.hash(&mut hasher);
-    payload.hash(&mut hasher);
-    hasher.finish()
-}
-
-/// The last [`RECENT`] messages written, by which a copy the broker sends again (DUP set,
-/// the same packet id in the same session, the same topic and payload) is known for one
-/// the log has: it is acknowledged, not written twice.
+/// The last message written under each of the edge broker's packet ids, by which a copy
+/// the broker sends again (DUP set, the same packet id in the same session, the same
+/// topic and payload) is known for one the log has: it is acknowledged, not written
+/// twice. The broker gives a packet id to another message only once the one before is
+/// acknowledged, so the last message under a packet id is the only one a copy can be
+/// of, however many were written since (a window of the last messages written was not
+/// enough: after a few kills in a row the broker sent again what had been written 4 222
+/// messages before). At most 65 535 entries, some 3 MiB.
 #[derive(Debug, Default)]
-struct Recent {
-    sent: VecDeque<Sent>,
+struct Taken {
+    by_pkid: HashMap<u16, Sent>,
 }
 
-impl Recent {
-    /// What the log took last before a restart, read off the runtime's threads: copies
-    /// the broker sends again of those whose acknowledgements it had not read are known
+/// The last messages of a log that has no map of packet ids yet (written by a relay
+/// before it) taken as the map: the broker has at most [`RECEIVE_MAXIMUM`]
+/// unacknowledged at once, and those the relay had written are among the last.
+const LAST_OF_AN_OLDER_LOG: u64 = 2 * RECEIVE_MAXIMUM as u64;
+
+impl Taken {
+    /// What the log took before a restart, read off the runtime's threads: copies the
+    /// broker sends again of those whose acknowledgements it had not read are known
     /// too.
     async fn read(log: &Log) -> anyhow::Result<Self> {
         let log = log.clone();
         tokio::task::spawn_blocking(move || Self::from_log(&log))
             .await
-            .context("reading the log's last messages failed")?
+            .context("reading the log's edge packet ids failed")?
     }
 
-    /// The last [`RECENT`] messages of `log`, as of connection 0 (the relay's run before:
-    /// they count while its first connection finds the session kept). Read a few at a
-    /// time, as their payloads may be large.
+    /// The log's map of packet ids ([`Log::edge_pkids`]), as of connection 0 (the
+    /// relay's run before: they count while its first connection finds the session
+    /// kept); for a log without one, its last [`LAST_OF_AN_OLDER_LOG`] messages, read a
+    /// few at a time as their payloads may be large, and saved as its map.
     fn from_log(log: &Log) -> anyhow::Result<Self> {
-        let mut recent = Self::default();
-        let mut from = log.next().saturating_sub(RECENT as u64).max(log.first());
+        let before = |(pkid, fingerprint)| {
+            let sent = Sent {
+                connection: 0,
+                fingerprint,
+            };
+            (pkid, sent)
+        };
+        if let Some(known) = log.edge_pkids()? {
+            return Ok(Self {
+                by_pkid: known.into_iter().map(before).collect(),
+            });
+        }
+        let mut known = Vec::new();
+        let mut from = log
+            .next()
+            .saturating_sub(LAST_OF_AN_OLDER_LOG)
+            .max(log.first());
         loop {
             let read = log.read_from(from, 16, 16 << 20)?;
             let Some(&(last, _)) = read.last() else {
-                return Ok(recent);
+                break;
             };
             let sent = read
                 .iter()
                 .filter(|(_, entry)| entry.qos != rumqttc::QoS::AtMostOnce && entry.edge_pkid != 0);
-            recent.remember(
-                sent.map(|(_, entry)| Sent {
-                    pkid: entry.edge_pkid,
-                    connection: 0,
-                    fingerprint: fingerprint_of(entry.topic.as_bytes(), &entry.payload),
-                })
-                .collect(),
-            );
+            known.extend(sent.map(|(_, entry)| {
+                (
+                    entry.edge_pkid,
+                    fingerprint(entry.topic.as_bytes(), &entry.payload),
+                )
+            }));
             from = last + 1;
         }
+        log.save_edge_pkids(&known)?;
+        Ok(Self {
+            by_pkid: known.into_iter().map(before).collect(),
+        })
     }
 
-    fn remember(&mut self, written: Vec<Sent>) {
-        self.sent.extend(written);
-        let excess = self.sent.len().saturating_sub(RECENT);
-        self.sent.drain(..excess);
+    fn remember(&mut self, written: Vec<(u16, Sent)>) {
+        self.by_pkid.extend(written);
     }
 
-    /// The broker lost the session: its packet ids start again.
-    fn forget(&mut self) {
-        self.sent.clear();
+    /// The broker lost the session: its packet ids start again, in the log too.
+    async fn forget(&mut self, log: &Log) -> anyhow::Result<()> {
+        self.by_pkid.clear();
+        let log = log.clone();
+        tokio::task::spawn_blocking(move || log.new_edge_session())
+            .await
+            .context("writing the edge session failed")?
     }
 
     /// Whether `message` is a copy of one written; `kept` says whether a connection is
@@ -457,9 +474,10 @@ impl Recent {
         {
             return false;
         }
-        let (pkid, fingerprint) = (message.publish.pkid, fingerprint(message));
-        let mut earlier = self.sent.iter().filter(|sent| sent.pkid == pkid);
-        earlier.any(|sent| kept(sent.connection) && sent.fingerprint == fingerprint)
+        let print = fingerprint(&message.publish.topic, &message.publish.payload);
+        self.by_pkid
+            .get(&message.publish.pkid)
+            .is_some_and(|sent| kept(sent.connection) && sent.fingerprint == print)
     }
 }
 
@@ -468,7 +486,7 @@ mod tests {
     use rumqttc::v5::mqttbytes::v5::Publish;
     use rumqttc::v5::mqttbytes::QoS;
 
-    use super::{fitting, Message, Recent, Sent, MAX_BATCH_BYTES, RECENT};
+    use super::{fitting, Message, Sent, Taken, MAX_BATCH_BYTES};
 
     fn message(pkid: u16, payload: &str, dup: bool, connection: u64) -> Message {
         let mut publish = Publish::new(
@@ -482,71 +500,113 @@ mod tests {
         Message::new(publish, connection)
     }
 
+    fn entry(pkid: u16, payload: &str) -> crate::log::Entry {
+        crate::log::Entry {
+            topic: "/sensor/plain-1/temperature".into(),
+            payload: payload.to_owned().into(),
+            qos: rumqttc::QoS::AtLeastOnce,
+            retain: false,
+            received_ms: 0,
+            edge_pkid: pkid,
+        }
+    }
+
     #[test]
     fn a_copy_of_a_message_written_is_known_by_packet_id_session_and_content() {
-        let mut recent = Recent::default();
-        recent.remember(vec![Sent::of(&message(7, "21.5", false, 1)).expect("QoS 1")]);
+        let mut taken = Taken::default();
+        taken.remember(vec![Sent::of(&message(7, "21.5", false, 1)).expect("QoS 1")]);
         let kept = |_| true;
         assert!(
-            recent.has(kept, &message(7, "21.5", true, 2)),
+            taken.has(kept, &message(7, "21.5", true, 2)),
             "the broker's copy"
         );
         assert!(
-            !recent.has(kept, &message(7, "21.5", false, 2)),
+            !taken.has(kept, &message(7, "21.5", false, 2)),
             "a first delivery"
         );
         assert!(
-            !recent.has(kept, &message(8, "21.5", true, 2)),
+            !taken.has(kept, &message(8, "21.5", true, 2)),
             "another packet id"
         );
         assert!(
-            !recent.has(kept, &message(7, "21.6", true, 2)),
+            !taken.has(kept, &message(7, "21.6", true, 2)),
             "another payload"
         );
         // A session lost since (the broker's packet ids start again): no copy.
         let lost_at_2 = |connection| connection >= 2;
-        assert!(!recent.has(lost_at_2, &message(7, "21.5", true, 2)));
-        recent.forget();
-        assert!(!recent.has(kept, &message(7, "21.5", true, 2)), "forgotten");
+        assert!(!taken.has(lost_at_2, &message(7, "21.5", true, 2)));
     }
 
+    /// The broker sent again, after a few kills, what had been written 4 222 messages
+    /// before: a copy is known however many were written since, and a packet id names
+    /// only the last message written under it.
     #[test]
-    fn a_relay_started_again_knows_copies_of_what_its_log_took_last() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (log, _) = crate::log::Log::open(dir.path()).expect("open");
-        let written = message(9, "21.5", false, 1);
-        let entry = crate::log::Entry {
-            topic: "/sensor/plain-1/temperature".into(),
-            payload: written.publish.payload.clone(),
-            qos: rumqttc::QoS::AtLeastOnce,
-            retain: false,
-            received_ms: 0,
-            edge_pkid: 9,
-        };
-        log.append(&[entry]).expect("append");
-        let recent = Recent::from_log(&log).expect("read");
-        let session_kept = |_| true;
-        assert!(recent.has(session_kept, &message(9, "21.5", true, 1)));
-        assert!(!recent.has(session_kept, &message(9, "21.6", true, 1)));
-        // The first connection found the session gone: the broker's ids start again.
-        let lost_at_1 = |connection| connection >= 1;
-        assert!(!recent.has(lost_at_1, &message(9, "21.5", true, 1)));
-    }
-
-    #[test]
-    fn only_the_last_messages_written_are_remembered() {
-        let mut recent = Recent::default();
-        let written = (0..=RECENT).map(|i| {
-            let pkid = u16::try_from(i % 60_000 + 1).expect("packet id");
+    fn a_copy_is_known_however_many_messages_were_written_since() {
+        let mut taken = Taken::default();
+        let written = (0..200_000u32).map(|i| {
+            let pkid = u16::try_from(i % 65_535 + 1).expect("packet id");
             Sent::of(&message(pkid, &i.to_string(), false, 1)).expect("QoS 1")
         });
-        recent.remember(written.collect());
-        assert_eq!(recent.sent.len(), RECENT);
+        taken.remember(written.collect());
+        assert!(taken.by_pkid.len() <= 65_535);
+        // Packet id 1 was given last to message 196 605 (3 × 65 535).
+        assert!(taken.has(|_| true, &message(1, "196605", true, 2)));
         assert!(
-            !recent.has(|_| true, &message(1, "0", true, 2)),
-            "the oldest went"
+            !taken.has(|_| true, &message(1, "131070", true, 2)),
+            "an earlier message under the same packet id, acknowledged before it was given again"
         );
-        assert!(recent.has(|_| true, &message(2, "1", true, 2)));
+    }
+
+    #[test]
+    fn a_relay_started_again_knows_copies_of_all_its_log_took() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let (log, _) = crate::log::Log::open(dir.path()).expect("open");
+            // More than any window of last messages: the first is still known.
+            let batch: Vec<_> = (1..=5000u16)
+                .map(|pkid| entry(pkid, &pkid.to_string()))
+                .collect();
+            log.append(&batch).expect("append");
+            log.append(&[entry(9, "a later message under 9")])
+                .expect("append");
+        }
+        let (log, _) = crate::log::Log::open(dir.path()).expect("open again");
+        let taken = Taken::from_log(&log).expect("read");
+        let session_kept = |_| true;
+        assert!(taken.has(session_kept, &message(1, "1", true, 1)));
+        assert!(taken.has(session_kept, &message(5000, "5000", true, 1)));
+        assert!(taken.has(
+            session_kept,
+            &message(9, "a later message under 9", true, 1)
+        ));
+        assert!(
+            !taken.has(session_kept, &message(9, "9", true, 1)),
+            "replaced"
+        );
+        assert!(!taken.has(session_kept, &message(5001, "5001", true, 1)));
+        // The first connection found the session gone: the broker's ids start again.
+        let lost_at_1 = |connection| connection >= 1;
+        assert!(!taken.has(lost_at_1, &message(1, "1", true, 1)));
+    }
+
+    #[tokio::test]
+    async fn a_session_the_broker_lost_is_forgotten_across_a_restart() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let (log, _) = crate::log::Log::open(dir.path()).expect("open");
+            log.append(&[entry(3, "21.5")]).expect("append");
+            let mut taken = Taken::from_log(&log).expect("read");
+            taken.forget(&log).await.expect("forget");
+            assert!(!taken.has(|_| true, &message(3, "21.5", true, 2)));
+            log.append(&[entry(4, "21.6")]).expect("append");
+        }
+        let (log, _) = crate::log::Log::open(dir.path()).expect("open again");
+        let taken = Taken::from_log(&log).expect("read");
+        assert!(
+            !taken.has(|_| true, &message(3, "21.5", true, 1)),
+            "a packet id of the lost session"
+        );
+        assert!(taken.has(|_| true, &message(4, "21.6", true, 1)));
     }
 
     #[test]

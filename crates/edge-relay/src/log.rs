@@ -21,7 +21,12 @@
 //! - `meta`: `id`, the log's own, made with it (names its messages in the NATS
 //!   stream); `forwarded`, the highest sequence number below which everything was
 //!   acknowledged by the cloud broker; `first`, the lowest number still kept; `ages`,
-//!   once every kept message has its age in `ages`.
+//!   once every kept message has its age in `ages`; and the edge broker's packet ids
+//!   ([`Log::edge_pkids`]): `edge-pkid/` and a packet id (2 bytes) → the edge session
+//!   and [`fingerprint`] of the last message taken under it, at most 65 535 of them,
+//!   written in the same batch as the message; `edge-session`, which session of the
+//!   edge broker's those are of; `edge-pkids`, once the map holds every message the log
+//!   has under a packet id.
 //!
 //! Deleting the oldest messages writes no tombstones into `messages` and `ages`: it moves
 //! `first` on, and the tables wholly below it are dropped as files ([`Log::release`]).
@@ -72,6 +77,15 @@ const FIRST: &[u8] = b"first";
 const ID: &[u8] = b"id";
 /// In `meta` once every kept message has its entry in `ages`.
 const AGES: &[u8] = b"ages";
+/// In `meta`, before a packet id (2 bytes, big-endian): the edge session (8 bytes) and
+/// the [`fingerprint`] (8 bytes) of the last message taken under that packet id.
+const EDGE_PKID: &[u8] = b"edge-pkid/";
+/// In `meta`: the edge broker's session the packet ids are of, counted up each time the
+/// relay finds the session gone ([`Log::new_edge_session`]).
+const EDGE_SESSION: &[u8] = b"edge-session";
+/// In `meta` once [`EDGE_PKID`] holds every message of the log taken under a packet id
+/// (a new log; a log of a relay before the map gets it from its last messages).
+const EDGE_PKIDS: &[u8] = b"edge-pkids";
 /// Most messages (or, whichever comes first, [`INDEX_BYTES`] of them) read at once while
 /// the `ages` index of an older log is built.
 const INDEX_BATCH: usize = 1000;
@@ -233,6 +247,23 @@ fn read_age(value: &[u8]) -> (i64, &[u8]) {
     }
 }
 
+/// What a copy of a message is known by, with its packet id: a 64-bit xxh3 of the
+/// topic's length, the topic and the payload. Kept on disk, so of a fixed algorithm
+/// (the standard library's hasher may change between Rust releases).
+pub fn fingerprint(topic: &[u8], payload: &[u8]) -> u64 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(&(topic.len() as u64).to_be_bytes());
+    hasher.update(topic);
+    hasher.update(payload);
+    hasher.digest()
+}
+
+fn edge_pkid_key(pkid: u16) -> Vec<u8> {
+    let mut key = EDGE_PKID.to_vec();
+    key.extend_from_slice(&pkid.to_be_bytes());
+    key
+}
+
 fn number_of(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(*key.first_chunk::<8>()?))
 }
@@ -373,6 +404,8 @@ pub struct Log {
     store: Arc<PathBuf>,
     /// This log's own id, made when it was ([`Log::id`]).
     id: Arc<str>,
+    /// The edge broker's session the packet ids written are of.
+    edge_session: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Log {
@@ -622,6 +655,19 @@ impl Log {
         batch.insert(&fresh.meta, FIRST, self.first().to_be_bytes());
         // The same messages under the same numbers: the same log, as the cloud knows it.
         batch.insert(&fresh.meta, ID, self.id().as_bytes());
+        // The edge packet ids as known, whole or not (a fresh store says whole).
+        for guard in self.meta.prefix(EDGE_PKID) {
+            if let Ok((key, value)) = guard.into_inner() {
+                batch.insert(&fresh.meta, key, value);
+            }
+        }
+        match self.meta.get(EDGE_SESSION) {
+            Ok(Some(session)) => batch.insert(&fresh.meta, EDGE_SESSION, session),
+            _ => batch.remove(&fresh.meta, EDGE_SESSION),
+        }
+        if !matches!(self.meta.get(EDGE_PKIDS), Ok(Some(_))) {
+            batch.remove(&fresh.meta, EDGE_PKIDS);
+        }
         batch.commit().context("cannot write the new log")?;
         Ok(copied)
     }
@@ -732,12 +778,26 @@ impl Log {
             unreadable: Arc::default(),
             store: Arc::new(store.to_path_buf()),
             id: Arc::from(""),
+            edge_session: Arc::default(),
         };
         let log = Self {
             id: log.load_id()?.into(),
             ..log
         };
         log.load_positions()?;
+        let edge_session = log
+            .meta
+            .get(EDGE_SESSION)
+            .context("cannot read the log's edge session")?
+            .and_then(|value| number_of(&value))
+            .unwrap_or(0);
+        log.edge_session.store(edge_session, Ordering::Release);
+        if log.is_new() && log.meta.get(EDGE_PKIDS)?.is_none() {
+            // Nothing taken yet: the map is whole (it is empty).
+            log.meta
+                .insert(EDGE_PKIDS, [])
+                .context("cannot write to the log")?;
+        }
         // A log of a relay before the `ages` index gets it once; a damaged one is
         // copied into a new store first (`without_unreadable`), which writes it.
         let damaged = log
@@ -951,11 +1011,79 @@ impl Log {
                 write.insert(&self.readings, index, []);
             }
             write.insert(&self.ages, number.to_be_bytes(), age);
+            if entry.edge_pkid != 0 && entry.qos != QoS::AtMostOnce {
+                let mark = self.edge_mark(fingerprint(entry.topic.as_bytes(), &entry.payload));
+                write.insert(&self.meta, edge_pkid_key(entry.edge_pkid), mark);
+            }
         }
         write.commit().context("cannot write to the log")?;
         self.next
             .store(first + batch.len() as u64, Ordering::Release);
         Ok(())
+    }
+
+    /// The `edge-pkid/` value of a message of `fingerprint` taken now.
+    fn edge_mark(&self, fingerprint: u64) -> [u8; 16] {
+        let mut mark = [0; 16];
+        mark[..8].copy_from_slice(&self.edge_session.load(Ordering::Acquire).to_be_bytes());
+        mark[8..].copy_from_slice(&fingerprint.to_be_bytes());
+        mark
+    }
+
+    /// The last message taken under each of the edge broker's packet ids in its current
+    /// session, `(packet id, fingerprint)`: what a copy the broker sends again (the
+    /// same packet id, not acknowledged before a crash) may be a copy of. MQTT gives a
+    /// packet id to another message only once the one before is acknowledged, so the
+    /// last message under a packet id is the only one its copies can be of, however
+    /// many were taken since. `None` when the log does not know them all (a log of a
+    /// relay before this map, or one whose map cannot be read): see
+    /// [`Log::save_edge_pkids`].
+    pub fn edge_pkids(&self) -> anyhow::Result<Option<Vec<(u16, u64)>>> {
+        if self.meta.get(EDGE_PKIDS)?.is_none() {
+            return Ok(None);
+        }
+        let session = self.edge_session.load(Ordering::Acquire);
+        let mut known = Vec::new();
+        for guard in self.meta.prefix(EDGE_PKID) {
+            let Ok((key, value)) = guard.into_inner() else {
+                return Ok(None);
+            };
+            let (Some(pkid), Some((of, print))) = (
+                key.get(EDGE_PKID.len()..)
+                    .and_then(|id| id.try_into().ok())
+                    .map(u16::from_be_bytes),
+                value.split_first_chunk::<8>(),
+            ) else {
+                continue;
+            };
+            if u64::from_be_bytes(*of) == session {
+                if let Some(print) = print.first_chunk::<8>() {
+                    known.push((pkid, u64::from_be_bytes(*print)));
+                }
+            }
+        }
+        Ok(Some(known))
+    }
+
+    /// Makes the map of [`Log::edge_pkids`] whole from what a relay before it knew (its
+    /// last messages): `known` written, and the map said whole.
+    pub fn save_edge_pkids(&self, known: &[(u16, u64)]) -> anyhow::Result<()> {
+        let mut write = self.db.batch().durability(Some(PersistMode::SyncData));
+        for &(pkid, print) in known {
+            write.insert(&self.meta, edge_pkid_key(pkid), self.edge_mark(print));
+        }
+        write.insert(&self.meta, EDGE_PKIDS, []);
+        write.commit().context("cannot write to the log")
+    }
+
+    /// The edge broker has lost the relay's session (its packet ids start again): the
+    /// packet ids of what the log took name nothing any more. Synced before it returns,
+    /// as a relay started again must not take the new session's messages for copies.
+    pub fn new_edge_session(&self) -> anyhow::Result<()> {
+        let session = self.edge_session.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut write = self.db.batch().durability(Some(PersistMode::SyncData));
+        write.insert(&self.meta, EDGE_SESSION, session.to_be_bytes());
+        write.commit().context("cannot write to the log")
     }
 
     /// The log's own id, made when the log was: with a message's number, it names the

@@ -408,3 +408,69 @@ fn deleted_messages_stay_deleted_across_a_restart_and_their_tables_go() {
     );
     assert_eq!(log.read_from(0, 10, usize::MAX).expect("read")[0].0, 551);
 }
+
+fn with_pkid(pkid: u16, payload: &str) -> Entry {
+    Entry {
+        edge_pkid: pkid,
+        ..entry("/sensor/plain-1/temperature", payload)
+    }
+}
+
+#[test]
+fn the_edge_packet_ids_survive_a_reopen_and_a_copy_into_a_new_store() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let print = |payload: &str| fingerprint(b"/sensor/plain-1/temperature", payload.as_bytes());
+    {
+        let (log, _) = Log::open(dir.path()).expect("open");
+        assert_eq!(
+            log.edge_pkids().expect("read"),
+            Some(vec![]),
+            "a new log's map is whole"
+        );
+        let qos0 = Entry {
+            qos: QoS::AtMostOnce,
+            ..with_pkid(3, "qos 0")
+        };
+        log.append(&[with_pkid(1, "a"), with_pkid(2, "b"), qos0])
+            .expect("append");
+        log.append(&[with_pkid(1, "c")]).expect("append");
+    }
+    let (log, _) = Log::open(dir.path()).expect("open again");
+    let known = Some(vec![(1, print("c")), (2, print("b"))]);
+    assert_eq!(log.edge_pkids().expect("read"), known);
+
+    let fresh = Log::open_store(&dir.path().join("copy")).expect("a new store");
+    log.copy_into(&fresh, &[]).expect("copy");
+    assert_eq!(fresh.edge_pkids().expect("read"), known);
+
+    // The edge broker lost the session: none of them names a message any more.
+    log.new_edge_session().expect("new session");
+    log.append(&[with_pkid(2, "d")]).expect("append");
+    drop((log, fresh));
+    let (log, _) = Log::open(dir.path()).expect("open again");
+    assert_eq!(log.edge_pkids().expect("read"), Some(vec![(2, print("d"))]));
+}
+
+#[test]
+fn a_log_of_an_earlier_relay_has_no_packet_id_map_until_one_is_saved() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let (log, _) = Log::open(dir.path()).expect("open");
+        log.append(&[with_pkid(1, "a")]).expect("append");
+        // As a relay before the map wrote it.
+        log.meta.remove(edge_pkid_key(1)).expect("remove");
+        log.meta.remove(EDGE_PKIDS).expect("remove");
+        log.sync().expect("sync");
+    }
+    let (log, _) = Log::open(dir.path()).expect("open again");
+    assert_eq!(log.edge_pkids().expect("read"), None);
+    let fresh = Log::open_store(&dir.path().join("copy")).expect("a new store");
+    log.copy_into(&fresh, &[]).expect("copy");
+    assert_eq!(
+        fresh.edge_pkids().expect("read"),
+        None,
+        "not whole in the copy either"
+    );
+    log.save_edge_pkids(&[(1, 42)]).expect("save");
+    assert_eq!(log.edge_pkids().expect("read"), Some(vec![(1, 42)]));
+}
