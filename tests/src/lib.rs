@@ -607,7 +607,12 @@ impl Output {
 
     /// Waits until `times` lines contain `needle`; panics naming `who` after [`WAIT`].
     async fn wait_for(&self, needle: &str, times: usize, who: &str) {
-        let found = tokio::time::timeout(WAIT, async {
+        self.wait_for_within(WAIT, needle, times, who).await;
+    }
+
+    /// As [`Output::wait_for`], for up to `within`.
+    async fn wait_for_within(&self, within: Duration, needle: &str, times: usize, who: &str) {
+        let found = tokio::time::timeout(within, async {
             loop {
                 let changed = self.changed.notified();
                 let seen = self
@@ -826,6 +831,14 @@ impl Service {
     /// Waits until a stderr line contains `needle`.
     pub async fn wait_for_log(&self, needle: &str) {
         self.wait_for_logs(needle, 1).await;
+    }
+
+    /// As [`Service::wait_for_log`], for up to `within`: for what a loaded machine makes
+    /// slow and the test does not time (a cluster's first answers, say).
+    pub async fn wait_for_log_within(&self, within: Duration, needle: &str) {
+        self.stderr
+            .wait_for_within(within, needle, 1, &self.name)
+            .await;
     }
 
     /// Waits until a stdout line contains `needle`.

@@ -9,7 +9,12 @@ use iot_core::nats::STREAM;
 use tempfile::TempDir;
 
 use crate::proxy::Proxy;
-use crate::{free_port, password, repo_root, service_command, wait_for, Brokers, Service};
+use crate::{free_port, password, repo_root, service_command, wait_for_within, Brokers, Service};
+
+/// How long a cluster's first answers may take: a leader elected, the stream set up, a
+/// service's first connection over TLS. On a machine loaded by other tests (a Docker
+/// tier building beside them) more than [`crate::WAIT`]; the tests do not time it.
+pub const CLUSTER_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
 
 /// Three nodes of one cluster.
 #[derive(Debug)]
@@ -140,7 +145,8 @@ impl NatsCluster {
             cluster.start(node);
         }
         for port in cluster.monitors {
-            wait_for(
+            wait_for_within(
+                CLUSTER_WAIT,
                 "a JetStream leader (every node's /healthz)",
                 || http_ok(port, "/healthz"),
                 |ok| *ok,
@@ -360,6 +366,36 @@ impl NatsCluster {
         );
         command.env_remove("CLOUD_PORT");
         Service::spawn("mongo-persister", command)
+    }
+
+    /// [`NatsCluster::start_persister`], once it has set up the stream and its consumer
+    /// (a cluster under load may take a while to answer its first requests).
+    pub async fn persister_ready(
+        &self,
+        brokers: &Brokers,
+        mongo: &crate::MongoServer,
+        args: &[&str],
+    ) -> Service {
+        let persister = self.start_persister(brokers, mongo, args);
+        persister
+            .wait_for_log_within(CLUSTER_WAIT, "the NATS stream is set up")
+            .await;
+        persister
+    }
+
+    /// [`NatsCluster::start_relay`], once it takes from the edge broker.
+    pub async fn relay_ready(
+        &self,
+        brokers: &Brokers,
+        site: &str,
+        log_dir: &Path,
+        args: &[&str],
+    ) -> Service {
+        let relay = self.start_relay(brokers, site, log_dir, args);
+        relay
+            .wait_for_log_within(CLUSTER_WAIT, "subscribed on the edge broker")
+            .await;
+        relay
     }
 
     /// Starts `edge-relay` of `site` from the edge broker of `brokers` into the cluster,

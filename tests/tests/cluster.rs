@@ -15,7 +15,7 @@ use std::time::Duration;
 use bson::{doc, Document};
 use futures_util::TryStreamExt;
 use rumqttc::QoS;
-use tests::nats::NatsCluster;
+use tests::nats::{NatsCluster, CLUSTER_WAIT};
 use tests::stored::{assert_exactly_once, stored_seqs};
 use tests::{
     spawn_mongo, spawn_relay_brokers, wait_for, wait_for_within, Brokers, Service, TestClient,
@@ -95,11 +95,13 @@ async fn unkeyed_stored(db: &mongodb::Database, count: u32) -> (usize, usize) {
 async fn every_reading_is_stored_once_through_the_loss_of_the_streams_leader() {
     let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
     let mut cluster = NatsCluster::spawn(&["plant-1"]).await;
-    let mut persister = cluster.start_persister(&brokers, &mongo, &["--no-repair"]);
-    persister.wait_for_log("the NATS stream is set up").await;
+    let mut persister = cluster
+        .persister_ready(&brokers, &mongo, &["--no-repair"])
+        .await;
     let log_dir = brokers.dir().join("relay-log");
-    let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
-    relay.wait_for_log("subscribed on the edge broker").await;
+    let mut relay = cluster
+        .relay_ready(&brokers, "plant-1", &log_dir, &[])
+        .await;
     let db = mongo.database().await;
 
     let mut sensor = start_paced_sensor(&brokers, "nats-1", &KEYED.to_string());
@@ -264,11 +266,11 @@ async fn a_relay_and_a_persister_killed_mid_stream_store_nothing_twice() {
     let cluster = NatsCluster::spawn(&["plant-1"]).await;
     // What the killed persister held comes back within 5 s, not the default minute.
     let args = ["--no-repair", "--nats-ack-wait", "5s"];
-    let mut persister = cluster.start_persister(&brokers, &mongo, &args);
-    persister.wait_for_log("the NATS stream is set up").await;
+    let mut persister = cluster.persister_ready(&brokers, &mongo, &args).await;
     let log_dir = brokers.dir().join("relay-log");
-    let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
-    relay.wait_for_log("subscribed on the edge broker").await;
+    let mut relay = cluster
+        .relay_ready(&brokers, "plant-1", &log_dir, &[])
+        .await;
     let db = mongo.database().await;
 
     let mut sensor = start_paced_sensor(&brokers, "nats-2", &KEYED.to_string());
@@ -286,8 +288,9 @@ async fn a_relay_and_a_persister_killed_mid_stream_store_nothing_twice() {
     };
     stored(1000).await;
     relay.kill().await;
-    let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
-    relay.wait_for_log("subscribed on the edge broker").await;
+    let mut relay = cluster
+        .relay_ready(&brokers, "plant-1", &log_dir, &[])
+        .await;
     stored(3000).await;
     // The persister killed with readings still to store (the device itself may be done
     // by then on a loaded machine: what it sent waits in the stream).
@@ -351,12 +354,12 @@ async fn a_full_stream_holds_the_relay_back_and_loses_nothing() {
         "--nats-ack-wait",
         "5s",
     ];
-    let mut persister = cluster.start_persister(&brokers, &mongo, &args);
-    persister.wait_for_log("the NATS stream is set up").await;
+    let mut persister = cluster.persister_ready(&brokers, &mongo, &args).await;
     persister.stop_cleanly().await;
     let log_dir = brokers.dir().join("relay-log");
-    let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
-    relay.wait_for_log("subscribed on the edge broker").await;
+    let mut relay = cluster
+        .relay_ready(&brokers, "plant-1", &log_dir, &[])
+        .await;
 
     // About 300 KB of JSON readings for a stream of 200 KB.
     let count = 2000;
@@ -403,14 +406,14 @@ async fn a_hole_in_the_stream_is_asked_of_the_site_over_nats_and_filled() {
         "--nats-duplicate-window",
         "3s",
     ];
-    let mut persister = cluster.start_persister(&brokers, &mongo, &short);
-    persister.wait_for_log("the NATS stream is set up").await;
+    let mut persister = cluster.persister_ready(&brokers, &mongo, &short).await;
     let log_dir = brokers.dir().join("relay-log");
-    let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
+    let mut relay = cluster
+        .relay_ready(&brokers, "plant-1", &log_dir, &[])
+        .await;
     relay
         .wait_for_log("reading replay requests and Sparkplug commands from NATS")
         .await;
-    relay.wait_for_log("subscribed on the edge broker").await;
     let db = mongo.database().await;
 
     // 200 a second for 20 s.
@@ -502,14 +505,14 @@ async fn the_sparkplug_host_commands_and_states_reach_the_edge_over_nats() {
     let password = brokers.local.add_device("line-7", "sparkplug");
     let cluster = NatsCluster::spawn(&["plant-1"]).await;
     let args = ["--ingest", "sparkplug", "--sparkplug-host-id", HOST];
-    let mut persister = cluster.start_persister(&brokers, &mongo, &args);
-    persister.wait_for_log("the NATS stream is set up").await;
+    let mut persister = cluster.persister_ready(&brokers, &mongo, &args).await;
     let log_dir = brokers.dir().join("relay-log");
-    let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
+    let mut relay = cluster
+        .relay_ready(&brokers, "plant-1", &log_dir, &[])
+        .await;
     relay
         .wait_for_log("reading replay requests and Sparkplug commands from NATS")
         .await;
-    relay.wait_for_log("subscribed on the edge broker").await;
 
     let state_topic = format!("spBv1.0/STATE/{HOST}");
     // Sent again every 10 s: the relay carries the first it hears.
@@ -618,13 +621,14 @@ async fn two_sites_each_with_its_own_account_are_kept_apart() {
     let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
     let second_edge = brokers.spawn_relay_site("plant-2").await;
     let cluster = NatsCluster::spawn(&["plant-1", "plant-2"]).await;
-    let mut persister = cluster.start_persister(&brokers, &mongo, &[]);
-    persister.wait_for_log("the NATS stream is set up").await;
+    let mut persister = cluster.persister_ready(&brokers, &mongo, &[]).await;
     let mut relays = Vec::new();
     for (site, edge) in [("plant-1", &brokers.local), ("plant-2", &second_edge)] {
         let log_dir = brokers.dir().join(format!("relay-log-{site}"));
         let relay = cluster.start_relay_at(&brokers, edge, site, &log_dir, &[]);
-        relay.wait_for_log("subscribed on the edge broker").await;
+        relay
+            .wait_for_log_within(CLUSTER_WAIT, "subscribed on the edge broker")
+            .await;
         relay
             .wait_for_log("reading replay requests and Sparkplug commands from NATS")
             .await;
@@ -730,18 +734,20 @@ async fn a_node_cut_off_from_the_others_and_healed_loses_nothing_and_stores_noth
     const SENT: i64 = 15_000;
     let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
     let cluster = NatsCluster::spawn_partitionable(&["plant-1"]).await;
-    let mut persister = cluster.start_persister(&brokers, &mongo, &["--no-repair"]);
-    persister.wait_for_log("the NATS stream is set up").await;
+    let mut persister = cluster
+        .persister_ready(&brokers, &mongo, &["--no-repair"])
+        .await;
     let log_dir = brokers.dir().join("relay-log");
     let metrics = tests::free_port();
     let address = format!("127.0.0.1:{metrics}");
-    let mut relay = cluster.start_relay(
-        &brokers,
-        "plant-1",
-        &log_dir,
-        &["--metrics-address", &address],
-    );
-    relay.wait_for_log("subscribed on the edge broker").await;
+    let mut relay = cluster
+        .relay_ready(
+            &brokers,
+            "plant-1",
+            &log_dir,
+            &["--metrics-address", &address],
+        )
+        .await;
     let db = mongo.database().await;
     let stored = || tests::stored::count(&db, doc! { "device": "cut-1" });
 
@@ -854,18 +860,20 @@ async fn the_whole_cloud_tier_down_for_a_long_outage_loses_nothing() {
     let outage = outage();
     let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
     let mut cluster = NatsCluster::spawn(&["plant-1"]).await;
-    let mut persister = cluster.start_persister(&brokers, &mongo, &["--no-repair"]);
-    persister.wait_for_log("the NATS stream is set up").await;
+    let mut persister = cluster
+        .persister_ready(&brokers, &mongo, &["--no-repair"])
+        .await;
     let log_dir = brokers.dir().join("relay-log");
     let metrics = tests::free_port();
     let address = format!("127.0.0.1:{metrics}");
-    let mut relay = cluster.start_relay(
-        &brokers,
-        "plant-1",
-        &log_dir,
-        &["--metrics-address", &address],
-    );
-    relay.wait_for_log("subscribed on the edge broker").await;
+    let mut relay = cluster
+        .relay_ready(
+            &brokers,
+            "plant-1",
+            &log_dir,
+            &["--metrics-address", &address],
+        )
+        .await;
     let db = mongo.database().await;
     let stored = || tests::stored::count(&db, doc! { "device": "out-1" });
     let relay_metric = |name: &'static str| async move {
@@ -982,11 +990,11 @@ async fn the_cloud_tier_on_tls_carries_the_stream_and_refuses_who_cannot_verify_
         .await;
     assert!(plain.is_err(), "a client without TLS got in");
 
-    let mut persister = cluster.start_persister(&brokers, &mongo, &[]);
-    persister.wait_for_log("the NATS stream is set up").await;
+    let mut persister = cluster.persister_ready(&brokers, &mongo, &[]).await;
     let log_dir = brokers.dir().join("relay-log");
-    let mut relay = cluster.start_relay(&brokers, "plant-1", &log_dir, &[]);
-    relay.wait_for_log("subscribed on the edge broker").await;
+    let mut relay = cluster
+        .relay_ready(&brokers, "plant-1", &log_dir, &[])
+        .await;
     let db = mongo.database().await;
     let mut sensor = start_sensor_every(&brokers, "tls-1", &SENT.to_string(), "0.002");
     sensor.expect_success().await;
