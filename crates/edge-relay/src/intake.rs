@@ -141,7 +141,7 @@ pub async fn run(
                 };
                 metrics::counter!("iot_relay_logged_total").increment(written.logged as u64);
                 forward.notify_one();
-                taken.remember(written.remembered);
+                taken.remember(written.remembered, written.last);
                 if let Err(error) = ack_all(&link, &written.batch).await {
                     break Err(error);
                 }
@@ -302,6 +302,8 @@ struct Written {
     batch: Vec<Message>,
     logged: usize,
     remembered: Vec<(u16, Sent)>,
+    /// The packet id of the last QoS 1/2 message the log took of it.
+    last: Option<u16>,
 }
 
 /// Writes `batch` to the log in a blocking task, but for the messages `copies` marks
@@ -344,6 +346,11 @@ fn write(log: &Log, batch: Vec<Message>, copies: Vec<bool>) -> JoinHandle<anyhow
         }
         // Copies too, as of this connection: their acknowledgement may be lost again.
         let remembered = batch.iter().filter_map(Sent::of).collect();
+        let last = entries
+            .iter()
+            .rev()
+            .find(|entry| entry.qos != rumqttc::QoS::AtMostOnce && entry.edge_pkid != 0)
+            .map(|entry| entry.edge_pkid);
         let logged = entries.len();
         if logged < batch.len() {
             tracing::info!(
@@ -355,6 +362,7 @@ fn write(log: &Log, batch: Vec<Message>, copies: Vec<bool>) -> JoinHandle<anyhow
             batch,
             logged,
             remembered,
+            last,
         })
     })
 }
@@ -387,9 +395,27 @@ impl Sent {
 /// of, however many were written since (a window of the last messages written was not
 /// enough: after a few kills in a row the broker sent again what had been written 4 222
 /// messages before). At most 65 535 entries, some 3 MiB.
+///
+/// A packet id given again, to a message the log has not taken, whose topic and payload
+/// are those of the last message under that id (a sensor that sends the same value on
+/// one topic, 65 535 messages later), is not taken for a copy: Mosquitto gives its ids
+/// in turn, so the broker's copies lie at most a few thousand ids behind the last one
+/// taken, and a new message's id ahead of it. Only an id less than half the id space
+/// behind the last one taken ([`COPIES_BEHIND`]) can be a copy's.
 #[derive(Debug, Default)]
 struct Taken {
     by_pkid: HashMap<u16, Sent>,
+    /// The packet id of the last message taken in the session.
+    last: Option<u16>,
+}
+
+/// How far behind the last packet id taken a copy's may be: half of the 65 535 ids.
+const COPIES_BEHIND: u32 = 32_768;
+
+/// How many ids `pkid` lies behind `last` in the broker's turn (1 to 65 535, 0 for the
+/// same id).
+fn behind(last: u16, pkid: u16) -> u32 {
+    (u32::from(last) + 65_535 - u32::from(pkid)) % 65_535
 }
 
 /// The last messages of a log that has no map of packet ids yet (written by a relay
@@ -420,9 +446,10 @@ impl Taken {
             };
             (pkid, sent)
         };
-        if let Some(known) = log.edge_pkids()? {
+        if let Some(pkids) = log.edge_pkids() {
             return Ok(Self {
-                by_pkid: known.into_iter().map(before).collect(),
+                by_pkid: pkids.known.into_iter().map(before).collect(),
+                last: pkids.last,
             });
         }
         let mut known = Vec::new();
@@ -446,19 +473,28 @@ impl Taken {
             }));
             from = last + 1;
         }
-        log.save_edge_pkids(&known)?;
+        let pkids = crate::log::EdgePkids {
+            last: known.last().map(|&(pkid, _)| pkid),
+            known,
+        };
+        log.save_edge_pkids(&pkids)?;
         Ok(Self {
-            by_pkid: known.into_iter().map(before).collect(),
+            by_pkid: pkids.known.into_iter().map(before).collect(),
+            last: pkids.last,
         })
     }
 
-    fn remember(&mut self, written: Vec<(u16, Sent)>) {
+    /// `written`, QoS 1/2 messages of a batch on disk (copies too, as of the
+    /// connection they came on again); `last`, the packet id of the last the log took.
+    fn remember(&mut self, written: Vec<(u16, Sent)>, last: Option<u16>) {
         self.by_pkid.extend(written);
+        self.last = last.or(self.last);
     }
 
     /// The broker lost the session: its packet ids start again, in the log too.
     async fn forget(&mut self, log: &Log) -> anyhow::Result<()> {
         self.by_pkid.clear();
+        self.last = None;
         let log = log.clone();
         tokio::task::spawn_blocking(move || log.new_edge_session())
             .await
@@ -474,9 +510,13 @@ impl Taken {
         {
             return false;
         }
+        let pkid = message.publish.pkid;
+        if self.last.is_none_or(|last| behind(last, pkid) >= COPIES_BEHIND) {
+            return false;
+        }
         let print = fingerprint(&message.publish.topic, &message.publish.payload);
         self.by_pkid
-            .get(&message.publish.pkid)
+            .get(&pkid)
             .is_some_and(|sent| kept(sent.connection) && sent.fingerprint == print)
     }
 }
@@ -514,7 +554,7 @@ mod tests {
     #[test]
     fn a_copy_of_a_message_written_is_known_by_packet_id_session_and_content() {
         let mut taken = Taken::default();
-        taken.remember(vec![Sent::of(&message(7, "21.5", false, 1)).expect("QoS 1")]);
+        taken.remember(vec![Sent::of(&message(7, "21.5", false, 1)).expect("QoS 1")], Some(7));
         let kept = |_| true;
         assert!(
             taken.has(kept, &message(7, "21.5", true, 2)),
@@ -547,7 +587,7 @@ mod tests {
             let pkid = u16::try_from(i % 65_535 + 1).expect("packet id");
             Sent::of(&message(pkid, &i.to_string(), false, 1)).expect("QoS 1")
         });
-        taken.remember(written.collect());
+        taken.remember(written.collect(), Some(3395));
         assert!(taken.by_pkid.len() <= 65_535);
         // Packet id 1 was given last to message 196 605 (3 × 65 535).
         assert!(taken.has(|_| true, &message(1, "196605", true, 2)));
@@ -557,36 +597,44 @@ mod tests {
         );
     }
 
+    /// A sensor that sends one value on one topic: 65 535 messages later its message
+    /// has the id, topic and payload of the last one under that id. Sent again after a
+    /// kill before the log took it, it is a new message, ahead of the last id taken.
+    #[test]
+    fn an_id_given_again_to_the_same_message_is_no_copy() {
+        let mut taken = Taken::default();
+        let written = (1..=65_535u16).map(|pkid| Sent::of(&message(pkid, "closed", false, 1)));
+        taken.remember(written.map(|sent| sent.expect("QoS 1")).collect(), Some(65_535));
+        assert!(
+            !taken.has(|_| true, &message(1, "closed", true, 2)),
+            "the next id, given again"
+        );
+        assert!(taken.has(|_| true, &message(65_000, "closed", true, 2)));
+        assert!(!taken.has(|_| true, &message(30_000, "closed", true, 2)), "too far behind");
+    }
+
     #[test]
     fn a_relay_started_again_knows_copies_of_all_its_log_took() {
         let dir = tempfile::tempdir().expect("temp dir");
         {
             let (log, _) = crate::log::Log::open(dir.path()).expect("open");
-            // More than any window of last messages: the first is still known.
-            let batch: Vec<_> = (1..=5000u16)
-                .map(|pkid| entry(pkid, &pkid.to_string()))
-                .collect();
+            // Every id once, then the first ten again.
+            let batch: Vec<_> = (1..=65_535u16).map(|pkid| entry(pkid, &pkid.to_string())).collect();
             log.append(&batch).expect("append");
-            log.append(&[entry(9, "a later message under 9")])
-                .expect("append");
+            let again: Vec<_> = (1..=10u16).map(|pkid| entry(pkid, &format!("again {pkid}"))).collect();
+            log.append(&again).expect("append");
         }
         let (log, _) = crate::log::Log::open(dir.path()).expect("open again");
         let taken = Taken::from_log(&log).expect("read");
         let session_kept = |_| true;
-        assert!(taken.has(session_kept, &message(1, "1", true, 1)));
-        assert!(taken.has(session_kept, &message(5000, "5000", true, 1)));
-        assert!(taken.has(
-            session_kept,
-            &message(9, "a later message under 9", true, 1)
-        ));
-        assert!(
-            !taken.has(session_kept, &message(9, "9", true, 1)),
-            "replaced"
-        );
-        assert!(!taken.has(session_kept, &message(5001, "5001", true, 1)));
+        assert!(taken.has(session_kept, &message(10, "again 10", true, 1)));
+        assert!(!taken.has(session_kept, &message(9, "9", true, 1)), "replaced");
+        // 5 545 messages back: past any window of the last 2 000 written.
+        assert!(taken.has(session_kept, &message(60_000, "60000", true, 1)));
+        assert!(!taken.has(session_kept, &message(60_000, "60001", true, 1)));
         // The first connection found the session gone: the broker's ids start again.
         let lost_at_1 = |connection| connection >= 1;
-        assert!(!taken.has(lost_at_1, &message(1, "1", true, 1)));
+        assert!(!taken.has(lost_at_1, &message(10, "again 10", true, 1)));
     }
 
     #[tokio::test]

@@ -24,9 +24,10 @@
 //!   once every kept message has its age in `ages`; and the edge broker's packet ids
 //!   ([`Log::edge_pkids`]): `edge-pkid/` and a packet id (2 bytes) → the edge session
 //!   and [`fingerprint`] of the last message taken under it, at most 65 535 of them,
-//!   written in the same batch as the message; `edge-session`, which session of the
-//!   edge broker's those are of; `edge-pkids`, once the map holds every message the log
-//!   has under a packet id.
+//!   written in the same batch as the message; `edge-last`, the edge session and the
+//!   packet id of the last message taken; `edge-session`, which session of the edge
+//!   broker's those are of; `edge-pkids`, once the map holds every message the log has
+//!   under a packet id.
 //!
 //! Deleting the oldest messages writes no tombstones into `messages` and `ages`: it moves
 //! `first` on, and the tables wholly below it are dropped as files ([`Log::release`]).
@@ -80,6 +81,9 @@ const AGES: &[u8] = b"ages";
 /// In `meta`, before a packet id (2 bytes, big-endian): the edge session (8 bytes) and
 /// the [`fingerprint`] (8 bytes) of the last message taken under that packet id.
 const EDGE_PKID: &[u8] = b"edge-pkid/";
+/// In `meta`: the edge session (8 bytes) and the packet id (2 bytes) of the last message
+/// taken under one.
+const EDGE_LAST: &[u8] = b"edge-last";
 /// In `meta`: the edge broker's session the packet ids are of, counted up each time the
 /// relay finds the session gone ([`Log::new_edge_session`]).
 const EDGE_SESSION: &[u8] = b"edge-session";
@@ -256,6 +260,15 @@ pub fn fingerprint(topic: &[u8], payload: &[u8]) -> u64 {
     hasher.update(topic);
     hasher.update(payload);
     hasher.digest()
+}
+
+/// The edge broker's packet ids of what the log took ([`Log::edge_pkids`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EdgePkids {
+    /// The packet id of the last message taken in the current session.
+    pub last: Option<u16>,
+    /// The last message taken under each packet id: `(packet id, fingerprint)`.
+    pub known: Vec<(u16, u64)>,
 }
 
 fn edge_pkid_key(pkid: u16) -> Vec<u8> {
@@ -661,9 +674,11 @@ impl Log {
                 batch.insert(&fresh.meta, key, value);
             }
         }
-        match self.meta.get(EDGE_SESSION) {
-            Ok(Some(session)) => batch.insert(&fresh.meta, EDGE_SESSION, session),
-            _ => batch.remove(&fresh.meta, EDGE_SESSION),
+        for key in [EDGE_SESSION, EDGE_LAST] {
+            match self.meta.get(key) {
+                Ok(Some(value)) => batch.insert(&fresh.meta, key, value),
+                _ => batch.remove(&fresh.meta, key),
+            }
         }
         if !matches!(self.meta.get(EDGE_PKIDS), Ok(Some(_))) {
             batch.remove(&fresh.meta, EDGE_PKIDS);
@@ -1004,6 +1019,7 @@ impl Log {
     pub fn append(&self, batch: &[Entry]) -> anyhow::Result<()> {
         let first = self.next.load(Ordering::Acquire);
         let mut write = self.db.batch().durability(Some(PersistMode::SyncData));
+        let mut last = None;
         for (number, entry) in (first..).zip(batch) {
             write.insert(&self.messages, number.to_be_bytes(), entry.encode());
             let age = age_value(entry, number);
@@ -1014,7 +1030,11 @@ impl Log {
             if entry.edge_pkid != 0 && entry.qos != QoS::AtMostOnce {
                 let mark = self.edge_mark(fingerprint(entry.topic.as_bytes(), &entry.payload));
                 write.insert(&self.meta, edge_pkid_key(entry.edge_pkid), mark);
+                last = Some(entry.edge_pkid);
             }
+        }
+        if let Some(pkid) = last {
+            write.insert(&self.meta, EDGE_LAST, self.edge_last(pkid));
         }
         write.commit().context("cannot write to the log")?;
         self.next
@@ -1030,23 +1050,34 @@ impl Log {
         mark
     }
 
+    /// The `edge-last` value of packet id `pkid` taken now.
+    fn edge_last(&self, pkid: u16) -> [u8; 10] {
+        let mut last = [0; 10];
+        last[..8].copy_from_slice(&self.edge_session.load(Ordering::Acquire).to_be_bytes());
+        last[8..].copy_from_slice(&pkid.to_be_bytes());
+        last
+    }
+
     /// The last message taken under each of the edge broker's packet ids in its current
-    /// session, `(packet id, fingerprint)`: what a copy the broker sends again (the
-    /// same packet id, not acknowledged before a crash) may be a copy of. MQTT gives a
-    /// packet id to another message only once the one before is acknowledged, so the
-    /// last message under a packet id is the only one its copies can be of, however
-    /// many were taken since. `None` when the log does not know them all (a log of a
-    /// relay before this map, or one whose map cannot be read): see
-    /// [`Log::save_edge_pkids`].
-    pub fn edge_pkids(&self) -> anyhow::Result<Option<Vec<(u16, u64)>>> {
-        if self.meta.get(EDGE_PKIDS)?.is_none() {
-            return Ok(None);
-        }
+    /// session, `(packet id, fingerprint)`, and the packet id of the last one taken:
+    /// what a copy the broker sends again (the same packet id, not acknowledged before
+    /// a crash) may be a copy of. MQTT gives a packet id to another message only once
+    /// the one before is acknowledged, so the last message under a packet id is the
+    /// only one its copies can be of, however many were taken since. `None` when the
+    /// log does not know them all (a log of a relay before this map, or one whose map
+    /// cannot be read, a damaged block say): see [`Log::save_edge_pkids`].
+    pub fn edge_pkids(&self) -> Option<EdgePkids> {
+        self.meta.get(EDGE_PKIDS).ok()??;
         let session = self.edge_session.load(Ordering::Acquire);
+        let last = self.meta.get(EDGE_LAST).ok()?.and_then(|value| {
+            let (of, pkid) = value.split_first_chunk::<8>()?;
+            let pkid = u16::from_be_bytes(*pkid.first_chunk::<2>()?);
+            (u64::from_be_bytes(*of) == session).then_some(pkid)
+        });
         let mut known = Vec::new();
         for guard in self.meta.prefix(EDGE_PKID) {
             let Ok((key, value)) = guard.into_inner() else {
-                return Ok(None);
+                return None;
             };
             let (Some(pkid), Some((of, print))) = (
                 key.get(EDGE_PKID.len()..)
@@ -1062,15 +1093,18 @@ impl Log {
                 }
             }
         }
-        Ok(Some(known))
+        Some(EdgePkids { last, known })
     }
 
     /// Makes the map of [`Log::edge_pkids`] whole from what a relay before it knew (its
-    /// last messages): `known` written, and the map said whole.
-    pub fn save_edge_pkids(&self, known: &[(u16, u64)]) -> anyhow::Result<()> {
+    /// last messages): `pkids` written, and the map said whole.
+    pub fn save_edge_pkids(&self, pkids: &EdgePkids) -> anyhow::Result<()> {
         let mut write = self.db.batch().durability(Some(PersistMode::SyncData));
-        for &(pkid, print) in known {
+        for &(pkid, print) in &pkids.known {
             write.insert(&self.meta, edge_pkid_key(pkid), self.edge_mark(print));
+        }
+        if let Some(pkid) = pkids.last {
+            write.insert(&self.meta, EDGE_LAST, self.edge_last(pkid));
         }
         write.insert(&self.meta, EDGE_PKIDS, []);
         write.commit().context("cannot write to the log")
