@@ -160,7 +160,7 @@ async fn relay(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<
     );
     log_start(config, &edge_broker, &cloud_broker);
 
-    let accounts = Arc::new(accounts_of(config));
+    let accounts = accounts_of(config, &log).await?;
     let wake = Arc::new(Notify::new());
     // Few: each may be a message of 2 MiB, and an answer waits here for the forwarder.
     let (replays_tx, replays) = mpsc::channel(inbound::REPLAY_QUEUE);
@@ -229,7 +229,7 @@ async fn run_nats(
     let edge_client = edge.client.clone();
     let (replays_tx, replays) = mpsc::channel(inbound::REPLAY_QUEUE);
     let wake = Arc::new(Notify::new());
-    let accounts = Arc::new(accounts_of(config));
+    let accounts = accounts_of(config, &log).await?;
     let (keeper, room) = keep::Keeper::new(
         log.clone(),
         config.log_dir.clone(),
@@ -270,15 +270,28 @@ async fn run_nats(
     finish(futures_join(tasks, &stop).await, &log, config)
 }
 
-/// The device accounts of `--accounts`, each with a share of the log and a size limit.
-/// A new run of the relay counts the shares from 0: what an account has in the log from
-/// before is not counted against it.
-fn accounts_of(config: &Config) -> accounts::Accounts {
-    accounts::Accounts::new(
+/// The device accounts of `--accounts`, each with a share of the log and a size limit,
+/// and what each has in `log` not forwarded yet counted against its share.
+async fn accounts_of(config: &Config, log: &log::Log) -> anyhow::Result<Arc<accounts::Accounts>> {
+    let accounts = Arc::new(accounts::Accounts::new(
         config.accounts.clone(),
         config.max_message,
         config.account_share,
-    )
+    ));
+    let (counting, log) = (Arc::clone(&accounts), log.clone());
+    let started = std::time::Instant::now();
+    let (messages, bytes) = tokio::task::spawn_blocking(move || counting.count_backlog(&log))
+        .await
+        .context("counting the backlog against the accounts' shares failed")??;
+    if messages > 0 {
+        tracing::info!(
+            messages,
+            bytes,
+            took = ?started.elapsed(),
+            "the device accounts' messages in the log not forwarded yet counted against their shares"
+        );
+    }
+    Ok(accounts)
 }
 
 /// The first error of the tasks, after the log is synced.
