@@ -72,14 +72,20 @@ impl NatsCluster {
     /// Writes the configuration with relay users for `sites`, starts the three nodes
     /// and waits until JetStream has a leader (every node's `/healthz` answers 200).
     pub async fn spawn(sites: &[&str]) -> NatsCluster {
-        Self::spawn_with(sites, false, false).await
+        Self::spawn_with(sites, false, false, None).await
+    }
+
+    /// As [`NatsCluster::spawn`], the account's JetStream storage over the three nodes
+    /// `max_store` (`NATS_MAX_STORE`: every replica counted).
+    pub async fn spawn_with_store(sites: &[&str], max_store: &str) -> NatsCluster {
+        Self::spawn_with(sites, false, false, Some(max_store)).await
     }
 
     /// As [`NatsCluster::spawn`], the clients' listeners on TLS only (a certificate from
     /// `mosquitto/certs.sh`); the services started by the cluster verify it against
     /// its CA (`CLOUD_TLS_CA`).
     pub async fn spawn_tls(sites: &[&str]) -> NatsCluster {
-        Self::spawn_with(sites, false, true).await
+        Self::spawn_with(sites, false, true, None).await
     }
 
     /// The CA of a cluster spawned with TLS.
@@ -90,10 +96,15 @@ impl NatsCluster {
     /// As [`NatsCluster::spawn`], each node's routes to the others through a proxy of
     /// the test's ([`Proxy`]), so that a node can be cut off ([`NatsCluster::isolate`]).
     pub async fn spawn_partitionable(sites: &[&str]) -> NatsCluster {
-        Self::spawn_with(sites, true, false).await
+        Self::spawn_with(sites, true, false, None).await
     }
 
-    async fn spawn_with(sites: &[&str], partitionable: bool, tls: bool) -> NatsCluster {
+    async fn spawn_with(
+        sites: &[&str],
+        partitionable: bool,
+        tls: bool,
+        max_store: Option<&str>,
+    ) -> NatsCluster {
         let dir = tempfile::Builder::new()
             .prefix("iot-nats-")
             .tempdir()
@@ -126,7 +137,8 @@ impl NatsCluster {
             .env("NATS_PORTS", list(&ports))
             .env("NATS_ROUTE_PORTS", list(&routes))
             .env("NATS_MONITOR_PORTS", list(&monitors))
-            .envs(tls.then_some(("NATS_CERTS_DIR", &certs)))
+            .envs(tls.then_some(("NATS_CERTS_DIR", certs.as_os_str())))
+            .envs(max_store.map(|bytes| ("NATS_MAX_STORE", std::ffi::OsStr::new(bytes))))
             .status()
             .expect("cannot run scripts/nats-cluster");
         assert!(status.success(), "scripts/nats-cluster config failed");
