@@ -528,7 +528,8 @@ topic write /device/cam-2/status
         // Five of cam-2's, one forwarded already; one of a service's.
         let batch: Vec<_> = (0..5).map(|_| entry("/sensor/cam-2/image")).collect();
         log.append(&batch).expect("append");
-        log.append(&[entry("/sensor/t-1/temperature")]).expect("append");
+        log.append(&[entry("/sensor/t-1/temperature")])
+            .expect("append");
         log.mark_forwarded(2).expect("mark");
 
         let accounts = Accounts::new(Some(file), 256 << 10, 10_000);

@@ -511,7 +511,10 @@ impl Taken {
             return false;
         }
         let pkid = message.publish.pkid;
-        if self.last.is_none_or(|last| behind(last, pkid) >= COPIES_BEHIND) {
+        if self
+            .last
+            .is_none_or(|last| behind(last, pkid) >= COPIES_BEHIND)
+        {
             return false;
         }
         let print = fingerprint(&message.publish.topic, &message.publish.payload);
@@ -554,7 +557,10 @@ mod tests {
     #[test]
     fn a_copy_of_a_message_written_is_known_by_packet_id_session_and_content() {
         let mut taken = Taken::default();
-        taken.remember(vec![Sent::of(&message(7, "21.5", false, 1)).expect("QoS 1")], Some(7));
+        taken.remember(
+            vec![Sent::of(&message(7, "21.5", false, 1)).expect("QoS 1")],
+            Some(7),
+        );
         let kept = |_| true;
         assert!(
             taken.has(kept, &message(7, "21.5", true, 2)),
@@ -604,13 +610,19 @@ mod tests {
     fn an_id_given_again_to_the_same_message_is_no_copy() {
         let mut taken = Taken::default();
         let written = (1..=65_535u16).map(|pkid| Sent::of(&message(pkid, "closed", false, 1)));
-        taken.remember(written.map(|sent| sent.expect("QoS 1")).collect(), Some(65_535));
+        taken.remember(
+            written.map(|sent| sent.expect("QoS 1")).collect(),
+            Some(65_535),
+        );
         assert!(
             !taken.has(|_| true, &message(1, "closed", true, 2)),
             "the next id, given again"
         );
         assert!(taken.has(|_| true, &message(65_000, "closed", true, 2)));
-        assert!(!taken.has(|_| true, &message(30_000, "closed", true, 2)), "too far behind");
+        assert!(
+            !taken.has(|_| true, &message(30_000, "closed", true, 2)),
+            "too far behind"
+        );
     }
 
     #[test]
@@ -619,16 +631,23 @@ mod tests {
         {
             let (log, _) = crate::log::Log::open(dir.path()).expect("open");
             // Every id once, then the first ten again.
-            let batch: Vec<_> = (1..=65_535u16).map(|pkid| entry(pkid, &pkid.to_string())).collect();
+            let batch: Vec<_> = (1..=65_535u16)
+                .map(|pkid| entry(pkid, &pkid.to_string()))
+                .collect();
             log.append(&batch).expect("append");
-            let again: Vec<_> = (1..=10u16).map(|pkid| entry(pkid, &format!("again {pkid}"))).collect();
+            let again: Vec<_> = (1..=10u16)
+                .map(|pkid| entry(pkid, &format!("again {pkid}")))
+                .collect();
             log.append(&again).expect("append");
         }
         let (log, _) = crate::log::Log::open(dir.path()).expect("open again");
         let taken = Taken::from_log(&log).expect("read");
         let session_kept = |_| true;
         assert!(taken.has(session_kept, &message(10, "again 10", true, 1)));
-        assert!(!taken.has(session_kept, &message(9, "9", true, 1)), "replaced");
+        assert!(
+            !taken.has(session_kept, &message(9, "9", true, 1)),
+            "replaced"
+        );
         // 5 545 messages back: past any window of the last 2 000 written.
         assert!(taken.has(session_kept, &message(60_000, "60000", true, 1)));
         assert!(!taken.has(session_kept, &message(60_000, "60001", true, 1)));

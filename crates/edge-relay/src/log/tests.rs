@@ -473,11 +473,7 @@ fn a_log_of_an_earlier_relay_has_no_packet_id_map_until_one_is_saved() {
     assert_eq!(log.edge_pkids(), None);
     let fresh = Log::open_store(&dir.path().join("copy")).expect("a new store");
     log.copy_into(&fresh, &[]).expect("copy");
-    assert_eq!(
-        fresh.edge_pkids(),
-        None,
-        "not whole in the copy either"
-    );
+    assert_eq!(fresh.edge_pkids(), None, "not whole in the copy either");
     let known = EdgePkids {
         last: Some(1),
         known: vec![(1, 42)],
