@@ -72,20 +72,22 @@ impl NatsCluster {
     /// Writes the configuration with relay users for `sites`, starts the three nodes
     /// and waits until JetStream has a leader (every node's `/healthz` answers 200).
     pub async fn spawn(sites: &[&str]) -> NatsCluster {
-        Self::spawn_with(sites, false, false, None).await
+        Self::spawn_with(sites, false, false).await
     }
 
-    /// As [`NatsCluster::spawn`], the account's JetStream storage over the three nodes
-    /// `max_store` (`NATS_MAX_STORE`: every replica counted).
-    pub async fn spawn_with_store(sites: &[&str], max_store: &str) -> NatsCluster {
-        Self::spawn_with(sites, false, false, Some(max_store)).await
+    /// The version of the nodes' `nats-server`, as it says it (`2.9.10`).
+    pub async fn server_version(&self) -> String {
+        let client = self.admin_client().await;
+        // Connected once the server answered (its INFO came first).
+        client.flush().await.expect("the cluster answers");
+        client.server_info().version
     }
 
     /// As [`NatsCluster::spawn`], the clients' listeners on TLS only (a certificate from
     /// `mosquitto/certs.sh`); the services started by the cluster verify it against
     /// its CA (`CLOUD_TLS_CA`).
     pub async fn spawn_tls(sites: &[&str]) -> NatsCluster {
-        Self::spawn_with(sites, false, true, None).await
+        Self::spawn_with(sites, false, true).await
     }
 
     /// The CA of a cluster spawned with TLS.
@@ -96,15 +98,10 @@ impl NatsCluster {
     /// As [`NatsCluster::spawn`], each node's routes to the others through a proxy of
     /// the test's ([`Proxy`]), so that a node can be cut off ([`NatsCluster::isolate`]).
     pub async fn spawn_partitionable(sites: &[&str]) -> NatsCluster {
-        Self::spawn_with(sites, true, false, None).await
+        Self::spawn_with(sites, true, false).await
     }
 
-    async fn spawn_with(
-        sites: &[&str],
-        partitionable: bool,
-        tls: bool,
-        max_store: Option<&str>,
-    ) -> NatsCluster {
+    async fn spawn_with(sites: &[&str], partitionable: bool, tls: bool) -> NatsCluster {
         let dir = tempfile::Builder::new()
             .prefix("iot-nats-")
             .tempdir()
@@ -137,8 +134,7 @@ impl NatsCluster {
             .env("NATS_PORTS", list(&ports))
             .env("NATS_ROUTE_PORTS", list(&routes))
             .env("NATS_MONITOR_PORTS", list(&monitors))
-            .envs(tls.then_some(("NATS_CERTS_DIR", certs.as_os_str())))
-            .envs(max_store.map(|bytes| ("NATS_MAX_STORE", std::ffi::OsStr::new(bytes))))
+            .envs(tls.then_some(("NATS_CERTS_DIR", &certs)))
             .status()
             .expect("cannot run scripts/nats-cluster");
         assert!(status.success(), "scripts/nats-cluster config failed");
@@ -293,6 +289,37 @@ impl NatsCluster {
         self.admin_of(&self.address()).await
     }
 
+    /// What the stream and the persisters' consumer say of themselves, for a failure's
+    /// message.
+    pub async fn describe(&self) -> String {
+        let js = self.admin().await;
+        let mut said = String::new();
+        match js.get_stream(STREAM).await {
+            Ok(mut stream) => {
+                match stream.info().await {
+                    Ok(info) => said += &format!("stream: {:?}\n", info.state),
+                    Err(error) => said += &format!("stream info: {error}\n"),
+                }
+                match stream
+                    .get_consumer::<jetstream::consumer::pull::Config>(iot_core::nats::CONSUMER)
+                    .await
+                {
+                    Ok(mut consumer) => match consumer.info().await {
+                        Ok(info) => said += &format!(
+                            "consumer: delivered {:?}, acknowledged {:?}, pending {}, waiting {}, unacknowledged {}, redelivered {}\n",
+                            info.delivered, info.ack_floor, info.num_pending, info.num_waiting,
+                            info.num_ack_pending, info.num_redelivered
+                        ),
+                        Err(error) => said += &format!("consumer info: {error}\n"),
+                    },
+                    Err(error) => said += &format!("consumer: {error}\n"),
+                }
+            }
+            Err(error) => said += &format!("stream: {error}\n"),
+        }
+        said
+    }
+
     /// The same, connected to node `node` alone.
     pub async fn admin_at(&self, node: usize) -> jetstream::Context {
         self.admin_of(&format!("nats://127.0.0.1:{}", self.ports[node]))
@@ -300,7 +327,16 @@ impl NatsCluster {
     }
 
     async fn admin_of(&self, address: &str) -> jetstream::Context {
-        let client = iot_core::nats::NatsSettings::parse(
+        jetstream::new(self.client_of(address).await)
+    }
+
+    /// A client of the persister's user, on any node.
+    async fn admin_client(&self) -> async_nats::Client {
+        self.client_of(&self.address()).await
+    }
+
+    async fn client_of(&self, address: &str) -> async_nats::Client {
+        iot_core::nats::NatsSettings::parse(
             address,
             Some("mongo-persister".into()),
             Some(password("mongo-persister")),
@@ -309,8 +345,7 @@ impl NatsCluster {
         .with_tls_ca(self.tls_ca.clone())
         .connect("test")
         .await
-        .expect("a NATS client");
-        jetstream::new(client)
+        .expect("a NATS client")
     }
 
     /// The node (0, 1 or 2) that leads the stream now, if it has a leader.

@@ -203,8 +203,7 @@ async fn each_nats_user_may_do_only_its_own_job() {
     let settings = StreamSettings::default();
     let stream = wait_for(
         "the persister's user to set up the stream",
-        // The server's version matters only to the stream's bound (not tested here).
-        || ensure_stream(&admin, &settings, ""),
+        || ensure_stream(&admin, &settings),
         Result::is_ok,
     )
     .await
@@ -240,8 +239,7 @@ async fn each_nats_user_may_do_only_its_own_job() {
             &StreamSettings {
                 replicas: 1,
                 ..StreamSettings::default()
-            },
-            ""
+            }
         )
         .await
         .is_err(),
@@ -333,15 +331,24 @@ async fn a_relay_and_a_persister_killed_mid_stream_store_nothing_twice() {
 
 /// A stream full of what no persister took yet refuses new messages: the relay keeps
 /// them in its log and sends them again until the stream has room; the persister back,
-/// every reading is stored once. On nats-server 2.9 the stream's own `max_bytes`
-/// removed 1 to 37 of 2 000 readings here, the oldest (it takes a message past the
-/// limit, then makes room: nats-io/nats-server#4775); the account's storage
-/// (`NATS_MAX_STORE`, every replica counted) refuses instead, and bounds it there.
+/// every reading is stored once. Skipped on nats-server before 2.10.5 (Debian's is
+/// 2.9.10): there 1 to 37 of the 2 000 readings, the oldest, were gone (the server takes
+/// a message past the limit, then removes the oldest to make room:
+/// nats-io/nats-server#4775). An account limit instead (`max_file`) lost 44 of them:
+/// each replica checks it again after storing and removes the message when its own view
+/// of the others' usage says past, so the replicas differ and the consumer passed over
+/// messages the stream still held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_stream_holds_the_relay_back_and_loses_nothing() {
     let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
-    // About 200 KB of stream at three replicas.
-    let cluster = NatsCluster::spawn_with_store(&["plant-1"], "600K").await;
+    let cluster = NatsCluster::spawn(&["plant-1"]).await;
+    let version = cluster.server_version().await;
+    if !iot_core::nats::holds_max_bytes(&version) {
+        tests::skipped(&format!(
+            "nats-server {version} removes a full stream's oldest messages (nats-io/nats-server#4775, fixed in 2.10.5)"
+        ));
+        return;
+    }
     // The persister stopped first may leave pull requests the stream answers after it
     // left: those messages come back after the ack wait, 5 s here.
     let args = [
@@ -371,19 +378,27 @@ async fn a_full_stream_holds_the_relay_back_and_loses_nothing() {
         .lines()
         .find(|line| line.contains("publishing into the NATS stream failed"))
         .unwrap_or_default();
-    assert!(
-        refused.contains("maximum bytes") || refused.contains("resource limits exceeded"),
-        "{refused}"
-    );
+    assert!(refused.contains("maximum bytes"), "{refused}");
     let mut persister = cluster.start_persister(&brokers, &mongo, &args);
     let db = mongo.database().await;
-    wait_for_within(
-        CATCH_UP,
-        "every reading stored",
-        || tests::stored::count(&db, doc! { "device": "full-1" }),
-        |n| *n >= count,
-    )
+    let all = tokio::time::timeout(CATCH_UP, async {
+        while tests::stored::count(&db, doc! { "device": "full-1" }).await < count {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
     .await;
+    if all.is_err() {
+        let seqs = stored_seqs(&db, "full-1").await;
+        let missing: Vec<i64> = (1..=count as i64)
+            .filter(|seq| !seqs.iter().any(|(_, stored)| stored == seq))
+            .collect();
+        eprintln!("missing: {missing:?}\n{}", cluster.describe().await);
+        eprintln!(
+            "relay:\n{}\npersister:\n{}",
+            relay.stderr(),
+            persister.stderr()
+        );
+    }
     assert_exactly_once(&stored_seqs(&db, "full-1").await, count as i64);
     relay.stop_cleanly().await;
     persister.stop_cleanly().await;

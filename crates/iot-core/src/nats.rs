@@ -318,9 +318,11 @@ impl Default for StreamSettings {
 /// Whether nats-server `version` holds a stream's `max_bytes` with `discard new` by
 /// refusing new messages only. Before 2.10.5 it checks a message against the limit
 /// without its record's overhead, takes it, finds the stream past the limit and removes
-/// its oldest messages to make room (nats-io/nats-server#4775): every publish at the
-/// limit costs one message no persister has stored. Its account limit (`max_file`) it
-/// checks with the overhead and the replicas, before it takes a message, and refuses.
+/// its oldest messages to make room (nats-io/nats-server#4775): a publish at the limit
+/// costs a message no persister has stored. (Its account limit, `max_file`, is no way
+/// around it: each replica checks it again after storing a message, against its own
+/// view of the other nodes' usage, and removes the message when past it, so that the
+/// replicas differ and the consumer passes over messages the stream still holds.)
 pub fn holds_max_bytes(version: &str) -> bool {
     let mut parts = version
         .split(|c: char| !c.is_ascii_digit())
@@ -332,27 +334,19 @@ pub fn holds_max_bytes(version: &str) -> bool {
 /// Creates the stream, or updates it to `settings`: idempotent, so every persister
 /// replica runs it at start. Work-queue retention: a message stays until a persister
 /// acknowledges it (after the write that holds it), so the stream's bytes are the
-/// cloud's backlog, and a full stream refuses new messages rather than dropping old ones.
-/// On a server that does not hold `max_bytes` ([`holds_max_bytes`]: `server_version`)
-/// the stream has none: its account's JetStream storage bounds it (`max_file`, which
-/// `scripts/nats-cluster` sets from `NATS_MAX_STORE`).
+/// cloud's backlog, and a full stream refuses new messages rather than dropping old ones
+/// (but on servers before 2.10.5: [`holds_max_bytes`]).
 pub async fn ensure_stream(
     js: &jetstream::Context,
     settings: &StreamSettings,
-    server_version: &str,
 ) -> anyhow::Result<jetstream::stream::Info> {
-    let max_bytes = if holds_max_bytes(server_version) {
-        settings.max_bytes
-    } else {
-        -1
-    };
     let config = jetstream::stream::Config {
         name: STREAM.to_string(),
         subjects: vec![format!("{SUBJECT_PREFIX}.>")],
         retention: RetentionPolicy::WorkQueue,
         storage: StorageType::File,
         num_replicas: settings.replicas,
-        max_bytes,
+        max_bytes: settings.max_bytes,
         max_age: settings.max_age,
         discard: DiscardPolicy::New,
         duplicate_window: settings.duplicate_window,

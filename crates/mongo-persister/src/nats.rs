@@ -96,20 +96,21 @@ pub async fn run(
         client: client.clone(),
     };
     reader.publish_state(true).await;
-    let version = client.server_info().version;
-    if !nats::holds_max_bytes(&version) {
-        tracing::warn!(
-            version,
-            max_bytes = config.nats_max_bytes,
-            "this nats-server removes a full stream's oldest messages at its max_bytes, discard new or not (nats-io/nats-server#4775, fixed in 2.10.5): the stream is set up without it, bounded by its account's JetStream storage (max_file; scripts/nats-cluster sets it from NATS_MAX_STORE), which refuses new messages instead; --nats-max-bytes applies from 2.10.5"
-        );
-    }
-    let Some(consumer) = set_up(config, &js, &version, &shutdown).await else {
+    let Some(consumer) = set_up(config, &js, &shutdown).await else {
         stop_repairing.cancel();
         reader.publish_state(false).await;
         let _ = client.flush().await;
         return finish(task, &stats).await;
     };
+    // Connected by now (the stream answered): the server's INFO is in.
+    let version = client.server_info().version;
+    if !nats::holds_max_bytes(&version) {
+        tracing::warn!(
+            version,
+            max_bytes = config.nats_max_bytes,
+            "this nats-server removes a full stream's oldest messages at its max_bytes, discard new or not (nats-io/nats-server#4775, fixed in 2.10.5): keep --nats-max-bytes far above any backlog the persisters may leave, or run nats-server 2.10.5 or later"
+        );
+    }
     ready.mark()?;
     ops::health().set(SUBSCRIBED_CHECK, Ok(()));
     let outcome = reader
@@ -129,7 +130,6 @@ pub async fn run(
 async fn set_up(
     config: &Config,
     js: &jetstream::Context,
-    server_version: &str,
     shutdown: &CancellationToken,
 ) -> Option<jetstream::consumer::Consumer<pull::Config>> {
     let stream_settings = config.stream_settings();
@@ -141,7 +141,7 @@ async fn set_up(
     retry(
         shutdown,
         || async {
-            let info = nats::ensure_stream(js, &stream_settings, server_version).await?;
+            let info = nats::ensure_stream(js, &stream_settings).await?;
             tracing::info!(
                 stream = nats::STREAM,
                 messages = info.state.messages,
