@@ -354,3 +354,67 @@ async fn a_device_accounts_message_past_its_limit_is_refused_and_the_rest_goes_o
     let message = watcher.next_message().await;
     assert_eq!(message.topic, "tele/cam-1/STATE");
 }
+
+/// A relay started again during an outage counts what each account has in its log not
+/// forwarded yet against its share before it takes anything: its shares started at zero
+/// before, so each restart let a flooding account fill its share of the disk once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_again_gives_no_account_its_share_a_second_time() {
+    const SHARE: &str = "4M";
+    const FIRST: usize = 40;
+    const AFTER: usize = 10;
+    let mut brokers = spawn_relay_brokers().await;
+    let password = brokers.local.add_device("flood-4", "tasmota");
+    let log_dir = brokers.dir().join("relay-log");
+    let (mut relay, port) =
+        relay_with_metrics(&brokers, &log_dir, &["--account-share", SHARE]).await;
+    brokers.cloud.stop().await;
+    let mut client = TestClient::try_connect_as(brokers.local.port, "flood-4", &password)
+        .await
+        .expect("the flooding account logs in");
+    let payload = vec![b'x'; FLOOD_MESSAGE];
+    let over_share = "iot_relay_refused_total{reason=\"over_share\"}";
+    // 8 MB into a share of 4 MiB: about half of it is written, the rest refused.
+    for _ in 0..FIRST {
+        client
+            .publish("tele/flood-4/SENSOR", QoS::AtLeastOnce, false, &payload)
+            .await;
+    }
+    let taken = tests::wait_for(
+        "the relay to write or refuse every message of the flood",
+        || async {
+            let logged = metric(port, "iot_relay_logged_total").await;
+            (logged, metric(port, over_share).await)
+        },
+        |(logged, refused)| logged + refused >= FIRST as f64,
+    )
+    .await;
+    assert!(taken.1 > 0.0, "nothing refused past the share: {taken:?}");
+    relay.stop_cleanly().await;
+
+    let (args, port) = tests::with_metrics_address(&["--account-share", SHARE]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut relay = brokers.start_relay(&log_dir, &args);
+    relay.wait_for_log("subscribed on the edge broker").await;
+    relay
+        .wait_for_log("not forwarded yet counted against their shares")
+        .await;
+    for _ in 0..AFTER {
+        client
+            .publish("tele/flood-4/SENSOR", QoS::AtLeastOnce, false, &payload)
+            .await;
+    }
+    let refused = tests::wait_for(
+        "the relay started again to refuse what is past the share",
+        || metric(port, over_share),
+        |refused| *refused >= AFTER as f64,
+    )
+    .await;
+    let logged = metric(port, "iot_relay_logged_total").await;
+    assert_eq!(
+        (refused, logged),
+        (AFTER as f64, 0.0),
+        "the account's share, full before the restart, took more after it"
+    );
+    relay.stop_cleanly().await;
+}
