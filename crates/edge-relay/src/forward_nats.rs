@@ -176,7 +176,7 @@ impl NatsForwarder {
         }
         self.log.sync()?;
         // What was published and not flushed yet goes out before the connection closes.
-        let _ = self.client.flush().await;
+        nats::flush_before_stop(&self.client).await;
         Ok(())
     }
 

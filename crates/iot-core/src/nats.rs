@@ -285,6 +285,22 @@ pub fn try_another_node(client: &async_nats::Client) {
     });
 }
 
+/// How long a stop waits for what a client buffered to reach NATS.
+const FLUSH_ON_STOP: Duration = Duration::from_secs(2);
+
+/// Flushes what `client` buffered before a stop, for at most [`FLUSH_ON_STOP`]: with no
+/// node reachable a flush waits for a reconnect that may never come, and held a
+/// persister's SIGTERM for good. What it had not sent is sent again by whoever needs it
+/// (a relay's publishes from its mark; the host's STATE every 10 s).
+pub async fn flush_before_stop(client: &async_nats::Client) {
+    if tokio::time::timeout(FLUSH_ON_STOP, client.flush())
+        .await
+        .is_err()
+    {
+        tracing::info!("stopping without flushing to NATS: no node answers");
+    }
+}
+
 /// The inbox prefix of `user`'s replies: `_INBOX.<user>`.
 pub fn inbox_prefix(user: &str) -> String {
     format!("_INBOX.{user}")

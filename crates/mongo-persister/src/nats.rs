@@ -99,7 +99,7 @@ pub async fn run(
     let Some(consumer) = set_up(config, &js, &shutdown).await else {
         stop_repairing.cancel();
         reader.publish_state(false).await;
-        let _ = client.flush().await;
+        nats::flush_before_stop(&client).await;
         return finish(task, &stats).await;
     };
     // Connected by now (the stream answered): the server's INFO is in.
@@ -121,7 +121,7 @@ pub async fn run(
     let finished = finish(task, &stats).await;
     // Edge nodes learn that the host is away, as from a clean MQTT disconnect.
     reader.publish_state(false).await;
-    let _ = client.flush().await;
+    nats::flush_before_stop(&client).await;
     outcome.and(finished)
 }
 
