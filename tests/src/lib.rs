@@ -853,11 +853,17 @@ impl Service {
 
     /// Waits for the process to exit by itself and returns its status.
     pub async fn wait_exit(&mut self) -> ExitStatus {
+        self.wait_exit_within(WAIT).await
+    }
+
+    /// As [`Service::wait_exit`], for up to `within`: for a process that runs long by
+    /// design (a stream of a minute).
+    pub async fn wait_exit_within(&mut self, within: Duration) -> ExitStatus {
         if let Some(status) = self.status {
             return status;
         }
         let mut child = self.child.take().expect("process handle");
-        let status = match tokio::time::timeout(WAIT, child.wait()).await {
+        let status = match tokio::time::timeout(within, child.wait()).await {
             Ok(status) => status.expect("cannot wait for the process"),
             Err(_) => {
                 let _ = child.kill().await;

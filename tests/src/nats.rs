@@ -261,6 +261,19 @@ impl NatsCluster {
     }
 
     /// SIGKILLs node `node`.
+    /// Starts node `node` again (after [`NatsCluster::kill`]) and waits until its
+    /// `/healthz` answers 200: JetStream on it is current again.
+    pub async fn restart(&mut self, node: usize) {
+        self.start(node);
+        wait_for_within(
+            CLUSTER_WAIT,
+            "the node started again to be current (its /healthz)",
+            || http_ok(self.monitors[node], "/healthz"),
+            |ok| *ok,
+        )
+        .await;
+    }
+
     pub async fn kill(&mut self, node: usize) {
         if let Some(mut service) = self.nodes[node].take() {
             service.kill().await;

@@ -179,6 +179,104 @@ async fn every_reading_is_stored_once_through_the_loss_of_the_streams_leader() {
     }
 }
 
+/// Each node SIGKILLed in turn while keyed readings and plain values stream through the
+/// cluster, each started again and current before the next goes: every reading stored
+/// once, every plain value too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_killed_in_turn_loses_nothing_and_stores_nothing_twice() {
+    // Long enough (a minute at least) for three kills and restarts on a loaded machine.
+    const EACH_KEYED: i64 = 24_000;
+    const EACH_PLAIN: u32 = 10_000;
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let mut cluster = NatsCluster::spawn(&["plant-1"]).await;
+    let mut persister = cluster
+        .persister_ready(&brokers, &mongo, &["--no-repair"])
+        .await;
+    let log_dir = brokers.dir().join("relay-log");
+    let mut relay = cluster
+        .relay_ready(&brokers, "plant-1", &log_dir, &[])
+        .await;
+    let db = mongo.database().await;
+
+    let mut sensor = start_sensor_every(&brokers, "turns-1", &EACH_KEYED.to_string(), "0.002");
+    let plain = publish_unkeyed_every(brokers.local.port, EACH_PLAIN, Duration::from_millis(5));
+    let stored = || tests::stored::count(&db, doc! { "device": "turns-1" });
+    wait_for_within(CATCH_UP, "1500 readings stored", stored, |n| *n >= 1500).await;
+    for node in 0..3 {
+        assert!(
+            sensor.is_running(),
+            "the stream ended before node-{} went",
+            node + 1
+        );
+        let at = stored().await;
+        cluster.kill(node).await;
+        eprintln!("SIGKILLed node-{} at {at} readings stored", node + 1);
+        // The other two carry the stream meanwhile.
+        wait_for_within(CATCH_UP, "readings stored with a node down", stored, |n| {
+            *n >= at + 500
+        })
+        .await;
+        cluster.restart(node).await;
+    }
+    let status = sensor.wait_exit_within(CATCH_UP).await;
+    assert!(status.success(), "{}", sensor.stderr());
+    plain.await.expect("the plain values published");
+    wait_for_within(
+        CATCH_UP,
+        "every keyed reading stored",
+        || tests::stored::count(&db, doc! { "device": "turns-1" }),
+        |n| *n >= EACH_KEYED as u64,
+    )
+    .await;
+    let (distinct, stored) = wait_for_within(
+        CATCH_UP,
+        "every plain value stored",
+        || unkeyed_stored(&db, EACH_PLAIN),
+        |(distinct, _)| *distinct == EACH_PLAIN as usize,
+    )
+    .await;
+    assert_exactly_once(&stored_seqs(&db, "turns-1").await, EACH_KEYED);
+    assert_eq!(stored, distinct, "plain values stored twice");
+    relay.stop_cleanly().await;
+    persister.stop_cleanly().await;
+}
+
+/// Every node SIGKILLed under a relay and a persister that carried a stream: both stop
+/// at SIGTERM, cleanly and within the harness's wait (the persister waited without end
+/// for a flush to the cluster that was gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_and_the_persister_stop_with_the_whole_cluster_down() {
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let mut cluster = NatsCluster::spawn(&["plant-1"]).await;
+    let mut persister = cluster
+        .persister_ready(&brokers, &mongo, &["--no-repair"])
+        .await;
+    let log_dir = brokers.dir().join("relay-log");
+    let mut relay = cluster
+        .relay_ready(&brokers, "plant-1", &log_dir, &[])
+        .await;
+    let db = mongo.database().await;
+    start_sensor_every(&brokers, "gone-1", "200", "0.002")
+        .expect_success()
+        .await;
+    wait_for_within(
+        CATCH_UP,
+        "the readings stored",
+        || tests::stored::count(&db, doc! { "device": "gone-1" }),
+        |n| *n >= 200,
+    )
+    .await;
+    for node in 0..3 {
+        cluster.kill(node).await;
+    }
+    // More for the relay to hold, with nowhere to send them.
+    start_sensor_every(&brokers, "gone-2", "50", "0.002")
+        .expect_success()
+        .await;
+    persister.stop_cleanly().await;
+    relay.stop_cleanly().await;
+}
+
 /// The cluster's accounts as `scripts/nats-cluster` writes them: nobody gets in without
 /// a password; a site's relay may publish into its own subject and nowhere else, and
 /// may not change or remove the stream; the persister sets the stream up.
