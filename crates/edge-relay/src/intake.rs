@@ -149,18 +149,14 @@ pub async fn run(
             () = shutdown.cancelled(), if writing.is_none() => break Ok(()),
             heard = link.recv(), if pending.len() < MAX_PENDING && held < MAX_PENDING_BYTES => match heard {
                 Ok(Heard::Connected { session_present }) => {
-                    if !session_present {
-                        if let Err(error) = taken.forget(&log).await {
-                            break Err(error);
-                        }
+                    if let Err(error) = connected(&mut taken, &log, &link, &topics, session_present).await {
+                        break Err(error);
                     }
-                    let filters = topics.iter().map(|topic| filter(topic, QoS::AtLeastOnce));
-                    if link.client.subscribe_many(filters).await.is_err() {
-                        break Err(anyhow::anyhow!("the edge connection closed"));
-                    }
-                    tracing::debug!(topics = ?topics, "subscribing on the edge broker");
                 }
                 Ok(Heard::Message(message)) => {
+                    if let Err(error) = taken.heard(&log, &message).await {
+                        break Err(error);
+                    }
                     let topic = String::from_utf8_lossy(&message.publish.topic);
                     if accounts.admit(&topic, message.publish.payload.len()).is_ok() {
                         held += message.publish.payload.len();
@@ -189,6 +185,24 @@ pub async fn run(
     }
     link.close().await;
     result
+}
+
+/// A new edge connection: what it says of the packet ids known ([`Taken::connected`]),
+/// then the subscriptions.
+async fn connected(
+    taken: &mut Taken,
+    log: &Log,
+    link: &Link,
+    topics: &[String],
+    session_present: bool,
+) -> anyhow::Result<()> {
+    taken.connected(log, session_present).await?;
+    let filters = topics.iter().map(|topic| filter(topic, QoS::AtLeastOnce));
+    if link.client.subscribe_many(filters).await.is_err() {
+        anyhow::bail!("the edge connection closed");
+    }
+    tracing::debug!(topics = ?topics, "subscribing on the edge broker");
+    Ok(())
 }
 
 /// The disk budget as the intake sees it: the room the keeper last measured, less what
@@ -407,6 +421,8 @@ struct Taken {
     by_pkid: HashMap<u16, Sent>,
     /// The packet id of the last message taken in the session.
     last: Option<u16>,
+    /// Whether this run had an edge connection before the current one.
+    connected_before: bool,
 }
 
 /// How far behind the last packet id taken a copy's may be: half of the 65 535 ids.
@@ -450,6 +466,7 @@ impl Taken {
             return Ok(Self {
                 by_pkid: pkids.known.into_iter().map(before).collect(),
                 last: pkids.last,
+                connected_before: false,
             });
         }
         let mut known = Vec::new();
@@ -481,6 +498,7 @@ impl Taken {
         Ok(Self {
             by_pkid: pkids.known.into_iter().map(before).collect(),
             last: pkids.last,
+            connected_before: false,
         })
     }
 
@@ -491,14 +509,70 @@ impl Taken {
         self.last = last.or(self.last);
     }
 
-    /// The broker lost the session: its packet ids start again, in the log too.
+    /// A new edge connection (again: not the run's first): with the session lost, the
+    /// packet ids known name nothing any more; kept, but the connection back within a
+    /// run, the broker may have restarted from an older save, its ids going back: this
+    /// run learns it from the next message given an id again ([`Taken::heard`]), a run
+    /// after a kill could not ([`Taken::forget_on_disk`]).
+    async fn connected(&mut self, log: &Log, session_present: bool) -> anyhow::Result<()> {
+        let again = std::mem::replace(&mut self.connected_before, true);
+        if !session_present {
+            self.forget(log).await
+        } else if again {
+            Self::forget_on_disk(log).await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A message from the broker: one given an id again ([`Taken::given_again`]) makes
+    /// every id known name nothing.
+    async fn heard(&mut self, log: &Log, message: &Message) -> anyhow::Result<()> {
+        if !self.given_again(message) {
+            return Ok(());
+        }
+        tracing::warn!(
+            pkid = message.publish.pkid,
+            "the edge broker gave a new message a packet id it had given one the log took since (its session restored from an older save, after a crash): the packet ids before are no longer taken for copies"
+        );
+        self.forget(log).await
+    }
+
+    /// The broker lost the session, or went back in it: its packet ids name nothing
+    /// written, in the log too.
     async fn forget(&mut self, log: &Log) -> anyhow::Result<()> {
         self.by_pkid.clear();
         self.last = None;
+        Self::forget_on_disk(log).await
+    }
+
+    /// The log's packet ids of what was written so far name nothing for a run of the
+    /// relay after this one. The edge connection came back within a run: the broker may
+    /// have restarted from its last save (Mosquitto saves every 30 s) and give ids again
+    /// that the log took since, to other messages; a message so given, not written
+    /// before a kill and sent again, was taken for a copy of the one the log had under
+    /// that id when topic and payload were the same (500 of 500 lost). This run still
+    /// knows them ([`Taken::given_again`] says when they are no longer to be trusted);
+    /// after a kill, copies of what was written before are written again.
+    async fn forget_on_disk(log: &Log) -> anyhow::Result<()> {
         let log = log.clone();
         tokio::task::spawn_blocking(move || log.new_edge_session())
             .await
             .context("writing the edge session failed")?
+    }
+
+    /// Whether `message`, new (no DUP), has a packet id the broker gave a message the
+    /// log took since: Mosquitto gives its ids in turn, so a new message's id lies
+    /// ahead of the last one taken unless the broker went back in its session (restored
+    /// from an older save after a crash).
+    fn given_again(&self, message: &Message) -> bool {
+        let pkid = message.publish.pkid;
+        !message.publish.dup
+            && message.publish.qos != QoS::AtMostOnce
+            && self.by_pkid.contains_key(&pkid)
+            && self
+                .last
+                .is_some_and(|last| behind(last, pkid) < COPIES_BEHIND)
     }
 
     /// Whether `message` is a copy of one written; `kept` says whether a connection is
@@ -623,6 +697,48 @@ mod tests {
             !taken.has(|_| true, &message(30_000, "closed", true, 2)),
             "too far behind"
         );
+    }
+
+    /// The edge broker crashed and came back from its last save: it gives new messages
+    /// ids the log took since. The first such message says so, and the ids before are
+    /// no longer taken for copies (500 of 500 messages were lost so, each sent again
+    /// after a kill with the topic and payload of the one the log had under its id).
+    #[tokio::test]
+    async fn a_broker_that_went_back_in_its_session_is_no_longer_trusted() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (log, _) = crate::log::Log::open(dir.path()).expect("open");
+        let mut taken = Taken::default();
+        let written = (1..=3000u16).map(|pkid| Sent::of(&message(pkid, "21.5", false, 1)));
+        taken.remember(
+            written.map(|sent| sent.expect("QoS 1")).collect(),
+            Some(3000),
+        );
+        assert!(
+            !taken.given_again(&message(3001, "21.5", false, 2)),
+            "the next id"
+        );
+        assert!(!taken.given_again(&message(100, "21.5", true, 2)), "a copy");
+        assert!(taken.given_again(&message(100, "21.5", false, 2)));
+        taken.forget(&log).await.expect("forget");
+        assert!(!taken.has(|_| true, &message(101, "21.5", true, 2)));
+    }
+
+    /// The edge connection came back within a run: what the log took before names
+    /// nothing for the next run (the broker may have gone back to an older save), while
+    /// this run still knows it.
+    #[tokio::test]
+    async fn ids_before_a_reconnect_are_not_trusted_after_a_restart() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let (log, _) = crate::log::Log::open(dir.path()).expect("open");
+            log.append(&[entry(7, "21.5")]).expect("append");
+            Taken::forget_on_disk(&log).await.expect("forget on disk");
+            log.append(&[entry(8, "21.6")]).expect("append");
+        }
+        let (log, _) = crate::log::Log::open(dir.path()).expect("open again");
+        let taken = Taken::from_log(&log).expect("read");
+        assert!(!taken.has(|_| true, &message(7, "21.5", true, 1)));
+        assert!(taken.has(|_| true, &message(8, "21.6", true, 1)));
     }
 
     #[test]

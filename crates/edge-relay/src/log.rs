@@ -795,11 +795,20 @@ impl Log {
             id: Arc::from(""),
             edge_session: Arc::default(),
         };
+        let (id, made) = log.load_id()?;
         let log = Self {
-            id: log.load_id()?.into(),
+            id: id.into(),
             ..log
         };
         log.load_positions()?;
+        if made && !log.is_new() {
+            // Its `meta` keyspace gone (deleted, or a damaged store rebuilt without it):
+            // the forwarded mark with it. Sent again rather than taken for forwarded.
+            tracing::error!(
+                messages = log.kept(),
+                "the log has messages but no id, forwarded mark or packet ids (its meta keyspace is gone): every message it holds is forwarded again from the first (keyed readings are refused as duplicates, readings without (device, boot, seq) are stored twice); a new id is made"
+            );
+        }
         let edge_session = log
             .meta
             .get(EDGE_SESSION)
@@ -826,12 +835,12 @@ impl Log {
     }
 
     /// The log's id from `meta`, made (random, 64 bits) and synced for a new log, or
-    /// one of a relay before ids: a message's number is unique only within one log, and
-    /// a log moved aside starts again from 1.
-    fn load_id(&self) -> anyhow::Result<String> {
+    /// one of a relay before ids (then `true`): a message's number is unique only within
+    /// one log, and a log moved aside starts again from 1.
+    fn load_id(&self) -> anyhow::Result<(String, bool)> {
         let kept = self.meta.get(ID).context("cannot read the log's id")?;
         if let Some(id) = kept.and_then(|value| String::from_utf8(value.to_vec()).ok()) {
-            return Ok(id);
+            return Ok((id, false));
         }
         let id = format!("{:016x}", rand::random::<u64>());
         self.meta
@@ -840,7 +849,7 @@ impl Log {
         // Before any message is sent under it: another id after a crash would make
         // copies the cloud cannot recognise.
         self.sync()?;
-        Ok(id)
+        Ok((id, true))
     }
 
     /// Reads the first and last message numbers and the forwarded mark, by a scan of
