@@ -112,69 +112,74 @@ elif mode == "latency":
 PY
 readings() { "$python" "$work/readings.py" "$1" "$db_uri" "$db" "${@:2}"; }
 
-# Where the limit is, from the cores busy of a run: the machine's cores when nearly all
-# are busy (and which of ours took most); else a persister at 0.85 of a core or more
-# (it does its work on one thread); else the database server, the cloud tier's busiest
-# process or the relay at 0.85 or more (nx-27017 reaches past one core while SQLite
-# works outside Python's lock); else none (waits: round trips, batches).
+# Where the limit is, from a run's load: a process that was running or waiting for a
+# core 0.85 of the time or more (the busiest persister, the database server, the cloud
+# tier's busiest process, the relay: each has one thread that does most of its work) is
+# saturated, the one with the most first, on a machine whose cores were all busy or not;
+# else the machine's cores when nearly all were busy; else none: the path waits (round
+# trips, the database server's disk). nx-27017 runs past one core while SQLite works
+# outside Python's lock.
 cat > "$work/limit.py" <<'PY'
 import sys
 config, cores = sys.argv[1], float(sys.argv[2])
-persister, database, cloud, relay, sensor, machine = map(float, sys.argv[3:9])
+v = list(map(float, sys.argv[3].split()))
 tier = "the Mosquitto broker" if config.startswith("mosquitto") else "a NATS node"
-ours = [(database, "the database server"), (persister, "a persister"), (cloud, tier),
-        (relay, "the relay"), (sensor, "the sensor")]
-top, name = max(ours)
-if machine >= 0.9 * cores:
-    print(f"the machine's cores ({machine:.2f} of {cores:.0f} busy; most: {name}, {top:.2f})")
-elif persister >= 0.85:
-    print(f"a persister ({persister:.2f} of a core)")
-elif top >= 0.85:
-    print(f"{name} ({top:.2f} cores)")
+named = {"a persister": v[0:2], "the database server": v[2:4], tier: v[4:6], "the relay": v[6:8]}
+sensor, machine = v[8], v[9]
+name, (busy, wait) = max(named.items(), key=lambda item: sum(item[1]))
+full = machine >= 0.9 * cores
+if busy + wait >= 0.85:
+    print(f"{name} ({busy:.2f} busy + {wait:.2f} waiting for a core"
+          + (f"; all {cores:.0f} cores busy" if full else "") + ")")
+elif full:
+    print(f"the machine's cores ({machine:.2f} of {cores:.0f} busy; the most of ours: {name}, {busy:.2f})")
 else:
-    print("no process saturated: waits (round trips, batches)")
+    print(f"no process saturated (the most: {name}, {busy:.2f} busy + {wait:.2f} waiting): waits (round trips, disk)")
 PY
 
-# CPU ticks a process used so far (0 once it is gone), and the machine's busy and all
-# ticks over every core.
+# CPU ticks a process used so far (0 once it is gone); nanoseconds its threads (those
+# alive now) spent runnable but waiting for a core (the kernel's schedstat); the
+# machine's busy and all ticks over every core.
 tick=$(getconf CLK_TCK)
 ticks() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{ print $12 + $13 }' || echo 0; }
+waited() { cat "/proc/$1"/task/*/schedstat 2>/dev/null | awk '{ s += $2 } END { print s + 0 }'; }
 machine() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
-declare -A ticks0
+declare -A ticks0 waited0
 # Marks the start of a measured span for the processes of every group.
 cpu_mark() {
-  ticks0=()
+  ticks0=() waited0=()
   for pid in "${persister_pids[@]}" "${cloud_pids[@]}" "${db_pids[@]}" "$relay_pid" "$local_pid"; do
-    ticks0[$pid]=$(ticks "$pid")
+    ticks0[$pid]=$(ticks "$pid") waited0[$pid]=$(waited "$pid")
   done
   read -r machine_busy0 machine_all0 < <(machine)
 }
-# Cores busy (CPU seconds per second) of the processes PID... over WALL seconds since
-# cpu_mark: their sum, or with `max`, the busiest one's.
-cores() { # wall sum|max pid...
-  local wall=$1 how=$2 total=0 top=0 used
+# "busy waiting" of the processes PID... over WALL seconds since cpu_mark, in cores:
+# CPU seconds per second, and seconds per second runnable but waiting for a core; their
+# sums, or with `max` the one process's with the most of both together.
+load() { # wall sum|max pid...
+  local wall=$1 how=$2 pid
   shift 2
   for pid in "$@"; do
-    used=$(( $(ticks "$pid") - ${ticks0[$pid]:-0} ))
-    total=$((total + used))
-    (( used > top )) && top=$used
-  done
-  [ "$how" = max ] && total=$top
-  calc "f'{$total / $tick / $wall:.2f}'"
+    echo "$(( $(ticks "$pid") - ${ticks0[$pid]:-0} )) $(( $(waited "$pid") - ${waited0[$pid]:-0} ))"
+  done | awk -v wall="$wall" -v how="$how" -v tick="$tick" '
+    { b = $1 / tick / wall; w = $2 > 0 ? $2 / 1e9 / wall : 0
+      if (how == "sum") { B += b; W += w } else if (NR == 1 || b + w > B + W) { B = b; W = w } }
+    END { printf "%.2f %.2f\n", B, W }'
 }
-# Cores busy over WALL seconds since cpu_mark, as "persisters busiest_persister database
-# cloud busiest_cloud_process relay edge_broker sensor machine rest": the sensor's from
-# its CPU seconds SENSOR_CPU; machine, every process on it; rest, the machine's less
-# those named (other users' work, this script's looks at the metrics and the database).
+# The load over WALL seconds since cpu_mark, "busy waiting" pairs (load) for the
+# persisters, the busiest persister, the database server, the cloud tier, its busiest
+# process, the relay and the edge broker, then the sensor's cores busy (from its CPU
+# seconds SENSOR_CPU), the machine's (every process on it) and the rest: the machine's
+# less those named (other users' work, this script's looks at the metrics and the
+# database).
 cpu_row() { # wall sensor_cpu
   local busy all row
   read -r busy all < <(machine)
-  row="$(cores "$1" sum "${persister_pids[@]}") $(cores "$1" max "${persister_pids[@]}")"
-  row+=" $( ((${#db_pids[@]})) && cores "$1" sum "${db_pids[@]}" || echo 0)"
-  row+=" $(cores "$1" sum "${cloud_pids[@]}") $(cores "$1" max "${cloud_pids[@]}")"
-  row+=" $(cores "$1" sum "$relay_pid") $(cores "$1" sum "$local_pid") $(calc "f'{$2 / $1:.2f}'")"
+  row="$(load "$1" sum "${persister_pids[@]}") $(load "$1" max "${persister_pids[@]}")"
+  row+=" $(load "$1" sum "${db_pids[@]}") $(load "$1" sum "${cloud_pids[@]}") $(load "$1" max "${cloud_pids[@]}")"
+  row+=" $(load "$1" sum "$relay_pid") $(load "$1" sum "$local_pid") $(calc "f'{$2 / $1:.2f}'")"
   row+=" $(calc "f'{($busy - $machine_busy0) / max(1, $all - $machine_all0) * $(nproc):.2f}'")"
-  echo "$row $(echo "$row" | awk '{ printf "%.2f", $9 - ($1 + $3 + $4 + $6 + $7 + $8) }')"
+  echo "$row $(echo "$row" | awk '{ printf "%.2f", $16 - ($1 + $5 + $7 + $11 + $13 + $15) }')"
 }
 
 # Waits until every path exists (ready files), or fails naming the log.
@@ -483,23 +488,26 @@ figure_row "drain of $BACKLOG: readings/s into MongoDB" drain_db 1
 cpu_table() { # title array-name
   local -n rows=$2
   echo
-  echo "$1, cores busy (CPU seconds per second of the run; one core is 1.00):"
+  echo "$1: cores busy (CPU seconds per second) + cores' worth of waiting for a core (runnable, not running); one core is 1.00:"
   echo
   header "process"
+  # Each row's label and the columns of its cells in cpu_row's rows.
   local names=("persisters, all" "the busiest persister" "database server" "cloud tier (the broker, or the 3 nodes)"
-    "the busiest cloud process (the broker, or one node)" "edge-relay" "edge broker" "the sensor"
-    "the machine (every process; $(nproc) cores)" "the rest (other users' work, this script's looks)")
-  local c line
-  for c in $(seq 10); do
-    line="| ${names[$((c - 1))]} |"
-    for config in "${CONFIGS[@]}"; do line+=" $(column "${rows[$config]}" "$c") |"; done
+    "the busiest cloud process (the broker, or one node)" "edge-relay" "edge broker" "the sensor (busy)"
+    "the machine (every process; $(nproc) cores; busy)" "the rest (other users' work, this script's looks; busy)")
+  local columns=("1 2" "3 4" "5 6" "7 8" "9 10" "11 12" "13 14" "15" "16" "17")
+  local i c line
+  for i in "${!names[@]}"; do
+    line="| ${names[$i]} |"
+    for config in "${CONFIGS[@]}"; do
+      line+=" $(for c in ${columns[$i]}; do column "${rows[$config]}" "$c"; done | paste -sd + | sed 's/+/ + /') |"
+    done
     echo "$line"
   done
   line="| where the limit is |"
   for config in "${CONFIGS[@]}"; do
-    line+=" $(python3 "$work/limit.py" "$config" "$(nproc)" "$(column "${rows[$config]}" 2)" \
-      "$(column "${rows[$config]}" 3)" "$(column "${rows[$config]}" 5)" "$(column "${rows[$config]}" 6)" \
-      "$(column "${rows[$config]}" 8)" "$(column "${rows[$config]}" 9)") |"
+    line+=" $(python3 "$work/limit.py" "$config" "$(nproc)" \
+      "$(for c in 3 4 5 6 9 10 11 12 15 16; do column "${rows[$config]}" "$c"; done)") |"
   done
   echo "$line"
 }
