@@ -44,6 +44,9 @@
 # nx-27017 and pymongo in .venv (bench/peers/install.sh installs pymongo).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
+# On exit the persisters go first (persisters_stop), then everything else (lib.sh).
+persister_pids=()
+trap 'persisters_stop; cleanup' EXIT
 
 N=${BENCH_CLUSTER_N:-20000}
 BACKLOG=${BENCH_CLUSTER_BACKLOG:-1000000}
@@ -141,9 +144,9 @@ PY
 # alive now) spent runnable but waiting for a core (the kernel's schedstat); the
 # machine's busy and all ticks over every core.
 tick=$(getconf CLK_TCK)
-ticks() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{ print $12 + $13 }' || echo 0; }
-waited() { cat "/proc/$1"/task/*/schedstat 2>/dev/null | awk '{ s += $2 } END { print s + 0 }'; }
-machine() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
+ticks() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{ printf "%d\n", $12 + $13 }' || echo 0; }
+waited() { cat "/proc/$1"/task/*/schedstat 2>/dev/null | awk '{ s += $2 } END { printf "%d\n", s }'; }
+machine() { awk '/^cpu / { printf "%d %d\n", $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
 declare -A ticks0 waited0
 # Marks the start of a measured span for the processes of every group.
 cpu_mark() {
@@ -179,7 +182,7 @@ cpu_row() { # wall sensor_cpu
   row+=" $(load "$1" sum "${db_pids[@]}") $(load "$1" sum "${cloud_pids[@]}") $(load "$1" max "${cloud_pids[@]}")"
   row+=" $(load "$1" sum "$relay_pid") $(load "$1" sum "$local_pid") $(calc "f'{$2 / $1:.2f}'")"
   row+=" $(calc "f'{($busy - $machine_busy0) / max(1, $all - $machine_all0) * $(nproc):.2f}'")"
-  echo "$row $(echo "$row" | awk '{ printf "%.2f", $16 - ($1 + $5 + $7 + $11 + $13 + $15) }')"
+  echo "$row $(echo "$row" | awk '{ r = $16 - ($1 + $5 + $7 + $11 + $13 + $15); printf "%.2f", r > 0 ? r : 0 }')"
 }
 
 # Waits until every path exists (ready files), or fails naming the log.
@@ -283,7 +286,6 @@ cloud_stop() {
 # $replicas persisters on the cloud tier into database $db, each with its fixed client
 # id (persister-I: the same on a restart, so a Mosquitto session finds its share
 # waiting); their pids in $persister_pids, once every one stands (its --ready-file).
-persister_pids=()
 persisters_start() {
   persister_pids=()
   local ready=() i file log
@@ -304,9 +306,30 @@ persisters_start() {
   done
   wait_files 90 "$work/persister-$run-1.log" "${ready[@]}"
 }
+# Stops the persisters. One on NATS flushes its connection before it exits and waits
+# for that without end while the cluster is down (a second SIGTERM ends it at once):
+# after 30 s it gets one.
 persisters_stop() {
+  local pid
   for pid in "${persister_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for _ in $(seq 300); do
+    running "${persister_pids[@]}" || break
+    sleep 0.1
+  done
+  if running "${persister_pids[@]}"; then
+    say "a persister still runs 30 s after SIGTERM: sent it again"
+    for pid in "${persister_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  fi
   for pid in "${persister_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+# Whether any of the processes runs (neither gone nor a zombie).
+running() {
+  local pid state
+  for pid in "$@"; do
+    state=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)
+    [ -z "$state" ] || [ "$state" = Z ] || return 0
+  done
+  return 1
 }
 
 # A new edge broker and edge-relay (a new log, its metrics on $metrics_port) into the
