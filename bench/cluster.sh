@@ -115,10 +115,12 @@ elif mode == "latency":
 PY
 readings() { "$python" "$work/readings.py" "$1" "$db_uri" "$db" "${@:2}"; }
 
-# Where the limit is, from a run's load: a process that was running or waiting for a
-# core 0.85 of the time or more (the busiest persister, the database server, the cloud
-# tier's busiest process, the relay: each has one thread that does most of its work) is
-# saturated, the one with the most first, on a machine whose cores were all busy or not;
+# Where the limit is, from a run's load: a process busy half a core or more that was
+# running or waiting for a core 0.85 of the time or more (the busiest persister, the
+# database server, the cloud tier's busiest process, the relay: each has one thread that
+# does most of its work; a process of many threads that each wake briefly, a NATS node,
+# waits much and works little) is saturated, the one with the most first, on a machine
+# whose cores were all busy or not;
 # else the machine's cores when nearly all were busy; else none: the path waits (round
 # trips, the database server's disk). nx-27017 runs past one core while SQLite works
 # outside Python's lock.
@@ -131,28 +133,30 @@ named = {"a persister": v[0:2], "the database server": v[2:4], tier: v[4:6], "th
 sensor, machine = v[8], v[9]
 name, (busy, wait) = max(named.items(), key=lambda item: sum(item[1]))
 full = machine >= 0.9 * cores
-if busy + wait >= 0.85:
+if busy >= 0.5 and busy + wait >= 0.85:
     print(f"{name} ({busy:.2f} busy + {wait:.2f} waiting for a core"
           + (f"; all {cores:.0f} cores busy" if full else "") + ")")
 elif full:
-    print(f"the machine's cores ({machine:.2f} of {cores:.0f} busy; the most of ours: {name}, {busy:.2f})")
+    print(f"the machine's cores ({machine:.2f} of {cores:.0f} busy; the most of ours: {name}, {busy:.2f} busy + {wait:.2f} waiting)")
 else:
     print(f"no process saturated (the most: {name}, {busy:.2f} busy + {wait:.2f} waiting): waits (round trips, disk)")
 PY
 
-# CPU ticks a process used so far (0 once it is gone); nanoseconds its threads (those
-# alive now) spent runnable but waiting for a core (the kernel's schedstat); the
-# machine's busy and all ticks over every core.
+# CPU ticks a process used so far (0 once it is gone); nanoseconds each of its threads
+# spent runnable but waiting for a core ("thread ns" lines, from the kernel's schedstat,
+# so that a thread that begins or ends between two looks counts only what it waited
+# between them); the machine's busy and all ticks over every core.
 tick=$(getconf CLK_TCK)
-ticks() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{ printf "%d\n", $12 + $13 }' || echo 0; }
-waited() { cat "/proc/$1"/task/*/schedstat 2>/dev/null | awk '{ s += $2 } END { printf "%d\n", s }'; }
-machine() { awk '/^cpu / { printf "%d %d\n", $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
-declare -A ticks0 waited0
+ticks() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{ printf "%.0f\n", $12 + $13 }' || echo 0; }
+waits() { awk '{ print FILENAME, $2 }' "/proc/$1"/task/*/schedstat 2>/dev/null || true; }
+machine() { awk '/^cpu / { printf "%.0f %.0f\n", $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
+declare -A ticks0
 # Marks the start of a measured span for the processes of every group.
 cpu_mark() {
-  ticks0=() waited0=()
+  ticks0=()
   for pid in "${persister_pids[@]}" "${cloud_pids[@]}" "${db_pids[@]}" "$relay_pid" "$local_pid"; do
-    ticks0[$pid]=$(ticks "$pid") waited0[$pid]=$(waited "$pid")
+    ticks0[$pid]=$(ticks "$pid")
+    waits "$pid" > "$work/waits-$pid"
   done
   read -r machine_busy0 machine_all0 < <(machine)
 }
@@ -163,9 +167,11 @@ load() { # wall sum|max pid...
   local wall=$1 how=$2 pid
   shift 2
   for pid in "$@"; do
-    echo "$(( $(ticks "$pid") - ${ticks0[$pid]:-0} )) $(( $(waited "$pid") - ${waited0[$pid]:-0} ))"
+    echo "$(( $(ticks "$pid") - ${ticks0[$pid]:-0} )) $(waits "$pid" | awk -v before="$work/waits-$pid" '
+      BEGIN { while ((getline line < before) > 0) { split(line, f, " "); was[f[1]] = f[2] } }
+      $2 != "" { s += $2 - (($1 in was) ? was[$1] : 0) } END { printf "%.0f\n", s }')"
   done | awk -v wall="$wall" -v how="$how" -v tick="$tick" '
-    { b = $1 / tick / wall; w = $2 > 0 ? $2 / 1e9 / wall : 0
+    { b = $1 / tick / wall; w = $2 / 1e9 / wall
       if (how == "sum") { B += b; W += w } else if (NR == 1 || b + w > B + W) { B = b; W = w } }
     END { printf "%.2f %.2f\n", B, W }'
 }
@@ -182,7 +188,7 @@ cpu_row() { # wall sensor_cpu
   row+=" $(load "$1" sum "${db_pids[@]}") $(load "$1" sum "${cloud_pids[@]}") $(load "$1" max "${cloud_pids[@]}")"
   row+=" $(load "$1" sum "$relay_pid") $(load "$1" sum "$local_pid") $(calc "f'{$2 / $1:.2f}'")"
   row+=" $(calc "f'{($busy - $machine_busy0) / max(1, $all - $machine_all0) * $(nproc):.2f}'")"
-  echo "$row $(echo "$row" | awk '{ r = $16 - ($1 + $5 + $7 + $11 + $13 + $15); printf "%.2f", r > 0 ? r : 0 }')"
+  echo "$row $(echo "$row" | awk '{ r = $16 - ($1 + $5 + $7 + $11 + $13 + $15); printf "%.2f", (r > 0 ? r : 0) }')"
 }
 
 # Waits until every path exists (ready files), or fails naming the log.
