@@ -14,8 +14,10 @@
 #     timed from the sensor's start until the database holds them all (readings/s),
 #     with the CPU each part used meanwhile (the persisters, the database server, the
 #     cloud broker or the three nodes, the relay, the edge broker, the sensor, and the
-#     whole machine's, other users' work included), as cores busy: CPU seconds per
-#     second; with them the script says where the limit is;
+#     whole machine's, other users' work included), as cores busy (CPU seconds per
+#     second) and, for our processes, the cores' worth of time their threads were
+#     runnable but waited for a core (schedstat: on a shared machine a process can be
+#     the limit at 0.6 of a core); from them the script names where the limit is;
 #   - latency at each of RATES readings/s for SECONDS s from one pressure-sensor: each
 #     stored document's received_at - ts, that is from the device's clock to the
 #     persister's receipt (the same machine's clock); the write to the database
@@ -27,14 +29,15 @@
 #     cloud side started again: readings/s the relay forwards (iot_relay_forwarded_total
 #     on its metrics, from the first one forwarded until iot_relay_backlog is 0) and
 #     readings/s into the database over the same span (until it holds them all), with
-#     the CPU each part used.
+#     the same CPU figures.
 # Every reading of every run is then counted in the database: each stored once.
 #
 #   bench/cluster.sh
 #
 # Environment (defaults): BENCH_CLUSTER_N=20000 readings per throughput run,
-# BENCH_CLUSTER_BACKLOG=1000000 readings in the relay's log for the drain (about 10
-# minutes per run on nx-27017; 200000 for a shorter run), BENCH_CLUSTER_REPLICAS=3
+# BENCH_CLUSTER_BACKLOG=1000000 readings in the relay's log for the drain (about 5
+# minutes a run on 2 cores with nx-27017, an hour for 3 rounds of the 4 configurations;
+# with 100000, 19 minutes), BENCH_CLUSTER_REPLICAS=3
 # (the persister replicas of the several-replica runs), BENCH_CLUSTER_MAX_DISK=8G (the
 # relay's --max-disk), BENCH_CLUSTER_NATS_MAX_BYTES=8G (the stream's --nats-max-bytes:
 # far above the backlog), BENCH_RUNS=3, BENCH_SECONDS=5, BENCH_RATES="1000 5000",
