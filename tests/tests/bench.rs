@@ -68,6 +68,61 @@ fn the_relay_benchmark_measures_both_forwarders() {
     assert!(!stderr.contains("Traceback"), "{stderr}");
 }
 
+/// Both cloud tiers (one Mosquitto broker, three NATS nodes), each with one and three
+/// persisters: every figure, every CPU row and a limit for each, every reading stored
+/// once (the script counts them and fails otherwise).
+#[test]
+fn the_cluster_benchmark_measures_both_cloud_tiers() {
+    let (stdout, stderr) = run_script(
+        "cluster.sh",
+        &[
+            ("BENCH_CLUSTER_N", "300"),
+            ("BENCH_CLUSTER_BACKLOG", "300"),
+            ("BENCH_RUNS", "1"),
+            ("BENCH_SECONDS", "0.3"),
+            ("BENCH_RATES", "1000"),
+        ],
+    );
+    assert!(
+        stdout.contains(
+            "| figure | Mosquitto, 1 persister | Mosquitto, 3 persisters ($share) | NATS cluster, 1 persister | NATS cluster, 3 persisters |"
+        ),
+        "{stdout}"
+    );
+    for row in [
+        "| readings/s, sensor to MongoDB (300 QoS 1 JSON, as fast as they go) | ",
+        "| latency p50 at 1000 readings/s, ms (sensor to persister receipt) | ",
+        "| latency p99 at 1000 readings/s, ms (sensor to persister receipt) | ",
+        "| drain of 300: readings/s forwarded by the relay into the cloud tier | ",
+        "| drain of 300: readings/s into MongoDB | ",
+        "| persisters, all | ",
+        "| database server | ",
+        "| the machine (every process; ",
+        "| where the limit is | ",
+    ] {
+        assert!(stdout.contains(row), "no row {row:?} in:\n{stdout}");
+    }
+    // A ratio to the baseline in every configuration's cell, the baseline's own too.
+    let through = stdout
+        .lines()
+        .find(|line| line.starts_with("| readings/s, sensor to MongoDB"))
+        .unwrap_or_else(|| panic!("no throughput row in:\n{stdout}"));
+    assert_eq!(through.matches("×)").count(), 4, "{through}");
+    for line in stdout.lines().filter(|line| line.starts_with("| ")) {
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        assert!(
+            cells.iter().all(|cell| !cell.is_empty()),
+            "empty cell in {line:?}"
+        );
+    }
+    assert_eq!(
+        stdout.matches("| where the limit is | ").count(),
+        2,
+        "{stdout}"
+    );
+    assert!(!stderr.contains("Traceback"), "{stderr}");
+}
+
 #[test]
 fn the_benchmark_suite_runs_and_prints_every_table() {
     let (stdout, stderr) = run_script(
