@@ -281,7 +281,7 @@ cloud_start() {
   for node in 0 1 2; do
     for _ in $(seq 900); do
       curl -fsS "http://127.0.0.1:${nats_monitors[$node]}/healthz" >/dev/null 2>&1 && continue 2
-      for pid in "${cloud_pids[@]}"; do kill -0 "$pid" 2>/dev/null || return 1; done
+      for pid in "${cloud_pids[@]}"; do running "$pid" || return 1; done
       sleep 0.1
     done
     return 1
