@@ -447,9 +447,39 @@ impl Brokers {
     /// [`Brokers::relay_ready`] with the relay's metrics on a free port: the relay and
     /// the port.
     pub async fn relay_with_metrics(&self, log_dir: &Path, args: &[&str]) -> (Service, u16) {
-        let (args, port) = with_metrics_address(args);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        (self.relay_ready(log_dir, &args).await, port)
+        let (relay, port) = self.start_relay_with_metrics(log_dir, args).await;
+        relay.wait_for_log("subscribed on the edge broker").await;
+        relay.wait_for_log("subscribed on the cloud broker").await;
+        (relay, port)
+    }
+
+    /// [`Brokers::start_relay`] with the relay's metrics on a free port, once it listens
+    /// there (its first step): a port another test took between the probe and the
+    /// relay's bind ("Address already in use") is tried again with another.
+    pub async fn start_relay_with_metrics(&self, log_dir: &Path, args: &[&str]) -> (Service, u16) {
+        const BIND_FAILED: &str = "cannot listen for metrics";
+        for _ in 0..5 {
+            let (with, port) = with_metrics_address(args);
+            let with: Vec<&str> = with.iter().map(String::as_str).collect();
+            let mut relay = self.start_relay(log_dir, &with);
+            let said = wait_for(
+                "the relay to listen for metrics, or fail to",
+                || async {
+                    let text = relay.stderr();
+                    (
+                        text.contains("edge-relay starting"),
+                        text.contains(BIND_FAILED),
+                    )
+                },
+                |(started, failed)| *started || *failed,
+            )
+            .await;
+            if said.0 {
+                return (relay, port);
+            }
+            relay.wait_exit().await;
+        }
+        panic!("the relay found no free port for its metrics in 5 tries");
     }
 
     /// As [`Brokers::start_relay_as`], and waits until the relay subscribed on both.

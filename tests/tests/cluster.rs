@@ -91,6 +91,27 @@ async fn unkeyed_stored(db: &mongodb::Database, count: u32) -> (usize, usize) {
     (values.len(), documents.len())
 }
 
+/// Waits until every keyed reading 1..=`keyed` of `device` and every plain value
+/// 1..=`plain` is stored, then asserts each was stored once.
+async fn assert_all_stored_once(db: &mongodb::Database, device: &str, keyed: i64, plain: u32) {
+    wait_for_within(
+        CATCH_UP,
+        "every keyed reading stored",
+        || tests::stored::count(db, doc! { "device": device }),
+        |n| *n >= keyed as u64,
+    )
+    .await;
+    let (distinct, stored) = wait_for_within(
+        CATCH_UP,
+        "every plain value stored",
+        || unkeyed_stored(db, plain),
+        |(distinct, _)| *distinct == plain as usize,
+    )
+    .await;
+    assert_exactly_once(&stored_seqs(db, device).await, keyed);
+    assert_eq!(stored, distinct, "plain values stored twice");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_reading_is_stored_once_through_the_loss_of_the_streams_leader() {
     let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
@@ -131,26 +152,11 @@ async fn every_reading_is_stored_once_through_the_loss_of_the_streams_leader() {
     plain.await.expect("the plain values published");
 
     let started = tokio::time::Instant::now();
-    wait_for_within(
-        CATCH_UP,
-        "every keyed reading stored",
-        || tests::stored::count(&db, doc! { "device": "nats-1" }),
-        |n| *n >= KEYED as u64,
-    )
-    .await;
-    let (distinct, stored) = wait_for_within(
-        CATCH_UP,
-        "every plain value stored",
-        || unkeyed_stored(&db, UNKEYED),
-        |(distinct, _)| *distinct == UNKEYED as usize,
-    )
-    .await;
+    assert_all_stored_once(&db, "nats-1", KEYED, UNKEYED).await;
     eprintln!(
         "everything stored {:?} after the streams ended",
         started.elapsed()
     );
-    assert_exactly_once(&stored_seqs(&db, "nats-1").await, KEYED);
-    assert_eq!(stored, distinct, "plain values stored twice");
     let new_leader = wait_for(
         "a new leader of the stream",
         || cluster.stream_leader(&js),
@@ -221,22 +227,7 @@ async fn each_node_killed_in_turn_loses_nothing_and_stores_nothing_twice() {
     let status = sensor.wait_exit_within(CATCH_UP).await;
     assert!(status.success(), "{}", sensor.stderr());
     plain.await.expect("the plain values published");
-    wait_for_within(
-        CATCH_UP,
-        "every keyed reading stored",
-        || tests::stored::count(&db, doc! { "device": "turns-1" }),
-        |n| *n >= EACH_KEYED as u64,
-    )
-    .await;
-    let (distinct, stored) = wait_for_within(
-        CATCH_UP,
-        "every plain value stored",
-        || unkeyed_stored(&db, EACH_PLAIN),
-        |(distinct, _)| *distinct == EACH_PLAIN as usize,
-    )
-    .await;
-    assert_exactly_once(&stored_seqs(&db, "turns-1").await, EACH_KEYED);
-    assert_eq!(stored, distinct, "plain values stored twice");
+    assert_all_stored_once(&db, "turns-1", EACH_KEYED, EACH_PLAIN).await;
     relay.stop_cleanly().await;
     persister.stop_cleanly().await;
 }
@@ -402,22 +393,7 @@ async fn a_relay_and_a_persister_killed_mid_stream_store_nothing_twice() {
     sensor.expect_success().await;
     plain.await.expect("the plain values published");
 
-    wait_for_within(
-        CATCH_UP,
-        "every keyed reading stored",
-        || tests::stored::count(&db, doc! { "device": "nats-2" }),
-        |n| *n >= KEYED as u64,
-    )
-    .await;
-    let (distinct, stored) = wait_for_within(
-        CATCH_UP,
-        "every plain value stored",
-        || unkeyed_stored(&db, UNKEYED),
-        |(distinct, _)| *distinct == UNKEYED as usize,
-    )
-    .await;
-    assert_exactly_once(&stored_seqs(&db, "nats-2").await, KEYED);
-    assert_eq!(stored, distinct, "plain values stored twice");
+    assert_all_stored_once(&db, "nats-2", KEYED, UNKEYED).await;
     relay.stop_cleanly().await;
     persister.stop_cleanly().await;
     for line in persister.stderr().lines() {
@@ -925,19 +901,7 @@ async fn a_node_cut_off_from_the_others_and_healed_loses_nothing_and_stores_noth
     sensor.expect_success().await;
     plain.await.expect("the plain values published");
 
-    wait_for_within(CATCH_UP, "every keyed reading stored", stored, |n| {
-        *n >= SENT as u64
-    })
-    .await;
-    let (distinct, twice) = wait_for_within(
-        CATCH_UP,
-        "every plain value stored",
-        || unkeyed_stored(&db, UNKEYED),
-        |(distinct, _)| *distinct == UNKEYED as usize,
-    )
-    .await;
-    assert_exactly_once(&stored_seqs(&db, "cut-1").await, SENT);
-    assert_eq!(twice, distinct, "plain values stored twice");
+    assert_all_stored_once(&db, "cut-1", SENT, UNKEYED).await;
     let after = wait_for(
         "the stream's leader after the heal",
         || cluster.stream_leader(&js),

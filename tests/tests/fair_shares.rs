@@ -392,9 +392,9 @@ async fn a_relay_started_again_gives_no_account_its_share_a_second_time() {
     assert!(taken.1 > 0.0, "nothing refused past the share: {taken:?}");
     relay.stop_cleanly().await;
 
-    let (args, port) = tests::with_metrics_address(&["--account-share", SHARE]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut relay = brokers.start_relay(&log_dir, &args);
+    let (mut relay, port) = brokers
+        .start_relay_with_metrics(&log_dir, &["--account-share", SHARE])
+        .await;
     relay.wait_for_log("subscribed on the edge broker").await;
     relay
         .wait_for_log("not forwarded yet counted against their shares")

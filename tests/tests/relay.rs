@@ -1812,11 +1812,7 @@ async fn start_on_a_full_file_system(
 /// edge broker's subscription acknowledgement may wait behind the messages of a kept
 /// session that a full disk holds back).
 async fn relay_on_edge(brokers: &Brokers, log_dir: &Path, args: &[&str]) -> (Service, u16) {
-    let (args, port) = tests::with_metrics_address(args);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let relay = brokers.start_relay(log_dir, &args);
-    relay.wait_for_log("edge-relay starting").await;
-    (relay, port)
+    brokers.start_relay_with_metrics(log_dir, args).await
 }
 
 /// Reads `client`'s messages on `topic` into `seen` (the numbers of [`incompressible`])

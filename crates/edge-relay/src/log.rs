@@ -801,7 +801,8 @@ impl Log {
             ..log
         };
         log.load_positions()?;
-        if made && !log.is_new() {
+        // A relay before ids left its forwarded mark in `meta`: that is no loss.
+        if made && !log.is_new() && log.meta.get(FORWARDED)?.is_none() {
             // Its `meta` keyspace gone (deleted, or a damaged store rebuilt without it):
             // the forwarded mark with it. Sent again rather than taken for forwarded.
             tracing::error!(
