@@ -164,7 +164,7 @@ async fn every_reading_is_stored_once_through_the_loss_of_the_streams_leader() {
     )
     .await;
     assert_ne!(new_leader, Some(leader));
-    // A plain value's key is its place in the stream.
+    // A plain value's key is the relay's: its site and its message id.
     let plain = db
         .collection::<Document>("readings")
         .find_one(doc! { "topic": UNKEYED_TOPIC })
@@ -172,7 +172,12 @@ async fn every_reading_is_stored_once_through_the_loss_of_the_streams_leader() {
         .expect("find")
         .expect("a plain value");
     let id = plain.get_document("_id").expect("a compound _id");
-    assert_eq!(id.get_str("stream"), Ok(iot_core::nats::STREAM));
+    assert_eq!(id.get_str("site"), Ok("plant-1"));
+    assert!(
+        id.get_str("msg")
+            .is_ok_and(|msg| msg.starts_with("plant-1:")),
+        "{id}"
+    );
 
     relay.stop_cleanly().await;
     persister.stop_cleanly().await;
@@ -347,8 +352,8 @@ async fn each_nats_user_may_do_only_its_own_job() {
 /// The relay SIGKILLed mid-stream and started again (it sends again what the stream
 /// acknowledged after its last synced mark: refused there by message id), then the
 /// persister SIGKILLed with a batch in hand and started again (the stream delivers the
-/// unacknowledged messages again: refused by the database by `_id`, the stream sequence
-/// for plain values): every reading stored once.
+/// unacknowledged messages again: refused by the database by `_id`, the relay's message
+/// id for plain values): every reading stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_and_a_persister_killed_mid_stream_store_nothing_twice() {
     let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
@@ -403,26 +408,21 @@ async fn a_relay_and_a_persister_killed_mid_stream_store_nothing_twice() {
     }
 }
 
-/// A stream full of what no persister took yet refuses new messages: the relay keeps
-/// them in its log and sends them again until the stream has room; the persister back,
-/// every reading is stored once. Skipped on nats-server before 2.10.5 (Debian's is
-/// 2.9.10): there 1 to 37 of the 2 000 readings, the oldest, were gone (the server takes
-/// a message past the limit, then removes the oldest to make room:
-/// nats-io/nats-server#4775). An account limit instead (`max_file`) lost 44 of them:
-/// each replica checks it again after storing and removes the message when its own view
-/// of the others' usage says past, so the replicas differ and the consumer passed over
-/// messages the stream still held.
+/// A stream full of what no persister took yet takes no more: the relay keeps the rest
+/// in its log until the stream has room; the persister back, every reading is stored
+/// once. nats-server 2.10.5 and later refuse past the stream's `max_bytes`. Before
+/// (Debian's is 2.9.10) the server takes a message past the limit and removes the
+/// oldest to make room (nats-io/nats-server#4775: 1 to 37 of these 2 000 readings were
+/// gone), so there the relay holds its log while the stream is within a tenth of its
+/// limit. (An account limit instead, `max_file`, lost 44 of them: each replica checks it
+/// again after storing and removes the message when its own view of the others' usage
+/// says past, so the replicas differ and the consumer passed over messages the stream
+/// still held.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_stream_holds_the_relay_back_and_loses_nothing() {
     let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
     let cluster = NatsCluster::spawn(&["plant-1"]).await;
     let version = cluster.server_version().await;
-    if !iot_core::nats::holds_max_bytes(&version) {
-        tests::skipped(&format!(
-            "nats-server {version} removes a full stream's oldest messages (nats-io/nats-server#4775, fixed in 2.10.5)"
-        ));
-        return;
-    }
     // The persister stopped first may leave pull requests the stream answers after it
     // left: those messages come back after the ack wait, 5 s here.
     let args = [
@@ -444,15 +444,30 @@ async fn a_full_stream_holds_the_relay_back_and_loses_nothing() {
     tests::stored::start_sensor(&brokers, "full-1", &count.to_string())
         .expect_success()
         .await;
-    relay
-        .wait_for_log("publishing into the NATS stream failed")
-        .await;
-    let refused = relay.stderr();
-    let refused = refused
-        .lines()
-        .find(|line| line.contains("publishing into the NATS stream failed"))
-        .unwrap_or_default();
-    assert!(refused.contains("maximum bytes"), "{refused}");
+    if iot_core::nats::holds_max_bytes(&version) {
+        relay
+            .wait_for_log("publishing into the NATS stream failed")
+            .await;
+        let refused = relay.stderr();
+        let refused = refused
+            .lines()
+            .find(|line| line.contains("publishing into the NATS stream failed"))
+            .unwrap_or_default();
+        assert!(refused.contains("maximum bytes"), "{refused}");
+    } else {
+        relay.wait_for_log("the NATS stream is nearly full").await;
+        let js = cluster.admin().await;
+        let mut stream = js
+            .get_stream(iot_core::nats::STREAM)
+            .await
+            .expect("the stream");
+        let info = stream.info().await.expect("its state");
+        assert!(
+            info.state.bytes <= 200 * 1024,
+            "nats-server {version}: the stream holds {} bytes past its 200K",
+            info.state.bytes
+        );
+    }
     let mut persister = cluster.start_persister(&brokers, &mongo, &args);
     let db = mongo.database().await;
     let all = tokio::time::timeout(CATCH_UP, async {

@@ -10,6 +10,13 @@
 //! duplicate window, and acknowledged as stored. So there is no refill: a JetStream
 //! cluster with three replicas does not lose what it acknowledged with one node.
 //!
+//! A full stream refuses new messages (`discard new`), and the relay keeps them in its
+//! log meanwhile. nats-server before 2.10.5 takes a message at the limit and removes
+//! the stream's oldest instead (nats-io/nats-server#4775), so there the relay reads the
+//! stream's bytes once a second ([`watch_stream`]) and holds its log while they, with
+//! what it published since, come within a tenth of the stream's `max_bytes`
+//! ([`Room`]).
+//!
 //! Readings the relay answers to replay requests from its log ([`crate::inbound_nats`])
 //! go into the stream too, on the same subject but without a message id: a reading
 //! asked again (its first answer lost) must not be refused as a copy; they are keyed
@@ -26,7 +33,7 @@ use async_nats::jetstream::{self, publish::PublishAck};
 use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use iot_core::backoff::Backoff;
 use iot_core::nats::{self, NatsSettings};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +49,39 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the stream's acknowledgement of one publish is waited for: a node that
 /// died with it is given up on within this, and the message sent again (to another).
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often the stream's bytes are read, on servers that need it ([`Room`]).
+const ROOM_EVERY: Duration = Duration::from_secs(1);
+/// Bytes a message takes in the stream beyond its payload and topic, at most: the
+/// subject, the headers and the store's record (an estimate on the safe side).
+const STORED_OVERHEAD: usize = 256;
+
+/// What the stream has room for, as the relay last read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    /// Not read yet: nothing is published before it is (the stream may be full).
+    Unknown,
+    /// The server refuses past the stream's limit by itself, or the stream has none.
+    Unbounded,
+    /// The stream held `bytes` when read (read number `read`); the relay publishes
+    /// while those and what it published since stay below `limit`.
+    Bytes { bytes: u64, limit: u64, read: u64 },
+}
+
+impl Room {
+    /// The room of a stream holding `bytes` of `max_bytes` (`-1`: no limit) on a server
+    /// that does (`holds`) or does not keep to it: a tenth of the limit kept free.
+    pub fn of(holds: bool, max_bytes: i64, bytes: u64, read: u64) -> Self {
+        match u64::try_from(max_bytes) {
+            Ok(max) if max > 0 && !holds => Room::Bytes {
+                bytes,
+                limit: max - max / 10,
+                read,
+            },
+            _ => Room::Unbounded,
+        }
+    }
+}
 
 /// One publish waiting for its acknowledgement: the message's number, its payload's
 /// bytes, and the acknowledgement.
@@ -78,6 +118,15 @@ pub struct NatsForwarder {
     replays: mpsc::Receiver<Replay>,
     /// Replays waiting for the stream's acknowledgement (a failed one is asked again).
     replaying: FuturesUnordered<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    /// The stream's room as [`watch_stream`] last read it.
+    room: watch::Receiver<Room>,
+    room_sender: Option<watch::Sender<Room>>,
+    /// The read of the room that `sent` counts from, and the bytes published since
+    /// (each message's estimate in the stream).
+    room_read: u64,
+    sent: u64,
+    /// Whether the log is held for the stream's room (said once per hold).
+    held_for_room: bool,
 }
 
 impl std::fmt::Debug for NatsForwarder {
@@ -108,6 +157,7 @@ impl NatsForwarder {
             .max_ack_inflight(WINDOW)
             .build(client.clone());
         let cursor = log.forwarded().max(log.first());
+        let (room_sender, room) = watch::channel(Room::Unknown);
         Ok(Self {
             client,
             js,
@@ -126,6 +176,11 @@ impl NatsForwarder {
             failing: 0,
             replays,
             replaying: FuturesUnordered::new(),
+            room,
+            room_sender: Some(room_sender),
+            room_read: 0,
+            sent: 0,
+            held_for_room: false,
         })
     }
 
@@ -137,7 +192,13 @@ impl NatsForwarder {
     /// Forwards until `shutdown`, then waits a little for what is in flight. An error is
     /// a log that cannot be read or written.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let checked = tokio::spawn(check_stream(self.js.clone(), self.refill_window));
+        let room_sender = self.room_sender.take().context("run once")?;
+        let checked = tokio::spawn(watch_stream(
+            self.js.clone(),
+            self.client.clone(),
+            self.refill_window,
+            room_sender,
+        ));
         let mut ticks = tokio::time::interval(Duration::from_secs(1));
         loop {
             if self.held_until.is_none() {
@@ -152,6 +213,7 @@ impl NatsForwarder {
                 }
                 () = hold_ends(self.held_until) => self.held_until = None,
                 () = self.wake.notified() => {}
+                Ok(()) = self.room.changed() => {}
                 Some(replay) = self.replays.recv(), if self.replaying.len() < WINDOW => self.send_replay(replay).await,
                 Some(()) = self.replaying.next() => {}
                 _ = ticks.tick() => self.sync_mark()?,
@@ -194,6 +256,12 @@ impl NatsForwarder {
                 return Ok(());
             };
             for (number, entry) in read {
+                let stored = (entry.payload.len() + entry.topic.len() + STORED_OVERHEAD) as u64;
+                if !self.has_room(stored) {
+                    // From this message on when the stream has room.
+                    self.cursor = number;
+                    return Ok(());
+                }
                 self.accounts
                     .forwarding(number, &entry.topic, entry.payload.len());
                 // A server that never answered has max_payload 0: it is not known yet.
@@ -208,6 +276,7 @@ impl NatsForwarder {
                     // Counted forwarded with the next acknowledgement after it.
                     continue;
                 }
+                self.sent += stored;
                 let bytes = entry.payload.len();
                 let publish = self.message(number, entry);
                 match self.js.send_publish(self.subject.clone(), publish).await {
@@ -225,6 +294,39 @@ impl NatsForwarder {
             self.cursor = last + 1;
         }
         Ok(())
+    }
+
+    /// Whether the stream has room for a message taking `stored` bytes there ([`Room`]);
+    /// says when the log is held for room, and when it goes on.
+    fn has_room(&mut self, stored: u64) -> bool {
+        let room = *self.room.borrow_and_update();
+        let fits = match room {
+            Room::Unknown => false,
+            Room::Unbounded => true,
+            Room::Bytes { bytes, limit, read } => {
+                if read != self.room_read {
+                    // What is still in flight may not be in the bytes read.
+                    self.room_read = read;
+                    self.sent = self.in_flight_bytes as u64;
+                }
+                bytes + self.sent + stored <= limit
+            }
+        };
+        if let Room::Bytes { bytes, limit, .. } = room {
+            if !fits && !self.held_for_room {
+                tracing::warn!(
+                    stream_bytes = bytes,
+                    limit,
+                    "the NATS stream is nearly full (this nats-server would remove its oldest messages past its max_bytes: nats-io/nats-server#4775): holding the log until the persisters make room"
+                );
+                metrics::gauge!("iot_relay_held_for_stream_room").set(1.0);
+            } else if fits && self.held_for_room {
+                tracing::info!(stream_bytes = bytes, "the NATS stream has room again");
+                metrics::gauge!("iot_relay_held_for_stream_room").set(0.0);
+            }
+        }
+        self.held_for_room = !fits && room != Room::Unknown;
+        fits
     }
 
     /// Publishes a reading answered from the log, at QoS 1 as on MQTT, with no message
@@ -326,30 +428,20 @@ async fn hold_ends(until: Option<Instant>) {
     }
 }
 
-/// Says once whether the stream is there, and warns when its duplicate window is
-/// shorter than `--refill-window`, what this relay's settings say it may send again.
-async fn check_stream(js: jetstream::Context, refill_window: Duration) {
+/// Says whether the stream is there, and warns when its duplicate window is shorter
+/// than `--refill-window`, what this relay's settings say it may send again. Then
+/// tells `room` the stream's room ([`Room`]): once if the server keeps to the stream's
+/// limit by itself, else read again every [`ROOM_EVERY`].
+async fn watch_stream(
+    js: jetstream::Context,
+    client: async_nats::Client,
+    refill_window: Duration,
+    room: watch::Sender<Room>,
+) {
     let mut backoff = Backoff::default();
-    loop {
+    let mut stream = loop {
         match js.get_stream(nats::STREAM).await.context("stream info") {
-            Ok(mut stream) => {
-                match stream.info().await {
-                    Ok(info) if info.config.duplicate_window < refill_window => tracing::warn!(
-                        stream = nats::STREAM,
-                        duplicate_window = ?info.config.duplicate_window,
-                        refill_window = ?refill_window,
-                        "the NATS stream's duplicate window is shorter than --refill-window: a message sent again after it is stored twice when it has no (device, boot, seq); raise the persister's --nats-duplicate-window"
-                    ),
-                    Ok(info) => tracing::info!(
-                        stream = nats::STREAM,
-                        replicas = info.config.num_replicas,
-                        duplicate_window = ?info.config.duplicate_window,
-                        "publishing into the NATS stream"
-                    ),
-                    Err(error) => tracing::warn!("cannot read the NATS stream's settings: {error}"),
-                }
-                return;
-            }
+            Ok(stream) => break stream,
             Err(error) => {
                 let delay = backoff.next_delay();
                 if backoff.attempt() == 1 {
@@ -361,5 +453,67 @@ async fn check_stream(js: jetstream::Context, refill_window: Duration) {
                 tokio::time::sleep(delay).await;
             }
         }
+    };
+    let info = stream.cached_info();
+    if info.config.duplicate_window < refill_window {
+        tracing::warn!(
+            stream = nats::STREAM,
+            duplicate_window = ?info.config.duplicate_window,
+            refill_window = ?refill_window,
+            "the NATS stream's duplicate window is shorter than --refill-window: a message sent again after it is stored twice when it has no (device, boot, seq); raise the persister's --nats-duplicate-window"
+        );
+    } else {
+        tracing::info!(
+            stream = nats::STREAM,
+            replicas = info.config.num_replicas,
+            duplicate_window = ?info.config.duplicate_window,
+            "publishing into the NATS stream"
+        );
+    }
+    // Connected by now (the stream answered): the server's INFO is in.
+    let version = client.server_info().version;
+    let holds = nats::holds_max_bytes(&version);
+    if !holds {
+        tracing::info!(
+            version,
+            max_bytes = info.config.max_bytes,
+            "this nats-server removes a full stream's oldest messages (nats-io/nats-server#4775, fixed in 2.10.5): the log is held while the stream is within a tenth of its max_bytes"
+        );
+    }
+    let mut read = 0u64;
+    let mut info = info.clone();
+    loop {
+        read += 1;
+        let now = Room::of(holds, info.config.max_bytes, info.state.bytes, read);
+        if room.send(now).is_err() || now == Room::Unbounded {
+            return;
+        }
+        tokio::time::sleep(ROOM_EVERY).await;
+        // A read that fails (no leader for a moment) keeps the last room.
+        while let Err(error) = stream.info().await.map(|new| info = new.clone()) {
+            tracing::debug!("cannot read the NATS stream's bytes: {error}");
+            tokio::time::sleep(ROOM_EVERY).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_before_2_10_5_keeps_a_tenth_of_the_stream_free() {
+        assert_eq!(
+            Room::of(false, 1000, 300, 7),
+            Room::Bytes {
+                bytes: 300,
+                limit: 900,
+                read: 7
+            }
+        );
+        // A server that keeps to the limit, or a stream without one: nothing held.
+        assert_eq!(Room::of(true, 1000, 999, 1), Room::Unbounded);
+        assert_eq!(Room::of(false, -1, 999, 1), Room::Unbounded);
+        assert_eq!(Room::of(false, 0, 999, 1), Room::Unbounded);
     }
 }

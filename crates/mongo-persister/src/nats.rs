@@ -3,11 +3,15 @@
 //! read, each message mapped as on MQTT (its topic from the `Mqtt-Topic` header) and
 //! acknowledged only after the write that holds it.
 //!
-//! A reading without `(device, boot, seq)` gets `_id: {stream, seq, n}` from its
-//! message's stream sequence (`n` counts its documents): a message delivered again (a
-//! replica that died before acknowledging, an acknowledgement lost with a node) is then
-//! refused by the database like a keyed reading's copy, so it too is stored once. The
-//! relays' message ids keep copies out of the stream itself.
+//! A reading without `(device, boot, seq)` gets a key from its message (`n` counts the
+//! message's documents): `_id: {site, msg, n}` from the relay's `Nats-Msg-Id` (its log
+//! and the message's place there) and the site its subject names, else `{stream, seq,
+//! n}` from the stream sequence. A message delivered again (a replica that died before
+//! acknowledging, an acknowledgement lost with a node), or held twice by the stream, is
+//! then refused by the database like a keyed reading's copy, so it too is stored once.
+//! The relay's id rather than the stream's sequence because the message is the relay's:
+//! a copy the stream took again under a new sequence (seen once across a leader cut off
+//! from the other nodes on nats-server 2.9) or after it lost its state keeps its id.
 //!
 //! Requests go back to the sites as on MQTT, over core NATS (`iot_core::nats`): the
 //! repairer's replay requests and the Sparkplug host's Rebirths to the site whose
@@ -108,7 +112,7 @@ pub async fn run(
         tracing::warn!(
             version,
             max_bytes = config.nats_max_bytes,
-            "this nats-server removes a full stream's oldest messages at its max_bytes, discard new or not (nats-io/nats-server#4775, fixed in 2.10.5): keep --nats-max-bytes far above any backlog the persisters may leave, or run nats-server 2.10.5 or later"
+            "this nats-server removes a full stream's oldest messages at its max_bytes, discard new or not (nats-io/nats-server#4775, fixed in 2.10.5): edge-relay holds its log while the stream is within a tenth of --nats-max-bytes, but anything else publishing into the stream near the limit costs its oldest messages; nats-server 2.10.5 or later refuses instead"
         );
     }
     ready.mark()?;
@@ -408,8 +412,26 @@ impl Reader {
         }
     }
 
-    /// One message: mapped, its unkeyed readings keyed by its stream sequence; `None`
-    /// for a device's answer to a replay request (for the repairer, acknowledged now).
+    /// A device's answer that it no longer has some readings, for the repairer.
+    fn gone(&mut self, device: &str, site: Option<&str>, topic: &str, payload: &[u8]) {
+        if let Some(site) = site {
+            self.sites.heard(device_name(device), site);
+        }
+        match replay::Ranges::parse(payload) {
+            Ok(ranges) => repair::offer(
+                &self.seen,
+                repair::Seen::Gone {
+                    device: device.to_string(),
+                    ranges,
+                },
+            ),
+            Err(why) => tracing::warn!(topic, "answer to a replay request ignored: {why}"),
+        }
+    }
+
+    /// One message: mapped, its unkeyed readings keyed by the message ([`message_key`]);
+    /// `None` for a device's answer to a replay request (for the repairer, acknowledged
+    /// now).
     async fn read(&mut self, message: jetstream::Message) -> Option<Pending<NatsAck>> {
         let sequence = match message.info() {
             Ok(info) => info.stream_sequence,
@@ -429,19 +451,7 @@ impl Reader {
             .unwrap_or_else(|| message.subject.to_string());
         let site = nats::site_of_subject(message.subject.as_str());
         if let Some(device) = replay::device_of_gone(&topic) {
-            if let Some(site) = site {
-                self.sites.heard(device_name(device), site);
-            }
-            match replay::Ranges::parse(&message.payload) {
-                Ok(ranges) => repair::offer(
-                    &self.seen,
-                    repair::Seen::Gone {
-                        device: device.to_string(),
-                        ranges,
-                    },
-                ),
-                Err(why) => tracing::warn!(topic, "answer to a replay request ignored: {why}"),
-            }
+            self.gone(device, site, &topic, &message.payload);
             acknowledge(vec![NatsAck(acker)]).await;
             return None;
         }
@@ -474,7 +484,12 @@ impl Reader {
         for part in record.parts() {
             observe(&self.seen, &self.stats, &topic, part);
         }
-        key_by_sequence(&mut record, sequence);
+        let msg_id = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
+            .map(|id| id.as_str());
+        key_unkeyed(&mut record, message_key(site, msg_id, sequence));
         let spender = budget::spender(&topic, &record).to_string();
         let refused = self
             .budget
@@ -493,17 +508,32 @@ impl Reader {
     }
 }
 
+/// The key of a message's unkeyed documents (without `n`): the site its subject names
+/// and the relay's message id, `{site, msg}`, when it came from a relay; else its place
+/// in the stream, `{stream, seq}`. The site comes from the subject, which the site's
+/// account alone may publish on, so one site cannot take another's keys.
+pub fn message_key(site: Option<&str>, msg_id: Option<&str>, sequence: u64) -> bson::Document {
+    match (site, msg_id) {
+        (Some(site), Some(msg)) if !msg.is_empty() => doc! { "site": site, "msg": msg },
+        _ => {
+            let seq = i64::try_from(sequence).unwrap_or(i64::MAX);
+            doc! { "stream": nats::STREAM, "seq": seq }
+        }
+    }
+}
+
 /// Gives every document without a key of its own (readings without `(device, boot,
-/// seq)`, flagged payloads: their `_id` is a new ObjectId) `{stream, seq, n}`: the same
-/// on every delivery.
-pub fn key_by_sequence(record: &mut Record, sequence: u64) {
+/// seq)`, flagged payloads: their `_id` is a new ObjectId) `key` and `n`, its place
+/// among the message's documents: the same on every delivery.
+pub fn key_unkeyed(record: &mut Record, key: bson::Document) {
     let mut n = 0i64;
-    let seq = i64::try_from(sequence).unwrap_or(i64::MAX);
-    let mut key = |document: &mut bson::Document| {
+    let mut give = |document: &mut bson::Document| {
         // A key of the reading's own stays; an ObjectId (made at random for each
-        // delivery) gives way to the message's place in the stream.
+        // delivery) gives way to the message's.
         if !matches!(document.get("_id"), Some(bson::Bson::Document(_))) {
-            document.insert("_id", doc! { "stream": nats::STREAM, "seq": seq, "n": n });
+            let mut id = key.clone();
+            id.insert("n", n);
+            document.insert("_id", id);
         }
         n += 1;
     };
@@ -516,8 +546,8 @@ pub fn key_by_sequence(record: &mut Record, sequence: u64) {
             Record::Readings {
                 documents,
                 keyed: false,
-            } => documents.iter_mut().for_each(&mut key),
-            Record::Unparsed { document } => key(document),
+            } => documents.iter_mut().for_each(&mut give),
+            Record::Unparsed { document } => give(document),
             _ => {}
         }
     }
@@ -549,7 +579,24 @@ mod tests {
     }
 
     #[test]
-    fn unkeyed_documents_are_keyed_by_the_stream_sequence() {
+    fn a_relays_message_is_keyed_by_its_site_and_id_else_by_its_place_in_the_stream() {
+        assert_eq!(
+            message_key(Some("plant-1"), Some("plant-1:ab12:7"), 42),
+            doc! { "site": "plant-1", "msg": "plant-1:ab12:7" }
+        );
+        // Another site's id on this site's subject stays this site's key.
+        assert_eq!(
+            message_key(Some("plant-2"), Some("plant-1:ab12:7"), 42),
+            doc! { "site": "plant-2", "msg": "plant-1:ab12:7" }
+        );
+        let by_place = doc! { "stream": nats::STREAM, "seq": 42_i64 };
+        assert_eq!(message_key(None, Some("plant-1:ab12:7"), 42), by_place);
+        assert_eq!(message_key(Some("plant-1"), None, 42), by_place);
+        assert_eq!(message_key(Some("plant-1"), Some(""), 42), by_place);
+    }
+
+    #[test]
+    fn unkeyed_documents_are_keyed_by_their_message() {
         let mut record = Record::Several(vec![
             Record::Readings {
                 documents: vec![
@@ -566,7 +613,7 @@ mod tests {
                 document: doc! { "raw": "x" },
             },
         ]);
-        key_by_sequence(&mut record, 42);
+        key_unkeyed(&mut record, message_key(None, None, 42));
         let ids: Vec<bson::Bson> = record
             .parts()
             .iter()
