@@ -53,7 +53,8 @@ openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=IoT pipeline dev
   -keyout "$ca_dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
 openssl req -newkey rsa:2048 -nodes -subj "/CN=$1" \
   -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
-printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth\n' "$san" > "$dir/server.ext"
+# Client authentication too: a NATS node presents it to the others on their routes.
+printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$san" > "$dir/server.ext"
 openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$ca_dir/ca.key" -CAcreateserial \
   -days 825 -extfile "$dir/server.ext" -out "$dir/server.crt" 2>/dev/null
 rm -f "$dir/server.csr" "$dir/server.ext" "$dir/ca.srl"

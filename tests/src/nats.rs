@@ -22,6 +22,8 @@ pub struct NatsCluster {
     /// The client port of each node.
     pub ports: [u16; 3],
     monitors: [u16; 3],
+    /// The route port of each node.
+    routes: [u16; 3],
     nodes: [Option<Service>; 3],
     /// With [`NatsCluster::spawn_partitionable`]: the route from node `from` to node
     /// `to` goes through a proxy, `(from, to, proxy)`.
@@ -61,6 +63,11 @@ async fn http_get(port: u16, path: &str) -> Option<String> {
     answer
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_string())
+}
+
+/// A monitoring endpoint's JSON, if the server answers.
+async fn monitor_json(port: u16, path: &str) -> Option<serde_json::Value> {
+    serde_json::from_str(&http_get(port, path).await?).ok()
 }
 
 /// One HTTP GET on 127.0.0.1:`port`: whether it answered 200.
@@ -141,6 +148,7 @@ impl NatsCluster {
         let mut cluster = NatsCluster {
             ports,
             monitors,
+            routes,
             nodes: [None, None, None],
             links: Vec::new(),
             tls_ca,
@@ -166,11 +174,16 @@ impl NatsCluster {
 
     /// Rewrites each node's routes to go through a proxy per pair of nodes.
     async fn route_through_proxies(&mut self, routes: [u16; 3]) {
+        // Made by scripts/nats-cluster, as no NATS_ROUTE_PASSWORD is given.
+        let password = self.route_password();
         for from in 0..3 {
             let mut urls = Vec::new();
             for to in (0..3).filter(|to| *to != from) {
                 let proxy = Proxy::start(routes[to]).await;
-                urls.push(format!("\"nats-route://127.0.0.1:{}\"", proxy.port));
+                urls.push(format!(
+                    "\"nats-route://route:{}@127.0.0.1:{}\"",
+                    password, proxy.port
+                ));
                 self.links.push((from, to, proxy));
             }
             let path = self.config(from);
@@ -214,11 +227,66 @@ impl NatsCluster {
         }
     }
 
+    /// A nats-server of no cluster's that tries to join this one as a route to node
+    /// `node`'s route port, with `credentials` (`user:password`, or none); and its id,
+    /// once it answers.
+    pub async fn rogue_route(&self, node: usize, credentials: Option<&str>) -> (Service, String) {
+        let monitor = free_port();
+        let userinfo = credentials.map(|c| format!("{c}@")).unwrap_or_default();
+        let mut command = tokio::process::Command::new(nats_server());
+        command.args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &free_port().to_string(),
+            "-m",
+            &monitor.to_string(),
+            "--cluster_name",
+            "iot",
+            "--cluster",
+            &format!("nats://127.0.0.1:{}", free_port()),
+            "--routes",
+            &format!("nats-route://{userinfo}127.0.0.1:{}", self.routes[node]),
+        ]);
+        let rogue = Service::spawn("rogue-route", command);
+        let id = crate::wait_for_within(
+            CLUSTER_WAIT,
+            "the server's id (its /varz)",
+            || async {
+                let value = monitor_json(monitor, "/varz").await?;
+                value["server_id"].as_str().map(str::to_string)
+            },
+            Option::is_some,
+        )
+        .await;
+        (rogue, id.unwrap_or_default())
+    }
+
+    /// The ids of the servers node `node` has a route with now.
+    pub async fn route_ids_of(&self, node: usize) -> Vec<String> {
+        let Some(value) = monitor_json(self.monitors[node], "/routez").await else {
+            return Vec::new();
+        };
+        value["routes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|route| route["remote_id"].as_str().map(str::to_string))
+            .collect()
+    }
+
     /// The number of routes node `node` has now (its `/routez`), if it answers.
     pub async fn routes_of(&self, node: usize) -> Option<usize> {
-        let body = http_get(self.monitors[node], "/routez").await?;
-        let value: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let value = monitor_json(self.monitors[node], "/routez").await?;
         value["num_routes"].as_u64().map(|n| n as usize)
+    }
+
+    /// The routes' password scripts/nats-cluster made for this cluster.
+    pub fn route_password(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("route.secret"))
+            .expect("the routes' password")
+            .trim()
+            .to_string()
     }
 
     /// Starts node `node` (0, 1 or 2) from its configuration.

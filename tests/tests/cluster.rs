@@ -713,6 +713,102 @@ async fn violation(errors: &mut tokio::sync::mpsc::UnboundedReceiver<String>, wh
     );
 }
 
+/// Nothing joins the cluster as a route without the routes' password (scripts/nats-cluster
+/// makes one when none is given): a route takes part in every account's traffic. A
+/// server that tries with none or a wrong one is refused again and again and never
+/// becomes a node's route; with the password it does (so the refusals were the
+/// password's). On TLS, a route that does not speak TLS is refused even with the
+/// password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_server_joins_the_cluster_without_the_routes_password() {
+    let cluster = NatsCluster::spawn(&["plant-1"]).await;
+    let password = format!("route:{}", cluster.route_password());
+    for (credentials, refused) in [
+        (None, "Authorization Violation"),
+        (Some("route:wrong"), "Authorization Violation"),
+    ] {
+        assert_refused_route(&cluster, credentials, refused).await;
+    }
+    let (_member, id) = cluster.rogue_route(0, Some(&password)).await;
+    wait_for_within(
+        CLUSTER_WAIT,
+        "a server with the routes' password taken as a route",
+        || cluster.route_ids_of(0),
+        |routes| routes.contains(&id),
+    )
+    .await;
+
+    let tls = NatsCluster::spawn_tls(&["plant-1"]).await;
+    let password = format!("route:{}", tls.route_password());
+    // The node closes a plain connection at once.
+    assert_refused_route(&tls, Some(&password), "Router connection closed").await;
+}
+
+/// The routes' password `scripts/nats-cluster` makes is made once for a folder (compose
+/// writes the configuration at every start while nodes may keep running: a new one
+/// would split the cluster), and one given that cannot go into a URL is refused with
+/// its name.
+#[test]
+fn the_routes_password_is_made_once_and_one_given_is_checked() {
+    let dir = tempfile::tempdir().expect("a folder");
+    let config = |route_password: Option<&str>| {
+        let mut script =
+            std::process::Command::new(tests::repo_root().join("scripts/nats-cluster"));
+        script
+            .args(["config", &dir.path().display().to_string()])
+            .env("NATS_PERSISTER_PASSWORD", "p")
+            .env_remove("NATS_ROUTE_PASSWORD");
+        if let Some(password) = route_password {
+            script.env("NATS_ROUTE_PASSWORD", password);
+        }
+        let output = script.output().expect("scripts/nats-cluster runs");
+        let node = std::fs::read_to_string(dir.path().join("node-1.conf")).unwrap_or_default();
+        (output, node)
+    };
+    let route_line = |node: &str| {
+        node.lines()
+            .find(|line| line.contains("routes: ["))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (first, node) = config(None);
+    assert!(first.status.success(), "{first:?}");
+    let made = std::fs::read_to_string(dir.path().join("route.secret")).expect("made");
+    assert!(made.len() >= 32, "{made}");
+    assert!(
+        route_line(&node).contains(&format!("route:{made}@")),
+        "{node}"
+    );
+    let (_, again) = config(None);
+    assert_eq!(route_line(&again), route_line(&node), "made again");
+
+    let (given, node) = config(Some("given-one_2"));
+    assert!(given.status.success(), "{given:?}");
+    assert!(route_line(&node).contains("route:given-one_2@"), "{node}");
+    for bad in ["a@b", "a:b", "a/b", "a b"] {
+        let (refused, _) = config(Some(bad));
+        assert_eq!(refused.status.code(), Some(2), "{bad}");
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(said.contains("NATS_ROUTE_PASSWORD"), "{bad}: {said}");
+    }
+}
+
+/// A server trying to become node 0's route with `credentials` says `refused` twice (it
+/// tries again every second), and node 0 has no route with it.
+async fn assert_refused_route(cluster: &NatsCluster, credentials: Option<&str>, refused: &str) {
+    let (rogue, id) = cluster.rogue_route(0, credentials).await;
+    wait_for_within(
+        CLUSTER_WAIT,
+        &format!("the route with {credentials:?} refused twice"),
+        || std::future::ready(rogue.stderr().matches(refused).count()),
+        |times| *times >= 2,
+    )
+    .await;
+    let routes = cluster.route_ids_of(0).await;
+    assert_eq!(routes.len(), 2, "{routes:?}");
+    assert!(!routes.contains(&id), "a route with {credentials:?} taken");
+}
+
 /// Two edge sites, each with its own relay and NATS account, into one stream: both
 /// sites' readings stored once (keyed and plain values); one site's account may not
 /// publish into the other's telemetry subject, nor read its requests, nor send requests
@@ -833,13 +929,12 @@ async fn two_sites_each_with_its_own_account_are_kept_apart() {
 /// while the stream flows, then healed: the other two elect a leader and go on, and
 /// every reading, keyed or not, is stored once.
 ///
-/// Ignored: in a clean-clone CI run beside the Docker tier, 12 of the 3 000 plain values
-/// were stored twice (every keyed reading once), after a 12 s cut of the leader. Passed
-/// in every run before (eight on this machine). Not explained yet: the stream's
-/// duplicate window (2 min) covers the cut, so a copy the relay sent again should have
-/// been refused.
+/// Once, in a clean-clone CI run beside the Docker tier, 12 of the 3 000 plain values
+/// were stored twice (every keyed reading once) when plain values were keyed by their
+/// stream sequence: the stream held them at two sequences, or the replicas numbered
+/// them apart. Not seen again in 12 runs under load, and not explained; plain values are
+/// now keyed by the relay's message id, which such a copy keeps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "12 of 3 000 plain values stored twice once across a leader's cut, not explained yet (see above)"]
 async fn a_node_cut_off_from_the_others_and_healed_loses_nothing_and_stores_nothing_twice() {
     // About 30 s of readings: the cut, the election and more readings fall within it.
     const SENT: i64 = 15_000;
