@@ -592,6 +592,49 @@ async fn next_state(watcher: &mut TestClient, want: bool) -> rumqttc::Publish {
     }
 }
 
+/// A Sparkplug host must see every message of a node, and persisters share the stream's
+/// messages: a host started beside another persister refuses to start and says why,
+/// and so does a persister started beside a host; two without Sparkplug share the
+/// stream (the replica tests). A persister that stopped leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sparkplug_host_reads_the_stream_alone() {
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let cluster = NatsCluster::spawn(&["plant-1"]).await;
+    let host = [
+        "--no-repair",
+        "--ingest",
+        "sparkplug",
+        "--sparkplug-host-id",
+        "scada-1",
+    ];
+    let replica = ["--no-repair"];
+
+    let mut first = cluster.persister_ready(&brokers, &mongo, &replica).await;
+    first.wait_for_log("other persisters on the stream").await;
+    let mut refused = cluster.start_persister(&brokers, &mongo, &host);
+    let status = refused.wait_exit_within(CLUSTER_WAIT).await;
+    assert!(!status.success(), "a host started beside a replica");
+    let said = refused.stderr();
+    assert!(
+        said.contains("other persisters read the NATS stream (replica)"),
+        "{said}"
+    );
+    first.stop_cleanly().await;
+
+    let mut host = cluster.persister_ready(&brokers, &mongo, &host).await;
+    host.wait_for_log("other persisters on the stream").await;
+    let mut refused = cluster.start_persister(&brokers, &mongo, &replica);
+    let status = refused.wait_exit_within(CLUSTER_WAIT).await;
+    assert!(!status.success(), "a replica started beside a host");
+    let said = refused.stderr();
+    assert!(
+        said.contains("a Sparkplug host reads the NATS stream (sparkplug host scada-1)"),
+        "{said}"
+    );
+    assert!(host.is_running(), "the host stopped:\n{}", host.stderr());
+    host.stop_cleanly().await;
+}
+
 /// The Sparkplug host over NATS (`--ingest sparkplug`): its STATE reaches the edge
 /// broker retained through the relay, data it cannot name gets its Rebirth (NCMD to the
 /// node's site over NATS, published on the edge by the relay), a birth and data by alias

@@ -28,6 +28,7 @@ pub mod persister;
 pub mod ready;
 pub mod repair;
 pub mod retire;
+pub mod roll_call;
 pub mod sparkplug;
 pub mod writer;
 

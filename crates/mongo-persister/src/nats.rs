@@ -22,8 +22,9 @@
 //! (`/replay/<device>/gone`) come in the stream like any message and go to the
 //! repairer.
 //!
-//! A Sparkplug host must see every message of a node to follow its `seq` numbers: with
-//! `--ingest sparkplug`, run one persister replica on the stream (replicas share it).
+//! A Sparkplug host must see every message of a node to follow its `seq` numbers, and
+//! replicas share the stream: a host beside another persister, or a persister beside a
+//! host, refuses to start ([`crate::roll_call`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +48,7 @@ use crate::config::Config;
 use crate::persister::{observe, serve_ops, spawn_repairer, spawn_writer, WriterTask, STOP_GRACE};
 use crate::ready::{ReadyFile, SUBSCRIBED_CHECK};
 use crate::repair;
+use crate::roll_call;
 use crate::sparkplug::{self, Sparkplug};
 use crate::writer::{Pending, Stats};
 
@@ -56,6 +58,35 @@ pub struct NatsAck(Acker);
 impl std::fmt::Debug for NatsAck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("NatsAck")
+    }
+}
+
+/// Calls the persisters' roll ([`roll_call`]): an error when a Sparkplug host would
+/// read the stream beside another persister. A roll call that cannot be made (a
+/// cluster configured before it: no permission) is said and passed.
+async fn check_alone(
+    config: &Config,
+    client: &async_nats::Client,
+    sparkplug: bool,
+) -> anyhow::Result<()> {
+    let host_id = sparkplug.then(|| config.sparkplug_host_id());
+    let role = roll_call::role(host_id.as_deref());
+    match roll_call::call(client, &role).await {
+        Ok(others) => match roll_call::refusal(&role, &others) {
+            Some(why) => anyhow::bail!("{why}"),
+            None => {
+                tracing::info!(
+                    role,
+                    others = others.len(),
+                    "other persisters on the stream"
+                );
+                Ok(())
+            }
+        },
+        Err(error) => {
+            tracing::warn!("cannot tell which other persisters read the stream: {error:#}");
+            Ok(())
+        }
     }
 }
 
@@ -99,13 +130,18 @@ pub async fn run(
         sites: Sites::default(),
         client: client.clone(),
     };
-    reader.publish_state(true).await;
     let Some(consumer) = set_up(config, &js, &shutdown).await else {
         stop_repairing.cancel();
-        reader.publish_state(false).await;
         nats::flush_before_stop(&client).await;
         return finish(task, &stats).await;
     };
+    // Before the host says it is online: a host refused must not speak for one that runs.
+    if let Err(refused) = check_alone(config, &client, reader.sparkplug.is_some()).await {
+        stop_repairing.cancel();
+        finish(task, &stats).await?;
+        return Err(refused);
+    }
+    reader.publish_state(true).await;
     // Connected by now (the stream answered): the server's INFO is in.
     let version = client.server_info().version;
     if !nats::holds_max_bytes(&version) {
