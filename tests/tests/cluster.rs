@@ -600,39 +600,42 @@ async fn next_state(watcher: &mut TestClient, want: bool) -> rumqttc::Publish {
 async fn a_sparkplug_host_reads_the_stream_alone() {
     let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
     let cluster = NatsCluster::spawn(&["plant-1"]).await;
-    let host = [
+    let host: &[&str] = &[
         "--no-repair",
         "--ingest",
         "sparkplug",
         "--sparkplug-host-id",
         "scada-1",
     ];
-    let replica = ["--no-repair"];
+    let replica: &[&str] = &["--no-repair"];
 
-    let mut first = cluster.persister_ready(&brokers, &mongo, &replica).await;
-    first.wait_for_log("other persisters on the stream").await;
-    let mut refused = cluster.start_persister(&brokers, &mongo, &host);
-    let status = refused.wait_exit_within(CLUSTER_WAIT).await;
-    assert!(!status.success(), "a host started beside a replica");
-    let said = refused.stderr();
-    assert!(
-        said.contains("other persisters read the NATS stream (replica)"),
-        "{said}"
-    );
-    first.stop_cleanly().await;
-
-    let mut host = cluster.persister_ready(&brokers, &mongo, &host).await;
-    host.wait_for_log("other persisters on the stream").await;
-    let mut refused = cluster.start_persister(&brokers, &mongo, &replica);
-    let status = refused.wait_exit_within(CLUSTER_WAIT).await;
-    assert!(!status.success(), "a replica started beside a host");
-    let said = refused.stderr();
-    assert!(
-        said.contains("a Sparkplug host reads the NATS stream (sparkplug host scada-1)"),
-        "{said}"
-    );
-    assert!(host.is_running(), "the host stopped:\n{}", host.stderr());
-    host.stop_cleanly().await;
+    // Each (first, then, what the second says): the second refuses to start.
+    for (first, then, says) in [
+        (
+            replica,
+            host,
+            "other persisters read the NATS stream (replica)",
+        ),
+        (
+            host,
+            replica,
+            "a Sparkplug host reads the NATS stream (sparkplug host scada-1)",
+        ),
+    ] {
+        let mut running = cluster.persister_ready(&brokers, &mongo, first).await;
+        running.wait_for_log("other persisters on the stream").await;
+        let mut refused = cluster.start_persister(&brokers, &mongo, then);
+        let status = refused.wait_exit_within(CLUSTER_WAIT).await;
+        assert!(!status.success(), "{then:?} started beside {first:?}");
+        let said = refused.stderr();
+        assert!(said.contains(says), "{said}");
+        assert!(
+            running.is_running(),
+            "{first:?} stopped:\n{}",
+            running.stderr()
+        );
+        running.stop_cleanly().await;
+    }
 }
 
 /// The Sparkplug host over NATS (`--ingest sparkplug`): its STATE reaches the edge
