@@ -71,12 +71,30 @@ fn publish_unkeyed_every(port: u16, count: u32, interval: Duration) -> tokio::ta
     })
 }
 
+/// Plain values 1..=`count` on `topic`, as fast as the edge broker takes them.
+fn plain_values(port: u16, topic: &'static str, count: u32) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut device = TestClient::connect(port, "temperature-sensor").await;
+        for value in 1..=count {
+            let payload = value.to_string();
+            device
+                .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes())
+                .await;
+        }
+    })
+}
+
 /// The plain values stored: how many of 1..=`count` at least once, and how many
 /// documents in all.
 async fn unkeyed_stored(db: &mongodb::Database, count: u32) -> (usize, usize) {
+    values_stored(db, UNKEYED_TOPIC, count).await
+}
+
+/// As [`unkeyed_stored`], on `topic`.
+async fn values_stored(db: &mongodb::Database, topic: &str, count: u32) -> (usize, usize) {
     let documents: Vec<Document> = db
         .collection::<Document>("readings")
-        .find(doc! { "topic": UNKEYED_TOPIC })
+        .find(doc! { "topic": topic })
         .await
         .expect("find")
         .try_collect()
@@ -455,7 +473,7 @@ async fn a_full_stream_holds_the_relay_back_and_loses_nothing() {
             .unwrap_or_default();
         assert!(refused.contains("maximum bytes"), "{refused}");
     } else {
-        relay.wait_for_log("the NATS stream is nearly full").await;
+        relay.wait_for_log("the NATS stream is filling up").await;
         let js = cluster.admin().await;
         let mut stream = js
             .get_stream(iot_core::nats::STREAM)
@@ -489,6 +507,133 @@ async fn a_full_stream_holds_the_relay_back_and_loses_nothing() {
         );
     }
     assert_exactly_once(&stored_seqs(&db, "full-1").await, count as i64);
+    relay.stop_cleanly().await;
+    persister.stop_cleanly().await;
+}
+
+/// Two sites' relays flooding a 200 KB stream with no persister reading it: together
+/// they keep within it (on nats-server before 2.10.5 each takes only its share of the
+/// room left between two reads of the stream's bytes; there, past the limit, the
+/// server would remove the oldest messages), and once a persister reads again every
+/// plain value of both sites is stored once. Before the shares, 11 and 12 of these
+/// 4 000 were gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sites_flooding_a_full_stream_lose_nothing() {
+    const EACH: u32 = 2000;
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let second_edge = brokers.spawn_relay_site("plant-2").await;
+    let cluster = NatsCluster::spawn(&["plant-1", "plant-2"]).await;
+    let args = [
+        "--no-repair",
+        "--nats-max-bytes",
+        "200K",
+        "--nats-ack-wait",
+        "5s",
+    ];
+    let mut persister = cluster.persister_ready(&brokers, &mongo, &args).await;
+    persister.stop_cleanly().await;
+    let mut relays = Vec::new();
+    let sites = [
+        ("plant-1", &brokers.local, "/sensor/flood-1/temperature"),
+        ("plant-2", &second_edge, "/sensor/flood-2/temperature"),
+    ];
+    for (site, edge, _) in sites {
+        let log_dir = brokers.dir().join(format!("relay-log-{site}"));
+        let relay = cluster.start_relay_at(&brokers, edge, site, &log_dir, &[]);
+        relay
+            .wait_for_log_within(CLUSTER_WAIT, "subscribed on the edge broker")
+            .await;
+        relays.push(relay);
+    }
+    let floods: Vec<_> = sites
+        .iter()
+        .map(|(_, edge, topic)| plain_values(edge.port, topic, EACH))
+        .collect();
+    for flood in floods {
+        flood.await.expect("the plain values published");
+    }
+    // About 2 × 320 KB in the stream: both relays hold what is left.
+    if iot_core::nats::holds_max_bytes(&cluster.server_version().await) {
+        for relay in &relays {
+            relay
+                .wait_for_log("publishing into the NATS stream failed")
+                .await;
+        }
+    } else {
+        for relay in &relays {
+            relay.wait_for_log("the NATS stream is filling up").await;
+        }
+    }
+    let js = cluster.admin().await;
+    let mut stream = js
+        .get_stream(iot_core::nats::STREAM)
+        .await
+        .expect("the stream");
+    let held = stream.info().await.expect("its state").state.clone();
+    assert_eq!(
+        held.first_sequence, 1,
+        "the stream removed messages: {held:?}"
+    );
+
+    let mut persister = cluster.start_persister(&brokers, &mongo, &args);
+    let db = mongo.database().await;
+    for (_, _, topic) in sites {
+        let (distinct, stored) = wait_for_within(
+            CATCH_UP,
+            &format!("every plain value of {topic} stored"),
+            || values_stored(&db, topic, EACH),
+            |(distinct, _)| *distinct == EACH as usize,
+        )
+        .await;
+        assert_eq!(stored, distinct, "{topic}: plain values stored twice");
+    }
+    for mut relay in relays {
+        relay.stop_cleanly().await;
+    }
+    persister.stop_cleanly().await;
+}
+
+/// One message nearly as large as the stream's limit, then small ones: it goes into the
+/// stream once that is empty (it is larger than any share of the room), and the rest
+/// after it. Before, the relay held it, and everything behind it, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_nearly_as_large_as_the_stream_goes_through() {
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let cluster = NatsCluster::spawn(&["plant-1"]).await;
+    let args = ["--no-repair", "--nats-max-bytes", "200K"];
+    let mut persister = cluster.persister_ready(&brokers, &mongo, &args).await;
+    let log_dir = brokers.dir().join("relay-log");
+    let mut relay = cluster
+        .relay_ready(&brokers, "plant-1", &log_dir, &[])
+        .await;
+    let mut device = TestClient::connect(brokers.local.port, "temperature-sensor").await;
+    let large = format!("{{\"pad\": \"{}\"}}", "x".repeat(190_000));
+    device
+        .publish(
+            "/sensor/large-1/temperature",
+            QoS::AtLeastOnce,
+            false,
+            large.as_bytes(),
+        )
+        .await;
+    plain_values(brokers.local.port, UNKEYED_TOPIC, 20)
+        .await
+        .expect("the plain values published");
+    let db = mongo.database().await;
+    wait_for_within(
+        CATCH_UP,
+        "the large message stored",
+        || tests::stored::count(&db, doc! { "topic": "/sensor/large-1/temperature" }),
+        |n| *n == 1,
+    )
+    .await;
+    wait_for_within(
+        CATCH_UP,
+        "the plain values after it stored",
+        || unkeyed_stored(&db, 20),
+        |(distinct, _)| *distinct == 20,
+    )
+    .await;
     relay.stop_cleanly().await;
     persister.stop_cleanly().await;
 }

@@ -14,8 +14,8 @@
 //! log meanwhile. nats-server before 2.10.5 takes a message at the limit and removes
 //! the stream's oldest instead (nats-io/nats-server#4775), so there the relay reads the
 //! stream's bytes once a second ([`watch_stream`]) and holds its log while they, with
-//! what it published since, come within a tenth of the stream's `max_bytes`
-//! ([`Room`]).
+//! what it published since, would come within a tenth of the stream's `max_bytes`,
+//! each relay taking at most its share of the room between two reads ([`Room::fits`]).
 //!
 //! Readings the relay answers to replay requests from its log ([`crate::inbound_nats`])
 //! go into the stream too, on the same subject but without a message id: a reading
@@ -63,22 +63,59 @@ pub enum Room {
     Unknown,
     /// The server refuses past the stream's limit by itself, or the stream has none.
     Unbounded,
-    /// The stream held `bytes` when read (read number `read`); the relay publishes
-    /// while those and what it published since stay below `limit`.
-    Bytes { bytes: u64, limit: u64, read: u64 },
+    /// The stream held `bytes` of its `max_bytes` when read (read number `read`), from
+    /// `sites` subjects (the sites whose messages wait in it). See [`Room::fits`].
+    Bytes {
+        bytes: u64,
+        max: u64,
+        sites: u64,
+        read: u64,
+    },
 }
 
 impl Room {
-    /// The room of a stream holding `bytes` of `max_bytes` (`-1`: no limit) on a server
-    /// that does (`holds`) or does not keep to it: a tenth of the limit kept free.
-    pub fn of(holds: bool, max_bytes: i64, bytes: u64, read: u64) -> Self {
+    /// The room of a stream holding `bytes` of `max_bytes` (`-1`: no limit) from
+    /// `sites` subjects, on a server that does (`holds`) or does not keep to its limit.
+    pub fn of(holds: bool, max_bytes: i64, bytes: u64, sites: u64, read: u64) -> Self {
         match u64::try_from(max_bytes) {
             Ok(max) if max > 0 && !holds => Room::Bytes {
                 bytes,
-                limit: max - max / 10,
+                max,
+                sites,
                 read,
             },
             _ => Room::Unbounded,
+        }
+    }
+
+    /// Whether a message taking `stored` bytes in the stream may go, this relay having
+    /// published `sent` bytes since the read. A tenth of `max_bytes` is kept free, and
+    /// each relay takes, between two reads, at most its share of the room left: the
+    /// room split among the sites in the stream and one more (a site not in it yet), as
+    /// every relay reads the same bytes and none knows what the others send. Into a
+    /// stream that was empty, with nothing sent since, one message up to `max_bytes`
+    /// goes whatever its size (else one larger than the share would wait for ever).
+    pub fn fits(&self, sent: u64, stored: u64) -> bool {
+        match *self {
+            Room::Unknown => false,
+            Room::Unbounded => true,
+            Room::Bytes {
+                bytes, max, sites, ..
+            } => {
+                if bytes + sent == 0 {
+                    return stored <= max;
+                }
+                let room = (max - max / 10).saturating_sub(bytes);
+                sent + stored <= room / (sites.max(1) + 1)
+            }
+        }
+    }
+
+    /// The stream's bytes and the limit the relays keep it within, when bounded.
+    fn fill(&self) -> Option<(u64, u64)> {
+        match *self {
+            Room::Bytes { bytes, max, .. } => Some((bytes, max - max / 10)),
+            _ => None,
         }
     }
 }
@@ -125,7 +162,7 @@ pub struct NatsForwarder {
     /// (each message's estimate in the stream).
     room_read: u64,
     sent: u64,
-    /// Whether the log is held for the stream's room (said once per hold).
+    /// Whether the relay said it holds its log for the stream's room.
     held_for_room: bool,
 }
 
@@ -300,32 +337,31 @@ impl NatsForwarder {
     /// says when the log is held for room, and when it goes on.
     fn has_room(&mut self, stored: u64) -> bool {
         let room = *self.room.borrow_and_update();
-        let fits = match room {
-            Room::Unknown => false,
-            Room::Unbounded => true,
-            Room::Bytes { bytes, limit, read } => {
-                if read != self.room_read {
-                    // What is still in flight may not be in the bytes read.
-                    self.room_read = read;
-                    self.sent = self.in_flight_bytes as u64;
-                }
-                bytes + self.sent + stored <= limit
+        if let Room::Bytes { read, .. } = room {
+            if read != self.room_read {
+                // What is still in flight may not be in the bytes read.
+                self.room_read = read;
+                self.sent = self.in_flight_bytes as u64;
             }
-        };
-        if let Room::Bytes { bytes, limit, .. } = room {
-            if !fits && !self.held_for_room {
+        }
+        let fits = room.fits(self.sent, stored);
+        // Said once the stream is half way to the limit and the relay waits for its
+        // share, and again when below a quarter: not at every second's share.
+        if let Some((bytes, limit)) = room.fill() {
+            if !fits && !self.held_for_room && bytes >= limit / 2 {
                 tracing::warn!(
                     stream_bytes = bytes,
                     limit,
-                    "the NATS stream is nearly full (this nats-server would remove its oldest messages past its max_bytes: nats-io/nats-server#4775): holding the log until the persisters make room"
+                    "the NATS stream is filling up (this nats-server would remove its oldest messages past its max_bytes: nats-io/nats-server#4775): publishing only a share of the room left each second, the rest held in the log until the persisters catch up"
                 );
                 metrics::gauge!("iot_relay_held_for_stream_room").set(1.0);
-            } else if fits && self.held_for_room {
+                self.held_for_room = true;
+            } else if self.held_for_room && bytes < limit / 4 {
                 tracing::info!(stream_bytes = bytes, "the NATS stream has room again");
                 metrics::gauge!("iot_relay_held_for_stream_room").set(0.0);
+                self.held_for_room = false;
             }
         }
-        self.held_for_room = !fits && room != Room::Unknown;
         fits
     }
 
@@ -477,15 +513,22 @@ async fn watch_stream(
         tracing::info!(
             version,
             max_bytes = info.config.max_bytes,
-            "this nats-server removes a full stream's oldest messages (nats-io/nats-server#4775, fixed in 2.10.5): the log is held while the stream is within a tenth of its max_bytes"
+            "this nats-server removes a full stream's oldest messages (nats-io/nats-server#4775, fixed in 2.10.5): a tenth of the stream's max_bytes is kept free, this relay publishing a share of the room left each second"
         );
     }
     let mut read = 0u64;
     let mut info = info.clone();
     loop {
         read += 1;
-        let now = Room::of(holds, info.config.max_bytes, info.state.bytes, read);
-        if room.send(now).is_err() || now == Room::Unbounded {
+        let now = Room::of(
+            holds,
+            info.config.max_bytes,
+            info.state.bytes,
+            info.state.subjects_count,
+            read,
+        );
+        // A stream without a limit may get one (a persister started with other flags).
+        if room.send(now).is_err() || holds {
             return;
         }
         tokio::time::sleep(ROOM_EVERY).await;
@@ -503,17 +546,39 @@ mod tests {
 
     #[test]
     fn a_server_before_2_10_5_keeps_a_tenth_of_the_stream_free() {
+        let room = |bytes, sites| Room::of(false, 1000, bytes, sites, 7);
         assert_eq!(
-            Room::of(false, 1000, 300, 7),
+            room(300, 1),
             Room::Bytes {
                 bytes: 300,
-                limit: 900,
+                max: 1000,
+                sites: 1,
                 read: 7
             }
         );
+        // 600 left below 900, split between the one site in the stream and one more.
+        assert!(room(300, 1).fits(0, 300));
+        assert!(!room(300, 1).fits(0, 301));
+        assert!(!room(300, 1).fits(200, 101));
+        // No site in the stream counts as one: two new relays at once stay within it.
+        assert!(room(300, 0).fits(0, 300));
+        assert!(!room(300, 0).fits(0, 301));
+        // Three sites: a quarter each.
+        assert!(room(300, 3).fits(0, 150));
+        assert!(!room(300, 3).fits(0, 151));
+        // Full: nothing goes.
+        assert!(!room(900, 1).fits(0, 1));
+        assert_eq!(room(900, 1).fill(), Some((900, 900)));
+        assert_eq!(Room::Unbounded.fill(), None);
+        // One message larger than any share goes into an empty stream, up to the limit.
+        assert!(room(0, 0).fits(0, 1000));
+        assert!(!room(0, 0).fits(0, 1001));
+        assert!(!room(0, 0).fits(1, 1000));
         // A server that keeps to the limit, or a stream without one: nothing held.
-        assert_eq!(Room::of(true, 1000, 999, 1), Room::Unbounded);
-        assert_eq!(Room::of(false, -1, 999, 1), Room::Unbounded);
-        assert_eq!(Room::of(false, 0, 999, 1), Room::Unbounded);
+        assert_eq!(Room::of(true, 1000, 999, 1, 1), Room::Unbounded);
+        assert_eq!(Room::of(false, -1, 999, 1, 1), Room::Unbounded);
+        assert_eq!(Room::of(false, 0, 999, 1, 1), Room::Unbounded);
+        assert!(Room::Unbounded.fits(u64::MAX / 2, 1));
+        assert!(!Room::Unknown.fits(0, 1));
     }
 }

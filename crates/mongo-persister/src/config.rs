@@ -92,7 +92,7 @@ pub struct Config {
     /// Seconds a gap in an edge node's seq numbers may last (messages arriving out of order) before the node is sent a Rebirth command; fractions allowed
     #[arg(long, value_name = "SECONDS", env = "PERSISTER_SPARKPLUG_REORDER_TIMEOUT", default_value = "2", value_parser = parse_positive_seconds, help_heading = "Sparkplug B")]
     pub sparkplug_reorder_timeout: Duration,
-    /// NATS cloud (--broker nats://...): most bytes the stream holds; past it, new messages are refused and the relays keep them on their disks (discard new). nats-server before 2.10.5 removes the oldest messages at this limit instead (nats-io/nats-server#4775): there the relays hold their logs within a tenth of it
+    /// NATS cloud (--broker nats://...): most bytes the stream holds; past it, new messages are refused and the relays keep them on their disks (discard new). nats-server before 2.10.5 removes the oldest messages at this limit instead (nats-io/nats-server#4775): there the relays keep a tenth of it free, each taking a share of the room left
     #[arg(long, value_name = "BYTES", env = "PERSISTER_NATS_MAX_BYTES", default_value = "1G", value_parser = iot_core::config::parse_bytes, help_heading = "NATS JetStream")]
     pub nats_max_bytes: u64,
     /// NATS cloud: a message no persister stored within this is removed from the stream

@@ -148,7 +148,7 @@ pub async fn run(
         tracing::warn!(
             version,
             max_bytes = config.nats_max_bytes,
-            "this nats-server removes a full stream's oldest messages at its max_bytes, discard new or not (nats-io/nats-server#4775, fixed in 2.10.5): edge-relay holds its log while the stream is within a tenth of --nats-max-bytes, but anything else publishing into the stream near the limit costs its oldest messages; nats-server 2.10.5 or later refuses instead"
+            "this nats-server removes a full stream's oldest messages at its max_bytes, discard new or not (nats-io/nats-server#4775, fixed in 2.10.5): edge-relay keeps a tenth of --nats-max-bytes free, each relay taking a share of the room left, but anything else publishing into the stream near the limit costs its oldest messages; nats-server 2.10.5 or later refuses instead"
         );
     }
     ready.mark()?;
