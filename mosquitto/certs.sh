@@ -32,12 +32,6 @@ publish_ca() {
   chmod 644 "$CA_PUBLIC_DIR/ca.crt.new"
   mv "$CA_PUBLIC_DIR/ca.crt.new" "$CA_PUBLIC_DIR/ca.crt"
 }
-if [ -f "$dir/ca.crt" ] && [ -f "$dir/server.crt" ] && [ -f "$dir/server.key" ]; then
-  publish_ca
-  exit 0
-fi
-command -v openssl >/dev/null 2>&1 || die "openssl not found: install it (apt-get install openssl)"
-
 san=""
 for name in "$@"; do
   case $name in
@@ -47,18 +41,43 @@ for name in "$@"; do
   san="${san:+$san,}$entry"
 done
 
+# The server's key and certificate for the NAMEs, signed by the CA in $ca_dir. For
+# client authentication too: a NATS node presents it to the others on their routes.
+issue_server() {
+  old_umask=$(umask)
+  umask 077
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=$1" \
+    -keyout "$dir/server.key.new" -out "$dir/server.csr" 2>/dev/null
+  printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$san" > "$dir/server.ext"
+  openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$ca_dir/ca.key" -CAcreateserial \
+    -days 825 -extfile "$dir/server.ext" -out "$dir/server.crt.new" 2>/dev/null
+  rm -f "$dir/server.csr" "$dir/server.ext" "$dir/ca.srl"
+  umask "$old_umask"
+  chmod 644 "$dir/server.crt.new"
+  mv "$dir/server.key.new" "$dir/server.key"
+  mv "$dir/server.crt.new" "$dir/server.crt"
+}
+
+if [ -f "$dir/ca.crt" ] && [ -f "$dir/server.crt" ] && [ -f "$dir/server.key" ]; then
+  # One this script made before it added client authentication (its CA key is here):
+  # made again from the same CA, so that whoever trusts the CA still does.
+  if [ -f "$ca_dir/ca.key" ] && command -v openssl >/dev/null 2>&1 &&
+    openssl x509 -in "$dir/server.crt" -noout -text 2>/dev/null | grep -q "TLS Web Server Authentication" &&
+    ! openssl x509 -in "$dir/server.crt" -noout -text 2>/dev/null | grep -q "TLS Web Client Authentication"; then
+    issue_server "$@"
+    echo "mosquitto/certs.sh: server certificate for $* made again for client authentication too (NATS routes), from the same CA, in $dir" >&2
+  fi
+  publish_ca
+  exit 0
+fi
+command -v openssl >/dev/null 2>&1 || die "openssl not found: install it (apt-get install openssl)"
+
 old_umask=$(umask)
 umask 077
 openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=IoT pipeline development CA" \
   -keyout "$ca_dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
-openssl req -newkey rsa:2048 -nodes -subj "/CN=$1" \
-  -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
-# Client authentication too: a NATS node presents it to the others on their routes.
-printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$san" > "$dir/server.ext"
-openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$ca_dir/ca.key" -CAcreateserial \
-  -days 825 -extfile "$dir/server.ext" -out "$dir/server.crt" 2>/dev/null
-rm -f "$dir/server.csr" "$dir/server.ext" "$dir/ca.srl"
 umask "$old_umask"
-chmod 644 "$dir/ca.crt" "$dir/server.crt"
+chmod 644 "$dir/ca.crt"
+issue_server "$@"
 echo "mosquitto/certs.sh: development certificates for $* in $dir" >&2
 publish_ca

@@ -937,8 +937,8 @@ async fn no_server_joins_the_cluster_without_the_routes_password() {
 
 /// The routes' password `scripts/nats-cluster` makes is made once for a folder (compose
 /// writes the configuration at every start while nodes may keep running: a new one
-/// would split the cluster), and one given that cannot go into a URL is refused with
-/// its name.
+/// would split the cluster), and one given that cannot go into a URL, or is shorter
+/// than 16 characters, is refused with its name.
 #[test]
 fn the_routes_password_is_made_once_and_one_given_is_checked() {
     let dir = tempfile::tempdir().expect("a folder");
@@ -973,15 +973,87 @@ fn the_routes_password_is_made_once_and_one_given_is_checked() {
     let (_, again) = config(None);
     assert_eq!(route_line(&again), route_line(&node), "made again");
 
-    let (given, node) = config(Some("given-one_2"));
+    let (given, node) = config(Some("given-one_2-abcdef"));
     assert!(given.status.success(), "{given:?}");
-    assert!(route_line(&node).contains("route:given-one_2@"), "{node}");
-    for bad in ["a@b", "a:b", "a/b", "a b"] {
+    assert!(
+        route_line(&node).contains("route:given-one_2-abcdef@"),
+        "{node}"
+    );
+    for bad in ["a@b", "a:b", "a/b", "a b", "short-one"] {
         let (refused, _) = config(Some(bad));
         assert_eq!(refused.status.code(), Some(2), "{bad}");
         let said = String::from_utf8_lossy(&refused.stderr);
         assert!(said.contains("NATS_ROUTE_PASSWORD"), "{bad}: {said}");
     }
+}
+
+/// The routes' TLS as `scripts/nats-cluster` checks it: a certificate for server
+/// authentication only (as `mosquitto/certs.sh` made them before) is refused, since
+/// the routes would stay plain text with their password; `mosquitto/certs.sh` makes it
+/// again from the same CA (whoever trusts the CA still does), and then it serves. One
+/// that does not name a route host is refused too (no cluster would form).
+#[test]
+fn a_certificate_that_cannot_serve_the_routes_is_refused_and_an_old_one_made_again() {
+    let dir = tempfile::tempdir().expect("a folder");
+    let certs = dir.path().join("certs");
+    let run = |program: &str, args: &[&str], env: &[(&str, &str)]| {
+        let output = std::process::Command::new(program)
+            .args(args)
+            .envs(env.iter().copied())
+            .env("NATS_PERSISTER_PASSWORD", "p")
+            .env("NATS_CERTS_DIR", &certs)
+            .current_dir(&certs)
+            .output()
+            .expect("it runs");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    tests::make_certificates(&certs);
+    let ca = std::fs::read(certs.join("ca.crt")).expect("the CA");
+    // A server certificate as certs.sh made them before: server authentication only.
+    let old = "openssl req -newkey rsa:2048 -nodes -subj /CN=old -keyout server.key -out server.csr 2>/dev/null \
+        && printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\n' > server.ext \
+        && openssl x509 -req -in server.csr -CA ca.crt -CAkey ../certs-ca-private/ca.key -CAcreateserial -days 2 -extfile server.ext -out server.crt 2>/dev/null \
+        && rm server.csr server.ext";
+    assert_eq!(run("sh", &["-c", old], &[]).0, Some(0));
+    let script = tests::repo_root().join("scripts/nats-cluster");
+    let script = script.to_str().expect("a path");
+    let config = dir.path().join("nats");
+    let config = config.to_str().expect("a path");
+    let (code, said) = run(script, &["config", config], &[]);
+    assert_eq!(code, Some(2), "{said}");
+    assert!(said.contains("server authentication only"), "{said}");
+
+    let certs_sh = tests::repo_root().join("mosquitto/certs.sh");
+    let (code, said) = run(
+        certs_sh.to_str().expect("a path"),
+        &[certs.to_str().expect("a path")],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.contains("made again for client authentication too"),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::read(certs.join("ca.crt")).expect("the CA"),
+        ca,
+        "a new CA"
+    );
+    let (code, said) = run(script, &["config", config], &[]);
+    assert_eq!(code, Some(0), "{said}");
+    let node = std::fs::read_to_string(dir.path().join("nats/node-1.conf")).expect("written");
+    assert!(node.contains("ca_file:"), "no TLS on the routes:\n{node}");
+
+    let elsewhere = [("NATS_ROUTE_HOSTS", "127.0.0.2 127.0.0.2 127.0.0.2")];
+    let (code, said) = run(script, &["config", config], &elsewhere);
+    assert_eq!(code, Some(2), "{said}");
+    assert!(
+        said.contains("does not name the route host 127.0.0.2"),
+        "{said}"
+    );
 }
 
 /// A server trying to become node 0's route with `credentials` says `refused` twice (it
