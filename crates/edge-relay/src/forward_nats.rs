@@ -3,8 +3,9 @@
 //! with its topic, QoS and retain flag as headers, and counts as forwarded once the
 //! stream acknowledged it (stored on a majority of its replicas).
 //!
-//! Each message carries `Nats-Msg-Id` = site, the log's own id and the message's
-//! number ([`iot_core::nats::message_id`]): whatever is sent again (after a failed
+//! Each message carries `Nats-Msg-Id` = site, the run that wrote it
+//! ([`crate::log::Log::run_of`]) and its number ([`iot_core::nats::message_id`]):
+//! whatever is sent again (after a failed
 //! acknowledgement, a reconnect to another node, or a relay killed before its
 //! forwarded mark reached the disk) is refused by the stream as a duplicate within its
 //! duplicate window, and acknowledged as stored. So there is no refill: a JetStream
@@ -393,7 +394,11 @@ impl NatsForwarder {
         PublishMessage::build()
             .payload(entry.payload)
             .headers(headers)
-            .message_id(nats::message_id(&self.site, self.log.id(), number))
+            .message_id(nats::message_id(
+                &self.site,
+                self.log.run_of(number),
+                number,
+            ))
     }
 
     /// The stream's answer to the oldest publish in flight.

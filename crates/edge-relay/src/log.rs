@@ -76,6 +76,9 @@ const FORWARDED: &[u8] = b"forwarded";
 const FIRST: &[u8] = b"first";
 /// In `meta`: the log's own id, made with it.
 const ID: &[u8] = b"id";
+/// In `meta`, before the first message number of a run (8 bytes, big-endian): the run's
+/// own id, made at random when the relay started ([`Log::run_of`]).
+const RUN: &[u8] = b"run/";
 /// In `meta` once every kept message has its entry in `ages`.
 const AGES: &[u8] = b"ages";
 /// In `meta`, before a packet id (2 bytes, big-endian): the edge session (8 bytes) and
@@ -417,6 +420,8 @@ pub struct Log {
     store: Arc<PathBuf>,
     /// This log's own id, made when it was ([`Log::id`]).
     id: Arc<str>,
+    /// Each run's first message number and id, in order ([`Log::run_of`]).
+    runs: Arc<Vec<(u64, Arc<str>)>>,
     /// The edge broker's session the packet ids written are of.
     edge_session: Arc<AtomicU64>,
 }
@@ -479,6 +484,7 @@ impl Log {
             Err(error) => Self::open_damaged(&store, &aside, &error, &mut opened)?,
         };
         let log = log.without_unreadable(&store, &aside, &mut opened)?;
+        let log = log.begin_run()?;
         if opened.lost > 0 {
             metrics::counter!("iot_relay_set_aside_total").increment(opened.lost);
         }
@@ -668,8 +674,9 @@ impl Log {
         batch.insert(&fresh.meta, FIRST, self.first().to_be_bytes());
         // The same messages under the same numbers: the same log, as the cloud knows it.
         batch.insert(&fresh.meta, ID, self.id().as_bytes());
-        // The edge packet ids as known, whole or not (a fresh store says whole).
-        for guard in self.meta.prefix(EDGE_PKID) {
+        // The runs, and the edge packet ids as known, whole or not (a fresh store says
+        // whole).
+        for guard in self.meta.prefix(RUN).chain(self.meta.prefix(EDGE_PKID)) {
             if let Ok((key, value)) = guard.into_inner() {
                 batch.insert(&fresh.meta, key, value);
             }
@@ -793,6 +800,7 @@ impl Log {
             unreadable: Arc::default(),
             store: Arc::new(store.to_path_buf()),
             id: Arc::from(""),
+            runs: Arc::default(),
             edge_session: Arc::default(),
         };
         let (id, made) = log.load_id()?;
@@ -1134,6 +1142,47 @@ impl Log {
     /// message beyond this log's life (a log moved aside starts its numbers again).
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Starts this run of the relay: an id made at random for the messages it writes
+    /// from the next number on, synced before any is. A message's run and number name
+    /// it for the cloud ([`Log::run_of`]) however the log's numbers go back: a log
+    /// restored from a copy, a virtual machine cloned with its log, a torn end cut off
+    /// all give numbers again, each time under a new run.
+    fn begin_run(self) -> anyhow::Result<Self> {
+        let next = self.next();
+        let id = format!("{:016x}", rand::random::<u64>());
+        let mut key = RUN.to_vec();
+        key.extend_from_slice(&next.to_be_bytes());
+        let mut write = self.db.batch().durability(Some(PersistMode::SyncData));
+        write.insert(&self.meta, key, id.as_bytes());
+        write.commit().context("cannot write to the log")?;
+        let mut runs = Vec::new();
+        for guard in self.meta.prefix(RUN) {
+            let (key, value) = guard.into_inner().context("cannot read the log's runs")?;
+            let (Some(from), Ok(id)) = (
+                number_of(&key[RUN.len()..]),
+                String::from_utf8(value.to_vec()),
+            ) else {
+                continue;
+            };
+            runs.push((from, Arc::from(id)));
+        }
+        Ok(Self {
+            runs: Arc::new(runs),
+            ..self
+        })
+    }
+
+    /// The id of the run that wrote message `number`: with the number, what names the
+    /// message in the cloud (its `Nats-Msg-Id`). A message of a relay before runs gets
+    /// the log's id, as it had then.
+    pub fn run_of(&self, number: u64) -> &str {
+        let at = self.runs.partition_point(|(from, _)| *from <= number);
+        match at.checked_sub(1).and_then(|at| self.runs.get(at)) {
+            Some((_, id)) => id,
+            None => &self.id,
+        }
     }
 
     /// The next sequence number to be given: every message below it is on disk.

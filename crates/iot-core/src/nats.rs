@@ -4,7 +4,7 @@
 //! One stream ([`STREAM`]) holds every site's messages under `iot.telemetry.<site>`;
 //! each message keeps its MQTT topic, QoS and retain flag as headers ([`TOPIC_HEADER`],
 //! [`QOS_HEADER`], [`RETAIN_HEADER`]) and carries a `Nats-Msg-Id` made of the site, the
-//! relay log's own id and the message's number there ([`message_id`]), so the stream
+//! run of the relay that wrote it and its number in the log ([`message_id`]), so the stream
 //! refuses a copy sent again within its duplicate window. The stream is set up in one
 //! place ([`ensure_stream`]), by the persister, the cloud side's own service: a relay at
 //! an edge site may publish into it and read its settings, never change them.
@@ -113,11 +113,12 @@ pub fn site_token_error(site: &str) -> Option<String> {
         .map(|c| format!("{c:?} cannot be in a NATS subject token"))
 }
 
-/// The `Nats-Msg-Id` of message `number` of the relay log `log_id` at `site`: the
-/// log's id is made when the log is, so a log moved aside and started afresh (its
-/// numbers from 1 again) never repeats an id the stream may still remember.
-pub fn message_id(site: &str, log_id: &str, number: u64) -> String {
-    format!("{site}:{log_id}:{number}")
+/// The `Nats-Msg-Id` of message `number` of a relay log at `site`, written in the
+/// relay's run `run` (an id made at random at each start: numbers given again, by a
+/// log moved aside, restored from a copy or cut short, come under another run, so they
+/// never repeat an id the stream or the database may still remember).
+pub fn message_id(site: &str, run: &str, number: u64) -> String {
+    format!("{site}:{run}:{number}")
 }
 
 /// A topic as a header value: `%`, control characters and blanks percent-encoded (a

@@ -4,9 +4,9 @@
 //! acknowledged only after the write that holds it.
 //!
 //! A reading without `(device, boot, seq)` gets a key from its message (`n` counts the
-//! message's documents): `_id: {site, msg, n}` from the relay's `Nats-Msg-Id` (its log
-//! and the message's place there) and the site its subject names, else `{stream, seq,
-//! n}` from the stream sequence. A message delivered again (a replica that died before
+//! message's documents): `_id: {site, msg, n}` from the relay's `Nats-Msg-Id` (its run
+//! and the message's place in its log; one-way, [`message_key`]) and the site its
+//! subject names, else `{stream, seq, n}` from the stream sequence. A message delivered again (a replica that died before
 //! acknowledging, an acknowledgement lost with a node), or held twice by the stream, is
 //! then refused by the database like a keyed reading's copy, so it too is stored once.
 //! The relay's id rather than the stream's sequence because the message is the relay's:
@@ -547,15 +547,34 @@ impl Reader {
 /// The key of a message's unkeyed documents (without `n`): the site its subject names
 /// and the relay's message id, `{site, msg}`, when it came from a relay; else its place
 /// in the stream, `{stream, seq}`. The site comes from the subject, which the site's
-/// account alone may publish on, so one site cannot take another's keys.
+/// account alone may publish on, so one site cannot take another's keys. The id is
+/// kept one-way ([`id_digest`]): the stream refuses a copy of an id whatever the
+/// subject, so another site's account that read a relay's run id in the database
+/// could publish that relay's next ids first and have its messages refused.
 pub fn message_key(site: Option<&str>, msg_id: Option<&str>, sequence: u64) -> bson::Document {
     match (site, msg_id) {
-        (Some(site), Some(msg)) if !msg.is_empty() => doc! { "site": site, "msg": msg },
+        (Some(site), Some(msg)) if !msg.is_empty() => {
+            doc! { "site": site, "msg": id_digest(msg) }
+        }
         _ => {
             let seq = i64::try_from(sequence).unwrap_or(i64::MAX);
             doc! { "stream": nats::STREAM, "seq": seq }
         }
     }
+}
+
+/// The first 128 bits of `msg_id`'s SHA-256, in hex.
+pub fn id_digest(msg_id: &str) -> String {
+    use sha2::Digest as _;
+    use std::fmt::Write as _;
+    let digest = sha2::Sha256::digest(msg_id.as_bytes());
+    digest
+        .iter()
+        .take(16)
+        .fold(String::with_capacity(32), |mut hex, byte| {
+            let _ = write!(hex, "{byte:02x}");
+            hex
+        })
 }
 
 /// Gives every document without a key of its own (readings without `(device, boot,
@@ -616,14 +635,18 @@ mod tests {
 
     #[test]
     fn a_relays_message_is_keyed_by_its_site_and_id_else_by_its_place_in_the_stream() {
+        // The id one-way: SHA-256's first 128 bits.
+        let digest = id_digest("plant-1:ab12:7");
+        assert_eq!(digest.len(), 32);
+        assert_eq!(id_digest("abc"), "ba7816bf8f01cfea414140de5dae2223");
         assert_eq!(
             message_key(Some("plant-1"), Some("plant-1:ab12:7"), 42),
-            doc! { "site": "plant-1", "msg": "plant-1:ab12:7" }
+            doc! { "site": "plant-1", "msg": &digest }
         );
         // Another site's id on this site's subject stays this site's key.
         assert_eq!(
             message_key(Some("plant-2"), Some("plant-1:ab12:7"), 42),
-            doc! { "site": "plant-2", "msg": "plant-1:ab12:7" }
+            doc! { "site": "plant-2", "msg": &digest }
         );
         let by_place = doc! { "stream": nats::STREAM, "seq": 42_i64 };
         assert_eq!(message_key(None, Some("plant-1:ab12:7"), 42), by_place);

@@ -123,6 +123,77 @@ fn a_log_keeps_its_id_and_a_new_log_gets_another() {
 }
 
 #[test]
+fn each_run_names_what_it_wrote_and_a_restored_copy_writes_under_a_new_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let copy = tempfile::tempdir().expect("temp dir");
+    let first = {
+        let (log, _) = Log::open(dir.path()).expect("open");
+        log.append(&[reading("t-1", 1), reading("t-1", 2)])
+            .expect("append");
+        log.sync().expect("sync");
+        assert_eq!(log.run_of(1), log.run_of(2));
+        assert_eq!(log.run_of(1).len(), 16);
+        assert_ne!(log.run_of(1), log.id());
+        log.run_of(1).to_string()
+    };
+    // A copy of the log as it is now, as a backup would take it.
+    let status = std::process::Command::new("cp")
+        .args(["-a", &dir.path().join("store").display().to_string()])
+        .arg(copy.path().join("store"))
+        .status()
+        .expect("cp");
+    assert!(status.success());
+    let second = {
+        let (log, _) = Log::open(dir.path()).expect("reopen");
+        // What the first run wrote keeps its run; what this one writes gets its own.
+        assert_eq!(log.run_of(2), first);
+        log.append(&[reading("t-1", 3)]).expect("append");
+        log.sync().expect("sync");
+        assert_ne!(log.run_of(3), first);
+        log.run_of(3).to_string()
+    };
+    let (log, _) = Log::open(dir.path()).expect("reopen");
+    assert_eq!(
+        (log.run_of(1), log.run_of(3)),
+        (first.as_str(), second.as_str())
+    );
+    drop(log);
+    // The copy restored: number 3 is given again, under another run than the one the
+    // cloud already has it from.
+    let (restored, _) = Log::open(copy.path()).expect("the copy");
+    assert_eq!(restored.next(), 3);
+    assert_eq!(restored.run_of(2), first);
+    restored.append(&[reading("t-1", 4)]).expect("append");
+    assert_ne!(restored.run_of(3), second);
+    assert_ne!(restored.run_of(3), first);
+}
+
+#[test]
+fn messages_of_a_relay_before_runs_keep_the_logs_id() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let id = {
+        let (log, _) = Log::open(dir.path()).expect("open");
+        log.append(&[reading("t-1", 1), reading("t-1", 2)])
+            .expect("append");
+        // As an older relay left it: no runs.
+        let runs: Vec<_> = log
+            .meta
+            .prefix(RUN)
+            .map(|guard| guard.into_inner().expect("a run").0)
+            .collect();
+        for key in runs {
+            log.meta.remove(key).expect("remove");
+        }
+        log.sync().expect("sync");
+        log.id().to_string()
+    };
+    let (log, _) = Log::open(dir.path()).expect("reopen");
+    assert_eq!(log.run_of(1), id);
+    assert_eq!(log.run_of(2), id);
+    assert_ne!(log.run_of(3), id);
+}
+
+#[test]
 fn the_index_finds_a_range_and_never_a_forgery() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (log, _) = Log::open(dir.path()).expect("open");
