@@ -221,6 +221,7 @@ async fn run_nats(
         subject = iot_core::nats::site_subject(&config.site),
         log = %config.log_dir.display(),
         log_id = log.id(),
+        run = log.run_of(log.next()),
         max_disk = config.max_disk,
         retention = ?config.retention,
         requests = iot_core::nats::site_requests(&config.site),
