@@ -109,6 +109,37 @@ async fn values_stored(db: &mongodb::Database, topic: &str, count: u32) -> (usiz
     (values.len(), documents.len())
 }
 
+/// What most tests here start from, each part ready: an edge broker, a database, three
+/// nodes with plant-1's account, a persister with `persister_args`, plant-1's relay.
+struct Pipeline {
+    brokers: Brokers,
+    mongo: tests::MongoServer,
+    cluster: NatsCluster,
+    persister: Service,
+    relay: Service,
+    log_dir: std::path::PathBuf,
+}
+
+async fn spawn_pipeline(persister_args: &[&str]) -> Pipeline {
+    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
+    let cluster = NatsCluster::spawn(&["plant-1"]).await;
+    let persister = cluster
+        .persister_ready(&brokers, &mongo, persister_args)
+        .await;
+    let log_dir = brokers.dir().join("relay-log");
+    let relay = cluster
+        .relay_ready(&brokers, "plant-1", &log_dir, &[])
+        .await;
+    Pipeline {
+        brokers,
+        mongo,
+        cluster,
+        persister,
+        relay,
+        log_dir,
+    }
+}
+
 /// Waits until every keyed reading 1..=`keyed` of `device` and every plain value
 /// 1..=`plain` is stored, then asserts each was stored once.
 async fn assert_all_stored_once(db: &mongodb::Database, device: &str, keyed: i64, plain: u32) {
@@ -132,15 +163,14 @@ async fn assert_all_stored_once(db: &mongodb::Database, device: &str, keyed: i64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_reading_is_stored_once_through_the_loss_of_the_streams_leader() {
-    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
-    let mut cluster = NatsCluster::spawn(&["plant-1"]).await;
-    let mut persister = cluster
-        .persister_ready(&brokers, &mongo, &["--no-repair"])
-        .await;
-    let log_dir = brokers.dir().join("relay-log");
-    let mut relay = cluster
-        .relay_ready(&brokers, "plant-1", &log_dir, &[])
-        .await;
+    let Pipeline {
+        brokers,
+        mongo,
+        mut cluster,
+        mut persister,
+        mut relay,
+        ..
+    } = spawn_pipeline(&["--no-repair"]).await;
     let db = mongo.database().await;
 
     let mut sensor = start_paced_sensor(&brokers, "nats-1", &KEYED.to_string());
@@ -217,15 +247,14 @@ async fn each_node_killed_in_turn_loses_nothing_and_stores_nothing_twice() {
     // Long enough (a minute at least) for three kills and restarts on a loaded machine.
     const EACH_KEYED: i64 = 24_000;
     const EACH_PLAIN: u32 = 10_000;
-    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
-    let mut cluster = NatsCluster::spawn(&["plant-1"]).await;
-    let mut persister = cluster
-        .persister_ready(&brokers, &mongo, &["--no-repair"])
-        .await;
-    let log_dir = brokers.dir().join("relay-log");
-    let mut relay = cluster
-        .relay_ready(&brokers, "plant-1", &log_dir, &[])
-        .await;
+    let Pipeline {
+        brokers,
+        mongo,
+        mut cluster,
+        mut persister,
+        mut relay,
+        ..
+    } = spawn_pipeline(&["--no-repair"]).await;
     let db = mongo.database().await;
 
     let mut sensor = start_sensor_every(&brokers, "turns-1", &EACH_KEYED.to_string(), "0.002");
@@ -261,15 +290,14 @@ async fn each_node_killed_in_turn_loses_nothing_and_stores_nothing_twice() {
 /// for a flush to the cluster that was gone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_and_the_persister_stop_with_the_whole_cluster_down() {
-    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
-    let mut cluster = NatsCluster::spawn(&["plant-1"]).await;
-    let mut persister = cluster
-        .persister_ready(&brokers, &mongo, &["--no-repair"])
-        .await;
-    let log_dir = brokers.dir().join("relay-log");
-    let mut relay = cluster
-        .relay_ready(&brokers, "plant-1", &log_dir, &[])
-        .await;
+    let Pipeline {
+        brokers,
+        mongo,
+        mut cluster,
+        mut persister,
+        mut relay,
+        ..
+    } = spawn_pipeline(&["--no-repair"]).await;
     let db = mongo.database().await;
     start_sensor_every(&brokers, "gone-1", "200", "0.002")
         .expect_success()
@@ -375,15 +403,16 @@ async fn each_nats_user_may_do_only_its_own_job() {
 /// id for plain values): every reading stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_and_a_persister_killed_mid_stream_store_nothing_twice() {
-    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
-    let cluster = NatsCluster::spawn(&["plant-1"]).await;
     // What the killed persister held comes back within 5 s, not the default minute.
     let args = ["--no-repair", "--nats-ack-wait", "5s"];
-    let mut persister = cluster.persister_ready(&brokers, &mongo, &args).await;
-    let log_dir = brokers.dir().join("relay-log");
-    let mut relay = cluster
-        .relay_ready(&brokers, "plant-1", &log_dir, &[])
-        .await;
+    let Pipeline {
+        brokers,
+        mongo,
+        cluster,
+        mut persister,
+        mut relay,
+        log_dir,
+    } = spawn_pipeline(&args).await;
     let db = mongo.database().await;
 
     let mut sensor = start_paced_sensor(&brokers, "nats-2", &KEYED.to_string());
@@ -427,6 +456,17 @@ async fn a_relay_and_a_persister_killed_mid_stream_store_nothing_twice() {
     }
 }
 
+/// A persister's flags for a stream of 200 KB that it fills: the persister stopped
+/// first may leave pull requests the stream answers after it left, and those messages
+/// come back after the ack wait, 5 s here.
+const SMALL_STREAM: [&str; 5] = [
+    "--no-repair",
+    "--nats-max-bytes",
+    "200K",
+    "--nats-ack-wait",
+    "5s",
+];
+
 /// A stream full of what no persister took yet takes no more: the relay keeps the rest
 /// in its log until the stream has room; the persister back, every reading is stored
 /// once. nats-server 2.10.5 and later refuse past the stream's `max_bytes`. Before
@@ -442,15 +482,7 @@ async fn a_full_stream_holds_the_relay_back_and_loses_nothing() {
     let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
     let cluster = NatsCluster::spawn(&["plant-1"]).await;
     let version = cluster.server_version().await;
-    // The persister stopped first may leave pull requests the stream answers after it
-    // left: those messages come back after the ack wait, 5 s here.
-    let args = [
-        "--no-repair",
-        "--nats-max-bytes",
-        "200K",
-        "--nats-ack-wait",
-        "5s",
-    ];
+    let args = SMALL_STREAM;
     let mut persister = cluster.persister_ready(&brokers, &mongo, &args).await;
     persister.stop_cleanly().await;
     let log_dir = brokers.dir().join("relay-log");
@@ -524,13 +556,7 @@ async fn two_sites_flooding_a_full_stream_lose_nothing() {
     let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
     let second_edge = brokers.spawn_relay_site("plant-2").await;
     let cluster = NatsCluster::spawn(&["plant-1", "plant-2"]).await;
-    let args = [
-        "--no-repair",
-        "--nats-max-bytes",
-        "200K",
-        "--nats-ack-wait",
-        "5s",
-    ];
+    let args = SMALL_STREAM;
     let mut persister = cluster.persister_ready(&brokers, &mongo, &args).await;
     persister.stop_cleanly().await;
     let mut relays = Vec::new();
@@ -657,14 +683,14 @@ async fn a_relay_log_restored_from_a_copy_loses_nothing_it_takes_after() {
 /// after it. Before, the relay held it, and everything behind it, for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_nearly_as_large_as_the_stream_goes_through() {
-    let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
-    let cluster = NatsCluster::spawn(&["plant-1"]).await;
     let args = ["--no-repair", "--nats-max-bytes", "200K"];
-    let mut persister = cluster.persister_ready(&brokers, &mongo, &args).await;
-    let log_dir = brokers.dir().join("relay-log");
-    let mut relay = cluster
-        .relay_ready(&brokers, "plant-1", &log_dir, &[])
-        .await;
+    let Pipeline {
+        brokers,
+        mongo,
+        mut persister,
+        mut relay,
+        ..
+    } = spawn_pipeline(&args).await;
     let mut device = TestClient::connect(brokers.local.port, "temperature-sensor").await;
     let large = format!("{{\"pad\": \"{}\"}}", "x".repeat(190_000));
     device
