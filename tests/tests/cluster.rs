@@ -684,9 +684,11 @@ async fn a_relay_log_restored_from_a_copy_loses_nothing_it_takes_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_nearly_as_large_as_the_stream_goes_through() {
     let args = ["--no-repair", "--nats-max-bytes", "200K"];
+    // The cluster kept to the end (a field left out would drop it now).
     let Pipeline {
         brokers,
         mongo,
+        cluster: _cluster,
         mut persister,
         mut relay,
         ..
