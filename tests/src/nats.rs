@@ -275,6 +275,25 @@ impl NatsCluster {
             .collect()
     }
 
+    /// The node a client named `name` is connected to now, by each running node's
+    /// `/connz`.
+    pub async fn node_of(&self, name: &str) -> Option<usize> {
+        for (node, port) in self.monitors.iter().enumerate() {
+            let Some(value) = monitor_json(*port, "/connz?limit=4096").await else {
+                continue;
+            };
+            let named = value["connections"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|connection| connection["name"].as_str() == Some(name));
+            if named {
+                return Some(node);
+            }
+        }
+        None
+    }
+
     /// The number of routes node `node` has now (its `/routez`), if it answers.
     pub async fn routes_of(&self, node: usize) -> Option<usize> {
         let value = monitor_json(self.monitors[node], "/routez").await?;

@@ -234,11 +234,11 @@ impl NatsSettings {
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Connected => {
-                        metrics::gauge!("iot_nats_connected").set(1.0);
+                        metrics::gauge!(CONNECTED_METRIC).set(1.0);
                         tracing::info!("connected to NATS");
                     }
                     async_nats::Event::Disconnected => {
-                        metrics::gauge!("iot_nats_connected").set(0.0);
+                        metrics::gauge!(CONNECTED_METRIC).set(0.0);
                         tracing::warn!("disconnected from NATS; reconnecting");
                     }
                     other => tracing::warn!("NATS: {other}"),
@@ -262,6 +262,9 @@ impl NatsSettings {
             .with_context(|| format!("cannot set up the NATS connection to {}", self.address()))
     }
 }
+
+/// The gauge that is 1 while a service is connected to a node of the cluster.
+pub const CONNECTED_METRIC: &str = "iot_nats_connected";
 
 /// Failures in a row, on a connection that stands, after which a client tries another
 /// node ([`try_another_node`]).

@@ -90,6 +90,12 @@ async fn check_alone(
     }
 }
 
+/// The persister's NATS connection name, as the nodes' `/connz` shows it: its client id
+/// and process id (`mongo-persister (pid 4711)`), one per replica.
+fn connection_name(config: &Config) -> String {
+    format!("{} (pid {})", config.client_id(), std::process::id())
+}
+
 /// Reads the shared consumer until `shutdown`, then writes what it holds and
 /// acknowledges it.
 pub async fn run(
@@ -102,7 +108,13 @@ pub async fn run(
     let mapping = config
         .mapping()
         .map_err(|error| anyhow::anyhow!("cannot load the ingest mapping: {error}"))?;
-    serve_ops(config, &shutdown, "the NATS consumer is not set up yet").await?;
+    serve_ops(
+        config,
+        &shutdown,
+        "the NATS consumer is not set up yet",
+        METRICS,
+    )
+    .await?;
     tracing::info!(
         cloud = %settings.address(), stream = nats::STREAM, consumer = nats::CONSUMER,
         mongodb = %config.mongo.redacted_uri(), database = config.mongo.database,
@@ -113,7 +125,8 @@ pub async fn run(
     let stats = Arc::new(Stats::default());
     let mut task = spawn_writer::<NatsAck>(config, &db, &stats);
     let (seen, requests, stop_repairing) = spawn_repairer(config, &db, &config.client_id());
-    let client = settings.connect(nats::CONSUMER).await?;
+    // Named so that the nodes' monitoring (`/connz`) tells the replicas apart.
+    let client = settings.connect(&connection_name(config)).await?;
     let js = jetstream::new(client.clone());
     let sparkplug = mapping.reads_sparkplug().then(|| {
         Sparkplug::new(
@@ -153,9 +166,15 @@ pub async fn run(
     }
     ready.mark()?;
     ops::health().set(SUBSCRIBED_CHECK, Ok(()));
+    let watching = tokio::spawn(watch_stream_and_consumer(
+        js.clone(),
+        consumer.clone(),
+        shutdown.clone(),
+    ));
     let outcome = reader
         .serve(&consumer, &mut task, requests, config, &shutdown)
         .await;
+    watching.abort();
     stop_repairing.cancel();
     ready.clear();
     let finished = finish(task, &stats).await;
@@ -209,6 +228,80 @@ async fn set_up(
         },
     )
     .await
+}
+
+/// The stream's and the shared consumer's state, as every replica reads it (the
+/// figures are the cluster's, not this replica's alone).
+pub const METRICS: &[ops::Metric] = &[
+    ops::Metric::gauge(
+        nats::CONNECTED_METRIC,
+        "1 while connected to a node of the NATS cluster, else 0",
+    ),
+    ops::Metric::gauge(
+        "iot_persister_nats_stream_bytes",
+        "Bytes the NATS stream holds",
+    ),
+    ops::Metric::gauge(
+        "iot_persister_nats_stream_max_bytes",
+        "The NATS stream's byte limit (--nats-max-bytes); -1 for none",
+    ),
+    ops::Metric::gauge(
+        "iot_persister_nats_stream_messages",
+        "Messages the NATS stream holds",
+    ),
+    ops::Metric::gauge(
+        "iot_persister_nats_consumer_pending",
+        "Messages in the NATS stream the persisters' consumer has not handed out yet: the lag",
+    ),
+    ops::Metric::gauge(
+        "iot_persister_nats_consumer_ack_pending",
+        "Messages handed out to the persisters and not acknowledged yet (at most --nats-max-ack-pending)",
+    ),
+    ops::Metric::gauge(
+        "iot_persister_nats_consumer_redelivered",
+        "Messages handed out more than once and not acknowledged yet",
+    ),
+    ops::Metric::counter(
+        "iot_persister_nats_redeliveries_total",
+        "Messages this persister received that had been handed out before (to a replica that died, or a write that failed)",
+    ),
+];
+
+/// How often [`watch_stream_and_consumer`] reads the stream's and the consumer's state.
+const WATCH_EVERY: Duration = Duration::from_secs(5);
+
+/// Sets the gauges of [`METRICS`] from the consumer's and the stream's info, every
+/// [`WATCH_EVERY`] until `shutdown`; a read that fails (no leader for a moment) keeps
+/// the last figures.
+async fn watch_stream_and_consumer(
+    js: jetstream::Context,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    shutdown: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(WATCH_EVERY);
+    while shutdown.run_until_cancelled(ticks.tick()).await.is_some() {
+        match consumer.get_info().await {
+            Ok(info) => {
+                metrics::gauge!("iot_persister_nats_consumer_pending").set(info.num_pending as f64);
+                metrics::gauge!("iot_persister_nats_consumer_ack_pending")
+                    .set(info.num_ack_pending as f64);
+                metrics::gauge!("iot_persister_nats_consumer_redelivered")
+                    .set(info.num_redelivered as f64);
+            }
+            Err(error) => tracing::debug!("cannot read the NATS consumer's state: {error}"),
+        }
+        match js.get_stream(nats::STREAM).await {
+            Ok(stream) => {
+                let info = stream.cached_info();
+                metrics::gauge!("iot_persister_nats_stream_bytes").set(info.state.bytes as f64);
+                metrics::gauge!("iot_persister_nats_stream_messages")
+                    .set(info.state.messages as f64);
+                metrics::gauge!("iot_persister_nats_stream_max_bytes")
+                    .set(info.config.max_bytes as f64);
+            }
+            Err(error) => tracing::debug!("cannot read the NATS stream's state: {error}"),
+        }
+    }
 }
 
 /// Writes what is handed over, acknowledges it, and says what was done.
@@ -470,7 +563,12 @@ impl Reader {
     /// now).
     async fn read(&mut self, message: jetstream::Message) -> Option<Pending<NatsAck>> {
         let sequence = match message.info() {
-            Ok(info) => info.stream_sequence,
+            Ok(info) => {
+                if info.delivered > 1 {
+                    metrics::counter!("iot_persister_nats_redeliveries_total").increment(1);
+                }
+                info.stream_sequence
+            }
             Err(error) => {
                 tracing::warn!("a NATS message without its stream sequence, ignored: {error}");
                 return None;

@@ -94,7 +94,7 @@ impl Persister {
             sparkplug.set_will(&mut options);
         }
         log_start(config, &broker, &client_id, &filters);
-        serve_ops(config, shutdown, "not subscribed yet").await?;
+        serve_ops(config, shutdown, "not subscribed yet", &[]).await?;
 
         let stats = Arc::new(Stats::default());
         let WriterTask {
@@ -403,11 +403,13 @@ impl Persister {
 }
 
 /// Health checks not passed yet (`subscribed` says why the subscription is not) and
-/// the metrics and health endpoints, on MQTT and on NATS alike.
+/// the metrics and health endpoints, on MQTT and on NATS alike (`cloud_metrics`: the
+/// cloud tier's own).
 pub(crate) async fn serve_ops(
     config: &Config,
     shutdown: &CancellationToken,
     subscribed: &str,
+    cloud_metrics: &[ops::Metric],
 ) -> anyhow::Result<()> {
     ops::health().set(SUBSCRIBED_CHECK, Err(subscribed.into()));
     ops::health().set(
@@ -420,7 +422,7 @@ pub(crate) async fn serve_ops(
     ops::serve(
         config.metrics_address.as_deref(),
         shutdown.clone(),
-        &[writer::METRICS, sparkplug::METRICS].concat(),
+        &[writer::METRICS, sparkplug::METRICS, cloud_metrics].concat(),
     )
     .await
 }
