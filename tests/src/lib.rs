@@ -75,6 +75,30 @@ pub fn free_port() -> u16 {
         .expect("no free port on 127.0.0.1")
 }
 
+/// A free port on 127.0.0.1 below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), for a server that is killed and started again on
+/// the same port: a port another test binds to 0 ([`free_port`]), or a connection's own
+/// end, is never taken from there, so it is still free when the server comes back.
+pub fn free_port_to_keep() -> u16 {
+    use std::hash::BuildHasher;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (10_000_u16, ephemeral);
+    if to <= from + 1000 {
+        return free_port();
+    }
+    for _ in 0..1000 {
+        let random = std::collections::hash_map::RandomState::new().hash_one(0_u8);
+        let port = from + u16::try_from(random % u64::from(to - from)).expect("a port");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    free_port()
+}
+
 /// Copies the working tree's files (tracked, and new ones not ignored) to `to`, as a
 /// fresh clone of this state would have them.
 pub fn copy_checkout(to: &std::path::Path) {

@@ -113,9 +113,11 @@ impl NatsCluster {
             .prefix("iot-nats-")
             .tempdir()
             .expect("a temporary folder");
-        let ports = [free_port(), free_port(), free_port()];
-        let routes = [free_port(), free_port(), free_port()];
-        let monitors = [free_port(), free_port(), free_port()];
+        // Nodes are killed and started again on their ports, perhaps minutes later.
+        let keep = crate::free_port_to_keep;
+        let ports = [keep(), keep(), keep()];
+        let routes = [keep(), keep(), keep()];
+        let monitors = [keep(), keep(), keep()];
         let list = |ports: &[u16; 3]| {
             ports
                 .iter()
@@ -275,9 +277,10 @@ impl NatsCluster {
             .collect()
     }
 
-    /// The node a client named `name` is connected to now, by each running node's
-    /// `/connz`.
-    pub async fn node_of(&self, name: &str) -> Option<usize> {
+    /// The node the process `pid` is connected to now (a connection named
+    /// `… pid <pid>`, as mongo-persister names its own), by each running node's `/connz`.
+    pub async fn node_of(&self, pid: u32) -> Option<usize> {
+        let name = format!(" pid {pid}");
         for (node, port) in self.monitors.iter().enumerate() {
             let Some(value) = monitor_json(*port, "/connz?limit=4096").await else {
                 continue;
@@ -286,7 +289,11 @@ impl NatsCluster {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .any(|connection| connection["name"].as_str() == Some(name));
+                .any(|connection| {
+                    connection["name"]
+                        .as_str()
+                        .is_some_and(|named| named.ends_with(&name))
+                });
             if named {
                 return Some(node);
             }

@@ -241,12 +241,12 @@ async fn every_reading_is_stored_once_through_the_loss_of_the_streams_leader() {
 
 /// The other readings without `(device, boot, seq)`: a preset's JSON (Tasmota's SENSOR)
 /// and Sparkplug B metrics (one by alias in each NDATA, after the node's birth), streamed
-/// while the stream's leader is SIGKILLed: each stored once, keyed by the relay's
-/// message id as plain values are.
+/// while the stream's leader is SIGKILLed: each stored once, the JSON keyed by the
+/// relay's message id as plain values are, a metric by its node, name and timestamp.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_presets_json_and_sparkplug_metrics_are_stored_once_through_the_loss_of_the_leader() {
     use tests::sparkplug::{bd_seq, by_alias, encode, tag};
-    const EACH: u32 = 3000;
+    const EACH: u32 = 5000;
     const TASMOTA: &str = "tele/tasmota-1/SENSOR";
     const NDATA: &str = "spBv1.0/cell/NDATA/line-9";
     let (brokers, mongo) = (spawn_relay_brokers().await, spawn_mongo().await);
@@ -311,10 +311,6 @@ async fn a_presets_json_and_sparkplug_metrics_are_stored_once_through_the_loss_o
         *json >= 500 && *metrics >= 500
     })
     .await;
-    assert!(
-        !node.is_finished() && !device.is_finished(),
-        "the streams ended before the kill"
-    );
     let js = cluster.admin().await;
     let leader = wait_for(
         "the stream's leader",
@@ -323,6 +319,10 @@ async fn a_presets_json_and_sparkplug_metrics_are_stored_once_through_the_loss_o
     )
     .await
     .expect("a leader");
+    assert!(
+        !node.is_finished() && !device.is_finished(),
+        "the streams ended before the kill"
+    );
     cluster.kill(leader).await;
     eprintln!(
         "SIGKILLed node-{} (the stream's leader) at {at:?} stored",
@@ -339,6 +339,22 @@ async fn a_presets_json_and_sparkplug_metrics_are_stored_once_through_the_loss_o
     for topic in [TASMOTA, NDATA] {
         let (distinct, stored) = values_stored(&db, topic, EACH).await;
         assert_eq!(stored, distinct, "{topic}: values stored twice");
+        // Keyed by the relay's message id, which a copy keeps.
+        let one = db
+            .collection::<Document>("readings")
+            .find_one(doc! { "topic": topic })
+            .await
+            .expect("find")
+            .expect("a reading");
+        let id = one.get_document("_id").expect("a compound _id");
+        if topic == TASMOTA {
+            assert_eq!(id.get_str("site"), Ok("plant-1"), "{topic}: {id}");
+            assert!(id.get_str("msg").is_ok(), "{topic}: {id}");
+        } else {
+            // A Sparkplug metric has a key of its own: node, metric and timestamp.
+            assert_eq!(id.get_str("device"), Ok("cell/line-9"), "{topic}: {id}");
+            assert_eq!(id.get_str("measurement"), Ok("Tag/1"), "{topic}: {id}");
+        }
     }
     relay.stop_cleanly().await;
     persister.stop_cleanly().await;
@@ -602,13 +618,10 @@ async fn a_replica_and_the_node_the_other_reads_from_killed_at_once_store_everyt
         |(killed, survivor)| *killed > 0.0 && *survivor > 0.0,
     )
     .await;
-    let name = format!(
-        "mongo-persister (pid {})",
-        survivor.pid().expect("the survivor runs")
-    );
+    let pid = survivor.pid().expect("the survivor runs");
     let node = wait_for(
         "the survivor's node (the nodes' /connz)",
-        || cluster.node_of(&name),
+        || cluster.node_of(pid),
         Option::is_some,
     )
     .await
@@ -629,20 +642,28 @@ async fn a_replica_and_the_node_the_other_reads_from_killed_at_once_store_everyt
     plain.await.expect("the plain values published");
 
     assert_all_stored_once(&db, "nats-3", KEYED, UNKEYED).await;
+    // On a node that runs: the killed one answers nobody's /connz.
     let now = wait_for(
         "the survivor on another node",
-        || cluster.node_of(&name),
+        || cluster.node_of(pid),
         Option::is_some,
     )
     .await;
-    assert_ne!(now, Some(node), "the survivor still on the killed node");
     let after = written(metrics[1]).await;
     assert!(
         after > from,
         "the survivor wrote nothing after the kills ({from} then {after})"
     );
+    // What the killed replica held, unacknowledged, came to the survivor after the ack
+    // wait (a replica holds a pull's worth ahead at any time).
+    let (_, text) = tests::prometheus::get(metrics[1], "/metrics").await;
+    let again = tests::prometheus::sample(&text, "iot_persister_nats_redeliveries_total");
+    assert!(
+        again.is_some_and(|again| again > 0.0),
+        "nothing handed to the survivor again: {again:?}"
+    );
     eprintln!(
-        "the survivor wrote {} documents after the kills, from node-{}",
+        "the survivor wrote {} documents after the kills, from node-{}; {again:?} handed to it again",
         after - from,
         now.map_or(0, |n| n + 1)
     );
@@ -650,10 +671,12 @@ async fn a_replica_and_the_node_the_other_reads_from_killed_at_once_store_everyt
     survivor.stop_cleanly().await;
 }
 
-/// The database down: a persister holds at most `--nats-max-ack-pending` messages handed
-/// out and not acknowledged, the rest waits in the stream, and its metrics say so (the
-/// stream's messages, the consumer's lag, what it holds). The database back: every
-/// value stored once, the stream and the lag back to nothing.
+/// The database down: the consumer hands a persister at most `--nats-max-ack-pending`
+/// messages not acknowledged, the rest waits in the stream, and the persister's metrics
+/// say so (the stream's messages, the consumer's lag, what it handed out). Handed out
+/// again after `--nats-ack-wait` while the database is still down, they wait in the
+/// persister's queue, which stays within its bound (4 batches). The database back:
+/// every value stored once, the stream and the lag back to nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_database_down_a_persister_holds_at_most_its_max_ack_pending() {
     const SENT: u32 = 1000;
@@ -670,6 +693,10 @@ async fn with_the_database_down_a_persister_holds_at_most_its_max_ack_pending() 
         "--no-repair",
         "--nats-max-ack-pending",
         "100",
+        "--nats-ack-wait",
+        "2s",
+        "--batch-size",
+        "50",
         "--metrics-address",
         &address,
     ];
@@ -679,7 +706,8 @@ async fn with_the_database_down_a_persister_holds_at_most_its_max_ack_pending() 
         .relay_ready(&brokers, "plant-1", &log_dir, &[])
         .await;
     let db = mongo.database().await;
-    // (messages in the stream, not handed out yet, handed out and not acknowledged, held)
+    // (messages in the stream, not handed out yet, handed out and not acknowledged,
+    // handed out again to this persister)
     let figures = || async move {
         let (_, text) = tests::prometheus::get(metrics, "/metrics").await;
         let figure = |name| tests::prometheus::sample(&text, name).unwrap_or(-1.0);
@@ -687,8 +715,12 @@ async fn with_the_database_down_a_persister_holds_at_most_its_max_ack_pending() 
             figure("iot_persister_nats_stream_messages"),
             figure("iot_persister_nats_consumer_pending"),
             figure("iot_persister_nats_consumer_ack_pending"),
-            figure("iot_persister_buffered"),
+            figure("iot_persister_nats_redeliveries_total"),
         )
+    };
+    let queued = || async move {
+        let (_, text) = tests::prometheus::get(metrics, "/metrics").await;
+        tests::prometheus::sample(&text, "iot_persister_queued_documents").unwrap_or(-1.0)
     };
 
     mongo.stop().await;
@@ -696,8 +728,8 @@ async fn with_the_database_down_a_persister_holds_at_most_its_max_ack_pending() 
         .await
         .expect("the plain values published");
     let sent = f64::from(SENT);
-    let (_, pending, handed_out, buffered) = wait_for(
-        "every value in the stream, the persister holding its share",
+    let (_, pending, handed_out, _) = wait_for(
+        "every value in the stream, the persister handed its share",
         figures,
         |(stream, pending, handed_out, _)| {
             *stream == sent && *handed_out > 0.0 && *pending + *handed_out == sent
@@ -705,11 +737,27 @@ async fn with_the_database_down_a_persister_holds_at_most_its_max_ack_pending() 
     )
     .await;
     assert!(
-        handed_out <= HELD && buffered <= HELD,
-        "{handed_out} handed out, {buffered} held, for --nats-max-ack-pending 100"
+        handed_out <= HELD,
+        "{handed_out} handed out for --nats-max-ack-pending 100"
     );
-    eprintln!("the database down: {pending} waiting in the stream, {handed_out} handed out");
     persister.wait_for_log("cannot write to MongoDB").await;
+    // Past the ack wait, what it holds is handed out again: its queue takes the copies
+    // up to its bound of 4 batches (50 documents each here), and reads no more.
+    let (.., again) = wait_for(
+        "messages handed out again while the database is down",
+        figures,
+        |(.., again)| *again > 0.0,
+    )
+    .await;
+    let most = queued().await;
+    assert!(
+        (0.0..=200.0).contains(&most),
+        "{most} documents queued for a bound of 200"
+    );
+    eprintln!(
+        "the database down: {pending} waiting in the stream, {handed_out} handed out, \
+         {again} handed out again, {most} documents queued"
+    );
 
     assert!(
         mongo.start().await,

@@ -90,10 +90,31 @@ async fn check_alone(
     }
 }
 
-/// The persister's NATS connection name, as the nodes' `/connz` shows it: its client id
-/// and process id (`mongo-persister (pid 4711)`), one per replica.
+/// Warns when the server removes a full stream's oldest messages rather than refusing
+/// new ones. Connected by then (the stream answered): the server's INFO is in.
+fn warn_of_an_old_server(config: &Config, client: &async_nats::Client) {
+    let version = client.server_info().version;
+    if !nats::holds_max_bytes(&version) {
+        tracing::warn!(
+            version,
+            max_bytes = config.nats_max_bytes,
+            "this nats-server removes a full stream's oldest messages at its max_bytes, discard new or not (nats-io/nats-server#4775, fixed in 2.10.5): edge-relay keeps a tenth of --nats-max-bytes free, each relay taking a share of the room left, but anything else publishing into the stream near the limit costs its oldest messages; nats-server 2.10.5 or later refuses instead"
+        );
+    }
+}
+
+/// The persister's NATS connection name, as the nodes' `/connz` shows it: its client id,
+/// host name and process id (`mongo-persister on 3f2a9c1b, pid 1`), one per replica,
+/// containers included (each its own host name, all pid 1).
 fn connection_name(config: &Config) -> String {
-    format!("{} (pid {})", config.client_id(), std::process::id())
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    format!(
+        "{} on {host}, pid {}",
+        config.client_id(),
+        std::process::id()
+    )
 }
 
 /// Reads the shared consumer until `shutdown`, then writes what it holds and
@@ -155,26 +176,23 @@ pub async fn run(
         return Err(refused);
     }
     reader.publish_state(true).await;
-    // Connected by now (the stream answered): the server's INFO is in.
-    let version = client.server_info().version;
-    if !nats::holds_max_bytes(&version) {
-        tracing::warn!(
-            version,
-            max_bytes = config.nats_max_bytes,
-            "this nats-server removes a full stream's oldest messages at its max_bytes, discard new or not (nats-io/nats-server#4775, fixed in 2.10.5): edge-relay keeps a tenth of --nats-max-bytes free, each relay taking a share of the room left, but anything else publishing into the stream near the limit costs its oldest messages; nats-server 2.10.5 or later refuses instead"
-        );
-    }
+    warn_of_an_old_server(config, &client);
     ready.mark()?;
     ops::health().set(SUBSCRIBED_CHECK, Ok(()));
-    let watching = tokio::spawn(watch_stream_and_consumer(
-        js.clone(),
-        consumer.clone(),
-        shutdown.clone(),
-    ));
+    // Read for the metrics only, so only where they are served.
+    let watching = config.metrics_address.is_some().then(|| {
+        tokio::spawn(watch_stream_and_consumer(
+            js,
+            consumer.clone(),
+            shutdown.clone(),
+        ))
+    });
     let outcome = reader
         .serve(&consumer, &mut task, requests, config, &shutdown)
         .await;
-    watching.abort();
+    if let Some(watching) = watching {
+        watching.abort();
+    }
     stop_repairing.cancel();
     ready.clear();
     let finished = finish(task, &stats).await;
@@ -263,7 +281,7 @@ pub const METRICS: &[ops::Metric] = &[
     ),
     ops::Metric::counter(
         "iot_persister_nats_redeliveries_total",
-        "Messages this persister received that had been handed out before (to a replica that died, or a write that failed)",
+        "Messages this persister received that had been handed out before and not acknowledged within --nats-ack-wait (a replica that died, a write that failed or took longer)",
     ),
 ];
 
@@ -271,14 +289,16 @@ pub const METRICS: &[ops::Metric] = &[
 const WATCH_EVERY: Duration = Duration::from_secs(5);
 
 /// Sets the gauges of [`METRICS`] from the consumer's and the stream's info, every
-/// [`WATCH_EVERY`] until `shutdown`; a read that fails (no leader for a moment) keeps
-/// the last figures.
+/// [`WATCH_EVERY`] until `shutdown`; a read that fails (no leader for a moment, the
+/// cluster gone: `iot_nats_connected` says which) keeps the last figures.
 async fn watch_stream_and_consumer(
     js: jetstream::Context,
     consumer: jetstream::consumer::Consumer<pull::Config>,
     shutdown: CancellationToken,
 ) {
     let mut ticks = tokio::time::interval(WATCH_EVERY);
+    // Reads that waited for a cluster that is gone are not made up for all at once.
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     while shutdown.run_until_cancelled(ticks.tick()).await.is_some() {
         match consumer.get_info().await {
             Ok(info) => {
