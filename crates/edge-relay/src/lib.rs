@@ -94,7 +94,7 @@ pub const METRICS: &[Metric] = &[
     Metric::counter("iot_relay_refused_total", "messages of a device account acknowledged to the edge broker and not forwarded: reason too_large (past its --max-message) or over_share (its --account-share of the log not forwarded yet)"),
     Metric::counter("iot_relay_qos0_dropped_total", "QoS 0 messages dropped because 100 000 waited for the disk"),
     Metric::gauge("iot_relay_held_for_stream_room", "1 while the log is held for a NATS stream near its byte limit (nats-server before 2.10.5)"),
-    Metric::gauge(iot_core::nats::CONNECTED_METRIC, "1 while connected to a node of the NATS cluster, else 0"),
+    iot_core::nats::CONNECTED,
 ];
 
 /// The longest wait before the log is opened again after a failure of the store.

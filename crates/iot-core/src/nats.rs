@@ -266,6 +266,12 @@ impl NatsSettings {
 /// The gauge that is 1 while a service is connected to a node of the cluster.
 pub const CONNECTED_METRIC: &str = "iot_nats_connected";
 
+/// [`CONNECTED_METRIC`] as a service on NATS describes it.
+pub const CONNECTED: crate::ops::Metric = crate::ops::Metric::gauge(
+    CONNECTED_METRIC,
+    "1 while connected to a node of the NATS cluster, else 0",
+);
+
 /// Failures in a row, on a connection that stands, after which a client tries another
 /// node ([`try_another_node`]).
 pub const FAILURES_BEFORE_ANOTHER_NODE: u32 = 3;

@@ -251,10 +251,7 @@ async fn set_up(
 /// The stream's and the shared consumer's state, as every replica reads it (the
 /// figures are the cluster's, not this replica's alone).
 pub const METRICS: &[ops::Metric] = &[
-    ops::Metric::gauge(
-        nats::CONNECTED_METRIC,
-        "1 while connected to a node of the NATS cluster, else 0",
-    ),
+    nats::CONNECTED,
     ops::Metric::gauge(
         "iot_persister_nats_stream_bytes",
         "Bytes the NATS stream holds",
