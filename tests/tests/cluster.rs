@@ -109,6 +109,12 @@ async fn values_stored(db: &mongodb::Database, topic: &str, count: u32) -> (usiz
     (values.len(), documents.len())
 }
 
+/// One sample of a service's `/metrics` on `port`, if it answers and has it.
+async fn metric(port: u16, name: &str) -> Option<f64> {
+    let (_, text) = tests::prometheus::get(port, "/metrics").await;
+    tests::prometheus::sample(&text, name)
+}
+
 /// What most tests here start from, each part ready: an edge broker, a database, three
 /// nodes with plant-1's account, a persister with `persister_args`, plant-1's relay.
 struct Pipeline {
@@ -605,8 +611,9 @@ async fn a_replica_and_the_node_the_other_reads_from_killed_at_once_store_everyt
         .await;
     let db = mongo.database().await;
     let written = |port: u16| async move {
-        let (_, text) = tests::prometheus::get(port, "/metrics").await;
-        tests::prometheus::sample(&text, "iot_persister_documents_written_total").unwrap_or(0.0)
+        metric(port, "iot_persister_documents_written_total")
+            .await
+            .unwrap_or(0.0)
     };
 
     let mut sensor = start_paced_sensor(&brokers, "nats-3", &KEYED.to_string());
@@ -656,8 +663,7 @@ async fn a_replica_and_the_node_the_other_reads_from_killed_at_once_store_everyt
     );
     // What the killed replica held, unacknowledged, came to the survivor after the ack
     // wait (a replica holds a pull's worth ahead at any time).
-    let (_, text) = tests::prometheus::get(metrics[1], "/metrics").await;
-    let again = tests::prometheus::sample(&text, "iot_persister_nats_redeliveries_total");
+    let again = metric(metrics[1], "iot_persister_nats_redeliveries_total").await;
     assert!(
         again.is_some_and(|again| again > 0.0),
         "nothing handed to the survivor again: {again:?}"
@@ -719,8 +725,9 @@ async fn with_the_database_down_a_persister_holds_at_most_its_max_ack_pending() 
         )
     };
     let queued = || async move {
-        let (_, text) = tests::prometheus::get(metrics, "/metrics").await;
-        tests::prometheus::sample(&text, "iot_persister_queued_documents").unwrap_or(-1.0)
+        metric(metrics, "iot_persister_queued_documents")
+            .await
+            .unwrap_or(-1.0)
     };
 
     mongo.stop().await;
@@ -1665,8 +1672,9 @@ async fn a_node_cut_off_from_the_others_and_healed_loses_nothing_and_stores_noth
     // The stream flows on at the edge while the node is cut off: 1 000 more readings
     // taken by the relay.
     let logged = || async {
-        let (_, text) = tests::prometheus::get(metrics, "/metrics").await;
-        tests::prometheus::sample(&text, "iot_relay_logged_total").unwrap_or_default()
+        metric(metrics, "iot_relay_logged_total")
+            .await
+            .unwrap_or_default()
     };
     let logged_at_election = logged().await;
     wait_for_within(
@@ -1746,10 +1754,7 @@ async fn the_whole_cloud_tier_down_for_a_long_outage_loses_nothing() {
         .await;
     let db = mongo.database().await;
     let stored = || tests::stored::count(&db, doc! { "device": "out-1" });
-    let relay_metric = |name: &'static str| async move {
-        let (_, text) = tests::prometheus::get(metrics, "/metrics").await;
-        tests::prometheus::sample(&text, name)
-    };
+    let relay_metric = |name: &'static str| metric(metrics, name);
 
     let mut sensor = brokers.start_edge(
         "temperature-sensor",
